@@ -1,0 +1,30 @@
+# Herald's two commands, and the few around them. See README.md.
+.DEFAULT_GOAL := help
+.PHONY: help run demo test stop status fmt lint
+
+help: ## List the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
+
+run: ## Install what is missing, start the local stack, migrate, create topics, run Herald
+	@scripts/run.sh
+
+demo: ## Publish the sample events to the stack of `make run` (run it first)
+	@scripts/run.sh demo
+
+test: ## The same provisioning on separate ports and dirs, then the whole test suite
+	@scripts/test.sh
+
+stop: ## Stop both local stacks (make run's and make test's)
+	@scripts/stack.sh down run
+	@scripts/stack.sh down test
+
+status: ## Show which services of each stack are up
+	@echo "make run stack:";  scripts/stack.sh status run
+	@echo "make test stack:"; scripts/stack.sh status test
+
+fmt: ## Format the code
+	cargo fmt
+
+lint: ## What CI-quality code must pass besides the tests
+	cargo fmt --check
+	cargo clippy --all-targets -- -D warnings

@@ -1,0 +1,131 @@
+//! `GET /health/live` and `GET /health/ready`.
+//!
+//! Liveness says the process serves requests. Readiness checks each dependency
+//! (PostgreSQL, Redis, Kafka) concurrently, each within [`CHECK_TIMEOUT`], and answers 503
+//! naming what is down, or while the instance is shutting down, so that a load balancer
+//! stops sending it work.
+
+use std::{collections::BTreeMap, future::Future, time::Instant};
+
+use axum::{Json, Router, extract::State, http::StatusCode, routing::get};
+use serde::Serialize;
+use serde_json::json;
+use tokio::time::{Duration, timeout};
+
+use super::{AppState, error::ErrorBody};
+
+/// How long one dependency may take to answer before it counts as down.
+pub const CHECK_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// The health routes.
+pub fn router() -> Router<AppState> {
+    Router::new()
+        .route("/health/live", get(live))
+        .route("/health/ready", get(ready))
+}
+
+async fn live(State(state): State<AppState>) -> Json<serde_json::Value> {
+    Json(json!({ "status": "live", "roles": state.roles }))
+}
+
+/// One dependency's state in the readiness body.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+struct Check {
+    status: &'static str,
+    latency_ms: u128,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    error: Option<String>,
+}
+
+/// The readiness body: `status` is `ready` or `unavailable`; `error` names what is down.
+#[derive(Debug, Serialize)]
+struct Readiness {
+    status: &'static str,
+    checks: BTreeMap<&'static str, Check>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    error: Option<crate::api::error::ErrorDetail>,
+}
+
+async fn ready(State(state): State<AppState>) -> (StatusCode, Json<Readiness>) {
+    let (postgres, redis, kafka) = tokio::join!(
+        check(async {
+            sqlx::query("SELECT 1")
+                .execute(&state.db)
+                .await
+                .map(drop)
+                .map_err(|e| e.to_string())
+        }),
+        check(async {
+            let mut conn = state.redis.clone();
+            redis::cmd("PING")
+                .query_async::<String>(&mut conn)
+                .await
+                .map(drop)
+                .map_err(|e| e.to_string())
+        }),
+        check(async {
+            state
+                .kafka
+                .ping(CHECK_TIMEOUT)
+                .await
+                .map_err(|e| e.to_string())
+        }),
+    );
+    let checks = BTreeMap::from([("postgres", postgres), ("redis", redis), ("kafka", kafka)]);
+    let down: Vec<&str> = checks
+        .iter()
+        .filter(|(_, c)| c.status != "up")
+        .map(|(name, _)| *name)
+        .collect();
+
+    let problem = if state.shutdown.is_cancelled() {
+        Some("shutting down".to_owned())
+    } else if !down.is_empty() {
+        Some(format!("not ready: {} down", down.join(", ")))
+    } else {
+        None
+    };
+    match problem {
+        None => (
+            StatusCode::OK,
+            Json(Readiness {
+                status: "ready",
+                checks,
+                error: None,
+            }),
+        ),
+        Some(message) => {
+            tracing::warn!(%message, "readiness check failed");
+            (
+                StatusCode::SERVICE_UNAVAILABLE,
+                Json(Readiness {
+                    status: "unavailable",
+                    checks,
+                    error: Some(ErrorBody::new("not_ready", message).error),
+                }),
+            )
+        }
+    }
+}
+
+async fn check(probe: impl Future<Output = Result<(), String>>) -> Check {
+    let started = Instant::now();
+    let outcome = match timeout(CHECK_TIMEOUT, probe).await {
+        Ok(outcome) => outcome,
+        Err(_) => Err(format!("no answer within {CHECK_TIMEOUT:?}")),
+    };
+    let latency_ms = started.elapsed().as_millis();
+    match outcome {
+        Ok(()) => Check {
+            status: "up",
+            latency_ms,
+            error: None,
+        },
+        Err(error) => Check {
+            status: "down",
+            latency_ms,
+            error: Some(error),
+        },
+    }
+}

@@ -1,0 +1,508 @@
+//! Layered settings: defaults from a TOML file under `config/`, then `HERALD_*` environment
+//! variables on top (DESIGN §6).
+//!
+//! Every value is parsed once, here, into a typed field. A bad value stops startup with a
+//! [`ConfigError`] that names where it came from (the variable, or the file and key) and
+//! what was expected. Secrets (URLs that may carry credentials, the admin token, the Slack
+//! webhook) are [`SecretString`]s: their `Debug` output is redacted and their values never
+//! appear in an error message.
+
+use std::{
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use secrecy::{ExposeSecret, SecretString};
+use serde::Deserialize;
+use url::Url;
+
+/// The file read when `HERALD_CONFIG_FILE` is not set, relative to the working directory.
+pub const DEFAULT_CONFIG_FILE: &str = "config/default.toml";
+
+/// Everything Herald needs to know to run, validated.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub http: HttpSettings,
+    pub database: DatabaseSettings,
+    pub kafka: KafkaSettings,
+    pub redis: RedisSettings,
+    pub smtp: SmtpSettings,
+    pub channels: ChannelSettings,
+    pub admin: AdminSettings,
+    pub shutdown: ShutdownSettings,
+}
+
+/// The HTTP listener.
+#[derive(Debug, Clone)]
+pub struct HttpSettings {
+    /// Address to bind; port 0 picks a free port (tests use it).
+    pub addr: SocketAddr,
+}
+
+/// The PostgreSQL connection.
+#[derive(Debug, Clone)]
+pub struct DatabaseSettings {
+    /// `postgres://user:password@host:port/database`; secret because it may hold a password.
+    pub url: SecretString,
+    /// Upper bound of the connection pool.
+    pub max_connections: u32,
+}
+
+/// The Kafka cluster and the topics Herald uses on it.
+#[derive(Debug, Clone)]
+pub struct KafkaSettings {
+    /// Comma-separated `host:port` bootstrap list, as librdkafka expects it.
+    pub brokers: String,
+    /// Prepended to every topic name.
+    pub topic_prefix: String,
+    /// Consumer group session timeout.
+    pub session_timeout_ms: u32,
+    /// Path of the topic catalogue (partition counts, replication factor).
+    pub topics_file: PathBuf,
+}
+
+/// The Redis connection.
+#[derive(Debug, Clone)]
+pub struct RedisSettings {
+    /// `redis://[:password@]host:port[/db]`; secret because it may hold a password.
+    pub url: SecretString,
+}
+
+/// Outgoing email.
+#[derive(Debug, Clone)]
+pub struct SmtpSettings {
+    /// `smtp://host:port` or `smtps://host:port`; `None` disables the EMAIL channel.
+    pub url: Option<SecretString>,
+    /// The From header of every email.
+    pub from: String,
+}
+
+/// Endpoints of the HTTP channels; `None` disables a channel.
+#[derive(Debug, Clone)]
+pub struct ChannelSettings {
+    /// Slack incoming webhook; secret because the URL itself is the credential.
+    pub slack_webhook_url: Option<SecretString>,
+    pub sms_gateway_url: Option<Url>,
+    pub kakaotalk_gateway_url: Option<Url>,
+    pub push_gateway_url: Option<Url>,
+}
+
+/// The admin API.
+#[derive(Debug, Clone)]
+pub struct AdminSettings {
+    /// Bearer token; `None` disables the admin API.
+    pub token: Option<SecretString>,
+}
+
+/// Graceful shutdown.
+#[derive(Debug, Clone)]
+pub struct ShutdownSettings {
+    /// How long in-flight work may take after a stop signal.
+    pub grace_period: Duration,
+}
+
+/// Why settings could not be loaded. The `Display` form is one line meant for a person.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source} (set HERALD_CONFIG_FILE to another file)")]
+    ReadFile {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file {path} is not valid: {message}")]
+    ParseFile { path: PathBuf, message: String },
+    #[error("invalid {origin}: expected {expected}{}", shown(.value))]
+    Invalid {
+        origin: String,
+        expected: &'static str,
+        /// The offending value, or `None` when it may be a secret.
+        value: Option<String>,
+    },
+}
+
+fn shown(value: &Option<String>) -> String {
+    match value {
+        Some(value) => format!(", got {value:?}"),
+        None => String::new(),
+    }
+}
+
+impl Settings {
+    /// Loads the file named by `HERALD_CONFIG_FILE` (or [`DEFAULT_CONFIG_FILE`]) and applies
+    /// the process environment on top.
+    pub fn load() -> Result<Self, ConfigError> {
+        let env = |name: &str| std::env::var(name).ok();
+        let file = env("HERALD_CONFIG_FILE").unwrap_or_else(|| DEFAULT_CONFIG_FILE.to_owned());
+        Self::load_from(Path::new(&file), &env)
+    }
+
+    /// Loads `file` and applies the variables that `env` returns on top. Tests pass their own
+    /// `env` instead of mutating the process environment.
+    pub fn load_from(
+        file: &Path,
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(file).map_err(|source| ConfigError::ReadFile {
+            path: file.to_owned(),
+            source,
+        })?;
+        let raw: RawSettings = toml::from_str(&text).map_err(|e| ConfigError::ParseFile {
+            path: file.to_owned(),
+            message: e.message().to_owned(),
+        })?;
+        let layers = Layers { file, env };
+
+        let addr = layers.required("HERALD_HTTP_ADDR", "http.addr", raw.http.addr)?;
+        let database_url =
+            layers.required("HERALD_DATABASE_URL", "database.url", raw.database.url)?;
+        let max_connections = layers.required(
+            "HERALD_DATABASE_MAX_CONNECTIONS",
+            "database.max_connections",
+            raw.database.max_connections.map(|n| n.to_string()),
+        )?;
+        let brokers =
+            layers.required("HERALD_KAFKA_BROKERS", "kafka.brokers", raw.kafka.brokers)?;
+        let topic_prefix = layers
+            .optional(
+                "HERALD_TOPIC_PREFIX",
+                "kafka.topic_prefix",
+                raw.kafka.topic_prefix,
+            )
+            .unwrap_or_else(|| Value::defaulted(""));
+        let session_timeout = layers.required(
+            "HERALD_KAFKA_SESSION_TIMEOUT_MS",
+            "kafka.session_timeout_ms",
+            raw.kafka.session_timeout_ms.map(|n| n.to_string()),
+        )?;
+        let topics_file = layers.required(
+            "HERALD_KAFKA_TOPICS_FILE",
+            "kafka.topics_file",
+            raw.kafka.topics_file,
+        )?;
+        let redis_url = layers.required("HERALD_REDIS_URL", "redis.url", raw.redis.url)?;
+        let smtp_url = layers.optional("HERALD_SMTP_URL", "smtp.url", raw.smtp.url);
+        let smtp_from = layers.required("HERALD_SMTP_FROM", "smtp.from", raw.smtp.from)?;
+        let slack = layers.optional(
+            "HERALD_SLACK_WEBHOOK_URL",
+            "channels.slack_webhook_url",
+            raw.channels.slack_webhook_url,
+        );
+        let sms = layers.optional(
+            "HERALD_SMS_GATEWAY_URL",
+            "channels.sms_gateway_url",
+            raw.channels.sms_gateway_url,
+        );
+        let kakaotalk = layers.optional(
+            "HERALD_KAKAOTALK_GATEWAY_URL",
+            "channels.kakaotalk_gateway_url",
+            raw.channels.kakaotalk_gateway_url,
+        );
+        let push = layers.optional(
+            "HERALD_PUSH_GATEWAY_URL",
+            "channels.push_gateway_url",
+            raw.channels.push_gateway_url,
+        );
+        let admin_token = layers.optional("HERALD_ADMIN_TOKEN", "admin.token", raw.admin.token);
+        let grace = layers.required(
+            "HERALD_SHUTDOWN_GRACE_PERIOD_SECS",
+            "shutdown.grace_period_secs",
+            raw.shutdown.grace_period_secs.map(|n| n.to_string()),
+        )?;
+
+        Ok(Settings {
+            http: HttpSettings {
+                addr: addr.parse_with("an IP address and port such as 127.0.0.1:8080")?,
+            },
+            database: DatabaseSettings {
+                url: SecretString::from(
+                    database_url
+                        .secret_url(&["postgres", "postgresql"], "a postgres:// URL")?
+                        .to_string(),
+                ),
+                max_connections: max_connections
+                    .positive_u32("a whole number of connections above 0")?,
+            },
+            kafka: KafkaSettings {
+                brokers: brokers.broker_list()?,
+                topic_prefix: topic_prefix.topic_prefix()?,
+                session_timeout_ms: session_timeout
+                    .positive_u32("a whole number of milliseconds above 0")?,
+                topics_file: PathBuf::from(topics_file.text),
+            },
+            redis: RedisSettings {
+                url: SecretString::from(
+                    redis_url
+                        .secret_url(&["redis", "rediss"], "a redis:// or rediss:// URL")?
+                        .to_string(),
+                ),
+            },
+            smtp: SmtpSettings {
+                url: match smtp_url.filter(Value::is_set) {
+                    Some(v) => Some(SecretString::from(
+                        v.secret_url(&["smtp", "smtps"], "an smtp://host:port URL")?
+                            .to_string(),
+                    )),
+                    None => None,
+                },
+                from: smtp_from.mailbox()?,
+            },
+            channels: ChannelSettings {
+                slack_webhook_url: match slack.filter(Value::is_set) {
+                    Some(v) => Some(SecretString::from(
+                        v.secret_url(&["http", "https"], "an http(s):// webhook URL")?
+                            .to_string(),
+                    )),
+                    None => None,
+                },
+                sms_gateway_url: sms.filter(Value::is_set).map(Value::http_url).transpose()?,
+                kakaotalk_gateway_url: kakaotalk
+                    .filter(Value::is_set)
+                    .map(Value::http_url)
+                    .transpose()?,
+                push_gateway_url: push
+                    .filter(Value::is_set)
+                    .map(Value::http_url)
+                    .transpose()?,
+            },
+            admin: AdminSettings {
+                token: admin_token
+                    .filter(Value::is_set)
+                    .map(|v| SecretString::from(v.text)),
+            },
+            shutdown: ShutdownSettings {
+                grace_period: Duration::from_secs(u64::from(
+                    grace.positive_u32("a whole number of seconds above 0")?,
+                )),
+            },
+        })
+    }
+
+    /// The PostgreSQL URL, for the code that connects.
+    pub fn database_url(&self) -> &str {
+        self.database.url.expose_secret()
+    }
+}
+
+/// The shape of the config file. Unknown keys are an error, so a typo does not silently
+/// leave a default in force.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawSettings {
+    http: RawHttp,
+    database: RawDatabase,
+    kafka: RawKafka,
+    redis: RawRedis,
+    smtp: RawSmtp,
+    channels: RawChannels,
+    admin: RawAdmin,
+    shutdown: RawShutdown,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawHttp {
+    addr: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawDatabase {
+    url: Option<String>,
+    max_connections: Option<u32>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawKafka {
+    brokers: Option<String>,
+    topic_prefix: Option<String>,
+    session_timeout_ms: Option<u32>,
+    topics_file: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawRedis {
+    url: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawSmtp {
+    url: Option<String>,
+    from: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawChannels {
+    slack_webhook_url: Option<String>,
+    sms_gateway_url: Option<String>,
+    kakaotalk_gateway_url: Option<String>,
+    push_gateway_url: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawAdmin {
+    token: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawShutdown {
+    grace_period_secs: Option<u32>,
+}
+
+/// Picks each value from the environment first, then the file.
+struct Layers<'a> {
+    file: &'a Path,
+    env: &'a dyn Fn(&str) -> Option<String>,
+}
+
+impl Layers<'_> {
+    fn optional(
+        &self,
+        var: &'static str,
+        key: &'static str,
+        file_value: Option<String>,
+    ) -> Option<Value> {
+        if let Some(text) = (self.env)(var) {
+            return Some(Value {
+                text,
+                origin: var.to_owned(),
+            });
+        }
+        file_value.map(|text| Value {
+            text,
+            origin: format!("{key} in {} (override with {var})", self.file.display()),
+        })
+    }
+
+    fn required(
+        &self,
+        var: &'static str,
+        key: &'static str,
+        file_value: Option<String>,
+    ) -> Result<Value, ConfigError> {
+        self.optional(var, key, file_value)
+            .ok_or_else(|| ConfigError::Invalid {
+                origin: format!("{var} ({key} is missing from {})", self.file.display()),
+                expected: "a value",
+                value: None,
+            })
+    }
+}
+
+/// One raw setting and where it came from.
+struct Value {
+    text: String,
+    origin: String,
+}
+
+impl Value {
+    fn defaulted(text: &str) -> Self {
+        Value {
+            text: text.to_owned(),
+            origin: "built-in default".to_owned(),
+        }
+    }
+
+    fn is_set(&self) -> bool {
+        !self.text.trim().is_empty()
+    }
+
+    fn invalid(&self, expected: &'static str) -> ConfigError {
+        ConfigError::Invalid {
+            origin: self.origin.clone(),
+            expected,
+            value: Some(self.text.clone()),
+        }
+    }
+
+    fn invalid_secret(&self, expected: &'static str) -> ConfigError {
+        ConfigError::Invalid {
+            origin: self.origin.clone(),
+            expected,
+            value: None,
+        }
+    }
+
+    fn parse_with<T: std::str::FromStr>(&self, expected: &'static str) -> Result<T, ConfigError> {
+        self.text.trim().parse().map_err(|_| self.invalid(expected))
+    }
+
+    fn positive_u32(&self, expected: &'static str) -> Result<u32, ConfigError> {
+        match self.parse_with::<u32>(expected)? {
+            0 => Err(self.invalid(expected)),
+            n => Ok(n),
+        }
+    }
+
+    /// A URL that may carry credentials: the error never repeats the value.
+    fn secret_url(&self, schemes: &[&str], expected: &'static str) -> Result<Url, ConfigError> {
+        let url = Url::parse(self.text.trim()).map_err(|_| self.invalid_secret(expected))?;
+        if !schemes.contains(&url.scheme()) || url.host_str().is_none_or(str::is_empty) {
+            return Err(self.invalid_secret(expected));
+        }
+        Ok(url)
+    }
+
+    fn http_url(self) -> Result<Url, ConfigError> {
+        const EXPECTED: &str = "an http:// or https:// URL";
+        let url = Url::parse(self.text.trim()).map_err(|_| self.invalid(EXPECTED))?;
+        if !["http", "https"].contains(&url.scheme()) || url.host_str().is_none() {
+            return Err(self.invalid(EXPECTED));
+        }
+        Ok(url)
+    }
+
+    fn broker_list(&self) -> Result<String, ConfigError> {
+        const EXPECTED: &str = "a comma-separated list of host:port such as 127.0.0.1:9092";
+        let brokers: Vec<&str> = self.text.split(',').map(str::trim).collect();
+        let valid = |broker: &str| {
+            broker.rsplit_once(':').is_some_and(|(host, port)| {
+                !host.is_empty()
+                    && !host.contains(|c: char| c.is_whitespace() || c == '/')
+                    && port.parse::<u16>().is_ok_and(|p| p > 0)
+            })
+        };
+        if brokers.iter().all(|b| valid(b)) {
+            Ok(brokers.join(","))
+        } else {
+            Err(self.invalid(EXPECTED))
+        }
+    }
+
+    fn topic_prefix(&self) -> Result<String, ConfigError> {
+        const EXPECTED: &str = "at most 100 characters from A-Z a-z 0-9 . _ -";
+        let prefix = self.text.trim();
+        let legal = |c: char| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-');
+        if prefix.len() <= 100 && prefix.chars().all(legal) {
+            Ok(prefix.to_owned())
+        } else {
+            Err(self.invalid(EXPECTED))
+        }
+    }
+
+    fn mailbox(&self) -> Result<String, ConfigError> {
+        const EXPECTED: &str = "an address such as \"Herald <no-reply@example.com>\"";
+        let text = self.text.trim();
+        let address = match (text.rfind('<'), text.strip_suffix('>')) {
+            (Some(open), Some(inner)) => &inner[open + 1..],
+            (None, None) => text,
+            _ => return Err(self.invalid(EXPECTED)),
+        };
+        match address.split_once('@') {
+            Some((local, domain))
+                if !local.is_empty()
+                    && !domain.is_empty()
+                    && !address.contains(char::is_whitespace) =>
+            {
+                Ok(text.to_owned())
+            }
+            _ => Err(self.invalid(EXPECTED)),
+        }
+    }
+}

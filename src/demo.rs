@@ -1,0 +1,110 @@
+//! `herald demo`: publishes the seed scenarios' events to the upstream topics, the way an
+//! upstream service would, so a person can watch them flow through Herald.
+
+use std::time::Duration;
+
+use anyhow::Context;
+use chrono::Utc;
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use serde_json::{Value, json};
+use uuid::Uuid;
+
+use crate::{config::Settings, kafka};
+
+/// One sample event and the upstream topic it belongs to.
+struct Sample {
+    topic: &'static str,
+    user_id: u64,
+    envelope: Value,
+}
+
+fn samples() -> Vec<Sample> {
+    let now = Utc::now().to_rfc3339();
+    let event = |event_type: &str, user_id: u64, locale: &str, data: Value| {
+        json!({
+            "eventId": Uuid::new_v4().to_string(),
+            "eventType": event_type,
+            "occurredAt": now,
+            "userId": user_id,
+            "recipient": { "email": format!("user{user_id}@example.com"), "locale": locale },
+            "data": data,
+        })
+    };
+    vec![
+        Sample {
+            topic: "fluxpay.order.events",
+            user_id: 1001,
+            envelope: event(
+                "ORDER_COMPLETED",
+                1001,
+                "en",
+                json!({ "orderId": "o-1001", "amount": 42000, "currency": "KRW" }),
+            ),
+        },
+        Sample {
+            topic: "fluxpay.payment.events",
+            user_id: 1002,
+            envelope: event(
+                "PAYMENT_FAILED",
+                1002,
+                "ko",
+                json!({ "orderId": "o-1002", "amount": 12000, "currency": "KRW", "reason": "card declined" }),
+            ),
+        },
+        Sample {
+            topic: "fluxpay.subscription.events",
+            user_id: 1003,
+            envelope: event(
+                "SUBSCRIPTION_RENEWED",
+                1003,
+                "ko",
+                json!({ "subscriptionId": "s-1003", "plan": "Premium", "amount": 9900, "currency": "KRW" }),
+            ),
+        },
+        Sample {
+            topic: "fluxpay.subscription.events",
+            user_id: 1004,
+            envelope: event(
+                "SUBSCRIPTION_EXPIRING",
+                1004,
+                "en",
+                json!({ "subscriptionId": "s-1004", "plan": "Basic", "expiresAt": "2026-12-01T00:00:00Z" }),
+            ),
+        },
+    ]
+}
+
+/// Publishes every sample and prints where each went.
+pub async fn run(settings: &Settings) -> anyhow::Result<()> {
+    let producer: FutureProducer = kafka::client_config(&settings.kafka)
+        .set("enable.idempotence", "true")
+        .set("message.timeout.ms", "15000")
+        .create()
+        .context("Failed to create the Kafka producer")?;
+    for sample in samples() {
+        let topic = format!("{}{}", settings.kafka.topic_prefix, sample.topic);
+        let key = sample.user_id.to_string();
+        let payload = serde_json::to_vec(&sample.envelope)?;
+        let delivery = producer
+            .send(
+                FutureRecord::to(&topic).key(&key).payload(&payload),
+                Duration::from_secs(15),
+            )
+            .await
+            .map_err(|(error, _)| error)
+            .with_context(|| {
+                format!("Failed to publish to {topic} (did `herald topics create` run?)")
+            })?;
+        println!(
+            "published {} for user {} to {topic} [partition {}, offset {}]",
+            sample.envelope["eventType"].as_str().unwrap_or_default(),
+            sample.user_id,
+            delivery.partition,
+            delivery.offset,
+        );
+    }
+    println!(
+        "\nWatch them: emails in MailDev, notifications at GET /api/v1/notifications?userId=1002"
+    );
+    Ok(())
+}

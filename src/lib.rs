@@ -1,0 +1,28 @@
+//! Herald: an event-driven notification delivery platform.
+//!
+//! Upstream services publish payment, subscription and order events to Kafka; Herald
+//! consumes them, routes each to its channels, delivers with retries and dead-letters what
+//! cannot be delivered, and keeps a queryable history. `../shared/DESIGN.md` and README.md
+//! describe the flow and the contracts.
+//!
+//! # Layout
+//!
+//! - [`cli`]: the `herald` subcommands (`serve`, `migrate`, `topics create`, `demo`).
+//! - [`config`]: layered settings, file defaults then `HERALD_*` variables.
+//! - [`startup`]: `Application::build` and `run_until_stopped`, graceful shutdown.
+//! - [`roles`]: the shares of work one instance can take (`serve --roles`).
+//! - [`telemetry`]: tracing subscriber and the Prometheus recorder.
+//! - [`api`]: the HTTP surface, one module per resource.
+//! - [`db`]: the PostgreSQL pool and embedded migrations (`migrations/`).
+//! - [`kafka`]: client configuration, the topic catalogue (`kafka/topics.toml`).
+//! - [`demo`]: sample events of the seed scenarios.
+
+pub mod api;
+pub mod cli;
+pub mod config;
+pub mod db;
+pub mod demo;
+pub mod kafka;
+pub mod roles;
+pub mod startup;
+pub mod telemetry;

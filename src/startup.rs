@@ -1,0 +1,218 @@
+//! Building and running one Herald instance: `Application::build` connects, migrates and
+//! binds; `run_until_stopped` serves until the shutdown token is cancelled, then drains
+//! in-flight work within the grace period.
+
+use std::{
+    net::SocketAddr,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use anyhow::Context;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use secrecy::ExposeSecret;
+use tokio::net::TcpListener;
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+
+use crate::{
+    api::{self, AppState},
+    config::Settings,
+    db,
+    kafka::KafkaAdmin,
+    roles::Role,
+    telemetry,
+};
+
+/// How long `build` keeps retrying when PostgreSQL is not reachable yet.
+const DATABASE_WAIT: Duration = Duration::from_secs(30);
+
+/// A built, bound, not yet running Herald instance.
+pub struct Application {
+    listener: TcpListener,
+    state: AppState,
+    tasks: TaskTracker,
+    grace_period: Duration,
+}
+
+impl Application {
+    /// Connects to the dependencies, applies migrations and binds the HTTP listener.
+    /// Redis and Kafka are connected lazily: the instance starts while they are down and
+    /// reports so on `/health/ready`. PostgreSQL must be reachable within [`DATABASE_WAIT`],
+    /// because nothing works without the schema.
+    pub async fn build(settings: Settings, roles: &[Role]) -> anyhow::Result<Self> {
+        let db = db::pool(&settings.database)?;
+        migrate_when_reachable(&db).await?;
+
+        let redis_client = redis::Client::open(settings.redis.url.expose_secret())
+            .context("HERALD_REDIS_URL is not a usable Redis URL")?;
+        let redis = ConnectionManager::new_lazy_with_config(
+            redis_client,
+            ConnectionManagerConfig::new()
+                .set_connection_timeout(Some(Duration::from_secs(2)))
+                .set_response_timeout(Some(Duration::from_secs(2)))
+                .set_number_of_retries(1),
+        )
+        .context("Failed to set up the Redis connection")?;
+        let kafka = KafkaAdmin::new(&settings.kafka)?;
+
+        let listener = TcpListener::bind(settings.http.addr)
+            .await
+            .with_context(|| {
+                format!(
+                    "Failed to listen on {} (HERALD_HTTP_ADDR)",
+                    settings.http.addr
+                )
+            })?;
+
+        let mut roles = roles.to_vec();
+        roles.sort();
+        roles.dedup();
+        log_disabled_channels(&settings);
+        let grace_period = settings.shutdown.grace_period;
+        let state = AppState {
+            settings: Arc::new(settings),
+            db,
+            redis,
+            kafka,
+            metrics: telemetry::metrics_handle(),
+            roles: roles.into(),
+            shutdown: CancellationToken::new(),
+        };
+        Ok(Application {
+            listener,
+            state,
+            tasks: TaskTracker::new(),
+            grace_period,
+        })
+    }
+
+    /// The bound address (the real port when HERALD_HTTP_ADDR asked for port 0).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.listener
+            .local_addr()
+            .expect("a bound listener has an address")
+    }
+
+    /// The token that stops this instance when cancelled.
+    pub fn shutdown_token(&self) -> CancellationToken {
+        self.state.shutdown.clone()
+    }
+
+    /// The shared handles, for tests and the workers.
+    pub fn state(&self) -> &AppState {
+        &self.state
+    }
+
+    /// Serves until the shutdown token is cancelled, then stops taking work and waits up to
+    /// the grace period for in-flight requests and tasks.
+    pub async fn run_until_stopped(self) -> anyhow::Result<()> {
+        let Application {
+            listener,
+            state,
+            tasks,
+            grace_period,
+        } = self;
+        let shutdown = state.shutdown.clone();
+        tracing::info!(
+            addr = %listener.local_addr()?,
+            roles = ?state.roles,
+            "Herald is serving"
+        );
+        let app = api::router(state);
+        let mut server = tokio::spawn(
+            axum::serve(listener, app)
+                .with_graceful_shutdown(shutdown.clone().cancelled_owned())
+                .into_future(),
+        );
+
+        tokio::select! {
+            result = &mut server => {
+                shutdown.cancel();
+                result.context("The HTTP server task failed")?.context("The HTTP server failed")?;
+                anyhow::bail!("The HTTP server stopped on its own");
+            }
+            () = shutdown.cancelled() => {}
+        }
+
+        tracing::info!(?grace_period, "shutting down: finishing in-flight work");
+        tasks.close();
+        let drained = tokio::time::timeout(grace_period, async {
+            let server_result = (&mut server).await;
+            tasks.wait().await;
+            server_result
+        })
+        .await;
+        match drained {
+            Ok(server_result) => {
+                server_result
+                    .context("The HTTP server task failed")?
+                    .context("The HTTP server failed")?;
+                tracing::info!("shutdown complete");
+            }
+            Err(_) => {
+                server.abort();
+                tracing::warn!(
+                    ?grace_period,
+                    "in-flight work did not finish within the grace period; stopping anyway"
+                );
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Runs migrations, retrying while PostgreSQL is unreachable for up to [`DATABASE_WAIT`].
+async fn migrate_when_reachable(db: &sqlx::PgPool) -> anyhow::Result<()> {
+    let started = Instant::now();
+    loop {
+        match db::migrate(db).await {
+            Ok(()) => return Ok(()),
+            Err(error) if started.elapsed() < DATABASE_WAIT && is_connection_error(&error) => {
+                tracing::warn!(
+                    error = format!("{error:#}"),
+                    "PostgreSQL not reachable yet; retrying"
+                );
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+            Err(error) => return Err(error),
+        }
+    }
+}
+
+fn is_connection_error(error: &anyhow::Error) -> bool {
+    error.chain().any(|cause| {
+        matches!(
+            cause.downcast_ref::<sqlx::migrate::MigrateError>(),
+            Some(sqlx::migrate::MigrateError::Execute(
+                sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut
+            ))
+        ) || matches!(
+            cause.downcast_ref::<sqlx::Error>(),
+            Some(sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut)
+        )
+    })
+}
+
+/// DESIGN §6: an unset channel endpoint disables that channel, and startup says so.
+fn log_disabled_channels(settings: &Settings) {
+    let channels = &settings.channels;
+    let disabled: Vec<&str> = [
+        ("EMAIL", settings.smtp.url.is_none()),
+        ("SLACK", channels.slack_webhook_url.is_none()),
+        ("SMS", channels.sms_gateway_url.is_none()),
+        ("KAKAOTALK", channels.kakaotalk_gateway_url.is_none()),
+        ("PUSH", channels.push_gateway_url.is_none()),
+    ]
+    .into_iter()
+    .filter_map(|(name, off)| off.then_some(name))
+    .collect();
+    if !disabled.is_empty() {
+        tracing::info!(
+            channels = ?disabled,
+            "channels without an endpoint are disabled; their deliveries will be SKIPPED"
+        );
+    }
+    if settings.admin.token.is_none() {
+        tracing::warn!("HERALD_ADMIN_TOKEN is not set: the admin API refuses every request");
+    }
+}

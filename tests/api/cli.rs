@@ -1,0 +1,153 @@
+//! The `herald` binary as a person or an orchestrator runs it.
+
+use std::{
+    process::{Command, Stdio},
+    time::Duration,
+};
+
+use crate::helpers::{create_database, stack_settings, unique_topic_prefix};
+
+fn herald() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_herald"))
+}
+
+/// Runs `herald serve` with one variable overridden; returns (exit success, stderr).
+fn serve_with(variable: &str, value: &str) -> (bool, String) {
+    let output = herald()
+        .arg("serve")
+        .env(variable, value)
+        .output()
+        .expect("the binary runs");
+    (
+        output.status.success(),
+        String::from_utf8(output.stderr).unwrap(),
+    )
+}
+
+#[test]
+fn help_explains_every_subcommand() {
+    let output = herald().arg("--help").output().unwrap();
+
+    assert!(output.status.success());
+    let help = String::from_utf8(output.stdout).unwrap();
+    for subcommand in ["serve", "migrate", "topics", "demo"] {
+        assert!(
+            help.contains(subcommand),
+            "{subcommand} missing from:\n{help}"
+        );
+    }
+    let serve_help = herald().args(["serve", "--help"]).output().unwrap();
+    let serve_help = String::from_utf8(serve_help.stdout).unwrap();
+    assert!(serve_help.contains("--roles"), "{serve_help}");
+    assert!(serve_help.contains("dispatch"), "{serve_help}");
+}
+
+#[test]
+fn a_bad_kafka_broker_list_stops_startup_with_one_line_naming_the_variable() {
+    let (ok, stderr) = serve_with("HERALD_KAFKA_BROKERS", "not a broker list");
+
+    assert!(!ok);
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(stderr.contains("HERALD_KAFKA_BROKERS"), "{stderr}");
+    assert!(stderr.contains("host:port"), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}
+
+#[test]
+fn a_bad_http_address_stops_startup_with_one_line_naming_the_variable() {
+    let (ok, stderr) = serve_with("HERALD_HTTP_ADDR", "localhost-8080");
+
+    assert!(!ok);
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(stderr.contains("HERALD_HTTP_ADDR"), "{stderr}");
+    assert!(stderr.contains("\"localhost-8080\""), "{stderr}");
+}
+
+#[test]
+fn a_bad_database_url_is_reported_without_echoing_its_password() {
+    let (ok, stderr) = serve_with("HERALD_DATABASE_URL", "mysql://herald:hunter2@db/herald");
+
+    assert!(!ok);
+    assert!(stderr.contains("HERALD_DATABASE_URL"), "{stderr}");
+    assert!(!stderr.contains("hunter2"), "{stderr}");
+}
+
+#[test]
+fn an_unknown_role_is_refused_with_the_list_of_roles() {
+    let output = herald()
+        .args(["serve", "--roles", "api,mailer"])
+        .output()
+        .unwrap();
+
+    assert!(!output.status.success());
+    let stderr = String::from_utf8(output.stderr).unwrap();
+    assert!(stderr.contains("mailer"), "{stderr}");
+    assert!(stderr.contains("projector"), "{stderr}");
+}
+
+/// A port that was free a moment ago.
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+async fn serve_then_stop_with(signal: &str) {
+    let settings = stack_settings();
+    let (_, db_url) = create_database(&settings).await;
+    let port = free_port();
+    let mut child = herald()
+        .args(["serve", "--roles", "api"])
+        .env("HERALD_DATABASE_URL", &db_url)
+        .env("HERALD_HTTP_ADDR", format!("127.0.0.1:{port}"))
+        .env("HERALD_TOPIC_PREFIX", unique_topic_prefix())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+
+    let client = reqwest::Client::new();
+    let url = format!("http://127.0.0.1:{port}/health/live");
+    let mut live = false;
+    for _ in 0..300 {
+        if let Ok(response) = client.get(&url).send().await {
+            live = response.status() == 200;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(live, "herald serve did not come up on port {port}");
+
+    let sent = Command::new("kill")
+        .args([format!("-{signal}"), child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(sent.success());
+
+    let mut status = None;
+    for _ in 0..300 {
+        if let Some(exited) = child.try_wait().unwrap() {
+            status = Some(exited);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let Some(status) = status else {
+        child.kill().unwrap();
+        panic!("herald serve did not exit within 30 s of SIG{signal}");
+    };
+    assert!(status.success(), "exit status after SIG{signal}: {status}");
+    assert!(client.get(&url).send().await.is_err(), "the port is closed");
+}
+
+#[tokio::test]
+async fn serve_exits_0_on_sigterm() {
+    serve_then_stop_with("TERM").await;
+}
+
+#[tokio::test]
+async fn serve_exits_0_on_sigint() {
+    serve_then_stop_with("INT").await;
+}

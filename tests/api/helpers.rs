@@ -1,0 +1,139 @@
+//! `spawn_app()`: one Herald instance in-process on a random port, with a database and a
+//! topic prefix of its own, so tests run in parallel without seeing each other's data.
+
+use std::sync::Once;
+
+use herald::{
+    config::{DEFAULT_CONFIG_FILE, Settings},
+    kafka::{KafkaAdmin, TopicCatalogue},
+    roles::Role,
+    startup::Application,
+};
+use secrecy::SecretString;
+use sqlx::{Connection, Executor, PgConnection, PgPool};
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+/// A running Herald and the handles a test needs.
+pub struct TestApp {
+    /// `http://127.0.0.1:PORT`
+    pub address: String,
+    pub db: PgPool,
+    pub db_name: String,
+    pub settings: Settings,
+    pub http: reqwest::Client,
+    shutdown: CancellationToken,
+}
+
+impl TestApp {
+    /// GET `path` on this instance.
+    pub async fn get(&self, path: &str) -> reqwest::Response {
+        self.http
+            .get(format!("{}{path}", self.address))
+            .send()
+            .await
+            .expect("Herald answers HTTP requests")
+    }
+}
+
+impl Drop for TestApp {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+/// Settings for the test stack, read from the environment `make test` sets.
+pub fn stack_settings() -> Settings {
+    init_test_logging();
+    assert!(
+        std::env::var("HERALD_DATABASE_URL").is_ok(),
+        "the test stack is not configured: run the tests with `make test`, which starts it \
+         and sets HERALD_* (or export the output of `scripts/stack.sh env test`)"
+    );
+    let env = |name: &str| std::env::var(name).ok();
+    Settings::load_from(std::path::Path::new(DEFAULT_CONFIG_FILE), &env)
+        .expect("the test environment holds valid settings")
+}
+
+/// Creates an empty database on the test server and returns its name and URL.
+pub async fn create_database(settings: &Settings) -> (String, String) {
+    let mut url = url::Url::parse(settings.database_url()).expect("a valid database URL");
+    let name = format!("herald_test_{}", Uuid::new_v4().simple());
+    let mut conn = PgConnection::connect(url.as_str())
+        .await
+        .expect("the test PostgreSQL accepts connections");
+    conn.execute(sqlx::AssertSqlSafe(format!(r#"CREATE DATABASE "{name}""#)))
+        .await
+        .expect("the test database can be created");
+    url.set_path(&name);
+    (name, url.to_string())
+}
+
+/// Drops a database, disconnecting its clients: PostgreSQL going away, as a client sees it.
+pub async fn drop_database(settings: &Settings, name: &str) {
+    let admin_url = {
+        let mut url = url::Url::parse(settings.database_url()).expect("a valid database URL");
+        url.set_path("herald");
+        url
+    };
+    let mut conn = PgConnection::connect(admin_url.as_str()).await.unwrap();
+    conn.execute(sqlx::AssertSqlSafe(format!(
+        r#"DROP DATABASE "{name}" WITH (FORCE)"#
+    )))
+    .await
+    .expect("the test database can be dropped");
+}
+
+/// A topic prefix no other test uses.
+pub fn unique_topic_prefix() -> String {
+    format!("t{}.", &Uuid::new_v4().simple().to_string()[..12])
+}
+
+/// Starts Herald with every role against a fresh database and fresh topics.
+pub async fn spawn_app() -> TestApp {
+    spawn_app_with(|_| {}).await
+}
+
+/// Like [`spawn_app`], with a chance to change the settings before the build (after the
+/// database and topics have been made).
+pub async fn spawn_app_with(customise: impl FnOnce(&mut Settings)) -> TestApp {
+    let mut settings = stack_settings();
+    let (db_name, db_url) = create_database(&settings).await;
+    settings.database.url = SecretString::from(db_url);
+    settings.kafka.topic_prefix = unique_topic_prefix();
+    settings.http.addr = "127.0.0.1:0".parse().unwrap();
+
+    let catalogue = TopicCatalogue::load(&settings.kafka.topics_file).unwrap();
+    KafkaAdmin::new(&settings.kafka)
+        .unwrap()
+        .create_topics(&catalogue)
+        .await
+        .expect("the test broker creates topics");
+
+    customise(&mut settings);
+    let app = Application::build(settings.clone(), &Role::ALL)
+        .await
+        .expect("Herald builds against the test stack");
+    let address = format!("http://{}", app.local_addr());
+    let db = app.state().db.clone();
+    let shutdown = app.shutdown_token();
+    tokio::spawn(app.run_until_stopped());
+
+    TestApp {
+        address,
+        db,
+        db_name,
+        settings,
+        http: reqwest::Client::new(),
+        shutdown,
+    }
+}
+
+fn init_test_logging() {
+    static INIT: Once = Once::new();
+    INIT.call_once(|| {
+        if std::env::var("TEST_LOG").is_ok() {
+            herald::telemetry::init_tracing(herald::telemetry::LogFormat::Text);
+        }
+    });
+}

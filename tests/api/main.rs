@@ -1,0 +1,9 @@
+//! Herald's integration tests: one binary, run against the real test stack that
+//! `make test` starts (PostgreSQL, Redis, Tansu, MailDev). `TEST_LOG=1` shows logs.
+
+mod cli;
+mod health;
+mod helpers;
+mod metrics;
+mod migrations;
+mod topics;

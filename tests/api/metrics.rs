@@ -1,0 +1,29 @@
+use crate::helpers::spawn_app;
+
+#[tokio::test]
+async fn metrics_export_http_request_counts_by_route_in_prometheus_format() {
+    let app = spawn_app().await;
+    assert_eq!(app.get("/health/live").await.status(), 200);
+
+    let response = app.get("/metrics").await;
+
+    assert_eq!(response.status(), 200);
+    assert!(
+        response.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/plain")
+    );
+    let text = response.text().await.unwrap();
+    let line = text
+        .lines()
+        .find(|l| {
+            l.starts_with("herald_http_requests_total")
+                && l.contains(r#"route="/health/live""#)
+                && l.contains(r#"status="200""#)
+        })
+        .unwrap_or_else(|| panic!("no request counter for /health/live in:\n{text}"));
+    let count: f64 = line.rsplit(' ').next().unwrap().parse().unwrap();
+    assert!(count >= 1.0, "{line}");
+    assert!(text.contains("herald_http_request_duration_seconds_bucket"));
+}
