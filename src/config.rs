@@ -506,3 +506,163 @@ impl Value {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use super::*;
+
+    fn load(vars: &[(&str, &str)]) -> Result<Settings, ConfigError> {
+        let vars: HashMap<String, String> = vars
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        let manifest = Path::new(env!("CARGO_MANIFEST_DIR"));
+        Settings::load_from(&manifest.join(DEFAULT_CONFIG_FILE), &|name| {
+            vars.get(name).cloned()
+        })
+    }
+
+    fn error_of(vars: &[(&str, &str)]) -> String {
+        load(vars).expect_err("the value is refused").to_string()
+    }
+
+    #[test]
+    fn the_default_file_gives_the_local_stack_settings() {
+        let settings = load(&[]).unwrap();
+
+        assert_eq!(settings.http.addr.to_string(), "127.0.0.1:8080");
+        assert_eq!(settings.kafka.brokers, "127.0.0.1:9092");
+        assert_eq!(settings.kafka.topic_prefix, "");
+        assert!(settings.smtp.url.is_some());
+        assert!(settings.channels.slack_webhook_url.is_none());
+        assert!(settings.admin.token.is_none());
+    }
+
+    #[test]
+    fn environment_variables_override_the_file() {
+        let settings = load(&[
+            ("HERALD_HTTP_ADDR", "0.0.0.0:9000"),
+            ("HERALD_KAFKA_BROKERS", "k1:9092, k2:9093"),
+            ("HERALD_TOPIC_PREFIX", "test-1."),
+            ("HERALD_SMS_GATEWAY_URL", "https://sms.example.com/send"),
+            ("HERALD_SMTP_URL", ""),
+        ])
+        .unwrap();
+
+        assert_eq!(settings.http.addr.to_string(), "0.0.0.0:9000");
+        assert_eq!(settings.kafka.brokers, "k1:9092,k2:9093");
+        assert_eq!(settings.kafka.topic_prefix, "test-1.");
+        assert_eq!(
+            settings.channels.sms_gateway_url.unwrap().as_str(),
+            "https://sms.example.com/send"
+        );
+        assert!(
+            settings.smtp.url.is_none(),
+            "an empty value disables a channel"
+        );
+    }
+
+    #[test]
+    fn a_bad_http_address_names_the_variable_and_the_expected_form() {
+        let message = error_of(&[("HERALD_HTTP_ADDR", "localhost")]);
+
+        assert_eq!(
+            message,
+            "invalid HERALD_HTTP_ADDR: expected an IP address and port such as \
+             127.0.0.1:8080, got \"localhost\""
+        );
+    }
+
+    #[test]
+    fn a_bad_broker_list_names_the_variable() {
+        for bad in [
+            "",
+            "kafka",
+            "kafka:0",
+            "kafka:99999",
+            "a:1,,b:2",
+            "tcp://k:9092",
+        ] {
+            let message = error_of(&[("HERALD_KAFKA_BROKERS", bad)]);
+            assert!(
+                message.starts_with("invalid HERALD_KAFKA_BROKERS: expected a comma-separated"),
+                "{bad:?} gave {message}"
+            );
+        }
+    }
+
+    #[test]
+    fn urls_with_credentials_are_refused_without_repeating_them() {
+        let message = error_of(&[("HERALD_DATABASE_URL", "mysql://u:hunter2@db/x")]);
+        assert!(message.contains("HERALD_DATABASE_URL"), "{message}");
+        assert!(!message.contains("hunter2"), "{message}");
+
+        let message = error_of(&[("HERALD_SLACK_WEBHOOK_URL", "hooks.slack.com/T0/B0/secret")]);
+        assert!(message.contains("HERALD_SLACK_WEBHOOK_URL"), "{message}");
+        assert!(!message.contains("secret"), "{message}");
+    }
+
+    #[test]
+    fn other_bad_values_are_refused_with_their_variable() {
+        for (var, bad) in [
+            ("HERALD_REDIS_URL", "http://redis:6379"),
+            ("HERALD_SMTP_URL", "mail.example.com"),
+            ("HERALD_SMTP_FROM", "Herald"),
+            ("HERALD_PUSH_GATEWAY_URL", "ftp://push"),
+            ("HERALD_TOPIC_PREFIX", "has space"),
+            ("HERALD_DATABASE_MAX_CONNECTIONS", "0"),
+            ("HERALD_SHUTDOWN_GRACE_PERIOD_SECS", "soon"),
+        ] {
+            let message = error_of(&[(var, bad)]);
+            assert!(message.starts_with(&format!("invalid {var}")), "{message}");
+        }
+    }
+
+    #[test]
+    fn secrets_do_not_appear_in_debug_output() {
+        let settings = load(&[
+            ("HERALD_ADMIN_TOKEN", "admin-token-value"),
+            (
+                "HERALD_DATABASE_URL",
+                "postgres://herald:db-password@db/herald",
+            ),
+            (
+                "HERALD_SLACK_WEBHOOK_URL",
+                "https://hooks.slack.com/services/T/B/hook-secret",
+            ),
+        ])
+        .unwrap();
+
+        let debug = format!("{settings:?}");
+        for secret in ["admin-token-value", "db-password", "hook-secret"] {
+            assert!(!debug.contains(secret), "{secret} leaked into {debug}");
+        }
+    }
+
+    #[test]
+    fn a_typo_in_the_file_is_an_error_not_a_silent_default() {
+        let dir = std::env::temp_dir().join(format!("herald-config-{}", uuid::Uuid::new_v4()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("bad.toml");
+        std::fs::write(&file, "[http]\nadress = \"127.0.0.1:1\"\n").unwrap();
+
+        let error = Settings::load_from(&file, &|_| None)
+            .unwrap_err()
+            .to_string();
+
+        assert!(error.contains("bad.toml"), "{error}");
+        assert!(error.contains("adress"), "{error}");
+    }
+
+    #[test]
+    fn a_missing_file_says_which_and_how_to_choose_another() {
+        let error = Settings::load_from(Path::new("/nonexistent/herald.toml"), &|_| None)
+            .unwrap_err()
+            .to_string();
+
+        assert!(error.contains("/nonexistent/herald.toml"), "{error}");
+        assert!(error.contains("HERALD_CONFIG_FILE"), "{error}");
+    }
+}
