@@ -111,6 +111,16 @@ pg_bin_dir() {
     done | sort -V | tail -n 1
 }
 
+# Tansu's in-memory storage needs its `dynostore` feature, which is not a default one: a
+# plain `cargo install tansu` gives a broker that refuses memory://. cargo records the
+# features of an install in ~/.cargo/.crates2.json.
+tansu_installed() {
+    local tansu
+    tansu=$(tansu_bin)
+    [[ -n $tansu ]] && "$tansu" --version 2>/dev/null | grep -q "$TANSU_VERSION" \
+        && grep -o "\"tansu $TANSU_VERSION [^}]*}" "${CARGO_HOME:-$HOME/.cargo}/.crates2.json" 2>/dev/null | grep -q dynostore
+}
+
 tansu_bin() {
     if command -v tansu >/dev/null; then command -v tansu
     elif [[ -x $HOME/.cargo/bin/tansu ]]; then echo "$HOME/.cargo/bin/tansu"
@@ -127,7 +137,8 @@ as_pg() {
 install() {
     # Build tools for the rdkafka crate's bundled librdkafka, the Redis server, the
     # PostgreSQL client, Node.js for MailDev.
-    local packages=(build-essential pkg-config zlib1g-dev redis-server postgresql-client curl)
+    local packages=(build-essential pkg-config zlib1g-dev redis-server curl)
+    command -v psql >/dev/null && command -v pg_isready >/dev/null || packages+=(postgresql-client)
     command -v node >/dev/null && command -v npm >/dev/null || packages+=(nodejs npm)
     if [[ -z $(pg_bin_dir) ]]; then
         packages+=("postgresql-$PG_MAJOR_PREFERRED")
@@ -145,11 +156,9 @@ install() {
         done
     fi
 
-    local tansu
-    tansu=$(tansu_bin)
-    if [[ -z $tansu ]] || ! "$tansu" --version 2>/dev/null | grep -q "$TANSU_VERSION"; then
+    if ! tansu_installed; then
         log "installing tansu $TANSU_VERSION with cargo (about 8 minutes on 2 cores, once)"
-        cargo install tansu --version "$TANSU_VERSION" --locked --quiet
+        cargo install tansu --version "$TANSU_VERSION" --locked --features dynostore --force --quiet
     fi
 
     if [[ ! -f $MAILDEV_BIN ]]; then
