@@ -31,6 +31,28 @@ pub struct Settings {
     pub channels: ChannelSettings,
     pub admin: AdminSettings,
     pub shutdown: ShutdownSettings,
+    pub ingest: IngestSettings,
+    pub templates: TemplateSettings,
+}
+
+/// Kafka intake.
+#[derive(Debug, Clone)]
+pub struct IngestSettings {
+    /// The routing rules file.
+    pub routing_file: PathBuf,
+    /// Most messages one transaction takes.
+    pub batch_max_messages: usize,
+    /// Longest a batch waits to fill after its first message.
+    pub batch_max_wait: Duration,
+    /// Larger messages are poison.
+    pub max_event_bytes: usize,
+}
+
+/// Notification templates.
+#[derive(Debug, Clone)]
+pub struct TemplateSettings {
+    /// The folder holding `{locale}/{EVENT_TYPE}/*`.
+    pub dir: PathBuf,
 }
 
 /// The HTTP listener.
@@ -204,6 +226,28 @@ impl Settings {
             raw.channels.push_gateway_url,
         );
         let admin_token = layers.optional("HERALD_ADMIN_TOKEN", "admin.token", raw.admin.token);
+        let routing_file = layers.required(
+            "HERALD_ROUTING_FILE",
+            "ingest.routing_file",
+            raw.ingest.routing_file,
+        )?;
+        let batch_max_messages = layers.required(
+            "HERALD_INGEST_BATCH_MAX_MESSAGES",
+            "ingest.batch_max_messages",
+            raw.ingest.batch_max_messages.map(|n| n.to_string()),
+        )?;
+        let batch_max_wait = layers.required(
+            "HERALD_INGEST_BATCH_MAX_WAIT_MS",
+            "ingest.batch_max_wait_ms",
+            raw.ingest.batch_max_wait_ms.map(|n| n.to_string()),
+        )?;
+        let max_event_bytes = layers.required(
+            "HERALD_MAX_EVENT_BYTES",
+            "ingest.max_event_bytes",
+            raw.ingest.max_event_bytes.map(|n| n.to_string()),
+        )?;
+        let templates_dir =
+            layers.required("HERALD_TEMPLATES_DIR", "templates.dir", raw.templates.dir)?;
         let grace = layers.required(
             "HERALD_SHUTDOWN_GRACE_PERIOD_SECS",
             "shutdown.grace_period_secs",
@@ -275,6 +319,20 @@ impl Settings {
                     grace.positive_u32("a whole number of seconds above 0")?,
                 )),
             },
+            ingest: IngestSettings {
+                routing_file: PathBuf::from(routing_file.text),
+                batch_max_messages: batch_max_messages
+                    .positive_u32("a whole number of messages above 0")?
+                    as usize,
+                batch_max_wait: Duration::from_millis(u64::from(
+                    batch_max_wait.positive_u32("a whole number of milliseconds above 0")?,
+                )),
+                max_event_bytes: max_event_bytes.positive_u32("a whole number of bytes above 0")?
+                    as usize,
+            },
+            templates: TemplateSettings {
+                dir: PathBuf::from(templates_dir.text),
+            },
         })
     }
 
@@ -297,6 +355,23 @@ struct RawSettings {
     channels: RawChannels,
     admin: RawAdmin,
     shutdown: RawShutdown,
+    ingest: RawIngest,
+    templates: RawTemplates,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawIngest {
+    routing_file: Option<String>,
+    batch_max_messages: Option<u32>,
+    batch_max_wait_ms: Option<u32>,
+    max_event_bytes: Option<u32>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawTemplates {
+    dir: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -12,6 +12,14 @@
 //! - [`startup`]: `Application::build` and `run_until_stopped`, graceful shutdown.
 //! - [`roles`]: the shares of work one instance can take (`serve --roles`).
 //! - [`telemetry`]: tracing subscriber and the Prometheus recorder.
+//! - [`domain`]: the vocabulary as types (events, channels, statuses, addresses).
+//! - [`ingest`]: the Kafka consumers, decoding, poison handling, batching.
+//! - [`intake`]: the write side both intakes share (notification, deliveries, outbox).
+//! - [`routing`]: routing rules and per-channel planning.
+//! - [`preferences`]: user channel preferences with their Redis cache.
+//! - [`directory`]: the user directory (contacts).
+//! - [`templates`]: tera templates, Korean and English, reloaded on change.
+//! - [`outbox`]: outbox records (delivery events, dead letters).
 //! - [`api`]: the HTTP surface, one module per resource.
 //! - [`db`]: the PostgreSQL pool and embedded migrations (`migrations/`).
 //! - [`kafka`]: client configuration, the topic catalogue (`kafka/topics.toml`).
@@ -22,7 +30,15 @@ pub mod cli;
 pub mod config;
 pub mod db;
 pub mod demo;
+pub mod directory;
+pub mod domain;
+pub mod ingest;
+pub mod intake;
 pub mod kafka;
+pub mod outbox;
+pub mod preferences;
 pub mod roles;
+pub mod routing;
 pub mod startup;
 pub mod telemetry;
+pub mod templates;

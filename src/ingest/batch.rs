@@ -1,0 +1,330 @@
+//! One batch of upstream messages into one transaction: the consumer's testable step.
+
+use std::{collections::HashSet, sync::Arc};
+
+use anyhow::Context;
+use chrono::Utc;
+use redis::aio::ConnectionManager;
+use sqlx::PgPool;
+use uuid::Uuid;
+
+use super::decode::{self, Poison, PoisonClass};
+use crate::{
+    directory,
+    domain::{Channel, Domain, Event, UserId},
+    intake::{self, Draft, KafkaOrigin, NewNotification, Source},
+    outbox::{self, DeadLetter, OutboxMessage},
+    preferences,
+    routing::RoutingTable,
+};
+
+/// A message as read from Kafka, detached from the consumer.
+#[derive(Debug, Clone)]
+pub struct IncomingMessage {
+    pub topic: String,
+    pub partition: i32,
+    pub offset: i64,
+    pub key: Option<Vec<u8>>,
+    pub payload: Vec<u8>,
+}
+
+/// What a batch turned into.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct BatchOutcome {
+    /// New notifications stored.
+    pub accepted: usize,
+    /// Events already processed by this consumer group (or twice in this batch).
+    pub duplicates: usize,
+    /// Messages dead-lettered.
+    pub poison: usize,
+}
+
+/// Everything a consumer needs to turn messages into rows. Cheap to clone.
+#[derive(Clone)]
+pub struct Ingestor {
+    pub db: PgPool,
+    pub redis: ConnectionManager,
+    pub routing: Arc<RoutingTable>,
+    pub channel_enabled: Arc<dyn Fn(Channel) -> bool + Send + Sync>,
+    pub topic_prefix: String,
+    pub max_event_bytes: usize,
+}
+
+enum Decoded {
+    Event {
+        event: Event,
+        channels: Vec<Channel>,
+    },
+    Poison(Poison),
+}
+
+impl Ingestor {
+    /// Processes a batch in one transaction. An `Err` means nothing was stored and the same
+    /// batch should be retried later (the database or the cache backend failed); a message
+    /// is never the cause of an `Err`.
+    pub async fn process(
+        &self,
+        domain: Domain,
+        consumer_group: &str,
+        messages: &[IncomingMessage],
+    ) -> anyhow::Result<BatchOutcome> {
+        match self
+            .process_together(domain, consumer_group, messages)
+            .await
+        {
+            Err(error) if is_data_error(&error) && messages.len() > 1 => {
+                // A value the database refuses would sink the whole batch for ever: find it
+                // by storing the messages one at a time.
+                tracing::warn!(
+                    error = format!("{error:#}"),
+                    "batch refused; retrying message by message"
+                );
+                let mut total = BatchOutcome::default();
+                for message in messages {
+                    let outcome = self.process_alone(domain, consumer_group, message).await?;
+                    total.accepted += outcome.accepted;
+                    total.duplicates += outcome.duplicates;
+                    total.poison += outcome.poison;
+                }
+                Ok(total)
+            }
+            Err(error) if is_data_error(&error) => {
+                self.process_alone(domain, consumer_group, &messages[0])
+                    .await
+            }
+            other => other,
+        }
+    }
+
+    async fn process_alone(
+        &self,
+        domain: Domain,
+        consumer_group: &str,
+        message: &IncomingMessage,
+    ) -> anyhow::Result<BatchOutcome> {
+        let single = std::slice::from_ref(message);
+        match self.process_together(domain, consumer_group, single).await {
+            Err(error) if is_data_error(&error) => {
+                let poison = Poison {
+                    class: PoisonClass::InvalidField,
+                    message: format!("the database refused the event: {}", root_cause(&error)),
+                    event_id: None,
+                };
+                let letter = self.dead_letter(domain, consumer_group, message, &poison);
+                let mut tx = self
+                    .db
+                    .begin()
+                    .await
+                    .context("Failed to begin a transaction")?;
+                outbox::insert(&mut tx, &[letter]).await?;
+                tx.commit()
+                    .await
+                    .context("Failed to commit a dead letter")?;
+                count(domain, "poison", 1);
+                Ok(BatchOutcome {
+                    poison: 1,
+                    ..BatchOutcome::default()
+                })
+            }
+            other => other,
+        }
+    }
+
+    async fn process_together(
+        &self,
+        domain: Domain,
+        consumer_group: &str,
+        messages: &[IncomingMessage],
+    ) -> anyhow::Result<BatchOutcome> {
+        let mut outcome = BatchOutcome::default();
+        let decoded: Vec<Decoded> = messages.iter().map(|m| self.decode(domain, m)).collect();
+
+        // Same eventId twice in one batch: the first wins.
+        let mut seen = HashSet::new();
+        let mut users = HashSet::new();
+        let mut keep = vec![false; messages.len()];
+        for (i, d) in decoded.iter().enumerate() {
+            if let Decoded::Event { event, .. } = d {
+                if seen.insert(event.event_id.as_str()) {
+                    keep[i] = true;
+                    users.insert(event.user_id);
+                } else {
+                    outcome.duplicates += 1;
+                }
+            }
+        }
+        let users: Vec<UserId> = users.into_iter().collect();
+        let contacts = directory::load_many(&self.db, &users).await?;
+        let prefs = preferences::load_many(&self.db, &self.redis, &users).await?;
+
+        let mut drafts: Vec<NewNotification> = Vec::new();
+        let mut letters: Vec<OutboxMessage> = Vec::new();
+        for ((message, d), keep) in messages.iter().zip(decoded).zip(keep) {
+            match d {
+                Decoded::Poison(poison) => {
+                    letters.push(self.dead_letter(domain, consumer_group, message, &poison));
+                }
+                Decoded::Event { event, channels } if keep => {
+                    let user = event.user_id;
+                    let draft = Draft {
+                        source: Source::Kafka,
+                        domain,
+                        event_id: Some(event.event_id.as_str().to_owned()),
+                        event_type: event.event_type,
+                        user_id: Some(user),
+                        recipient: event.recipient,
+                        data: event.data,
+                        subject: None,
+                        body: None,
+                        raw_event: Some(message.payload.clone()),
+                        origin: Some(KafkaOrigin {
+                            topic: message.topic.clone(),
+                            partition: message.partition,
+                            offset: message.offset,
+                        }),
+                        occurred_at: Some(event.occurred_at),
+                        scheduled_at: None,
+                    };
+                    drafts.push(intake::prepare(
+                        &self.routing,
+                        draft,
+                        &channels,
+                        contacts.get(&user),
+                        &prefs.get(&user).cloned().unwrap_or_default(),
+                        &*self.channel_enabled,
+                    ));
+                }
+                Decoded::Event { .. } => {}
+            }
+        }
+
+        let mut tx = self
+            .db
+            .begin()
+            .await
+            .context("Failed to begin a transaction")?;
+        let fresh = claim_events(&mut tx, consumer_group, &drafts).await?;
+        let before = drafts.len();
+        drafts.retain(|n| fresh.contains(&n.id));
+        outcome.duplicates += before - drafts.len();
+        intake::insert(&mut tx, &drafts, &self.topic_prefix).await?;
+        outbox::insert(&mut tx, &letters).await?;
+        tx.commit()
+            .await
+            .context("Failed to commit an ingest batch")?;
+
+        outcome.accepted = drafts.len();
+        outcome.poison = letters.len();
+        count(domain, "accepted", outcome.accepted);
+        count(domain, "duplicate", outcome.duplicates);
+        count(domain, "poison", outcome.poison);
+        Ok(outcome)
+    }
+
+    fn decode(&self, domain: Domain, message: &IncomingMessage) -> Decoded {
+        let event = match decode::decode(&message.payload, self.max_event_bytes) {
+            Ok(event) => event,
+            Err(poison) => return Decoded::Poison(poison),
+        };
+        match self.routing.channels(domain, &event.event_type) {
+            Some(channels) => Decoded::Event {
+                channels: channels.to_vec(),
+                event,
+            },
+            None => Decoded::Poison(Poison {
+                class: PoisonClass::UnknownEventType,
+                message: format!(
+                    "eventType {} is not routed for the {domain} domain",
+                    event.event_type
+                ),
+                event_id: Some(event.event_id.as_str().to_owned()),
+            }),
+        }
+    }
+
+    fn dead_letter(
+        &self,
+        domain: Domain,
+        consumer_group: &str,
+        message: &IncomingMessage,
+        poison: &Poison,
+    ) -> OutboxMessage {
+        tracing::warn!(
+            %domain,
+            topic = %message.topic,
+            partition = message.partition,
+            offset = message.offset,
+            class = poison.class.as_str(),
+            reason = %poison.message,
+            "poison message dead-lettered"
+        );
+        DeadLetter {
+            domain: Some(domain),
+            error_message: poison.message.clone(),
+            error_class: poison.class.as_str().to_owned(),
+            retry_count: 0,
+            failed_channel: None,
+            original_topic: Some(message.topic.clone()),
+            original_partition: Some(message.partition),
+            original_offset: Some(message.offset),
+            consumer_group: Some(consumer_group.to_owned()),
+            event_id: poison.event_id.clone(),
+            notification_id: None,
+            delivery_id: None,
+            failed_at: Utc::now(),
+        }
+        .to_outbox(
+            &self.topic_prefix,
+            message.key.clone(),
+            message.payload.clone(),
+        )
+    }
+}
+
+/// Records each event as processed by the group; returns the notification ids whose event
+/// was new. A conflicting row means an earlier batch (or another instance) had it.
+async fn claim_events(
+    tx: &mut sqlx::PgConnection,
+    consumer_group: &str,
+    drafts: &[NewNotification],
+) -> anyhow::Result<HashSet<Uuid>> {
+    if drafts.is_empty() {
+        return Ok(HashSet::new());
+    }
+    let event_ids: Vec<Option<&str>> = drafts.iter().map(|n| n.event_id.as_deref()).collect();
+    let ids: Vec<Uuid> = drafts.iter().map(|n| n.id).collect();
+    let fresh: Vec<Uuid> = sqlx::query_scalar(
+        "INSERT INTO processed_events (consumer_group, event_id, notification_id) \
+         SELECT $1, * FROM UNNEST($2::text[], $3::uuid[]) \
+         ON CONFLICT DO NOTHING RETURNING notification_id",
+    )
+    .bind(consumer_group)
+    .bind(&event_ids)
+    .bind(&ids)
+    .fetch_all(&mut *tx)
+    .await
+    .context("Failed to record processed events")?;
+    Ok(fresh.into_iter().collect())
+}
+
+fn count(domain: Domain, outcome: &'static str, n: usize) {
+    if n > 0 {
+        metrics::counter!("herald_ingest_events_total", "domain" => domain.as_str(), "outcome" => outcome)
+            .increment(n as u64);
+    }
+}
+
+/// True when PostgreSQL refused the data itself (a constraint, an encoding), as opposed to
+/// being unreachable: retrying the same data cannot help.
+fn is_data_error(error: &anyhow::Error) -> bool {
+    error.chain().any(|cause| {
+        matches!(
+            cause.downcast_ref::<sqlx::Error>(),
+            Some(sqlx::Error::Database(_))
+        )
+    })
+}
+
+fn root_cause(error: &anyhow::Error) -> String {
+    error.root_cause().to_string()
+}

@@ -1,0 +1,340 @@
+//! The write side shared by both intakes (the Kafka consumers and `POST
+//! /api/v1/notifications`): a notification with one delivery per routed channel, each
+//! PENDING or SKIPPED with its reason, and a delivery event per delivery in the outbox.
+
+use chrono::{DateTime, Utc};
+use serde_json::{Map, Value, json};
+use sqlx::PgConnection;
+use uuid::Uuid;
+
+use anyhow::Context;
+
+use crate::{
+    config::Settings,
+    directory::Contact,
+    domain::{Channel, DeliveryStatus, Domain, EventType, Locale, Recipient, UserId},
+    outbox::{self, DeliveryEvent, OutboxMessage},
+    preferences::Preferences,
+    routing::{self, Reach, RoutingTable},
+};
+
+/// Where a notification came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Source {
+    Kafka,
+    Api,
+}
+
+impl Source {
+    fn as_str(self) -> &'static str {
+        match self {
+            Source::Kafka => "kafka",
+            Source::Api => "api",
+        }
+    }
+}
+
+/// The Kafka position a notification was read from.
+#[derive(Debug, Clone)]
+pub struct KafkaOrigin {
+    pub topic: String,
+    pub partition: i32,
+    pub offset: i64,
+}
+
+/// A notification about to be stored.
+#[derive(Debug, Clone)]
+pub struct NewNotification {
+    pub id: Uuid,
+    pub source: Source,
+    pub domain: Domain,
+    pub event_id: Option<String>,
+    pub event_type: EventType,
+    pub user_id: Option<UserId>,
+    pub reach: Reach,
+    pub locale: Locale,
+    pub data: Map<String, Value>,
+    pub subject: Option<String>,
+    pub body: Option<String>,
+    pub raw_event: Option<Vec<u8>>,
+    pub origin: Option<KafkaOrigin>,
+    pub occurred_at: Option<DateTime<Utc>>,
+    pub scheduled_at: Option<DateTime<Utc>>,
+    pub created_at: DateTime<Utc>,
+    pub deliveries: Vec<NewDelivery>,
+}
+
+/// One delivery about to be stored.
+#[derive(Debug, Clone)]
+pub struct NewDelivery {
+    pub id: Uuid,
+    pub channel: Channel,
+    pub address: Option<String>,
+    /// `Some` makes the delivery SKIPPED.
+    pub skip_reason: Option<String>,
+}
+
+impl NewDelivery {
+    pub fn status(&self) -> DeliveryStatus {
+        if self.skip_reason.is_some() {
+            DeliveryStatus::Skipped
+        } else {
+            DeliveryStatus::Pending
+        }
+    }
+}
+
+/// What a notification needs besides its channels: who, in which language, with what.
+#[derive(Debug, Clone)]
+pub struct Draft {
+    pub source: Source,
+    pub domain: Domain,
+    pub event_id: Option<String>,
+    pub event_type: EventType,
+    pub user_id: Option<UserId>,
+    pub recipient: Recipient,
+    pub data: Map<String, Value>,
+    pub subject: Option<String>,
+    pub body: Option<String>,
+    pub raw_event: Option<Vec<u8>>,
+    pub origin: Option<KafkaOrigin>,
+    pub occurred_at: Option<DateTime<Utc>>,
+    pub scheduled_at: Option<DateTime<Utc>>,
+}
+
+/// Which channels this Herald can send on: an unset endpoint disables a channel.
+pub fn channel_enabled(settings: &Settings) -> impl Fn(Channel) -> bool + Send + Sync + 'static {
+    let email = settings.smtp.url.is_some();
+    let slack = settings.channels.slack_webhook_url.is_some();
+    let sms = settings.channels.sms_gateway_url.is_some();
+    let kakaotalk = settings.channels.kakaotalk_gateway_url.is_some();
+    let push = settings.channels.push_gateway_url.is_some();
+    move |channel| match channel {
+        Channel::Email => email,
+        Channel::Slack => slack,
+        Channel::InApp => true,
+        Channel::Sms => sms,
+        Channel::Kakaotalk => kakaotalk,
+        Channel::Push => push,
+    }
+}
+
+/// Builds the notification: the recipient overrides the directory field by field, then
+/// each channel is planned against preferences and addresses.
+pub fn prepare(
+    table: &RoutingTable,
+    draft: Draft,
+    channels: &[Channel],
+    contact: Option<&Contact>,
+    preferences: &Preferences,
+    enabled: &dyn Fn(Channel) -> bool,
+) -> NewNotification {
+    let contact = contact.cloned().unwrap_or_default();
+    let reach = Reach {
+        user_id: draft.user_id,
+        email: draft.recipient.email.clone().or(contact.email),
+        phone: draft.recipient.phone.clone().or(contact.phone),
+    };
+    let locale = draft
+        .recipient
+        .locale
+        .or(contact.locale)
+        .unwrap_or(table.default_locale());
+    let deliveries = routing::plan(
+        table,
+        channels,
+        &draft.event_type,
+        &reach,
+        preferences,
+        enabled,
+    )
+    .into_iter()
+    .map(|planned| NewDelivery {
+        id: Uuid::now_v7(),
+        channel: planned.channel,
+        address: planned.address,
+        skip_reason: planned.skip_reason,
+    })
+    .collect();
+    NewNotification {
+        id: Uuid::now_v7(),
+        source: draft.source,
+        domain: draft.domain,
+        event_id: draft.event_id,
+        event_type: draft.event_type,
+        user_id: draft.user_id,
+        reach,
+        locale,
+        data: draft.data,
+        subject: draft.subject,
+        body: draft.body,
+        raw_event: draft.raw_event,
+        origin: draft.origin,
+        occurred_at: draft.occurred_at,
+        scheduled_at: draft.scheduled_at,
+        created_at: Utc::now(),
+        deliveries,
+    }
+}
+
+impl NewNotification {
+    /// The first delivery event (version 1) of each delivery.
+    pub fn delivery_events(&self, topic_prefix: &str) -> Vec<OutboxMessage> {
+        self.deliveries
+            .iter()
+            .map(|d| {
+                DeliveryEvent {
+                    delivery_id: d.id,
+                    notification_id: self.id,
+                    event_id: self.event_id.clone(),
+                    event_type: self.event_type.to_string(),
+                    user_id: self.user_id.map(UserId::get),
+                    domain: self.domain,
+                    channel: d.channel,
+                    status: d.status(),
+                    attempts: 0,
+                    error: d.skip_reason.clone(),
+                    version: 1,
+                    created_at: self.created_at,
+                    updated_at: self.created_at,
+                }
+                .to_outbox(topic_prefix)
+            })
+            .collect()
+    }
+}
+
+/// Stores notifications, their deliveries and their delivery events inside the caller's
+/// transaction, in three statements whatever the batch size.
+pub async fn insert(
+    conn: &mut PgConnection,
+    notifications: &[NewNotification],
+    topic_prefix: &str,
+) -> anyhow::Result<()> {
+    if notifications.is_empty() {
+        return Ok(());
+    }
+    let n = notifications;
+    let ids: Vec<Uuid> = n.iter().map(|x| x.id).collect();
+    let sources: Vec<&str> = n.iter().map(|x| x.source.as_str()).collect();
+    let domains: Vec<&str> = n.iter().map(|x| x.domain.as_str()).collect();
+    let event_ids: Vec<Option<&str>> = n.iter().map(|x| x.event_id.as_deref()).collect();
+    let event_types: Vec<&str> = n.iter().map(|x| x.event_type.as_str()).collect();
+    let user_ids: Vec<Option<i64>> = n.iter().map(|x| x.user_id.map(UserId::get)).collect();
+    let recipients: Vec<String> = n
+        .iter()
+        .map(|x| {
+            json!({
+                "email": x.reach.email.as_ref().map(|e| e.as_str()),
+                "phone": x.reach.phone.as_ref().map(|p| p.as_str()),
+            })
+            .to_string()
+        })
+        .collect();
+    let locales: Vec<&str> = n.iter().map(|x| x.locale.as_str()).collect();
+    let data: Vec<String> = n
+        .iter()
+        .map(|x| Value::Object(x.data.clone()).to_string())
+        .collect();
+    let subjects: Vec<Option<&str>> = n.iter().map(|x| x.subject.as_deref()).collect();
+    let bodies: Vec<Option<&str>> = n.iter().map(|x| x.body.as_deref()).collect();
+    let raw: Vec<Option<&[u8]>> = n.iter().map(|x| x.raw_event.as_deref()).collect();
+    let topics: Vec<Option<&str>> = n
+        .iter()
+        .map(|x| x.origin.as_ref().map(|o| o.topic.as_str()))
+        .collect();
+    let partitions: Vec<Option<i32>> = n
+        .iter()
+        .map(|x| x.origin.as_ref().map(|o| o.partition))
+        .collect();
+    let offsets: Vec<Option<i64>> = n
+        .iter()
+        .map(|x| x.origin.as_ref().map(|o| o.offset))
+        .collect();
+    let occurred: Vec<Option<DateTime<Utc>>> = n.iter().map(|x| x.occurred_at).collect();
+    let scheduled: Vec<Option<DateTime<Utc>>> = n.iter().map(|x| x.scheduled_at).collect();
+    let created: Vec<DateTime<Utc>> = n.iter().map(|x| x.created_at).collect();
+    sqlx::query(
+        "INSERT INTO notifications (id, source, domain, event_id, event_type, user_id, \
+             recipient, locale, data, subject, body, raw_event, source_topic, \
+             source_partition, source_offset, occurred_at, scheduled_at, created_at) \
+         SELECT id, source, domain, event_id, event_type, user_id, recipient::jsonb, locale, \
+             data::jsonb, subject, body, raw_event, source_topic, source_partition, \
+             source_offset, occurred_at, scheduled_at, created_at \
+         FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[], $6::int8[], \
+             $7::text[], $8::text[], $9::text[], $10::text[], $11::text[], $12::bytea[], \
+             $13::text[], $14::int4[], $15::int8[], $16::timestamptz[], $17::timestamptz[], \
+             $18::timestamptz[]) \
+         AS t(id, source, domain, event_id, event_type, user_id, recipient, locale, data, \
+             subject, body, raw_event, source_topic, source_partition, source_offset, \
+             occurred_at, scheduled_at, created_at)",
+    )
+    .bind(&ids)
+    .bind(&sources)
+    .bind(&domains)
+    .bind(&event_ids)
+    .bind(&event_types)
+    .bind(&user_ids)
+    .bind(&recipients)
+    .bind(&locales)
+    .bind(&data)
+    .bind(&subjects)
+    .bind(&bodies)
+    .bind(&raw)
+    .bind(&topics)
+    .bind(&partitions)
+    .bind(&offsets)
+    .bind(&occurred)
+    .bind(&scheduled)
+    .bind(&created)
+    .execute(&mut *conn)
+    .await
+    .context("Failed to store notifications")?;
+
+    let mut d_ids = Vec::new();
+    let mut d_notifications = Vec::new();
+    let mut d_channels = Vec::new();
+    let mut d_statuses = Vec::new();
+    let mut d_addresses = Vec::new();
+    let mut d_reasons = Vec::new();
+    let mut d_due = Vec::new();
+    let mut d_created = Vec::new();
+    for x in n {
+        for d in &x.deliveries {
+            d_ids.push(d.id);
+            d_notifications.push(x.id);
+            d_channels.push(d.channel.as_str());
+            d_statuses.push(d.status().as_str());
+            d_addresses.push(d.address.as_deref());
+            d_reasons.push(d.skip_reason.as_deref());
+            d_due.push(x.scheduled_at.unwrap_or(x.created_at));
+            d_created.push(x.created_at);
+        }
+    }
+    sqlx::query(
+        "INSERT INTO deliveries (id, notification_id, channel, status, address, skip_reason, \
+             next_attempt_at, created_at, updated_at, completed_at) \
+         SELECT id, notification_id, channel, status, address, skip_reason, due, created, \
+             created, CASE WHEN status = 'SKIPPED' THEN created END \
+         FROM UNNEST($1::uuid[], $2::uuid[], $3::text[], $4::text[], $5::text[], $6::text[], \
+             $7::timestamptz[], $8::timestamptz[]) \
+         AS t(id, notification_id, channel, status, address, skip_reason, due, created)",
+    )
+    .bind(&d_ids)
+    .bind(&d_notifications)
+    .bind(&d_channels)
+    .bind(&d_statuses)
+    .bind(&d_addresses)
+    .bind(&d_reasons)
+    .bind(&d_due)
+    .bind(&d_created)
+    .execute(&mut *conn)
+    .await
+    .context("Failed to store deliveries")?;
+
+    let events: Vec<OutboxMessage> = n
+        .iter()
+        .flat_map(|x| x.delivery_events(topic_prefix))
+        .collect();
+    outbox::insert(conn, &events).await
+}

@@ -1,0 +1,183 @@
+//! The transactional outbox: Kafka messages written in the same PostgreSQL transaction as
+//! the state they describe, so that "committed" and "will be published" are one fact. The
+//! relay publishes them afterwards, at least once.
+
+use std::collections::BTreeMap;
+
+use anyhow::Context;
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use sqlx::PgConnection;
+use uuid::Uuid;
+
+use crate::domain::{Channel, DeliveryStatus, Domain};
+
+/// The delivery-state topic, without prefix.
+pub const DELIVERY_EVENTS_TOPIC: &str = "notification.delivery.events";
+
+/// What an outbox row carries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OutboxKind {
+    /// A delivery state change for notification.delivery.events.
+    DeliveryEvent,
+    /// A dead letter for notification.dlq.<domain>.
+    DeadLetter,
+}
+
+impl OutboxKind {
+    fn as_str(self) -> &'static str {
+        match self {
+            OutboxKind::DeliveryEvent => "delivery_event",
+            OutboxKind::DeadLetter => "dead_letter",
+        }
+    }
+}
+
+/// One Kafka message waiting to be published.
+#[derive(Debug, Clone)]
+pub struct OutboxMessage {
+    pub kind: OutboxKind,
+    /// Full topic name, prefix included.
+    pub topic: String,
+    pub key: Option<Vec<u8>>,
+    pub payload: Vec<u8>,
+    pub headers: BTreeMap<String, String>,
+}
+
+/// A delivery's state as published on notification.delivery.events. `version` grows with
+/// every change of the delivery, so a reader can ignore stale or replayed events.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DeliveryEvent {
+    pub delivery_id: Uuid,
+    pub notification_id: Uuid,
+    pub event_id: Option<String>,
+    pub event_type: String,
+    pub user_id: Option<i64>,
+    pub domain: Domain,
+    pub channel: Channel,
+    pub status: DeliveryStatus,
+    pub attempts: i32,
+    pub error: Option<String>,
+    pub version: i64,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+impl DeliveryEvent {
+    /// The outbox message for this event (key: notification id, so one notification's
+    /// deliveries stay in order on one partition).
+    pub fn to_outbox(&self, topic_prefix: &str) -> OutboxMessage {
+        OutboxMessage {
+            kind: OutboxKind::DeliveryEvent,
+            topic: format!("{topic_prefix}{DELIVERY_EVENTS_TOPIC}"),
+            key: Some(self.notification_id.to_string().into_bytes()),
+            payload: serde_json::to_vec(self).expect("a delivery event serializes"),
+            headers: BTreeMap::new(),
+        }
+    }
+}
+
+/// The facts a dead letter carries in its headers (DESIGN §4).
+#[derive(Debug, Clone, Default)]
+pub struct DeadLetter {
+    pub domain: Option<Domain>,
+    pub error_message: String,
+    pub error_class: String,
+    pub retry_count: u32,
+    pub failed_channel: Option<Channel>,
+    pub original_topic: Option<String>,
+    pub original_partition: Option<i32>,
+    pub original_offset: Option<i64>,
+    pub consumer_group: Option<String>,
+    pub event_id: Option<String>,
+    pub notification_id: Option<Uuid>,
+    pub delivery_id: Option<Uuid>,
+    pub failed_at: DateTime<Utc>,
+}
+
+impl DeadLetter {
+    /// The outbox message: the original bytes and key, with every header of DESIGN §4
+    /// (empty where a fact does not apply, so readers find every header on every record).
+    pub fn to_outbox(
+        &self,
+        topic_prefix: &str,
+        key: Option<Vec<u8>>,
+        payload: Vec<u8>,
+    ) -> OutboxMessage {
+        let domain = self.domain.unwrap_or(Domain::Api);
+        let text = |v: Option<String>| v.unwrap_or_default();
+        let headers = BTreeMap::from([
+            ("X-Error-Message".to_owned(), self.error_message.clone()),
+            ("X-Retry-Count".to_owned(), self.retry_count.to_string()),
+            ("X-Error-Class".to_owned(), self.error_class.clone()),
+            (
+                "X-Failed-Channel".to_owned(),
+                text(self.failed_channel.map(|c| c.to_string())),
+            ),
+            (
+                "X-Original-Topic".to_owned(),
+                text(self.original_topic.clone()),
+            ),
+            (
+                "X-Original-Partition".to_owned(),
+                text(self.original_partition.map(|p| p.to_string())),
+            ),
+            (
+                "X-Original-Offset".to_owned(),
+                text(self.original_offset.map(|o| o.to_string())),
+            ),
+            (
+                "X-Consumer-Group".to_owned(),
+                text(self.consumer_group.clone()),
+            ),
+            ("X-Event-Id".to_owned(), text(self.event_id.clone())),
+            (
+                "X-Notification-Id".to_owned(),
+                text(self.notification_id.map(|n| n.to_string())),
+            ),
+            (
+                "X-Delivery-Id".to_owned(),
+                text(self.delivery_id.map(|d| d.to_string())),
+            ),
+            ("X-Failed-At".to_owned(), self.failed_at.to_rfc3339()),
+        ]);
+        OutboxMessage {
+            kind: OutboxKind::DeadLetter,
+            topic: format!("{topic_prefix}{}", domain.dlq_topic()),
+            key,
+            payload,
+            headers,
+        }
+    }
+}
+
+/// Writes outbox rows inside the caller's transaction.
+pub async fn insert(conn: &mut PgConnection, messages: &[OutboxMessage]) -> anyhow::Result<()> {
+    if messages.is_empty() {
+        return Ok(());
+    }
+    let kinds: Vec<&str> = messages.iter().map(|m| m.kind.as_str()).collect();
+    let topics: Vec<&str> = messages.iter().map(|m| m.topic.as_str()).collect();
+    let keys: Vec<Option<&[u8]>> = messages.iter().map(|m| m.key.as_deref()).collect();
+    let payloads: Vec<&[u8]> = messages.iter().map(|m| m.payload.as_slice()).collect();
+    let headers: Vec<String> = messages
+        .iter()
+        .map(|m| serde_json::to_string(&m.headers).expect("string headers serialize"))
+        .collect();
+    sqlx::query(
+        "INSERT INTO outbox (kind, topic, message_key, payload, headers) \
+         SELECT kind, topic, message_key, payload, headers::jsonb \
+         FROM UNNEST($1::text[], $2::text[], $3::bytea[], $4::bytea[], $5::text[]) \
+             AS t(kind, topic, message_key, payload, headers)",
+    )
+    .bind(&kinds)
+    .bind(&topics)
+    .bind(&keys)
+    .bind(&payloads)
+    .bind(&headers)
+    .execute(conn)
+    .await
+    .context("Failed to write to the outbox")?;
+    Ok(())
+}

@@ -1,0 +1,237 @@
+//! User channel preferences: per channel, optionally per event type, stored in PostgreSQL
+//! and cached in Redis.
+//!
+//! The cache is read-through with a TTL and invalidated on every change. Redis is an
+//! accelerator, never a dependency: when it is down or slow, reads go to PostgreSQL and
+//! writes still succeed (the stale entry then expires within [`CACHE_TTL_SECS`]).
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    time::Duration,
+};
+
+use anyhow::Context;
+use redis::aio::ConnectionManager;
+use serde::{Deserialize, Serialize};
+use sqlx::PgPool;
+
+use crate::domain::{Channel, EventType, UserId};
+
+/// How long a cached entry lives; bounds staleness if an invalidation is lost.
+pub const CACHE_TTL_SECS: u64 = 300;
+/// How long a cache call may take before PostgreSQL is asked instead.
+const CACHE_TIMEOUT: Duration = Duration::from_millis(250);
+
+/// One user's choices. A channel absent from both maps is on.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Preferences {
+    /// Per channel, for every event type.
+    pub channels: BTreeMap<Channel, bool>,
+    /// Per event type and channel; wins over `channels`.
+    pub event_types: BTreeMap<EventType, BTreeMap<Channel, bool>>,
+}
+
+impl Preferences {
+    /// Whether the user wants `channel` for `event_type`.
+    pub fn allows(&self, channel: Channel, event_type: &EventType) -> bool {
+        self.event_types
+            .get(event_type)
+            .and_then(|channels| channels.get(&channel))
+            .or_else(|| self.channels.get(&channel))
+            .copied()
+            .unwrap_or(true)
+    }
+
+    /// Sets a channel for every event type.
+    pub fn set_channel(&mut self, channel: Channel, enabled: bool) {
+        self.channels.insert(channel, enabled);
+    }
+}
+
+fn cache_key(user: UserId) -> String {
+    format!("herald:prefs:v1:{user}")
+}
+
+/// Loads the preferences of many users at once: one MGET, then one query for the misses.
+pub async fn load_many(
+    db: &PgPool,
+    redis: &ConnectionManager,
+    users: &[UserId],
+) -> anyhow::Result<HashMap<UserId, Preferences>> {
+    let mut found = HashMap::new();
+    if users.is_empty() {
+        return Ok(found);
+    }
+    let keys: Vec<String> = users.iter().map(|u| cache_key(*u)).collect();
+    let mut conn = redis.clone();
+    let cached = tokio::time::timeout(
+        CACHE_TIMEOUT,
+        redis::cmd("MGET")
+            .arg(&keys)
+            .query_async::<Vec<Option<String>>>(&mut conn),
+    )
+    .await;
+    let cache_up = match cached {
+        Ok(Ok(values)) => {
+            for (user, value) in users.iter().zip(values) {
+                if let Some(prefs) = value.and_then(|v| serde_json::from_str(&v).ok()) {
+                    found.insert(*user, prefs);
+                }
+            }
+            metrics::counter!("herald_preference_cache_hits_total").increment(found.len() as u64);
+            true
+        }
+        Ok(Err(error)) => {
+            cache_unavailable(&error.to_string());
+            false
+        }
+        Err(_) => {
+            cache_unavailable("no answer in time");
+            false
+        }
+    };
+
+    let missing: Vec<UserId> = users
+        .iter()
+        .filter(|u| !found.contains_key(u))
+        .copied()
+        .collect();
+    if missing.is_empty() {
+        return Ok(found);
+    }
+    let from_db = load_from_db(db, &missing).await?;
+    if cache_up {
+        let mut pipe = redis::pipe();
+        for user in &missing {
+            let prefs = from_db.get(user).cloned().unwrap_or_default();
+            pipe.set_ex(
+                cache_key(*user),
+                serde_json::to_string(&prefs)?,
+                CACHE_TTL_SECS,
+            )
+            .ignore();
+        }
+        let stored = tokio::time::timeout(CACHE_TIMEOUT, pipe.query_async::<()>(&mut conn)).await;
+        if !matches!(stored, Ok(Ok(()))) {
+            tracing::debug!("could not fill the preference cache");
+        }
+    }
+    for user in missing {
+        found.insert(user, from_db.get(&user).cloned().unwrap_or_default());
+    }
+    Ok(found)
+}
+
+/// Loads one user's preferences.
+pub async fn load(
+    db: &PgPool,
+    redis: &ConnectionManager,
+    user: UserId,
+) -> anyhow::Result<Preferences> {
+    Ok(load_many(db, redis, &[user])
+        .await?
+        .remove(&user)
+        .unwrap_or_default())
+}
+
+/// Replaces a user's preferences, then invalidates the cached copy.
+pub async fn replace(
+    db: &PgPool,
+    redis: &ConnectionManager,
+    user: UserId,
+    preferences: &Preferences,
+) -> anyhow::Result<()> {
+    let mut rows: Vec<(String, String, bool)> = preferences
+        .channels
+        .iter()
+        .map(|(c, on)| (c.as_str().to_owned(), "*".to_owned(), *on))
+        .collect();
+    for (event_type, channels) in &preferences.event_types {
+        for (channel, on) in channels {
+            rows.push((channel.as_str().to_owned(), event_type.to_string(), *on));
+        }
+    }
+    let (channels, event_types, enabled): (Vec<_>, Vec<_>, Vec<_>) =
+        rows.into_iter()
+            .fold((vec![], vec![], vec![]), |mut acc, (c, e, on)| {
+                acc.0.push(c);
+                acc.1.push(e);
+                acc.2.push(on);
+                acc
+            });
+
+    let mut tx = db.begin().await.context("Failed to begin a transaction")?;
+    sqlx::query("DELETE FROM user_preferences WHERE user_id = $1")
+        .bind(user.get())
+        .execute(&mut *tx)
+        .await
+        .context("Failed to clear preferences")?;
+    sqlx::query(
+        "INSERT INTO user_preferences (user_id, channel, event_type, enabled) \
+         SELECT $1, * FROM UNNEST($2::text[], $3::text[], $4::bool[])",
+    )
+    .bind(user.get())
+    .bind(&channels)
+    .bind(&event_types)
+    .bind(&enabled)
+    .execute(&mut *tx)
+    .await
+    .context("Failed to store preferences")?;
+    tx.commit().await.context("Failed to commit preferences")?;
+
+    let mut conn = redis.clone();
+    let deleted = tokio::time::timeout(
+        CACHE_TIMEOUT,
+        redis::cmd("DEL")
+            .arg(cache_key(user))
+            .query_async::<i64>(&mut conn),
+    )
+    .await;
+    if !matches!(deleted, Ok(Ok(_))) {
+        tracing::warn!(
+            user = %user,
+            "could not invalidate cached preferences; the old copy expires within {CACHE_TTL_SECS} s"
+        );
+    }
+    Ok(())
+}
+
+async fn load_from_db(
+    db: &PgPool,
+    users: &[UserId],
+) -> anyhow::Result<HashMap<UserId, Preferences>> {
+    let ids: Vec<i64> = users.iter().map(|u| u.get()).collect();
+    let rows: Vec<(i64, String, String, bool)> = sqlx::query_as(
+        "SELECT user_id, channel, event_type, enabled FROM user_preferences \
+         WHERE user_id = ANY($1)",
+    )
+    .bind(&ids)
+    .fetch_all(db)
+    .await
+    .context("Failed to load preferences")?;
+    let mut found: HashMap<UserId, Preferences> = HashMap::new();
+    for (user, channel, event_type, enabled) in rows {
+        // Rows are written only through `replace`, so they parse; a row that does not is
+        // ignored rather than blocking every notification of that user.
+        let (Ok(user), Ok(channel)) = (UserId::new(user), channel.parse::<Channel>()) else {
+            continue;
+        };
+        let prefs = found.entry(user).or_default();
+        if event_type == "*" {
+            prefs.channels.insert(channel, enabled);
+        } else if let Ok(event_type) = EventType::parse(&event_type) {
+            prefs
+                .event_types
+                .entry(event_type)
+                .or_default()
+                .insert(channel, enabled);
+        }
+    }
+    Ok(found)
+}
+
+fn cache_unavailable(reason: &str) {
+    metrics::counter!("herald_preference_cache_errors_total").increment(1);
+    tracing::warn!(%reason, "preference cache unavailable; reading PostgreSQL");
+}

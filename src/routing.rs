@@ -1,0 +1,278 @@
+//! Routing: which channels an event goes to (the rules of `config/routing.toml`), and for
+//! each channel whether it is sent, to which address, or skipped and why (user
+//! preferences, the user directory, which channels are configured).
+
+use std::{
+    collections::{BTreeSet, HashMap},
+    path::Path,
+};
+
+use anyhow::Context;
+use serde::Deserialize;
+
+use crate::{
+    domain::{Channel, Domain, EmailAddress, EventType, Locale, PhoneNumber, UserId},
+    preferences::Preferences,
+};
+
+/// The routing rules.
+#[derive(Debug, Clone)]
+pub struct RoutingTable {
+    routes: HashMap<(Domain, EventType), Vec<Channel>>,
+    operator_channels: BTreeSet<Channel>,
+    default_locale: Locale,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RoutingFile {
+    default_locale: Locale,
+    operator_channels: Vec<Channel>,
+    #[serde(rename = "route")]
+    routes: Vec<RouteEntry>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RouteEntry {
+    domain: Domain,
+    event_type: EventType,
+    channels: Vec<Channel>,
+}
+
+impl RoutingTable {
+    /// Reads and checks a routing file.
+    pub fn load(path: &Path) -> anyhow::Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("Failed to read the routing file {}", path.display()))?;
+        Self::parse(&text).with_context(|| format!("Routing file {} is not valid", path.display()))
+    }
+
+    /// Parses routing rules from TOML text.
+    pub fn parse(text: &str) -> anyhow::Result<Self> {
+        let file: RoutingFile = toml::from_str(text)?;
+        let mut routes = HashMap::new();
+        for entry in file.routes {
+            let unique: BTreeSet<Channel> = entry.channels.iter().copied().collect();
+            anyhow::ensure!(
+                !entry.channels.is_empty() && unique.len() == entry.channels.len(),
+                "the route of {} {} needs distinct channels",
+                entry.domain,
+                entry.event_type
+            );
+            let key = (entry.domain, entry.event_type);
+            anyhow::ensure!(
+                !routes.contains_key(&key),
+                "{} {} is routed twice",
+                key.0,
+                key.1
+            );
+            routes.insert(key, entry.channels);
+        }
+        Ok(RoutingTable {
+            routes,
+            operator_channels: file.operator_channels.into_iter().collect(),
+            default_locale: file.default_locale,
+        })
+    }
+
+    /// The channels of an event type in a domain; `None` if it is not routed there.
+    pub fn channels(&self, domain: Domain, event_type: &EventType) -> Option<&[Channel]> {
+        self.routes
+            .get(&(domain, event_type.clone()))
+            .map(Vec::as_slice)
+    }
+
+    /// The channels of an event type in whichever domain routes it (for the HTTP intake,
+    /// which may send any known event type).
+    pub fn channels_in_any_domain(&self, event_type: &EventType) -> Option<&[Channel]> {
+        let mut domains = Domain::CONSUMED.to_vec();
+        domains.insert(0, Domain::Api);
+        domains
+            .into_iter()
+            .find_map(|domain| self.channels(domain, event_type))
+    }
+
+    /// Every routed event type.
+    pub fn event_types(&self) -> BTreeSet<&EventType> {
+        self.routes.keys().map(|(_, t)| t).collect()
+    }
+
+    /// Every routed (event type, channel) pair.
+    pub fn routed_pairs(&self) -> BTreeSet<(&EventType, Channel)> {
+        self.routes
+            .iter()
+            .flat_map(|((_, t), channels)| channels.iter().map(move |c| (t, *c)))
+            .collect()
+    }
+
+    /// True for channels addressed to operators: preferences do not apply to them.
+    pub fn is_operator_channel(&self, channel: Channel) -> bool {
+        self.operator_channels.contains(&channel)
+    }
+
+    /// The language when neither the event nor the directory gives one.
+    pub fn default_locale(&self) -> Locale {
+        self.default_locale
+    }
+}
+
+/// Where a user can be reached, after the event's recipient has overridden the directory.
+#[derive(Debug, Clone, Default)]
+pub struct Reach {
+    pub user_id: Option<UserId>,
+    pub email: Option<EmailAddress>,
+    pub phone: Option<PhoneNumber>,
+}
+
+/// What will happen to one channel of a notification.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PlannedDelivery {
+    pub channel: Channel,
+    /// Where it goes: an email address, a phone number, `user:{id}`, or `ops`.
+    pub address: Option<String>,
+    /// `Some(reason)` for a delivery that will be SKIPPED.
+    pub skip_reason: Option<String>,
+}
+
+/// Decides each channel's fate. The order of checks gives the most useful reason first:
+/// a channel switched off for everyone, then the user's choice, then a missing address.
+pub fn plan(
+    table: &RoutingTable,
+    channels: &[Channel],
+    event_type: &EventType,
+    reach: &Reach,
+    preferences: &Preferences,
+    enabled: &dyn Fn(Channel) -> bool,
+) -> Vec<PlannedDelivery> {
+    channels
+        .iter()
+        .map(|&channel| {
+            let skipped = |reason: String| PlannedDelivery {
+                channel,
+                address: None,
+                skip_reason: Some(reason),
+            };
+            if !enabled(channel) {
+                return skipped(format!(
+                    "channel {channel} is not configured on this Herald"
+                ));
+            }
+            let operator = table.is_operator_channel(channel);
+            if !operator && !preferences.allows(channel, event_type) {
+                return skipped(format!("user opted out of {channel} for {event_type}"));
+            }
+            let user = reach.user_id.map(|u| format!("user:{u}"));
+            let address = match channel {
+                _ if operator => Some("ops".to_owned()),
+                Channel::Email => reach.email.as_ref().map(|e| e.as_str().to_owned()),
+                Channel::Sms | Channel::Kakaotalk => {
+                    reach.phone.as_ref().map(|p| p.as_str().to_owned())
+                }
+                Channel::InApp | Channel::Push | Channel::Slack => user,
+            };
+            match address {
+                Some(address) => PlannedDelivery {
+                    channel,
+                    address: Some(address),
+                    skip_reason: None,
+                },
+                None => skipped(match channel {
+                    Channel::Email => "no email address for the recipient".to_owned(),
+                    Channel::Sms | Channel::Kakaotalk => {
+                        "no phone number for the recipient".to_owned()
+                    }
+                    _ => format!("{channel} needs a userId"),
+                }),
+            }
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn table() -> RoutingTable {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/routing.toml");
+        RoutingTable::load(&path).unwrap()
+    }
+
+    fn event(name: &str) -> EventType {
+        EventType::parse(name).unwrap()
+    }
+
+    #[test]
+    fn the_default_file_routes_design_table_two() {
+        let table = table();
+        let channels = |domain, name| table.channels(domain, &event(name)).unwrap().to_vec();
+
+        assert_eq!(
+            channels(Domain::Payment, "PAYMENT_FAILED"),
+            [Channel::Email, Channel::InApp, Channel::Slack]
+        );
+        assert_eq!(channels(Domain::Order, "ORDER_COMPLETED"), [Channel::Email]);
+        assert_eq!(channels(Domain::Api, "SYSTEM_INCIDENT"), [Channel::Slack]);
+        assert!(
+            table
+                .channels(Domain::Order, &event("PAYMENT_FAILED"))
+                .is_none()
+        );
+        assert_eq!(table.event_types().len(), 10);
+    }
+
+    #[test]
+    fn a_duplicate_route_is_refused() {
+        let text = r#"
+            default_locale = "en"
+            operator_channels = []
+            [[route]]
+            domain = "order"
+            event_type = "ORDER_SHIPPED"
+            channels = ["EMAIL"]
+            [[route]]
+            domain = "order"
+            event_type = "ORDER_SHIPPED"
+            channels = ["IN_APP"]
+        "#;
+        let error = RoutingTable::parse(text).unwrap_err().to_string();
+        assert!(error.contains("routed twice"), "{error}");
+    }
+
+    #[test]
+    fn plans_skip_with_the_reason_and_operator_channels_ignore_preferences() {
+        let table = table();
+        let reach = Reach {
+            user_id: Some(UserId::new(7).unwrap()),
+            email: None,
+            phone: None,
+        };
+        let mut preferences = Preferences::default();
+        preferences.set_channel(Channel::InApp, false);
+        preferences.set_channel(Channel::Slack, false);
+
+        let planned = plan(
+            &table,
+            &[Channel::Email, Channel::InApp, Channel::Slack, Channel::Sms],
+            &event("PAYMENT_FAILED"),
+            &reach,
+            &preferences,
+            &|channel| channel != Channel::Sms,
+        );
+
+        assert_eq!(
+            planned[0].skip_reason.as_deref(),
+            Some("no email address for the recipient")
+        );
+        assert_eq!(
+            planned[1].skip_reason.as_deref(),
+            Some("user opted out of IN_APP for PAYMENT_FAILED")
+        );
+        assert_eq!(planned[2].skip_reason, None, "SLACK is an operator channel");
+        assert_eq!(planned[2].address.as_deref(), Some("ops"));
+        assert_eq!(
+            planned[3].skip_reason.as_deref(),
+            Some("channel SMS is not configured on this Herald")
+        );
+    }
+}

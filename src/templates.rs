@@ -1,0 +1,493 @@
+//! Notification templates (tera), rendered at send time so that a template fixed after a
+//! failure applies when the delivery is retried. Edits on disk are picked up without a
+//! restart: the folder is re-read when a file changes (checked at most once a second).
+//!
+//! Layout: `templates/{locale}/{EVENT_TYPE}/{part}`, with `_adhoc` as the event type of
+//! notifications that bring their own subject and body, and shared `_layouts/`, `_macros/`.
+
+use std::{
+    collections::HashMap,
+    path::{Path, PathBuf},
+    sync::RwLock,
+    time::{Duration, Instant, SystemTime},
+};
+
+use serde_json::Value;
+use tera::Tera;
+
+use crate::domain::{Channel, Locale};
+
+/// The event type folder of notifications that carry their own subject and body.
+pub const ADHOC: &str = "_adhoc";
+
+/// How often, at most, the folder is checked for edits.
+const RELOAD_CHECK: Duration = Duration::from_secs(1);
+
+/// One renderable part of a notification.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Part {
+    EmailSubject,
+    EmailText,
+    EmailHtml,
+    Slack,
+    InAppTitle,
+    InAppBody,
+}
+
+impl Part {
+    /// The file name under `{locale}/{EVENT_TYPE}/`.
+    pub fn file(self) -> &'static str {
+        match self {
+            Part::EmailSubject => "email_subject.txt",
+            Part::EmailText => "email_text.txt",
+            Part::EmailHtml => "email_html.html",
+            Part::Slack => "slack.json",
+            Part::InAppTitle => "in_app_title.txt",
+            Part::InAppBody => "in_app_body.txt",
+        }
+    }
+
+    /// The parts a channel needs. SMS, KakaoTalk and push use the short in-app texts.
+    pub fn for_channel(channel: Channel) -> &'static [Part] {
+        match channel {
+            Channel::Email => &[Part::EmailSubject, Part::EmailText, Part::EmailHtml],
+            Channel::Slack => &[Part::Slack],
+            Channel::InApp | Channel::Sms | Channel::Kakaotalk | Channel::Push => {
+                &[Part::InAppTitle, Part::InAppBody]
+            }
+        }
+    }
+}
+
+/// Why a template could not be rendered. Always the template's or the data's fault, so a
+/// delivery that hits it fails permanently.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("template {template}: {reason}")]
+pub struct RenderError {
+    pub template: String,
+    pub reason: String,
+}
+
+/// The rendered content of an email.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EmailContent {
+    pub subject: String,
+    pub text: String,
+    pub html: String,
+}
+
+/// A short title and text (in-app, SMS, KakaoTalk, push).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ShortContent {
+    pub title: String,
+    pub body: String,
+}
+
+struct Loaded {
+    tera: Tera,
+    stamp: Stamp,
+    checked_at: Instant,
+}
+
+/// The newest modification time and the number of files: changes when a file is edited,
+/// added or removed.
+type Stamp = (Option<SystemTime>, usize);
+
+/// The template set, reloaded when the folder changes.
+pub struct Templates {
+    dir: PathBuf,
+    loaded: RwLock<Loaded>,
+}
+
+impl Templates {
+    /// Loads every template under `dir`. A syntax error anywhere fails here, at startup.
+    pub fn load(dir: &Path) -> anyhow::Result<Self> {
+        let tera = parse_dir(dir).map_err(|reason| anyhow::anyhow!(reason))?;
+        Ok(Templates {
+            dir: dir.to_owned(),
+            loaded: RwLock::new(Loaded {
+                tera,
+                stamp: stamp(dir),
+                checked_at: Instant::now(),
+            }),
+        })
+    }
+
+    /// Renders one part. `event_type` is the folder name (an event type or [`ADHOC`]).
+    pub fn render(
+        &self,
+        locale: Locale,
+        event_type: &str,
+        part: Part,
+        context: &tera::Context,
+    ) -> Result<String, RenderError> {
+        self.reload_if_changed();
+        let name = format!("{locale}/{event_type}/{}", part.file());
+        let loaded = self.loaded.read().unwrap_or_else(|e| e.into_inner());
+        if !loaded.tera.get_template_names().any(|n| n == name) {
+            return Err(RenderError {
+                template: name,
+                reason: "no such template".to_owned(),
+            });
+        }
+        let rendered = loaded
+            .tera
+            .render(&name, context)
+            .map_err(|e| RenderError {
+                template: name.clone(),
+                reason: error_chain(&e),
+            })?;
+        Ok(match part {
+            // Data with line breaks must not make a multi-line subject (header injection).
+            Part::EmailSubject | Part::InAppTitle => rendered
+                .split(['\r', '\n'])
+                .map(str::trim)
+                .filter(|l| !l.is_empty())
+                .collect::<Vec<_>>()
+                .join(" "),
+            _ => rendered,
+        })
+    }
+
+    /// Subject, text and HTML of an email.
+    pub fn email(
+        &self,
+        locale: Locale,
+        event_type: &str,
+        context: &tera::Context,
+    ) -> Result<EmailContent, RenderError> {
+        Ok(EmailContent {
+            subject: self.render(locale, event_type, Part::EmailSubject, context)?,
+            text: self.render(locale, event_type, Part::EmailText, context)?,
+            html: self.render(locale, event_type, Part::EmailHtml, context)?,
+        })
+    }
+
+    /// A Slack message, checked to be Block Kit JSON with a fallback `text`.
+    pub fn slack(
+        &self,
+        locale: Locale,
+        event_type: &str,
+        context: &tera::Context,
+    ) -> Result<Value, RenderError> {
+        let text = self.render(locale, event_type, Part::Slack, context)?;
+        let name = format!("{locale}/{event_type}/{}", Part::Slack.file());
+        let message: Value = serde_json::from_str(&text).map_err(|e| RenderError {
+            template: name.clone(),
+            reason: format!("did not render valid JSON: {e}"),
+        })?;
+        if !message["text"].is_string() || !message["blocks"].is_array() {
+            return Err(RenderError {
+                template: name,
+                reason: "a Slack message needs a \"text\" string and a \"blocks\" array".to_owned(),
+            });
+        }
+        Ok(message)
+    }
+
+    /// Title and text of an in-app message (also SMS, KakaoTalk and push).
+    pub fn short(
+        &self,
+        locale: Locale,
+        event_type: &str,
+        context: &tera::Context,
+    ) -> Result<ShortContent, RenderError> {
+        Ok(ShortContent {
+            title: self.render(locale, event_type, Part::InAppTitle, context)?,
+            body: self
+                .render(locale, event_type, Part::InAppBody, context)?
+                .trim()
+                .to_owned(),
+        })
+    }
+
+    /// True when both locales have every part `channel` needs for `event_type`.
+    pub fn covers(&self, event_type: &str, channel: Channel) -> bool {
+        let loaded = self.loaded.read().unwrap_or_else(|e| e.into_inner());
+        [Locale::Ko, Locale::En].iter().all(|locale| {
+            Part::for_channel(channel).iter().all(|part| {
+                let name = format!("{locale}/{event_type}/{}", part.file());
+                loaded.tera.get_template_names().any(|n| n == name)
+            })
+        })
+    }
+
+    fn reload_if_changed(&self) {
+        {
+            let loaded = self.loaded.read().unwrap_or_else(|e| e.into_inner());
+            if loaded.checked_at.elapsed() < RELOAD_CHECK {
+                return;
+            }
+        }
+        let mut loaded = self.loaded.write().unwrap_or_else(|e| e.into_inner());
+        if loaded.checked_at.elapsed() < RELOAD_CHECK {
+            return;
+        }
+        loaded.checked_at = Instant::now();
+        let now = stamp(&self.dir);
+        if now == loaded.stamp {
+            return;
+        }
+        match parse_dir(&self.dir) {
+            Ok(tera) => {
+                loaded.tera = tera;
+                loaded.stamp = now;
+                tracing::info!(dir = %self.dir.display(), "templates reloaded");
+            }
+            Err(reason) => {
+                // Keep serving the last good set; the broken file is reported until fixed.
+                tracing::error!(%reason, "templates changed but do not parse; keeping the previous set");
+            }
+        }
+    }
+}
+
+fn parse_dir(dir: &Path) -> Result<Tera, String> {
+    let glob = format!("{}/**/*.{{txt,html,json}}", dir.display());
+    let mut tera = Tera::new(&glob).map_err(|e| {
+        format!(
+            "templates in {} do not parse: {}",
+            dir.display(),
+            error_chain(&e)
+        )
+    })?;
+    tera.register_filter("number", number_filter);
+    Ok(tera)
+}
+
+fn stamp(dir: &Path) -> Stamp {
+    fn walk(dir: &Path, newest: &mut Option<SystemTime>, count: &mut usize) {
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            return;
+        };
+        for entry in entries.flatten() {
+            let Ok(meta) = entry.metadata() else { continue };
+            if meta.is_dir() {
+                walk(&entry.path(), newest, count);
+            } else {
+                *count += 1;
+                if let Ok(modified) = meta.modified() {
+                    *newest = (*newest).max(Some(modified));
+                }
+            }
+        }
+    }
+    let (mut newest, mut count) = (None, 0);
+    walk(dir, &mut newest, &mut count);
+    (newest, count)
+}
+
+fn error_chain(error: &tera::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = std::error::Error::source(error);
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
+/// `{{ 12000 | number }}` gives `12,000`.
+fn number_filter(value: &Value, _: &HashMap<String, Value>) -> tera::Result<Value> {
+    let formatted = match value {
+        Value::Number(n) if n.is_i64() || n.is_u64() => group_thousands(&n.to_string()),
+        Value::Number(n) => {
+            let text = format!("{:.2}", n.as_f64().unwrap_or_default());
+            let (whole, fraction) = text.split_once('.').unwrap_or((&text, "00"));
+            format!("{}.{fraction}", group_thousands(whole))
+        }
+        Value::String(s) if s.parse::<i64>().is_ok() => group_thousands(s),
+        other => return Err(tera::Error::msg(format!("number: {other} is not a number"))),
+    };
+    Ok(Value::String(formatted))
+}
+
+fn group_thousands(digits: &str) -> String {
+    let (sign, digits) = digits
+        .strip_prefix('-')
+        .map_or(("", digits), |rest| ("-", rest));
+    let mut out = String::new();
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    format!("{sign}{out}")
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+    use crate::routing::RoutingTable;
+
+    fn manifest(path: &str) -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join(path)
+    }
+
+    fn sample_data(event_type: &str) -> Value {
+        match event_type {
+            "PAYMENT_COMPLETED" | "ORDER_COMPLETED" => {
+                json!({ "orderId": "o-1", "amount": 12000, "currency": "KRW" })
+            }
+            "PAYMENT_FAILED" => json!({
+                "orderId": "o-1", "amount": 12000, "currency": "KRW",
+                "reason": "card \"declined\"\nretry <later>"
+            }),
+            "SUBSCRIPTION_CREATED" | "SUBSCRIPTION_RENEWED" => {
+                json!({ "subscriptionId": "s-1", "plan": "Premium", "amount": 9900, "currency": "USD" })
+            }
+            "SUBSCRIPTION_CANCELLED" => json!({ "subscriptionId": "s-1", "plan": "Basic" }),
+            "SUBSCRIPTION_EXPIRING" => {
+                json!({ "subscriptionId": "s-1", "plan": "Basic", "expiresAt": "2026-12-01" })
+            }
+            "ORDER_SHIPPED" | "ORDER_CANCELLED" => json!({ "orderId": "o-2" }),
+            "SYSTEM_INCIDENT" => json!({ "title": "DB failover", "severity": "critical" }),
+            other => panic!("no sample data for {other}"),
+        }
+    }
+
+    fn context(data: Value) -> tera::Context {
+        let mut context = tera::Context::new();
+        context.insert("data", &data);
+        context.insert("notification_id", "0190-test");
+        context.insert("occurred_at", "2026-11-21T09:30:00Z");
+        context.insert("subject", "Maintenance tonight");
+        context.insert("body", "We will be down\nfrom 2 to 3 am.");
+        context
+    }
+
+    #[test]
+    fn every_routed_event_type_renders_on_its_channels_in_korean_and_english() {
+        let templates = Templates::load(&manifest("templates")).unwrap();
+        let routing = RoutingTable::load(&manifest("config/routing.toml")).unwrap();
+
+        for (event_type, channel) in routing.routed_pairs() {
+            let context = context(sample_data(event_type.as_str()));
+            for locale in [Locale::Ko, Locale::En] {
+                let at = format!("{locale}/{event_type}/{channel}");
+                match channel {
+                    Channel::Email => {
+                        let email = templates
+                            .email(locale, event_type.as_str(), &context)
+                            .unwrap();
+                        assert!(
+                            !email.subject.is_empty() && !email.subject.contains('\n'),
+                            "{at}"
+                        );
+                        assert!(email.html.contains("<html"), "{at}");
+                        assert!(!email.html.contains("<later>"), "{at}: HTML is escaped");
+                    }
+                    Channel::Slack => {
+                        let message = templates
+                            .slack(locale, event_type.as_str(), &context)
+                            .unwrap();
+                        assert!(!message["blocks"].as_array().unwrap().is_empty(), "{at}");
+                    }
+                    _ => {
+                        let short = templates
+                            .short(locale, event_type.as_str(), &context)
+                            .unwrap();
+                        assert!(!short.title.is_empty() && !short.body.is_empty(), "{at}");
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn every_event_type_has_every_part_in_both_languages() {
+        let templates = Templates::load(&manifest("templates")).unwrap();
+        let routing = RoutingTable::load(&manifest("config/routing.toml")).unwrap();
+
+        for event_type in routing
+            .event_types()
+            .into_iter()
+            .map(|t| t.as_str())
+            .chain([ADHOC])
+        {
+            for channel in Channel::ALL {
+                assert!(
+                    templates.covers(event_type, channel),
+                    "{event_type} {channel}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn korean_amounts_in_won_read_naturally() {
+        let templates = Templates::load(&manifest("templates")).unwrap();
+        let context = context(sample_data("PAYMENT_FAILED"));
+
+        let email = templates
+            .email(Locale::Ko, "PAYMENT_FAILED", &context)
+            .unwrap();
+
+        assert!(email.text.contains("12,000원"), "{}", email.text);
+    }
+
+    #[test]
+    fn adhoc_notifications_render_their_own_subject_and_body() {
+        let templates = Templates::load(&manifest("templates")).unwrap();
+        let context = context(json!({}));
+
+        let email = templates.email(Locale::En, ADHOC, &context).unwrap();
+
+        assert_eq!(email.subject, "Maintenance tonight");
+        assert!(email.text.contains("We will be down"));
+    }
+
+    #[test]
+    fn a_missing_required_field_is_a_render_error_naming_the_template() {
+        let templates = Templates::load(&manifest("templates")).unwrap();
+
+        let error = templates
+            .email(Locale::En, "PAYMENT_FAILED", &context(json!({})))
+            .unwrap_err();
+
+        assert!(error.template.starts_with("en/PAYMENT_FAILED/"), "{error}");
+    }
+
+    #[test]
+    fn an_edited_template_applies_without_a_restart() {
+        let dir = std::env::temp_dir().join(format!("herald-templates-{}", uuid::Uuid::new_v4()));
+        let folder = dir.join("en/ORDER_SHIPPED");
+        std::fs::create_dir_all(&folder).unwrap();
+        std::fs::write(
+            folder.join("in_app_title.txt"),
+            "Shipped {{ data.orderId }}",
+        )
+        .unwrap();
+        std::fs::write(folder.join("in_app_body.txt"), "{{ data.nope }}").unwrap();
+        let templates = Templates::load(&dir).unwrap();
+        let context = context(json!({ "orderId": "o-9" }));
+        assert!(
+            templates
+                .short(Locale::En, "ORDER_SHIPPED", &context)
+                .is_err()
+        );
+
+        std::fs::write(folder.join("in_app_body.txt"), "On its way").unwrap();
+        std::thread::sleep(RELOAD_CHECK + Duration::from_millis(50));
+
+        let short = templates
+            .short(Locale::En, "ORDER_SHIPPED", &context)
+            .unwrap();
+        assert_eq!(short.title, "Shipped o-9");
+        assert_eq!(short.body, "On its way");
+    }
+
+    #[test]
+    fn numbers_get_thousands_separators() {
+        let render = |v: Value| number_filter(&v, &HashMap::new()).unwrap();
+        assert_eq!(render(12000.into()), "12,000");
+        assert_eq!(render(999.into()), "999");
+        assert_eq!(render((-1234567).into()), "-1,234,567");
+        assert_eq!(render(1234.5.into()), "1,234.50");
+        assert!(number_filter(&Value::Bool(true), &HashMap::new()).is_err());
+    }
+}
