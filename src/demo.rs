@@ -103,8 +103,48 @@ pub async fn run(settings: &Settings) -> anyhow::Result<()> {
             delivery.offset,
         );
     }
+    let api = api_base(settings);
+    let incident = json!({
+        "eventType": "SYSTEM_INCIDENT",
+        "data": {
+            "title": "Payment gateway latency above 2 s",
+            "severity": "major",
+            "service": "fluxpay-gateway",
+            "description": "p99 latency of card authorisation is 2.4 s for the last 5 minutes."
+        }
+    });
+    let response = reqwest::Client::new()
+        .post(format!("{api}/api/v1/notifications"))
+        .header("Idempotency-Key", Uuid::new_v4().to_string())
+        .json(&incident)
+        .send()
+        .await
+        .with_context(|| format!("Failed to reach Herald at {api} (is `make run` up?)"))?;
+    let status = response.status();
+    let body: Value = response.json().await.unwrap_or_default();
+    anyhow::ensure!(
+        status.is_success(),
+        "the HTTP intake answered {status}: {body}"
+    );
     println!(
-        "\nWatch them: emails in MailDev, notifications at GET /api/v1/notifications?userId=1002"
+        "posted SYSTEM_INCIDENT to {api}/api/v1/notifications: notification {}",
+        body["notificationId"].as_str().unwrap_or("?")
+    );
+    println!(
+        "\nWhat to look at:\n  \
+         GET {api}/api/v1/notifications/{} (the incident, SLACK to the ops channel)\n  \
+         the user directory is not needed: each sample carries its recipient\n  \
+         emails arrive in MailDev once deliveries are dispatched",
+        body["notificationId"].as_str().unwrap_or("?")
     );
     Ok(())
+}
+
+/// Where this machine reaches Herald's HTTP API.
+fn api_base(settings: &Settings) -> String {
+    let mut addr = settings.http.addr;
+    if addr.ip().is_unspecified() {
+        addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+    }
+    format!("http://{addr}")
 }

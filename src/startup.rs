@@ -18,9 +18,14 @@ use crate::{
     api::{self, AppState},
     config::Settings,
     db,
+    domain::Domain,
+    ingest::{self, Ingestor, consumer::BatchLimits},
+    intake,
     kafka::KafkaAdmin,
     roles::Role,
+    routing::RoutingTable,
     telemetry,
+    templates::Templates,
 };
 
 /// How long `build` keeps retrying when PostgreSQL is not reachable yet.
@@ -54,6 +59,8 @@ impl Application {
         )
         .context("Failed to set up the Redis connection")?;
         let kafka = KafkaAdmin::new(&settings.kafka)?;
+        let routing = Arc::new(RoutingTable::load(&settings.ingest.routing_file)?);
+        let templates = Arc::new(Templates::load(&settings.templates.dir)?);
 
         let listener = TcpListener::bind(settings.http.addr)
             .await
@@ -69,6 +76,7 @@ impl Application {
         roles.dedup();
         log_disabled_channels(&settings);
         let grace_period = settings.shutdown.grace_period;
+        let settings_for_state = settings.clone();
         let state = AppState {
             settings: Arc::new(settings),
             db,
@@ -77,6 +85,9 @@ impl Application {
             metrics: telemetry::metrics_handle(),
             roles: roles.into(),
             shutdown: CancellationToken::new(),
+            routing,
+            templates,
+            channel_enabled: Arc::new(intake::channel_enabled(&settings_for_state)),
         };
         Ok(Application {
             listener,
@@ -118,6 +129,8 @@ impl Application {
             roles = ?state.roles,
             "Herald is serving"
         );
+        let failure = Arc::new(std::sync::Mutex::new(None::<String>));
+        spawn_workers(&state, &tasks, &failure);
         let app = api::router(state);
         let mut server = tokio::spawn(
             axum::serve(listener, app)
@@ -147,6 +160,9 @@ impl Application {
                 server_result
                     .context("The HTTP server task failed")?
                     .context("The HTTP server failed")?;
+                if let Some(reason) = failure.lock().unwrap_or_else(|e| e.into_inner()).take() {
+                    anyhow::bail!(reason);
+                }
                 tracing::info!("shutdown complete");
             }
             Err(_) => {
@@ -158,6 +174,52 @@ impl Application {
             }
         }
         Ok(())
+    }
+}
+
+/// Starts the workers of this instance's roles. A worker that fails stops the instance
+/// (with the reason as its exit error) rather than leaving it half-working.
+fn spawn_workers(
+    state: &AppState,
+    tasks: &TaskTracker,
+    failure: &Arc<std::sync::Mutex<Option<String>>>,
+) {
+    if state.roles.contains(&Role::Ingest) {
+        let settings = &state.settings;
+        let ingestor = Ingestor {
+            db: state.db.clone(),
+            redis: state.redis.clone(),
+            routing: state.routing.clone(),
+            channel_enabled: state.channel_enabled.clone(),
+            topic_prefix: settings.kafka.topic_prefix.clone(),
+            max_event_bytes: settings.ingest.max_event_bytes,
+        };
+        let limits = BatchLimits {
+            max_messages: settings.ingest.batch_max_messages,
+            max_wait: settings.ingest.batch_max_wait,
+        };
+        for domain in Domain::CONSUMED {
+            let (ingestor, settings, shutdown, failure) = (
+                ingestor.clone(),
+                settings.clone(),
+                state.shutdown.clone(),
+                failure.clone(),
+            );
+            tasks.spawn(async move {
+                let result =
+                    ingest::consumer::run(ingestor, &settings, domain, limits, shutdown.clone())
+                        .await;
+                if let Err(error) = result {
+                    let reason = format!("the {domain} consumer failed: {error:#}");
+                    tracing::error!(%reason);
+                    failure
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .get_or_insert(reason);
+                    shutdown.cancel();
+                }
+            });
+        }
     }
 }
 

@@ -1,11 +1,15 @@
 //! The API's error type and its JSON body, `{"error": {"code": "...", "message": "..."}}`
-//! (DESIGN §5).
+//! (DESIGN §5), plus extractors whose rejections use that body.
 //!
 //! Each variant documents its status. A 5xx body never carries internal details: the cause
-//! is logged with the request's span and the client gets a generic message.
+//! is logged and the client gets a generic message.
 
 use axum::{
     Json,
+    extract::{
+        FromRequest, FromRequestParts,
+        rejection::{BytesRejection, JsonRejection, PathRejection, QueryRejection},
+    },
     http::StatusCode,
     response::{IntoResponse, Response},
 };
@@ -14,10 +18,29 @@ use serde::Serialize;
 /// An error an API handler returns.
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
-    /// 404: no route or no such resource.
+    /// 400 `invalid_request`: the input is malformed or a value is not acceptable.
+    #[error("{0}")]
+    BadRequest(String),
+    /// 401 `unauthorized`: no credentials.
+    #[error("{0}")]
+    Unauthorized(String),
+    /// 403 `forbidden`: wrong credentials.
+    #[error("{0}")]
+    Forbidden(String),
+    /// 404 `not_found`: no route or no such resource.
     #[error("{0}")]
     NotFound(String),
-    /// 500: anything the client cannot fix; logged, not shown.
+    /// 413 `payload_too_large`.
+    #[error("{0}")]
+    PayloadTooLarge(String),
+    /// 422 with its own code: well-formed, but it conflicts with what was stored before
+    /// (an Idempotency-Key reused with another body).
+    #[error("{message}")]
+    Unprocessable { code: &'static str, message: String },
+    /// 503 `unavailable`: a feature switched off by configuration.
+    #[error("{0}")]
+    Unavailable(String),
+    /// 500 `internal`: anything the client cannot fix; logged, not shown.
     #[error(transparent)]
     Internal(#[from] anyhow::Error),
 }
@@ -49,18 +72,66 @@ impl ErrorBody {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let (status, body) = match &self {
-            ApiError::NotFound(message) => {
-                (StatusCode::NOT_FOUND, ErrorBody::new("not_found", message))
-            }
+        let (status, code) = match &self {
+            ApiError::BadRequest(_) => (StatusCode::BAD_REQUEST, "invalid_request"),
+            ApiError::Unauthorized(_) => (StatusCode::UNAUTHORIZED, "unauthorized"),
+            ApiError::Forbidden(_) => (StatusCode::FORBIDDEN, "forbidden"),
+            ApiError::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
+            ApiError::PayloadTooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large"),
+            ApiError::Unprocessable { code, .. } => (StatusCode::UNPROCESSABLE_ENTITY, *code),
+            ApiError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
             ApiError::Internal(cause) => {
                 tracing::error!(error = format!("{cause:#}"), "request failed");
-                (
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    ErrorBody::new("internal", "internal error; see the server logs"),
-                )
+                let body = ErrorBody::new("internal", "internal error; see the server logs");
+                return (StatusCode::INTERNAL_SERVER_ERROR, Json(body)).into_response();
             }
         };
-        (status, Json(body)).into_response()
+        (status, Json(ErrorBody::new(code, self.to_string()))).into_response()
     }
 }
+
+impl From<JsonRejection> for ApiError {
+    fn from(rejection: JsonRejection) -> Self {
+        match rejection {
+            JsonRejection::BytesRejection(bytes) => bytes.into(),
+            other => ApiError::BadRequest(other.body_text()),
+        }
+    }
+}
+
+impl From<BytesRejection> for ApiError {
+    fn from(rejection: BytesRejection) -> Self {
+        if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::PayloadTooLarge("the request body is too large".to_owned())
+        } else {
+            ApiError::BadRequest(rejection.body_text())
+        }
+    }
+}
+
+impl From<QueryRejection> for ApiError {
+    fn from(rejection: QueryRejection) -> Self {
+        ApiError::BadRequest(rejection.body_text())
+    }
+}
+
+impl From<PathRejection> for ApiError {
+    fn from(rejection: PathRejection) -> Self {
+        ApiError::BadRequest(rejection.body_text())
+    }
+}
+
+/// `axum::Json` with rejections in the JSON error body.
+#[derive(Debug, FromRequest)]
+#[from_request(via(axum::Json), rejection(ApiError))]
+pub struct ApiJson<T>(pub T);
+
+/// `axum::extract::Query` with rejections in the JSON error body.
+#[derive(Debug, FromRequestParts)]
+#[from_request(via(axum::extract::Query), rejection(ApiError))]
+pub struct ApiQuery<T>(pub T);
+
+/// `axum::extract::Path` with rejections in the JSON error body.
+#[derive(Debug, FromRequestParts)]
+#[from_request(via(axum::extract::Path), rejection(ApiError))]
+pub struct ApiPath<T>(pub T);

@@ -3,16 +3,24 @@
 pub mod error;
 pub mod health;
 pub mod metrics;
+pub mod notifications;
+pub mod settings;
+pub mod users;
 
 use std::sync::Arc;
 
-use axum::{Json, Router, http::StatusCode, middleware, response::IntoResponse};
+use axum::{
+    Json, Router, extract::DefaultBodyLimit, http::StatusCode, middleware, response::IntoResponse,
+};
 use metrics_exporter_prometheus::PrometheusHandle;
 use redis::aio::ConnectionManager;
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
-use crate::{config::Settings, kafka::KafkaAdmin, roles::Role};
+use crate::{
+    config::Settings, domain::Channel, kafka::KafkaAdmin, roles::Role, routing::RoutingTable,
+    templates::Templates,
+};
 use error::ErrorBody;
 
 /// What every handler can reach. Cheap to clone: every field is a handle.
@@ -27,14 +35,30 @@ pub struct AppState {
     pub roles: Arc<[Role]>,
     /// Cancelled when the instance starts shutting down.
     pub shutdown: CancellationToken,
+    pub routing: Arc<RoutingTable>,
+    pub templates: Arc<Templates>,
+    /// Whether a channel has an endpoint configured.
+    pub channel_enabled: Arc<dyn Fn(Channel) -> bool + Send + Sync>,
 }
 
-/// The whole router. Health and metrics are served whatever the roles.
+/// Largest request body the API reads.
+const MAX_BODY_BYTES: usize = 256 * 1024;
+
+/// The whole router. Health and metrics are served whatever the roles; the resource
+/// routes only where the `api` role runs.
 pub fn router(state: AppState) -> Router {
-    Router::new()
+    let mut router = Router::new()
         .merge(health::router())
-        .merge(metrics::router())
+        .merge(metrics::router());
+    if state.roles.contains(&Role::Api) {
+        router = router
+            .merge(notifications::router())
+            .merge(settings::router())
+            .merge(users::router());
+    }
+    router
         .fallback(not_found)
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .layer(middleware::from_fn(metrics::track))
         .with_state(state)
 }

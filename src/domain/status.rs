@@ -1,9 +1,9 @@
 use std::{fmt, str::FromStr};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// Where one delivery stands.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "SCREAMING_SNAKE_CASE")]
 pub enum DeliveryStatus {
     /// Waiting for a dispatcher (now, or at `next_attempt_at`).
@@ -62,7 +62,7 @@ impl FromStr for DeliveryStatus {
 
 /// A notification's overall status, derived from its deliveries whenever it is read
 /// (DESIGN §3), never stored.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "SCREAMING_SNAKE_CASE")]
 pub enum NotificationStatus {
     /// Nothing has been attempted yet.

@@ -314,15 +314,18 @@ fn count(domain: Domain, outcome: &'static str, n: usize) {
     }
 }
 
-/// True when PostgreSQL refused the data itself (a constraint, an encoding), as opposed to
-/// being unreachable: retrying the same data cannot help.
+/// True when PostgreSQL refused the data itself: SQLSTATE class 22 (data exception, such as
+/// a bad encoding) or 23 (integrity constraint). Anything else (unreachable, shutting down,
+/// refusing connections) is the infrastructure's fault and is retried.
 fn is_data_error(error: &anyhow::Error) -> bool {
-    error.chain().any(|cause| {
-        matches!(
-            cause.downcast_ref::<sqlx::Error>(),
-            Some(sqlx::Error::Database(_))
-        )
-    })
+    error
+        .chain()
+        .any(|cause| match cause.downcast_ref::<sqlx::Error>() {
+            Some(sqlx::Error::Database(db)) => db
+                .code()
+                .is_some_and(|code| code.starts_with("22") || code.starts_with("23")),
+            _ => false,
+        })
 }
 
 fn root_cause(error: &anyhow::Error) -> String {

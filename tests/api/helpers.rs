@@ -1,7 +1,9 @@
 //! `spawn_app()`: one Herald instance in-process on a random port, with a database and a
 //! topic prefix of its own, so tests run in parallel without seeing each other's data.
 
-use std::sync::Once;
+use std::{sync::Once, time::Duration};
+
+use rdkafka::producer::{FutureProducer, FutureRecord};
 
 use herald::{
     config::{DEFAULT_CONFIG_FILE, Settings},
@@ -34,6 +36,130 @@ impl TestApp {
             .await
             .expect("Herald answers HTTP requests")
     }
+
+    /// PUT a JSON body.
+    pub async fn put_json(&self, path: &str, body: &serde_json::Value) -> reqwest::Response {
+        self.http
+            .put(format!("{}{path}", self.address))
+            .json(body)
+            .send()
+            .await
+            .expect("Herald answers HTTP requests")
+    }
+
+    /// POST a JSON body with extra headers.
+    pub async fn post_json(
+        &self,
+        path: &str,
+        body: &serde_json::Value,
+        headers: &[(&str, &str)],
+    ) -> reqwest::Response {
+        let mut request = self.http.post(format!("{}{path}", self.address)).json(body);
+        for (name, value) in headers {
+            request = request.header(*name, *value);
+        }
+        request.send().await.expect("Herald answers HTTP requests")
+    }
+
+    /// Publishes raw bytes to an upstream topic (unprefixed name) with a key.
+    pub async fn publish(&self, topic: &str, key: &str, payload: &[u8]) {
+        let producer: FutureProducer = herald::kafka::client_config(&self.settings.kafka)
+            .set("message.timeout.ms", "10000")
+            .create()
+            .unwrap();
+        let topic = format!("{}{topic}", self.settings.kafka.topic_prefix);
+        producer
+            .send(
+                FutureRecord::to(&topic).key(key).payload(payload),
+                Duration::from_secs(10),
+            )
+            .await
+            .map_err(|(e, _)| e)
+            .expect("the test broker takes the message");
+    }
+
+    /// Publishes several messages in order, on one producer.
+    pub async fn publish_all(&self, topic: &str, messages: &[(String, Vec<u8>)]) {
+        let producer: FutureProducer = herald::kafka::client_config(&self.settings.kafka)
+            .set("message.timeout.ms", "10000")
+            .set("enable.idempotence", "true")
+            .create()
+            .unwrap();
+        let topic = format!("{}{topic}", self.settings.kafka.topic_prefix);
+        for (key, payload) in messages {
+            producer
+                .send(
+                    FutureRecord::to(&topic).key(key).payload(payload),
+                    Duration::from_secs(10),
+                )
+                .await
+                .map_err(|(e, _)| e)
+                .expect("the test broker takes the message");
+        }
+    }
+
+    /// Number of notifications stored.
+    pub async fn notification_count(&self) -> i64 {
+        sqlx::query_scalar("SELECT count(*) FROM notifications")
+            .fetch_one(&self.db)
+            .await
+            .unwrap()
+    }
+
+    /// The deliveries of the notification made from `event_id`: (channel, status, address,
+    /// skip reason), by channel.
+    pub async fn deliveries_of_event(&self, event_id: &str) -> Vec<DeliveryRow> {
+        sqlx::query_as(
+            "SELECT d.channel, d.status, d.address, d.skip_reason FROM deliveries d \
+             JOIN notifications n ON n.id = d.notification_id \
+             WHERE n.event_id = $1 ORDER BY d.channel",
+        )
+        .bind(event_id)
+        .fetch_all(&self.db)
+        .await
+        .unwrap()
+    }
+
+    /// Dead letters written to the outbox: (topic, headers, payload).
+    pub async fn dead_letters(&self) -> Vec<(String, serde_json::Value, Vec<u8>)> {
+        sqlx::query_as(
+            "SELECT topic, headers, payload FROM outbox WHERE kind = 'dead_letter' ORDER BY id",
+        )
+        .fetch_all(&self.db)
+        .await
+        .unwrap()
+    }
+}
+
+/// (channel, status, address, skip reason)
+pub type DeliveryRow = (String, String, Option<String>, Option<String>);
+
+/// Polls `check` every 100 ms until it returns true, for at most `seconds`.
+pub async fn wait_until<F, Fut>(seconds: u64, what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(seconds);
+    while tokio::time::Instant::now() < deadline {
+        if check().await {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("timed out after {seconds} s waiting until {what}");
+}
+
+/// A valid event envelope.
+pub fn envelope(event_type: &str, user_id: i64, data: serde_json::Value) -> serde_json::Value {
+    serde_json::json!({
+        "eventId": Uuid::new_v4().to_string(),
+        "eventType": event_type,
+        "occurredAt": "2026-11-21T09:30:00Z",
+        "userId": user_id,
+        "recipient": { "email": format!("user{user_id}@example.com"), "locale": "ko" },
+        "data": data,
+    })
 }
 
 impl Drop for TestApp {

@@ -1,0 +1,525 @@
+//! `POST /api/v1/notifications` (the direct intake) and `GET /api/v1/notifications/{id}`.
+//!
+//! The intake writes the same rows as the Kafka consumers, in one transaction, and answers
+//! 202 with the notification id and its deliveries. With an `Idempotency-Key` header the
+//! first response is stored with the rows: the same key and body replays it (with
+//! `Idempotency-Replayed: true`), the same key with another body is 422.
+
+use std::collections::BTreeSet;
+
+use anyhow::Context;
+use axum::{
+    Json, Router,
+    body::Bytes,
+    extract::{State, rejection::BytesRejection},
+    http::{HeaderMap, HeaderValue, StatusCode, header},
+    response::{IntoResponse, Response},
+    routing::{get, post},
+};
+use chrono::{DateTime, Duration, Utc};
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+use sha2::{Digest, Sha256};
+use uuid::Uuid;
+
+use super::{
+    AppState,
+    error::{ApiError, ApiPath},
+};
+use crate::{
+    directory,
+    domain::{
+        Channel, DeliveryStatus, Domain, EmailAddress, EventType, NotificationStatus, PhoneNumber,
+        Recipient, UserId,
+    },
+    intake::{self, Draft, Source},
+    preferences,
+    templates::ADHOC,
+};
+
+/// The event type stored for notifications that bring their own subject and body.
+pub const ADHOC_EVENT_TYPE: &str = "ADHOC";
+/// How far ahead `scheduledAt` may be.
+const MAX_SCHEDULE_AHEAD_DAYS: i64 = 90;
+/// Subject and body limits for ad-hoc notifications.
+const MAX_SUBJECT_CHARS: usize = 200;
+const MAX_BODY_CHARS: usize = 10_000;
+
+/// The notification routes.
+pub fn router() -> Router<AppState> {
+    Router::new()
+        .route("/api/v1/notifications", post(create))
+        .route("/api/v1/notifications/{id}", get(read))
+}
+
+/// The intake request.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct IntakeRequest {
+    user_id: Option<i64>,
+    recipient: Option<RecipientBody>,
+    channels: Option<Vec<String>>,
+    event_type: Option<String>,
+    data: Option<Map<String, Value>>,
+    subject: Option<String>,
+    body: Option<String>,
+    scheduled_at: Option<DateTime<Utc>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RecipientBody {
+    email: Option<String>,
+    phone: Option<String>,
+    locale: Option<String>,
+}
+
+/// The 202 answer.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Accepted {
+    notification_id: Uuid,
+    status: NotificationStatus,
+    deliveries: Vec<AcceptedDelivery>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct AcceptedDelivery {
+    id: Uuid,
+    channel: Channel,
+    status: DeliveryStatus,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    skip_reason: Option<String>,
+}
+
+async fn create(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let body = body?;
+    let value: Value = serde_json::from_slice(&body)
+        .map_err(|e| ApiError::BadRequest(format!("the body is not valid JSON: {e}")))?;
+    let request_hash = hash(&value);
+    let request: IntakeRequest = serde_json::from_value(value)
+        .map_err(|e| ApiError::BadRequest(format!("invalid request: {e}")))?;
+    let key = idempotency_key(&headers)?;
+    if let Some(key) = &key
+        && let Some(stored) = stored_response(&state, key, &request_hash).await?
+    {
+        return Ok(stored);
+    }
+
+    let (draft, channels) = validate(&state, request)?;
+    let contact = match draft.user_id {
+        Some(user) => directory::load(&state.db, user).await?,
+        None => None,
+    };
+    let prefs = match draft.user_id {
+        Some(user) => preferences::load(&state.db, &state.redis, user).await?,
+        None => Default::default(),
+    };
+    let notification = intake::prepare(
+        &state.routing,
+        draft,
+        &channels,
+        contact.as_ref(),
+        &prefs,
+        &*state.channel_enabled,
+    );
+    let accepted = Accepted {
+        notification_id: notification.id,
+        status: NotificationStatus::derive(notification.deliveries.iter().map(|d| d.status())),
+        deliveries: notification
+            .deliveries
+            .iter()
+            .map(|d| AcceptedDelivery {
+                id: d.id,
+                channel: d.channel,
+                status: d.status(),
+                skip_reason: d.skip_reason.clone(),
+            })
+            .collect(),
+    };
+    let response_body = serde_json::to_value(&accepted).context("Failed to encode the answer")?;
+
+    let mut tx = state
+        .db
+        .begin()
+        .await
+        .context("Failed to begin a transaction")?;
+    intake::insert(
+        &mut tx,
+        std::slice::from_ref(&notification),
+        &state.settings.kafka.topic_prefix,
+    )
+    .await?;
+    if let Some(key) = &key {
+        let stored = sqlx::query(
+            "INSERT INTO idempotency_keys (idempotency_key, request_hash, response_status, response_body) \
+             VALUES ($1, $2, 202, $3) ON CONFLICT (idempotency_key) DO NOTHING",
+        )
+        .bind(key)
+        .bind(&request_hash)
+        .bind(&response_body)
+        .execute(&mut *tx)
+        .await
+        .context("Failed to store the idempotency key")?;
+        if stored.rows_affected() == 0 {
+            // A concurrent request with the same key committed first: answer as it did.
+            tx.rollback().await.context("Failed to roll back")?;
+            return stored_response(&state, key, &request_hash)
+                .await?
+                .context("an idempotency key vanished")
+                .map_err(ApiError::Internal);
+        }
+    }
+    tx.commit()
+        .await
+        .context("Failed to commit the notification")?;
+    metrics::counter!("herald_intake_notifications_total").increment(1);
+    Ok(accepted_response(notification.id, response_body, false))
+}
+
+fn accepted_response(id: Uuid, body: Value, replayed: bool) -> Response {
+    let mut response = (StatusCode::ACCEPTED, Json(body)).into_response();
+    let headers = response.headers_mut();
+    if let Ok(location) = HeaderValue::from_str(&format!("/api/v1/notifications/{id}")) {
+        headers.insert(header::LOCATION, location);
+    }
+    if replayed {
+        headers.insert("idempotency-replayed", HeaderValue::from_static("true"));
+    }
+    response
+}
+
+fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
+    let Some(value) = headers.get("idempotency-key") else {
+        return Ok(None);
+    };
+    let key = value
+        .to_str()
+        .ok()
+        .map(str::trim)
+        .filter(|k| !k.is_empty() && k.len() <= 255)
+        .ok_or_else(|| {
+            ApiError::BadRequest("Idempotency-Key must be 1 to 255 visible ASCII characters".into())
+        })?;
+    Ok(Some(key.to_owned()))
+}
+
+async fn stored_response(
+    state: &AppState,
+    key: &str,
+    request_hash: &str,
+) -> Result<Option<Response>, ApiError> {
+    let row: Option<(String, Value)> = sqlx::query_as(
+        "SELECT request_hash, response_body FROM idempotency_keys WHERE idempotency_key = $1",
+    )
+    .bind(key)
+    .fetch_optional(&state.db)
+    .await
+    .context("Failed to read the idempotency key")?;
+    match row {
+        None => Ok(None),
+        Some((hash, body)) if hash == request_hash => {
+            let id = serde_json::from_value::<Accepted>(body.clone())
+                .map(|a| a.notification_id)
+                .unwrap_or_default();
+            Ok(Some(accepted_response(id, body, true)))
+        }
+        Some(_) => Err(ApiError::Unprocessable {
+            code: "idempotency_key_reused",
+            message: "this Idempotency-Key was used with a different request body".to_owned(),
+        }),
+    }
+}
+
+/// SHA-256 of the body in a canonical form (object keys sorted, no whitespace), so the same
+/// JSON sent with other formatting or key order is the same request.
+fn hash(value: &Value) -> String {
+    fn canonical(value: &Value, out: &mut String) {
+        match value {
+            Value::Object(map) => {
+                out.push('{');
+                let keys: BTreeSet<&String> = map.keys().collect();
+                for (i, key) in keys.into_iter().enumerate() {
+                    if i > 0 {
+                        out.push(',');
+                    }
+                    out.push_str(&Value::String(key.clone()).to_string());
+                    out.push(':');
+                    canonical(&map[key], out);
+                }
+                out.push('}');
+            }
+            Value::Array(items) => {
+                out.push('[');
+                for (i, item) in items.iter().enumerate() {
+                    if i > 0 {
+                        out.push(',');
+                    }
+                    canonical(item, out);
+                }
+                out.push(']');
+            }
+            scalar => out.push_str(&scalar.to_string()),
+        }
+    }
+    let mut text = String::new();
+    canonical(value, &mut text);
+    Sha256::digest(text.as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+fn bad(message: impl Into<String>) -> ApiError {
+    ApiError::BadRequest(message.into())
+}
+
+/// Turns a request into a draft and its channels, or says what is wrong with it.
+fn validate(state: &AppState, request: IntakeRequest) -> Result<(Draft, Vec<Channel>), ApiError> {
+    let user_id = request
+        .user_id
+        .map(|id| UserId::new(id).map_err(bad))
+        .transpose()?;
+    let recipient = match &request.recipient {
+        None => Recipient::default(),
+        Some(r) => Recipient {
+            email: r
+                .email
+                .as_deref()
+                .map(|e| EmailAddress::parse(e).map_err(|m| bad(format!("recipient.email: {m}"))))
+                .transpose()?,
+            phone: r
+                .phone
+                .as_deref()
+                .map(|p| PhoneNumber::parse(p).map_err(|m| bad(format!("recipient.phone: {m}"))))
+                .transpose()?,
+            locale: r
+                .locale
+                .as_deref()
+                .map(|l| l.parse().map_err(|m| bad(format!("recipient.locale: {m}"))))
+                .transpose()?,
+        },
+    };
+
+    let (event_type, template, subject, body) =
+        match (&request.event_type, &request.subject, &request.body) {
+            (Some(_), Some(_), _) | (Some(_), _, Some(_)) => {
+                return Err(bad(
+                    "give either eventType (with data) or subject and body, not both",
+                ));
+            }
+            (Some(name), None, None) => {
+                let event_type = EventType::parse(name).map_err(bad)?;
+                let template = event_type.to_string();
+                (event_type, template, None, None)
+            }
+            (None, Some(subject), Some(body)) => {
+                if subject.trim().is_empty() || subject.chars().count() > MAX_SUBJECT_CHARS {
+                    return Err(bad(format!(
+                        "subject must be 1 to {MAX_SUBJECT_CHARS} characters"
+                    )));
+                }
+                if body.trim().is_empty() || body.chars().count() > MAX_BODY_CHARS {
+                    return Err(bad(format!(
+                        "body must be 1 to {MAX_BODY_CHARS} characters"
+                    )));
+                }
+                let event_type = EventType::parse(ADHOC_EVENT_TYPE).map_err(bad)?;
+                (
+                    event_type,
+                    ADHOC.to_owned(),
+                    Some(subject.clone()),
+                    Some(body.clone()),
+                )
+            }
+            _ => return Err(bad("give eventType (with data), or subject and body")),
+        };
+
+    let channels: Vec<Channel> = match &request.channels {
+        Some(names) => {
+            let mut channels = Vec::new();
+            for name in names {
+                let channel: Channel = name.parse().map_err(bad)?;
+                if !channels.contains(&channel) {
+                    channels.push(channel);
+                }
+            }
+            if channels.is_empty() {
+                return Err(bad("channels must name at least one channel"));
+            }
+            channels
+        }
+        None if subject.is_some() => return Err(bad("channels are required with subject and body")),
+        None => state
+            .routing
+            .channels_in_any_domain(&event_type)
+            .ok_or_else(|| {
+                bad(format!(
+                    "eventType {event_type} has no route; name the channels or use a routed event type"
+                ))
+            })?
+            .to_vec(),
+    };
+    for channel in &channels {
+        if !state.templates.covers(&template, *channel) {
+            return Err(bad(format!(
+                "there is no {channel} template for {event_type}"
+            )));
+        }
+    }
+    if user_id.is_none()
+        && recipient == Recipient::default()
+        && channels
+            .iter()
+            .any(|c| !state.routing.is_operator_channel(*c))
+    {
+        return Err(bad("give userId or recipient: who should receive this?"));
+    }
+
+    let now = Utc::now();
+    if let Some(at) = request.scheduled_at {
+        if at < now - Duration::minutes(5) {
+            return Err(bad("scheduledAt is in the past"));
+        }
+        if at > now + Duration::days(MAX_SCHEDULE_AHEAD_DAYS) {
+            return Err(bad(format!(
+                "scheduledAt may be at most {MAX_SCHEDULE_AHEAD_DAYS} days ahead"
+            )));
+        }
+    }
+
+    Ok((
+        Draft {
+            source: Source::Api,
+            domain: Domain::Api,
+            event_id: None,
+            event_type,
+            user_id,
+            recipient,
+            data: request.data.unwrap_or_default(),
+            subject,
+            body,
+            raw_event: None,
+            origin: None,
+            occurred_at: Some(now),
+            scheduled_at: request.scheduled_at,
+        },
+        channels,
+    ))
+}
+
+/// One notification as `GET /api/v1/notifications/{id}` shows it.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+struct NotificationView {
+    id: Uuid,
+    source: String,
+    domain: String,
+    event_id: Option<String>,
+    event_type: String,
+    user_id: Option<i64>,
+    locale: String,
+    data: Value,
+    subject: Option<String>,
+    created_at: DateTime<Utc>,
+    scheduled_at: Option<DateTime<Utc>>,
+    status: NotificationStatus,
+    deliveries: Vec<DeliveryView>,
+}
+
+#[derive(Debug, Serialize, sqlx::FromRow)]
+#[serde(rename_all = "camelCase")]
+struct DeliveryView {
+    id: Uuid,
+    channel: String,
+    status: String,
+    address: Option<String>,
+    attempts: i32,
+    next_attempt_at: DateTime<Utc>,
+    last_error: Option<String>,
+    skip_reason: Option<String>,
+    provider_ref: Option<String>,
+    sent_via: Option<String>,
+    created_at: DateTime<Utc>,
+    updated_at: DateTime<Utc>,
+    completed_at: Option<DateTime<Utc>>,
+}
+
+type NotificationRow = (
+    Uuid,
+    String,
+    String,
+    Option<String>,
+    String,
+    Option<i64>,
+    String,
+    Value,
+    Option<String>,
+    DateTime<Utc>,
+    Option<DateTime<Utc>>,
+);
+
+async fn read(
+    State(state): State<AppState>,
+    ApiPath(id): ApiPath<String>,
+) -> Result<Json<NotificationView>, ApiError> {
+    let id = Uuid::parse_str(&id).map_err(|_| bad(format!("{id:?} is not a notification id")))?;
+    let row: Option<NotificationRow> = sqlx::query_as(
+        "SELECT id, source, domain, event_id, event_type, user_id, locale, data, subject, \
+             created_at, scheduled_at FROM notifications WHERE id = $1",
+    )
+    .bind(id)
+    .fetch_optional(&state.db)
+    .await
+    .context("Failed to read a notification")?;
+    let Some((
+        id,
+        source,
+        domain,
+        event_id,
+        event_type,
+        user_id,
+        locale,
+        data,
+        subject,
+        created_at,
+        scheduled_at,
+    )) = row
+    else {
+        return Err(ApiError::NotFound(format!("no notification {id}")));
+    };
+    let deliveries: Vec<DeliveryView> = sqlx::query_as(
+        "SELECT id, channel, status, address, attempts, next_attempt_at, last_error, \
+             skip_reason, provider_ref, sent_via, created_at, updated_at, completed_at \
+         FROM deliveries WHERE notification_id = $1 ORDER BY channel",
+    )
+    .bind(id)
+    .fetch_all(&state.db)
+    .await
+    .context("Failed to read deliveries")?;
+    let status = NotificationStatus::derive(
+        deliveries
+            .iter()
+            .filter_map(|d| d.status.parse::<DeliveryStatus>().ok()),
+    );
+    Ok(Json(NotificationView {
+        id,
+        source,
+        domain,
+        event_id,
+        event_type,
+        user_id,
+        locale,
+        data,
+        subject,
+        created_at,
+        scheduled_at,
+        status,
+        deliveries,
+    }))
+}

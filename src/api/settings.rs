@@ -1,0 +1,110 @@
+//! A user's channel preferences: `GET`/`PUT /api/v1/notifications/settings?userId=`.
+//!
+//! The body names channels (`{"channels": {"EMAIL": false}}`) and, optionally, per event
+//! type overrides (`{"eventTypes": {"PAYMENT_COMPLETED": {"IN_APP": false}}}`). PUT replaces
+//! the user's preferences as a whole. Operator channels (the ops Slack) cannot be set: user
+//! preferences never apply to them.
+
+use std::collections::BTreeMap;
+
+use axum::{Json, Router, extract::State, routing::get};
+use serde::{Deserialize, Serialize};
+
+use super::{
+    AppState,
+    error::{ApiError, ApiJson, ApiQuery},
+    users::user_id,
+};
+use crate::{
+    domain::{Channel, EventType, UserId},
+    preferences::{self, Preferences},
+};
+
+/// The settings routes.
+pub fn router() -> Router<AppState> {
+    Router::new().route("/api/v1/notifications/settings", get(read).put(write))
+}
+
+/// `?userId=`
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct UserQuery {
+    user_id: i64,
+}
+
+/// The PUT body: channel names as keys, booleans as values.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct SettingsBody {
+    #[serde(default)]
+    channels: BTreeMap<String, bool>,
+    #[serde(default)]
+    event_types: BTreeMap<String, BTreeMap<String, bool>>,
+}
+
+/// What GET and PUT answer: every user channel with its effective setting, and the
+/// per-event-type overrides.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SettingsView {
+    user_id: UserId,
+    channels: BTreeMap<Channel, bool>,
+    event_types: BTreeMap<EventType, BTreeMap<Channel, bool>>,
+}
+
+async fn read(
+    State(state): State<AppState>,
+    ApiQuery(query): ApiQuery<UserQuery>,
+) -> Result<Json<SettingsView>, ApiError> {
+    let user = user_id(query.user_id)?;
+    let stored = preferences::load(&state.db, &state.redis, user).await?;
+    Ok(Json(view(&state, user, stored)))
+}
+
+async fn write(
+    State(state): State<AppState>,
+    ApiQuery(query): ApiQuery<UserQuery>,
+    ApiJson(body): ApiJson<SettingsBody>,
+) -> Result<Json<SettingsView>, ApiError> {
+    let user = user_id(query.user_id)?;
+    let mut wanted = Preferences::default();
+    for (name, enabled) in &body.channels {
+        wanted.set_channel(user_channel(&state, name)?, *enabled);
+    }
+    let known = state.routing.event_types();
+    for (name, channels) in &body.event_types {
+        let event_type = EventType::parse(name).map_err(ApiError::BadRequest)?;
+        if !known.contains(&event_type) {
+            return Err(ApiError::BadRequest(format!("unknown event type {name}")));
+        }
+        let entry = wanted.event_types.entry(event_type).or_default();
+        for (channel, enabled) in channels {
+            entry.insert(user_channel(&state, channel)?, *enabled);
+        }
+    }
+    preferences::replace(&state.db, &state.redis, user, &wanted).await?;
+    Ok(Json(view(&state, user, wanted)))
+}
+
+fn user_channel(state: &AppState, name: &str) -> Result<Channel, ApiError> {
+    let channel: Channel = name.parse().map_err(ApiError::BadRequest)?;
+    if state.routing.is_operator_channel(channel) {
+        return Err(ApiError::BadRequest(format!(
+            "{channel} is an operator channel; user preferences do not apply to it"
+        )));
+    }
+    Ok(channel)
+}
+
+fn view(state: &AppState, user: UserId, stored: Preferences) -> SettingsView {
+    let channels = Channel::ALL
+        .into_iter()
+        .filter(|c| !state.routing.is_operator_channel(*c))
+        .map(|c| (c, stored.channels.get(&c).copied().unwrap_or(true)))
+        .collect();
+    SettingsView {
+        user_id: user,
+        channels,
+        event_types: stored.event_types,
+    }
+}
