@@ -23,6 +23,7 @@ pub struct TestApp {
     pub db: PgPool,
     pub db_name: String,
     pub settings: Settings,
+    pub redis: redis::aio::ConnectionManager,
     pub http: reqwest::Client,
     shutdown: CancellationToken,
 }
@@ -195,6 +196,22 @@ pub async fn create_database(settings: &Settings) -> (String, String) {
     (name, url.to_string())
 }
 
+/// A connection to the test server's main database, for tests that act as an operator.
+pub async fn admin_connection(settings: &Settings) -> tokio::sync::Mutex<PgConnection> {
+    let mut url = url::Url::parse(settings.database_url()).expect("a valid database URL");
+    url.set_path("herald");
+    tokio::sync::Mutex::new(PgConnection::connect(url.as_str()).await.unwrap())
+}
+
+/// Runs one statement on an admin connection.
+pub async fn execute(conn: &tokio::sync::Mutex<PgConnection>, sql: &str) {
+    conn.lock()
+        .await
+        .execute(sqlx::AssertSqlSafe(sql.to_owned()))
+        .await
+        .unwrap_or_else(|e| panic!("{sql}: {e}"));
+}
+
 /// Drops a database, disconnecting its clients: PostgreSQL going away, as a client sees it.
 pub async fn drop_database(settings: &Settings, name: &str) {
     let admin_url = {
@@ -224,7 +241,7 @@ pub async fn spawn_app() -> TestApp {
 /// database and topics have been made).
 pub async fn spawn_app_with(customise: impl FnOnce(&mut Settings)) -> TestApp {
     let mut settings = stack_settings();
-    let (db_name, db_url) = create_database(&settings).await;
+    let (_, db_url) = create_database(&settings).await;
     settings.database.url = SecretString::from(db_url);
     settings.kafka.topic_prefix = unique_topic_prefix();
     settings.http.addr = "127.0.0.1:0".parse().unwrap();
@@ -237,11 +254,22 @@ pub async fn spawn_app_with(customise: impl FnOnce(&mut Settings)) -> TestApp {
         .expect("the test broker creates topics");
 
     customise(&mut settings);
+    spawn_app_on(settings).await
+}
+
+/// Starts Herald on settings whose database and topics already exist (a restart).
+pub async fn spawn_app_on(settings: Settings) -> TestApp {
+    let db_name = url::Url::parse(settings.database_url())
+        .unwrap()
+        .path()
+        .trim_start_matches('/')
+        .to_owned();
     let app = Application::build(settings.clone(), &Role::ALL)
         .await
         .expect("Herald builds against the test stack");
     let address = format!("http://{}", app.local_addr());
     let db = app.state().db.clone();
+    let redis = app.state().redis.clone();
     let shutdown = app.shutdown_token();
     tokio::spawn(app.run_until_stopped());
 
@@ -250,6 +278,7 @@ pub async fn spawn_app_with(customise: impl FnOnce(&mut Settings)) -> TestApp {
         db,
         db_name,
         settings,
+        redis,
         http: reqwest::Client::new(),
         shutdown,
     }

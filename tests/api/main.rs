@@ -4,6 +4,9 @@
 mod cli;
 mod health;
 mod helpers;
+mod ingest;
+mod intake;
 mod metrics;
 mod migrations;
+mod settings;
 mod topics;

@@ -1,0 +1,228 @@
+//! `POST /api/v1/notifications` and `GET /api/v1/notifications/{id}`.
+
+use serde_json::{Value, json};
+
+use crate::helpers::spawn_app;
+
+fn order_shipped(user: i64) -> Value {
+    json!({
+        "userId": user,
+        "recipient": { "email": "buyer@example.com", "locale": "ko" },
+        "eventType": "ORDER_SHIPPED",
+        "data": { "orderId": "o-77", "carrier": "CJ" }
+    })
+}
+
+#[tokio::test]
+async fn a_valid_request_is_accepted_with_its_deliveries_and_can_be_read_back() {
+    let app = spawn_app().await;
+
+    let response = app
+        .post_json("/api/v1/notifications", &order_shipped(70), &[])
+        .await;
+
+    assert_eq!(response.status(), 202);
+    let location = response.headers()["location"].to_str().unwrap().to_owned();
+    let body: Value = response.json().await.unwrap();
+    let id = body["notificationId"].as_str().unwrap();
+    assert_eq!(location, format!("/api/v1/notifications/{id}"));
+    assert_eq!(body["status"], "PENDING");
+    let channels: Vec<&str> = body["deliveries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["channel"].as_str().unwrap())
+        .collect();
+    assert_eq!(channels, ["EMAIL", "IN_APP"]);
+
+    let read: Value = app.get(&location).await.json().await.unwrap();
+    assert_eq!(read["id"], id);
+    assert_eq!(read["source"], "api");
+    assert_eq!(read["status"], "PENDING");
+    assert_eq!(read["deliveries"][0]["address"], "buyer@example.com");
+    assert_eq!(read["deliveries"][0]["status"], "PENDING");
+    assert_eq!(read["data"]["carrier"], "CJ");
+    let events: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM outbox WHERE kind = 'delivery_event'")
+            .fetch_one(&app.db)
+            .await
+            .unwrap();
+    assert_eq!(
+        events, 2,
+        "the intake writes the same rows as the consumers"
+    );
+}
+
+#[tokio::test]
+async fn ad_hoc_subject_and_body_go_to_the_named_channels_and_scheduled_ones_wait() {
+    let app = spawn_app().await;
+    let at = (chrono::Utc::now() + chrono::Duration::hours(2)).to_rfc3339();
+    let request = json!({
+        "recipient": { "email": "ops@example.com" },
+        "channels": ["EMAIL", "SMS"],
+        "subject": "Maintenance tonight",
+        "body": "Down from 2 to 3 am.",
+        "scheduledAt": at,
+    });
+
+    let response = app.post_json("/api/v1/notifications", &request, &[]).await;
+
+    assert_eq!(response.status(), 202);
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["deliveries"][0]["status"], "PENDING");
+    assert_eq!(body["deliveries"][1]["status"], "SKIPPED");
+    assert_eq!(
+        body["deliveries"][1]["skipReason"],
+        "channel SMS is not configured on this Herald"
+    );
+    let due: chrono::DateTime<chrono::Utc> =
+        sqlx::query_scalar("SELECT next_attempt_at FROM deliveries WHERE channel = 'EMAIL'")
+            .fetch_one(&app.db)
+            .await
+            .unwrap();
+    assert!(due > chrono::Utc::now() + chrono::Duration::minutes(119));
+}
+
+#[tokio::test]
+async fn the_same_idempotency_key_and_body_replays_the_first_answer() {
+    let app = spawn_app().await;
+    let key = [("Idempotency-Key", "order-77-shipped")];
+
+    let first = app
+        .post_json("/api/v1/notifications", &order_shipped(71), &key)
+        .await;
+    let first_body: Value = first.json().await.unwrap();
+    // The same JSON with its keys in another order is the same request.
+    let reordered: Value = serde_json::from_str(
+        r#"{"data":{"carrier":"CJ","orderId":"o-77"},"eventType":"ORDER_SHIPPED",
+            "recipient":{"locale":"ko","email":"buyer@example.com"},"userId":71}"#,
+    )
+    .unwrap();
+    let second = app
+        .post_json("/api/v1/notifications", &reordered, &key)
+        .await;
+
+    assert_eq!(second.status(), 202);
+    assert_eq!(second.headers()["idempotency-replayed"], "true");
+    let second_body: Value = second.json().await.unwrap();
+    assert_eq!(second_body, first_body);
+    assert_eq!(app.notification_count().await, 1);
+}
+
+#[tokio::test]
+async fn the_same_idempotency_key_with_another_body_is_422() {
+    let app = spawn_app().await;
+    let key = [("Idempotency-Key", "k-1")];
+    assert_eq!(
+        app.post_json("/api/v1/notifications", &order_shipped(72), &key)
+            .await
+            .status(),
+        202
+    );
+
+    let response = app
+        .post_json("/api/v1/notifications", &order_shipped(73), &key)
+        .await;
+
+    assert_eq!(response.status(), 422);
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "idempotency_key_reused");
+    assert_eq!(app.notification_count().await, 1);
+}
+
+#[tokio::test]
+async fn bad_requests_get_400_with_the_error_body_and_store_nothing() {
+    let app = spawn_app().await;
+    let cases = [
+        (
+            json!({ "userId": 1, "eventType": "ORDER_SHIPPED", "data": {}, "extra": 1 }),
+            "extra",
+        ),
+        (
+            json!({ "userId": -1, "eventType": "ORDER_SHIPPED" }),
+            "positive",
+        ),
+        (json!({ "userId": 1 }), "eventType"),
+        (
+            json!({ "userId": 1, "eventType": "NO_SUCH_EVENT" }),
+            "no route",
+        ),
+        (
+            json!({ "userId": 1, "eventType": "ORDER_SHIPPED", "subject": "x" }),
+            "not both",
+        ),
+        (
+            json!({ "userId": 1, "subject": "x", "body": "y" }),
+            "channels are required",
+        ),
+        (
+            json!({ "userId": 1, "eventType": "ORDER_SHIPPED", "channels": ["FAX"] }),
+            "unknown channel",
+        ),
+        (
+            json!({ "userId": 1, "eventType": "ORDER_SHIPPED", "channels": [] }),
+            "at least one",
+        ),
+        (
+            json!({ "recipient": { "email": "nope" }, "eventType": "ORDER_SHIPPED" }),
+            "recipient.email",
+        ),
+        (
+            json!({ "eventType": "ORDER_SHIPPED" }),
+            "userId or recipient",
+        ),
+        (
+            json!({ "userId": 1, "eventType": "ORDER_SHIPPED", "scheduledAt": "2001-01-01T00:00:00Z" }),
+            "past",
+        ),
+        (
+            json!({ "userId": 1, "eventType": "ORDER_SHIPPED", "data": [1] }),
+            "invalid",
+        ),
+        (json!("just a string"), "invalid"),
+    ];
+    for (request, hint) in cases {
+        let response = app.post_json("/api/v1/notifications", &request, &[]).await;
+        assert_eq!(response.status(), 400, "{request}");
+        let body: Value = response.json().await.unwrap();
+        assert_eq!(body["error"]["code"], "invalid_request", "{request}");
+        let message = body["error"]["message"].as_str().unwrap();
+        assert!(message.contains(hint), "{request}: {message}");
+    }
+    let malformed = app
+        .http
+        .post(format!("{}/api/v1/notifications", app.address))
+        .header("content-type", "application/json")
+        .body("{not json")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(malformed.status(), 400);
+    let too_big = app
+        .http
+        .post(format!("{}/api/v1/notifications", app.address))
+        .header("content-type", "application/json")
+        .body(vec![b' '; 1024 * 1024])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(too_big.status(), 413);
+    let body: Value = too_big.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "payload_too_large");
+    assert_eq!(app.notification_count().await, 0);
+}
+
+#[tokio::test]
+async fn reading_an_unknown_or_malformed_id_gives_404_or_400() {
+    let app = spawn_app().await;
+
+    let missing = app
+        .get(&format!("/api/v1/notifications/{}", uuid::Uuid::new_v4()))
+        .await;
+    let malformed = app.get("/api/v1/notifications/not-a-uuid").await;
+
+    assert_eq!(missing.status(), 404);
+    assert_eq!(malformed.status(), 400);
+    let body: Value = malformed.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "invalid_request");
+}
