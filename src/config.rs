@@ -89,6 +89,9 @@ pub struct KafkaSettings {
 pub struct RedisSettings {
     /// `redis://[:password@]host:port[/db]`; secret because it may hold a password.
     pub url: SecretString,
+    /// Prepended to every Redis key and channel, so deployments (and tests) sharing one
+    /// Redis do not see each other's data.
+    pub key_prefix: String,
 }
 
 /// Outgoing email.
@@ -203,6 +206,11 @@ impl Settings {
             raw.kafka.topics_file,
         )?;
         let redis_url = layers.required("HERALD_REDIS_URL", "redis.url", raw.redis.url)?;
+        let redis_prefix = layers.required(
+            "HERALD_REDIS_KEY_PREFIX",
+            "redis.key_prefix",
+            raw.redis.key_prefix,
+        )?;
         let smtp_url = layers.optional("HERALD_SMTP_URL", "smtp.url", raw.smtp.url);
         let smtp_from = layers.required("HERALD_SMTP_FROM", "smtp.from", raw.smtp.from)?;
         let slack = layers.optional(
@@ -280,6 +288,7 @@ impl Settings {
                         .secret_url(&["redis", "rediss"], "a redis:// or rediss:// URL")?
                         .to_string(),
                 ),
+                key_prefix: redis_prefix.key_prefix()?,
             },
             smtp: SmtpSettings {
                 url: match smtp_url.filter(Value::is_set) {
@@ -400,6 +409,7 @@ struct RawKafka {
 #[serde(deny_unknown_fields, default)]
 struct RawRedis {
     url: Option<String>,
+    key_prefix: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -555,6 +565,16 @@ impl Value {
         let prefix = self.text.trim();
         let legal = |c: char| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-');
         if prefix.len() <= 100 && prefix.chars().all(legal) {
+            Ok(prefix.to_owned())
+        } else {
+            Err(self.invalid(EXPECTED))
+        }
+    }
+
+    fn key_prefix(&self) -> Result<String, ConfigError> {
+        const EXPECTED: &str = "at most 100 characters without spaces, such as herald:";
+        let prefix = self.text.trim();
+        if prefix.len() <= 100 && !prefix.contains(char::is_whitespace) {
             Ok(prefix.to_owned())
         } else {
             Err(self.invalid(EXPECTED))

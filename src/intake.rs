@@ -42,24 +42,14 @@ pub struct KafkaOrigin {
     pub offset: i64,
 }
 
-/// A notification about to be stored.
+/// A notification about to be stored: the draft it came from, resolved.
 #[derive(Debug, Clone)]
 pub struct NewNotification {
     pub id: Uuid,
-    pub source: Source,
-    pub domain: Domain,
-    pub event_id: Option<String>,
-    pub event_type: EventType,
-    pub user_id: Option<UserId>,
+    pub draft: Draft,
+    /// The addresses after the recipient overrode the directory.
     pub reach: Reach,
     pub locale: Locale,
-    pub data: Map<String, Value>,
-    pub subject: Option<String>,
-    pub body: Option<String>,
-    pub raw_event: Option<Vec<u8>>,
-    pub origin: Option<KafkaOrigin>,
-    pub occurred_at: Option<DateTime<Utc>>,
-    pub scheduled_at: Option<DateTime<Utc>>,
     pub created_at: DateTime<Utc>,
     pub deliveries: Vec<NewDelivery>,
 }
@@ -158,20 +148,9 @@ pub fn prepare(
     .collect();
     NewNotification {
         id: Uuid::now_v7(),
-        source: draft.source,
-        domain: draft.domain,
-        event_id: draft.event_id,
-        event_type: draft.event_type,
-        user_id: draft.user_id,
+        draft,
         reach,
         locale,
-        data: draft.data,
-        subject: draft.subject,
-        body: draft.body,
-        raw_event: draft.raw_event,
-        origin: draft.origin,
-        occurred_at: draft.occurred_at,
-        scheduled_at: draft.scheduled_at,
         created_at: Utc::now(),
         deliveries,
     }
@@ -186,10 +165,10 @@ impl NewNotification {
                 DeliveryEvent {
                     delivery_id: d.id,
                     notification_id: self.id,
-                    event_id: self.event_id.clone(),
-                    event_type: self.event_type.to_string(),
-                    user_id: self.user_id.map(UserId::get),
-                    domain: self.domain,
+                    event_id: self.draft.event_id.clone(),
+                    event_type: self.draft.event_type.to_string(),
+                    user_id: self.draft.user_id.map(UserId::get),
+                    domain: self.draft.domain,
                     channel: d.channel,
                     status: d.status(),
                     attempts: 0,
@@ -216,11 +195,11 @@ pub async fn insert(
     }
     let n = notifications;
     let ids: Vec<Uuid> = n.iter().map(|x| x.id).collect();
-    let sources: Vec<&str> = n.iter().map(|x| x.source.as_str()).collect();
-    let domains: Vec<&str> = n.iter().map(|x| x.domain.as_str()).collect();
-    let event_ids: Vec<Option<&str>> = n.iter().map(|x| x.event_id.as_deref()).collect();
-    let event_types: Vec<&str> = n.iter().map(|x| x.event_type.as_str()).collect();
-    let user_ids: Vec<Option<i64>> = n.iter().map(|x| x.user_id.map(UserId::get)).collect();
+    let sources: Vec<&str> = n.iter().map(|x| x.draft.source.as_str()).collect();
+    let domains: Vec<&str> = n.iter().map(|x| x.draft.domain.as_str()).collect();
+    let event_ids: Vec<Option<&str>> = n.iter().map(|x| x.draft.event_id.as_deref()).collect();
+    let event_types: Vec<&str> = n.iter().map(|x| x.draft.event_type.as_str()).collect();
+    let user_ids: Vec<Option<i64>> = n.iter().map(|x| x.draft.user_id.map(UserId::get)).collect();
     let recipients: Vec<String> = n
         .iter()
         .map(|x| {
@@ -234,25 +213,25 @@ pub async fn insert(
     let locales: Vec<&str> = n.iter().map(|x| x.locale.as_str()).collect();
     let data: Vec<String> = n
         .iter()
-        .map(|x| Value::Object(x.data.clone()).to_string())
+        .map(|x| Value::Object(x.draft.data.clone()).to_string())
         .collect();
-    let subjects: Vec<Option<&str>> = n.iter().map(|x| x.subject.as_deref()).collect();
-    let bodies: Vec<Option<&str>> = n.iter().map(|x| x.body.as_deref()).collect();
-    let raw: Vec<Option<&[u8]>> = n.iter().map(|x| x.raw_event.as_deref()).collect();
+    let subjects: Vec<Option<&str>> = n.iter().map(|x| x.draft.subject.as_deref()).collect();
+    let bodies: Vec<Option<&str>> = n.iter().map(|x| x.draft.body.as_deref()).collect();
+    let raw: Vec<Option<&[u8]>> = n.iter().map(|x| x.draft.raw_event.as_deref()).collect();
     let topics: Vec<Option<&str>> = n
         .iter()
-        .map(|x| x.origin.as_ref().map(|o| o.topic.as_str()))
+        .map(|x| x.draft.origin.as_ref().map(|o| o.topic.as_str()))
         .collect();
     let partitions: Vec<Option<i32>> = n
         .iter()
-        .map(|x| x.origin.as_ref().map(|o| o.partition))
+        .map(|x| x.draft.origin.as_ref().map(|o| o.partition))
         .collect();
     let offsets: Vec<Option<i64>> = n
         .iter()
-        .map(|x| x.origin.as_ref().map(|o| o.offset))
+        .map(|x| x.draft.origin.as_ref().map(|o| o.offset))
         .collect();
-    let occurred: Vec<Option<DateTime<Utc>>> = n.iter().map(|x| x.occurred_at).collect();
-    let scheduled: Vec<Option<DateTime<Utc>>> = n.iter().map(|x| x.scheduled_at).collect();
+    let occurred: Vec<Option<DateTime<Utc>>> = n.iter().map(|x| x.draft.occurred_at).collect();
+    let scheduled: Vec<Option<DateTime<Utc>>> = n.iter().map(|x| x.draft.scheduled_at).collect();
     let created: Vec<DateTime<Utc>> = n.iter().map(|x| x.created_at).collect();
     sqlx::query(
         "INSERT INTO notifications (id, source, domain, event_id, event_type, user_id, \
@@ -307,7 +286,7 @@ pub async fn insert(
             d_statuses.push(d.status().as_str());
             d_addresses.push(d.address.as_deref());
             d_reasons.push(d.skip_reason.as_deref());
-            d_due.push(x.scheduled_at.unwrap_or(x.created_at));
+            d_due.push(x.draft.scheduled_at.unwrap_or(x.created_at));
             d_created.push(x.created_at);
         }
     }

@@ -49,21 +49,22 @@ impl Preferences {
     }
 }
 
-fn cache_key(user: UserId) -> String {
-    format!("herald:prefs:v1:{user}")
+fn cache_key(prefix: &str, user: UserId) -> String {
+    format!("{prefix}prefs:v1:{user}")
 }
 
 /// Loads the preferences of many users at once: one MGET, then one query for the misses.
 pub async fn load_many(
     db: &PgPool,
     redis: &ConnectionManager,
+    key_prefix: &str,
     users: &[UserId],
 ) -> anyhow::Result<HashMap<UserId, Preferences>> {
     let mut found = HashMap::new();
     if users.is_empty() {
         return Ok(found);
     }
-    let keys: Vec<String> = users.iter().map(|u| cache_key(*u)).collect();
+    let keys: Vec<String> = users.iter().map(|u| cache_key(key_prefix, *u)).collect();
     let mut conn = redis.clone();
     let cached = tokio::time::timeout(
         CACHE_TIMEOUT,
@@ -106,7 +107,7 @@ pub async fn load_many(
         for user in &missing {
             let prefs = from_db.get(user).cloned().unwrap_or_default();
             pipe.set_ex(
-                cache_key(*user),
+                cache_key(key_prefix, *user),
                 serde_json::to_string(&prefs)?,
                 CACHE_TTL_SECS,
             )
@@ -127,9 +128,10 @@ pub async fn load_many(
 pub async fn load(
     db: &PgPool,
     redis: &ConnectionManager,
+    key_prefix: &str,
     user: UserId,
 ) -> anyhow::Result<Preferences> {
-    Ok(load_many(db, redis, &[user])
+    Ok(load_many(db, redis, key_prefix, &[user])
         .await?
         .remove(&user)
         .unwrap_or_default())
@@ -139,6 +141,7 @@ pub async fn load(
 pub async fn replace(
     db: &PgPool,
     redis: &ConnectionManager,
+    key_prefix: &str,
     user: UserId,
     preferences: &Preferences,
 ) -> anyhow::Result<()> {
@@ -184,7 +187,7 @@ pub async fn replace(
     let deleted = tokio::time::timeout(
         CACHE_TIMEOUT,
         redis::cmd("DEL")
-            .arg(cache_key(user))
+            .arg(cache_key(key_prefix, user))
             .query_async::<i64>(&mut conn),
     )
     .await;

@@ -192,6 +192,7 @@ fn spawn_workers(
             routing: state.routing.clone(),
             channel_enabled: state.channel_enabled.clone(),
             topic_prefix: settings.kafka.topic_prefix.clone(),
+            redis_prefix: settings.redis.key_prefix.clone(),
             max_event_bytes: settings.ingest.max_event_bytes,
         };
         let limits = BatchLimits {

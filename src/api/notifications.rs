@@ -117,7 +117,15 @@ async fn create(
         None => None,
     };
     let prefs = match draft.user_id {
-        Some(user) => preferences::load(&state.db, &state.redis, user).await?,
+        Some(user) => {
+            preferences::load(
+                &state.db,
+                &state.redis,
+                &state.settings.redis.key_prefix,
+                user,
+            )
+            .await?
+        }
         None => Default::default(),
     };
     let notification = intake::prepare(
@@ -417,6 +425,15 @@ fn validate(state: &AppState, request: IntakeRequest) -> Result<(Draft, Vec<Chan
 #[derive(Debug, Serialize)]
 #[serde(rename_all = "camelCase")]
 struct NotificationView {
+    #[serde(flatten)]
+    notification: NotificationRow,
+    status: NotificationStatus,
+    deliveries: Vec<DeliveryView>,
+}
+
+#[derive(Debug, Serialize, sqlx::FromRow)]
+#[serde(rename_all = "camelCase")]
+struct NotificationRow {
     id: Uuid,
     source: String,
     domain: String,
@@ -428,8 +445,6 @@ struct NotificationView {
     subject: Option<String>,
     created_at: DateTime<Utc>,
     scheduled_at: Option<DateTime<Utc>>,
-    status: NotificationStatus,
-    deliveries: Vec<DeliveryView>,
 }
 
 #[derive(Debug, Serialize, sqlx::FromRow)]
@@ -450,20 +465,6 @@ struct DeliveryView {
     completed_at: Option<DateTime<Utc>>,
 }
 
-type NotificationRow = (
-    Uuid,
-    String,
-    String,
-    Option<String>,
-    String,
-    Option<i64>,
-    String,
-    Value,
-    Option<String>,
-    DateTime<Utc>,
-    Option<DateTime<Utc>>,
-);
-
 async fn read(
     State(state): State<AppState>,
     ApiPath(id): ApiPath<String>,
@@ -477,22 +478,7 @@ async fn read(
     .fetch_optional(&state.db)
     .await
     .context("Failed to read a notification")?;
-    let Some((
-        id,
-        source,
-        domain,
-        event_id,
-        event_type,
-        user_id,
-        locale,
-        data,
-        subject,
-        created_at,
-        scheduled_at,
-    )) = row
-    else {
-        return Err(ApiError::NotFound(format!("no notification {id}")));
-    };
+    let notification = row.ok_or_else(|| ApiError::NotFound(format!("no notification {id}")))?;
     let deliveries: Vec<DeliveryView> = sqlx::query_as(
         "SELECT id, channel, status, address, attempts, next_attempt_at, last_error, \
              skip_reason, provider_ref, sent_via, created_at, updated_at, completed_at \
@@ -508,17 +494,7 @@ async fn read(
             .filter_map(|d| d.status.parse::<DeliveryStatus>().ok()),
     );
     Ok(Json(NotificationView {
-        id,
-        source,
-        domain,
-        event_id,
-        event_type,
-        user_id,
-        locale,
-        data,
-        subject,
-        created_at,
-        scheduled_at,
+        notification,
         status,
         deliveries,
     }))

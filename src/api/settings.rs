@@ -57,7 +57,13 @@ async fn read(
     ApiQuery(query): ApiQuery<UserQuery>,
 ) -> Result<Json<SettingsView>, ApiError> {
     let user = user_id(query.user_id)?;
-    let stored = preferences::load(&state.db, &state.redis, user).await?;
+    let stored = preferences::load(
+        &state.db,
+        &state.redis,
+        &state.settings.redis.key_prefix,
+        user,
+    )
+    .await?;
     Ok(Json(view(&state, user, stored)))
 }
 
@@ -82,7 +88,14 @@ async fn write(
             entry.insert(user_channel(&state, channel)?, *enabled);
         }
     }
-    preferences::replace(&state.db, &state.redis, user, &wanted).await?;
+    preferences::replace(
+        &state.db,
+        &state.redis,
+        &state.settings.redis.key_prefix,
+        user,
+        &wanted,
+    )
+    .await?;
     Ok(Json(view(&state, user, wanted)))
 }
 

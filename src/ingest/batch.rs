@@ -47,6 +47,8 @@ pub struct Ingestor {
     pub routing: Arc<RoutingTable>,
     pub channel_enabled: Arc<dyn Fn(Channel) -> bool + Send + Sync>,
     pub topic_prefix: String,
+    /// Prefix of Redis keys.
+    pub redis_prefix: String,
     pub max_event_bytes: usize,
 }
 
@@ -155,7 +157,8 @@ impl Ingestor {
         }
         let users: Vec<UserId> = users.into_iter().collect();
         let contacts = directory::load_many(&self.db, &users).await?;
-        let prefs = preferences::load_many(&self.db, &self.redis, &users).await?;
+        let prefs =
+            preferences::load_many(&self.db, &self.redis, &self.redis_prefix, &users).await?;
 
         let mut drafts: Vec<NewNotification> = Vec::new();
         let mut letters: Vec<OutboxMessage> = Vec::new();
@@ -291,7 +294,7 @@ async fn claim_events(
     if drafts.is_empty() {
         return Ok(HashSet::new());
     }
-    let event_ids: Vec<Option<&str>> = drafts.iter().map(|n| n.event_id.as_deref()).collect();
+    let event_ids: Vec<Option<&str>> = drafts.iter().map(|n| n.draft.event_id.as_deref()).collect();
     let ids: Vec<Uuid> = drafts.iter().map(|n| n.id).collect();
     let fresh: Vec<Uuid> = sqlx::query_scalar(
         "INSERT INTO processed_events (consumer_group, event_id, notification_id) \

@@ -151,3 +151,71 @@ async fn serve_exits_0_on_sigterm() {
 async fn serve_exits_0_on_sigint() {
     serve_then_stop_with("INT").await;
 }
+
+#[tokio::test]
+async fn demo_publishes_the_seed_scenarios_and_they_become_notifications() {
+    let app = crate::helpers::spawn_app_with(|s| {
+        s.channels.slack_webhook_url = Some("http://127.0.0.1:9/ops".to_owned().into());
+    })
+    .await;
+    let addr = app.address.trim_start_matches("http://").to_owned();
+
+    let output = tokio::task::spawn_blocking({
+        let prefix = app.settings.kafka.topic_prefix.clone();
+        move || {
+            herald()
+                .arg("demo")
+                .env("HERALD_TOPIC_PREFIX", prefix)
+                .env("HERALD_HTTP_ADDR", addr)
+                .output()
+                .unwrap()
+        }
+    })
+    .await
+    .unwrap();
+
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    for event_type in [
+        "ORDER_COMPLETED",
+        "PAYMENT_FAILED",
+        "SUBSCRIPTION_RENEWED",
+        "SUBSCRIPTION_EXPIRING",
+        "SYSTEM_INCIDENT",
+    ] {
+        assert!(
+            stdout.contains(event_type),
+            "{event_type} missing from:\n{stdout}"
+        );
+    }
+    crate::helpers::wait_until(30, "the five demo notifications exist", || async {
+        app.notification_count().await == 5
+    })
+    .await;
+    let channels: Vec<(String, String)> = sqlx::query_as(
+        "SELECT n.event_type, string_agg(d.channel || ':' || d.status, ',' ORDER BY d.channel) \
+         FROM notifications n JOIN deliveries d ON d.notification_id = n.id \
+         GROUP BY n.event_type ORDER BY n.event_type",
+    )
+    .fetch_all(&app.db)
+    .await
+    .unwrap();
+    assert_eq!(
+        channels,
+        [
+            ("ORDER_COMPLETED", "EMAIL:PENDING"),
+            (
+                "PAYMENT_FAILED",
+                "EMAIL:PENDING,IN_APP:PENDING,SLACK:PENDING"
+            ),
+            ("SUBSCRIPTION_EXPIRING", "EMAIL:PENDING,IN_APP:PENDING"),
+            ("SUBSCRIPTION_RENEWED", "EMAIL:PENDING"),
+            ("SYSTEM_INCIDENT", "SLACK:PENDING"),
+        ]
+        .map(|(a, b)| (a.to_owned(), b.to_owned()))
+    );
+}

@@ -244,6 +244,7 @@ pub async fn spawn_app_with(customise: impl FnOnce(&mut Settings)) -> TestApp {
     let (_, db_url) = create_database(&settings).await;
     settings.database.url = SecretString::from(db_url);
     settings.kafka.topic_prefix = unique_topic_prefix();
+    settings.redis.key_prefix = format!("herald:{}", settings.kafka.topic_prefix);
     settings.http.addr = "127.0.0.1:0".parse().unwrap();
 
     let catalogue = TopicCatalogue::load(&settings.kafka.topics_file).unwrap();

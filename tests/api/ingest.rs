@@ -444,6 +444,7 @@ fn ingestor_of(app: &TestApp) -> Ingestor {
         ),
         channel_enabled: std::sync::Arc::new(herald::intake::channel_enabled(settings)),
         topic_prefix: settings.kafka.topic_prefix.clone(),
+        redis_prefix: settings.redis.key_prefix.clone(),
         max_event_bytes: settings.ingest.max_event_bytes,
     }
 }
