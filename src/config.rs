@@ -13,7 +13,11 @@ use std::{
     time::Duration,
 };
 
+use std::collections::BTreeMap;
+
 use secrecy::{ExposeSecret, SecretString};
+
+use crate::domain::Channel;
 use serde::Deserialize;
 use url::Url;
 
@@ -33,6 +37,43 @@ pub struct Settings {
     pub shutdown: ShutdownSettings,
     pub ingest: IngestSettings,
     pub templates: TemplateSettings,
+    pub dispatch: DispatchSettings,
+}
+
+/// Delivery: concurrency, leases, retries, rate limits, circuit breakers, fallbacks.
+#[derive(Debug, Clone)]
+pub struct DispatchSettings {
+    /// Sends in flight at once, per channel, per instance.
+    pub concurrency: usize,
+    /// Most deliveries one claim takes.
+    pub claim_batch: usize,
+    /// How long a claimed delivery stays reserved; past it, another worker reclaims it.
+    pub lease: Duration,
+    /// Longest one send may take.
+    pub send_timeout: Duration,
+    /// Retries after the first attempt.
+    pub max_retries: u32,
+    /// Delay before retry 1, 2, 3...; the last one repeats if there are more retries.
+    pub backoff: Vec<Duration>,
+    /// Random extra delay, as a fraction of the backoff (0 to 1).
+    pub jitter: f64,
+    /// Consecutive failures that open a channel's circuit breaker.
+    pub breaker_threshold: u32,
+    /// How long an open breaker waits before letting one probe through.
+    pub breaker_cooldown: Duration,
+    /// Per channel: at most `limit` sends in any `window`, shared by every instance.
+    pub rate_limits: BTreeMap<Channel, RateLimit>,
+    /// Per channel: where its deliveries go while its breaker is open.
+    pub fallbacks: BTreeMap<Channel, Channel>,
+    /// Bearer keys of the HTTP gateways.
+    pub gateway_keys: BTreeMap<Channel, SecretString>,
+}
+
+/// At most `limit` sends in any window of `window`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RateLimit {
+    pub limit: u32,
+    pub window: Duration,
 }
 
 /// Kafka intake.
@@ -256,6 +297,87 @@ impl Settings {
         )?;
         let templates_dir =
             layers.required("HERALD_TEMPLATES_DIR", "templates.dir", raw.templates.dir)?;
+        let dispatch = raw.dispatch;
+        let concurrency = layers.required(
+            "HERALD_DISPATCH_CONCURRENCY",
+            "dispatch.concurrency",
+            dispatch.concurrency.map(|n| n.to_string()),
+        )?;
+        let claim_batch = layers.required(
+            "HERALD_DISPATCH_CLAIM_BATCH",
+            "dispatch.claim_batch",
+            dispatch.claim_batch.map(|n| n.to_string()),
+        )?;
+        let lease = layers.required(
+            "HERALD_DISPATCH_LEASE_SECS",
+            "dispatch.lease_secs",
+            dispatch.lease_secs.map(|n| n.to_string()),
+        )?;
+        let send_timeout = layers.required(
+            "HERALD_SEND_TIMEOUT_SECS",
+            "dispatch.send_timeout_secs",
+            dispatch.send_timeout_secs.map(|n| n.to_string()),
+        )?;
+        let max_retries = layers.required(
+            "HERALD_MAX_RETRIES",
+            "dispatch.max_retries",
+            dispatch.max_retries.map(|n| n.to_string()),
+        )?;
+        let backoff = layers.required(
+            "HERALD_RETRY_BACKOFF_MS",
+            "dispatch.retry_backoff_ms",
+            dispatch
+                .retry_backoff_ms
+                .map(|v| v.iter().map(u32::to_string).collect::<Vec<_>>().join(",")),
+        )?;
+        let jitter = layers.required(
+            "HERALD_RETRY_JITTER",
+            "dispatch.retry_jitter",
+            dispatch.retry_jitter.map(|n| n.to_string()),
+        )?;
+        let breaker_threshold = layers.required(
+            "HERALD_BREAKER_FAILURE_THRESHOLD",
+            "dispatch.breaker_failure_threshold",
+            dispatch.breaker_failure_threshold.map(|n| n.to_string()),
+        )?;
+        let breaker_cooldown = layers.required(
+            "HERALD_BREAKER_COOLDOWN_SECS",
+            "dispatch.breaker_cooldown_secs",
+            dispatch.breaker_cooldown_secs.map(|n| n.to_string()),
+        )?;
+        let mut rate_limits = BTreeMap::new();
+        for (channel, text) in dispatch.rate_limits {
+            let var = format!("HERALD_RATE_LIMIT_{channel}");
+            let value = match (layers.env)(&var) {
+                Some(text) => Value { text, origin: var },
+                None => Value {
+                    text,
+                    origin: format!("dispatch.rate_limits.{channel} in {}", file.display()),
+                },
+            };
+            if value.is_set() {
+                rate_limits.insert(channel, value.rate_limit()?);
+            }
+        }
+        for channel in Channel::ALL {
+            let var = format!("HERALD_RATE_LIMIT_{channel}");
+            if let (false, Some(text)) = (rate_limits.contains_key(&channel), (layers.env)(&var)) {
+                let value = Value { text, origin: var };
+                if value.is_set() {
+                    rate_limits.insert(channel, value.rate_limit()?);
+                }
+            }
+        }
+        let mut gateway_keys = BTreeMap::new();
+        for (channel, var) in [
+            (Channel::Sms, "HERALD_SMS_GATEWAY_KEY"),
+            (Channel::Kakaotalk, "HERALD_KAKAOTALK_GATEWAY_KEY"),
+            (Channel::Push, "HERALD_PUSH_GATEWAY_KEY"),
+        ] {
+            if let Some(key) = (layers.env)(var).filter(|k| !k.trim().is_empty()) {
+                gateway_keys.insert(channel, SecretString::from(key));
+            }
+        }
         let grace = layers.required(
             "HERALD_SHUTDOWN_GRACE_PERIOD_SECS",
             "shutdown.grace_period_secs",
@@ -342,6 +464,27 @@ impl Settings {
             templates: TemplateSettings {
                 dir: PathBuf::from(templates_dir.text),
             },
+            dispatch: DispatchSettings {
+                concurrency: concurrency.positive_u32("a whole number above 0")? as usize,
+                claim_batch: claim_batch.positive_u32("a whole number above 0")? as usize,
+                lease: Duration::from_secs(u64::from(
+                    lease.positive_u32("a whole number of seconds above 0")?,
+                )),
+                send_timeout: Duration::from_secs(u64::from(
+                    send_timeout.positive_u32("a whole number of seconds above 0")?,
+                )),
+                max_retries: max_retries.parse_with("a whole number of retries")?,
+                backoff: backoff.millis_list()?,
+                jitter: jitter.fraction()?,
+                breaker_threshold: breaker_threshold
+                    .positive_u32("a whole number of failures above 0")?,
+                breaker_cooldown: Duration::from_secs(u64::from(
+                    breaker_cooldown.positive_u32("a whole number of seconds above 0")?,
+                )),
+                rate_limits,
+                fallbacks: dispatch.fallbacks,
+                gateway_keys,
+            },
         })
     }
 
@@ -366,6 +509,23 @@ struct RawSettings {
     shutdown: RawShutdown,
     ingest: RawIngest,
     templates: RawTemplates,
+    dispatch: RawDispatch,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawDispatch {
+    concurrency: Option<u32>,
+    claim_batch: Option<u32>,
+    lease_secs: Option<u32>,
+    send_timeout_secs: Option<u32>,
+    max_retries: Option<u32>,
+    retry_backoff_ms: Option<Vec<u32>>,
+    retry_jitter: Option<f64>,
+    breaker_failure_threshold: Option<u32>,
+    breaker_cooldown_secs: Option<u32>,
+    rate_limits: BTreeMap<Channel, String>,
+    fallbacks: BTreeMap<Channel, Channel>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -569,6 +729,40 @@ impl Value {
         } else {
             Err(self.invalid(EXPECTED))
         }
+    }
+
+    fn millis_list(&self) -> Result<Vec<Duration>, ConfigError> {
+        const EXPECTED: &str = "comma-separated milliseconds such as 1000,2000,4000";
+        let delays: Result<Vec<Duration>, _> = self
+            .text
+            .split(',')
+            .map(|part| part.trim().parse::<u64>().map(Duration::from_millis))
+            .collect();
+        match delays {
+            Ok(delays) if !delays.is_empty() => Ok(delays),
+            _ => Err(self.invalid(EXPECTED)),
+        }
+    }
+
+    fn fraction(&self) -> Result<f64, ConfigError> {
+        const EXPECTED: &str = "a number from 0 to 1";
+        match self.text.trim().parse::<f64>() {
+            Ok(f) if (0.0..=1.0).contains(&f) => Ok(f),
+            _ => Err(self.invalid(EXPECTED)),
+        }
+    }
+
+    fn rate_limit(&self) -> Result<RateLimit, ConfigError> {
+        const EXPECTED: &str = "sends per window in seconds such as 100/60";
+        let parsed = self.text.split_once('/').and_then(|(limit, secs)| {
+            let limit = limit.trim().parse::<u32>().ok().filter(|n| *n > 0)?;
+            let secs = secs.trim().parse::<u64>().ok().filter(|n| *n > 0)?;
+            Some(RateLimit {
+                limit,
+                window: Duration::from_secs(secs),
+            })
+        });
+        parsed.ok_or_else(|| self.invalid(EXPECTED))
     }
 
     fn key_prefix(&self) -> Result<String, ConfigError> {
