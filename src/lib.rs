@@ -26,17 +26,20 @@
 //! - [`demo`]: sample events of the seed scenarios.
 
 pub mod api;
+pub mod channels;
 pub mod cli;
 pub mod config;
 pub mod db;
 pub mod demo;
 pub mod directory;
+pub mod dispatch;
 pub mod domain;
 pub mod ingest;
 pub mod intake;
 pub mod kafka;
 pub mod outbox;
 pub mod preferences;
+pub mod relay;
 pub mod roles;
 pub mod routing;
 pub mod startup;

@@ -3,6 +3,7 @@
 //! in-flight work within the grace period.
 
 use std::{
+    collections::HashMap,
     net::SocketAddr,
     sync::Arc,
     time::{Duration, Instant},
@@ -16,12 +17,18 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::{
     api::{self, AppState},
+    channels::{
+        Senders, email::EmailSender, gateway::GatewaySender, in_app::InAppSender,
+        slack::SlackSender,
+    },
     config::Settings,
     db,
-    domain::Domain,
+    dispatch::{self, Dispatcher, rate_limit::RateLimiter},
+    domain::{Channel, Domain},
     ingest::{self, Ingestor, consumer::BatchLimits},
     intake,
     kafka::KafkaAdmin,
+    relay::Relay,
     roles::Role,
     routing::RoutingTable,
     telemetry,
@@ -130,7 +137,7 @@ impl Application {
             "Herald is serving"
         );
         let failure = Arc::new(std::sync::Mutex::new(None::<String>));
-        spawn_workers(&state, &tasks, &failure);
+        spawn_workers(&state, &tasks, &failure)?;
         let app = api::router(state);
         let mut server = tokio::spawn(
             axum::serve(listener, app)
@@ -177,13 +184,93 @@ impl Application {
     }
 }
 
+/// The senders of every channel that has an endpoint configured.
+fn senders(state: &AppState) -> anyhow::Result<Senders> {
+    let settings = &state.settings;
+    let timeout = settings.dispatch.send_timeout;
+    let mut senders: Senders = HashMap::new();
+    if let Some(url) = &settings.smtp.url {
+        let pool = settings.dispatch.concurrency as u32;
+        let email = EmailSender::new(url, &settings.smtp.from, timeout, pool)
+            .context("Invalid SMTP settings (HERALD_SMTP_URL, HERALD_SMTP_FROM)")?;
+        senders.insert(Channel::Email, Arc::new(email));
+    }
+    if let Some(webhook) = &settings.channels.slack_webhook_url {
+        senders.insert(
+            Channel::Slack,
+            Arc::new(SlackSender::new(webhook.clone(), timeout)?),
+        );
+    }
+    senders.insert(
+        Channel::InApp,
+        Arc::new(InAppSender::new(
+            state.redis.clone(),
+            settings.redis.key_prefix.clone(),
+        )),
+    );
+    for (channel, url) in [
+        (Channel::Sms, &settings.channels.sms_gateway_url),
+        (Channel::Kakaotalk, &settings.channels.kakaotalk_gateway_url),
+        (Channel::Push, &settings.channels.push_gateway_url),
+    ] {
+        if let Some(url) = url {
+            let key = settings.dispatch.gateway_keys.get(&channel).cloned();
+            senders.insert(
+                channel,
+                Arc::new(GatewaySender::new(channel, url.clone(), key, timeout)?),
+            );
+        }
+    }
+    Ok(senders)
+}
+
+/// Posts breaker announcements to the ops Slack webhook, when there is one.
+fn announcer(state: &AppState) -> Option<Arc<dyn Fn(String) + Send + Sync>> {
+    let webhook = state.settings.channels.slack_webhook_url.clone()?;
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(5))
+        .build()
+        .ok()?;
+    Some(Arc::new(move |text: String| {
+        let (client, webhook) = (client.clone(), webhook.clone());
+        tokio::spawn(async move {
+            let sent = client
+                .post(webhook.expose_secret())
+                .json(&serde_json::json!({ "text": text }))
+                .send()
+                .await;
+            if let Err(error) = sent {
+                tracing::warn!(error = %error.without_url(), "cannot announce on Slack");
+            }
+        });
+    }))
+}
+
 /// Starts the workers of this instance's roles. A worker that fails stops the instance
 /// (with the reason as its exit error) rather than leaving it half-working.
 fn spawn_workers(
     state: &AppState,
     tasks: &TaskTracker,
     failure: &Arc<std::sync::Mutex<Option<String>>>,
-) {
+) -> anyhow::Result<()> {
+    if state.roles.contains(&Role::Dispatch) {
+        let settings = &state.settings;
+        let dispatcher = Arc::new(Dispatcher {
+            db: state.db.clone(),
+            senders: senders(state)?,
+            templates: state.templates.clone(),
+            limiter: RateLimiter::new(state.redis.clone(), settings.redis.key_prefix.clone()),
+            breakers: Dispatcher::breakers(&settings.dispatch),
+            settings: settings.dispatch.clone(),
+            topic_prefix: settings.kafka.topic_prefix.clone(),
+            announcer: announcer(state),
+        });
+        tasks.spawn(dispatch::run(dispatcher, state.shutdown.clone()));
+    }
+    if state.roles.contains(&Role::Relay) {
+        let relay = Relay::new(state.db.clone(), &state.settings.kafka)?;
+        tasks.spawn(relay.run(state.shutdown.clone()));
+    }
     if state.roles.contains(&Role::Ingest) {
         let settings = &state.settings;
         let ingestor = Ingestor {
@@ -222,6 +309,7 @@ fn spawn_workers(
             });
         }
     }
+    Ok(())
 }
 
 /// Runs migrations, retrying while PostgreSQL is unreachable for up to [`DATABASE_WAIT`].

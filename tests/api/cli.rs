@@ -154,7 +154,7 @@ async fn serve_exits_0_on_sigint() {
 
 #[tokio::test]
 async fn demo_publishes_the_seed_scenarios_and_they_become_notifications() {
-    let app = crate::helpers::spawn_app_with(|s| {
+    let app = crate::helpers::spawn_front_half(|s| {
         s.channels.slack_webhook_url = Some("http://127.0.0.1:9/ops".to_owned().into());
     })
     .await;

@@ -240,6 +240,17 @@ pub async fn spawn_app() -> TestApp {
 /// Like [`spawn_app`], with a chance to change the settings before the build (after the
 /// database and topics have been made).
 pub async fn spawn_app_with(customise: impl FnOnce(&mut Settings)) -> TestApp {
+    spawn_app_as(&Role::ALL, customise).await
+}
+
+/// Only the front half (API and Kafka intake): deliveries stay as the intake left them,
+/// for tests of what ingestion writes.
+pub async fn spawn_front_half(customise: impl FnOnce(&mut Settings)) -> TestApp {
+    spawn_app_as(&[Role::Api, Role::Ingest], customise).await
+}
+
+/// Starts Herald with the given roles against a fresh database and fresh topics.
+pub async fn spawn_app_as(roles: &[Role], customise: impl FnOnce(&mut Settings)) -> TestApp {
     let mut settings = stack_settings();
     let (_, db_url) = create_database(&settings).await;
     settings.database.url = SecretString::from(db_url);
@@ -255,17 +266,17 @@ pub async fn spawn_app_with(customise: impl FnOnce(&mut Settings)) -> TestApp {
         .expect("the test broker creates topics");
 
     customise(&mut settings);
-    spawn_app_on(settings).await
+    spawn_app_on(settings, roles).await
 }
 
 /// Starts Herald on settings whose database and topics already exist (a restart).
-pub async fn spawn_app_on(settings: Settings) -> TestApp {
+pub async fn spawn_app_on(settings: Settings, roles: &[Role]) -> TestApp {
     let db_name = url::Url::parse(settings.database_url())
         .unwrap()
         .path()
         .trim_start_matches('/')
         .to_owned();
-    let app = Application::build(settings.clone(), &Role::ALL)
+    let app = Application::build(settings.clone(), roles)
         .await
         .expect("Herald builds against the test stack");
     let address = format!("http://{}", app.local_addr());

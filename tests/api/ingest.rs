@@ -6,7 +6,7 @@ use herald::{
 };
 use serde_json::{Value, json};
 
-use crate::helpers::{TestApp, envelope, spawn_app, spawn_app_with, wait_until};
+use crate::helpers::{TestApp, envelope, spawn_front_half, wait_until};
 
 fn with_slack(settings: &mut herald::config::Settings) {
     settings.channels.slack_webhook_url = Some("http://127.0.0.1:9/ops-webhook".to_owned().into());
@@ -26,7 +26,7 @@ async fn wait_for_event(app: &TestApp, event_id: &str) {
 
 #[tokio::test]
 async fn each_routed_event_type_produces_its_listed_deliveries_pending() {
-    let app = spawn_app_with(with_slack).await;
+    let app = spawn_front_half(with_slack).await;
     let cases = [
         (
             "fluxpay.payment.events",
@@ -105,7 +105,7 @@ async fn each_routed_event_type_produces_its_listed_deliveries_pending() {
 
 #[tokio::test]
 async fn the_same_event_published_twice_yields_one_notification() {
-    let app = spawn_app().await;
+    let app = spawn_front_half(|_| {}).await;
     let event = envelope("ORDER_SHIPPED", 7, json!({ "orderId": "o-7" }));
     let marker = envelope("ORDER_SHIPPED", 7, json!({ "orderId": "o-8" }));
 
@@ -128,7 +128,7 @@ async fn the_same_event_published_twice_yields_one_notification() {
 async fn a_redelivered_batch_creates_nothing_new() {
     // What a consumer sees after a crash between commit and offset store: the same messages
     // again. The ingest step is driven directly with them.
-    let app = spawn_app().await;
+    let app = spawn_front_half(|_| {}).await;
     let ingestor = ingestor_of(&app);
     let event = envelope("PAYMENT_COMPLETED", 11, json!({ "orderId": "o-11" }));
     let message = IncomingMessage {
@@ -168,7 +168,7 @@ async fn a_redelivered_batch_creates_nothing_new() {
 
 #[tokio::test]
 async fn a_restarted_consumer_resumes_after_its_committed_offset() {
-    let first = spawn_app().await;
+    let first = spawn_front_half(|_| {}).await;
     let before = envelope("ORDER_COMPLETED", 21, json!({ "orderId": "o-21" }));
     publish_event(&first, "fluxpay.order.events", &before).await;
     wait_for_event(&first, before["eventId"].as_str().unwrap()).await;
@@ -177,7 +177,11 @@ async fn a_restarted_consumer_resumes_after_its_committed_offset() {
     // The first instance commits its offsets on the way out.
     tokio::time::sleep(std::time::Duration::from_secs(2)).await;
 
-    let second = crate::helpers::spawn_app_on(settings).await;
+    let second = crate::helpers::spawn_app_on(
+        settings,
+        &[herald::roles::Role::Api, herald::roles::Role::Ingest],
+    )
+    .await;
     let after = envelope("ORDER_COMPLETED", 21, json!({ "orderId": "o-22" }));
     publish_event(&second, "fluxpay.order.events", &after).await;
     wait_for_event(&second, after["eventId"].as_str().unwrap()).await;
@@ -192,7 +196,7 @@ async fn a_restarted_consumer_resumes_after_its_committed_offset() {
 
 #[tokio::test]
 async fn poison_messages_are_dead_lettered_with_their_class_and_later_events_still_flow() {
-    let app = spawn_app().await;
+    let app = spawn_front_half(|_| {}).await;
     let mut missing_id = envelope("PAYMENT_COMPLETED", 5, json!({}));
     missing_id.as_object_mut().unwrap().remove("eventId");
     let mut negative_user = envelope("PAYMENT_COMPLETED", 5, json!({}));
@@ -272,7 +276,7 @@ async fn poison_messages_are_dead_lettered_with_their_class_and_later_events_sti
 
 #[tokio::test]
 async fn opted_out_channels_are_skipped_with_the_reason_but_operator_slack_is_not() {
-    let app = spawn_app_with(with_slack).await;
+    let app = spawn_front_half(with_slack).await;
     let put = app
         .put_json(
             "/api/v1/notifications/settings?userId=31",
@@ -320,7 +324,7 @@ async fn opted_out_channels_are_skipped_with_the_reason_but_operator_slack_is_no
 
 #[tokio::test]
 async fn the_directory_supplies_missing_addresses_and_the_envelope_overrides_it() {
-    let app = spawn_app().await;
+    let app = spawn_front_half(|_| {}).await;
     let put = app
         .put_json(
             "/api/v1/users/41/contact",
@@ -375,7 +379,7 @@ async fn the_directory_supplies_missing_addresses_and_the_envelope_overrides_it(
 
 #[tokio::test]
 async fn with_redis_down_events_are_still_ingested_using_postgres_preferences() {
-    let app = spawn_app_with(|s| s.redis.url = "redis://127.0.0.1:1".to_owned().into()).await;
+    let app = spawn_front_half(|s| s.redis.url = "redis://127.0.0.1:1".to_owned().into()).await;
     sqlx::query("INSERT INTO user_preferences (user_id, channel, event_type, enabled) VALUES (51, 'IN_APP', '*', false)")
         .execute(&app.db)
         .await
@@ -397,7 +401,7 @@ async fn with_redis_down_events_are_still_ingested_using_postgres_preferences() 
 
 #[tokio::test]
 async fn while_postgres_refuses_connections_the_consumer_pauses_and_dead_letters_nothing() {
-    let app = spawn_app().await;
+    let app = spawn_front_half(|_| {}).await;
     let admin = crate::helpers::admin_connection(&app.settings).await;
     let block = format!(
         r#"ALTER DATABASE "{}" ALLOW_CONNECTIONS false"#,

@@ -2,7 +2,7 @@
 
 use serde_json::{Value, json};
 
-use crate::helpers::spawn_app;
+use crate::helpers::spawn_front_half;
 
 fn order_shipped(user: i64) -> Value {
     json!({
@@ -15,7 +15,7 @@ fn order_shipped(user: i64) -> Value {
 
 #[tokio::test]
 async fn a_valid_request_is_accepted_with_its_deliveries_and_can_be_read_back() {
-    let app = spawn_app().await;
+    let app = spawn_front_half(|_| {}).await;
 
     let response = app
         .post_json("/api/v1/notifications", &order_shipped(70), &[])
@@ -55,7 +55,7 @@ async fn a_valid_request_is_accepted_with_its_deliveries_and_can_be_read_back() 
 
 #[tokio::test]
 async fn ad_hoc_subject_and_body_go_to_the_named_channels_and_scheduled_ones_wait() {
-    let app = spawn_app().await;
+    let app = spawn_front_half(|_| {}).await;
     let at = (chrono::Utc::now() + chrono::Duration::hours(2)).to_rfc3339();
     let request = json!({
         "recipient": { "email": "ops@example.com" },
@@ -85,7 +85,7 @@ async fn ad_hoc_subject_and_body_go_to_the_named_channels_and_scheduled_ones_wai
 
 #[tokio::test]
 async fn the_same_idempotency_key_and_body_replays_the_first_answer() {
-    let app = spawn_app().await;
+    let app = spawn_front_half(|_| {}).await;
     let key = [("Idempotency-Key", "order-77-shipped")];
 
     let first = app
@@ -111,7 +111,7 @@ async fn the_same_idempotency_key_and_body_replays_the_first_answer() {
 
 #[tokio::test]
 async fn the_same_idempotency_key_with_another_body_is_422() {
-    let app = spawn_app().await;
+    let app = spawn_front_half(|_| {}).await;
     let key = [("Idempotency-Key", "k-1")];
     assert_eq!(
         app.post_json("/api/v1/notifications", &order_shipped(72), &key)
@@ -132,7 +132,7 @@ async fn the_same_idempotency_key_with_another_body_is_422() {
 
 #[tokio::test]
 async fn bad_requests_get_400_with_the_error_body_and_store_nothing() {
-    let app = spawn_app().await;
+    let app = spawn_front_half(|_| {}).await;
     let cases = [
         (
             json!({ "userId": 1, "eventType": "ORDER_SHIPPED", "data": {}, "extra": 1 }),
@@ -214,7 +214,7 @@ async fn bad_requests_get_400_with_the_error_body_and_store_nothing() {
 
 #[tokio::test]
 async fn reading_an_unknown_or_malformed_id_gives_404_or_400() {
-    let app = spawn_app().await;
+    let app = spawn_front_half(|_| {}).await;
 
     let missing = app
         .get(&format!("/api/v1/notifications/{}", uuid::Uuid::new_v4()))

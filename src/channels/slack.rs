@@ -1,0 +1,56 @@
+//! SLACK: the rendered Block Kit message, POSTed to the ops incoming webhook.
+
+use std::time::Duration;
+
+use secrecy::{ExposeSecret, SecretString};
+
+use super::{
+    Content, Outgoing, Receipt, SendError, SendFuture, Sender, http_failure, http_transport_failure,
+};
+
+/// Posts to one Slack incoming webhook.
+pub struct SlackSender {
+    client: reqwest::Client,
+    webhook: SecretString,
+}
+
+impl SlackSender {
+    pub fn new(webhook: SecretString, timeout: Duration) -> anyhow::Result<Self> {
+        Ok(SlackSender {
+            client: reqwest::Client::builder().timeout(timeout).build()?,
+            webhook,
+        })
+    }
+}
+
+impl Sender for SlackSender {
+    fn send<'a>(&'a self, message: &'a Outgoing) -> SendFuture<'a> {
+        Box::pin(async move {
+            let Content::Slack(body) = &message.content else {
+                return Err(SendError::permanent(
+                    "template",
+                    "SLACK needs a Slack message",
+                ));
+            };
+            let response = self
+                .client
+                .post(self.webhook.expose_secret())
+                // Slack ignores it; a proxy or test double can dedupe on it.
+                .header("X-Herald-Delivery-Id", message.delivery_id.to_string())
+                .json(body)
+                .send()
+                .await
+                .map_err(|e| http_transport_failure(&e.without_url()))?;
+            let status = response.status();
+            if status.is_success() {
+                return Ok(Receipt::default());
+            }
+            let retry_after = response
+                .headers()
+                .get(reqwest::header::RETRY_AFTER)
+                .cloned();
+            let text = response.text().await.unwrap_or_default();
+            Err(http_failure(status, retry_after.as_ref(), &text))
+        })
+    }
+}

@@ -1,0 +1,174 @@
+//! The dispatcher: one loop per enabled channel claims due deliveries and sends them, at
+//! most `concurrency` at a time, so a slow or hanging channel never holds up another.
+//!
+//! Loops wake within milliseconds of new work through PostgreSQL `LISTEN
+//! herald_deliveries` (the intakes `NOTIFY` on commit), and otherwise when the next
+//! scheduled or retried delivery falls due (checked at least every second), which also
+//! catches deliveries whose worker died and whose lease ran out.
+
+pub mod circuit_breaker;
+pub mod rate_limit;
+pub mod worker;
+
+use std::{sync::Arc, time::Duration};
+
+use chrono::Utc;
+use sqlx::postgres::PgListener;
+use tokio::sync::{Notify, Semaphore};
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+
+use crate::domain::Channel;
+pub use worker::{Dispatcher, Job, Outcome};
+
+/// The longest a loop sleeps without looking for due deliveries.
+const SWEEP: Duration = Duration::from_secs(1);
+
+/// Runs the channel loops until `shutdown`, then waits for the sends in flight.
+pub async fn run(dispatcher: Arc<Dispatcher>, shutdown: CancellationToken) {
+    let wake = Arc::new(Notify::new());
+    let tasks = TaskTracker::new();
+    tasks.spawn(listen(dispatcher.clone(), wake.clone(), shutdown.clone()));
+    tasks.spawn(sample_queue(dispatcher.clone(), shutdown.clone()));
+    let mut channels: Vec<Channel> = dispatcher.senders.keys().copied().collect();
+    channels.sort();
+    for channel in channels {
+        tasks.spawn(channel_loop(
+            dispatcher.clone(),
+            channel,
+            wake.clone(),
+            shutdown.clone(),
+        ));
+    }
+    tasks.close();
+    tasks.wait().await;
+}
+
+async fn channel_loop(
+    dispatcher: Arc<Dispatcher>,
+    channel: Channel,
+    wake: Arc<Notify>,
+    shutdown: CancellationToken,
+) {
+    let slots = Arc::new(Semaphore::new(dispatcher.settings.concurrency));
+    let in_flight = TaskTracker::new();
+    while !shutdown.is_cancelled() {
+        let free = slots.available_permits();
+        if free == 0 {
+            tokio::select! {
+                permit = slots.acquire() => drop(permit),
+                () = shutdown.cancelled() => break,
+            }
+            continue;
+        }
+        // Registered before claiming, so a NOTIFY that lands during the claim still wakes us.
+        let notified = wake.notified();
+        match dispatcher
+            .claim(channel, free.min(dispatcher.settings.claim_batch))
+            .await
+        {
+            Ok(jobs) if !jobs.is_empty() => {
+                for job in jobs {
+                    let Ok(permit) = slots.clone().acquire_owned().await else {
+                        break;
+                    };
+                    let dispatcher = dispatcher.clone();
+                    in_flight.spawn(async move {
+                        if let Err(error) = dispatcher.execute(&job).await {
+                            // The send is recorded by the lease: it will be claimed again.
+                            tracing::error!(delivery = %job.delivery_id, error = format!("{error:#}"), "cannot record a delivery");
+                        }
+                        drop(permit);
+                    });
+                }
+            }
+            Ok(_) => {
+                let wait = next_due(&dispatcher, channel).await;
+                tokio::select! {
+                    () = notified => {}
+                    () = tokio::time::sleep(wait) => {}
+                    () = shutdown.cancelled() => break,
+                }
+            }
+            Err(error) => {
+                tracing::warn!(%channel, error = format!("{error:#}"), "cannot claim deliveries; retrying");
+                tokio::select! {
+                    () = tokio::time::sleep(SWEEP) => {}
+                    () = shutdown.cancelled() => break,
+                }
+            }
+        }
+    }
+    in_flight.close();
+    in_flight.wait().await;
+    tracing::debug!(%channel, "dispatch loop stopped");
+}
+
+/// How long until the channel's next scheduled or retried delivery, at most [`SWEEP`].
+async fn next_due(dispatcher: &Dispatcher, channel: Channel) -> Duration {
+    let next: Option<chrono::DateTime<Utc>> = sqlx::query_scalar(
+        "SELECT min(next_attempt_at) FROM deliveries WHERE channel = $1 AND status = 'PENDING'",
+    )
+    .bind(channel.as_str())
+    .fetch_one(&dispatcher.db)
+    .await
+    .unwrap_or(None);
+    next.and_then(|at| (at - Utc::now()).to_std().ok())
+        .map_or(SWEEP, |wait| wait.min(SWEEP))
+        .max(Duration::from_millis(5))
+}
+
+/// Wakes every loop on each `NOTIFY herald_deliveries`; reconnects when the connection
+/// drops (the loops' periodic sweep covers the gap).
+async fn listen(dispatcher: Arc<Dispatcher>, wake: Arc<Notify>, shutdown: CancellationToken) {
+    while !shutdown.is_cancelled() {
+        let mut listener = match PgListener::connect_with(&dispatcher.db).await {
+            Ok(listener) => listener,
+            Err(error) => {
+                tracing::warn!(%error, "cannot LISTEN for new deliveries; polling meanwhile");
+                tokio::select! {
+                    () = tokio::time::sleep(SWEEP * 5) => continue,
+                    () = shutdown.cancelled() => return,
+                }
+            }
+        };
+        if let Err(error) = listener.listen("herald_deliveries").await {
+            tracing::warn!(%error, "LISTEN failed");
+            continue;
+        }
+        loop {
+            tokio::select! {
+                received = listener.recv() => match received {
+                    Ok(_) => wake.notify_waiters(),
+                    Err(error) => {
+                        tracing::warn!(%error, "lost the LISTEN connection");
+                        break;
+                    }
+                },
+                () = shutdown.cancelled() => return,
+            }
+        }
+    }
+}
+
+/// Exports the number of deliveries by status every few seconds.
+async fn sample_queue(dispatcher: Arc<Dispatcher>, shutdown: CancellationToken) {
+    loop {
+        let counts: Result<Vec<(String, i64)>, _> =
+            sqlx::query_as("SELECT status, count(*) FROM deliveries GROUP BY status")
+                .fetch_all(&dispatcher.db)
+                .await;
+        if let Ok(counts) = counts {
+            for status in ["PENDING", "PROCESSING", "SUCCESS", "FAILED", "SKIPPED"] {
+                let n = counts
+                    .iter()
+                    .find(|(s, _)| s == status)
+                    .map_or(0, |(_, n)| *n);
+                metrics::gauge!("herald_delivery_queue_depth", "status" => status).set(n as f64);
+            }
+        }
+        tokio::select! {
+            () = tokio::time::sleep(Duration::from_secs(5)) => {}
+            () = shutdown.cancelled() => return,
+        }
+    }
+}

@@ -1,0 +1,595 @@
+//! The dispatcher's steps: claim due deliveries of one channel, send one, record the
+//! outcome. Each step is one function the loops in `dispatch::run` call, and tests can
+//! drive directly.
+
+use std::{collections::HashMap, sync::Arc, time::Duration};
+
+use anyhow::Context;
+use chrono::{DateTime, Utc};
+use serde_json::{Value, json};
+use sqlx::{PgConnection, PgPool};
+use tokio::time::Instant;
+use uuid::Uuid;
+
+use super::{
+    circuit_breaker::{CircuitBreaker, Permit, Transition},
+    rate_limit::{Admission, RateLimiter},
+};
+use crate::{
+    channels::{Content, Outgoing, Retry, SendError, Senders},
+    config::DispatchSettings,
+    domain::{Channel, DeliveryStatus, Domain, Locale},
+    outbox::{self, DeadLetter, DeliveryEvent, OutboxMessage},
+    templates::{ADHOC, Templates},
+};
+
+/// A claimed delivery with what sending it needs.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct Job {
+    pub delivery_id: Uuid,
+    pub notification_id: Uuid,
+    pub channel: String,
+    pub address: Option<String>,
+    pub attempts: i32,
+    pub lease_until: DateTime<Utc>,
+    pub created_at: DateTime<Utc>,
+    pub domain: String,
+    pub event_id: Option<String>,
+    pub event_type: String,
+    pub user_id: Option<i64>,
+    pub locale: String,
+    pub data: Value,
+    pub subject: Option<String>,
+    pub body: Option<String>,
+    pub recipient: Value,
+    pub raw_event: Option<Vec<u8>>,
+    pub source_topic: Option<String>,
+    pub source_partition: Option<i32>,
+    pub source_offset: Option<i64>,
+    pub occurred_at: Option<DateTime<Utc>>,
+}
+
+/// What happened to one claimed delivery.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    Sent,
+    /// Failed, will be tried again at the given time.
+    Retrying,
+    /// Failed for good; dead-lettered.
+    Failed,
+    /// Not attempted now (rate limit, open breaker); back to PENDING, no attempt counted.
+    Deferred,
+    /// Another worker owns the delivery now (our lease ran out); nothing recorded.
+    LeaseLost,
+}
+
+/// Everything the dispatcher needs. Shared by the channel loops.
+pub struct Dispatcher {
+    pub db: PgPool,
+    pub senders: Senders,
+    pub templates: Arc<Templates>,
+    pub limiter: RateLimiter,
+    pub breakers: HashMap<Channel, CircuitBreaker>,
+    pub settings: DispatchSettings,
+    pub topic_prefix: String,
+    /// Announces breaker changes on the ops Slack channel, when one is configured.
+    pub announcer: Option<Arc<dyn Fn(String) + Send + Sync>>,
+}
+
+impl Dispatcher {
+    /// Builds the breakers for every channel.
+    pub fn breakers(settings: &DispatchSettings) -> HashMap<Channel, CircuitBreaker> {
+        Channel::ALL
+            .into_iter()
+            .map(|c| {
+                (
+                    c,
+                    CircuitBreaker::new(settings.breaker_threshold, settings.breaker_cooldown),
+                )
+            })
+            .collect()
+    }
+
+    /// Claims up to `limit` due deliveries of `channel` (PENDING and due, or PROCESSING
+    /// with an expired lease) and marks them PROCESSING under a fresh lease.
+    pub async fn claim(&self, channel: Channel, limit: usize) -> anyhow::Result<Vec<Job>> {
+        let mut tx = self.db.begin().await.context("Failed to begin a claim")?;
+        let claimed: Vec<(Uuid, i64, DateTime<Utc>)> = sqlx::query_as(
+            "WITH due AS ( \
+                 (SELECT id FROM deliveries WHERE channel = $1 AND status = 'PENDING' \
+                      AND next_attempt_at <= now() ORDER BY next_attempt_at LIMIT $2 \
+                      FOR UPDATE SKIP LOCKED) \
+                 UNION \
+                 (SELECT id FROM deliveries WHERE channel = $1 AND status = 'PROCESSING' \
+                      AND lease_until < now() LIMIT $2 FOR UPDATE SKIP LOCKED)) \
+             UPDATE deliveries d SET status = 'PROCESSING', \
+                 lease_until = now() + $3 * interval '1 millisecond', \
+                 updated_at = now(), version = d.version + 1 \
+             FROM due WHERE d.id = due.id \
+             RETURNING d.id, d.version, d.updated_at",
+        )
+        .bind(channel.as_str())
+        .bind(limit as i64)
+        .bind(self.settings.lease.as_millis() as i64)
+        .fetch_all(&mut *tx)
+        .await
+        .context("Failed to claim deliveries")?;
+        if claimed.is_empty() {
+            return Ok(Vec::new());
+        }
+        let ids: Vec<Uuid> = claimed.iter().map(|c| c.0).collect();
+        let jobs: Vec<Job> = sqlx::query_as(
+            "SELECT d.id AS delivery_id, d.notification_id, d.channel, d.address, d.attempts, \
+                 d.lease_until, d.created_at, n.domain, n.event_id, n.event_type, n.user_id, \
+                 n.locale, n.data, n.subject, n.body, n.recipient, n.raw_event, n.source_topic, \
+                 n.source_partition, n.source_offset, n.occurred_at \
+             FROM deliveries d JOIN notifications n ON n.id = d.notification_id \
+             WHERE d.id = ANY($1)",
+        )
+        .bind(&ids)
+        .fetch_all(&mut *tx)
+        .await
+        .context("Failed to load claimed deliveries")?;
+        let versions: HashMap<Uuid, (i64, DateTime<Utc>)> = claimed
+            .into_iter()
+            .map(|(id, v, at)| (id, (v, at)))
+            .collect();
+        let events: Vec<OutboxMessage> = jobs
+            .iter()
+            .map(|job| {
+                let (version, at) = versions[&job.delivery_id];
+                self.event(
+                    job,
+                    DeliveryStatus::Processing,
+                    job.attempts,
+                    None,
+                    version,
+                    at,
+                )
+            })
+            .collect();
+        outbox::insert(&mut tx, &events).await?;
+        tx.commit().await.context("Failed to commit a claim")?;
+        Ok(jobs)
+    }
+
+    /// Sends one claimed delivery and records what happened.
+    pub async fn execute(&self, job: &Job) -> anyhow::Result<Outcome> {
+        let channel: Channel = job.channel.parse().map_err(anyhow::Error::msg)?;
+        let (via, breaker_permit) = match self.breakers[&channel].permit() {
+            Permit::Refuse(wait) => match self.fallback_for(channel) {
+                Some(fallback) => (fallback, self.breakers[&fallback].permit()),
+                None => return self.defer(job, wait, "circuit open").await,
+            },
+            permit => (channel, permit),
+        };
+        if let Permit::Refuse(wait) = breaker_permit {
+            return self.defer(job, wait, "circuit open").await;
+        }
+        let probing = breaker_permit == Permit::Probe;
+        if let Some(limit) = self.settings.rate_limits.get(&via).copied() {
+            let token = format!("{}:{}", job.delivery_id, Uuid::new_v4());
+            if let Admission::Wait(wait) = self.limiter.admit(via, limit, &token).await {
+                if probing {
+                    self.breakers[&via].release_probe();
+                }
+                metrics::counter!("herald_rate_limited_total", "channel" => via.as_str())
+                    .increment(1);
+                return self.defer(job, wait, "rate limited").await;
+            }
+        }
+
+        let started_at = Utc::now();
+        let clock = Instant::now();
+        let result = match self.prepare(job, channel, via) {
+            Ok(message) => {
+                let sender = &self.senders[&via];
+                match tokio::time::timeout(self.settings.send_timeout, sender.send(&message)).await
+                {
+                    Ok(result) => result,
+                    Err(_) => Err(SendError::retryable(
+                        "timeout",
+                        format!("no answer within {:?}", self.settings.send_timeout),
+                    )),
+                }
+            }
+            Err(error) => Err(error),
+        };
+        let latency = clock.elapsed();
+        metrics::histogram!("herald_send_duration_seconds", "channel" => via.as_str())
+            .record(latency.as_secs_f64());
+        // Only failures that say the channel is unwell count against its breaker.
+        let unwell = matches!(&result, Err(e) if e.retry == Retry::Retryable);
+        if let Some(transition) = self.breakers[&via].record(unwell) {
+            self.announce(via, transition);
+        }
+        metrics::gauge!("herald_circuit_state", "channel" => via.as_str())
+            .set(self.breakers[&via].gauge());
+        self.finish(job, channel, via, result, started_at, latency)
+            .await
+    }
+
+    fn fallback_for(&self, channel: Channel) -> Option<Channel> {
+        self.settings
+            .fallbacks
+            .get(&channel)
+            .copied()
+            .filter(|f| self.senders.contains_key(f))
+    }
+
+    /// Renders the content for the channel it goes out on, and finds the address there.
+    fn prepare(&self, job: &Job, channel: Channel, via: Channel) -> Result<Outgoing, SendError> {
+        let locale: Locale = job.locale.parse().unwrap_or(Locale::En);
+        let folder = if job.subject.is_some() {
+            ADHOC
+        } else {
+            job.event_type.as_str()
+        };
+        let mut context = tera::Context::new();
+        context.insert("data", &job.data);
+        context.insert("locale", locale.as_str());
+        context.insert("event_type", &job.event_type);
+        context.insert("event_id", &job.event_id.clone().unwrap_or_default());
+        context.insert("notification_id", &job.notification_id.to_string());
+        context.insert("delivery_id", &job.delivery_id.to_string());
+        context.insert("user_id", &job.user_id);
+        context.insert(
+            "occurred_at",
+            &job.occurred_at.unwrap_or(job.created_at).to_rfc3339(),
+        );
+        context.insert("recipient", &job.recipient);
+        context.insert("subject", &job.subject.clone().unwrap_or_default());
+        context.insert("body", &job.body.clone().unwrap_or_default());
+        let template_error =
+            |e: crate::templates::RenderError| SendError::permanent("template", e.to_string());
+        let content = match via {
+            Channel::Email => Content::Email(
+                self.templates
+                    .email(locale, folder, &context)
+                    .map_err(template_error)?,
+            ),
+            Channel::Slack => Content::Slack(
+                self.templates
+                    .slack(locale, folder, &context)
+                    .map_err(template_error)?,
+            ),
+            _ => Content::Short(
+                self.templates
+                    .short(locale, folder, &context)
+                    .map_err(template_error)?,
+            ),
+        };
+        let address = if via == channel {
+            job.address.clone()
+        } else {
+            match via {
+                Channel::Email => job.recipient["email"].as_str().map(str::to_owned),
+                Channel::Sms | Channel::Kakaotalk => {
+                    job.recipient["phone"].as_str().map(str::to_owned)
+                }
+                Channel::Slack => Some("ops".to_owned()),
+                Channel::InApp | Channel::Push => job.user_id.map(|u| format!("user:{u}")),
+            }
+        }
+        .ok_or_else(|| SendError::permanent("address", format!("no address for {via}")))?;
+        Ok(Outgoing {
+            delivery_id: job.delivery_id,
+            notification_id: job.notification_id,
+            user_id: job.user_id,
+            event_type: job.event_type.clone(),
+            locale,
+            address,
+            content,
+        })
+    }
+
+    /// Puts a delivery back to PENDING for later without counting an attempt.
+    async fn defer(&self, job: &Job, wait: Duration, why: &str) -> anyhow::Result<Outcome> {
+        let channel = job.channel.as_str();
+        metrics::counter!("herald_deliveries_total", "channel" => channel.to_owned(), "outcome" => "deferred")
+            .increment(1);
+        tracing::debug!(delivery = %job.delivery_id, ?wait, why, "delivery deferred");
+        let mut tx = self.db.begin().await.context("Failed to begin")?;
+        let row: Option<(i64, DateTime<Utc>)> = sqlx::query_as(
+            "UPDATE deliveries SET status = 'PENDING', lease_until = NULL, \
+                 next_attempt_at = now() + $3 * interval '1 millisecond', \
+                 updated_at = now(), version = version + 1 \
+             WHERE id = $1 AND status = 'PROCESSING' AND lease_until = $2 \
+             RETURNING version, updated_at",
+        )
+        .bind(job.delivery_id)
+        .bind(job.lease_until)
+        .bind(wait.as_millis().max(1) as i64)
+        .fetch_optional(&mut *tx)
+        .await
+        .context("Failed to defer a delivery")?;
+        let Some((version, at)) = row else {
+            return Ok(Outcome::LeaseLost);
+        };
+        let event = self.event(
+            job,
+            DeliveryStatus::Pending,
+            job.attempts,
+            None,
+            version,
+            at,
+        );
+        outbox::insert(&mut tx, &[event]).await?;
+        tx.commit().await.context("Failed to commit a deferral")?;
+        Ok(Outcome::Deferred)
+    }
+
+    /// Records an attempt and moves the delivery to SUCCESS, back to PENDING for a retry, or
+    /// to FAILED with a dead letter, all in one transaction.
+    async fn finish(
+        &self,
+        job: &Job,
+        channel: Channel,
+        via: Channel,
+        result: Result<crate::channels::Receipt, SendError>,
+        started_at: DateTime<Utc>,
+        latency: Duration,
+    ) -> anyhow::Result<Outcome> {
+        let attempt = job.attempts + 1;
+        let retries_made = attempt - 1;
+        let sent_via = (via != channel).then(|| via.as_str());
+        let mut tx = self.db.begin().await.context("Failed to begin")?;
+        let (outcome_label, status) = match &result {
+            Ok(_) => ("SUCCESS", DeliveryStatus::Success),
+            Err(e)
+                if e.retry == Retry::Retryable
+                    && (retries_made as u32) < self.settings.max_retries =>
+            {
+                ("RETRYABLE", DeliveryStatus::Pending)
+            }
+            Err(e) if e.retry == Retry::Retryable => ("RETRYABLE", DeliveryStatus::Failed),
+            Err(_) => ("PERMANENT", DeliveryStatus::Failed),
+        };
+        let error = result.as_ref().err();
+        let row: Option<(i64, DateTime<Utc>)> =
+            match (&result, status) {
+                (Ok(receipt), _) => sqlx::query_as(
+                    "UPDATE deliveries SET status = 'SUCCESS', attempts = $3, lease_until = NULL, \
+                     provider_ref = $4, sent_via = $5, last_error = NULL, error_class = NULL, \
+                     completed_at = now(), updated_at = now(), version = version + 1 \
+                 WHERE id = $1 AND status = 'PROCESSING' AND lease_until = $2 \
+                 RETURNING version, updated_at",
+                )
+                .bind(job.delivery_id)
+                .bind(job.lease_until)
+                .bind(attempt)
+                .bind(&receipt.provider_ref)
+                .bind(sent_via)
+                .fetch_optional(&mut *tx)
+                .await,
+                (Err(e), DeliveryStatus::Pending) => {
+                    let delay = self
+                        .backoff(retries_made as u32 + 1)
+                        .max(e.retry_after.unwrap_or_default());
+                    sqlx::query_as(
+                    "UPDATE deliveries SET status = 'PENDING', attempts = $3, lease_until = NULL, \
+                         next_attempt_at = now() + $4 * interval '1 millisecond', \
+                         last_error = $5, error_class = $6, sent_via = $7, \
+                         updated_at = now(), version = version + 1 \
+                     WHERE id = $1 AND status = 'PROCESSING' AND lease_until = $2 \
+                     RETURNING version, updated_at",
+                )
+                .bind(job.delivery_id)
+                .bind(job.lease_until)
+                .bind(attempt)
+                .bind(delay.as_millis() as i64)
+                .bind(&e.message)
+                .bind(e.class)
+                .bind(sent_via)
+                .fetch_optional(&mut *tx)
+                .await
+                }
+                (Err(e), _) => sqlx::query_as(
+                    "UPDATE deliveries SET status = 'FAILED', attempts = $3, lease_until = NULL, \
+                     last_error = $4, error_class = $5, sent_via = $6, completed_at = now(), \
+                     updated_at = now(), version = version + 1 \
+                 WHERE id = $1 AND status = 'PROCESSING' AND lease_until = $2 \
+                 RETURNING version, updated_at",
+                )
+                .bind(job.delivery_id)
+                .bind(job.lease_until)
+                .bind(attempt)
+                .bind(&e.message)
+                .bind(if e.retry == Retry::Retryable {
+                    "retries_exhausted"
+                } else {
+                    e.class
+                })
+                .bind(sent_via)
+                .fetch_optional(&mut *tx)
+                .await,
+            }
+            .context("Failed to record a send")?;
+        let Some((version, at)) = row else {
+            metrics::counter!("herald_lease_lost_total", "channel" => channel.as_str())
+                .increment(1);
+            tracing::warn!(delivery = %job.delivery_id, "lease expired during the send; another worker owns the delivery");
+            return Ok(Outcome::LeaseLost);
+        };
+        sqlx::query(
+            "INSERT INTO delivery_attempts (delivery_id, attempt, channel, started_at, latency_ms, outcome, error) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT DO NOTHING",
+        )
+        .bind(job.delivery_id)
+        .bind(attempt)
+        .bind(via.as_str())
+        .bind(started_at)
+        .bind(latency.as_millis() as i32)
+        .bind(outcome_label)
+        .bind(error.map(|e| e.message.as_str()))
+        .execute(&mut *tx)
+        .await
+        .context("Failed to record an attempt")?;
+
+        let mut messages = vec![self.event(
+            job,
+            status,
+            attempt,
+            error.map(|e| e.message.clone()),
+            version,
+            at,
+        )];
+        if status == DeliveryStatus::Failed {
+            let class = match error {
+                Some(e) if e.retry == Retry::Retryable => "retries_exhausted",
+                Some(e) => e.class,
+                None => "unknown",
+            };
+            messages.push(self.dead_letter(job, channel, class, error, retries_made as u32));
+        }
+        outbox::insert(&mut tx, &messages).await?;
+        tx.commit().await.context("Failed to commit a send")?;
+
+        let outcome = match status {
+            DeliveryStatus::Success => Outcome::Sent,
+            DeliveryStatus::Pending => Outcome::Retrying,
+            _ => Outcome::Failed,
+        };
+        let label = match outcome {
+            Outcome::Sent => "success",
+            Outcome::Retrying => "retry",
+            _ => "failed",
+        };
+        metrics::counter!("herald_deliveries_total", "channel" => channel.as_str().to_owned(), "outcome" => label)
+            .increment(1);
+        if outcome == Outcome::Sent {
+            let since = (Utc::now() - job.created_at).num_milliseconds().max(0) as f64 / 1000.0;
+            metrics::histogram!("herald_delivery_latency_seconds", "channel" => channel.as_str())
+                .record(since);
+        }
+        Ok(outcome)
+    }
+
+    /// The delay before retry `n` (1-based), with jitter.
+    fn backoff(&self, n: u32) -> Duration {
+        let steps = &self.settings.backoff;
+        let base = steps[(n as usize - 1).min(steps.len() - 1)];
+        if self.settings.jitter == 0.0 {
+            return base;
+        }
+        let random = (Uuid::new_v4().as_u128() % 10_000) as f64 / 10_000.0;
+        base.mul_f64(1.0 + self.settings.jitter * random)
+    }
+
+    fn event(
+        &self,
+        job: &Job,
+        status: DeliveryStatus,
+        attempts: i32,
+        error: Option<String>,
+        version: i64,
+        at: DateTime<Utc>,
+    ) -> OutboxMessage {
+        DeliveryEvent {
+            delivery_id: job.delivery_id,
+            notification_id: job.notification_id,
+            event_id: job.event_id.clone(),
+            event_type: job.event_type.clone(),
+            user_id: job.user_id,
+            domain: job.domain.parse().unwrap_or(Domain::Api),
+            channel: job.channel.parse().unwrap_or(Channel::Email),
+            status,
+            attempts,
+            error,
+            version,
+            created_at: job.created_at,
+            updated_at: at,
+        }
+        .to_outbox(&self.topic_prefix)
+    }
+
+    fn dead_letter(
+        &self,
+        job: &Job,
+        channel: Channel,
+        class: &str,
+        error: Option<&SendError>,
+        retries: u32,
+    ) -> OutboxMessage {
+        let domain: Domain = job.domain.parse().unwrap_or(Domain::Api);
+        // The original event bytes; a notification taken in over HTTP has none, so its
+        // stored form stands in for them.
+        let payload = job.raw_event.clone().unwrap_or_else(|| {
+            json!({
+                "notificationId": job.notification_id,
+                "eventType": job.event_type,
+                "userId": job.user_id,
+                "recipient": job.recipient,
+                "data": job.data,
+                "subject": job.subject,
+                "body": job.body,
+            })
+            .to_string()
+            .into_bytes()
+        });
+        let key = job
+            .user_id
+            .map(|u| u.to_string())
+            .unwrap_or_else(|| job.notification_id.to_string());
+        DeadLetter {
+            domain: Some(domain),
+            error_message: error.map(|e| e.message.clone()).unwrap_or_default(),
+            error_class: class.to_owned(),
+            retry_count: retries,
+            failed_channel: Some(channel),
+            original_topic: job.source_topic.clone(),
+            original_partition: job.source_partition,
+            original_offset: job.source_offset,
+            consumer_group: job
+                .source_topic
+                .as_ref()
+                .map(|_| format!("{}{}", self.topic_prefix, domain.consumer_group())),
+            event_id: job.event_id.clone(),
+            notification_id: Some(job.notification_id),
+            delivery_id: Some(job.delivery_id),
+            failed_at: Utc::now(),
+        }
+        .to_outbox(&self.topic_prefix, Some(key.into_bytes()), payload)
+    }
+
+    fn announce(&self, channel: Channel, transition: Transition) {
+        let text = match transition {
+            Transition::Opened => {
+                tracing::warn!(%channel, "circuit breaker opened");
+                format!(
+                    ":rotating_light: Herald: the {channel} channel's circuit breaker opened after {} consecutive failures; its deliveries wait{}.",
+                    self.settings.breaker_threshold,
+                    self.fallback_for(channel)
+                        .map(|f| format!(" or go out as {f}"))
+                        .unwrap_or_default()
+                )
+            }
+            Transition::Closed => {
+                tracing::info!(%channel, "circuit breaker closed");
+                format!(
+                    ":white_check_mark: Herald: the {channel} channel's circuit breaker closed; sending again."
+                )
+            }
+        };
+        let to = match transition {
+            Transition::Opened => "open",
+            Transition::Closed => "closed",
+        };
+        metrics::counter!("herald_circuit_transitions_total", "channel" => channel.as_str(), "to" => to)
+            .increment(1);
+        if channel != Channel::Slack
+            && let Some(announcer) = &self.announcer
+        {
+            announcer(text);
+        }
+    }
+}
+
+/// Records PENDING deliveries' wake-up for the dispatchers (delivered at commit).
+pub async fn notify_new_deliveries(conn: &mut PgConnection) -> anyhow::Result<()> {
+    sqlx::query("SELECT pg_notify('herald_deliveries', '')")
+        .execute(conn)
+        .await
+        .context("Failed to notify dispatchers")?;
+    Ok(())
+}
