@@ -95,13 +95,13 @@ impl Dispatcher {
     pub async fn claim(&self, channel: Channel, limit: usize) -> anyhow::Result<Vec<Job>> {
         let mut tx = self.db.begin().await.context("Failed to begin a claim")?;
         let claimed: Vec<(Uuid, i64, DateTime<Utc>)> = sqlx::query_as(
-            "WITH due AS ( \
-                 (SELECT id FROM deliveries WHERE channel = $1 AND status = 'PENDING' \
-                      AND next_attempt_at <= now() ORDER BY next_attempt_at LIMIT $2 \
-                      FOR UPDATE SKIP LOCKED) \
-                 UNION \
-                 (SELECT id FROM deliveries WHERE channel = $1 AND status = 'PROCESSING' \
-                      AND lease_until < now() LIMIT $2 FOR UPDATE SKIP LOCKED)) \
+            "WITH pending AS (SELECT id FROM deliveries WHERE channel = $1 \
+                      AND status = 'PENDING' AND next_attempt_at <= now() \
+                      ORDER BY next_attempt_at LIMIT $2 FOR UPDATE SKIP LOCKED), \
+                  expired AS (SELECT id FROM deliveries WHERE channel = $1 \
+                      AND status = 'PROCESSING' AND lease_until < now() \
+                      LIMIT $2 FOR UPDATE SKIP LOCKED), \
+                  due AS (SELECT id FROM pending UNION SELECT id FROM expired) \
              UPDATE deliveries d SET status = 'PROCESSING', \
                  lease_until = now() + $3 * interval '1 millisecond', \
                  updated_at = now(), version = d.version + 1 \

@@ -304,3 +304,88 @@ fn init_test_logging() {
         }
     });
 }
+
+/// A record read back from a topic.
+#[derive(Debug, Clone)]
+pub struct Record {
+    pub key: Option<String>,
+    pub payload: Vec<u8>,
+    pub headers: std::collections::BTreeMap<String, String>,
+}
+
+/// Reads a topic (unprefixed name) from the beginning, without a consumer group, until
+/// `predicate` holds for what was read or `seconds` pass.
+pub async fn read_topic(
+    settings: &Settings,
+    topic: &str,
+    seconds: u64,
+    predicate: impl Fn(&[Record]) -> bool,
+) -> Vec<Record> {
+    use rdkafka::{
+        Message, Offset, TopicPartitionList,
+        consumer::{Consumer, StreamConsumer},
+        message::Headers,
+    };
+    let topic = format!("{}{topic}", settings.kafka.topic_prefix);
+    let consumer: StreamConsumer = herald::kafka::client_config(&settings.kafka)
+        .set("group.id", format!("test-reader-{}", Uuid::new_v4()))
+        .set("enable.auto.commit", "false")
+        .create()
+        .unwrap();
+    let metadata = consumer
+        .fetch_metadata(Some(&topic), Duration::from_secs(10))
+        .unwrap();
+    let partitions = metadata.topics()[0].partitions().len() as i32;
+    let mut assignment = TopicPartitionList::new();
+    for partition in 0..partitions {
+        assignment
+            .add_partition_offset(&topic, partition, Offset::Beginning)
+            .unwrap();
+    }
+    consumer.assign(&assignment).unwrap();
+    let mut records = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(seconds);
+    while !predicate(&records) && tokio::time::Instant::now() < deadline {
+        if let Ok(Ok(message)) = tokio::time::timeout_at(deadline, consumer.recv()).await {
+            let headers = message
+                .headers()
+                .map(|h| {
+                    h.iter()
+                        .map(|h| {
+                            (
+                                h.key.to_owned(),
+                                String::from_utf8_lossy(h.value.unwrap_or_default()).into_owned(),
+                            )
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            records.push(Record {
+                key: message
+                    .key()
+                    .map(|k| String::from_utf8_lossy(k).into_owned()),
+                payload: message.payload().unwrap_or_default().to_vec(),
+                headers,
+            });
+        }
+    }
+    records
+}
+
+/// Waits until every delivery of the app is in a terminal state, or panics.
+pub async fn wait_for_delivery(app: &TestApp, delivery_id: Uuid, status: &str, seconds: u64) {
+    wait_until(
+        seconds,
+        &format!("delivery {delivery_id} is {status}"),
+        || async {
+            let now: Option<String> =
+                sqlx::query_scalar("SELECT status FROM deliveries WHERE id = $1")
+                    .bind(delivery_id)
+                    .fetch_optional(&app.db)
+                    .await
+                    .unwrap();
+            now.as_deref() == Some(status)
+        },
+    )
+    .await;
+}

@@ -2,6 +2,7 @@
 //! `make test` starts (PostgreSQL, Redis, Tansu, MailDev). `TEST_LOG=1` shows logs.
 
 mod cli;
+mod dispatch;
 mod health;
 mod helpers;
 mod ingest;

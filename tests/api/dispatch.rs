@@ -1,0 +1,517 @@
+//! The delivery engine against MailDev, Redis, the broker and wiremock gateways.
+
+use std::{
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use chrono::{DateTime, Utc};
+use futures_util::StreamExt;
+use herald::{config::RateLimit, domain::Channel, roles::Role};
+use serde_json::{Value, json};
+use uuid::Uuid;
+use wiremock::{
+    Mock, MockServer, Request, Respond, ResponseTemplate,
+    matchers::{method, path},
+};
+
+use crate::helpers::{
+    TestApp, envelope, read_topic, spawn_app_on, spawn_app_with, spawn_front_half,
+    wait_for_delivery, wait_until,
+};
+
+/// POSTs an intake request and returns the delivery ids by channel.
+async fn notify(app: &TestApp, request: Value) -> Vec<(String, Uuid)> {
+    let response = app.post_json("/api/v1/notifications", &request, &[]).await;
+    assert_eq!(response.status(), 202);
+    let body: Value = response.json().await.unwrap();
+    body["deliveries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| {
+            (
+                d["channel"].as_str().unwrap().to_owned(),
+                d["id"].as_str().unwrap().parse().unwrap(),
+            )
+        })
+        .collect()
+}
+
+fn incident() -> Value {
+    json!({ "eventType": "SYSTEM_INCIDENT", "data": { "title": "DB failover", "severity": "critical" } })
+}
+
+async fn attempts_of(app: &TestApp, delivery: Uuid) -> Vec<(i32, DateTime<Utc>, String)> {
+    sqlx::query_as(
+        "SELECT attempt, started_at, outcome FROM delivery_attempts WHERE delivery_id = $1 ORDER BY attempt",
+    )
+    .bind(delivery)
+    .fetch_all(&app.db)
+    .await
+    .unwrap()
+}
+
+async fn slack_mock(responses: &[(u16, Option<u64>)]) -> MockServer {
+    let server = MockServer::start().await;
+    for (i, (status, times)) in responses.iter().enumerate() {
+        let mock = Mock::given(method("POST"))
+            .and(path("/slack"))
+            .respond_with(ResponseTemplate::new(*status))
+            .with_priority(i as u8 + 1);
+        match times {
+            Some(n) => mock.up_to_n_times(*n).mount(&server).await,
+            None => mock.mount(&server).await,
+        }
+    }
+    server
+}
+
+fn with_slack(server: &MockServer) -> impl FnOnce(&mut herald::config::Settings) + use<> {
+    let url = format!("{}/slack", server.uri());
+    move |s| s.channels.slack_webhook_url = Some(url.into())
+}
+
+#[tokio::test]
+async fn an_email_arrives_in_maildev_with_korean_parts_and_the_delivery_message_id() {
+    let app = spawn_app_with(|_| {}).await;
+    let address = format!("u{}@example.com", Uuid::new_v4().simple());
+    let mut event = envelope(
+        "PAYMENT_FAILED",
+        3,
+        json!({ "orderId": "o-3", "amount": 12000, "currency": "KRW", "reason": "card declined" }),
+    );
+    event["recipient"] = json!({ "email": address, "locale": "ko" });
+
+    app.publish("fluxpay.payment.events", "3", event.to_string().as_bytes())
+        .await;
+    wait_until(30, "the email is sent", || async {
+        app.deliveries_of_event(event["eventId"].as_str().unwrap())
+            .await
+            .iter()
+            .any(|d| d.0 == "EMAIL" && d.1 == "SUCCESS")
+    })
+    .await;
+
+    let delivery: Uuid = sqlx::query_scalar("SELECT id FROM deliveries WHERE channel = 'EMAIL'")
+        .fetch_one(&app.db)
+        .await
+        .unwrap();
+    let maildev = std::env::var("MAILDEV_URL").expect("make test exports MAILDEV_URL");
+    let emails: Vec<Value> = reqwest::get(format!("{maildev}/email"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let email = emails
+        .iter()
+        .find(|e| e["to"][0]["address"] == address.as_str())
+        .expect("the email is in MailDev");
+    assert!(
+        email["subject"].as_str().unwrap().contains("결제"),
+        "{}",
+        email["subject"]
+    );
+    assert!(
+        email["text"].as_str().unwrap().contains("12,000원"),
+        "{}",
+        email["text"]
+    );
+    let html = email["html"].as_str().unwrap();
+    assert!(
+        html.contains("<html") && html.contains("card declined"),
+        "{html}"
+    );
+    assert!(
+        email["messageId"]
+            .as_str()
+            .unwrap()
+            .contains(&delivery.to_string()),
+        "{}",
+        email["messageId"]
+    );
+}
+
+#[tokio::test]
+async fn an_in_app_message_reaches_a_redis_subscriber() {
+    let app = spawn_app_with(|_| {}).await;
+    let client = redis::Client::open(std::env::var("HERALD_REDIS_URL").unwrap()).unwrap();
+    let mut pubsub = client.get_async_pubsub().await.unwrap();
+    pubsub
+        .subscribe(format!("{}inapp:user:77", app.settings.redis.key_prefix))
+        .await
+        .unwrap();
+
+    let deliveries = notify(
+        &app,
+        json!({ "userId": 77, "channels": ["IN_APP"], "eventType": "ORDER_SHIPPED", "data": { "orderId": "o-77" } }),
+    )
+    .await;
+
+    let mut messages = pubsub.on_message();
+    let message = tokio::time::timeout(Duration::from_secs(15), messages.next())
+        .await
+        .expect("an in-app message within 15 s")
+        .expect("the subscription stays open");
+    let payload: Value = serde_json::from_str(&message.get_payload::<String>().unwrap()).unwrap();
+    assert_eq!(payload["deliveryId"], deliveries[0].1.to_string());
+    assert_eq!(payload["userId"], 77);
+    assert!(payload["title"].as_str().is_some_and(|t| !t.is_empty()));
+    assert!(payload["body"].as_str().unwrap().contains("o-77"));
+}
+
+#[tokio::test]
+async fn a_webhook_answering_500_500_200_succeeds_on_the_third_attempt_after_1_s_and_2_s() {
+    let slack = slack_mock(&[(500, Some(2)), (200, None)]).await;
+    let app = spawn_app_with(with_slack(&slack)).await;
+
+    let deliveries = notify(&app, incident()).await;
+    let delivery = deliveries[0].1;
+    wait_for_delivery(&app, delivery, "SUCCESS", 30).await;
+
+    let attempts = attempts_of(&app, delivery).await;
+    assert_eq!(attempts.len(), 3, "{attempts:?}");
+    let outcomes: Vec<&str> = attempts.iter().map(|a| a.2.as_str()).collect();
+    assert_eq!(outcomes, ["RETRYABLE", "RETRYABLE", "SUCCESS"]);
+    let gap = |a: usize, b: usize| (attempts[b].1 - attempts[a].1).num_milliseconds();
+    assert!(gap(0, 1) >= 1000, "first gap {} ms", gap(0, 1));
+    assert!(gap(1, 2) >= 2000, "second gap {} ms", gap(1, 2));
+    assert_eq!(slack.received_requests().await.unwrap().len(), 3);
+
+    // Every state change went out on notification.delivery.events, in version order.
+    let id = delivery.to_string();
+    let events = read_topic(
+        &app.settings,
+        "notification.delivery.events",
+        20,
+        |records| {
+            records.iter().any(|r| {
+                let e: Value = serde_json::from_slice(&r.payload).unwrap();
+                e["deliveryId"] == id.as_str() && e["status"] == "SUCCESS"
+            })
+        },
+    )
+    .await;
+    let mine: Vec<Value> = events
+        .iter()
+        .map(|r| serde_json::from_slice::<Value>(&r.payload).unwrap())
+        .filter(|e| e["deliveryId"] == id.as_str())
+        .collect();
+    let statuses: Vec<&str> = mine.iter().map(|e| e["status"].as_str().unwrap()).collect();
+    assert_eq!(
+        statuses,
+        [
+            "PENDING",
+            "PROCESSING",
+            "PENDING",
+            "PROCESSING",
+            "PENDING",
+            "PROCESSING",
+            "SUCCESS"
+        ]
+    );
+    let versions: Vec<i64> = mine
+        .iter()
+        .map(|e| e["version"].as_i64().unwrap())
+        .collect();
+    assert!(versions.windows(2).all(|w| w[0] < w[1]), "{versions:?}");
+}
+
+#[tokio::test]
+async fn a_webhook_failing_forever_ends_failed_after_4_attempts_with_one_dead_letter() {
+    let slack = slack_mock(&[(500, None)]).await;
+    let app = spawn_app_with(with_slack(&slack)).await;
+    let event = envelope(
+        "PAYMENT_FAILED",
+        8,
+        json!({ "orderId": "o-8", "amount": 5000, "currency": "KRW", "reason": "expired card" }),
+    );
+
+    app.publish("fluxpay.payment.events", "8", event.to_string().as_bytes())
+        .await;
+    let event_id = event["eventId"].as_str().unwrap();
+    wait_until(40, "SLACK has failed", || async {
+        app.deliveries_of_event(event_id)
+            .await
+            .iter()
+            .any(|d| d.0 == "SLACK" && d.1 == "FAILED")
+    })
+    .await;
+
+    let (delivery, attempts, class): (Uuid, i32, String) =
+        sqlx::query_as("SELECT id, attempts, error_class FROM deliveries WHERE channel = 'SLACK'")
+            .fetch_one(&app.db)
+            .await
+            .unwrap();
+    assert_eq!(attempts, 4);
+    assert_eq!(class, "retries_exhausted");
+    let letters = read_topic(&app.settings, "notification.dlq.payment", 20, |r| {
+        !r.is_empty()
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(letters.len(), 1, "one dead letter, for SLACK only");
+    let letter = &letters[0];
+    assert_eq!(
+        letter.payload,
+        event.to_string().into_bytes(),
+        "the original bytes"
+    );
+    assert_eq!(letter.key.as_deref(), Some("8"));
+    let h = &letter.headers;
+    assert_eq!(h["X-Retry-Count"], "3");
+    assert_eq!(h["X-Error-Class"], "retries_exhausted");
+    assert_eq!(h["X-Failed-Channel"], "SLACK");
+    assert_eq!(h["X-Delivery-Id"], delivery.to_string());
+    assert_eq!(h["X-Event-Id"], event_id);
+    assert_eq!(
+        h["X-Original-Topic"],
+        format!("{}fluxpay.payment.events", app.settings.kafka.topic_prefix)
+    );
+    assert!(h["X-Error-Message"].contains("500"), "{h:?}");
+    assert!(h["X-Failed-At"].parse::<DateTime<Utc>>().is_ok());
+    for name in [
+        "X-Original-Partition",
+        "X-Original-Offset",
+        "X-Consumer-Group",
+        "X-Notification-Id",
+    ] {
+        assert!(!h[name].is_empty(), "{name} is empty: {h:?}");
+    }
+    let others: Vec<String> = sqlx::query_scalar(
+        "SELECT status FROM deliveries WHERE channel <> 'SLACK' ORDER BY channel",
+    )
+    .fetch_all(&app.db)
+    .await
+    .unwrap();
+    assert_eq!(others, ["SUCCESS", "SUCCESS"], "EMAIL and IN_APP went out");
+}
+
+#[tokio::test]
+async fn a_webhook_answering_400_fails_at_once_without_retry() {
+    let slack = slack_mock(&[(400, None)]).await;
+    let app = spawn_app_with(with_slack(&slack)).await;
+
+    let delivery = notify(&app, incident()).await[0].1;
+    wait_for_delivery(&app, delivery, "FAILED", 20).await;
+
+    assert_eq!(attempts_of(&app, delivery).await.len(), 1);
+    let letters = app.dead_letters().await;
+    assert_eq!(letters.len(), 1);
+    assert_eq!(letters[0].1["X-Error-Class"], "http_4xx");
+    assert_eq!(letters[0].1["X-Retry-Count"], "0");
+    assert_eq!(
+        letters[0].0,
+        format!("{}notification.dlq.api", app.settings.kafka.topic_prefix)
+    );
+}
+
+#[tokio::test]
+async fn while_one_webhook_hangs_other_channels_and_the_consumers_keep_flowing() {
+    let slack = MockServer::start().await;
+    Mock::given(method("POST"))
+        .respond_with(ResponseTemplate::new(200).set_delay(Duration::from_secs(120)))
+        .mount(&slack)
+        .await;
+    let url = format!("{}/slack", slack.uri());
+    let app = spawn_app_with(move |s| {
+        s.channels.slack_webhook_url = Some(url.into());
+        s.dispatch.send_timeout = Duration::from_secs(60);
+    })
+    .await;
+
+    let mut events = Vec::new();
+    for user in 1..=3 {
+        let event = envelope(
+            "PAYMENT_FAILED",
+            user,
+            json!({ "orderId": "o", "amount": 1, "currency": "KRW", "reason": "r" }),
+        );
+        app.publish(
+            "fluxpay.payment.events",
+            &user.to_string(),
+            event.to_string().as_bytes(),
+        )
+        .await;
+        events.push(event);
+    }
+    let later = envelope(
+        "ORDER_COMPLETED",
+        4,
+        json!({ "orderId": "o-4", "amount": 1, "currency": "KRW" }),
+    );
+    app.publish("fluxpay.order.events", "4", later.to_string().as_bytes())
+        .await;
+
+    wait_until(30, "every EMAIL and IN_APP is sent", || async {
+        let sent: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM deliveries WHERE channel IN ('EMAIL', 'IN_APP') AND status = 'SUCCESS'",
+        )
+        .fetch_one(&app.db)
+        .await
+        .unwrap();
+        sent == 7
+    })
+    .await;
+    let slack_states: Vec<String> =
+        sqlx::query_scalar("SELECT status FROM deliveries WHERE channel = 'SLACK'")
+            .fetch_all(&app.db)
+            .await
+            .unwrap();
+    assert_eq!(slack_states, ["PROCESSING"; 3], "SLACK is still hanging");
+}
+
+#[tokio::test]
+async fn a_delivery_claimed_by_a_worker_that_died_is_sent_after_its_lease_expires() {
+    let front = spawn_front_half(|_| {}).await;
+    let delivery = notify(
+        &front,
+        json!({ "userId": 5, "channels": ["IN_APP"], "eventType": "ORDER_SHIPPED", "data": { "orderId": "o-5" } }),
+    )
+    .await[0]
+        .1;
+    // What a worker leaves behind when it dies right after claiming.
+    sqlx::query(
+        "UPDATE deliveries SET status = 'PROCESSING', lease_until = now() + interval '2 seconds' WHERE id = $1",
+    )
+    .bind(delivery)
+    .execute(&front.db)
+    .await
+    .unwrap();
+    let claimed_at = Instant::now();
+
+    let dispatcher = spawn_app_on(front.settings.clone(), &[Role::Dispatch]).await;
+    wait_for_delivery(&dispatcher, delivery, "SUCCESS", 20).await;
+
+    assert!(
+        claimed_at.elapsed() >= Duration::from_millis(1900),
+        "not before the lease ran out"
+    );
+    assert_eq!(attempts_of(&dispatcher, delivery).await.len(), 1);
+}
+
+/// Records when each request arrived.
+struct Clock(Arc<Mutex<Vec<Instant>>>);
+
+impl Respond for Clock {
+    fn respond(&self, _: &Request) -> ResponseTemplate {
+        self.0.lock().unwrap().push(Instant::now());
+        ResponseTemplate::new(200).set_body_json(json!({ "messageId": Uuid::new_v4() }))
+    }
+}
+
+#[tokio::test]
+async fn with_a_limit_of_n_per_window_no_window_sees_more_than_n_sends_across_two_instances() {
+    let gateway = MockServer::start().await;
+    let arrivals = Arc::new(Mutex::new(Vec::new()));
+    Mock::given(method("POST"))
+        .respond_with(Clock(arrivals.clone()))
+        .mount(&gateway)
+        .await;
+    let url = format!("{}/sms", gateway.uri());
+    let (limit, window) = (3usize, Duration::from_secs(2));
+    let first = spawn_app_with(move |s| {
+        s.channels.sms_gateway_url = Some(url.parse().unwrap());
+        s.dispatch.rate_limits.insert(
+            Channel::Sms,
+            RateLimit {
+                limit: limit as u32,
+                window,
+            },
+        );
+    })
+    .await;
+    let second = spawn_app_on(first.settings.clone(), &[Role::Dispatch]).await;
+
+    for i in 0..9 {
+        notify(
+            &first,
+            json!({ "recipient": { "phone": "+821012345678" }, "channels": ["SMS"], "subject": "s", "body": format!("b{i}") }),
+        )
+        .await;
+    }
+    wait_until(30, "every SMS is sent", || async {
+        let sent: i64 =
+            sqlx::query_scalar("SELECT count(*) FROM deliveries WHERE status = 'SUCCESS'")
+                .fetch_one(&second.db)
+                .await
+                .unwrap();
+        sent == 9
+    })
+    .await;
+
+    let mut times = arrivals.lock().unwrap().clone();
+    times.sort();
+    assert_eq!(times.len(), 9);
+    for (i, start) in times.iter().enumerate() {
+        let in_window = times[i..].iter().filter(|t| **t - *start < window).count();
+        assert!(
+            in_window <= limit,
+            "{in_window} sends within {window:?} from send {i}"
+        );
+    }
+    let refs: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM deliveries WHERE provider_ref IS NOT NULL")
+            .fetch_one(&first.db)
+            .await
+            .unwrap();
+    assert_eq!(refs, 9, "the gateway's messageId is kept");
+}
+
+#[tokio::test]
+async fn five_failures_open_the_breaker_and_the_next_kakaotalk_goes_out_as_sms() {
+    let kakao = MockServer::start().await;
+    Mock::given(method("POST"))
+        .respond_with(ResponseTemplate::new(503))
+        .mount(&kakao)
+        .await;
+    let sms = MockServer::start().await;
+    Mock::given(method("POST"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(json!({ "messageId": "sms-1" })))
+        .mount(&sms)
+        .await;
+    let slack = slack_mock(&[(200, None)]).await;
+    let (kakao_url, sms_url) = (
+        format!("{}/kakao", kakao.uri()),
+        format!("{}/sms", sms.uri()),
+    );
+    let slack_url = format!("{}/slack", slack.uri());
+    let app = spawn_app_with(move |s| {
+        s.channels.kakaotalk_gateway_url = Some(kakao_url.parse().unwrap());
+        s.channels.sms_gateway_url = Some(sms_url.parse().unwrap());
+        s.channels.slack_webhook_url = Some(slack_url.into());
+        s.dispatch.max_retries = 0;
+    })
+    .await;
+    let request = json!({ "recipient": { "phone": "+821099990000" }, "channels": ["KAKAOTALK"], "subject": "s", "body": "b" });
+
+    for _ in 0..5 {
+        let delivery = notify(&app, request.clone()).await[0].1;
+        wait_for_delivery(&app, delivery, "FAILED", 20).await;
+    }
+    let next = notify(&app, request).await[0].1;
+    wait_for_delivery(&app, next, "SUCCESS", 20).await;
+
+    let (sent_via, provider_ref): (Option<String>, Option<String>) =
+        sqlx::query_as("SELECT sent_via, provider_ref FROM deliveries WHERE id = $1")
+            .bind(next)
+            .fetch_one(&app.db)
+            .await
+            .unwrap();
+    assert_eq!(sent_via.as_deref(), Some("SMS"));
+    assert_eq!(provider_ref.as_deref(), Some("sms-1"));
+    assert_eq!(kakao.received_requests().await.unwrap().len(), 5);
+    let sent_sms = sms.received_requests().await.unwrap();
+    assert_eq!(sent_sms.len(), 1);
+    let body: Value = serde_json::from_slice(&sent_sms[0].body).unwrap();
+    assert_eq!(body["idempotencyKey"], next.to_string());
+    assert_eq!(body["to"], "+821099990000");
+    wait_until(10, "the breaker is announced on Slack", || async {
+        slack.received_requests().await.unwrap().iter().any(|r| {
+            let text = String::from_utf8_lossy(&r.body);
+            text.contains("KAKAOTALK") && text.contains("opened")
+        })
+    })
+    .await;
+}
