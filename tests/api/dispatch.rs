@@ -12,7 +12,7 @@ use serde_json::{Value, json};
 use uuid::Uuid;
 use wiremock::{
     Mock, MockServer, Request, Respond, ResponseTemplate,
-    matchers::{method, path},
+    matchers::{header, header_exists, method, path},
 };
 
 use crate::helpers::{
@@ -468,6 +468,8 @@ async fn five_failures_open_the_breaker_and_the_next_kakaotalk_goes_out_as_sms()
         .await;
     let sms = MockServer::start().await;
     Mock::given(method("POST"))
+        .and(header("authorization", "Bearer sms-key"))
+        .and(header_exists("idempotency-key"))
         .respond_with(ResponseTemplate::new(200).set_body_json(json!({ "messageId": "sms-1" })))
         .mount(&sms)
         .await;
@@ -482,6 +484,9 @@ async fn five_failures_open_the_breaker_and_the_next_kakaotalk_goes_out_as_sms()
         s.channels.sms_gateway_url = Some(sms_url.parse().unwrap());
         s.channels.slack_webhook_url = Some(slack_url.into());
         s.dispatch.max_retries = 0;
+        s.dispatch
+            .gateway_keys
+            .insert(Channel::Sms, "sms-key".to_owned().into());
     })
     .await;
     let request = json!({ "recipient": { "phone": "+821099990000" }, "channels": ["KAKAOTALK"], "subject": "s", "body": "b" });

@@ -27,3 +27,32 @@ async fn metrics_export_http_request_counts_by_route_in_prometheus_format() {
     assert!(count >= 1.0, "{line}");
     assert!(text.contains("herald_http_request_duration_seconds_bucket"));
 }
+
+#[tokio::test]
+async fn metrics_export_delivery_outcomes_send_latency_queue_depth_and_outbox_lag() {
+    let app = spawn_app().await;
+    let response = app
+        .post_json(
+            "/api/v1/notifications",
+            &serde_json::json!({ "userId": 3, "channels": ["IN_APP"], "subject": "s", "body": "b" }),
+            &[],
+        )
+        .await;
+    assert_eq!(response.status(), 202);
+
+    crate::helpers::wait_until(
+        20,
+        "the in-app delivery succeeds and metrics show it",
+        || async {
+            let text = app.get("/metrics").await.text().await.unwrap();
+            text.lines().any(|l| {
+                l.starts_with("herald_deliveries_total")
+                    && l.contains(r#"channel="IN_APP""#)
+                    && l.contains(r#"outcome="success""#)
+            }) && text.contains("herald_send_duration_seconds_bucket")
+                && text.contains("herald_delivery_queue_depth")
+                && text.contains("herald_outbox_lag_seconds")
+        },
+    )
+    .await;
+}
