@@ -3,7 +3,7 @@
 //!
 //! ```sh
 //! eval "$(scripts/stack.sh env test | sed 's/^/export /')"
-//! cargo run --release --example dispatch_throughput -- 5000
+//! cargo run --release --example dispatch_throughput -- 5000 200   # backlog, offered rate/s
 //! ```
 //!
 //! IN_APP publishes to Redis, SLACK posts to a local HTTP sink (wiremock, answering 200 at
@@ -27,6 +27,7 @@ use wiremock::{Mock, MockServer, ResponseTemplate, matchers::method};
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
+    herald::telemetry::init_tracing(herald::telemetry::LogFormat::Text);
     let backlog: usize = std::env::args()
         .nth(1)
         .map(|n| n.parse())
@@ -108,7 +109,11 @@ async fn main() -> anyhow::Result<()> {
     // Phase 2: a steady 200 notifications/s (IN_APP + SLACK) for 10 s; latency from the
     // row's creation to SUCCESS.
     let mark = chrono::Utc::now();
-    let rate = 200;
+    let rate: u32 = std::env::args()
+        .nth(2)
+        .map(|n| n.parse())
+        .transpose()?
+        .unwrap_or(200);
     let tick = Duration::from_secs(1) / rate;
     let mut next = Instant::now();
     for _ in 0..(rate * 10) {

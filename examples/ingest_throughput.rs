@@ -24,6 +24,7 @@ use uuid::Uuid;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
+    herald::telemetry::init_tracing(herald::telemetry::LogFormat::Text);
     let events: usize = std::env::args()
         .nth(1)
         .map(|n| n.parse())

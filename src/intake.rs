@@ -315,5 +315,10 @@ pub async fn insert(
         .iter()
         .flat_map(|x| x.delivery_events(topic_prefix))
         .collect();
-    outbox::insert(conn, &events).await
+    outbox::insert(&mut *conn, &events).await?;
+    // Wakes the dispatchers when this transaction commits.
+    if d_statuses.contains(&DeliveryStatus::Pending.as_str()) {
+        crate::dispatch::worker::notify_new_deliveries(conn).await?;
+    }
+    Ok(())
 }

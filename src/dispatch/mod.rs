@@ -135,10 +135,14 @@ async fn listen(dispatcher: Arc<Dispatcher>, wake: Arc<Notify>, shutdown: Cancel
             tracing::warn!(%error, "LISTEN failed");
             continue;
         }
+        tracing::debug!("listening for new deliveries");
         loop {
             tokio::select! {
                 received = listener.recv() => match received {
-                    Ok(_) => wake.notify_waiters(),
+                    Ok(_) => {
+                        tracing::trace!("new deliveries announced");
+                        wake.notify_waiters();
+                    }
                     Err(error) => {
                         tracing::warn!(%error, "lost the LISTEN connection");
                         break;

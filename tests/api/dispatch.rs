@@ -520,3 +520,24 @@ async fn five_failures_open_the_breaker_and_the_next_kakaotalk_goes_out_as_sms()
     })
     .await;
 }
+
+#[tokio::test]
+async fn taking_in_a_notification_wakes_the_dispatchers_through_notify() {
+    let app = spawn_front_half(|_| {}).await;
+    let mut listener = sqlx::postgres::PgListener::connect_with(&app.db)
+        .await
+        .unwrap();
+    listener.listen("herald_deliveries").await.unwrap();
+
+    notify(
+        &app,
+        json!({ "userId": 9, "channels": ["IN_APP"], "subject": "s", "body": "b" }),
+    )
+    .await;
+
+    let woken = tokio::time::timeout(Duration::from_secs(5), listener.recv()).await;
+    assert!(
+        matches!(woken, Ok(Ok(_))),
+        "no NOTIFY after the intake committed: {woken:?}"
+    );
+}
