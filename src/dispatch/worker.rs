@@ -31,6 +31,8 @@ pub struct Job {
     pub channel: String,
     pub address: Option<String>,
     pub attempts: i32,
+    /// Attempts made before the current retry budget began (an operator's retry).
+    pub retry_base: i32,
     pub lease_until: DateTime<Utc>,
     pub created_at: DateTime<Utc>,
     pub domain: String,
@@ -120,7 +122,7 @@ impl Dispatcher {
         let ids: Vec<Uuid> = claimed.iter().map(|c| c.0).collect();
         let jobs: Vec<Job> = sqlx::query_as(
             "SELECT d.id AS delivery_id, d.notification_id, d.channel, d.address, d.attempts, \
-                 d.lease_until, d.created_at, n.domain, n.event_id, n.event_type, n.user_id, \
+                 d.retry_base, d.lease_until, d.created_at, n.domain, n.event_id, n.event_type, n.user_id, \
                  n.locale, n.data, n.subject, n.body, n.recipient, n.raw_event, n.source_topic, \
                  n.source_partition, n.source_offset, n.occurred_at \
              FROM deliveries d JOIN notifications n ON n.id = d.notification_id \
@@ -331,7 +333,7 @@ impl Dispatcher {
         latency: Duration,
     ) -> anyhow::Result<Outcome> {
         let attempt = job.attempts + 1;
-        let retries_made = attempt - 1;
+        let retries_made = attempt - 1 - job.retry_base;
         let sent_via = (via != channel).then(|| via.as_str());
         let mut tx = self.db.begin().await.context("Failed to begin")?;
         let (outcome_label, status) = match &result {

@@ -9,6 +9,7 @@ use sqlx::PgPool;
 use uuid::Uuid;
 
 use super::decode::{self, Poison, PoisonClass};
+pub use crate::kafka::consumer::IncomingMessage;
 use crate::{
     directory,
     domain::{Channel, Domain, Event, UserId},
@@ -17,16 +18,6 @@ use crate::{
     preferences,
     routing::RoutingTable,
 };
-
-/// A message as read from Kafka, detached from the consumer.
-#[derive(Debug, Clone)]
-pub struct IncomingMessage {
-    pub topic: String,
-    pub partition: i32,
-    pub offset: i64,
-    pub key: Option<Vec<u8>>,
-    pub payload: Vec<u8>,
-}
 
 /// What a batch turned into.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]

@@ -137,6 +137,7 @@ async fn a_redelivered_batch_creates_nothing_new() {
         offset: 41,
         key: Some(b"11".to_vec()),
         payload: event.to_string().into_bytes(),
+        headers: Vec::new(),
     };
 
     let first = ingestor

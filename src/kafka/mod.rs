@@ -1,5 +1,8 @@
 //! Kafka plumbing shared by every role: client configuration, the topic catalogue of
-//! `kafka/topics.toml`, topic creation and the reachability probe behind `/health/ready`.
+//! `kafka/topics.toml`, topic creation, the reachability probe behind `/health/ready`, and
+//! the batch consumer (`consumer`).
+
+pub mod consumer;
 
 use std::{path::Path, sync::Arc, time::Duration};
 
