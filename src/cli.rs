@@ -6,6 +6,7 @@ use crate::{
     config::Settings,
     db, demo,
     kafka::{KafkaAdmin, TopicCatalogue, TopicOutcome},
+    read_model::{Projector, projector},
     roles::Role,
     startup::Application,
 };
@@ -46,6 +47,19 @@ pub enum Command {
     },
     /// Publish the sample events of the seed scenarios, then print what to look at.
     Demo,
+    /// Manage the read model (notification_log, delivery_stats).
+    ReadModel {
+        #[command(subcommand)]
+        command: ReadModelCommand,
+    },
+}
+
+/// Read-model management.
+#[derive(Debug, Subcommand)]
+pub enum ReadModelCommand {
+    /// Empty notification_log and delivery_stats and replay notification.delivery.events
+    /// from the beginning. Safe while projectors run (replayed events are idempotent).
+    Rebuild,
 }
 
 /// Topic management.
@@ -90,6 +104,22 @@ pub async fn run(command: Command, settings: Settings) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Demo => demo::run(&settings).await,
+        Command::ReadModel {
+            command: ReadModelCommand::Rebuild,
+        } => {
+            let pool = db::pool(&settings.database)?;
+            db::migrate(&pool).await?;
+            let projector = Projector {
+                db: pool,
+                reporting_tz: settings.read_model.reporting_timezone,
+            };
+            let rebuilt = projector::rebuild(&projector, &settings.kafka).await?;
+            println!(
+                "read model rebuilt: {} events replayed, {} deliveries in notification_log",
+                rebuilt.events, rebuilt.deliveries
+            );
+            Ok(())
+        }
     }
 }
 

@@ -38,6 +38,14 @@ pub struct Settings {
     pub ingest: IngestSettings,
     pub templates: TemplateSettings,
     pub dispatch: DispatchSettings,
+    pub read_model: ReadModelSettings,
+}
+
+/// The query side.
+#[derive(Debug, Clone)]
+pub struct ReadModelSettings {
+    /// The time zone whose calendar days delivery_stats counts in.
+    pub reporting_timezone: chrono_tz::Tz,
 }
 
 /// Delivery: concurrency, leases, retries, rate limits, circuit breakers, fallbacks.
@@ -378,6 +386,11 @@ impl Settings {
                 gateway_keys.insert(channel, SecretString::from(key));
             }
         }
+        let reporting_timezone = layers.required(
+            "HERALD_REPORTING_TIMEZONE",
+            "read_model.reporting_timezone",
+            raw.read_model.reporting_timezone,
+        )?;
         let grace = layers.required(
             "HERALD_SHUTDOWN_GRACE_PERIOD_SECS",
             "shutdown.grace_period_secs",
@@ -485,6 +498,10 @@ impl Settings {
                 fallbacks: dispatch.fallbacks,
                 gateway_keys,
             },
+            read_model: ReadModelSettings {
+                reporting_timezone: reporting_timezone
+                    .parse_with("an IANA time zone such as UTC or Asia/Seoul")?,
+            },
         })
     }
 
@@ -510,6 +527,13 @@ struct RawSettings {
     ingest: RawIngest,
     templates: RawTemplates,
     dispatch: RawDispatch,
+    read_model: RawReadModel,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawReadModel {
+    reporting_timezone: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]

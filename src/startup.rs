@@ -24,10 +24,16 @@ use crate::{
     config::Settings,
     db,
     dispatch::{self, Dispatcher, rate_limit::RateLimiter},
+    dlq,
     domain::{Channel, Domain},
     ingest::{self, Ingestor},
     intake,
-    kafka::{KafkaAdmin, consumer::BatchLimits},
+    kafka::{
+        KafkaAdmin,
+        consumer::{self, BatchLimits, ConsumerSpec},
+    },
+    outbox::DELIVERY_EVENTS_TOPIC,
+    read_model::Projector,
     relay::Relay,
     roles::Role,
     routing::RoutingTable,
@@ -58,7 +64,7 @@ impl Application {
         let redis_client = redis::Client::open(settings.redis.url.expose_secret())
             .context("HERALD_REDIS_URL is not a usable Redis URL")?;
         let redis = ConnectionManager::new_lazy_with_config(
-            redis_client,
+            redis_client.clone(),
             ConnectionManagerConfig::new()
                 .set_connection_timeout(Some(Duration::from_secs(2)))
                 .set_response_timeout(Some(Duration::from_secs(2)))
@@ -83,7 +89,17 @@ impl Application {
         roles.dedup();
         log_disabled_channels(&settings);
         let grace_period = settings.shutdown.grace_period;
-        let settings_for_state = settings.clone();
+        let channel_enabled: Arc<dyn Fn(Channel) -> bool + Send + Sync> =
+            Arc::new(intake::channel_enabled(&settings));
+        let ingestor = Ingestor {
+            db: db.clone(),
+            redis: redis.clone(),
+            routing: routing.clone(),
+            channel_enabled: channel_enabled.clone(),
+            topic_prefix: settings.kafka.topic_prefix.clone(),
+            redis_prefix: settings.redis.key_prefix.clone(),
+            max_event_bytes: settings.ingest.max_event_bytes,
+        };
         let state = AppState {
             settings: Arc::new(settings),
             db,
@@ -94,7 +110,9 @@ impl Application {
             shutdown: CancellationToken::new(),
             routing,
             templates,
-            channel_enabled: Arc::new(intake::channel_enabled(&settings_for_state)),
+            channel_enabled,
+            redis_client,
+            ingestor,
         };
         Ok(Application {
             listener,
@@ -267,21 +285,71 @@ fn spawn_workers(
         });
         tasks.spawn(dispatch::run(dispatcher, state.shutdown.clone()));
     }
+    if state.roles.contains(&Role::Projector) {
+        let projector = Projector {
+            db: state.db.clone(),
+            reporting_tz: state.settings.read_model.reporting_timezone,
+        };
+        let settings = state.settings.clone();
+        let spec = ConsumerSpec {
+            group: format!("{}notif-readmodel", settings.kafka.topic_prefix),
+            topics: vec![format!(
+                "{}{DELIVERY_EVENTS_TOPIC}",
+                settings.kafka.topic_prefix
+            )],
+            limits: BatchLimits {
+                max_messages: 500,
+                max_wait: Duration::from_millis(20),
+            },
+        };
+        let shutdown = state.shutdown.clone();
+        let failure = failure.clone();
+        tasks.spawn(async move {
+            let result = consumer::run(&settings.kafka, spec, shutdown.clone(), |batch| {
+                let projector = &projector;
+                async move { projector.apply(&batch).await.map(drop) }
+            })
+            .await;
+            fail_on_error(result, "the read-model projector", &failure, &shutdown);
+        });
+    }
+    if state.roles.contains(&Role::Dlq) {
+        let settings = state.settings.clone();
+        let db = state.db.clone();
+        let prefix = settings.kafka.topic_prefix.clone();
+        let spec = ConsumerSpec {
+            group: format!("{prefix}notif-dlq"),
+            topics: dlq::store::topics()
+                .into_iter()
+                .map(|t| format!("{prefix}{t}"))
+                .collect(),
+            limits: BatchLimits {
+                max_messages: 200,
+                max_wait: Duration::from_millis(20),
+            },
+        };
+        let shutdown = state.shutdown.clone();
+        let failure = failure.clone();
+        tasks.spawn(async move {
+            let result = consumer::run(&settings.kafka, spec, shutdown.clone(), |batch| {
+                let (db, prefix) = (&db, &prefix);
+                async move {
+                    dlq::store::store(db, prefix, &batch).await?;
+                    dlq::store::export_sizes(db).await;
+                    Ok(())
+                }
+            })
+            .await;
+            fail_on_error(result, "the DLQ consumer", &failure, &shutdown);
+        });
+    }
     if state.roles.contains(&Role::Relay) {
         let relay = Relay::new(state.db.clone(), &state.settings.kafka)?;
         tasks.spawn(relay.run(state.shutdown.clone()));
     }
     if state.roles.contains(&Role::Ingest) {
         let settings = &state.settings;
-        let ingestor = Ingestor {
-            db: state.db.clone(),
-            redis: state.redis.clone(),
-            routing: state.routing.clone(),
-            channel_enabled: state.channel_enabled.clone(),
-            topic_prefix: settings.kafka.topic_prefix.clone(),
-            redis_prefix: settings.redis.key_prefix.clone(),
-            max_event_bytes: settings.ingest.max_event_bytes,
-        };
+        let ingestor = state.ingestor.clone();
         let limits = BatchLimits {
             max_messages: settings.ingest.batch_max_messages,
             max_wait: settings.ingest.batch_max_wait,
@@ -297,19 +365,34 @@ fn spawn_workers(
                 let result =
                     ingest::consumer::run(ingestor, &settings, domain, limits, shutdown.clone())
                         .await;
-                if let Err(error) = result {
-                    let reason = format!("the {domain} consumer failed: {error:#}");
-                    tracing::error!(%reason);
-                    failure
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .get_or_insert(reason);
-                    shutdown.cancel();
-                }
+                fail_on_error(
+                    result,
+                    &format!("the {domain} consumer"),
+                    &failure,
+                    &shutdown,
+                );
             });
         }
     }
     Ok(())
+}
+
+/// A worker that ends in error stops the instance, with the reason as its exit error.
+fn fail_on_error(
+    result: anyhow::Result<()>,
+    worker: &str,
+    failure: &std::sync::Mutex<Option<String>>,
+    shutdown: &CancellationToken,
+) {
+    if let Err(error) = result {
+        let reason = format!("{worker} failed: {error:#}");
+        tracing::error!(%reason);
+        failure
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get_or_insert(reason);
+        shutdown.cancel();
+    }
 }
 
 /// Runs migrations, retrying while PostgreSQL is unreachable for up to [`DATABASE_WAIT`].

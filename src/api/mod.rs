@@ -1,7 +1,11 @@
 //! The HTTP surface: one module per resource, each exposing `router()`, merged here.
 
+pub mod admin;
+pub mod dashboard;
 pub mod error;
 pub mod health;
+pub mod history;
+pub mod inbox;
 pub mod metrics;
 pub mod notifications;
 pub mod settings;
@@ -18,8 +22,8 @@ use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
 use crate::{
-    config::Settings, domain::Channel, kafka::KafkaAdmin, roles::Role, routing::RoutingTable,
-    templates::Templates,
+    config::Settings, domain::Channel, ingest::Ingestor, kafka::KafkaAdmin, roles::Role,
+    routing::RoutingTable, templates::Templates,
 };
 use error::ErrorBody;
 
@@ -39,6 +43,10 @@ pub struct AppState {
     pub templates: Arc<Templates>,
     /// Whether a channel has an endpoint configured.
     pub channel_enabled: Arc<dyn Fn(Channel) -> bool + Send + Sync>,
+    /// For connections of their own (pub/sub streams).
+    pub redis_client: redis::Client,
+    /// The ingestion step, also used to re-ingest poison messages.
+    pub ingestor: Ingestor,
 }
 
 /// Largest request body the API reads.
@@ -54,7 +62,10 @@ pub fn router(state: AppState) -> Router {
         router = router
             .merge(notifications::router())
             .merge(settings::router())
-            .merge(users::router());
+            .merge(users::router())
+            .merge(inbox::router())
+            .merge(dashboard::router())
+            .merge(admin::router(state.clone()));
     }
     router
         .fallback(not_found)

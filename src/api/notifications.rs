@@ -48,7 +48,10 @@ const MAX_BODY_CHARS: usize = 10_000;
 /// The notification routes.
 pub fn router() -> Router<AppState> {
     Router::new()
-        .route("/api/v1/notifications", post(create))
+        .route(
+            "/api/v1/notifications",
+            post(create).get(super::history::list),
+        )
         .route("/api/v1/notifications/{id}", get(read))
 }
 

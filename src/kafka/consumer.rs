@@ -109,7 +109,10 @@ where
         // Offsets are stored by hand, after the handler committed the batch's effects.
         .set("enable.auto.offset.store", "false")
         .set("auto.offset.reset", "earliest")
-        .set("session.timeout.ms", settings.session_timeout_ms.to_string())
+        .set(
+            "session.timeout.ms",
+            settings.session_timeout_ms.to_string(),
+        )
         .set("statistics.interval.ms", "10000")
         .create_with_context(GroupContext {
             group: spec.group.clone(),
@@ -171,7 +174,10 @@ where
 
 /// Waits for one message, then takes what else arrives within `max_wait`, up to
 /// `max_messages`.
-async fn next_batch(consumer: &StreamConsumer<GroupContext>, limits: BatchLimits) -> Vec<IncomingMessage> {
+async fn next_batch(
+    consumer: &StreamConsumer<GroupContext>,
+    limits: BatchLimits,
+) -> Vec<IncomingMessage> {
     let mut batch = Vec::new();
     match consumer.recv().await {
         Ok(message) => batch.push(detach(&message)),

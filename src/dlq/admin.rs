@@ -1,0 +1,379 @@
+//! The operators' side of dead letters: list, retry, retry-all, discard.
+//!
+//! Retrying a delivery failure re-queues only that delivery (the notification's other
+//! channels are not sent again), with a fresh retry budget. Retrying a poison message
+//! re-runs ingestion of its stored bytes. Discarding is a soft delete kept for audit.
+
+use anyhow::Context;
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use serde_json::Value;
+use sqlx::PgPool;
+use uuid::Uuid;
+
+use crate::{
+    domain::{Channel, DeliveryStatus, Domain},
+    ingest::Ingestor,
+    kafka::consumer::IncomingMessage,
+    outbox::{self, DeliveryEvent},
+};
+
+/// Why an admin action could not be done.
+#[derive(Debug, thiserror::Error)]
+pub enum AdminError {
+    #[error("no dead letter {0}")]
+    NotFound(Uuid),
+    #[error("{0}")]
+    Conflict(String),
+    #[error(transparent)]
+    Internal(#[from] anyhow::Error),
+}
+
+/// A dead letter as operators see it.
+#[derive(Debug, Clone, Serialize, sqlx::FromRow)]
+#[serde(rename_all = "camelCase")]
+pub struct DeadLetterView {
+    pub id: Uuid,
+    pub domain: String,
+    pub status: String,
+    /// For a retried delivery: PENDING until it ends, then SUCCESS or FAILED. For a retried
+    /// poison message: ACCEPTED, DUPLICATE or POISON.
+    pub retry_outcome: Option<String>,
+    pub error_class: Option<String>,
+    pub error_message: Option<String>,
+    pub failed_channel: Option<String>,
+    pub event_id: Option<String>,
+    pub notification_id: Option<Uuid>,
+    pub delivery_id: Option<Uuid>,
+    pub original_topic: Option<String>,
+    pub original_partition: Option<i32>,
+    pub original_offset: Option<i64>,
+    pub topic: String,
+    pub headers: Value,
+    /// The dead-lettered bytes, as text (lossy for bytes that are not UTF-8).
+    #[sqlx(skip)]
+    pub payload: String,
+    #[serde(skip)]
+    pub payload_bytes: Vec<u8>,
+    pub actioned_by: Option<String>,
+    pub actioned_at: Option<DateTime<Utc>>,
+    pub failed_at: Option<DateTime<Utc>>,
+    pub received_at: DateTime<Utc>,
+}
+
+const SELECT: &str = "SELECT m.id, m.domain, m.status, \
+        CASE WHEN m.status = 'RETRIED' AND m.delivery_id IS NOT NULL THEN \
+             CASE d.status WHEN 'SUCCESS' THEN 'SUCCESS' WHEN 'FAILED' THEN 'FAILED' ELSE 'PENDING' END \
+             ELSE m.retry_outcome END AS retry_outcome, \
+        m.error_class, m.error_message, m.failed_channel, m.event_id, m.notification_id, \
+        m.delivery_id, m.original_topic, m.original_partition, m.original_offset, m.topic, \
+        m.headers, m.payload AS payload_bytes, m.actioned_by, m.actioned_at, \
+        m.failed_at, m.received_at \
+    FROM dlq_messages m LEFT JOIN deliveries d ON d.id = m.delivery_id";
+
+/// Which dead letters to list.
+#[derive(Debug, Clone, Default)]
+pub struct ListFilter {
+    pub domain: Option<String>,
+    /// `None` lists every status but DISCARDED.
+    pub status: Option<String>,
+    /// Newest first, strictly after this (received_at, id).
+    pub after: Option<(DateTime<Utc>, Uuid)>,
+    pub limit: i64,
+}
+
+/// A page of dead letters.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Page {
+    pub items: Vec<DeadLetterView>,
+    pub next_cursor: Option<String>,
+}
+
+/// Lists dead letters, newest first.
+pub async fn list(db: &PgPool, filter: &ListFilter) -> anyhow::Result<Page> {
+    let sql = format!(
+        "{SELECT} WHERE ($1::text IS NULL OR m.domain = $1) \
+           AND (($2::text IS NULL AND m.status <> 'DISCARDED') OR m.status = $2) \
+           AND ($3::timestamptz IS NULL OR (m.received_at, m.id) < ($3, $4)) \
+         ORDER BY m.received_at DESC, m.id DESC LIMIT $5"
+    );
+    let mut items: Vec<DeadLetterView> = sqlx::query_as(sqlx::AssertSqlSafe(sql))
+        .bind(&filter.domain)
+        .bind(&filter.status)
+        .bind(filter.after.map(|a| a.0))
+        .bind(filter.after.map(|a| a.1))
+        .bind(filter.limit + 1)
+        .fetch_all(db)
+        .await
+        .context("Failed to list dead letters")?;
+    items.iter_mut().for_each(with_text);
+    let next_cursor = if items.len() as i64 > filter.limit {
+        items.truncate(filter.limit as usize);
+        items
+            .last()
+            .map(|m| format!("{}_{}", m.received_at.timestamp_micros(), m.id))
+    } else {
+        None
+    };
+    Ok(Page { items, next_cursor })
+}
+
+/// One dead letter.
+pub async fn get(db: &PgPool, id: Uuid) -> Result<DeadLetterView, AdminError> {
+    let mut letter: DeadLetterView =
+        sqlx::query_as(sqlx::AssertSqlSafe(format!("{SELECT} WHERE m.id = $1")))
+            .bind(id)
+            .fetch_optional(db)
+            .await
+            .context("Failed to read a dead letter")?
+            .ok_or(AdminError::NotFound(id))?;
+    with_text(&mut letter);
+    Ok(letter)
+}
+
+fn with_text(letter: &mut DeadLetterView) {
+    letter.payload = String::from_utf8_lossy(&letter.payload_bytes).into_owned();
+}
+
+/// What a retry did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum RetryKind {
+    /// The failed delivery is PENDING again.
+    Requeued,
+    /// The poison message went through ingestion again.
+    Reingested,
+}
+
+/// Retries one dead letter on behalf of `actor`.
+pub async fn retry(ingestor: &Ingestor, id: Uuid, actor: &str) -> Result<RetryKind, AdminError> {
+    let db = &ingestor.db;
+    let letter = get(db, id).await?;
+    if letter.status == "DISCARDED" {
+        return Err(AdminError::Conflict(format!(
+            "dead letter {id} was discarded"
+        )));
+    }
+    match letter.delivery_id {
+        Some(delivery) => requeue(ingestor, &letter, delivery, actor).await,
+        None => reingest(ingestor, &letter, actor).await,
+    }
+}
+
+async fn requeue(
+    ingestor: &Ingestor,
+    letter: &DeadLetterView,
+    delivery: Uuid,
+    actor: &str,
+) -> Result<RetryKind, AdminError> {
+    let mut tx = ingestor.db.begin().await.context("Failed to begin")?;
+    type Row = (
+        Uuid,
+        String,
+        i32,
+        i64,
+        DateTime<Utc>,
+        DateTime<Utc>,
+        Option<String>,
+        String,
+        Option<i64>,
+        String,
+    );
+    let row: Option<Row> = sqlx::query_as(
+        "UPDATE deliveries d SET status = 'PENDING', next_attempt_at = now(), \
+             retry_base = d.attempts, lease_until = NULL, completed_at = NULL, \
+             updated_at = now(), version = d.version + 1 \
+         FROM notifications n \
+         WHERE d.id = $1 AND d.status = 'FAILED' AND n.id = d.notification_id \
+         RETURNING d.notification_id, d.channel, d.attempts, d.version, d.created_at, \
+             d.updated_at, n.event_id, n.event_type, n.user_id, n.domain",
+    )
+    .bind(delivery)
+    .fetch_optional(&mut *tx)
+    .await
+    .context("Failed to re-queue the delivery")?;
+    let Some((
+        notification,
+        channel,
+        attempts,
+        version,
+        created_at,
+        updated_at,
+        event_id,
+        event_type,
+        user_id,
+        domain,
+    )) = row
+    else {
+        let status: Option<String> =
+            sqlx::query_scalar("SELECT status FROM deliveries WHERE id = $1")
+                .bind(delivery)
+                .fetch_optional(&ingestor.db)
+                .await
+                .context("Failed to read the delivery")?;
+        return Err(AdminError::Conflict(match status {
+            Some(status) => format!("delivery {delivery} is {status}, not FAILED"),
+            None => format!("delivery {delivery} no longer exists"),
+        }));
+    };
+    let event = DeliveryEvent {
+        delivery_id: delivery,
+        notification_id: notification,
+        event_id,
+        event_type,
+        user_id,
+        domain: domain.parse().unwrap_or(Domain::Api),
+        channel: channel.parse().unwrap_or(Channel::Email),
+        status: DeliveryStatus::Pending,
+        attempts,
+        error: None,
+        version,
+        created_at,
+        updated_at,
+    };
+    outbox::insert(&mut tx, &[event.to_outbox(&ingestor.topic_prefix)]).await?;
+    crate::dispatch::worker::notify_new_deliveries(&mut tx).await?;
+    mark(&mut tx, letter.id, actor, None).await?;
+    tx.commit().await.context("Failed to commit the retry")?;
+    Ok(RetryKind::Requeued)
+}
+
+async fn reingest(
+    ingestor: &Ingestor,
+    letter: &DeadLetterView,
+    actor: &str,
+) -> Result<RetryKind, AdminError> {
+    let domain: Domain = letter
+        .domain
+        .parse()
+        .map_err(|e: String| AdminError::Conflict(e))?;
+    let (Some(topic), Some(partition), Some(offset)) = (
+        letter.original_topic.clone(),
+        letter.original_partition,
+        letter.original_offset,
+    ) else {
+        return Err(AdminError::Conflict(format!(
+            "dead letter {} has no original position to re-ingest",
+            letter.id
+        )));
+    };
+    let raw: (Option<Vec<u8>>, Vec<u8>) =
+        sqlx::query_as("SELECT message_key, payload FROM dlq_messages WHERE id = $1")
+            .bind(letter.id)
+            .fetch_one(&ingestor.db)
+            .await
+            .context("Failed to read the dead letter")?;
+    let group = letter
+        .headers
+        .get("X-Consumer-Group")
+        .and_then(Value::as_str)
+        .filter(|g| !g.is_empty())
+        .map(str::to_owned)
+        .unwrap_or_else(|| format!("{}{}", ingestor.topic_prefix, domain.consumer_group()));
+    let message = IncomingMessage {
+        topic,
+        partition,
+        offset,
+        key: raw.0,
+        payload: raw.1,
+        headers: Vec::new(),
+    };
+    let outcome = ingestor.process(domain, &group, &[message]).await?;
+    let result = if outcome.accepted > 0 {
+        "ACCEPTED"
+    } else if outcome.duplicates > 0 {
+        "DUPLICATE"
+    } else {
+        "POISON"
+    };
+    let mut tx = ingestor.db.begin().await.context("Failed to begin")?;
+    mark(&mut tx, letter.id, actor, Some(result)).await?;
+    tx.commit().await.context("Failed to commit the retry")?;
+    Ok(RetryKind::Reingested)
+}
+
+async fn mark(
+    tx: &mut sqlx::PgConnection,
+    id: Uuid,
+    actor: &str,
+    outcome: Option<&str>,
+) -> anyhow::Result<()> {
+    sqlx::query(
+        "UPDATE dlq_messages SET status = 'RETRIED', retry_outcome = $3, actioned_by = $2, \
+             actioned_at = now() WHERE id = $1",
+    )
+    .bind(id)
+    .bind(actor)
+    .bind(outcome)
+    .execute(tx)
+    .await
+    .context("Failed to mark the dead letter retried")?;
+    Ok(())
+}
+
+/// What retry-all did.
+#[derive(Debug, Clone, Default, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RetryAllReport {
+    pub requeued: usize,
+    pub reingested: usize,
+    /// Could not be retried as they stand (their delivery is no longer FAILED...).
+    pub skipped: usize,
+    /// Retrying failed; they stay PENDING.
+    pub failed: usize,
+    /// PENDING dead letters beyond this call's limit.
+    pub remaining: i64,
+}
+
+/// Retries up to `limit` PENDING dead letters, oldest first.
+pub async fn retry_all(
+    ingestor: &Ingestor,
+    domain: Option<&str>,
+    limit: i64,
+    actor: &str,
+) -> anyhow::Result<RetryAllReport> {
+    let ids: Vec<Uuid> = sqlx::query_scalar(
+        "SELECT id FROM dlq_messages WHERE status = 'PENDING' AND ($1::text IS NULL OR domain = $1) \
+         ORDER BY received_at, id LIMIT $2",
+    )
+    .bind(domain)
+    .bind(limit)
+    .fetch_all(&ingestor.db)
+    .await
+    .context("Failed to list pending dead letters")?;
+    let mut report = RetryAllReport::default();
+    for id in ids {
+        match retry(ingestor, id, actor).await {
+            Ok(RetryKind::Requeued) => report.requeued += 1,
+            Ok(RetryKind::Reingested) => report.reingested += 1,
+            Err(AdminError::Conflict(_) | AdminError::NotFound(_)) => report.skipped += 1,
+            Err(AdminError::Internal(error)) => {
+                tracing::warn!(%id, error = format!("{error:#}"), "retry failed");
+                report.failed += 1;
+            }
+        }
+    }
+    report.remaining = sqlx::query_scalar(
+        "SELECT count(*) FROM dlq_messages WHERE status = 'PENDING' AND ($1::text IS NULL OR domain = $1)",
+    )
+    .bind(domain)
+    .fetch_one(&ingestor.db)
+    .await
+    .context("Failed to count pending dead letters")?;
+    Ok(report)
+}
+
+/// Discards one dead letter (kept, hidden from the default list).
+pub async fn discard(db: &PgPool, id: Uuid, actor: &str) -> Result<DeadLetterView, AdminError> {
+    sqlx::query(
+        "UPDATE dlq_messages SET status = 'DISCARDED', actioned_by = $2, actioned_at = now() \
+         WHERE id = $1 AND status <> 'DISCARDED'",
+    )
+    .bind(id)
+    .bind(actor)
+    .execute(db)
+    .await
+    .context("Failed to discard a dead letter")?;
+    get(db, id).await
+}

@@ -1,0 +1,259 @@
+//! Applying delivery events to the read model, and rebuilding it from the topic.
+
+use std::time::Duration;
+
+use anyhow::Context;
+use chrono::{DateTime, NaiveDate, Utc};
+use chrono_tz::Tz;
+use rdkafka::{
+    Offset, TopicPartitionList,
+    consumer::{Consumer, StreamConsumer},
+};
+use serde::Deserialize;
+use sqlx::{PgConnection, PgPool};
+use uuid::Uuid;
+
+use crate::{
+    config::KafkaSettings,
+    kafka::consumer::{IncomingMessage, detach},
+    outbox::DELIVERY_EVENTS_TOPIC,
+};
+
+/// A delivery event as the projector reads it.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DeliveryEventIn {
+    pub delivery_id: Uuid,
+    pub notification_id: Uuid,
+    pub event_id: Option<String>,
+    pub event_type: String,
+    pub user_id: Option<i64>,
+    pub channel: String,
+    pub status: String,
+    pub attempts: i32,
+    pub error: Option<String>,
+    pub version: i64,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+/// What applying a batch did.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Applied {
+    /// Events that changed a row.
+    pub applied: usize,
+    /// Events older than (or as old as) the row: replays, late arrivals.
+    pub stale: usize,
+    /// Records that are not delivery events.
+    pub unreadable: usize,
+}
+
+/// Maintains notification_log and delivery_stats.
+#[derive(Clone)]
+pub struct Projector {
+    pub db: PgPool,
+    /// The time zone whose calendar days delivery_stats counts in.
+    pub reporting_tz: Tz,
+}
+
+impl Projector {
+    /// Applies a batch in one transaction.
+    pub async fn apply(&self, messages: &[IncomingMessage]) -> anyhow::Result<Applied> {
+        let mut outcome = Applied::default();
+        let mut tx = self.db.begin().await.context("Failed to begin")?;
+        for message in messages {
+            let Ok(event) = serde_json::from_slice::<DeliveryEventIn>(&message.payload) else {
+                tracing::warn!(topic = %message.topic, offset = message.offset, "not a delivery event; skipped");
+                outcome.unreadable += 1;
+                continue;
+            };
+            if self.apply_one(&mut tx, &event).await? {
+                outcome.applied += 1;
+            } else {
+                outcome.stale += 1;
+            }
+        }
+        tx.commit()
+            .await
+            .context("Failed to commit the projection")?;
+        metrics::counter!("herald_projector_events_total", "outcome" => "applied")
+            .increment(outcome.applied as u64);
+        metrics::counter!("herald_projector_events_total", "outcome" => "stale")
+            .increment(outcome.stale as u64);
+        Ok(outcome)
+    }
+
+    /// Applies one event; false when the row already is at this version or newer.
+    async fn apply_one(&self, tx: &mut PgConnection, e: &DeliveryEventIn) -> anyhow::Result<bool> {
+        let current: Option<(i64, Option<String>, Option<NaiveDate>)> = sqlx::query_as(
+            "SELECT version, counted_status, counted_day FROM notification_log \
+             WHERE delivery_id = $1 FOR UPDATE",
+        )
+        .bind(e.delivery_id)
+        .fetch_optional(&mut *tx)
+        .await
+        .context("Failed to read the log")?;
+        if current
+            .as_ref()
+            .is_some_and(|(version, _, _)| *version >= e.version)
+        {
+            return Ok(false);
+        }
+        let terminal = matches!(e.status.as_str(), "SUCCESS" | "FAILED" | "SKIPPED");
+        sqlx::query(
+            "INSERT INTO notification_log (delivery_id, notification_id, event_id, event_type, \
+                 user_id, channel, status, attempts, last_error, version, created_at, updated_at, \
+                 completed_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13) \
+             ON CONFLICT (delivery_id) DO UPDATE SET status = EXCLUDED.status, \
+                 attempts = EXCLUDED.attempts, last_error = EXCLUDED.last_error, \
+                 version = EXCLUDED.version, updated_at = EXCLUDED.updated_at, \
+                 completed_at = EXCLUDED.completed_at",
+        )
+        .bind(e.delivery_id)
+        .bind(e.notification_id)
+        .bind(&e.event_id)
+        .bind(&e.event_type)
+        .bind(e.user_id)
+        .bind(&e.channel)
+        .bind(&e.status)
+        .bind(e.attempts)
+        .bind(&e.error)
+        .bind(e.version)
+        .bind(e.created_at)
+        .bind(e.updated_at)
+        .bind(terminal.then_some(e.updated_at))
+        .execute(&mut *tx)
+        .await
+        .context("Failed to write the log")?;
+
+        let (counted, counted_day) = current.map(|(_, s, d)| (s, d)).unwrap_or_default();
+        if terminal && counted.as_deref() != Some(e.status.as_str()) {
+            if let (Some(old), Some(day)) = (&counted, counted_day) {
+                count(tx, day, &e.channel, old, -1).await?;
+            }
+            let day = e.updated_at.with_timezone(&self.reporting_tz).date_naive();
+            count(tx, day, &e.channel, &e.status, 1).await?;
+            sqlx::query(
+                "UPDATE notification_log SET counted_status = $2, counted_day = $3 WHERE delivery_id = $1",
+            )
+            .bind(e.delivery_id)
+            .bind(&e.status)
+            .bind(day)
+            .execute(&mut *tx)
+            .await
+            .context("Failed to mark the count")?;
+        }
+        Ok(true)
+    }
+}
+
+async fn count(
+    tx: &mut PgConnection,
+    day: NaiveDate,
+    channel: &str,
+    status: &str,
+    delta: i64,
+) -> anyhow::Result<()> {
+    let (success, failed, skipped) = match status {
+        "SUCCESS" => (delta, 0, 0),
+        "FAILED" => (0, delta, 0),
+        _ => (0, 0, delta),
+    };
+    sqlx::query(
+        "INSERT INTO delivery_stats (day, channel, success, failed, skipped) VALUES ($1, $2, $3, $4, $5) \
+         ON CONFLICT (day, channel) DO UPDATE SET success = delivery_stats.success + EXCLUDED.success, \
+             failed = delivery_stats.failed + EXCLUDED.failed, \
+             skipped = delivery_stats.skipped + EXCLUDED.skipped",
+    )
+    .bind(day)
+    .bind(channel)
+    .bind(success)
+    .bind(failed)
+    .bind(skipped)
+    .execute(&mut *tx)
+    .await
+    .context("Failed to count")?;
+    Ok(())
+}
+
+/// What a rebuild did.
+#[derive(Debug, Clone, Default)]
+pub struct Rebuilt {
+    pub events: usize,
+    pub deliveries: i64,
+}
+
+/// Empties both tables and replays notification.delivery.events from the beginning up to
+/// the end it has now (the projector group, if running, applies what comes after; the
+/// version guard makes the overlap harmless). In-app read state, which is not an event,
+/// is restored from the deliveries.
+pub async fn rebuild(projector: &Projector, kafka: &KafkaSettings) -> anyhow::Result<Rebuilt> {
+    let topic = format!("{}{DELIVERY_EVENTS_TOPIC}", kafka.topic_prefix);
+    let consumer: StreamConsumer = crate::kafka::client_config(kafka)
+        .set("group.id", format!("herald-rebuild-{}", Uuid::new_v4()))
+        .set("enable.auto.commit", "false")
+        .create()
+        .context("Failed to create the rebuild consumer")?;
+    let metadata = consumer
+        .fetch_metadata(Some(&topic), Duration::from_secs(10))
+        .context("Failed to read topic metadata")?;
+    let partitions = metadata
+        .topics()
+        .first()
+        .map(|t| t.partitions().len() as i32)
+        .context("no such topic")?;
+    let mut assignment = TopicPartitionList::new();
+    let mut ends = Vec::new();
+    for partition in 0..partitions {
+        let (low, high) = consumer
+            .fetch_watermarks(&topic, partition, Duration::from_secs(10))
+            .context("Failed to read watermarks")?;
+        if high > low {
+            ends.push((partition, high));
+        }
+        assignment.add_partition_offset(&topic, partition, Offset::Beginning)?;
+    }
+    consumer.assign(&assignment)?;
+
+    let mut tx = projector.db.begin().await?;
+    sqlx::query("TRUNCATE notification_log, delivery_stats")
+        .execute(&mut *tx)
+        .await
+        .context("Failed to empty the read model")?;
+    tx.commit().await?;
+
+    let mut rebuilt = Rebuilt::default();
+    let mut done: Vec<bool> = ends.iter().map(|_| false).collect();
+    let mut batch = Vec::new();
+    while done.iter().any(|d| !d) {
+        let message = tokio::time::timeout(Duration::from_secs(30), consumer.recv())
+            .await
+            .context("the topic stopped delivering before its end")??;
+        let message = detach(&message);
+        if let Some(i) = ends.iter().position(|(p, _)| *p == message.partition)
+            && message.offset + 1 >= ends[i].1
+        {
+            done[i] = true;
+        }
+        batch.push(message);
+        if batch.len() >= 500 {
+            rebuilt.events += batch.len();
+            projector.apply(&batch).await?;
+            batch.clear();
+        }
+    }
+    rebuilt.events += batch.len();
+    projector.apply(&batch).await?;
+    sqlx::query(
+        "UPDATE notification_log l SET read_at = d.read_at FROM deliveries d \
+         WHERE d.id = l.delivery_id AND d.read_at IS NOT NULL",
+    )
+    .execute(&projector.db)
+    .await
+    .context("Failed to restore read state")?;
+    rebuilt.deliveries = sqlx::query_scalar("SELECT count(*) FROM notification_log")
+        .fetch_one(&projector.db)
+        .await?;
+    Ok(rebuilt)
+}
