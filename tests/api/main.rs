@@ -1,6 +1,7 @@
 //! Herald's integration tests: one binary, run against the real test stack that
 //! `make test` starts (PostgreSQL, Redis, Tansu, MailDev). `TEST_LOG=1` shows logs.
 
+mod admin;
 mod cli;
 mod dispatch;
 mod health;
@@ -9,5 +10,6 @@ mod ingest;
 mod intake;
 mod metrics;
 mod migrations;
+mod read_model;
 mod settings;
 mod topics;

@@ -1,0 +1,218 @@
+//! The DLQ admin API: auth, list, retry, retry-all, discard.
+
+use serde_json::{Value, json};
+use uuid::Uuid;
+use wiremock::{Mock, MockServer, ResponseTemplate, matchers::method};
+
+use crate::helpers::{TestApp, envelope, spawn_app_with, wait_for_delivery, wait_until};
+
+const TOKEN: &str = "test-admin-token-0123456789";
+
+async fn admin(app: &TestApp, verb: reqwest::Method, path: &str) -> reqwest::Response {
+    app.http
+        .request(verb, format!("{}{path}", app.address))
+        .bearer_auth(TOKEN)
+        .header("X-Operator", "alice")
+        .send()
+        .await
+        .unwrap()
+}
+
+async fn dead_letters(app: &TestApp, query: &str) -> Vec<Value> {
+    let page: Value = admin(
+        app,
+        reqwest::Method::GET,
+        &format!("/api/v1/admin/dlq{query}"),
+    )
+    .await
+    .json()
+    .await
+    .unwrap();
+    page["items"].as_array().unwrap().clone()
+}
+
+#[tokio::test]
+async fn missing_or_wrong_tokens_get_401_or_403() {
+    let app = spawn_app_with(|s| s.admin.token = Some(TOKEN.to_owned().into())).await;
+    let url = format!("{}/api/v1/admin/dlq", app.address);
+
+    let none = app.http.get(&url).send().await.unwrap();
+    let wrong = app.http.get(&url).bearer_auth("nope").send().await.unwrap();
+    let right = app.http.get(&url).bearer_auth(TOKEN).send().await.unwrap();
+    let retry = app
+        .http
+        .post(format!("{url}/{}/retry", Uuid::new_v4()))
+        .send()
+        .await
+        .unwrap();
+
+    assert_eq!(none.status(), 401);
+    let body: Value = none.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "unauthorized");
+    assert_eq!(wrong.status(), 403);
+    assert_eq!(right.status(), 200);
+    assert_eq!(retry.status(), 401);
+}
+
+#[tokio::test]
+async fn a_dead_letter_is_listed_and_its_retry_after_the_fix_sends_only_the_failed_channel() {
+    let slack = MockServer::start().await;
+    Mock::given(method("POST"))
+        .respond_with(ResponseTemplate::new(404))
+        .up_to_n_times(1)
+        .with_priority(1)
+        .mount(&slack)
+        .await;
+    Mock::given(method("POST"))
+        .respond_with(ResponseTemplate::new(200))
+        .with_priority(2)
+        .mount(&slack)
+        .await;
+    let url = format!("{}/slack", slack.uri());
+    let app = spawn_app_with(move |s| {
+        s.channels.slack_webhook_url = Some(url.into());
+        s.admin.token = Some(TOKEN.to_owned().into());
+    })
+    .await;
+    let event = envelope(
+        "PAYMENT_FAILED",
+        40,
+        json!({ "orderId": "o-40", "amount": 1, "currency": "KRW", "reason": "r" }),
+    );
+    app.publish("fluxpay.payment.events", "40", event.to_string().as_bytes())
+        .await;
+
+    wait_until(40, "the dead letter is stored", || async {
+        !dead_letters(&app, "").await.is_empty()
+    })
+    .await;
+    let letters = dead_letters(&app, "?domain=payment").await;
+    assert_eq!(letters.len(), 1);
+    let letter = &letters[0];
+    assert_eq!(letter["status"], "PENDING");
+    assert_eq!(letter["failedChannel"], "SLACK");
+    assert_eq!(letter["errorClass"], "http_4xx");
+    assert_eq!(letter["headers"]["X-Retry-Count"], "0");
+    let delivery: Uuid = letter["deliveryId"].as_str().unwrap().parse().unwrap();
+    wait_until(20, "EMAIL and IN_APP are sent", || async {
+        let sent: i64 =
+            sqlx::query_scalar("SELECT count(*) FROM deliveries WHERE status = 'SUCCESS'")
+                .fetch_one(&app.db)
+                .await
+                .unwrap();
+        sent == 2
+    })
+    .await;
+
+    // The webhook is fixed (the mock now answers 200); the operator retries.
+    let id = letter["id"].as_str().unwrap();
+    let retried = admin(
+        &app,
+        reqwest::Method::POST,
+        &format!("/api/v1/admin/dlq/{id}/retry"),
+    )
+    .await;
+    assert_eq!(retried.status(), 200);
+    wait_for_delivery(&app, delivery, "SUCCESS", 20).await;
+
+    let attempts: Vec<(String, i32)> =
+        sqlx::query_as("SELECT channel, attempts FROM deliveries ORDER BY channel")
+            .fetch_all(&app.db)
+            .await
+            .unwrap();
+    assert_eq!(
+        attempts,
+        [
+            ("EMAIL".to_owned(), 1),
+            ("IN_APP".to_owned(), 1),
+            ("SLACK".to_owned(), 2)
+        ],
+        "only SLACK was sent again"
+    );
+    let after: Value = admin(
+        &app,
+        reqwest::Method::GET,
+        &format!("/api/v1/admin/dlq/{id}"),
+    )
+    .await
+    .json()
+    .await
+    .unwrap();
+    assert_eq!(after["status"], "RETRIED");
+    assert_eq!(after["retryOutcome"], "SUCCESS");
+    assert_eq!(after["actionedBy"], "alice");
+    let again = admin(
+        &app,
+        reqwest::Method::POST,
+        &format!("/api/v1/admin/dlq/{id}/retry"),
+    )
+    .await;
+    assert_eq!(
+        again.status(),
+        409,
+        "a delivery that succeeded is not re-sent"
+    );
+}
+
+#[tokio::test]
+async fn discard_hides_a_dead_letter_from_the_default_list_and_retry_all_reports_its_counts() {
+    let app = spawn_app_with(|s| s.admin.token = Some(TOKEN.to_owned().into())).await;
+    let messages: Vec<(String, Vec<u8>)> = (0..3)
+        .map(|i| ("1".to_owned(), format!("{{not json {i}").into_bytes()))
+        .collect();
+    app.publish_all("fluxpay.order.events", &messages).await;
+    wait_until(40, "three dead letters are stored", || async {
+        dead_letters(&app, "?domain=order").await.len() == 3
+    })
+    .await;
+    let letters = dead_letters(&app, "").await;
+    assert!(
+        letters
+            .iter()
+            .all(|l| l["errorClass"] == "decode" && l["deliveryId"].is_null())
+    );
+    let discarded = letters[0]["id"].as_str().unwrap().to_owned();
+
+    let response = admin(
+        &app,
+        reqwest::Method::DELETE,
+        &format!("/api/v1/admin/dlq/{discarded}"),
+    )
+    .await;
+    assert_eq!(response.status(), 200);
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["status"], "DISCARDED");
+    assert_eq!(dead_letters(&app, "").await.len(), 2);
+    let audit = dead_letters(&app, "?status=DISCARDED").await;
+    assert_eq!(audit.len(), 1);
+    assert_eq!(audit[0]["actionedBy"], "alice");
+
+    let report: Value = admin(
+        &app,
+        reqwest::Method::POST,
+        "/api/v1/admin/dlq/retry-all?domain=order",
+    )
+    .await
+    .json()
+    .await
+    .unwrap();
+    assert_eq!(
+        report,
+        json!({ "requeued": 0, "reingested": 2, "skipped": 0, "failed": 0, "remaining": 0 })
+    );
+    let retried = dead_letters(&app, "?status=RETRIED").await;
+    assert_eq!(retried.len(), 2);
+    assert!(
+        retried.iter().all(|l| l["retryOutcome"] == "POISON"),
+        "{retried:?}"
+    );
+    let discarded_retry = admin(
+        &app,
+        reqwest::Method::POST,
+        &format!("/api/v1/admin/dlq/{discarded}/retry"),
+    )
+    .await;
+    assert_eq!(discarded_retry.status(), 409);
+    let bad = admin(&app, reqwest::Method::GET, "/api/v1/admin/dlq?status=LOST").await;
+    assert_eq!(bad.status(), 400);
+}
