@@ -42,6 +42,7 @@ cat <<BANNER
 
     API            $api/api/v1
     Health         $api/health/ready
+    API docs       $api/docs
     Metrics        $api/metrics
     MailDev UI     $MAILDEV_URL
     Admin token    $HERALD_ADMIN_TOKEN   (Authorization: Bearer ...; kept in .stack/admin-token)
