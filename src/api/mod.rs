@@ -2,6 +2,7 @@
 
 pub mod admin;
 pub mod dashboard;
+pub mod docs;
 pub mod error;
 pub mod health;
 pub mod history;
@@ -52,11 +53,12 @@ pub struct AppState {
 /// Largest request body the API reads.
 const MAX_BODY_BYTES: usize = 256 * 1024;
 
-/// The whole router. Health and metrics are served whatever the roles; the resource
+/// The whole router. Health, metrics and docs are served whatever the roles; the resource
 /// routes only where the `api` role runs.
 pub fn router(state: AppState) -> Router {
     let mut router = Router::new()
         .merge(health::router())
+        .merge(docs::router())
         .merge(metrics::router());
     if state.roles.contains(&Role::Api) {
         router = router

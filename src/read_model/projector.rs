@@ -226,11 +226,20 @@ pub async fn rebuild(projector: &Projector, kafka: &KafkaSettings) -> anyhow::Re
     let mut rebuilt = Rebuilt::default();
     let mut done: Vec<bool> = ends.iter().map(|_| false).collect();
     let mut batch = Vec::new();
-    while done.iter().any(|d| !d) {
-        let message = tokio::time::timeout(Duration::from_secs(30), consumer.recv())
-            .await
-            .context("the topic stopped delivering before its end")??;
-        let message = detach(&message);
+    loop {
+        // Past the watermarks read when the rebuild began, keep going until the topic has
+        // been quiet for a moment: a watermark can trail the last record of a batch.
+        let caught_up = done.iter().all(|d| *d);
+        let wait = if caught_up {
+            Duration::from_secs(1)
+        } else {
+            Duration::from_secs(30)
+        };
+        let message = match tokio::time::timeout(wait, consumer.recv()).await {
+            Ok(message) => detach(&message?),
+            Err(_) if caught_up => break,
+            Err(_) => anyhow::bail!("the topic stopped delivering before its end"),
+        };
         if let Some(i) = ends.iter().position(|(p, _)| *p == message.partition)
             && message.offset + 1 >= ends[i].1
         {

@@ -4,6 +4,7 @@
 mod admin;
 mod cli;
 mod dispatch;
+mod docs;
 mod health;
 mod helpers;
 mod ingest;

@@ -1,0 +1,201 @@
+//! The OpenAPI document and the docs page: the document is served, names every route, and
+//! names no route the app does not serve.
+
+use std::{collections::BTreeSet, time::Duration};
+
+use reqwest::Method;
+use serde_json::Value;
+use uuid::Uuid;
+
+use crate::helpers::{TestApp, spawn_app};
+
+/// Every route of the app (method, path template), which the document must name.
+const ROUTES: &[(&str, &str)] = &[
+    ("POST", "/api/v1/notifications"),
+    ("GET", "/api/v1/notifications"),
+    ("GET", "/api/v1/notifications/{id}"),
+    ("GET", "/api/v1/notifications/settings"),
+    ("PUT", "/api/v1/notifications/settings"),
+    ("GET", "/api/v1/users/{id}/contact"),
+    ("PUT", "/api/v1/users/{id}/contact"),
+    ("GET", "/api/v1/users/{id}/inbox"),
+    ("GET", "/api/v1/users/{id}/inbox/unread-count"),
+    ("POST", "/api/v1/users/{id}/inbox/read-all"),
+    ("POST", "/api/v1/users/{id}/inbox/{delivery}/read"),
+    ("GET", "/api/v1/users/{id}/inbox/stream"),
+    ("GET", "/api/v1/dashboard/delivery"),
+    ("GET", "/api/v1/dashboard/delivery/channels"),
+    ("GET", "/api/v1/dashboard/delivery/failures"),
+    ("GET", "/api/v1/admin/dlq"),
+    ("POST", "/api/v1/admin/dlq/retry-all"),
+    ("GET", "/api/v1/admin/dlq/{id}"),
+    ("DELETE", "/api/v1/admin/dlq/{id}"),
+    ("POST", "/api/v1/admin/dlq/{id}/retry"),
+    ("GET", "/health/live"),
+    ("GET", "/health/ready"),
+    ("GET", "/metrics"),
+    ("GET", "/api-docs/openapi.json"),
+    ("GET", "/docs"),
+];
+
+/// The HTTP methods an OpenAPI path item may hold operations under.
+const METHODS: [&str; 8] = [
+    "get", "put", "post", "delete", "options", "head", "patch", "trace",
+];
+
+async fn openapi(app: &TestApp) -> Value {
+    let response = app.get("/api-docs/openapi.json").await;
+    assert_eq!(response.status(), 200);
+    let content_type = response.headers()[reqwest::header::CONTENT_TYPE]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    assert!(
+        content_type.starts_with("application/json"),
+        "{content_type}"
+    );
+    response.json().await.expect("the document is JSON")
+}
+
+/// Every (METHOD, path) the document names.
+fn operations(doc: &Value) -> BTreeSet<(String, String)> {
+    doc["paths"]
+        .as_object()
+        .expect("the document has paths")
+        .iter()
+        .flat_map(|(path, item)| {
+            METHODS
+                .into_iter()
+                .filter(|m| item.get(*m).is_some())
+                .map(|m| (m.to_uppercase(), path.clone()))
+        })
+        .collect()
+}
+
+/// Follows a local `$ref` (`#/components/...`), if there is one.
+fn resolve<'a>(doc: &'a Value, value: &'a Value) -> &'a Value {
+    match value.get("$ref").and_then(Value::as_str) {
+        Some(pointer) => {
+            let target = doc
+                .pointer(pointer.trim_start_matches('#'))
+                .unwrap_or_else(|| panic!("{pointer} resolves"));
+            resolve(doc, target)
+        }
+        None => value,
+    }
+}
+
+/// A sample value for a path parameter: 1 for integers (user ids), a random UUID otherwise.
+fn sample(doc: &Value, operation: &Value, name: &str) -> String {
+    let parameter = operation["parameters"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|p| resolve(doc, p))
+        .find(|p| p["in"] == "path" && p["name"] == name)
+        .unwrap_or_else(|| panic!("path parameter {name} is documented"));
+    if resolve(doc, &parameter["schema"])["type"] == "integer" {
+        "1".to_owned()
+    } else {
+        Uuid::new_v4().to_string()
+    }
+}
+
+/// The path with each `{name}` replaced by a sample value.
+fn fill(doc: &Value, operation: &Value, template: &str) -> String {
+    let mut path = String::new();
+    let mut rest = template;
+    while let Some(start) = rest.find('{') {
+        let end = rest[start..].find('}').expect("a closed path parameter") + start;
+        path.push_str(&rest[..start]);
+        path.push_str(&sample(doc, operation, &rest[start + 1..end]));
+        rest = &rest[end + 1..];
+    }
+    path.push_str(rest);
+    path
+}
+
+/// Whether a response body is the router's fallback, which answers only unknown routes.
+fn is_fallback(body: &Value) -> bool {
+    body["error"]["code"] == "not_found" && body["error"]["message"] == "no such route"
+}
+
+#[tokio::test]
+async fn the_openapi_document_is_json_in_openapi_3_1_naming_every_route() {
+    let app = spawn_app().await;
+
+    let doc = openapi(&app).await;
+
+    let version = doc["openapi"].as_str().unwrap_or_default();
+    assert!(version.starts_with("3.1."), "openapi is {version:?}");
+    assert_eq!(doc["info"]["title"], "Herald");
+    let documented = operations(&doc);
+    let routes: BTreeSet<(String, String)> = ROUTES
+        .iter()
+        .map(|(m, p)| (m.to_string(), p.to_string()))
+        .collect();
+    let missing: Vec<_> = routes.difference(&documented).collect();
+    assert!(missing.is_empty(), "not documented: {missing:?}");
+    let unlisted: Vec<_> = documented.difference(&routes).collect();
+    assert!(
+        unlisted.is_empty(),
+        "documented but not in ROUTES: {unlisted:?}"
+    );
+}
+
+#[tokio::test]
+async fn every_operation_in_the_document_is_a_route_the_app_serves() {
+    let app = spawn_app().await;
+    let doc = openapi(&app).await;
+    // The check below recognises the fallback by its body: make sure that body is still
+    // what an unknown route gets, or the check would pass vacuously.
+    let unknown = app.get("/api/v1/no-such-route").await;
+    assert_eq!(unknown.status(), 404);
+    assert!(is_fallback(&unknown.json().await.unwrap()));
+
+    for (method, template) in operations(&doc) {
+        let operation = &doc["paths"][&template][method.to_lowercase()];
+        let path = fill(&doc, operation, &template);
+        let response = app
+            .http
+            .request(
+                Method::from_bytes(method.as_bytes()).unwrap(),
+                format!("{}{path}", app.address),
+            )
+            .timeout(Duration::from_secs(10))
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("{method} {path}: {e}"));
+        let status = response.status();
+        assert_ne!(status, 405, "{method} {path}: the route has no {method}");
+        // The stream never ends: its status is all there is to read.
+        if template.ends_with("/inbox/stream") {
+            assert_eq!(status, 200, "{method} {path}");
+            continue;
+        }
+        if status == 404 {
+            let body: Value = response.json().await.unwrap_or_default();
+            assert!(
+                !is_fallback(&body),
+                "{method} {path}: the document names a route the app does not serve"
+            );
+        }
+    }
+}
+
+#[tokio::test]
+async fn the_docs_page_is_swagger_ui_loading_the_openapi_document() {
+    let app = spawn_app().await;
+
+    let response = app.get("/docs").await;
+
+    assert_eq!(response.status(), 200);
+    let content_type = response.headers()[reqwest::header::CONTENT_TYPE]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    assert!(content_type.starts_with("text/html"), "{content_type}");
+    let page = response.text().await.unwrap();
+    assert!(page.contains("swagger-ui"), "{page}");
+    assert!(page.contains("/api-docs/openapi.json"), "{page}");
+}
