@@ -15,46 +15,26 @@ use herald::{
     config::Settings,
     domain::{Channel, Domain, EventType, Recipient, UserId},
     intake::{self, Draft, Source},
-    kafka::{KafkaAdmin, TopicCatalogue},
     roles::Role,
     routing::RoutingTable,
     startup::Application,
 };
-use secrecy::SecretString;
-use sqlx::{Connection, Executor, PgConnection, PgPool};
-use uuid::Uuid;
+use sqlx::PgPool;
 use wiremock::{Mock, MockServer, ResponseTemplate, matchers::method};
+
+#[path = "support/mod.rs"]
+mod support;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    herald::telemetry::init_tracing(herald::telemetry::LogFormat::Text);
-    let backlog: usize = std::env::args()
-        .nth(1)
-        .map(|n| n.parse())
-        .transpose()?
-        .unwrap_or(5_000);
+    let backlog = support::arg(1, 5_000)?;
     let sink = MockServer::start().await;
     Mock::given(method("POST"))
         .respond_with(ResponseTemplate::new(200))
         .mount(&sink)
         .await;
-    let mut settings = Settings::load()?;
-    let run = Uuid::new_v4().simple().to_string();
-    let mut url = url::Url::parse(settings.database_url())?;
-    let mut admin = PgConnection::connect(url.as_str()).await?;
-    let db = format!("herald_bench_{}", &run[..12]);
-    admin
-        .execute(sqlx::AssertSqlSafe(format!(r#"CREATE DATABASE "{db}""#)))
-        .await?;
-    url.set_path(&db);
-    settings.database.url = SecretString::from(url.to_string());
-    settings.kafka.topic_prefix = format!("bench{}.", &run[..8]);
-    settings.redis.key_prefix = format!("bench{}:", &run[..8]);
-    settings.http.addr = "127.0.0.1:0".parse()?;
+    let mut settings = support::isolated_settings().await?;
     settings.channels.slack_webhook_url = Some(format!("{}/slack", sink.uri()).into());
-    KafkaAdmin::new(&settings.kafka)?
-        .create_topics(&TopicCatalogue::load(&settings.kafka.topics_file)?)
-        .await?;
 
     // Phase 1: a backlog per channel, then the dispatcher drains it.
     let pool = herald::db::pool(&settings.database)?;
@@ -109,11 +89,7 @@ async fn main() -> anyhow::Result<()> {
     // Phase 2: a steady 200 notifications/s (IN_APP + SLACK) for 10 s; latency from the
     // row's creation to SUCCESS.
     let mark = chrono::Utc::now();
-    let rate: u32 = std::env::args()
-        .nth(2)
-        .map(|n| n.parse())
-        .transpose()?
-        .unwrap_or(200);
+    let rate = support::arg(2, 200)? as u32;
     let tick = Duration::from_secs(1) / rate;
     let mut next = Instant::now();
     for _ in 0..(rate * 10) {

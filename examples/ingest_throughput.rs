@@ -11,41 +11,17 @@
 
 use std::time::{Duration, Instant};
 
-use herald::{
-    config::Settings,
-    kafka::{KafkaAdmin, TopicCatalogue},
-    roles::Role,
-    startup::Application,
-};
+use herald::{roles::Role, startup::Application};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
-use secrecy::SecretString;
-use sqlx::{Connection, Executor, PgConnection};
-use uuid::Uuid;
+
+#[path = "support/mod.rs"]
+mod support;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    herald::telemetry::init_tracing(herald::telemetry::LogFormat::Text);
-    let events: usize = std::env::args()
-        .nth(1)
-        .map(|n| n.parse())
-        .transpose()?
-        .unwrap_or(20_000);
-    let mut settings = Settings::load()?;
-    let run = Uuid::new_v4().simple().to_string();
-    let mut url = url::Url::parse(settings.database_url())?;
-    let mut admin = PgConnection::connect(url.as_str()).await?;
-    let db = format!("herald_bench_{}", &run[..12]);
-    admin
-        .execute(sqlx::AssertSqlSafe(format!(r#"CREATE DATABASE "{db}""#)))
-        .await?;
-    url.set_path(&db);
-    settings.database.url = SecretString::from(url.to_string());
-    settings.kafka.topic_prefix = format!("bench{}.", &run[..8]);
-    settings.http.addr = "127.0.0.1:0".parse()?;
-    let catalogue = TopicCatalogue::load(&settings.kafka.topics_file)?;
-    KafkaAdmin::new(&settings.kafka)?
-        .create_topics(&catalogue)
-        .await?;
+    let events = support::arg(1, 20_000)?;
+    let settings = support::isolated_settings().await?;
+    let run = settings.kafka.topic_prefix.clone();
 
     let producer: FutureProducer = herald::kafka::client_config(&settings.kafka)
         .set("linger.ms", "5")

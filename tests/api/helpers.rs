@@ -64,19 +64,8 @@ impl TestApp {
 
     /// Publishes raw bytes to an upstream topic (unprefixed name) with a key.
     pub async fn publish(&self, topic: &str, key: &str, payload: &[u8]) {
-        let producer: FutureProducer = herald::kafka::client_config(&self.settings.kafka)
-            .set("message.timeout.ms", "10000")
-            .create()
-            .unwrap();
-        let topic = format!("{}{topic}", self.settings.kafka.topic_prefix);
-        producer
-            .send(
-                FutureRecord::to(&topic).key(key).payload(payload),
-                Duration::from_secs(10),
-            )
-            .await
-            .map_err(|(e, _)| e)
-            .expect("the test broker takes the message");
+        self.publish_all(topic, &[(key.to_owned(), payload.to_vec())])
+            .await;
     }
 
     /// Publishes several messages in order, on one producer.
