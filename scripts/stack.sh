@@ -129,7 +129,8 @@ tansu_bin() {
 
 # Commands that PostgreSQL runs: its server binaries refuse to run as root.
 as_pg() {
-    if [[ $(id -u) -eq 0 ]]; then runuser -u postgres -- "$@"; else "$@"; fi
+    # From /: the postgres user may not be allowed into the caller's directory.
+    if [[ $(id -u) -eq 0 ]]; then (cd / && runuser -u postgres -- "$@"); else "$@"; fi
 }
 
 # --- install -------------------------------------------------------------------------------

@@ -1,7 +1,8 @@
 //! User channel preferences: per channel, optionally per event type, stored in PostgreSQL
 //! and cached in Redis.
 //!
-//! The cache is read-through with a TTL and invalidated on every change. Redis is an
+//! The cache is read-through (readers fill only an empty entry) and written through on
+//! every change, with a TTL. Redis is an
 //! accelerator, never a dependency: when it is down or slow, reads go to PostgreSQL and
 //! writes still succeed (the stale entry then expires within [`CACHE_TTL_SECS`]).
 
@@ -106,12 +107,15 @@ pub async fn load_many(
         let mut pipe = redis::pipe();
         for user in &missing {
             let prefs = from_db.get(user).cloned().unwrap_or_default();
-            pipe.set_ex(
-                cache_key(key_prefix, *user),
-                serde_json::to_string(&prefs)?,
-                CACHE_TTL_SECS,
-            )
-            .ignore();
+            // NX: a reader must never overwrite what a writer put there after this reader
+            // looked at PostgreSQL (it would bring an opted-out channel back).
+            pipe.cmd("SET")
+                .arg(cache_key(key_prefix, *user))
+                .arg(serde_json::to_string(&prefs)?)
+                .arg("EX")
+                .arg(CACHE_TTL_SECS)
+                .arg("NX")
+                .ignore();
         }
         let stored = tokio::time::timeout(CACHE_TIMEOUT, pipe.query_async::<()>(&mut conn)).await;
         if !matches!(stored, Ok(Ok(()))) {
@@ -165,6 +169,12 @@ pub async fn replace(
             });
 
     let mut tx = db.begin().await.context("Failed to begin a transaction")?;
+    // Two PUTs for one user run one after the other instead of colliding on the key.
+    sqlx::query("SELECT pg_advisory_xact_lock($1)")
+        .bind(user.get())
+        .execute(&mut *tx)
+        .await
+        .context("Failed to lock the user's preferences")?;
     sqlx::query("DELETE FROM user_preferences WHERE user_id = $1")
         .bind(user.get())
         .execute(&mut *tx)
@@ -183,18 +193,23 @@ pub async fn replace(
     .context("Failed to store preferences")?;
     tx.commit().await.context("Failed to commit preferences")?;
 
+    // Write-through: the cache holds the new value at once (readers only fill an empty
+    // entry, so none can put the old one back afterwards).
     let mut conn = redis.clone();
-    let deleted = tokio::time::timeout(
+    let stored = tokio::time::timeout(
         CACHE_TIMEOUT,
-        redis::cmd("DEL")
+        redis::cmd("SET")
             .arg(cache_key(key_prefix, user))
-            .query_async::<i64>(&mut conn),
+            .arg(serde_json::to_string(preferences)?)
+            .arg("EX")
+            .arg(CACHE_TTL_SECS)
+            .query_async::<()>(&mut conn),
     )
     .await;
-    if !matches!(deleted, Ok(Ok(_))) {
+    if !matches!(stored, Ok(Ok(()))) {
         tracing::warn!(
             user = %user,
-            "could not invalidate cached preferences; the old copy expires within {CACHE_TTL_SECS} s"
+            "could not update cached preferences; the old copy expires within {CACHE_TTL_SECS} s"
         );
     }
     Ok(())

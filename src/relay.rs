@@ -93,12 +93,14 @@ impl Relay {
         for (id, delivery) in pending {
             match delivery.await {
                 Ok(Ok(_)) => published.push(id),
+                // Every acknowledged row is marked, so one row that keeps failing (say, a
+                // topic that does not exist) neither stalls nor re-publishes the others.
+                // Readers order by the events' versions, not by arrival.
                 Ok(Err((error, _))) => {
+                    metrics::counter!("herald_outbox_publish_errors_total").increment(1);
                     tracing::warn!(%error, "cannot publish an outbox row; will retry");
-                    // Keep per-key order: nothing after a failure in this batch is marked.
-                    break;
                 }
-                Err(_) => break,
+                Err(_) => {}
             }
         }
         sqlx::query("UPDATE outbox SET published_at = now() WHERE id = ANY($1)")

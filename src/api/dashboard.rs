@@ -7,7 +7,7 @@
 //! - `GET /api/v1/dashboard/delivery/failures?limit=`: the most recent failures.
 
 use axum::{Json, Router, extract::State, routing::get};
-use chrono::{Days, NaiveDate, Utc};
+use chrono::{Datelike, Days, NaiveDate, Utc};
 use serde::{Deserialize, Serialize};
 
 use super::{
@@ -51,11 +51,14 @@ fn range(
     default_days: u64,
 ) -> Result<(NaiveDate, NaiveDate), ApiError> {
     let parse = |name: &str, value: &str| {
-        NaiveDate::parse_from_str(value, "%Y-%m-%d").map_err(|_| {
-            ApiError::BadRequest(format!(
-                "{name} must be a date such as 2026-11-21, got {value:?}"
-            ))
-        })
+        NaiveDate::parse_from_str(value, "%Y-%m-%d")
+            .ok()
+            .filter(|d| (1970..=9999).contains(&d.year()))
+            .ok_or_else(|| {
+                ApiError::BadRequest(format!(
+                    "{name} must be a date from 1970 to 9999 such as 2026-11-21, got {value:?}"
+                ))
+            })
     };
     let today = Utc::now()
         .with_timezone(&state.settings.read_model.reporting_timezone)
@@ -68,7 +71,9 @@ fn range(
         .unwrap_or(today);
     let from = match range.from.as_deref() {
         Some(v) => parse("from", v)?,
-        None => to - Days::new(default_days - 1),
+        None => to
+            .checked_sub_days(Days::new(default_days - 1))
+            .ok_or_else(|| ApiError::BadRequest(format!("to ({to}) is too early")))?,
     };
     if from > to {
         return Err(ApiError::BadRequest(format!(

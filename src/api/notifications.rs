@@ -104,6 +104,11 @@ async fn create(
     let body = body?;
     let value: Value = serde_json::from_slice(&body)
         .map_err(|e| ApiError::BadRequest(format!("the body is not valid JSON: {e}")))?;
+    if crate::ingest::decode::contains_nul(&value) {
+        return Err(bad(
+            "the body contains a NUL character (\\u0000), which cannot be stored",
+        ));
+    }
     let request_hash = hash(&value);
     let request: IntakeRequest = serde_json::from_value(value)
         .map_err(|e| ApiError::BadRequest(format!("invalid request: {e}")))?;

@@ -71,7 +71,7 @@ impl Sender for GatewaySender {
             let response = request
                 .send()
                 .await
-                .map_err(|e| http_transport_failure(&e))?;
+                .map_err(|e| http_transport_failure(&e.without_url()))?;
             let status = response.status();
             let retry_after = response
                 .headers()
@@ -83,7 +83,7 @@ impl Sender for GatewaySender {
             }
             let provider_ref = serde_json::from_str::<Value>(&text)
                 .ok()
-                .and_then(|v| v["messageId"].as_str().map(str::to_owned));
+                .and_then(|v| v["messageId"].as_str().map(super::provider_text));
             Ok(Receipt { provider_ref })
         })
     }

@@ -67,12 +67,26 @@ pub struct SendError {
     pub retry_after: Option<Duration>,
 }
 
+/// Longest provider text kept (error messages, message ids).
+const MAX_PROVIDER_TEXT: usize = 500;
+/// Longest Retry-After honoured; a provider asking for more is treated as down.
+pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(3600);
+
+/// Makes text from a provider safe to store: no NUL (PostgreSQL refuses it, which would
+/// keep a sent delivery from being recorded) and bounded in length.
+pub fn provider_text(text: &str) -> String {
+    text.chars()
+        .filter(|c| *c != '\0')
+        .take(MAX_PROVIDER_TEXT)
+        .collect()
+}
+
 impl SendError {
     pub fn retryable(class: &'static str, message: impl Into<String>) -> Self {
         SendError {
             retry: Retry::Retryable,
             class,
-            message: message.into(),
+            message: provider_text(&message.into()),
             retry_after: None,
         }
     }
@@ -81,7 +95,7 @@ impl SendError {
         SendError {
             retry: Retry::Permanent,
             class,
-            message: message.into(),
+            message: provider_text(&message.into()),
             retry_after: None,
         }
     }
@@ -111,7 +125,7 @@ pub fn http_failure(
     let retry_after = retry_after
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.trim().parse::<u64>().ok())
-        .map(Duration::from_secs);
+        .map(|secs| Duration::from_secs(secs).min(MAX_RETRY_AFTER));
     let mut error = match status.as_u16() {
         429 => SendError::retryable("rate_limited", message),
         408 => SendError::retryable("timeout", message),
@@ -156,5 +170,18 @@ mod tests {
             "slow down",
         );
         assert_eq!(limited.retry_after, Some(Duration::from_secs(7)));
+        let forever = http_failure(
+            StatusCode::TOO_MANY_REQUESTS,
+            Some(&HeaderValue::from_static("31536000")),
+            "",
+        );
+        assert_eq!(forever.retry_after, Some(MAX_RETRY_AFTER));
+    }
+
+    #[test]
+    fn provider_text_loses_nul_characters_and_is_bounded() {
+        let error = http_failure(StatusCode::BAD_GATEWAY, None, "bad\0gateway");
+        assert!(!error.message.contains('\0'));
+        assert_eq!(provider_text(&"x".repeat(10_000)).len(), MAX_PROVIDER_TEXT);
     }
 }

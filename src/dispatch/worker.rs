@@ -183,8 +183,10 @@ impl Dispatcher {
 
         let started_at = Utc::now();
         let clock = Instant::now();
+        let mut contacted = false;
         let result = match self.prepare(job, channel, via) {
             Ok(message) => {
+                contacted = true;
                 let sender = &self.senders[&via];
                 match tokio::time::timeout(self.settings.send_timeout, sender.send(&message)).await
                 {
@@ -200,10 +202,15 @@ impl Dispatcher {
         let latency = clock.elapsed();
         metrics::histogram!("herald_send_duration_seconds", "channel" => via.as_str())
             .record(latency.as_secs_f64());
-        // Only failures that say the channel is unwell count against its breaker.
-        let unwell = matches!(&result, Err(e) if e.retry == Retry::Retryable);
-        if let Some(transition) = self.breakers[&via].record(unwell) {
-            self.announce(via, transition);
+        // Only sends that reached the provider tell the breaker anything, and only
+        // retryable failures say the channel is unwell.
+        if contacted {
+            let unwell = matches!(&result, Err(e) if e.retry == Retry::Retryable);
+            if let Some(transition) = self.breakers[&via].record(unwell) {
+                self.announce(via, transition);
+            }
+        } else if probing {
+            self.breakers[&via].release_probe();
         }
         metrics::gauge!("herald_circuit_state", "channel" => via.as_str())
             .set(self.breakers[&via].gauge());

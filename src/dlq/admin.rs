@@ -301,7 +301,7 @@ async fn mark(
 ) -> anyhow::Result<()> {
     sqlx::query(
         "UPDATE dlq_messages SET status = 'RETRIED', retry_outcome = $3, actioned_by = $2, \
-             actioned_at = now() WHERE id = $1",
+             actioned_at = now() WHERE id = $1 AND status <> 'DISCARDED'",
     )
     .bind(id)
     .bind(actor)

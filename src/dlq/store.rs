@@ -52,35 +52,51 @@ pub async fn store(
         let uuid = |name: &str| text(name).and_then(|v| v.parse::<Uuid>().ok());
         let failed_at = text("X-Failed-At").and_then(|v| v.parse::<DateTime<Utc>>().ok());
         let header_json = serde_json::to_value(&headers)?;
-        let inserted = sqlx::query(
+        let delivery_id = uuid("X-Delivery-Id");
+        // A delivery that fails again after an operator's retry is a new dead letter on the
+        // same row: it becomes PENDING again with the new failure. A copy published twice by
+        // the relay (failed before the retry) changes nothing.
+        let on_conflict = if delivery_id.is_some() {
+            "ON CONFLICT (delivery_id) WHERE delivery_id IS NOT NULL DO UPDATE SET \
+                 status = 'PENDING', retry_outcome = NULL, actioned_by = NULL, actioned_at = NULL, \
+                 topic = EXCLUDED.topic, kafka_partition = EXCLUDED.kafka_partition, \
+                 kafka_offset = EXCLUDED.kafka_offset, headers = EXCLUDED.headers, \
+                 error_class = EXCLUDED.error_class, error_message = EXCLUDED.error_message, \
+                 failed_at = EXCLUDED.failed_at, received_at = now() \
+             WHERE dlq_messages.status = 'RETRIED' AND EXCLUDED.failed_at > dlq_messages.actioned_at"
+        } else {
+            "ON CONFLICT DO NOTHING"
+        };
+        let sql = format!(
             "INSERT INTO dlq_messages (id, domain, topic, kafka_partition, kafka_offset, \
                  message_key, payload, headers, error_class, error_message, failed_channel, \
                  event_id, notification_id, delivery_id, failed_at, original_topic, \
                  original_partition, original_offset) \
              VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18) \
-             ON CONFLICT DO NOTHING",
-        )
-        .bind(Uuid::now_v7())
-        .bind(&domain)
-        .bind(&message.topic)
-        .bind(message.partition)
-        .bind(message.offset)
-        .bind(&message.key)
-        .bind(&message.payload)
-        .bind(header_json)
-        .bind(text("X-Error-Class"))
-        .bind(text("X-Error-Message"))
-        .bind(text("X-Failed-Channel"))
-        .bind(text("X-Event-Id"))
-        .bind(uuid("X-Notification-Id"))
-        .bind(uuid("X-Delivery-Id"))
-        .bind(failed_at)
-        .bind(text("X-Original-Topic"))
-        .bind(text("X-Original-Partition").and_then(|v| v.parse::<i32>().ok()))
-        .bind(text("X-Original-Offset").and_then(|v| v.parse::<i64>().ok()))
-        .execute(&mut *tx)
-        .await
-        .context("Failed to store a dead letter")?;
+             {on_conflict}"
+        );
+        let inserted = sqlx::query(sqlx::AssertSqlSafe(sql))
+            .bind(Uuid::now_v7())
+            .bind(&domain)
+            .bind(&message.topic)
+            .bind(message.partition)
+            .bind(message.offset)
+            .bind(&message.key)
+            .bind(&message.payload)
+            .bind(header_json)
+            .bind(text("X-Error-Class"))
+            .bind(text("X-Error-Message"))
+            .bind(text("X-Failed-Channel"))
+            .bind(text("X-Event-Id"))
+            .bind(uuid("X-Notification-Id"))
+            .bind(delivery_id)
+            .bind(failed_at)
+            .bind(text("X-Original-Topic"))
+            .bind(text("X-Original-Partition").and_then(|v| v.parse::<i32>().ok()))
+            .bind(text("X-Original-Offset").and_then(|v| v.parse::<i64>().ok()))
+            .execute(&mut *tx)
+            .await
+            .context("Failed to store a dead letter")?;
         if inserted.rows_affected() > 0 {
             stored += 1;
             metrics::counter!("herald_dlq_received_total", "domain" => domain).increment(1);

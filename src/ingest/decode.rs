@@ -95,7 +95,7 @@ pub fn decode(bytes: &[u8], max_bytes: usize) -> Result<Event, Poison> {
 }
 
 /// PostgreSQL text and jsonb cannot hold U+0000; such a message could never be stored.
-fn contains_nul(value: &Value) -> bool {
+pub fn contains_nul(value: &Value) -> bool {
     match value {
         Value::String(s) => s.contains('\0'),
         Value::Array(items) => items.iter().any(contains_nul),

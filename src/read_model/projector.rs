@@ -60,18 +60,31 @@ impl Projector {
     /// Applies a batch in one transaction.
     pub async fn apply(&self, messages: &[IncomingMessage]) -> anyhow::Result<Applied> {
         let mut outcome = Applied::default();
-        let mut tx = self.db.begin().await.context("Failed to begin")?;
+        let mut events = Vec::with_capacity(messages.len());
         for message in messages {
-            let Ok(event) = serde_json::from_slice::<DeliveryEventIn>(&message.payload) else {
-                tracing::warn!(topic = %message.topic, offset = message.offset, "not a delivery event; skipped");
-                outcome.unreadable += 1;
-                continue;
-            };
-            if self.apply_one(&mut tx, &event).await? {
+            match serde_json::from_slice::<DeliveryEventIn>(&message.payload) {
+                Ok(event) => events.push(event),
+                Err(_) => {
+                    tracing::warn!(topic = %message.topic, offset = message.offset, "not a delivery event; skipped");
+                    outcome.unreadable += 1;
+                }
+            }
+        }
+        // One lock order for every applier (a delivery's events stay in version order),
+        // so two of them on overlapping batches cannot deadlock.
+        events.sort_by_key(|e| (e.delivery_id, e.version));
+        let mut counts = Counts::new();
+        let mut tx = self.db.begin().await.context("Failed to begin")?;
+        for event in &events {
+            if self.apply_one(&mut tx, event, &mut counts).await? {
                 outcome.applied += 1;
             } else {
                 outcome.stale += 1;
             }
+        }
+        // The hot statistics rows are touched once per batch, in key order.
+        for ((day, channel), (success, failed, skipped)) in counts {
+            add_counts(&mut tx, day, &channel, success, failed, skipped).await?;
         }
         tx.commit()
             .await
@@ -84,7 +97,19 @@ impl Projector {
     }
 
     /// Applies one event; false when the row already is at this version or newer.
-    async fn apply_one(&self, tx: &mut PgConnection, e: &DeliveryEventIn) -> anyhow::Result<bool> {
+    async fn apply_one(
+        &self,
+        tx: &mut PgConnection,
+        e: &DeliveryEventIn,
+        counts: &mut Counts,
+    ) -> anyhow::Result<bool> {
+        // Serialises appliers of one delivery even before its row exists (FOR UPDATE locks
+        // nothing then), so the version guard and the count-once rule hold.
+        sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended($1::text, 0))")
+            .bind(e.delivery_id)
+            .execute(&mut *tx)
+            .await
+            .context("Failed to lock the delivery")?;
         let current: Option<(i64, Option<String>, Option<NaiveDate>)> = sqlx::query_as(
             "SELECT version, counted_status, counted_day FROM notification_log \
              WHERE delivery_id = $1 FOR UPDATE",
@@ -108,7 +133,8 @@ impl Projector {
              ON CONFLICT (delivery_id) DO UPDATE SET status = EXCLUDED.status, \
                  attempts = EXCLUDED.attempts, last_error = EXCLUDED.last_error, \
                  version = EXCLUDED.version, updated_at = EXCLUDED.updated_at, \
-                 completed_at = EXCLUDED.completed_at",
+                 completed_at = EXCLUDED.completed_at \
+             WHERE notification_log.version < EXCLUDED.version",
         )
         .bind(e.delivery_id)
         .bind(e.notification_id)
@@ -130,10 +156,10 @@ impl Projector {
         let (counted, counted_day) = current.map(|(_, s, d)| (s, d)).unwrap_or_default();
         if terminal && counted.as_deref() != Some(e.status.as_str()) {
             if let (Some(old), Some(day)) = (&counted, counted_day) {
-                count(tx, day, &e.channel, old, -1).await?;
+                count(counts, day, &e.channel, old, -1);
             }
             let day = e.updated_at.with_timezone(&self.reporting_tz).date_naive();
-            count(tx, day, &e.channel, &e.status, 1).await?;
+            count(counts, day, &e.channel, &e.status, 1);
             sqlx::query(
                 "UPDATE notification_log SET counted_status = $2, counted_day = $3 WHERE delivery_id = $1",
             )
@@ -148,18 +174,26 @@ impl Projector {
     }
 }
 
-async fn count(
+/// Changes to delivery_stats gathered over a batch: (success, failed, skipped) per key.
+type Counts = std::collections::BTreeMap<(NaiveDate, String), (i64, i64, i64)>;
+
+fn count(counts: &mut Counts, day: NaiveDate, channel: &str, status: &str, delta: i64) {
+    let entry = counts.entry((day, channel.to_owned())).or_default();
+    match status {
+        "SUCCESS" => entry.0 += delta,
+        "FAILED" => entry.1 += delta,
+        _ => entry.2 += delta,
+    }
+}
+
+async fn add_counts(
     tx: &mut PgConnection,
     day: NaiveDate,
     channel: &str,
-    status: &str,
-    delta: i64,
+    success: i64,
+    failed: i64,
+    skipped: i64,
 ) -> anyhow::Result<()> {
-    let (success, failed, skipped) = match status {
-        "SUCCESS" => (delta, 0, 0),
-        "FAILED" => (0, delta, 0),
-        _ => (0, 0, delta),
-    };
     sqlx::query(
         "INSERT INTO delivery_stats (day, channel, success, failed, skipped) VALUES ($1, $2, $3, $4, $5) \
          ON CONFLICT (day, channel) DO UPDATE SET success = delivery_stats.success + EXCLUDED.success, \

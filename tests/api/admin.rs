@@ -216,3 +216,66 @@ async fn discard_hides_a_dead_letter_from_the_default_list_and_retry_all_reports
     let bad = admin(&app, reqwest::Method::GET, "/api/v1/admin/dlq?status=LOST").await;
     assert_eq!(bad.status(), 400);
 }
+
+#[tokio::test]
+async fn a_delivery_that_fails_again_after_a_retry_is_pending_again_in_the_list() {
+    let slack = MockServer::start().await;
+    Mock::given(method("POST"))
+        .respond_with(ResponseTemplate::new(404))
+        .mount(&slack)
+        .await;
+    let url = format!("{}/slack", slack.uri());
+    let app = spawn_app_with(move |s| {
+        s.channels.slack_webhook_url = Some(url.into());
+        s.admin.token = Some(TOKEN.to_owned().into());
+    })
+    .await;
+    let response = app
+        .post_json(
+            "/api/v1/notifications",
+            &json!({ "eventType": "SYSTEM_INCIDENT", "data": { "title": "t", "severity": "minor" } }),
+            &[],
+        )
+        .await;
+    assert_eq!(response.status(), 202);
+    wait_until(40, "the dead letter is stored", || async {
+        dead_letters(&app, "?status=PENDING").await.len() == 1
+    })
+    .await;
+    let id = dead_letters(&app, "").await[0]["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+
+    let retried = admin(
+        &app,
+        reqwest::Method::POST,
+        &format!("/api/v1/admin/dlq/{id}/retry"),
+    )
+    .await;
+    assert_eq!(retried.status(), 200);
+
+    wait_until(
+        40,
+        "the new failure puts the dead letter back to PENDING",
+        || async {
+            let letter: Value = admin(
+                &app,
+                reqwest::Method::GET,
+                &format!("/api/v1/admin/dlq/{id}"),
+            )
+            .await
+            .json()
+            .await
+            .unwrap();
+            letter["status"] == "PENDING" && letter["actionedBy"].is_null()
+        },
+    )
+    .await;
+    assert_eq!(
+        dead_letters(&app, "").await.len(),
+        1,
+        "still one row for the delivery"
+    );
+    assert_eq!(slack.received_requests().await.unwrap().len(), 2);
+}

@@ -180,6 +180,10 @@ async fn bad_requests_get_400_with_the_error_body_and_store_nothing() {
             "invalid",
         ),
         (json!("just a string"), "invalid"),
+        (
+            json!({ "userId": 1, "eventType": "ORDER_SHIPPED", "data": { "note": "a\u{0}b" } }),
+            "NUL",
+        ),
     ];
     for (request, hint) in cases {
         let response = app.post_json("/api/v1/notifications", &request, &[]).await;

@@ -290,6 +290,7 @@ async fn history_pages_with_a_cursor_filters_and_refuses_bad_queries() {
         "/api/v1/dashboard/delivery?from=2026-11-20&to=2026-11-01",
         "/api/v1/dashboard/delivery?from=2020-01-01&to=2026-01-01",
         "/api/v1/dashboard/delivery/failures?limit=100000",
+        "/api/v1/dashboard/delivery?to=-262144-01-03",
     ] {
         let response = app.get(bad).await;
         assert_eq!(response.status(), 400, "{bad}");
