@@ -13,9 +13,10 @@ use redis::{Script, aio::ConnectionManager};
 
 use crate::{config::RateLimit, domain::Channel};
 
-/// Kept on top of the window, so that sends started just inside it cannot reach the
-/// provider inside one window of its clock because of network jitter.
-const GUARD: Duration = Duration::from_millis(50);
+/// Kept on top of the window, so that sends admitted just inside it cannot reach the
+/// provider inside one window of its clock because one of them was slower on the way
+/// (a loaded host, a GC pause at the provider). Negligible against minute-long windows.
+const GUARD: Duration = Duration::from_millis(250);
 
 const SCRIPT: &str = r#"
 local key = KEYS[1]
