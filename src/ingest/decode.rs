@@ -308,3 +308,85 @@ mod tests {
         assert_eq!(event.recipient.locale, None);
     }
 }
+
+#[cfg(test)]
+mod properties {
+    //! Hostile input: whatever the bytes, the decoder answers with an event or a poison
+    //! class, and never panics.
+    use proptest::prelude::*;
+    use serde_json::{Value, json};
+
+    use super::{PoisonClass, decode};
+
+    const LIMIT: usize = 64 * 1024;
+
+    fn json_value() -> impl Strategy<Value = Value> {
+        let leaf = prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::Bool),
+            any::<i64>().prop_map(|n| json!(n)),
+            any::<u64>().prop_map(|n| json!(n)),
+            any::<f64>()
+                .prop_filter("finite", |f| f.is_finite())
+                .prop_map(|f| json!(f)),
+            ".{0,40}".prop_map(Value::String),
+        ];
+        leaf.prop_recursive(6, 64, 8, |inner| {
+            prop_oneof![
+                prop::collection::vec(inner.clone(), 0..8).prop_map(Value::Array),
+                prop::collection::btree_map(".{0,12}", inner, 0..8)
+                    .prop_map(|m| Value::Object(m.into_iter().collect())),
+            ]
+        })
+    }
+
+    proptest! {
+        #[test]
+        fn arbitrary_bytes_never_panic(bytes in prop::collection::vec(any::<u8>(), 0..2048)) {
+            let _ = decode(&bytes, LIMIT);
+        }
+
+        #[test]
+        fn arbitrary_json_is_an_event_or_poison(value in json_value()) {
+            let _ = decode(value.to_string().as_bytes(), LIMIT);
+        }
+
+        #[test]
+        fn wrong_types_in_any_envelope_field_are_invalid_or_missing(
+            field in prop::sample::select(vec!["eventId", "eventType", "occurredAt", "userId", "recipient", "data"]),
+            value in json_value(),
+        ) {
+            let mut envelope = json!({
+                "eventId": "e-1",
+                "eventType": "ORDER_SHIPPED",
+                "occurredAt": "2026-11-21T09:30:00Z",
+                "userId": 7,
+                "recipient": { "email": "a@b.co" },
+                "data": {}
+            });
+            envelope[field] = value;
+            match decode(envelope.to_string().as_bytes(), LIMIT) {
+                Ok(event) => prop_assert_eq!(event.user_id.get() > 0, true),
+                Err(poison) => prop_assert!(matches!(
+                    poison.class,
+                    PoisonClass::InvalidField | PoisonClass::MissingField
+                ), "{:?}", poison),
+            }
+        }
+
+        #[test]
+        fn any_data_object_of_a_valid_envelope_decodes(data in prop::collection::btree_map("[a-zA-Z]{1,10}", json_value(), 0..6)) {
+            let data: serde_json::Map<String, Value> = data.into_iter().collect();
+            let nul = data.values().any(super::contains_nul);
+            let envelope = json!({
+                "eventId": "e-1",
+                "eventType": "ORDER_SHIPPED",
+                "occurredAt": "2026-11-21T09:30:00Z",
+                "userId": 7,
+                "data": data
+            });
+            let decoded = decode(envelope.to_string().as_bytes(), LIMIT);
+            prop_assert_eq!(decoded.is_ok(), !nul);
+        }
+    }
+}

@@ -7,6 +7,7 @@ mod dispatch;
 mod docs;
 mod health;
 mod helpers;
+mod hostile;
 mod ingest;
 mod intake;
 mod metrics;
