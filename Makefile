@@ -1,6 +1,6 @@
 # Herald's two commands, and the few around them. See README.md.
 .DEFAULT_GOAL := help
-.PHONY: help run demo test stop status fmt lint
+.PHONY: help run demo test bench stop status fmt lint
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
@@ -13,6 +13,9 @@ demo: ## Publish the sample events to the stack of `make run` (run it first)
 
 test: ## The same provisioning on separate ports and dirs, then the whole test suite
 	@scripts/test.sh
+
+bench: ## Benchmarks (release build) on the test stack; figures in bench/results/
+	@scripts/bench.sh
 
 stop: ## Stop both local stacks (make run's and make test's)
 	@scripts/stack.sh down run
