@@ -49,6 +49,16 @@ impl CircuitBreaker {
         }
     }
 
+    /// How long the breaker will refuse sends from now, without taking a probe permit:
+    /// `None` when a send (or a probe) would be let through.
+    pub fn refusing_for(&self) -> Option<Duration> {
+        match *self.state.lock().unwrap_or_else(|e| e.into_inner()) {
+            State::Open { until } => until.checked_duration_since(Instant::now()),
+            State::HalfOpen { probe_out: true } => Some(Duration::from_secs(1)),
+            _ => None,
+        }
+    }
+
     /// Asks to send.
     pub fn permit(&self) -> Permit {
         let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());

@@ -62,18 +62,46 @@ async fn channel_loop(
         }
         // Registered before claiming, so a NOTIFY that lands during the claim still wakes us.
         let notified = wake.notified();
-        match dispatcher
-            .claim(channel, free.min(dispatcher.settings.claim_batch))
-            .await
+        // Claim only what can go out now: an open breaker without a fallback, or a full
+        // rate-limit window, would otherwise claim and defer the backlog over and over.
+        let mut room = free.min(dispatcher.settings.claim_batch);
+        let mut hold = None;
+        if let Some(wait) = dispatcher.breakers[&channel].refusing_for()
+            && !dispatcher.has_fallback(channel)
         {
+            hold = Some(wait);
+        } else if let Some(limit) = dispatcher.settings.rate_limits.get(&channel).copied()
+            && let Some((open, wait)) = dispatcher.limiter.room(channel, limit).await
+        {
+            if open == 0 {
+                hold = Some(wait);
+            }
+            room = room.min(open as usize);
+        }
+        if let Some(wait) = hold {
+            tokio::select! {
+                () = tokio::time::sleep(wait.clamp(Duration::from_millis(5), SWEEP)) => {}
+                () = shutdown.cancelled() => break,
+            }
+            continue;
+        }
+        match dispatcher.claim(channel, room).await {
             Ok(jobs) if !jobs.is_empty() => {
                 for job in jobs {
+                    let admitted = match dispatcher.admit(&job).await {
+                        Ok(Ok(admitted)) => admitted,
+                        Ok(Err(_deferred)) => continue,
+                        Err(error) => {
+                            tracing::error!(delivery = %job.delivery_id, error = format!("{error:#}"), "cannot admit a delivery");
+                            continue;
+                        }
+                    };
                     let Ok(permit) = slots.clone().acquire_owned().await else {
                         break;
                     };
                     let dispatcher = dispatcher.clone();
                     in_flight.spawn(async move {
-                        if let Err(error) = dispatcher.execute(&job).await {
+                        if let Err(error) = dispatcher.send(&job, admitted).await {
                             // The send is recorded by the lease: it will be claimed again.
                             tracing::error!(delivery = %job.delivery_id, error = format!("{error:#}"), "cannot record a delivery");
                         }

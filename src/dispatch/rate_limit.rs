@@ -35,6 +35,19 @@ local oldest = redis.call('ZRANGE', key, 0, 0, 'WITHSCORES')
 return math.max(1, tonumber(oldest[2]) + window - now + 1)
 "#;
 
+const PEEK: &str = r#"
+local key = KEYS[1]
+local limit = tonumber(ARGV[1])
+local window = tonumber(ARGV[2])
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+redis.call('ZREMRANGEBYSCORE', key, '-inf', now - window)
+local used = redis.call('ZCARD', key)
+if used < limit then return {limit - used, 0} end
+local oldest = redis.call('ZRANGE', key, 0, 0, 'WITHSCORES')
+return {0, math.max(1, tonumber(oldest[2]) + window - now + 1)}
+"#;
+
 /// What the limiter says about one send.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Admission {
@@ -50,6 +63,7 @@ pub struct RateLimiter {
     redis: ConnectionManager,
     key_prefix: String,
     script: Script,
+    peek: Script,
 }
 
 impl RateLimiter {
@@ -58,6 +72,27 @@ impl RateLimiter {
             redis,
             key_prefix,
             script: Script::new(SCRIPT),
+            peek: Script::new(PEEK),
+        }
+    }
+
+    /// How many sends the window has room for now, and if none, how long until it has:
+    /// lets the dispatcher claim only what it can send instead of claiming and deferring.
+    /// `None` when Redis cannot answer (the per-send check then decides, failing open).
+    pub async fn room(&self, channel: Channel, limit: RateLimit) -> Option<(u32, Duration)> {
+        let mut conn = self.redis.clone();
+        let answer = tokio::time::timeout(
+            Duration::from_millis(500),
+            self.peek
+                .key(format!("{}ratelimit:{channel}", self.key_prefix))
+                .arg(limit.limit)
+                .arg((limit.window + GUARD).as_millis() as u64)
+                .invoke_async::<(u32, u64)>(&mut conn),
+        )
+        .await;
+        match answer {
+            Ok(Ok((free, wait_ms))) => Some((free, Duration::from_millis(wait_ms))),
+            _ => None,
         }
     }
 

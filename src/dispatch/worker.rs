@@ -65,6 +65,17 @@ pub enum Outcome {
     LeaseLost,
 }
 
+/// A delivery cleared to go out now.
+#[derive(Debug, Clone, Copy)]
+pub struct Admitted {
+    /// The delivery's own channel.
+    pub channel: Channel,
+    /// The channel it goes out on (a fallback while `channel`'s breaker is open).
+    pub via: Channel,
+    /// It is the breaker's half-open probe.
+    pub probing: bool,
+}
+
 /// Everything the dispatcher needs. Shared by the channel loops.
 pub struct Dispatcher {
     pub db: PgPool,
@@ -155,18 +166,21 @@ impl Dispatcher {
         Ok(jobs)
     }
 
-    /// Sends one claimed delivery and records what happened.
-    pub async fn execute(&self, job: &Job) -> anyhow::Result<Outcome> {
+    /// Decides whether a claimed delivery goes out now and on which channel (circuit
+    /// breaker, fallback, rate limit), or defers it. The channel loops run this in turn
+    /// for each claimed delivery before sending them concurrently, so the rate-limit
+    /// window they read before claiming already counts the sends they started.
+    pub async fn admit(&self, job: &Job) -> anyhow::Result<Result<Admitted, Outcome>> {
         let channel: Channel = job.channel.parse().map_err(anyhow::Error::msg)?;
         let (via, breaker_permit) = match self.breakers[&channel].permit() {
             Permit::Refuse(wait) => match self.fallback_for(channel) {
                 Some(fallback) => (fallback, self.breakers[&fallback].permit()),
-                None => return self.defer(job, wait, "circuit open").await,
+                None => return Ok(Err(self.defer(job, wait, "circuit open").await?)),
             },
             permit => (channel, permit),
         };
         if let Permit::Refuse(wait) = breaker_permit {
-            return self.defer(job, wait, "circuit open").await;
+            return Ok(Err(self.defer(job, wait, "circuit open").await?));
         }
         let probing = breaker_permit == Permit::Probe;
         if let Some(limit) = self.settings.rate_limits.get(&via).copied() {
@@ -177,10 +191,23 @@ impl Dispatcher {
                 }
                 metrics::counter!("herald_rate_limited_total", "channel" => via.as_str())
                     .increment(1);
-                return self.defer(job, wait, "rate limited").await;
+                return Ok(Err(self.defer(job, wait, "rate limited").await?));
             }
         }
+        Ok(Ok(Admitted {
+            channel,
+            via,
+            probing,
+        }))
+    }
 
+    /// Sends an admitted delivery and records the outcome.
+    pub async fn send(&self, job: &Job, admitted: Admitted) -> anyhow::Result<Outcome> {
+        let Admitted {
+            channel,
+            via,
+            probing,
+        } = admitted;
         let started_at = Utc::now();
         let clock = Instant::now();
         let mut contacted = false;
@@ -216,6 +243,11 @@ impl Dispatcher {
             .set(self.breakers[&via].gauge());
         self.finish(job, channel, via, result, started_at, latency)
             .await
+    }
+
+    /// True when the channel's deliveries can go out elsewhere while its breaker is open.
+    pub fn has_fallback(&self, channel: Channel) -> bool {
+        self.fallback_for(channel).is_some()
     }
 
     fn fallback_for(&self, channel: Channel) -> Option<Channel> {

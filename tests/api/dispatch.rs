@@ -541,3 +541,49 @@ async fn taking_in_a_notification_wakes_the_dispatchers_through_notify() {
         "no NOTIFY after the intake committed: {woken:?}"
     );
 }
+
+#[tokio::test]
+async fn a_full_rate_limit_window_holds_deliveries_back_instead_of_claiming_and_deferring_them() {
+    let gateway = MockServer::start().await;
+    Mock::given(method("POST"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(json!({ "messageId": "m" })))
+        .mount(&gateway)
+        .await;
+    let url = format!("{}/sms", gateway.uri());
+    let app = spawn_app_with(move |s| {
+        s.channels.sms_gateway_url = Some(url.parse().unwrap());
+        s.dispatch.rate_limits.insert(
+            Channel::Sms,
+            RateLimit {
+                limit: 2,
+                window: Duration::from_secs(1),
+            },
+        );
+    })
+    .await;
+    for i in 0..6 {
+        notify(
+            &app,
+            json!({ "recipient": { "phone": "+821012345678" }, "channels": ["SMS"], "subject": "s", "body": format!("b{i}") }),
+        )
+        .await;
+    }
+    wait_until(30, "every SMS is sent", || async {
+        let sent: i64 =
+            sqlx::query_scalar("SELECT count(*) FROM deliveries WHERE status = 'SUCCESS'")
+                .fetch_one(&app.db)
+                .await
+                .unwrap();
+        sent == 6
+    })
+    .await;
+
+    // PENDING, PROCESSING, SUCCESS for each: no PROCESSING -> PENDING round trips.
+    let events: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM outbox WHERE kind = 'delivery_event'")
+            .fetch_one(&app.db)
+            .await
+            .unwrap();
+    assert_eq!(events, 18);
+    assert_eq!(gateway.received_requests().await.unwrap().len(), 6);
+}
