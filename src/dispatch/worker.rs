@@ -117,6 +117,7 @@ impl Dispatcher {
                   due AS (SELECT id FROM pending UNION SELECT id FROM expired) \
              UPDATE deliveries d SET status = 'PROCESSING', \
                  lease_until = now() + $3 * interval '1 millisecond', \
+                 attempts = d.attempts + CASE WHEN d.status = 'PROCESSING' THEN 1 ELSE 0 END, \
                  updated_at = now(), version = d.version + 1 \
              FROM due WHERE d.id = due.id \
              RETURNING d.id, d.version, d.updated_at",
@@ -172,6 +173,30 @@ impl Dispatcher {
     /// window they read before claiming already counts the sends they started.
     pub async fn admit(&self, job: &Job) -> anyhow::Result<Result<Admitted, Outcome>> {
         let channel: Channel = job.channel.parse().map_err(anyhow::Error::msg)?;
+        // A reclaim counts the attempt its dead worker may have made: a delivery whose
+        // workers keep dying ends in the DLQ instead of being sent again and again.
+        if (job.attempts - job.retry_base) as u32 > self.settings.max_retries {
+            let error = SendError::permanent(
+                "lease_expired",
+                "its workers stopped before recording the outcome, more often than retries allow",
+            );
+            // Recorded as the lost attempt itself, not as one more.
+            let lost = Job {
+                attempts: job.attempts - 1,
+                ..job.clone()
+            };
+            let outcome = self
+                .finish(
+                    &lost,
+                    channel,
+                    channel,
+                    Err(error),
+                    Utc::now(),
+                    Duration::ZERO,
+                )
+                .await?;
+            return Ok(Err(outcome));
+        }
         let (via, breaker_permit) = match self.breakers[&channel].permit() {
             Permit::Refuse(wait) => match self.fallback_for(channel) {
                 Some(fallback) => (fallback, self.breakers[&fallback].permit()),

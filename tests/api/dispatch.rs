@@ -587,3 +587,39 @@ async fn a_full_rate_limit_window_holds_deliveries_back_instead_of_claiming_and_
     assert_eq!(events, 18);
     assert_eq!(gateway.received_requests().await.unwrap().len(), 6);
 }
+
+#[tokio::test]
+async fn a_delivery_whose_workers_keep_dying_ends_in_the_dlq_instead_of_being_resent() {
+    let front = spawn_front_half(|_| {}).await;
+    let delivery = notify(
+        &front,
+        json!({ "userId": 6, "channels": ["IN_APP"], "eventType": "ORDER_SHIPPED", "data": { "orderId": "o-6" } }),
+    )
+    .await[0]
+        .1;
+    // Three attempts made, and the worker of the fourth died holding the lease.
+    sqlx::query(
+        "UPDATE deliveries SET status = 'PROCESSING', attempts = 3, \
+         lease_until = now() - interval '1 second' WHERE id = $1",
+    )
+    .bind(delivery)
+    .execute(&front.db)
+    .await
+    .unwrap();
+
+    let dispatcher = spawn_app_on(front.settings.clone(), &[Role::Dispatch]).await;
+    wait_for_delivery(&dispatcher, delivery, "FAILED", 20).await;
+
+    let class: String = sqlx::query_scalar("SELECT error_class FROM deliveries WHERE id = $1")
+        .bind(delivery)
+        .fetch_one(&dispatcher.db)
+        .await
+        .unwrap();
+    assert_eq!(class, "lease_expired");
+    let letters = dispatcher.dead_letters().await;
+    assert_eq!(letters.len(), 1);
+    assert_eq!(
+        letters[0].1["X-Retry-Count"], "3",
+        "four attempts, three retries"
+    );
+}
