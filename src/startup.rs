@@ -87,10 +87,10 @@ impl Application {
         let mut roles = roles.to_vec();
         roles.sort();
         roles.dedup();
-        log_disabled_channels(&settings);
         let grace_period = settings.shutdown.grace_period;
         let channel_enabled: Arc<dyn Fn(Channel) -> bool + Send + Sync> =
             Arc::new(intake::channel_enabled(&settings));
+        log_disabled_channels(&settings, &*channel_enabled);
         let ingestor = Ingestor {
             db: db.clone(),
             redis: redis.clone(),
@@ -428,18 +428,8 @@ fn is_connection_error(error: &anyhow::Error) -> bool {
 }
 
 /// DESIGN §6: an unset channel endpoint disables that channel, and startup says so.
-fn log_disabled_channels(settings: &Settings) {
-    let channels = &settings.channels;
-    let disabled: Vec<&str> = [
-        ("EMAIL", settings.smtp.url.is_none()),
-        ("SLACK", channels.slack_webhook_url.is_none()),
-        ("SMS", channels.sms_gateway_url.is_none()),
-        ("KAKAOTALK", channels.kakaotalk_gateway_url.is_none()),
-        ("PUSH", channels.push_gateway_url.is_none()),
-    ]
-    .into_iter()
-    .filter_map(|(name, off)| off.then_some(name))
-    .collect();
+fn log_disabled_channels(settings: &Settings, enabled: &dyn Fn(Channel) -> bool) {
+    let disabled: Vec<Channel> = Channel::ALL.into_iter().filter(|c| !enabled(*c)).collect();
     if !disabled.is_empty() {
         tracing::info!(
             channels = ?disabled,

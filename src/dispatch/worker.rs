@@ -34,6 +34,9 @@ pub struct Job {
     /// Attempts made before the current retry budget began (an operator's retry).
     pub retry_base: i32,
     pub lease_until: DateTime<Utc>,
+    /// The version and time of the claim (the PROCESSING state).
+    pub version: i64,
+    pub updated_at: DateTime<Utc>,
     pub created_at: DateTime<Utc>,
     pub domain: String,
     pub event_id: Option<String>,
@@ -107,7 +110,7 @@ impl Dispatcher {
     /// with an expired lease) and marks them PROCESSING under a fresh lease.
     pub async fn claim(&self, channel: Channel, limit: usize) -> anyhow::Result<Vec<Job>> {
         let mut tx = self.db.begin().await.context("Failed to begin a claim")?;
-        let claimed: Vec<(Uuid, i64, DateTime<Utc>)> = sqlx::query_as(
+        let ids: Vec<Uuid> = sqlx::query_scalar(
             "WITH pending AS (SELECT id FROM deliveries WHERE channel = $1 \
                       AND status = 'PENDING' AND next_attempt_at <= now() \
                       ORDER BY next_attempt_at LIMIT $2 FOR UPDATE SKIP LOCKED), \
@@ -120,7 +123,7 @@ impl Dispatcher {
                  attempts = d.attempts + CASE WHEN d.status = 'PROCESSING' THEN 1 ELSE 0 END, \
                  updated_at = now(), version = d.version + 1 \
              FROM due WHERE d.id = due.id \
-             RETURNING d.id, d.version, d.updated_at",
+             RETURNING d.id",
         )
         .bind(channel.as_str())
         .bind(limit as i64)
@@ -128,13 +131,12 @@ impl Dispatcher {
         .fetch_all(&mut *tx)
         .await
         .context("Failed to claim deliveries")?;
-        if claimed.is_empty() {
+        if ids.is_empty() {
             return Ok(Vec::new());
         }
-        let ids: Vec<Uuid> = claimed.iter().map(|c| c.0).collect();
         let jobs: Vec<Job> = sqlx::query_as(
             "SELECT d.id AS delivery_id, d.notification_id, d.channel, d.address, d.attempts, \
-                 d.retry_base, d.lease_until, d.created_at, n.domain, n.event_id, n.event_type, n.user_id, \
+                 d.retry_base, d.lease_until, d.version, d.updated_at, d.created_at, n.domain, n.event_id, n.event_type, n.user_id, \
                  n.locale, n.data, n.subject, n.body, n.recipient, n.raw_event, n.source_topic, \
                  n.source_partition, n.source_offset, n.occurred_at \
              FROM deliveries d JOIN notifications n ON n.id = d.notification_id \
@@ -144,21 +146,16 @@ impl Dispatcher {
         .fetch_all(&mut *tx)
         .await
         .context("Failed to load claimed deliveries")?;
-        let versions: HashMap<Uuid, (i64, DateTime<Utc>)> = claimed
-            .into_iter()
-            .map(|(id, v, at)| (id, (v, at)))
-            .collect();
         let events: Vec<OutboxMessage> = jobs
             .iter()
             .map(|job| {
-                let (version, at) = versions[&job.delivery_id];
                 self.event(
                     job,
                     DeliveryStatus::Processing,
                     job.attempts,
                     None,
-                    version,
-                    at,
+                    job.version,
+                    job.updated_at,
                 )
             })
             .collect();
@@ -412,65 +409,42 @@ impl Dispatcher {
             Err(_) => ("PERMANENT", DeliveryStatus::Failed),
         };
         let error = result.as_ref().err();
-        let row: Option<(i64, DateTime<Utc>)> =
-            match (&result, status) {
-                (Ok(receipt), _) => sqlx::query_as(
-                    "UPDATE deliveries SET status = 'SUCCESS', attempts = $3, lease_until = NULL, \
-                     provider_ref = $4, sent_via = $5, last_error = NULL, error_class = NULL, \
-                     completed_at = now(), updated_at = now(), version = version + 1 \
-                 WHERE id = $1 AND status = 'PROCESSING' AND lease_until = $2 \
-                 RETURNING version, updated_at",
-                )
-                .bind(job.delivery_id)
-                .bind(job.lease_until)
-                .bind(attempt)
-                .bind(&receipt.provider_ref)
-                .bind(sent_via)
-                .fetch_optional(&mut *tx)
-                .await,
-                (Err(e), DeliveryStatus::Pending) => {
-                    let delay = self
-                        .backoff(retries_made as u32 + 1)
-                        .max(e.retry_after.unwrap_or_default());
-                    sqlx::query_as(
-                    "UPDATE deliveries SET status = 'PENDING', attempts = $3, lease_until = NULL, \
-                         next_attempt_at = now() + $4 * interval '1 millisecond', \
-                         last_error = $5, error_class = $6, sent_via = $7, \
-                         updated_at = now(), version = version + 1 \
-                     WHERE id = $1 AND status = 'PROCESSING' AND lease_until = $2 \
-                     RETURNING version, updated_at",
-                )
-                .bind(job.delivery_id)
-                .bind(job.lease_until)
-                .bind(attempt)
-                .bind(delay.as_millis() as i64)
-                .bind(&e.message)
-                .bind(e.class)
-                .bind(sent_via)
-                .fetch_optional(&mut *tx)
-                .await
-                }
-                (Err(e), _) => sqlx::query_as(
-                    "UPDATE deliveries SET status = 'FAILED', attempts = $3, lease_until = NULL, \
-                     last_error = $4, error_class = $5, sent_via = $6, completed_at = now(), \
-                     updated_at = now(), version = version + 1 \
-                 WHERE id = $1 AND status = 'PROCESSING' AND lease_until = $2 \
-                 RETURNING version, updated_at",
-                )
-                .bind(job.delivery_id)
-                .bind(job.lease_until)
-                .bind(attempt)
-                .bind(&e.message)
-                .bind(if e.retry == Retry::Retryable {
-                    "retries_exhausted"
-                } else {
-                    e.class
-                })
-                .bind(sent_via)
-                .fetch_optional(&mut *tx)
-                .await,
-            }
-            .context("Failed to record a send")?;
+        // A retryable failure with no retries left is dead-lettered as `retries_exhausted`.
+        let class = error.map(|e| match (e.retry, status) {
+            (Retry::Retryable, DeliveryStatus::Failed) => "retries_exhausted",
+            _ => e.class,
+        });
+        let retry_in_ms = match (error, status) {
+            (Some(e), DeliveryStatus::Pending) => Some(
+                self.backoff(retries_made as u32 + 1)
+                    .max(e.retry_after.unwrap_or_default())
+                    .as_millis() as i64,
+            ),
+            _ => None,
+        };
+        let provider_ref = result.as_ref().ok().and_then(|r| r.provider_ref.as_deref());
+        let row: Option<(i64, DateTime<Utc>)> = sqlx::query_as(
+            "UPDATE deliveries SET status = $3, attempts = $4, lease_until = NULL, \
+                 next_attempt_at = COALESCE(now() + $5 * interval '1 millisecond', next_attempt_at), \
+                 last_error = $6, error_class = $7, sent_via = $8, \
+                 provider_ref = CASE WHEN $3 = 'SUCCESS' THEN $9 ELSE provider_ref END, \
+                 completed_at = CASE WHEN $3 = 'PENDING' THEN completed_at ELSE now() END, \
+                 updated_at = now(), version = version + 1 \
+             WHERE id = $1 AND status = 'PROCESSING' AND lease_until = $2 \
+             RETURNING version, updated_at",
+        )
+        .bind(job.delivery_id)
+        .bind(job.lease_until)
+        .bind(status.as_str())
+        .bind(attempt)
+        .bind(retry_in_ms)
+        .bind(error.map(|e| e.message.as_str()))
+        .bind(class)
+        .bind(sent_via)
+        .bind(provider_ref)
+        .fetch_optional(&mut *tx)
+        .await
+        .context("Failed to record a send")?;
         let Some((version, at)) = row else {
             metrics::counter!("herald_lease_lost_total", "channel" => channel.as_str())
                 .increment(1);
@@ -500,12 +474,7 @@ impl Dispatcher {
             version,
             at,
         )];
-        if status == DeliveryStatus::Failed {
-            let class = match error {
-                Some(e) if e.retry == Retry::Retryable => "retries_exhausted",
-                Some(e) => e.class,
-                None => "unknown",
-            };
+        if let (DeliveryStatus::Failed, Some(class)) = (status, class) {
             messages.push(self.dead_letter(job, channel, class, error, retries_made as u32));
         }
         outbox::insert(&mut tx, &messages).await?;

@@ -55,6 +55,9 @@ pub struct DeadLetterView {
     pub payload: String,
     #[serde(skip)]
     pub payload_bytes: Vec<u8>,
+    /// The dead-lettered key, for re-ingestion.
+    #[serde(skip)]
+    pub message_key: Option<Vec<u8>>,
     pub actioned_by: Option<String>,
     pub actioned_at: Option<DateTime<Utc>>,
     pub failed_at: Option<DateTime<Utc>>,
@@ -67,7 +70,7 @@ const SELECT: &str = "SELECT m.id, m.domain, m.status, \
              ELSE m.retry_outcome END AS retry_outcome, \
         m.error_class, m.error_message, m.failed_channel, m.event_id, m.notification_id, \
         m.delivery_id, m.original_topic, m.original_partition, m.original_offset, m.topic, \
-        m.headers, m.payload AS payload_bytes, m.actioned_by, m.actioned_at, \
+        m.headers, m.payload AS payload_bytes, m.message_key, m.actioned_by, m.actioned_at, \
         m.failed_at, m.received_at \
     FROM dlq_messages m LEFT JOIN deliveries d ON d.id = m.delivery_id";
 
@@ -258,12 +261,6 @@ async fn reingest(
             letter.id
         )));
     };
-    let raw: (Option<Vec<u8>>, Vec<u8>) =
-        sqlx::query_as("SELECT message_key, payload FROM dlq_messages WHERE id = $1")
-            .bind(letter.id)
-            .fetch_one(&ingestor.db)
-            .await
-            .context("Failed to read the dead letter")?;
     let group = letter
         .headers
         .get("X-Consumer-Group")
@@ -275,8 +272,8 @@ async fn reingest(
         topic,
         partition,
         offset,
-        key: raw.0,
-        payload: raw.1,
+        key: letter.message_key.clone(),
+        payload: letter.payload_bytes.clone(),
         headers: Vec::new(),
     };
     let outcome = ingestor.process(domain, &group, &[message]).await?;

@@ -65,7 +65,7 @@ impl Ingestor {
             .process_together(domain, consumer_group, messages)
             .await
         {
-            Err(error) if is_data_error(&error) && messages.len() > 1 => {
+            Err(error) if is_data_error(&error) => {
                 // A value the database refuses would sink the whole batch for ever: find it
                 // by storing the messages one at a time.
                 tracing::warn!(
@@ -80,10 +80,6 @@ impl Ingestor {
                     total.poison += outcome.poison;
                 }
                 Ok(total)
-            }
-            Err(error) if is_data_error(&error) => {
-                self.process_alone(domain, consumer_group, &messages[0])
-                    .await
             }
             other => other,
         }
