@@ -1,10 +1,10 @@
 //! The DLQ admin API: auth, list, retry, retry-all, discard.
 
+use crate::helpers::{
+    TestApp, envelope, slack_mock, slack_url, spawn_app_with, wait_for_delivery, wait_until,
+};
 use serde_json::{Value, json};
 use uuid::Uuid;
-use wiremock::{Mock, MockServer, ResponseTemplate, matchers::method};
-
-use crate::helpers::{TestApp, envelope, spawn_app_with, wait_for_delivery, wait_until};
 
 const TOKEN: &str = "test-admin-token-0123456789";
 
@@ -16,6 +16,18 @@ async fn admin(app: &TestApp, verb: reqwest::Method, path: &str) -> reqwest::Res
         .send()
         .await
         .unwrap()
+}
+
+async fn dead_letter(app: &TestApp, id: &str) -> Value {
+    admin(
+        app,
+        reqwest::Method::GET,
+        &format!("/api/v1/admin/dlq/{id}"),
+    )
+    .await
+    .json()
+    .await
+    .unwrap()
 }
 
 async fn dead_letters(app: &TestApp, query: &str) -> Vec<Value> {
@@ -56,19 +68,8 @@ async fn missing_or_wrong_tokens_get_401_or_403() {
 
 #[tokio::test]
 async fn a_dead_letter_is_listed_and_its_retry_after_the_fix_sends_only_the_failed_channel() {
-    let slack = MockServer::start().await;
-    Mock::given(method("POST"))
-        .respond_with(ResponseTemplate::new(404))
-        .up_to_n_times(1)
-        .with_priority(1)
-        .mount(&slack)
-        .await;
-    Mock::given(method("POST"))
-        .respond_with(ResponseTemplate::new(200))
-        .with_priority(2)
-        .mount(&slack)
-        .await;
-    let url = format!("{}/slack", slack.uri());
+    let slack = slack_mock(&[(404, Some(1)), (200, None)]).await;
+    let url = slack_url(&slack);
     let app = spawn_app_with(move |s| {
         s.channels.slack_webhook_url = Some(url.into());
         s.admin.token = Some(TOKEN.to_owned().into());
@@ -129,15 +130,7 @@ async fn a_dead_letter_is_listed_and_its_retry_after_the_fix_sends_only_the_fail
         ],
         "only SLACK was sent again"
     );
-    let after: Value = admin(
-        &app,
-        reqwest::Method::GET,
-        &format!("/api/v1/admin/dlq/{id}"),
-    )
-    .await
-    .json()
-    .await
-    .unwrap();
+    let after = dead_letter(&app, id).await;
     assert_eq!(after["status"], "RETRIED");
     assert_eq!(after["retryOutcome"], "SUCCESS");
     assert_eq!(after["actionedBy"], "alice");
@@ -219,12 +212,8 @@ async fn discard_hides_a_dead_letter_from_the_default_list_and_retry_all_reports
 
 #[tokio::test]
 async fn a_delivery_that_fails_again_after_a_retry_is_pending_again_in_the_list() {
-    let slack = MockServer::start().await;
-    Mock::given(method("POST"))
-        .respond_with(ResponseTemplate::new(404))
-        .mount(&slack)
-        .await;
-    let url = format!("{}/slack", slack.uri());
+    let slack = slack_mock(&[(404, None)]).await;
+    let url = slack_url(&slack);
     let app = spawn_app_with(move |s| {
         s.channels.slack_webhook_url = Some(url.into());
         s.admin.token = Some(TOKEN.to_owned().into());
@@ -259,15 +248,7 @@ async fn a_delivery_that_fails_again_after_a_retry_is_pending_again_in_the_list(
         40,
         "the new failure puts the dead letter back to PENDING",
         || async {
-            let letter: Value = admin(
-                &app,
-                reqwest::Method::GET,
-                &format!("/api/v1/admin/dlq/{id}"),
-            )
-            .await
-            .json()
-            .await
-            .unwrap();
+            let letter = dead_letter(&app, &id).await;
             letter["status"] == "PENDING" && letter["actionedBy"].is_null()
         },
     )

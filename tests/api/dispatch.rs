@@ -12,12 +12,12 @@ use serde_json::{Value, json};
 use uuid::Uuid;
 use wiremock::{
     Mock, MockServer, Request, Respond, ResponseTemplate,
-    matchers::{header, header_exists, method, path},
+    matchers::{header, header_exists, method},
 };
 
 use crate::helpers::{
-    TestApp, envelope, read_topic, spawn_app_on, spawn_app_with, spawn_front_half,
-    wait_for_delivery, wait_until,
+    TestApp, envelope, read_topic, slack_mock, spawn_app_on, spawn_app_with, spawn_front_half,
+    wait_for_delivery, wait_until, with_slack,
 };
 
 /// POSTs an intake request and returns the delivery ids by channel.
@@ -50,26 +50,6 @@ async fn attempts_of(app: &TestApp, delivery: Uuid) -> Vec<(i32, DateTime<Utc>, 
     .fetch_all(&app.db)
     .await
     .unwrap()
-}
-
-async fn slack_mock(responses: &[(u16, Option<u64>)]) -> MockServer {
-    let server = MockServer::start().await;
-    for (i, (status, times)) in responses.iter().enumerate() {
-        let mock = Mock::given(method("POST"))
-            .and(path("/slack"))
-            .respond_with(ResponseTemplate::new(*status))
-            .with_priority(i as u8 + 1);
-        match times {
-            Some(n) => mock.up_to_n_times(*n).mount(&server).await,
-            None => mock.mount(&server).await,
-        }
-    }
-    server
-}
-
-fn with_slack(server: &MockServer) -> impl FnOnce(&mut herald::config::Settings) + use<> {
-    let url = format!("{}/slack", server.uri());
-    move |s| s.channels.slack_webhook_url = Some(url.into())
 }
 
 #[tokio::test]

@@ -378,3 +378,35 @@ pub async fn wait_for_delivery(app: &TestApp, delivery_id: Uuid, status: &str, s
     )
     .await;
 }
+
+/// A Slack webhook double at `{uri}/slack`: each `(status, times)` answers that many
+/// requests (`None`: all the rest), in order.
+pub async fn slack_mock(responses: &[(u16, Option<u64>)]) -> wiremock::MockServer {
+    use wiremock::{
+        Mock, MockServer, ResponseTemplate,
+        matchers::{method, path},
+    };
+    let server = MockServer::start().await;
+    for (i, (status, times)) in responses.iter().enumerate() {
+        let mock = Mock::given(method("POST"))
+            .and(path("/slack"))
+            .respond_with(ResponseTemplate::new(*status))
+            .with_priority(i as u8 + 1);
+        match times {
+            Some(n) => mock.up_to_n_times(*n).mount(&server).await,
+            None => mock.mount(&server).await,
+        }
+    }
+    server
+}
+
+/// The webhook URL of a [`slack_mock`].
+pub fn slack_url(server: &wiremock::MockServer) -> String {
+    format!("{}/slack", server.uri())
+}
+
+/// Settings that post Slack messages to a [`slack_mock`].
+pub fn with_slack(server: &wiremock::MockServer) -> impl FnOnce(&mut Settings) + use<> {
+    let url = slack_url(server);
+    move |s| s.channels.slack_webhook_url = Some(url.into())
+}

@@ -4,9 +4,11 @@ use std::time::Duration;
 
 use herald::read_model::Projector;
 use serde_json::{Value, json};
-use wiremock::{Mock, MockServer, ResponseTemplate, matchers::method};
+use wiremock::MockServer;
 
-use crate::helpers::{TestApp, envelope, read_topic, spawn_app_with, wait_until};
+use crate::helpers::{
+    TestApp, envelope, read_topic, slack_mock, spawn_app_with, wait_until, with_slack,
+};
 
 /// Counts per (channel, status) from the write side: what really happened.
 async fn truth(app: &TestApp) -> Vec<(String, String, i64)> {
@@ -31,13 +33,8 @@ async fn stats(app: &TestApp) -> Vec<(String, i64, i64, i64)> {
 /// Publishes a mix with successes, failures (SLACK answers 400) and a skip, and waits until
 /// every delivery is terminal and projected.
 async fn mixed_traffic() -> (TestApp, MockServer) {
-    let slack = MockServer::start().await;
-    Mock::given(method("POST"))
-        .respond_with(ResponseTemplate::new(400))
-        .mount(&slack)
-        .await;
-    let url = format!("{}/slack", slack.uri());
-    let app = spawn_app_with(move |s| s.channels.slack_webhook_url = Some(url.into())).await;
+    let slack = slack_mock(&[(400, None)]).await;
+    let app = spawn_app_with(with_slack(&slack)).await;
     for user in [20, 20, 21] {
         let event = envelope(
             "PAYMENT_FAILED",
