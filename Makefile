@@ -17,9 +17,8 @@ test: ## The same provisioning on separate ports and dirs, then the whole test s
 bench: ## Benchmarks (release build) on the test stack; figures in bench/results/
 	@scripts/bench.sh
 
-stop: ## Stop both local stacks (make run's and make test's)
-	@scripts/stack.sh down run
-	@scripts/stack.sh down test
+stop: ## Stop every local stack (make run's, make test's, make bench's, make test-faults')
+	@for profile in run test bench faults; do scripts/stack.sh down $$profile; done
 
 status: ## Show which services of each stack are up
 	@echo "make run stack:";  scripts/stack.sh status run

@@ -9,9 +9,9 @@ cd "$ROOT"
 events=${1:-100000} backlog=${2:-5000} rate=${3:-200}
 
 scripts/stack.sh install
-scripts/stack.sh up test
+scripts/stack.sh up bench
 while IFS= read -r name; do unset "$name"; done < <(compgen -e | grep '^HERALD_' || true)
-while IFS='=' read -r name value; do export "$name=$value"; done < <(scripts/stack.sh env test)
+while IFS='=' read -r name value; do export "$name=$value"; done < <(scripts/stack.sh env bench)
 export RUST_LOG=${RUST_LOG:-warn}
 
 echo "[bench] building (release)" >&2

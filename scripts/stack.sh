@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The local stack without Docker: PostgreSQL, Redis, Tansu (a Kafka-compatible broker) and
 # MailDev (SMTP sink + web UI), each on loopback, with state under .stack/ (profile "run")
-# or .stack-test/ (profile "test", other ports, so both can run at once).
+# or .stack-test/ (profile "test", other ports, so both can run at once); profiles "bench"
+# and "faults" have their own ports and dirs too, so benchmarks and fault injection never
+# disturb (or get disturbed by) the test suite.
 #
 #   scripts/stack.sh install          install what is missing (idempotent, fast when present)
 #   scripts/stack.sh up     [PROFILE] start what is not running and wait until it is ready
@@ -33,7 +35,15 @@ profile() {
             STACK_DIR=$ROOT/.stack-test
             PG_PORT=15432 REDIS_PORT=16379 KAFKA_PORT=19092 SMTP_PORT=11025 MAILDEV_WEB_PORT=11080
             ;;
-        *) die "unknown profile '$PROFILE' (expected run or test)" ;;
+        bench)
+            STACK_DIR=$ROOT/.stack-bench
+            PG_PORT=25432 REDIS_PORT=26379 KAFKA_PORT=29092 SMTP_PORT=21025 MAILDEV_WEB_PORT=21080
+            ;;
+        faults)
+            STACK_DIR=$ROOT/.stack-faults
+            PG_PORT=35432 REDIS_PORT=36379 KAFKA_PORT=39092 SMTP_PORT=31025 MAILDEV_WEB_PORT=31080
+            ;;
+        *) die "unknown profile '$PROFILE' (expected run, test, bench or faults)" ;;
     esac
     LOG_DIR=$STACK_DIR/logs
 }
@@ -214,7 +224,7 @@ postgres_up() {
         mkdir -p "$home/socket"
         if [[ $(id -u) -eq 0 ]]; then chown postgres: "$home/socket"; fi
         local options="-p $PG_PORT -c listen_addresses=127.0.0.1 -k $home/socket -c max_connections=300"
-        if [[ $PROFILE == test ]]; then
+        if [[ $PROFILE != run ]]; then
             # Test data is disposable: trade durability for speed.
             options+=" -c fsync=off -c synchronous_commit=off -c full_page_writes=off"
         fi
@@ -249,7 +259,7 @@ redis_up() {
         claim_port redis "$REDIS_PORT"
         mkdir -p "$STACK_DIR/redis"
         local persistence=(--save "60 1000" --appendonly no)
-        [[ $PROFILE == test ]] && persistence=(--save "" --appendonly no)
+        [[ $PROFILE != run ]] && persistence=(--save "" --appendonly no)
         log "starting redis on 127.0.0.1:$REDIS_PORT"
         redis-server --bind 127.0.0.1 --port "$REDIS_PORT" --daemonize yes \
             --pidfile "$pidfile" --logfile "$LOG_DIR/redis.log" --dir "$STACK_DIR/redis" \
@@ -351,5 +361,5 @@ case $command in
     down) down ;;
     status) status ;;
     env) env_vars ;;
-    *) die "usage: scripts/stack.sh {install|up|down|status|env} [run|test]" ;;
+    *) die "usage: scripts/stack.sh {install|up|down|status|env} [run|test|bench|faults]" ;;
 esac
