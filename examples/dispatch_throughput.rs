@@ -193,6 +193,7 @@ fn notification(
         origin: None,
         occurred_at: Some(chrono::Utc::now()),
         scheduled_at: None,
+        broadcast_id: None,
     };
     intake::prepare(routing, draft, channels, None, &Default::default(), enabled)
 }

@@ -280,6 +280,7 @@ fn spawn_workers(
             limiter: RateLimiter::new(state.redis.clone(), settings.redis.key_prefix.clone()),
             breakers: Dispatcher::breakers(&settings.dispatch),
             settings: settings.dispatch.clone(),
+            broadcast_share: settings.broadcast.dispatch_share,
             topic_prefix: settings.kafka.topic_prefix.clone(),
             announcer: announcer(state),
         });

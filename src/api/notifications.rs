@@ -424,6 +424,7 @@ fn validate(state: &AppState, request: IntakeRequest) -> Result<(Draft, Vec<Chan
             origin: None,
             occurred_at: Some(now),
             scheduled_at: request.scheduled_at,
+            broadcast_id: None,
         },
         channels,
     ))

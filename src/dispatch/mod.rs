@@ -50,6 +50,9 @@ async fn channel_loop(
     shutdown: CancellationToken,
 ) {
     let slots = Arc::new(Semaphore::new(dispatcher.settings.concurrency));
+    // Broadcast deliveries hold one of these besides their slot: however large a
+    // broadcast's backlog, the rest of the slots stay free for transactional notifications.
+    let broadcast_slots = Arc::new(Semaphore::new(dispatcher.broadcast_concurrency()));
     let in_flight = TaskTracker::new();
     while !shutdown.is_cancelled() {
         let free = slots.available_permits();
@@ -85,7 +88,8 @@ async fn channel_loop(
             }
             continue;
         }
-        match dispatcher.claim(channel, room).await {
+        let broadcast_room = room.min(broadcast_slots.available_permits());
+        match dispatcher.claim(channel, room, broadcast_room).await {
             Ok(jobs) if !jobs.is_empty() => {
                 for job in jobs {
                     let admitted = match dispatcher.admit(&job).await {
@@ -96,6 +100,13 @@ async fn channel_loop(
                             continue;
                         }
                     };
+                    let broadcast_permit = match job.broadcast_id {
+                        Some(_) => match broadcast_slots.clone().acquire_owned().await {
+                            Ok(permit) => Some(permit),
+                            Err(_) => break,
+                        },
+                        None => None,
+                    };
                     let Ok(permit) = slots.clone().acquire_owned().await else {
                         break;
                     };
@@ -105,7 +116,7 @@ async fn channel_loop(
                             // The send is recorded by the lease: it will be claimed again.
                             tracing::error!(delivery = %job.delivery_id, error = format!("{error:#}"), "cannot record a delivery");
                         }
-                        drop(permit);
+                        drop((permit, broadcast_permit));
                     });
                 }
             }
@@ -133,8 +144,12 @@ async fn channel_loop(
 
 /// How long until the channel's next scheduled or retried delivery, at most [`SWEEP`].
 async fn next_due(dispatcher: &Dispatcher, channel: Channel) -> Duration {
+    // Two minima, one per partial index (transactional and broadcast deliveries).
     let next: Option<chrono::DateTime<Utc>> = sqlx::query_scalar(
-        "SELECT min(next_attempt_at) FROM deliveries WHERE channel = $1 AND status = 'PENDING'",
+        "SELECT LEAST((SELECT min(next_attempt_at) FROM deliveries WHERE channel = $1 \
+                 AND status = 'PENDING' AND broadcast_id IS NULL), \
+             (SELECT min(next_attempt_at) FROM deliveries WHERE channel = $1 \
+                 AND status = 'PENDING' AND broadcast_id IS NOT NULL))",
     )
     .bind(channel.as_str())
     .fetch_one(&dispatcher.db)
