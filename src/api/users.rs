@@ -100,16 +100,6 @@ impl ContactBody {
     }
 }
 
-/// One line of an import: a user id and its contact. (Unknown fields are refused by the
-/// flattened `ContactBody`; serde cannot also refuse them here.)
-#[derive(Debug, Deserialize)]
-#[serde(rename_all = "camelCase")]
-struct ImportLine {
-    user_id: i64,
-    #[serde(flatten)]
-    contact: ContactBody,
-}
-
 /// A user's directory entry as the API shows it.
 #[derive(Debug, Serialize)]
 #[serde(rename_all = "camelCase")]
@@ -227,9 +217,20 @@ async fn import(
             if crate::ingest::decode::contains_nul(&value) {
                 return Err("contains a NUL character (\\u0000)".to_owned());
             }
-            let entry: ImportLine = serde_json::from_value(value).map_err(|e| e.to_string())?;
-            let user = UserId::new(entry.user_id).map_err(|m| format!("userId: {m}"))?;
-            Ok((user, entry.contact.parse()?))
+            // A line is a contact body plus its userId (serde's flatten would not refuse
+            // unknown fields, so the id is taken out by hand).
+            let Value::Object(mut fields) = value else {
+                return Err("not a JSON object".to_owned());
+            };
+            let user = fields
+                .remove("userId")
+                .ok_or("userId is missing")?
+                .as_i64()
+                .ok_or("userId must be a positive integer")
+                .and_then(|id| UserId::new(id).map_err(|_| "userId must be a positive integer"))?;
+            let contact: ContactBody =
+                serde_json::from_value(Value::Object(fields)).map_err(|e| e.to_string())?;
+            Ok((user, contact.parse()?))
         });
         match parsed {
             Ok(entry) => good.push(entry),

@@ -121,10 +121,14 @@ async fn channel_loop(
                 }
             }
             Ok(_) => {
-                let wait = next_due(&dispatcher, channel).await;
+                // With the broadcast share in use, due broadcast deliveries wait for one of
+                // its slots, not for their due time (which has passed).
+                let broadcast_full = broadcast_room == 0;
+                let wait = next_due(&dispatcher, channel, !broadcast_full).await;
                 tokio::select! {
                     () = notified => {}
                     () = tokio::time::sleep(wait) => {}
+                    permit = broadcast_slots.acquire(), if broadcast_full => drop(permit),
                     () = shutdown.cancelled() => break,
                 }
             }
@@ -142,22 +146,29 @@ async fn channel_loop(
     tracing::debug!(%channel, "dispatch loop stopped");
 }
 
-/// How long until the channel's next scheduled or retried delivery, at most [`SWEEP`].
-async fn next_due(dispatcher: &Dispatcher, channel: Channel) -> Duration {
+/// How long until the channel's next scheduled or retried delivery (broadcast ones too
+/// when `broadcasts`), at least 5 ms and at most [`SWEEP`]. One that is already due but
+/// was not claimed is locked by another worker's claim, which is over within milliseconds.
+async fn next_due(dispatcher: &Dispatcher, channel: Channel, broadcasts: bool) -> Duration {
     // Two minima, one per partial index (transactional and broadcast deliveries).
     let next: Option<chrono::DateTime<Utc>> = sqlx::query_scalar(
         "SELECT LEAST((SELECT min(next_attempt_at) FROM deliveries WHERE channel = $1 \
                  AND status = 'PENDING' AND broadcast_id IS NULL), \
-             (SELECT min(next_attempt_at) FROM deliveries WHERE channel = $1 \
+             (SELECT min(next_attempt_at) FROM deliveries WHERE channel = $1 AND $2 \
                  AND status = 'PENDING' AND broadcast_id IS NOT NULL))",
     )
     .bind(channel.as_str())
+    .bind(broadcasts)
     .fetch_one(&dispatcher.db)
     .await
     .unwrap_or(None);
-    next.and_then(|at| (at - Utc::now()).to_std().ok())
-        .map_or(SWEEP, |wait| wait.min(SWEEP))
-        .max(Duration::from_millis(5))
+    next.map_or(SWEEP, |at| {
+        (at - Utc::now())
+            .to_std()
+            .unwrap_or(Duration::ZERO)
+            .min(SWEEP)
+    })
+    .max(Duration::from_millis(5))
 }
 
 /// Wakes every loop on each `NOTIFY herald_deliveries`; reconnects when the connection

@@ -139,8 +139,17 @@ impl Timezone {
 
 /// A targeting tag on a user (`vip`, `beta-tester`, `region:seoul`): 1 to 64 characters of
 /// letters, digits and `-_.:`, kept in lower case so that `VIP` and `vip` are one tag.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(try_from = "String")]
 pub struct Tag(String);
+
+impl TryFrom<String> for Tag {
+    type Error = String;
+
+    fn try_from(text: String) -> Result<Self, Self::Error> {
+        Tag::parse(&text)
+    }
+}
 
 impl Tag {
     /// Parses untrusted input.
