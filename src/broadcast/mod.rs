@@ -11,6 +11,7 @@
 //! A cancel (SCHEDULED or RUNNING → CANCELLED) skips every delivery not yet sent and ends
 //! with a `BROADCAST_CANCELLED` event.
 
+pub mod client;
 pub mod fanout;
 
 use std::collections::BTreeMap;

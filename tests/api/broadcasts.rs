@@ -524,3 +524,74 @@ async fn a_dispatcher_killed_mid_broadcast_is_resumed_without_losing_or_duplicat
     .await;
     assert_eq!(events.len(), 1, "one completion event");
 }
+
+#[tokio::test]
+async fn herald_broadcast_creates_follows_and_reports_a_broadcast() {
+    let app = spawn_app().await;
+    import(
+        &app,
+        users_ndjson(1, 30, "cli.example.com"),
+        "application/x-ndjson",
+    )
+    .await;
+    // Blocking, so on a thread of its own: the app under test runs on this test's runtime.
+    let herald = |args: &[&str]| {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_herald"));
+        command
+            .arg("broadcast")
+            .args(args)
+            .args(["--api", &app.address]);
+        tokio::task::spawn_blocking(move || command.output())
+    };
+
+    let output = herald(&[
+        "create",
+        "--tag",
+        "odd",
+        "--channels",
+        "IN_APP",
+        "--subject",
+        "Hello",
+        "--body",
+        "Hi there",
+    ])
+    .await
+    .unwrap()
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(stdout.contains("100.0%  COMPLETED"), "{stdout}");
+    assert!(stdout.contains("COMPLETED in"), "{stdout}");
+    assert!(
+        stdout.contains("15 recipients, 15 deliveries sent, 0 failed"),
+        "{stdout}"
+    );
+    let id = stdout.split_whitespace().nth(1).unwrap().to_owned();
+    assert_eq!(broadcast(&app, &id).await["totals"]["sent"], 15);
+
+    let output = herald(&["cancel", &id]).await.unwrap().unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("409") && stderr.contains("already finished"),
+        "{stderr}"
+    );
+    let output = herald(&[
+        "create",
+        "--user-ids",
+        "1",
+        "--channels",
+        "IN_APP",
+        "--event-type",
+        "NOPE",
+    ])
+    .await
+    .unwrap()
+    .unwrap();
+    assert!(!output.status.success());
+    assert!(String::from_utf8_lossy(&output.stderr).contains("NOPE"));
+}
