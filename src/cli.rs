@@ -31,6 +31,8 @@ pub struct Cli {
 }
 
 /// What to do.
+// Parsed once per process: the size of its largest variant does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run Herald: the HTTP API and the workers of the chosen roles, until SIGINT/SIGTERM.
@@ -68,6 +70,7 @@ pub enum Command {
 
 /// Broadcast commands. `create` and `status --follow` exit 0 when the broadcast
 /// COMPLETED, 1 when it ended FAILED or CANCELLED.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 pub enum BroadcastCommand {
     /// Start a broadcast and follow it with a progress bar (unless --no-follow).
