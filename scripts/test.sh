@@ -23,6 +23,9 @@ psql "$HERALD_DATABASE_URL" -qtAc \
     "SELECT format('DROP DATABASE IF EXISTS %I WITH (FORCE);', datname) FROM pg_database WHERE datname LIKE 'herald_test_%'" \
     | psql "$HERALD_DATABASE_URL" -q >/dev/null
 
+# And the emails they sent: a MailDev holding tens of thousands is slow to read.
+curl -fsS -X DELETE "$MAILDEV_URL/email/all" >/dev/null || echo "[test] could not empty MailDev" >&2
+
 echo "[test] provisioning took $((SECONDS - started)) s" >&2
 cargo test "$@"
 echo "[test] done in $((SECONDS - started)) s" >&2
