@@ -12,7 +12,9 @@ use std::time::{Duration, Instant};
 use serde_json::{Value, json};
 use uuid::Uuid;
 
-use helpers::{envelope, read_topic, slack_mock, spawn_app_with, wait_until, with_slack};
+use helpers::{
+    envelope, maildev_emails, read_topic, slack_mock, spawn_app_with, wait_until, with_slack,
+};
 
 const USERS: i64 = 15_000;
 
@@ -133,13 +135,7 @@ async fn a_broadcast_to_15000_imported_users_completes_while_payment_events_stay
     assert_eq!(totals["channels"]["IN_APP"]["sent"], USERS, "{done}");
 
     // Every email is in MailDev, once.
-    let maildev = std::env::var("MAILDEV_URL").expect("make test exports MAILDEV_URL");
-    let emails: Vec<Value> = reqwest::get(format!("{maildev}/email"))
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let emails = maildev_emails().await;
     let mut ids: Vec<&str> = emails
         .iter()
         .filter(|e| {
@@ -166,6 +162,7 @@ async fn a_broadcast_to_15000_imported_users_completes_while_payment_events_stay
     assert_eq!(event["totals"]["sent"], 2 * USERS);
 
     // Leave MailDev small for whoever reads it next.
+    let maildev = std::env::var("MAILDEV_URL").unwrap();
     reqwest::Client::new()
         .delete(format!("{maildev}/email/all"))
         .send()

@@ -19,7 +19,7 @@ use uuid::Uuid;
 use super::{
     AppState,
     error::{ApiError, ApiPath, ApiQuery},
-    notifications::{Content, bad, check_schedule, hash, idempotency_key, parse_channels},
+    notifications::{Content, bad, check_schedule, idempotency_key, parse_channels, read_request},
 };
 use crate::{
     broadcast::{
@@ -112,17 +112,7 @@ async fn create(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    let body = body?;
-    let value: Value = serde_json::from_slice(&body)
-        .map_err(|e| bad(format!("the body is not valid JSON: {e}")))?;
-    if crate::ingest::decode::contains_nul(&value) {
-        return Err(bad(
-            "the body contains a NUL character (\\u0000), which cannot be stored",
-        ));
-    }
-    let request_hash = hash(&value);
-    let request: BroadcastRequest =
-        serde_json::from_value(value).map_err(|e| bad(format!("invalid request: {e}")))?;
+    let (request, request_hash): (BroadcastRequest, String) = read_request(body)?;
     let new = validate(&state, request, idempotency_key(&headers)?, request_hash)?;
     let (row, replayed) = match broadcast::create(&state.db, &new).await? {
         Created::New(row) => (row, false),

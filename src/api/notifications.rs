@@ -101,17 +101,7 @@ async fn create(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    let body = body?;
-    let value: Value = serde_json::from_slice(&body)
-        .map_err(|e| ApiError::BadRequest(format!("the body is not valid JSON: {e}")))?;
-    if crate::ingest::decode::contains_nul(&value) {
-        return Err(bad(
-            "the body contains a NUL character (\\u0000), which cannot be stored",
-        ));
-    }
-    let request_hash = hash(&value);
-    let request: IntakeRequest = serde_json::from_value(value)
-        .map_err(|e| ApiError::BadRequest(format!("invalid request: {e}")))?;
+    let (request, request_hash): (IntakeRequest, String) = read_request(body)?;
     let key = idempotency_key(&headers)?;
     if let Some(key) = &key
         && let Some(stored) = stored_response(&state, key, &request_hash).await?
@@ -252,9 +242,28 @@ async fn stored_response(
     }
 }
 
+/// Reads a JSON request body into `T`, with the hash that idempotency keys compare. A NUL
+/// character is refused here: PostgreSQL cannot store it.
+pub(super) fn read_request<T: serde::de::DeserializeOwned>(
+    body: Result<Bytes, BytesRejection>,
+) -> Result<(T, String), ApiError> {
+    let body = body?;
+    let value: Value = serde_json::from_slice(&body)
+        .map_err(|e| bad(format!("the body is not valid JSON: {e}")))?;
+    if crate::ingest::decode::contains_nul(&value) {
+        return Err(bad(
+            "the body contains a NUL character (\\u0000), which cannot be stored",
+        ));
+    }
+    let request_hash = hash(&value);
+    let request =
+        serde_json::from_value(value).map_err(|e| bad(format!("invalid request: {e}")))?;
+    Ok((request, request_hash))
+}
+
 /// SHA-256 of the body in a canonical form (object keys sorted, no whitespace), so the same
 /// JSON sent with other formatting or key order is the same request.
-pub(super) fn hash(value: &Value) -> String {
+fn hash(value: &Value) -> String {
     fn canonical(value: &Value, out: &mut String) {
         match value {
             Value::Object(map) => {

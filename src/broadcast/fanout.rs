@@ -18,7 +18,7 @@ use sqlx::{PgConnection, PgPool};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use uuid::Uuid;
 
-use super::{Audience, BroadcastRow, BroadcastStatus, ROW, birth_years, finished_event, totals};
+use super::{Audience, BroadcastRow, BroadcastStatus, birth_years, finished_event, totals};
 use crate::{
     config::BroadcastSettings,
     directory,
@@ -155,14 +155,7 @@ impl Fanout {
     /// One transaction's worth of work on a broadcast.
     async fn step(&self, id: Uuid) -> anyhow::Result<Step> {
         let mut tx = self.db.begin().await.context("Failed to begin a step")?;
-        let row: Option<BroadcastRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
-            "{ROW} WHERE id = $1 FOR UPDATE"
-        )))
-        .bind(id)
-        .fetch_optional(&mut *tx)
-        .await
-        .context("Failed to lock a broadcast")?;
-        let Some(row) = row else {
+        let Some(row) = super::lock(&mut tx, id).await? else {
             return Ok(Step::Done);
         };
         sqlx::query(

@@ -335,6 +335,18 @@ pub fn progress(row: &BroadcastRow, totals: &Totals) -> f64 {
     }
 }
 
+/// Reads a broadcast and locks its row until the transaction ends: whoever changes a
+/// broadcast (a fan-out step, a cancel) holds this lock.
+async fn lock(conn: &mut PgConnection, id: Uuid) -> anyhow::Result<Option<BroadcastRow>> {
+    sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "{ROW} WHERE id = $1 FOR UPDATE"
+    )))
+    .bind(id)
+    .fetch_optional(conn)
+    .await
+    .context("Failed to lock a broadcast")
+}
+
 /// Outcome of a cancel request.
 #[derive(Debug)]
 pub enum Cancelled {
@@ -350,14 +362,7 @@ pub enum Cancelled {
 /// harmless.
 pub async fn cancel(db: &PgPool, id: Uuid, topic_prefix: &str) -> anyhow::Result<Cancelled> {
     let mut tx = db.begin().await.context("Failed to begin a cancel")?;
-    let row: Option<BroadcastRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
-        "{ROW} WHERE id = $1 FOR UPDATE"
-    )))
-    .bind(id)
-    .fetch_optional(&mut *tx)
-    .await
-    .context("Failed to lock a broadcast")?;
-    let Some(row) = row else {
+    let Some(row) = lock(&mut tx, id).await? else {
         return Ok(Cancelled::NotFound);
     };
     match row.status() {

@@ -320,6 +320,19 @@ async fn slow_sms_gateway(delay: Duration) -> wiremock::MockServer {
     server
 }
 
+/// Starts an SMS broadcast to every user tagged `sms`; returns its id.
+async fn sms_broadcast(app: &TestApp) -> String {
+    let (status, created) = create(
+        app,
+        &json!({"audience": {"segment": {"tags": ["sms"]}}, "channels": ["SMS"],
+                "subject": "Notice", "body": "Terms update."}),
+        &[],
+    )
+    .await;
+    assert_eq!(status, 202, "{created}");
+    created["broadcastId"].as_str().unwrap().to_owned()
+}
+
 fn phones_ndjson(count: i64) -> String {
     (1..=count)
         .map(|id| {
@@ -340,14 +353,7 @@ async fn a_cancel_stops_every_delivery_not_yet_sent() {
     })
     .await;
     import(&app, phones_ndjson(1_000), "application/x-ndjson").await;
-    let (_, created) = create(
-        &app,
-        &json!({"audience": {"segment": {"tags": ["sms"]}}, "channels": ["SMS"],
-                "subject": "Sale", "body": "Everything must go."}),
-        &[],
-    )
-    .await;
-    let id = created["broadcastId"].as_str().unwrap().to_owned();
+    let id = sms_broadcast(&app).await;
     wait_until(30, "some SMS went out", || async {
         broadcast(&app, &id).await["totals"]["sent"]
             .as_i64()
@@ -446,14 +452,7 @@ async fn a_dispatcher_killed_mid_broadcast_is_resumed_without_losing_or_duplicat
     let app = spawn_app_as(&[Role::Api], |_| {}).await;
     import(&app, phones_ndjson(1_500), "application/x-ndjson").await;
     let mut child = herald_dispatcher(&app, &url);
-    let (_, created) = create(
-        &app,
-        &json!({"audience": {"segment": {"tags": ["sms"]}}, "channels": ["SMS"],
-                "subject": "Notice", "body": "Terms update."}),
-        &[],
-    )
-    .await;
-    let id = created["broadcastId"].as_str().unwrap().to_owned();
+    let id = sms_broadcast(&app).await;
     wait_until(60, "the broadcast is part way", || async {
         let view = broadcast(&app, &id).await;
         view["totals"]["sent"].as_i64().unwrap() >= 200
