@@ -439,7 +439,7 @@ impl Scenario {
         );
     }
 
-    /// Deliveries of `channel` whose attempts include a retryable failure.
+    /// Attempts on `channel` that failed in a way worth retrying.
     pub async fn retryable_attempts(&self, channel: &str) -> i64 {
         sqlx::query_scalar(
             "SELECT count(*) FROM delivery_attempts WHERE channel = $1 AND outcome = 'RETRYABLE'",
@@ -448,6 +448,16 @@ impl Scenario {
         .fetch_one(&self.db)
         .await
         .expect("attempts can be read")
+    }
+
+    /// Deliveries of `channel` in `status`.
+    pub async fn deliveries_in(&self, channel: &str, status: &str) -> i64 {
+        sqlx::query_scalar("SELECT count(*) FROM deliveries WHERE channel = $1 AND status = $2")
+            .bind(channel)
+            .bind(status)
+            .fetch_one(&self.db)
+            .await
+            .expect("deliveries can be read")
     }
 }
 
@@ -564,6 +574,11 @@ impl Herald {
                 self.log.display()
             );
         }
+    }
+
+    /// Everything the instance has logged so far.
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
     /// SIGKILL: no shutdown code runs.
@@ -743,6 +758,11 @@ impl Receipts {
         }
     }
 
+    /// Deliveries received at least once (of any scenario).
+    pub fn distinct(&self) -> usize {
+        self.counts.len()
+    }
+
     /// Adds the receipts of another observer.
     pub fn and(mut self, other: Receipts) -> Self {
         self.channels.extend(other.channels);
@@ -751,6 +771,16 @@ impl Receipts {
         }
         self
     }
+}
+
+/// Empties MailDev, so that a scenario reads only its own mails.
+pub async fn maildev_clear(stack: &Stack) {
+    let cleared = reqwest::Client::new()
+        .delete(format!("{}/email/all", stack.var("MAILDEV_URL")))
+        .send()
+        .await
+        .expect("MailDev answers");
+    assert!(cleared.status().is_success(), "MailDev clears its mails");
 }
 
 /// The emails MailDev holds: each Message-ID's delivery id (`<deliveryId@herald>`).
