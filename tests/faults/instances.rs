@@ -28,24 +28,34 @@ async fn three_instances_send_each_delivery_once_spread_the_work_hold_the_shared
     }
 
     scenario.publish("fluxpay.order.events", first).await;
-    let leaving = herald.pop().expect("three instances");
+    let mut leaving = herald.pop().expect("three instances");
+    // Instance c leaves once it owns order partitions and has sent some of the load.
     let joined = wait_until(60, || async {
-        receivers
-            .hits()
-            .iter()
-            .filter(|h| h.instance == "c")
-            .count()
-            >= 20
+        assigned_partitions(&leaving, &scenario.prefix) > 0
+            && receivers
+                .hits()
+                .iter()
+                .filter(|h| h.instance == "c")
+                .count()
+                >= 20
     })
     .await;
     assert!(
         joined,
-        "instance c sent nothing; see {}",
+        "instance c did not join in; see {}",
         leaving.log.display()
     );
-    let mut leaving = leaving;
-    let exit = leaving.terminate(15).await;
     let owned_order_partitions = assigned_partitions(&leaving, &scenario.prefix);
+    let exit = leaving.terminate(15).await;
+    // The two that stay take over every order partition (the topic has 6).
+    let taken_over = wait_until(30, || async {
+        herald
+            .iter()
+            .map(|h| assigned_partitions(h, &scenario.prefix))
+            .sum::<u64>()
+            == 6
+    })
+    .await;
     scenario.publish("fluxpay.order.events", second).await;
 
     scenario.wait_settled(2 * EVENTS as i64, 180).await;
@@ -69,7 +79,7 @@ async fn three_instances_send_each_delivery_once_spread_the_work_hold_the_shared
         Some(failed_attempts),
         &format!(
             "sends per instance {per_instance:?}, most SMS in one second {busiest_second} (limit {SMS_PER_SECOND}), \
-             c exited {exit:?} after owning {owned_order_partitions} order partitions"
+             c exited {exit:?} owning {owned_order_partitions} order partitions, a and b own all 6 after: {taken_over}"
         ),
     );
     audit.assert_kept(scenario.name, EVENTS, 2 * EVENTS);
@@ -89,6 +99,10 @@ async fn three_instances_send_each_delivery_once_spread_the_work_hold_the_shared
         exit.is_some_and(|status| status.success()),
         "instance c did not exit 0 within its grace period: {exit:?}; see {}",
         leaving.log.display()
+    );
+    assert!(
+        taken_over,
+        "a and b did not take over every order partition"
     );
 }
 
