@@ -47,7 +47,8 @@ CREATE UNIQUE INDEX notifications_broadcast_user
     ON notifications (broadcast_id, user_id) WHERE broadcast_id IS NOT NULL;
 
 ALTER TABLE deliveries ADD COLUMN broadcast_id UUID;
-CREATE INDEX deliveries_broadcast ON deliveries (broadcast_id, status)
+-- A broadcast's totals by channel and status, and its open deliveries (index-only).
+CREATE INDEX deliveries_broadcast ON deliveries (broadcast_id, status, channel)
     WHERE broadcast_id IS NOT NULL;
 -- The claim reads transactional and broadcast deliveries apart, so a broadcast backlog of
 -- 100,000 rows never sits in front of a payment notification in an index scan.
@@ -58,8 +59,13 @@ CREATE INDEX deliveries_due_broadcast ON deliveries (channel, next_attempt_at)
     WHERE status = 'PENDING' AND broadcast_id IS NOT NULL;
 
 -- Targeting attributes live in user_contacts.attributes ({"birthYear": 1990, "tags": [...]});
--- a segment filters on them and on locale.
-CREATE INDEX user_contacts_tags ON user_contacts USING gin ((attributes -> 'tags'));
+-- a segment filters on them and on locale. A birth year that is not a number (a row edited
+-- by hand) counts as none, instead of failing the whole segment.
+CREATE FUNCTION birth_year(attributes JSONB) RETURNS INTEGER
+    LANGUAGE sql IMMUTABLE PARALLEL SAFE
+    RETURN CASE WHEN jsonb_typeof(attributes -> 'birthYear') = 'number'
+                     AND (attributes ->> 'birthYear')::numeric BETWEEN 0 AND 9999
+                THEN floor((attributes ->> 'birthYear')::numeric)::integer END;
 
 -- Broadcast creation is idempotent per Idempotency-Key, like the notification intake.
 ALTER TABLE broadcasts ADD COLUMN idempotency_key TEXT UNIQUE;

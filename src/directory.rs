@@ -102,19 +102,29 @@ pub async fn upsert(db: &PgPool, user: UserId, contact: &Contact) -> anyhow::Res
         .context("a user contact vanished right after it was stored")
 }
 
-/// Creates or replaces many entries in one statement (the bulk import). A user listed
-/// twice keeps the last entry.
+/// Users written per statement by [`upsert_many`].
+const UPSERT_CHUNK: usize = 5_000;
+
+/// Creates or replaces many entries inside the caller's transaction (the bulk import). A
+/// user listed twice keeps the last entry. Rows are written in user id order across all
+/// chunks, so concurrent imports lock them in the same order and cannot deadlock.
 pub async fn upsert_many(
     conn: &mut PgConnection,
     entries: &[(UserId, Contact)],
-) -> anyhow::Result<u64> {
+) -> anyhow::Result<()> {
     let mut last: HashMap<UserId, &Contact> = HashMap::new();
     for (user, contact) in entries {
         last.insert(*user, contact);
     }
     let mut users: Vec<(UserId, &Contact)> = last.into_iter().collect();
-    // Key order, so that concurrent imports lock rows in the same order.
     users.sort_by_key(|(user, _)| user.get());
+    for chunk in users.chunks(UPSERT_CHUNK) {
+        upsert_chunk(conn, chunk).await?;
+    }
+    Ok(())
+}
+
+async fn upsert_chunk(conn: &mut PgConnection, users: &[(UserId, &Contact)]) -> anyhow::Result<()> {
     let ids: Vec<i64> = users.iter().map(|(u, _)| u.get()).collect();
     let emails: Vec<Option<&str>> = users
         .iter()
@@ -136,7 +146,7 @@ pub async fn upsert_many(
         .iter()
         .map(|(_, c)| c.attributes().to_string())
         .collect();
-    let stored = sqlx::query(
+    sqlx::query(
         "INSERT INTO user_contacts (user_id, email, phone, locale, timezone, attributes) \
          SELECT user_id, email, phone, locale, timezone, attributes::jsonb \
          FROM UNNEST($1::int8[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[]) \
@@ -154,5 +164,5 @@ pub async fn upsert_many(
     .execute(conn)
     .await
     .context("Failed to store user contacts")?;
-    Ok(stored.rows_affected())
+    Ok(())
 }

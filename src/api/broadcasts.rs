@@ -33,6 +33,8 @@ const MAX_BODY_BYTES: usize = 4 * 1024 * 1024;
 /// Most explicit user ids one broadcast may list (larger audiences are segments).
 const MAX_USER_IDS: usize = 100_000;
 const MAX_NAME_CHARS: usize = 200;
+/// Largest `data` (as JSON): it is copied into every recipient's notification.
+const MAX_DATA_BYTES: usize = 64 * 1024;
 
 /// The broadcast routes.
 pub fn router() -> Router<AppState> {
@@ -166,6 +168,14 @@ fn validate(
                 .map_err(|m| bad(format!("audience.segment: {m}")))?;
         }
         Audience::UserIds(_) => {}
+    }
+    if let Some(data) = &request.data
+        && Value::Object(data.clone()).to_string().len() > MAX_DATA_BYTES
+    {
+        return Err(bad(format!(
+            "data may be at most {} KiB as JSON: it is copied to every recipient",
+            MAX_DATA_BYTES / 1024
+        )));
     }
     let content = Content::parse(
         request.event_type.as_deref(),

@@ -25,8 +25,8 @@ use crate::{
 const MAX_IMPORT_BYTES: usize = 32 * 1024 * 1024;
 /// Most rejected lines listed in an import report (the count covers them all).
 const MAX_REPORTED_REJECTIONS: usize = 1_000;
-/// Users written per statement during an import.
-const IMPORT_CHUNK: usize = 5_000;
+/// Most users one import may list.
+const MAX_IMPORT_USERS: usize = 200_000;
 /// Most tags one user may carry.
 const MAX_TAGS: usize = 32;
 
@@ -172,67 +172,72 @@ async fn import(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<ImportReport>, ApiError> {
     let body = body?;
-    let text = std::str::from_utf8(&body)
-        .map_err(|e| ApiError::BadRequest(format!("the body is not UTF-8: {e}")))?;
     let json_array = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.starts_with("application/json"));
-    let lines: Vec<(usize, Result<Value, String>)> = if json_array {
+    // Tens of megabytes of JSON: parsed off the async workers.
+    let (mut report, good) = tokio::task::spawn_blocking(move || read_import(&body, json_array))
+        .await
+        .context("the import parser panicked")??;
+    let mut tx = state
+        .db
+        .begin()
+        .await
+        .context("Failed to begin the import")?;
+    directory::upsert_many(&mut tx, &good).await?;
+    tx.commit().await.context("Failed to commit the import")?;
+    report.imported = good.len();
+    metrics::counter!("herald_users_imported_total").increment(good.len() as u64);
+    Ok(Json(report))
+}
+
+/// Checks an import body line by line (or item by item): the good entries, and a report of
+/// the rest.
+fn read_import(
+    body: &[u8],
+    json_array: bool,
+) -> Result<(ImportReport, Vec<(UserId, Contact)>), ApiError> {
+    let text = std::str::from_utf8(body)
+        .map_err(|e| ApiError::BadRequest(format!("the body is not UTF-8: {e}")))?;
+    let lines: Box<dyn Iterator<Item = (usize, Result<Value, String>)>> = if json_array {
         let items: Vec<Value> = serde_json::from_str(text).map_err(|e| {
             ApiError::BadRequest(format!(
                 "the body is not a JSON array of users ({e}); send NDJSON as application/x-ndjson"
             ))
         })?;
-        items
-            .into_iter()
-            .enumerate()
-            .map(|(i, item)| (i + 1, Ok(item)))
-            .collect()
+        Box::new(
+            items
+                .into_iter()
+                .enumerate()
+                .map(|(i, item)| (i + 1, Ok(item))),
+        )
     } else {
-        text.lines()
-            .enumerate()
-            .filter(|(_, line)| !line.trim().is_empty())
-            .map(|(i, line)| {
-                (
-                    i + 1,
-                    serde_json::from_str(line).map_err(|e| format!("not JSON: {e}")),
-                )
-            })
-            .collect()
+        Box::new(
+            text.lines()
+                .enumerate()
+                .filter(|(_, line)| !line.trim().is_empty())
+                .map(|(i, line)| {
+                    let value = serde_json::from_str(line).map_err(|e| format!("not JSON: {e}"));
+                    (i + 1, value)
+                }),
+        )
     };
-    if lines.is_empty() {
-        return Err(ApiError::BadRequest("the body lists no users".into()));
-    }
-
     let mut report = ImportReport {
-        received: lines.len(),
+        received: 0,
         imported: 0,
         rejected: 0,
         rejections: Vec::new(),
     };
-    let mut good = Vec::with_capacity(lines.len());
+    let mut good = Vec::new();
     for (line, value) in lines {
-        let parsed = value.and_then(|value| {
-            if crate::ingest::decode::contains_nul(&value) {
-                return Err("contains a NUL character (\\u0000)".to_owned());
-            }
-            // A line is a contact body plus its userId (serde's flatten would not refuse
-            // unknown fields, so the id is taken out by hand).
-            let Value::Object(mut fields) = value else {
-                return Err("not a JSON object".to_owned());
-            };
-            let user = fields
-                .remove("userId")
-                .ok_or("userId is missing")?
-                .as_i64()
-                .ok_or("userId must be a positive integer")
-                .and_then(|id| UserId::new(id).map_err(|_| "userId must be a positive integer"))?;
-            let contact: ContactBody =
-                serde_json::from_value(Value::Object(fields)).map_err(|e| e.to_string())?;
-            Ok((user, contact.parse()?))
-        });
-        match parsed {
+        report.received += 1;
+        if report.received > MAX_IMPORT_USERS {
+            return Err(ApiError::BadRequest(format!(
+                "an import may list at most {MAX_IMPORT_USERS} users; split it"
+            )));
+        }
+        match value.and_then(import_line) {
             Ok(entry) => good.push(entry),
             Err(error) => {
                 report.rejected += 1;
@@ -242,16 +247,28 @@ async fn import(
             }
         }
     }
-    let mut tx = state
-        .db
-        .begin()
-        .await
-        .context("Failed to begin the import")?;
-    for chunk in good.chunks(IMPORT_CHUNK) {
-        directory::upsert_many(&mut tx, chunk).await?;
+    if report.received == 0 {
+        return Err(ApiError::BadRequest("the body lists no users".into()));
     }
-    tx.commit().await.context("Failed to commit the import")?;
-    report.imported = good.len();
-    metrics::counter!("herald_users_imported_total").increment(good.len() as u64);
-    Ok(Json(report))
+    Ok((report, good))
+}
+
+/// One import line: a contact body plus its userId (taken out by hand, because serde's
+/// flatten would not refuse unknown fields).
+fn import_line(value: Value) -> Result<(UserId, Contact), String> {
+    if crate::ingest::decode::contains_nul(&value) {
+        return Err("contains a NUL character (\\u0000)".to_owned());
+    }
+    let Value::Object(mut fields) = value else {
+        return Err("not a JSON object".to_owned());
+    };
+    let user = fields
+        .remove("userId")
+        .ok_or("userId is missing")?
+        .as_i64()
+        .and_then(|id| UserId::new(id).ok())
+        .ok_or("userId must be a positive integer")?;
+    let contact: ContactBody =
+        serde_json::from_value(Value::Object(fields)).map_err(|e| e.to_string())?;
+    Ok((user, contact.parse()?))
 }

@@ -84,8 +84,25 @@ impl Client {
         let terminal = std::io::stdout().is_terminal();
         let mut last_line = tokio::time::Instant::now() - LOG_EVERY;
         let mut last_status = String::new();
+        let mut failures = 0;
         loop {
-            let view = self.get(id).await?;
+            // A restart of the API (or a blip) does not end the follow; a lasting outage does.
+            let view = match self.get(id).await {
+                Ok(view) => {
+                    failures = 0;
+                    view
+                }
+                Err(error) if failures < 20 => {
+                    failures += 1;
+                    tracing::warn!(
+                        error = format!("{error:#}"),
+                        "cannot read the broadcast; retrying"
+                    );
+                    tokio::time::sleep(POLL * 2).await;
+                    continue;
+                }
+                Err(error) => return Err(error),
+            };
             let status = view["status"].as_str().unwrap_or("?").to_owned();
             let finished = matches!(status.as_str(), "COMPLETED" | "FAILED" | "CANCELLED");
             if terminal {

@@ -32,8 +32,8 @@ use crate::{
 const POLL: Duration = Duration::from_millis(500);
 /// How long a step that found nothing to do waits (queue full, or sends still going).
 const WAIT: Duration = Duration::from_millis(200);
-/// Most broadcasts one instance fans out at once.
-const MAX_ACTIVE: i64 = 8;
+/// Most broadcasts one instance fans out at once (each step holds two pool connections).
+const MAX_ACTIVE: usize = 2;
 
 /// What the fan-out needs.
 pub struct Fanout {
@@ -62,7 +62,13 @@ pub async fn run(fanout: Arc<Fanout>, shutdown: CancellationToken) {
     let tasks = TaskTracker::new();
     let active = Arc::new(std::sync::Mutex::new(HashSet::<Uuid>::new()));
     while !shutdown.is_cancelled() {
-        match fanout.acquire().await {
+        let free = MAX_ACTIVE.saturating_sub(active.lock().expect("not poisoned").len());
+        let acquired = if free == 0 {
+            Ok(Vec::new())
+        } else {
+            fanout.acquire(free).await
+        };
+        match acquired {
             Ok(ids) => {
                 for id in ids {
                     if !active.lock().expect("not poisoned").insert(id) {
@@ -93,23 +99,23 @@ pub async fn run(fanout: Arc<Fanout>, shutdown: CancellationToken) {
 }
 
 impl Fanout {
-    /// Takes the lease of due broadcasts nobody holds (SCHEDULED ones become RUNNING), and
-    /// of cancelled ones still to be wound up.
-    async fn acquire(&self) -> anyhow::Result<Vec<Uuid>> {
+    /// Takes the lease of at most `limit` due broadcasts nobody holds (SCHEDULED ones
+    /// become RUNNING), and of cancelled ones still to be wound up (even before their
+    /// `scheduledAt`, so that their end is announced at once).
+    async fn acquire(&self, limit: usize) -> anyhow::Result<Vec<Uuid>> {
         sqlx::query_scalar(
             "UPDATE broadcasts b SET lease_until = now() + $1 * interval '1 millisecond', \
                  status = CASE WHEN b.status = 'SCHEDULED' THEN 'RUNNING' ELSE b.status END, \
                  started_at = CASE WHEN b.status = 'SCHEDULED' THEN now() ELSE b.started_at END \
              WHERE b.id IN (SELECT id FROM broadcasts \
-                 WHERE (status IN ('SCHEDULED', 'RUNNING') \
+                 WHERE ((status IN ('SCHEDULED', 'RUNNING') AND scheduled_at <= now()) \
                         OR (status = 'CANCELLED' AND finished_at IS NULL)) \
-                   AND scheduled_at <= now() \
                    AND (lease_until IS NULL OR lease_until < now()) \
                  ORDER BY scheduled_at LIMIT $2 FOR UPDATE SKIP LOCKED) \
              RETURNING b.id",
         )
         .bind(self.settings.lease.as_millis() as i64)
-        .bind(MAX_ACTIVE)
+        .bind(limit as i64)
         .fetch_all(&self.db)
         .await
         .context("Failed to acquire broadcasts")
@@ -353,8 +359,14 @@ impl Fanout {
 
 /// Freezes the audience into broadcast_recipients and records its size.
 async fn freeze_audience(tx: &mut PgConnection, row: &BroadcastRow) -> anyhow::Result<i64> {
-    let audience: Audience = serde_json::from_value(row.audience.clone())
-        .context("a stored broadcast has a bad audience")?;
+    // Read here only: an explicit list can be 100,000 ids.
+    let audience: Value = sqlx::query_scalar("SELECT audience FROM broadcasts WHERE id = $1")
+        .bind(row.id)
+        .fetch_one(&mut *tx)
+        .await
+        .context("Failed to read a broadcast's audience")?;
+    let audience: Audience =
+        serde_json::from_value(audience).context("a stored broadcast has a bad audience")?;
     match audience {
         Audience::UserIds(users) => {
             let ids: Vec<i64> = users.iter().map(|u| u.get()).collect();
@@ -373,8 +385,8 @@ async fn freeze_audience(tx: &mut PgConnection, row: &BroadcastRow) -> anyhow::R
             sqlx::query(
                 "INSERT INTO broadcast_recipients (broadcast_id, user_id) \
                  SELECT $1, user_id FROM user_contacts \
-                 WHERE ($2::int IS NULL OR (attributes ->> 'birthYear')::int >= $2) \
-                   AND ($3::int IS NULL OR (attributes ->> 'birthYear')::int <= $3) \
+                 WHERE ($2::int IS NULL OR birth_year(attributes) >= $2) \
+                   AND ($3::int IS NULL OR birth_year(attributes) <= $3) \
                    AND ($4::text IS NULL OR locale = $4) \
                    AND (cardinality($5::text[]) = 0 OR attributes -> 'tags' @> to_jsonb($5::text[])) \
                  ON CONFLICT DO NOTHING",

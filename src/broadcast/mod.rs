@@ -128,6 +128,7 @@ pub struct BroadcastRow {
     pub id: Uuid,
     pub name: Option<String>,
     pub status: String,
+    /// The segment, or `{"userCount": n}` for an explicit list.
     pub audience: Value,
     pub channels: Vec<String>,
     pub event_type: String,
@@ -160,7 +161,13 @@ impl BroadcastRow {
     }
 }
 
-const ROW: &str = "SELECT id, name, status, audience, channels, event_type, data, subject, body, \
+/// A broadcast's columns. An explicit audience shows as its size (`{"userCount": n}`):
+/// the list itself can be 100,000 ids, and only the fan-out's first step reads it.
+const ROW: &str = "SELECT id, name, status, \
+     CASE WHEN audience ? 'userIds' \
+         THEN jsonb_build_object('userCount', jsonb_array_length(audience -> 'userIds')) \
+         ELSE audience END AS audience, \
+     channels, event_type, data, subject, body, \
      scheduled_at, audience_total, created_count, cursor_user_id, error, created_at, \
      started_at, fanned_out_at, cancelled_at, finished_at, request_hash FROM broadcasts";
 

@@ -73,13 +73,19 @@ async fn channel_loop(
             && !dispatcher.has_fallback(channel)
         {
             hold = Some(wait);
-        } else if let Some(limit) = dispatcher.settings.rate_limits.get(&channel).copied()
+        }
+        let mut broadcast_room = broadcast_slots.available_permits();
+        if hold.is_none()
+            && let Some(limit) = dispatcher.settings.rate_limits.get(&channel).copied()
             && let Some((open, wait)) = dispatcher.limiter.room(channel, limit).await
         {
             if open == 0 {
                 hold = Some(wait);
             }
             room = room.min(open as usize);
+            // Broadcasts leave the transactional reserve of each window untouched.
+            let reserve = (f64::from(limit.limit) * (1.0 - dispatcher.broadcast_share)).ceil();
+            broadcast_room = broadcast_room.min(open.saturating_sub(reserve as u32) as usize);
         }
         if let Some(wait) = hold {
             tokio::select! {
@@ -88,7 +94,7 @@ async fn channel_loop(
             }
             continue;
         }
-        let broadcast_room = room.min(broadcast_slots.available_permits());
+        let broadcast_room = broadcast_room.min(room);
         match dispatcher.claim(channel, room, broadcast_room).await {
             Ok(jobs) if !jobs.is_empty() => {
                 for job in jobs {
@@ -121,10 +127,11 @@ async fn channel_loop(
                 }
             }
             Ok(_) => {
-                // With the broadcast share in use, due broadcast deliveries wait for one of
-                // its slots, not for their due time (which has passed).
-                let broadcast_full = broadcast_room == 0;
-                let wait = next_due(&dispatcher, channel, !broadcast_full).await;
+                // Due broadcast deliveries that could not be claimed wait for a broadcast
+                // slot (or, past the rate-limit reserve, for the next sweep), not for their
+                // due time, which has passed.
+                let broadcast_full = broadcast_slots.available_permits() == 0;
+                let wait = next_due(&dispatcher, channel, broadcast_room > 0).await;
                 tokio::select! {
                     () = notified => {}
                     () = tokio::time::sleep(wait) => {}

@@ -119,8 +119,8 @@ impl Dispatcher {
     /// Claims up to `limit` due deliveries of `channel` (PENDING and due, or PROCESSING
     /// with an expired lease) and marks them PROCESSING under a fresh lease.
     ///
-    /// Transactional deliveries come first; broadcast deliveries fill what they leave, up
-    /// to `broadcast_limit`. Jobs come back transactional first.
+    /// Transactional deliveries come first; broadcast deliveries (reclaims included) fill
+    /// what they leave, up to `broadcast_limit`. Jobs come back transactional first.
     pub async fn claim(
         &self,
         channel: Channel,
@@ -140,9 +140,15 @@ impl Dispatcher {
                       FOR UPDATE SKIP LOCKED), \
                   expired AS (SELECT id FROM deliveries WHERE channel = $1 \
                       AND status = 'PROCESSING' AND lease_until < now() \
-                      LIMIT $2 FOR UPDATE SKIP LOCKED), \
+                      AND broadcast_id IS NULL LIMIT $2 FOR UPDATE SKIP LOCKED), \
+                  bulk_expired AS (SELECT id FROM deliveries WHERE channel = $1 \
+                      AND status = 'PROCESSING' AND lease_until < now() \
+                      AND broadcast_id IS NOT NULL \
+                      LIMIT GREATEST(LEAST($4, $2 - (SELECT count(*) FROM pending)) \
+                          - (SELECT count(*) FROM bulk), 0) \
+                      FOR UPDATE SKIP LOCKED), \
                   due AS (SELECT id FROM pending UNION ALL SELECT id FROM bulk \
-                      UNION SELECT id FROM expired) \
+                      UNION ALL SELECT id FROM expired UNION ALL SELECT id FROM bulk_expired) \
              UPDATE deliveries d SET status = 'PROCESSING', \
                  lease_until = now() + $3 * interval '1 millisecond', \
                  attempts = d.attempts + CASE WHEN d.status = 'PROCESSING' THEN 1 ELSE 0 END, \

@@ -244,6 +244,7 @@ async fn broadcast_requests_are_checked_and_idempotent() {
         (json!({"eventType": "NOT_A_TYPE"}), "NOT_A_TYPE"),
         (json!({"subject": "s", "body": "b"}), "not both"),
         (json!({"scheduledAt": "2001-01-01T00:00:00Z"}), "past"),
+        (json!({"data": {"blob": "x".repeat(70_000)}}), "64 KiB"),
     ] {
         let mut body = good.clone();
         body.as_object_mut()
@@ -289,6 +290,17 @@ async fn broadcast_requests_are_checked_and_idempotent() {
     };
     let cancelled: Value = cancel(id.to_owned()).await.json().await.unwrap();
     assert_eq!(cancelled["status"], "CANCELLED");
+    // Its end is announced at once, not at the scheduled time.
+    let events = read_topic(&app.settings, "notification.broadcast.events", 20, |r| {
+        !r.is_empty()
+    })
+    .await;
+    let event: Value = serde_json::from_slice(&events[0].payload).unwrap();
+    assert_eq!(event["eventType"], "BROADCAST_CANCELLED");
+    assert_eq!(
+        event["totals"]["audience"], 0,
+        "nobody was reached: {event}"
+    );
     assert_eq!(
         cancel(id.to_owned()).await.status(),
         200,
@@ -593,4 +605,43 @@ async fn herald_broadcast_creates_follows_and_reports_a_broadcast() {
     .unwrap();
     assert!(!output.status.success());
     assert!(String::from_utf8_lossy(&output.stderr).contains("NOPE"));
+}
+
+#[tokio::test]
+async fn on_a_rate_limited_channel_a_broadcast_leaves_the_window_reserve_to_transactional_sends() {
+    let gateway = slow_sms_gateway(Duration::ZERO).await;
+    let url = format!("{}/sms", gateway.uri());
+    let app = spawn_app_with_sms(&url, |s| {
+        s.dispatch.rate_limits.insert(
+            herald::domain::Channel::Sms,
+            herald::config::RateLimit {
+                limit: 10,
+                window: Duration::from_secs(60),
+            },
+        );
+    })
+    .await;
+    import(&app, phones_ndjson(50), "application/x-ndjson").await;
+    let id = sms_broadcast(&app).await;
+    wait_until(30, "the broadcast used its half of the window", || async {
+        broadcast(&app, &id).await["totals"]["sent"] == 5
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(broadcast(&app, &id).await["totals"]["sent"], 5, "no more than half");
+
+    let accepted: Value = app
+        .post_json(
+            "/api/v1/notifications",
+            &json!({"recipient": {"phone": "+821099998888"}, "channels": ["SMS"],
+                    "subject": "Code", "body": "Your code is 123456"}),
+            &[],
+        )
+        .await
+        .json()
+        .await
+        .unwrap();
+    let delivery: Uuid = accepted["deliveries"][0]["id"].as_str().unwrap().parse().unwrap();
+    crate::helpers::wait_for_delivery(&app, delivery, "SUCCESS", 10).await;
+    assert_eq!(broadcast(&app, &id).await["totals"]["sent"], 5);
 }
