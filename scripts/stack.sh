@@ -10,6 +10,9 @@
 #   scripts/stack.sh down   [PROFILE] stop everything this profile started
 #   scripts/stack.sh status [PROFILE] show what is running
 #   scripts/stack.sh env    [PROFILE] print the HERALD_* variables that point at this stack
+#   scripts/stack.sh stop   PROFILE SERVICE   stop one service (postgres, redis or smtp)
+#   scripts/stack.sh start  PROFILE SERVICE   start it again (the fault suite injects outages
+#                                             with these two)
 #
 # docker-compose.yml describes the same stack for Docker users: keep the two in step.
 set -euo pipefail
@@ -308,7 +311,10 @@ maildev_up() {
         claim_port "maildev UI" "$MAILDEV_WEB_PORT"
         [[ -f $MAILDEV_BIN ]] || die "maildev is not installed; run scripts/stack.sh install"
         log "starting maildev (SMTP 127.0.0.1:$SMTP_PORT, UI http://127.0.0.1:$MAILDEV_WEB_PORT)"
+        # Mails are kept on disk and reloaded at start, so a restart of the sink (the fault
+        # suite's SMTP outage) does not forget what it received before.
         setsid node "$MAILDEV_BIN" --ip 127.0.0.1 --smtp "$SMTP_PORT" --web "$MAILDEV_WEB_PORT" \
+            --mail-directory "$STACK_DIR/maildev" \
             >>"$LOG_DIR/maildev.log" 2>&1 </dev/null &
         echo $! >"$pidfile"
     fi
@@ -334,6 +340,16 @@ down() {
     kafka_down
     redis_down
     postgres_down
+}
+
+# service up|down SERVICE: starts or stops one service of the profile.
+service() {
+    case $2 in
+        postgres) "postgres_$1" ;;
+        redis) "redis_$1" ;;
+        smtp | maildev) "maildev_$1" ;;
+        *) die "unknown service '$2' (expected postgres, redis or smtp; Tansu keeps its topics in memory, so it is not restarted)" ;;
+    esac
 }
 
 status() {
@@ -362,5 +378,10 @@ case $command in
     down) down ;;
     status) status ;;
     env) env_vars ;;
-    *) die "usage: scripts/stack.sh {install|up|down|status|env} [run|test|bench|faults]" ;;
+    stop) service down "${3:-}" ;;
+    start)
+        mkdir -p "$LOG_DIR"
+        service up "${3:-}"
+        ;;
+    *) die "usage: scripts/stack.sh {install|up|down|status|env} [run|test|bench|faults], or {stop|start} PROFILE {postgres|redis|smtp}" ;;
 esac

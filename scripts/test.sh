@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # `make test`: the same provisioning as `make run` on the test stack's own ports and data
-# directories (so it can run while `make run` is up), then the whole test suite.
+# directories (so it can run while `make run` is up), then the whole test suite, then the
+# fault suite (scripts/faults.sh) on the faults stack.
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$ROOT"
@@ -23,6 +24,14 @@ psql "$HERALD_DATABASE_URL" -qtAc \
     "SELECT format('DROP DATABASE IF EXISTS %I WITH (FORCE);', datname) FROM pg_database WHERE datname LIKE 'herald_test_%'" \
     | psql "$HERALD_DATABASE_URL" -q >/dev/null
 
+# And the emails they sent: a MailDev holding tens of thousands is slow to read.
+curl -fsS -X DELETE "$MAILDEV_URL/email/all" >/dev/null || echo "[test] could not empty MailDev" >&2
+
 echo "[test] provisioning took $((SECONDS - started)) s" >&2
 cargo test "$@"
+if (($# == 0)); then
+    # The whole suite includes the fault suite (about 5 minutes, on its own stack); a
+    # filtered run (`make test ARGS`, `scripts/test.sh NAME`) does not.
+    scripts/faults.sh
+fi
 echo "[test] done in $((SECONDS - started)) s" >&2

@@ -1,8 +1,12 @@
-//! The command line: `serve`, `migrate`, `topics create` and `demo`.
+//! The command line: `serve`, `migrate`, `topics create`, `demo`, `read-model rebuild` and
+//! `broadcast`.
 
+use anyhow::Context;
 use clap::{Parser, Subcommand};
+use serde_json::{Value, json};
 
 use crate::{
+    broadcast::client::{Client, Ending, progress_line},
     config::Settings,
     db, demo,
     kafka::{KafkaAdmin, TopicCatalogue, TopicOutcome},
@@ -27,6 +31,8 @@ pub struct Cli {
 }
 
 /// What to do.
+// Parsed once per process: the size of its largest variant does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run Herald: the HTTP API and the workers of the chosen roles, until SIGINT/SIGTERM.
@@ -52,6 +58,74 @@ pub enum Command {
         #[command(subcommand)]
         command: ReadModelCommand,
     },
+    /// Create, follow and cancel broadcasts through a running Herald's API.
+    Broadcast {
+        /// The API's base URL; http://HERALD_HTTP_ADDR when omitted.
+        #[arg(long, env = "HERALD_API_URL", global = true)]
+        api: Option<String>,
+        #[command(subcommand)]
+        command: BroadcastCommand,
+    },
+}
+
+/// Broadcast commands. `create` and `status --follow` exit 0 when the broadcast
+/// COMPLETED, 1 when it ended FAILED or CANCELLED.
+#[allow(clippy::large_enum_variant)]
+#[derive(Debug, Subcommand)]
+pub enum BroadcastCommand {
+    /// Start a broadcast and follow it with a progress bar (unless --no-follow).
+    ///
+    /// The audience is --user-ids, or a segment of the user directory (--age-min,
+    /// --age-max, --locale, --tag; none of them: every user). The content is --event-type
+    /// with --data, or --subject with --body.
+    Create {
+        /// A label for people.
+        #[arg(long)]
+        name: Option<String>,
+        /// Explicit recipients, comma-separated.
+        #[arg(long, value_delimiter = ',', conflicts_with_all = ["age_min", "age_max", "locale", "tag"])]
+        user_ids: Vec<i64>,
+        #[arg(long)]
+        age_min: Option<u32>,
+        #[arg(long)]
+        age_max: Option<u32>,
+        /// ko or en.
+        #[arg(long)]
+        locale: Option<String>,
+        /// A tag every recipient must carry (repeatable).
+        #[arg(long)]
+        tag: Vec<String>,
+        /// Channels, comma-separated (EMAIL, IN_APP, SMS, KAKAOTALK, PUSH).
+        #[arg(long, value_delimiter = ',', required = true)]
+        channels: Vec<String>,
+        /// A templated event type, such as SUBSCRIPTION_EXPIRING.
+        #[arg(long, conflicts_with_all = ["subject", "body"])]
+        event_type: Option<String>,
+        /// The template's data, as a JSON object.
+        #[arg(long, requires = "event_type")]
+        data: Option<String>,
+        #[arg(long, requires = "body")]
+        subject: Option<String>,
+        #[arg(long, requires = "subject")]
+        body: Option<String>,
+        /// Start no earlier than this (RFC 3339).
+        #[arg(long)]
+        scheduled_at: Option<String>,
+        /// Makes a retried command return the broadcast created the first time.
+        #[arg(long)]
+        idempotency_key: Option<String>,
+        /// Print the broadcast id and return at once.
+        #[arg(long)]
+        no_follow: bool,
+    },
+    /// Show a broadcast (with --follow: until it ends, with a progress bar).
+    Status {
+        id: String,
+        #[arg(long)]
+        follow: bool,
+    },
+    /// Cancel a broadcast: deliveries not yet sent are skipped.
+    Cancel { id: String },
 }
 
 /// Read-model management.
@@ -104,6 +178,10 @@ pub async fn run(command: Command, settings: Settings) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Demo => demo::run(&settings).await,
+        Command::Broadcast { api, command } => {
+            let api = api.unwrap_or_else(|| format!("http://{}", settings.http.addr));
+            broadcast_command(&Client::new(&api)?, command).await
+        }
         Command::ReadModel {
             command: ReadModelCommand::Rebuild,
         } => {
@@ -120,6 +198,80 @@ pub async fn run(command: Command, settings: Settings) -> anyhow::Result<()> {
             );
             Ok(())
         }
+    }
+}
+
+async fn broadcast_command(client: &Client, command: BroadcastCommand) -> anyhow::Result<()> {
+    let mut out = std::io::stdout();
+    let (id, follow) = match command {
+        BroadcastCommand::Create {
+            name,
+            user_ids,
+            age_min,
+            age_max,
+            locale,
+            tag,
+            channels,
+            event_type,
+            data,
+            subject,
+            body,
+            scheduled_at,
+            idempotency_key,
+            no_follow,
+        } => {
+            let audience = if user_ids.is_empty() {
+                json!({"segment": {"ageMin": age_min, "ageMax": age_max, "locale": locale, "tags": tag}})
+            } else {
+                json!({"userIds": user_ids})
+            };
+            let data: Option<Value> = data
+                .map(|d| serde_json::from_str(&d))
+                .transpose()
+                .context("--data must be a JSON object")?;
+            let mut request = json!({
+                "name": name, "audience": audience, "channels": channels, "eventType": event_type,
+                "data": data, "subject": subject, "body": body, "scheduledAt": scheduled_at,
+            });
+            strip_nulls(&mut request);
+            let created = client.create(&request, idempotency_key.as_deref()).await?;
+            let id = created["broadcastId"]
+                .as_str()
+                .context("the API answered without a broadcastId")?
+                .to_owned();
+            println!(
+                "broadcast {id} {}",
+                created["status"].as_str().unwrap_or("?")
+            );
+            (id, !no_follow)
+        }
+        BroadcastCommand::Status { id, follow } => {
+            if !follow {
+                println!("{}", progress_line(&client.get(&id).await?));
+            }
+            (id, follow)
+        }
+        BroadcastCommand::Cancel { id } => {
+            let view = client.cancel(&id).await?;
+            println!("{}", progress_line(&view));
+            return Ok(());
+        }
+    };
+    if follow {
+        match client.follow(&id, &mut out).await? {
+            Ending::Completed => {}
+            Ending::NotCompleted(status) => anyhow::bail!("broadcast {id} ended {status}"),
+        }
+    }
+    Ok(())
+}
+
+/// Drops null members, so absent options are absent from the request (the API refuses
+/// nulls in a segment).
+fn strip_nulls(value: &mut Value) {
+    if let Value::Object(map) = value {
+        map.retain(|_, v| !v.is_null());
+        map.values_mut().for_each(strip_nulls);
     }
 }
 

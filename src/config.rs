@@ -39,6 +39,22 @@ pub struct Settings {
     pub templates: TemplateSettings,
     pub dispatch: DispatchSettings,
     pub read_model: ReadModelSettings,
+    pub broadcast: BroadcastSettings,
+}
+
+/// Broadcasts: how the fan-out paces itself and what share of dispatch it may take.
+#[derive(Debug, Clone)]
+pub struct BroadcastSettings {
+    /// Recipients turned into notifications per transaction.
+    pub batch_size: usize,
+    /// Fraction of each channel's concurrency (and of each claim) that broadcast deliveries
+    /// may take; the rest stays free for transactional notifications.
+    pub dispatch_share: f64,
+    /// The fan-out waits while a broadcast has this many deliveries not yet sent, so a
+    /// 100,000-recipient broadcast never floods the queue (and a cancel stops most of it).
+    pub max_queued_deliveries: usize,
+    /// How long one instance holds a broadcast it fans out; past it another resumes it.
+    pub lease: Duration,
 }
 
 /// The query side.
@@ -391,6 +407,26 @@ impl Settings {
             "read_model.reporting_timezone",
             raw.read_model.reporting_timezone,
         )?;
+        let broadcast_batch = layers.required(
+            "HERALD_BROADCAST_BATCH_SIZE",
+            "broadcast.batch_size",
+            raw.broadcast.batch_size.map(|n| n.to_string()),
+        )?;
+        let broadcast_share = layers.required(
+            "HERALD_BROADCAST_DISPATCH_SHARE",
+            "broadcast.dispatch_share",
+            raw.broadcast.dispatch_share.map(|n| n.to_string()),
+        )?;
+        let broadcast_queued = layers.required(
+            "HERALD_BROADCAST_MAX_QUEUED_DELIVERIES",
+            "broadcast.max_queued_deliveries",
+            raw.broadcast.max_queued_deliveries.map(|n| n.to_string()),
+        )?;
+        let broadcast_lease = layers.required(
+            "HERALD_BROADCAST_LEASE_SECS",
+            "broadcast.lease_secs",
+            raw.broadcast.lease_secs.map(|n| n.to_string()),
+        )?;
         let grace = layers.required(
             "HERALD_SHUTDOWN_GRACE_PERIOD_SECS",
             "shutdown.grace_period_secs",
@@ -502,6 +538,18 @@ impl Settings {
                 reporting_timezone: reporting_timezone
                     .parse_with("an IANA time zone such as UTC or Asia/Seoul")?,
             },
+            broadcast: BroadcastSettings {
+                batch_size: broadcast_batch.positive_u32("a whole number above 0")? as usize,
+                dispatch_share: match broadcast_share.fraction()? {
+                    0.0 => return Err(broadcast_share.invalid("a number above 0, at most 1")),
+                    share => share,
+                },
+                max_queued_deliveries: broadcast_queued.positive_u32("a whole number above 0")?
+                    as usize,
+                lease: Duration::from_secs(u64::from(
+                    broadcast_lease.positive_u32("a whole number of seconds above 0")?,
+                )),
+            },
         })
     }
 
@@ -528,6 +576,16 @@ struct RawSettings {
     templates: RawTemplates,
     dispatch: RawDispatch,
     read_model: RawReadModel,
+    broadcast: RawBroadcast,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawBroadcast {
+    batch_size: Option<u32>,
+    dispatch_share: Option<f64>,
+    max_queued_deliveries: Option<u32>,
+    lease_secs: Option<u32>,
 }
 
 #[derive(Debug, Default, Deserialize)]

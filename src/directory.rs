@@ -1,14 +1,16 @@
-//! The user directory: how to reach each user (email, phone, locale, time zone). An event's
-//! own recipient overrides it field by field.
+//! The user directory: how to reach each user (email, phone, locale, time zone) and what
+//! broadcasts can target them by (birth year, tags). An event's own recipient overrides it
+//! field by field.
 
 use std::collections::HashMap;
 
 use anyhow::Context;
 use chrono::{DateTime, Utc};
 use serde::Serialize;
-use sqlx::PgPool;
+use serde_json::{Value, json};
+use sqlx::{PgConnection, PgPool};
 
-use crate::domain::{EmailAddress, Locale, PhoneNumber, Timezone, UserId};
+use crate::domain::{BirthYear, EmailAddress, Locale, PhoneNumber, Tag, Timezone, UserId};
 
 /// One user's entry.
 #[derive(Debug, Clone, Default, Serialize)]
@@ -18,8 +20,20 @@ pub struct Contact {
     pub phone: Option<PhoneNumber>,
     pub locale: Option<Locale>,
     pub timezone: Option<Timezone>,
+    pub birth_year: Option<BirthYear>,
+    pub tags: Vec<Tag>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub updated_at: Option<DateTime<Utc>>,
+}
+
+impl Contact {
+    /// The targeting attributes as stored in `user_contacts.attributes`.
+    fn attributes(&self) -> Value {
+        let mut tags: Vec<&str> = self.tags.iter().map(Tag::as_str).collect();
+        tags.sort_unstable();
+        tags.dedup();
+        json!({ "birthYear": self.birth_year.map(BirthYear::get), "tags": tags })
+    }
 }
 
 type ContactRow = (
@@ -28,10 +42,13 @@ type ContactRow = (
     Option<String>,
     Option<String>,
     Option<String>,
+    Value,
     DateTime<Utc>,
 );
 
-fn from_row((_, email, phone, locale, timezone, updated_at): ContactRow) -> Contact {
+const COLUMNS: &str = "user_id, email, phone, locale, timezone, attributes, updated_at";
+
+fn from_row((_, email, phone, locale, timezone, attributes, updated_at): ContactRow) -> Contact {
     // Rows are written only through `upsert`, from parsed values; re-parsing cannot fail
     // unless someone edited the table by hand, and then the field is treated as absent.
     Contact {
@@ -39,6 +56,15 @@ fn from_row((_, email, phone, locale, timezone, updated_at): ContactRow) -> Cont
         phone: phone.and_then(|p| PhoneNumber::parse(&p).ok()),
         locale: locale.and_then(|l| l.parse().ok()),
         timezone: timezone.and_then(|t| Timezone::parse(&t).ok()),
+        birth_year: attributes["birthYear"]
+            .as_i64()
+            .and_then(|y| BirthYear::new(y).ok()),
+        tags: attributes["tags"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|t| Tag::parse(t.as_str()?).ok())
+            .collect(),
         updated_at: Some(updated_at),
     }
 }
@@ -49,10 +75,9 @@ pub async fn load_many(db: &PgPool, users: &[UserId]) -> anyhow::Result<HashMap<
         return Ok(HashMap::new());
     }
     let ids: Vec<i64> = users.iter().map(|u| u.get()).collect();
-    let rows: Vec<ContactRow> = sqlx::query_as(
-        "SELECT user_id, email, phone, locale, timezone, updated_at FROM user_contacts \
-         WHERE user_id = ANY($1)",
-    )
+    let rows: Vec<ContactRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "SELECT {COLUMNS} FROM user_contacts WHERE user_id = ANY($1)"
+    )))
     .bind(&ids)
     .fetch_all(db)
     .await
@@ -70,20 +95,64 @@ pub async fn load(db: &PgPool, user: UserId) -> anyhow::Result<Option<Contact>> 
 
 /// Creates or replaces a user's entry and returns it as stored.
 pub async fn upsert(db: &PgPool, user: UserId, contact: &Contact) -> anyhow::Result<Contact> {
-    let row: ContactRow = sqlx::query_as(
-        "INSERT INTO user_contacts (user_id, email, phone, locale, timezone) \
-         VALUES ($1, $2, $3, $4, $5) \
+    let mut conn = db.acquire().await.context("Failed to reach PostgreSQL")?;
+    upsert_many(&mut conn, &[(user, contact.clone())]).await?;
+    load(db, user)
+        .await?
+        .context("a user contact vanished right after it was stored")
+}
+
+/// Creates or replaces many entries in one statement (the bulk import). A user listed
+/// twice keeps the last entry.
+pub async fn upsert_many(
+    conn: &mut PgConnection,
+    entries: &[(UserId, Contact)],
+) -> anyhow::Result<u64> {
+    let mut last: HashMap<UserId, &Contact> = HashMap::new();
+    for (user, contact) in entries {
+        last.insert(*user, contact);
+    }
+    let mut users: Vec<(UserId, &Contact)> = last.into_iter().collect();
+    // Key order, so that concurrent imports lock rows in the same order.
+    users.sort_by_key(|(user, _)| user.get());
+    let ids: Vec<i64> = users.iter().map(|(u, _)| u.get()).collect();
+    let emails: Vec<Option<&str>> = users
+        .iter()
+        .map(|(_, c)| c.email.as_ref().map(EmailAddress::as_str))
+        .collect();
+    let phones: Vec<Option<&str>> = users
+        .iter()
+        .map(|(_, c)| c.phone.as_ref().map(PhoneNumber::as_str))
+        .collect();
+    let locales: Vec<Option<&str>> = users
+        .iter()
+        .map(|(_, c)| c.locale.map(Locale::as_str))
+        .collect();
+    let timezones: Vec<Option<&str>> = users
+        .iter()
+        .map(|(_, c)| c.timezone.as_ref().map(Timezone::as_str))
+        .collect();
+    let attributes: Vec<String> = users
+        .iter()
+        .map(|(_, c)| c.attributes().to_string())
+        .collect();
+    let stored = sqlx::query(
+        "INSERT INTO user_contacts (user_id, email, phone, locale, timezone, attributes) \
+         SELECT user_id, email, phone, locale, timezone, attributes::jsonb \
+         FROM UNNEST($1::int8[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[]) \
+             AS t(user_id, email, phone, locale, timezone, attributes) \
          ON CONFLICT (user_id) DO UPDATE SET email = EXCLUDED.email, phone = EXCLUDED.phone, \
-             locale = EXCLUDED.locale, timezone = EXCLUDED.timezone, updated_at = now() \
-         RETURNING user_id, email, phone, locale, timezone, updated_at",
+             locale = EXCLUDED.locale, timezone = EXCLUDED.timezone, \
+             attributes = EXCLUDED.attributes, updated_at = now()",
     )
-    .bind(user.get())
-    .bind(contact.email.as_ref().map(EmailAddress::as_str))
-    .bind(contact.phone.as_ref().map(PhoneNumber::as_str))
-    .bind(contact.locale.map(Locale::as_str))
-    .bind(contact.timezone.as_ref().map(Timezone::as_str))
-    .fetch_one(db)
+    .bind(&ids)
+    .bind(&emails)
+    .bind(&phones)
+    .bind(&locales)
+    .bind(&timezones)
+    .bind(&attributes)
+    .execute(conn)
     .await
-    .context("Failed to store the user contact")?;
-    Ok(from_row(row))
+    .context("Failed to store user contacts")?;
+    Ok(stored.rows_affected())
 }

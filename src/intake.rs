@@ -23,6 +23,7 @@ use crate::{
 pub enum Source {
     Kafka,
     Api,
+    Broadcast,
 }
 
 impl Source {
@@ -30,6 +31,7 @@ impl Source {
         match self {
             Source::Kafka => "kafka",
             Source::Api => "api",
+            Source::Broadcast => "broadcast",
         }
     }
 }
@@ -90,6 +92,8 @@ pub struct Draft {
     pub origin: Option<KafkaOrigin>,
     pub occurred_at: Option<DateTime<Utc>>,
     pub scheduled_at: Option<DateTime<Utc>>,
+    /// The broadcast this notification is one recipient of.
+    pub broadcast_id: Option<Uuid>,
 }
 
 /// Which channels this Herald can send on: an unset endpoint disables a channel.
@@ -259,20 +263,22 @@ pub async fn insert_rows(
     let occurred: Vec<Option<DateTime<Utc>>> = n.iter().map(|x| x.draft.occurred_at).collect();
     let scheduled: Vec<Option<DateTime<Utc>>> = n.iter().map(|x| x.draft.scheduled_at).collect();
     let created: Vec<DateTime<Utc>> = n.iter().map(|x| x.created_at).collect();
+    let broadcasts: Vec<Option<Uuid>> = n.iter().map(|x| x.draft.broadcast_id).collect();
     sqlx::query(
         "INSERT INTO notifications (id, source, domain, event_id, event_type, user_id, \
              recipient, locale, data, subject, body, raw_event, source_topic, \
-             source_partition, source_offset, occurred_at, scheduled_at, created_at) \
+             source_partition, source_offset, occurred_at, scheduled_at, created_at, \
+             broadcast_id) \
          SELECT id, source, domain, event_id, event_type, user_id, recipient::jsonb, locale, \
              data::jsonb, subject, body, raw_event, source_topic, source_partition, \
-             source_offset, occurred_at, scheduled_at, created_at \
+             source_offset, occurred_at, scheduled_at, created_at, broadcast_id \
          FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[], $6::int8[], \
              $7::text[], $8::text[], $9::text[], $10::text[], $11::text[], $12::bytea[], \
              $13::text[], $14::int4[], $15::int8[], $16::timestamptz[], $17::timestamptz[], \
-             $18::timestamptz[]) \
+             $18::timestamptz[], $19::uuid[]) \
          AS t(id, source, domain, event_id, event_type, user_id, recipient, locale, data, \
              subject, body, raw_event, source_topic, source_partition, source_offset, \
-             occurred_at, scheduled_at, created_at)",
+             occurred_at, scheduled_at, created_at, broadcast_id)",
     )
     .bind(&ids)
     .bind(&sources)
@@ -292,6 +298,7 @@ pub async fn insert_rows(
     .bind(&occurred)
     .bind(&scheduled)
     .bind(&created)
+    .bind(&broadcasts)
     .execute(&mut *conn)
     .await
     .context("Failed to store notifications")?;
@@ -304,6 +311,7 @@ pub async fn insert_rows(
     let mut d_reasons = Vec::new();
     let mut d_due = Vec::new();
     let mut d_created = Vec::new();
+    let mut d_broadcasts = Vec::new();
     for x in n {
         for d in &x.deliveries {
             d_ids.push(d.id);
@@ -314,16 +322,18 @@ pub async fn insert_rows(
             d_reasons.push(d.skip_reason.as_deref());
             d_due.push(x.draft.scheduled_at.unwrap_or(x.created_at));
             d_created.push(x.created_at);
+            d_broadcasts.push(x.draft.broadcast_id);
         }
     }
     sqlx::query(
         "INSERT INTO deliveries (id, notification_id, channel, status, address, skip_reason, \
-             next_attempt_at, created_at, updated_at, completed_at) \
+             next_attempt_at, created_at, updated_at, completed_at, broadcast_id) \
          SELECT id, notification_id, channel, status, address, skip_reason, due, created, \
-             created, CASE WHEN status = 'SKIPPED' THEN created END \
+             created, CASE WHEN status = 'SKIPPED' THEN created END, broadcast_id \
          FROM UNNEST($1::uuid[], $2::uuid[], $3::text[], $4::text[], $5::text[], $6::text[], \
-             $7::timestamptz[], $8::timestamptz[]) \
-         AS t(id, notification_id, channel, status, address, skip_reason, due, created)",
+             $7::timestamptz[], $8::timestamptz[], $9::uuid[]) \
+         AS t(id, notification_id, channel, status, address, skip_reason, due, created, \
+             broadcast_id)",
     )
     .bind(&d_ids)
     .bind(&d_notifications)
@@ -333,6 +343,7 @@ pub async fn insert_rows(
     .bind(&d_reasons)
     .bind(&d_due)
     .bind(&d_created)
+    .bind(&d_broadcasts)
     .execute(&mut *conn)
     .await
     .context("Failed to store deliveries")?;

@@ -23,9 +23,11 @@
 //! - [`api`]: the HTTP surface, one module per resource.
 //! - [`db`]: the PostgreSQL pool and embedded migrations (`migrations/`).
 //! - [`kafka`]: client configuration, the topic catalogue (`kafka/topics.toml`).
+//! - [`broadcast`]: broadcasts to an audience, fanned out in the background.
 //! - [`demo`]: sample events of the seed scenarios.
 
 pub mod api;
+pub mod broadcast;
 pub mod channels;
 pub mod cli;
 pub mod config;

@@ -22,6 +22,8 @@ pub enum OutboxKind {
     DeliveryEvent,
     /// A dead letter for notification.dlq.<domain>.
     DeadLetter,
+    /// A broadcast's end for notification.broadcast.events.
+    BroadcastEvent,
 }
 
 impl OutboxKind {
@@ -29,6 +31,7 @@ impl OutboxKind {
         match self {
             OutboxKind::DeliveryEvent => "delivery_event",
             OutboxKind::DeadLetter => "dead_letter",
+            OutboxKind::BroadcastEvent => "broadcast_event",
         }
     }
 }

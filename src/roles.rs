@@ -13,7 +13,8 @@ pub enum Role {
     Api,
     /// The Kafka consumers of the upstream event topics.
     Ingest,
-    /// The dispatch workers that send deliveries through their channels.
+    /// The dispatch workers that send deliveries through their channels, and the fan-out
+    /// of broadcasts into deliveries.
     Dispatch,
     /// The outbox relay that publishes delivery events and dead letters to Kafka.
     Relay,

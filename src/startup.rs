@@ -17,6 +17,7 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::{
     api::{self, AppState},
+    broadcast::fanout::{self, Fanout},
     channels::{
         Senders, email::EmailSender, gateway::GatewaySender, in_app::InAppSender,
         slack::SlackSender,
@@ -280,10 +281,21 @@ fn spawn_workers(
             limiter: RateLimiter::new(state.redis.clone(), settings.redis.key_prefix.clone()),
             breakers: Dispatcher::breakers(&settings.dispatch),
             settings: settings.dispatch.clone(),
+            broadcast_share: settings.broadcast.dispatch_share,
             topic_prefix: settings.kafka.topic_prefix.clone(),
             announcer: announcer(state),
         });
         tasks.spawn(dispatch::run(dispatcher, state.shutdown.clone()));
+        let fanout = Arc::new(Fanout {
+            db: state.db.clone(),
+            redis: state.redis.clone(),
+            settings: settings.broadcast.clone(),
+            redis_prefix: settings.redis.key_prefix.clone(),
+            topic_prefix: settings.kafka.topic_prefix.clone(),
+            routing: state.routing.clone(),
+            channel_enabled: state.channel_enabled.clone(),
+        });
+        tasks.spawn(fanout::run(fanout, state.shutdown.clone()));
     }
     if state.roles.contains(&Role::Projector) {
         let projector = Projector {

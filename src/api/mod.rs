@@ -1,6 +1,7 @@
 //! The HTTP surface: one module per resource, each exposing `router()`, merged here.
 
 pub mod admin;
+pub mod broadcasts;
 pub mod dashboard;
 pub mod docs;
 pub mod error;
@@ -65,6 +66,7 @@ pub fn router(state: AppState) -> Router {
             .merge(notifications::router())
             .merge(settings::router())
             .merge(users::router())
+            .merge(broadcasts::router())
             .merge(inbox::router())
             .merge(dashboard::router())
             .merge(admin::router(state.clone()));

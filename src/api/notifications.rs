@@ -101,17 +101,7 @@ async fn create(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    let body = body?;
-    let value: Value = serde_json::from_slice(&body)
-        .map_err(|e| ApiError::BadRequest(format!("the body is not valid JSON: {e}")))?;
-    if crate::ingest::decode::contains_nul(&value) {
-        return Err(bad(
-            "the body contains a NUL character (\\u0000), which cannot be stored",
-        ));
-    }
-    let request_hash = hash(&value);
-    let request: IntakeRequest = serde_json::from_value(value)
-        .map_err(|e| ApiError::BadRequest(format!("invalid request: {e}")))?;
+    let (request, request_hash): (IntakeRequest, String) = read_request(body)?;
     let key = idempotency_key(&headers)?;
     if let Some(key) = &key
         && let Some(stored) = stored_response(&state, key, &request_hash).await?
@@ -210,7 +200,7 @@ fn accepted_response(id: Uuid, body: Value, replayed: bool) -> Response {
     response
 }
 
-fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
+pub(super) fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
     let Some(value) = headers.get("idempotency-key") else {
         return Ok(None);
     };
@@ -252,6 +242,25 @@ async fn stored_response(
     }
 }
 
+/// Reads a JSON request body into `T`, with the hash that idempotency keys compare. A NUL
+/// character is refused here: PostgreSQL cannot store it.
+pub(super) fn read_request<T: serde::de::DeserializeOwned>(
+    body: Result<Bytes, BytesRejection>,
+) -> Result<(T, String), ApiError> {
+    let body = body?;
+    let value: Value = serde_json::from_slice(&body)
+        .map_err(|e| bad(format!("the body is not valid JSON: {e}")))?;
+    if crate::ingest::decode::contains_nul(&value) {
+        return Err(bad(
+            "the body contains a NUL character (\\u0000), which cannot be stored",
+        ));
+    }
+    let request_hash = hash(&value);
+    let request =
+        serde_json::from_value(value).map_err(|e| bad(format!("invalid request: {e}")))?;
+    Ok((request, request_hash))
+}
+
 /// SHA-256 of the body in a canonical form (object keys sorted, no whitespace), so the same
 /// JSON sent with other formatting or key order is the same request.
 fn hash(value: &Value) -> String {
@@ -291,7 +300,7 @@ fn hash(value: &Value) -> String {
         .collect()
 }
 
-fn bad(message: impl Into<String>) -> ApiError {
+pub(super) fn bad(message: impl Into<String>) -> ApiError {
     ApiError::BadRequest(message.into())
 }
 
@@ -322,17 +331,90 @@ fn validate(state: &AppState, request: IntakeRequest) -> Result<(Draft, Vec<Chan
         },
     };
 
-    let (event_type, template, subject, body) =
-        match (&request.event_type, &request.subject, &request.body) {
-            (Some(_), Some(_), _) | (Some(_), _, Some(_)) => {
-                return Err(bad(
-                    "give either eventType (with data) or subject and body, not both",
-                ));
-            }
+    let content = Content::parse(
+        request.event_type.as_deref(),
+        request.subject.as_deref(),
+        request.body.as_deref(),
+    )?;
+    let channels = match &request.channels {
+        Some(names) => parse_channels(names)?,
+        None if content.subject.is_some() => {
+            return Err(bad("channels are required with subject and body"));
+        }
+        None => state
+            .routing
+            .channels_in_any_domain(&content.event_type)
+            .ok_or_else(|| {
+                bad(format!(
+                    "eventType {} has no route; name the channels or use a routed event type",
+                    content.event_type
+                ))
+            })?
+            .to_vec(),
+    };
+    content.check_templates(state, &channels)?;
+    if user_id.is_none()
+        && recipient == Recipient::default()
+        && channels
+            .iter()
+            .any(|c| !state.routing.is_operator_channel(*c))
+    {
+        return Err(bad("give userId or recipient: who should receive this?"));
+    }
+
+    let now = Utc::now();
+    check_schedule(request.scheduled_at, now)?;
+
+    Ok((
+        Draft {
+            source: Source::Api,
+            domain: Domain::Api,
+            event_id: None,
+            event_type: content.event_type,
+            user_id,
+            recipient,
+            data: request.data.unwrap_or_default(),
+            subject: content.subject,
+            body: content.body,
+            raw_event: None,
+            origin: None,
+            occurred_at: Some(now),
+            scheduled_at: request.scheduled_at,
+            broadcast_id: None,
+        },
+        channels,
+    ))
+}
+
+/// What a notification (or a broadcast) says: a templated event type with its data, or an
+/// ad-hoc subject and body (the `_adhoc` template).
+pub(super) struct Content {
+    pub event_type: EventType,
+    /// The template folder.
+    pub template: String,
+    pub subject: Option<String>,
+    pub body: Option<String>,
+}
+
+impl Content {
+    /// Checks that exactly one of the two forms is given, within limits.
+    pub fn parse(
+        event_type: Option<&str>,
+        subject: Option<&str>,
+        body: Option<&str>,
+    ) -> Result<Self, ApiError> {
+        match (event_type, subject, body) {
+            (Some(_), Some(_), _) | (Some(_), _, Some(_)) => Err(bad(
+                "give either eventType (with data) or subject and body, not both",
+            )),
             (Some(name), None, None) => {
                 let event_type = EventType::parse(name).map_err(bad)?;
-                let template = event_type.to_string();
-                (event_type, template, None, None)
+                Ok(Content {
+                    template: event_type.to_string(),
+                    event_type,
+                    subject: None,
+                    body: None,
+                })
             }
             (None, Some(subject), Some(body)) => {
                 if subject.trim().is_empty() || subject.chars().count() > MAX_SUBJECT_CHARS {
@@ -345,60 +427,52 @@ fn validate(state: &AppState, request: IntakeRequest) -> Result<(Draft, Vec<Chan
                         "body must be 1 to {MAX_BODY_CHARS} characters"
                     )));
                 }
-                let event_type = EventType::parse(ADHOC_EVENT_TYPE).map_err(bad)?;
-                (
-                    event_type,
-                    ADHOC.to_owned(),
-                    Some(subject.clone()),
-                    Some(body.clone()),
-                )
+                Ok(Content {
+                    event_type: EventType::parse(ADHOC_EVENT_TYPE).map_err(bad)?,
+                    template: ADHOC.to_owned(),
+                    subject: Some(subject.to_owned()),
+                    body: Some(body.to_owned()),
+                })
             }
-            _ => return Err(bad("give eventType (with data), or subject and body")),
-        };
-
-    let channels: Vec<Channel> = match &request.channels {
-        Some(names) => {
-            let mut channels = Vec::new();
-            for name in names {
-                let channel: Channel = name.parse().map_err(bad)?;
-                if !channels.contains(&channel) {
-                    channels.push(channel);
-                }
-            }
-            if channels.is_empty() {
-                return Err(bad("channels must name at least one channel"));
-            }
-            channels
-        }
-        None if subject.is_some() => return Err(bad("channels are required with subject and body")),
-        None => state
-            .routing
-            .channels_in_any_domain(&event_type)
-            .ok_or_else(|| {
-                bad(format!(
-                    "eventType {event_type} has no route; name the channels or use a routed event type"
-                ))
-            })?
-            .to_vec(),
-    };
-    for channel in &channels {
-        if !state.templates.covers(&template, *channel) {
-            return Err(bad(format!(
-                "there is no {channel} template for {event_type}"
-            )));
+            _ => Err(bad("give eventType (with data), or subject and body")),
         }
     }
-    if user_id.is_none()
-        && recipient == Recipient::default()
-        && channels
-            .iter()
-            .any(|c| !state.routing.is_operator_channel(*c))
-    {
-        return Err(bad("give userId or recipient: who should receive this?"));
-    }
 
-    let now = Utc::now();
-    if let Some(at) = request.scheduled_at {
+    /// Every channel must have a template for this content.
+    pub fn check_templates(&self, state: &AppState, channels: &[Channel]) -> Result<(), ApiError> {
+        for channel in channels {
+            if !state.templates.covers(&self.template, *channel) {
+                return Err(bad(format!(
+                    "there is no {channel} template for {}",
+                    self.event_type
+                )));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Parses channel names: known, at least one, duplicates dropped.
+pub(super) fn parse_channels(names: &[String]) -> Result<Vec<Channel>, ApiError> {
+    let mut channels = Vec::new();
+    for name in names {
+        let channel: Channel = name.parse().map_err(bad)?;
+        if !channels.contains(&channel) {
+            channels.push(channel);
+        }
+    }
+    if channels.is_empty() {
+        return Err(bad("channels must name at least one channel"));
+    }
+    Ok(channels)
+}
+
+/// `scheduledAt` may be a few minutes late (clock skew) and at most 90 days ahead.
+pub(super) fn check_schedule(
+    at: Option<DateTime<Utc>>,
+    now: DateTime<Utc>,
+) -> Result<(), ApiError> {
+    if let Some(at) = at {
         if at < now - Duration::minutes(5) {
             return Err(bad("scheduledAt is in the past"));
         }
@@ -408,25 +482,7 @@ fn validate(state: &AppState, request: IntakeRequest) -> Result<(Draft, Vec<Chan
             )));
         }
     }
-
-    Ok((
-        Draft {
-            source: Source::Api,
-            domain: Domain::Api,
-            event_id: None,
-            event_type,
-            user_id,
-            recipient,
-            data: request.data.unwrap_or_default(),
-            subject,
-            body,
-            raw_event: None,
-            origin: None,
-            occurred_at: Some(now),
-            scheduled_at: request.scheduled_at,
-        },
-        channels,
-    ))
+    Ok(())
 }
 
 /// One notification as `GET /api/v1/notifications/{id}` shows it.

@@ -50,6 +50,9 @@ async fn channel_loop(
     shutdown: CancellationToken,
 ) {
     let slots = Arc::new(Semaphore::new(dispatcher.settings.concurrency));
+    // Broadcast deliveries hold one of these besides their slot: however large a
+    // broadcast's backlog, the rest of the slots stay free for transactional notifications.
+    let broadcast_slots = Arc::new(Semaphore::new(dispatcher.broadcast_concurrency()));
     let in_flight = TaskTracker::new();
     while !shutdown.is_cancelled() {
         let free = slots.available_permits();
@@ -85,7 +88,8 @@ async fn channel_loop(
             }
             continue;
         }
-        match dispatcher.claim(channel, room).await {
+        let broadcast_room = room.min(broadcast_slots.available_permits());
+        match dispatcher.claim(channel, room, broadcast_room).await {
             Ok(jobs) if !jobs.is_empty() => {
                 for job in jobs {
                     let admitted = match dispatcher.admit(&job).await {
@@ -96,6 +100,13 @@ async fn channel_loop(
                             continue;
                         }
                     };
+                    let broadcast_permit = match job.broadcast_id {
+                        Some(_) => match broadcast_slots.clone().acquire_owned().await {
+                            Ok(permit) => Some(permit),
+                            Err(_) => break,
+                        },
+                        None => None,
+                    };
                     let Ok(permit) = slots.clone().acquire_owned().await else {
                         break;
                     };
@@ -105,15 +116,19 @@ async fn channel_loop(
                             // The send is recorded by the lease: it will be claimed again.
                             tracing::error!(delivery = %job.delivery_id, error = format!("{error:#}"), "cannot record a delivery");
                         }
-                        drop(permit);
+                        drop((permit, broadcast_permit));
                     });
                 }
             }
             Ok(_) => {
-                let wait = next_due(&dispatcher, channel).await;
+                // With the broadcast share in use, due broadcast deliveries wait for one of
+                // its slots, not for their due time (which has passed).
+                let broadcast_full = broadcast_room == 0;
+                let wait = next_due(&dispatcher, channel, !broadcast_full).await;
                 tokio::select! {
                     () = notified => {}
                     () = tokio::time::sleep(wait) => {}
+                    permit = broadcast_slots.acquire(), if broadcast_full => drop(permit),
                     () = shutdown.cancelled() => break,
                 }
             }
@@ -131,18 +146,29 @@ async fn channel_loop(
     tracing::debug!(%channel, "dispatch loop stopped");
 }
 
-/// How long until the channel's next scheduled or retried delivery, at most [`SWEEP`].
-async fn next_due(dispatcher: &Dispatcher, channel: Channel) -> Duration {
+/// How long until the channel's next scheduled or retried delivery (broadcast ones too
+/// when `broadcasts`), at least 5 ms and at most [`SWEEP`]. One that is already due but
+/// was not claimed is locked by another worker's claim, which is over within milliseconds.
+async fn next_due(dispatcher: &Dispatcher, channel: Channel, broadcasts: bool) -> Duration {
+    // Two minima, one per partial index (transactional and broadcast deliveries).
     let next: Option<chrono::DateTime<Utc>> = sqlx::query_scalar(
-        "SELECT min(next_attempt_at) FROM deliveries WHERE channel = $1 AND status = 'PENDING'",
+        "SELECT LEAST((SELECT min(next_attempt_at) FROM deliveries WHERE channel = $1 \
+                 AND status = 'PENDING' AND broadcast_id IS NULL), \
+             (SELECT min(next_attempt_at) FROM deliveries WHERE channel = $1 AND $2 \
+                 AND status = 'PENDING' AND broadcast_id IS NOT NULL))",
     )
     .bind(channel.as_str())
+    .bind(broadcasts)
     .fetch_one(&dispatcher.db)
     .await
     .unwrap_or(None);
-    next.and_then(|at| (at - Utc::now()).to_std().ok())
-        .map_or(SWEEP, |wait| wait.min(SWEEP))
-        .max(Duration::from_millis(5))
+    next.map_or(SWEEP, |at| {
+        (at - Utc::now())
+            .to_std()
+            .unwrap_or(Duration::ZERO)
+            .min(SWEEP)
+    })
+    .max(Duration::from_millis(5))
 }
 
 /// Wakes every loop on each `NOTIFY herald_deliveries`; reconnects when the connection

@@ -28,6 +28,8 @@ use crate::{
 pub struct Job {
     pub delivery_id: Uuid,
     pub notification_id: Uuid,
+    /// Set for a delivery of a broadcast: it takes a bounded share of the channel.
+    pub broadcast_id: Option<Uuid>,
     pub channel: String,
     pub address: Option<String>,
     pub attempts: i32,
@@ -87,12 +89,20 @@ pub struct Dispatcher {
     pub limiter: RateLimiter,
     pub breakers: HashMap<Channel, CircuitBreaker>,
     pub settings: DispatchSettings,
+    /// Fraction of each channel's concurrency that broadcast deliveries may take.
+    pub broadcast_share: f64,
     pub topic_prefix: String,
     /// Announces breaker changes on the ops Slack channel, when one is configured.
     pub announcer: Option<Arc<dyn Fn(String) + Send + Sync>>,
 }
 
 impl Dispatcher {
+    /// Broadcast sends one channel may have in flight: the configured share of its
+    /// concurrency, at least one.
+    pub fn broadcast_concurrency(&self) -> usize {
+        ((self.settings.concurrency as f64 * self.broadcast_share).floor() as usize).max(1)
+    }
+
     /// Builds the breakers for every channel.
     pub fn breakers(settings: &DispatchSettings) -> HashMap<Channel, CircuitBreaker> {
         Channel::ALL
@@ -108,16 +118,31 @@ impl Dispatcher {
 
     /// Claims up to `limit` due deliveries of `channel` (PENDING and due, or PROCESSING
     /// with an expired lease) and marks them PROCESSING under a fresh lease.
-    pub async fn claim(&self, channel: Channel, limit: usize) -> anyhow::Result<Vec<Job>> {
+    ///
+    /// Transactional deliveries come first; broadcast deliveries fill what they leave, up
+    /// to `broadcast_limit`. Jobs come back transactional first.
+    pub async fn claim(
+        &self,
+        channel: Channel,
+        limit: usize,
+        broadcast_limit: usize,
+    ) -> anyhow::Result<Vec<Job>> {
         let mut tx = self.db.begin().await.context("Failed to begin a claim")?;
         let ids: Vec<Uuid> = sqlx::query_scalar(
             "WITH pending AS (SELECT id FROM deliveries WHERE channel = $1 \
-                      AND status = 'PENDING' AND next_attempt_at <= now() \
+                      AND status = 'PENDING' AND broadcast_id IS NULL \
+                      AND next_attempt_at <= now() \
                       ORDER BY next_attempt_at LIMIT $2 FOR UPDATE SKIP LOCKED), \
+                  bulk AS (SELECT id FROM deliveries WHERE channel = $1 \
+                      AND status = 'PENDING' AND broadcast_id IS NOT NULL \
+                      AND next_attempt_at <= now() ORDER BY next_attempt_at \
+                      LIMIT GREATEST(LEAST($4, $2 - (SELECT count(*) FROM pending)), 0) \
+                      FOR UPDATE SKIP LOCKED), \
                   expired AS (SELECT id FROM deliveries WHERE channel = $1 \
                       AND status = 'PROCESSING' AND lease_until < now() \
                       LIMIT $2 FOR UPDATE SKIP LOCKED), \
-                  due AS (SELECT id FROM pending UNION SELECT id FROM expired) \
+                  due AS (SELECT id FROM pending UNION ALL SELECT id FROM bulk \
+                      UNION SELECT id FROM expired) \
              UPDATE deliveries d SET status = 'PROCESSING', \
                  lease_until = now() + $3 * interval '1 millisecond', \
                  attempts = d.attempts + CASE WHEN d.status = 'PROCESSING' THEN 1 ELSE 0 END, \
@@ -128,6 +153,7 @@ impl Dispatcher {
         .bind(channel.as_str())
         .bind(limit as i64)
         .bind(self.settings.lease.as_millis() as i64)
+        .bind(broadcast_limit as i64)
         .fetch_all(&mut *tx)
         .await
         .context("Failed to claim deliveries")?;
@@ -135,12 +161,12 @@ impl Dispatcher {
             return Ok(Vec::new());
         }
         let jobs: Vec<Job> = sqlx::query_as(
-            "SELECT d.id AS delivery_id, d.notification_id, d.channel, d.address, d.attempts, \
+            "SELECT d.id AS delivery_id, d.notification_id, d.broadcast_id, d.channel, d.address, d.attempts, \
                  d.retry_base, d.lease_until, d.version, d.updated_at, d.created_at, n.domain, n.event_id, n.event_type, n.user_id, \
                  n.locale, n.data, n.subject, n.body, n.recipient, n.raw_event, n.source_topic, \
                  n.source_partition, n.source_offset, n.occurred_at \
              FROM deliveries d JOIN notifications n ON n.id = d.notification_id \
-             WHERE d.id = ANY($1)",
+             WHERE d.id = ANY($1) ORDER BY d.broadcast_id IS NOT NULL, d.next_attempt_at",
         )
         .bind(&ids)
         .fetch_all(&mut *tx)

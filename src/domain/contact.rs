@@ -137,9 +137,83 @@ impl Timezone {
     }
 }
 
+/// A targeting tag on a user (`vip`, `beta-tester`, `region:seoul`): 1 to 64 characters of
+/// letters, digits and `-_.:`, kept in lower case so that `VIP` and `vip` are one tag.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(try_from = "String")]
+pub struct Tag(String);
+
+impl TryFrom<String> for Tag {
+    type Error = String;
+
+    fn try_from(text: String) -> Result<Self, Self::Error> {
+        Tag::parse(&text)
+    }
+}
+
+impl Tag {
+    /// Parses untrusted input.
+    pub fn parse(input: &str) -> Result<Self, String> {
+        let tag = input.trim().to_lowercase();
+        if tag.is_empty()
+            || tag.chars().count() > 64
+            || !tag
+                .chars()
+                .all(|c| c.is_alphanumeric() || matches!(c, '-' | '_' | '.' | ':'))
+        {
+            return Err(format!(
+                "{input:?} is not a tag (1 to 64 letters, digits and -_.:)"
+            ));
+        }
+        Ok(Tag(tag))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+/// The year a user was born, for age segments: from 1900 to this year.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct BirthYear(i32);
+
+impl BirthYear {
+    /// Parses untrusted input.
+    pub fn new(year: i64) -> Result<Self, String> {
+        let this_year = i64::from(chrono::Datelike::year(&chrono::Utc::now()));
+        if (1900..=this_year).contains(&year) {
+            Ok(BirthYear(year as i32))
+        } else {
+            Err(format!(
+                "birthYear {year} is not between 1900 and {this_year}"
+            ))
+        }
+    }
+
+    pub fn get(self) -> i32 {
+        self.0
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn tags_are_case_folded_and_checked() {
+        assert_eq!(Tag::parse(" VIP ").unwrap().as_str(), "vip");
+        assert_eq!(Tag::parse("region:seoul").unwrap().as_str(), "region:seoul");
+        for bad in ["", "two words", "a/b", &"x".repeat(65)] {
+            assert!(Tag::parse(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn birth_years_are_plausible() {
+        assert_eq!(BirthYear::new(1990).unwrap().get(), 1990);
+        assert!(BirthYear::new(1899).is_err());
+        assert!(BirthYear::new(3000).is_err());
+    }
 
     #[test]
     fn email_addresses_are_checked_for_shape() {

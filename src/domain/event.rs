@@ -143,8 +143,17 @@ impl fmt::Display for EventType {
 }
 
 /// A user of the upstream services: a positive integer.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(try_from = "i64")]
 pub struct UserId(i64);
+
+impl TryFrom<i64> for UserId {
+    type Error = String;
+
+    fn try_from(id: i64) -> Result<Self, Self::Error> {
+        UserId::new(id)
+    }
+}
 
 impl UserId {
     pub fn new(id: i64) -> Result<Self, String> {

@@ -7,6 +7,6 @@ mod event;
 mod status;
 
 pub use channel::Channel;
-pub use contact::{EmailAddress, Locale, PhoneNumber, Timezone};
+pub use contact::{BirthYear, EmailAddress, Locale, PhoneNumber, Tag, Timezone};
 pub use event::{Domain, Event, EventId, EventType, Recipient, UserId};
 pub use status::{DeliveryStatus, NotificationStatus};

@@ -174,6 +174,7 @@ impl Ingestor {
                         }),
                         occurred_at: Some(event.occurred_at),
                         scheduled_at: None,
+                        broadcast_id: None,
                     };
                     drafts.push(intake::prepare(
                         &self.routing,

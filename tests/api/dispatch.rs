@@ -77,13 +77,7 @@ async fn an_email_arrives_in_maildev_with_korean_parts_and_the_delivery_message_
         .fetch_one(&app.db)
         .await
         .unwrap();
-    let maildev = std::env::var("MAILDEV_URL").expect("make test exports MAILDEV_URL");
-    let emails: Vec<Value> = reqwest::get(format!("{maildev}/email"))
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let emails = crate::helpers::maildev_emails().await;
     let email = emails
         .iter()
         .find(|e| e["to"][0]["address"] == address.as_str())

@@ -410,3 +410,14 @@ pub fn with_slack(server: &wiremock::MockServer) -> impl FnOnce(&mut Settings) +
     let url = slack_url(server);
     move |s| s.channels.slack_webhook_url = Some(url.into())
 }
+
+/// Every email in the test stack's MailDev.
+pub async fn maildev_emails() -> Vec<serde_json::Value> {
+    let maildev = std::env::var("MAILDEV_URL").expect("make test exports MAILDEV_URL");
+    reqwest::get(format!("{maildev}/email"))
+        .await
+        .expect("MailDev answers")
+        .json()
+        .await
+        .expect("MailDev lists emails as JSON")
+}

@@ -2,6 +2,7 @@
 //! `make test` starts (PostgreSQL, Redis, Tansu, MailDev). `TEST_LOG=1` shows logs.
 
 mod admin;
+mod broadcasts;
 mod cli;
 mod dispatch;
 mod docs;

@@ -1,0 +1,279 @@
+//! Broadcasts: `POST /api/v1/broadcasts` (202, fanned out in the background),
+//! `GET /api/v1/broadcasts[/{id}]` (status, totals, progress, timings) and
+//! `POST /api/v1/broadcasts/{id}/cancel`.
+
+use anyhow::Context;
+use axum::{
+    Json, Router,
+    body::Bytes,
+    extract::{DefaultBodyLimit, State, rejection::BytesRejection},
+    http::{HeaderMap, HeaderValue, StatusCode, header},
+    response::{IntoResponse, Response},
+    routing::{get, post},
+};
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+use uuid::Uuid;
+
+use super::{
+    AppState,
+    error::{ApiError, ApiPath, ApiQuery},
+    notifications::{Content, bad, check_schedule, idempotency_key, parse_channels, read_request},
+};
+use crate::{
+    broadcast::{
+        self, Audience, BroadcastRow, BroadcastStatus, Cancelled, Created, NewBroadcast, Totals,
+    },
+    domain::Channel,
+};
+
+/// Largest request body: room for 100,000 explicit user ids.
+const MAX_BODY_BYTES: usize = 4 * 1024 * 1024;
+/// Most explicit user ids one broadcast may list (larger audiences are segments).
+const MAX_USER_IDS: usize = 100_000;
+const MAX_NAME_CHARS: usize = 200;
+
+/// The broadcast routes.
+pub fn router() -> Router<AppState> {
+    Router::new()
+        .route(
+            "/api/v1/broadcasts",
+            post(create)
+                .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+                .get(list),
+        )
+        .route("/api/v1/broadcasts/{id}", get(read))
+        .route("/api/v1/broadcasts/{id}/cancel", post(cancel))
+}
+
+/// The creation request.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct BroadcastRequest {
+    name: Option<String>,
+    audience: Audience,
+    channels: Vec<String>,
+    #[serde(alias = "template")]
+    event_type: Option<String>,
+    data: Option<Map<String, Value>>,
+    subject: Option<String>,
+    body: Option<String>,
+    scheduled_at: Option<DateTime<Utc>>,
+}
+
+/// A broadcast as the API shows it.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct BroadcastView {
+    broadcast_id: Uuid,
+    name: Option<String>,
+    status: BroadcastStatus,
+    audience: Value,
+    channels: Vec<String>,
+    event_type: String,
+    totals: Totals,
+    /// Per cent of the expected deliveries (audience × channels) that are final.
+    progress: f64,
+    timings: Timings,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    error: Option<String>,
+}
+
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+struct Timings {
+    created_at: DateTime<Utc>,
+    scheduled_at: DateTime<Utc>,
+    started_at: Option<DateTime<Utc>>,
+    /// Every recipient had its notification.
+    fanned_out_at: Option<DateTime<Utc>>,
+    cancelled_at: Option<DateTime<Utc>>,
+    finished_at: Option<DateTime<Utc>>,
+    /// From start to finish (or to now while it runs).
+    elapsed_secs: Option<f64>,
+    /// Recipients whose deliveries are all final, per second of `elapsedSecs`.
+    recipients_per_second: Option<f64>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ListQuery {
+    limit: Option<i64>,
+}
+
+#[derive(Debug, Serialize)]
+struct ListView {
+    items: Vec<BroadcastView>,
+}
+
+async fn create(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let (request, request_hash): (BroadcastRequest, String) = read_request(body)?;
+    let new = validate(&state, request, idempotency_key(&headers)?, request_hash)?;
+    let (row, replayed) = match broadcast::create(&state.db, &new).await? {
+        Created::New(row) => (row, false),
+        Created::Replayed(row) => (row, true),
+        Created::KeyReused => {
+            return Err(ApiError::Unprocessable {
+                code: "idempotency_key_reused",
+                message: "this Idempotency-Key was used with a different request body".into(),
+            });
+        }
+    };
+    let view = view(&state, row).await?;
+    let mut response = (StatusCode::ACCEPTED, Json(&view)).into_response();
+    let headers = response.headers_mut();
+    if let Ok(location) =
+        HeaderValue::from_str(&format!("/api/v1/broadcasts/{}", view.broadcast_id))
+    {
+        headers.insert(header::LOCATION, location);
+    }
+    if replayed {
+        headers.insert("idempotency-replayed", HeaderValue::from_static("true"));
+    }
+    Ok(response)
+}
+
+fn validate(
+    state: &AppState,
+    request: BroadcastRequest,
+    idempotency_key: Option<String>,
+    request_hash: String,
+) -> Result<NewBroadcast, ApiError> {
+    if let Some(name) = &request.name
+        && (name.trim().is_empty() || name.chars().count() > MAX_NAME_CHARS)
+    {
+        return Err(bad(format!(
+            "name must be 1 to {MAX_NAME_CHARS} characters"
+        )));
+    }
+    match &request.audience {
+        Audience::UserIds(ids) if ids.is_empty() => {
+            return Err(bad("audience.userIds lists nobody"));
+        }
+        Audience::UserIds(ids) if ids.len() > MAX_USER_IDS => {
+            return Err(bad(format!(
+                "audience.userIds may list at most {MAX_USER_IDS} users; use a segment for more"
+            )));
+        }
+        Audience::Segment(segment) => {
+            segment
+                .check()
+                .map_err(|m| bad(format!("audience.segment: {m}")))?;
+        }
+        Audience::UserIds(_) => {}
+    }
+    let content = Content::parse(
+        request.event_type.as_deref(),
+        request.subject.as_deref(),
+        request.body.as_deref(),
+    )?;
+    let channels = parse_channels(&request.channels)?;
+    if let Some(channel) = channels
+        .iter()
+        .find(|c| state.routing.is_operator_channel(**c))
+    {
+        return Err(bad(format!(
+            "{channel} is an operator channel; a broadcast goes to users"
+        )));
+    }
+    content.check_templates(state, &channels)?;
+    check_schedule(request.scheduled_at, Utc::now())?;
+    Ok(NewBroadcast {
+        name: request.name,
+        audience: request.audience,
+        channels,
+        event_type: content.event_type.to_string(),
+        data: request.data.unwrap_or_default(),
+        subject: content.subject,
+        body: content.body,
+        scheduled_at: request.scheduled_at,
+        idempotency_key,
+        request_hash,
+    })
+}
+
+async fn read(
+    State(state): State<AppState>,
+    ApiPath(id): ApiPath<Uuid>,
+) -> Result<Json<BroadcastView>, ApiError> {
+    let row = broadcast::load(&state.db, id)
+        .await?
+        .ok_or_else(|| ApiError::NotFound(format!("no broadcast {id}")))?;
+    Ok(Json(view(&state, row).await?))
+}
+
+async fn list(
+    State(state): State<AppState>,
+    ApiQuery(query): ApiQuery<ListQuery>,
+) -> Result<Json<ListView>, ApiError> {
+    let limit = query.limit.unwrap_or(20);
+    if !(1..=100).contains(&limit) {
+        return Err(bad("limit must be from 1 to 100"));
+    }
+    let mut items = Vec::new();
+    for row in broadcast::list(&state.db, limit).await? {
+        items.push(view(&state, row).await?);
+    }
+    Ok(Json(ListView { items }))
+}
+
+async fn cancel(
+    State(state): State<AppState>,
+    ApiPath(id): ApiPath<Uuid>,
+) -> Result<Json<BroadcastView>, ApiError> {
+    match broadcast::cancel(&state.db, id, &state.settings.kafka.topic_prefix).await? {
+        Cancelled::Done(row) => Ok(Json(view(&state, row).await?)),
+        Cancelled::TooLate(row) => Err(ApiError::Conflict(format!(
+            "broadcast {id} has already finished ({})",
+            row.status().as_str()
+        ))),
+        Cancelled::NotFound => Err(ApiError::NotFound(format!("no broadcast {id}"))),
+    }
+}
+
+async fn view(state: &AppState, row: BroadcastRow) -> Result<BroadcastView, ApiError> {
+    let mut conn = state
+        .db
+        .acquire()
+        .await
+        .context("Failed to reach PostgreSQL")?;
+    let totals = broadcast::totals(&mut conn, &row).await?;
+    let progress = broadcast::progress(&row, &totals);
+    let elapsed = row
+        .started_at
+        .map(|start| (row.finished_at.unwrap_or_else(Utc::now) - start).as_seconds_f64());
+    let channels = row.channels().len().max(1) as i64;
+    // A recipient is done when all its deliveries are; with deliveries finishing evenly
+    // across channels, final deliveries over channels approximates it.
+    let done_recipients = (totals.sent + totals.failed + totals.skipped) / channels;
+    let timings = Timings {
+        created_at: row.created_at,
+        scheduled_at: row.scheduled_at,
+        started_at: row.started_at,
+        fanned_out_at: row.fanned_out_at,
+        cancelled_at: row.cancelled_at,
+        finished_at: row.finished_at,
+        elapsed_secs: elapsed.map(|s| (s * 1000.0).round() / 1000.0),
+        recipients_per_second: elapsed
+            .filter(|s| *s > 0.0)
+            .map(|s| (done_recipients as f64 / s * 10.0).round() / 10.0),
+    };
+    let channel_names = row.channels().iter().map(Channel::to_string).collect();
+    Ok(BroadcastView {
+        broadcast_id: row.id,
+        status: row.status(),
+        name: row.name,
+        audience: row.audience,
+        channels: channel_names,
+        event_type: row.event_type,
+        totals,
+        progress,
+        timings,
+        error: row.error,
+    })
+}
