@@ -4,8 +4,8 @@
 //!
 //! A handler error is never the message's fault (handlers dead-letter poison themselves):
 //! the same batch is retried with backoff and no offset moves, so nothing is lost or
-//! skipped. Offsets stored are committed every second, when partitions are revoked and at
-//! shutdown. Consumer lag comes from librdkafka's statistics as
+//! skipped. Offsets stored are committed after each batch (asynchronously), every second
+//! as a backstop, when partitions are revoked and at shutdown. Consumer lag comes from librdkafka's statistics as
 //! `herald_consumer_lag_messages{group, topic}`.
 
 use std::{future::Future, sync::Arc, time::Duration};
@@ -165,6 +165,12 @@ where
                 // again and the handler's idempotency absorbs the repeat.
                 tracing::debug!(%error, partition = message.partition, "offset not stored");
             }
+        }
+        // Committed at once rather than at the next auto-commit: a restart then re-reads
+        // less, and "stored" means "committed" within a round trip. The auto-commit stays
+        // as the backstop for an asynchronous commit that failed.
+        if let Err(error) = consumer.commit_consumer_state(CommitMode::Async) {
+            tracing::debug!(%error, "asynchronous offset commit not sent");
         }
     }
     commit(&consumer, "at shutdown");

@@ -1,6 +1,6 @@
 //! Applying delivery events to the read model, and rebuilding it from the topic.
 
-use std::time::Duration;
+use std::{collections::HashMap, time::Duration};
 
 use anyhow::Context;
 use chrono::{DateTime, NaiveDate, Utc};
@@ -57,7 +57,10 @@ pub struct Projector {
 }
 
 impl Projector {
-    /// Applies a batch in one transaction.
+    /// Applies a batch in one transaction, in a fixed number of statements whatever its
+    /// size: lock the batch's deliveries, read their log rows, fold the events in memory
+    /// (in version order per delivery, exactly as applying them one by one would), then
+    /// write every changed row in one upsert and the statistics once per key.
     pub async fn apply(&self, messages: &[IncomingMessage]) -> anyhow::Result<Applied> {
         let mut outcome = Applied::default();
         let mut events = Vec::with_capacity(messages.len());
@@ -70,18 +73,75 @@ impl Projector {
                 }
             }
         }
-        // One lock order for every applier (a delivery's events stay in version order),
-        // so two of them on overlapping batches cannot deadlock.
         events.sort_by_key(|e| (e.delivery_id, e.version));
-        let mut counts = Counts::new();
+        let mut ids: Vec<Uuid> = events.iter().map(|e| e.delivery_id).collect();
+        ids.dedup();
         let mut tx = self.db.begin().await.context("Failed to begin")?;
-        for event in &events {
-            if self.apply_one(&mut tx, event, &mut counts).await? {
+        // Serialises appliers of one delivery even before its row exists, so the version
+        // guard and the count-once rule hold; taken in one order (the ids') by every
+        // applier, so two of them on overlapping batches cannot deadlock.
+        sqlx::query(
+            "SELECT count(pg_advisory_xact_lock(hashtextextended(id::text, 0))) \
+             FROM (SELECT id FROM UNNEST($1::uuid[]) AS id ORDER BY id) ordered",
+        )
+        .bind(&ids)
+        .execute(&mut *tx)
+        .await
+        .context("Failed to lock the deliveries")?;
+        let rows: Vec<(Uuid, i64, Option<String>, Option<NaiveDate>)> = sqlx::query_as(
+            "SELECT delivery_id, version, counted_status, counted_day FROM notification_log \
+             WHERE delivery_id = ANY($1)",
+        )
+        .bind(&ids)
+        .fetch_all(&mut *tx)
+        .await
+        .context("Failed to read the log")?;
+        let mut current: HashMap<Uuid, LogState> = rows
+            .into_iter()
+            .map(|(id, version, counted, counted_day)| {
+                (
+                    id,
+                    LogState {
+                        version,
+                        counted,
+                        counted_day,
+                    },
+                )
+            })
+            .collect();
+
+        let mut counts = Counts::new();
+        let mut changed = Changes::default();
+        for delivery in events.chunk_by(|a, b| a.delivery_id == b.delivery_id) {
+            let state = current.entry(delivery[0].delivery_id).or_insert(LogState {
+                version: i64::MIN,
+                counted: None,
+                counted_day: None,
+            });
+            let mut newest = None;
+            for e in delivery {
+                if e.version <= state.version {
+                    outcome.stale += 1;
+                    continue;
+                }
                 outcome.applied += 1;
-            } else {
-                outcome.stale += 1;
+                state.version = e.version;
+                newest = Some(e);
+                if is_terminal(&e.status) && state.counted.as_deref() != Some(e.status.as_str()) {
+                    if let (Some(old), Some(day)) = (&state.counted, state.counted_day) {
+                        count(&mut counts, day, &e.channel, old, -1);
+                    }
+                    let day = e.updated_at.with_timezone(&self.reporting_tz).date_naive();
+                    count(&mut counts, day, &e.channel, &e.status, 1);
+                    state.counted = Some(e.status.clone());
+                    state.counted_day = Some(day);
+                }
+            }
+            if let Some(e) = newest {
+                changed.push(e, state);
             }
         }
+        changed.write(&mut tx).await?;
         // The hot statistics rows are touched once per batch, in key order.
         for ((day, channel), (success, failed, skipped)) in counts {
             add_counts(&mut tx, day, &channel, success, failed, skipped).await?;
@@ -95,82 +155,101 @@ impl Projector {
             .increment(outcome.stale as u64);
         Ok(outcome)
     }
+}
 
-    /// Applies one event; false when the row already is at this version or newer.
-    async fn apply_one(
-        &self,
-        tx: &mut PgConnection,
-        e: &DeliveryEventIn,
-        counts: &mut Counts,
-    ) -> anyhow::Result<bool> {
-        // Serialises appliers of one delivery even before its row exists (FOR UPDATE locks
-        // nothing then), so the version guard and the count-once rule hold.
-        sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended($1::text, 0))")
-            .bind(e.delivery_id)
-            .execute(&mut *tx)
-            .await
-            .context("Failed to lock the delivery")?;
-        let current: Option<(i64, Option<String>, Option<NaiveDate>)> = sqlx::query_as(
-            "SELECT version, counted_status, counted_day FROM notification_log \
-             WHERE delivery_id = $1 FOR UPDATE",
-        )
-        .bind(e.delivery_id)
-        .fetch_optional(&mut *tx)
-        .await
-        .context("Failed to read the log")?;
-        if current
-            .as_ref()
-            .is_some_and(|(version, _, _)| *version >= e.version)
-        {
-            return Ok(false);
+fn is_terminal(status: &str) -> bool {
+    matches!(status, "SUCCESS" | "FAILED" | "SKIPPED")
+}
+
+/// What the projector knows of a delivery's log row while folding a batch.
+struct LogState {
+    /// The newest version applied (`i64::MIN` when there is no row yet).
+    version: i64,
+    /// The terminal outcome counted in delivery_stats, and on which day.
+    counted: Option<String>,
+    counted_day: Option<NaiveDate>,
+}
+
+/// The log rows a batch changes, as columns for one upsert.
+#[derive(Default)]
+struct Changes {
+    delivery_ids: Vec<Uuid>,
+    notification_ids: Vec<Uuid>,
+    event_ids: Vec<Option<String>>,
+    event_types: Vec<String>,
+    user_ids: Vec<Option<i64>>,
+    channels: Vec<String>,
+    statuses: Vec<String>,
+    attempts: Vec<i32>,
+    errors: Vec<Option<String>>,
+    versions: Vec<i64>,
+    created: Vec<DateTime<Utc>>,
+    updated: Vec<DateTime<Utc>>,
+    completed: Vec<Option<DateTime<Utc>>>,
+    counted: Vec<Option<String>>,
+    counted_days: Vec<Option<NaiveDate>>,
+}
+
+impl Changes {
+    /// Adds a delivery's row as its newest event and the counting leave it.
+    fn push(&mut self, e: &DeliveryEventIn, state: &LogState) {
+        self.delivery_ids.push(e.delivery_id);
+        self.notification_ids.push(e.notification_id);
+        self.event_ids.push(e.event_id.clone());
+        self.event_types.push(e.event_type.clone());
+        self.user_ids.push(e.user_id);
+        self.channels.push(e.channel.clone());
+        self.statuses.push(e.status.clone());
+        self.attempts.push(e.attempts);
+        self.errors.push(e.error.clone());
+        self.versions.push(e.version);
+        self.created.push(e.created_at);
+        self.updated.push(e.updated_at);
+        self.completed
+            .push(is_terminal(&e.status).then_some(e.updated_at));
+        self.counted.push(state.counted.clone());
+        self.counted_days.push(state.counted_day);
+    }
+
+    /// One upsert for every changed row (in delivery id order, as they were pushed).
+    async fn write(&self, tx: &mut PgConnection) -> anyhow::Result<()> {
+        if self.delivery_ids.is_empty() {
+            return Ok(());
         }
-        let terminal = matches!(e.status.as_str(), "SUCCESS" | "FAILED" | "SKIPPED");
         sqlx::query(
             "INSERT INTO notification_log (delivery_id, notification_id, event_id, event_type, \
                  user_id, channel, status, attempts, last_error, version, created_at, updated_at, \
-                 completed_at) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13) \
+                 completed_at, counted_status, counted_day) \
+             SELECT * FROM UNNEST($1::uuid[], $2::uuid[], $3::text[], $4::text[], $5::int8[], \
+                 $6::text[], $7::text[], $8::int4[], $9::text[], $10::int8[], \
+                 $11::timestamptz[], $12::timestamptz[], $13::timestamptz[], $14::text[], \
+                 $15::date[]) \
              ON CONFLICT (delivery_id) DO UPDATE SET status = EXCLUDED.status, \
                  attempts = EXCLUDED.attempts, last_error = EXCLUDED.last_error, \
                  version = EXCLUDED.version, updated_at = EXCLUDED.updated_at, \
-                 completed_at = EXCLUDED.completed_at \
+                 completed_at = EXCLUDED.completed_at, \
+                 counted_status = EXCLUDED.counted_status, counted_day = EXCLUDED.counted_day \
              WHERE notification_log.version < EXCLUDED.version",
         )
-        .bind(e.delivery_id)
-        .bind(e.notification_id)
-        .bind(&e.event_id)
-        .bind(&e.event_type)
-        .bind(e.user_id)
-        .bind(&e.channel)
-        .bind(&e.status)
-        .bind(e.attempts)
-        .bind(&e.error)
-        .bind(e.version)
-        .bind(e.created_at)
-        .bind(e.updated_at)
-        .bind(terminal.then_some(e.updated_at))
+        .bind(&self.delivery_ids)
+        .bind(&self.notification_ids)
+        .bind(&self.event_ids)
+        .bind(&self.event_types)
+        .bind(&self.user_ids)
+        .bind(&self.channels)
+        .bind(&self.statuses)
+        .bind(&self.attempts)
+        .bind(&self.errors)
+        .bind(&self.versions)
+        .bind(&self.created)
+        .bind(&self.updated)
+        .bind(&self.completed)
+        .bind(&self.counted)
+        .bind(&self.counted_days)
         .execute(&mut *tx)
         .await
         .context("Failed to write the log")?;
-
-        let (counted, counted_day) = current.map(|(_, s, d)| (s, d)).unwrap_or_default();
-        if terminal && counted.as_deref() != Some(e.status.as_str()) {
-            if let (Some(old), Some(day)) = (&counted, counted_day) {
-                count(counts, day, &e.channel, old, -1);
-            }
-            let day = e.updated_at.with_timezone(&self.reporting_tz).date_naive();
-            count(counts, day, &e.channel, &e.status, 1);
-            sqlx::query(
-                "UPDATE notification_log SET counted_status = $2, counted_day = $3 WHERE delivery_id = $1",
-            )
-            .bind(e.delivery_id)
-            .bind(&e.status)
-            .bind(day)
-            .execute(&mut *tx)
-            .await
-            .context("Failed to mark the count")?;
-        }
-        Ok(true)
+        Ok(())
     }
 }
 

@@ -1,0 +1,447 @@
+//! `make bench`: every figure of issue 6 in one run on the local stack, with the release
+//! `herald serve` binary in a child process (so its memory and CPU are its own).
+//!
+//! 1. Ingest alone: N PAYMENT_COMPLETED events (IN_APP + SLACK) wait on the topic; Herald
+//!    with only the ingest role; events/s from the first stored notification until every
+//!    notification exists and every offset is committed. Ceilings on the same data: a
+//!    bare rdkafka consumer reading the topic, and a bare batched INSERT of the same rows.
+//! 2. Everything else against one Herald with every role: end to end (a backlog of
+//!    events until every delivery is terminal and notification_log has caught up), then
+//!    occurredAt-to-SUCCESS latency at an open-loop offered rate, then HTTP intake latency
+//!    at an open-loop request rate, then email deliveries/s into MailDev, then its peak RSS.
+//!
+//! ```sh
+//! eval "$(scripts/stack.sh env bench | sed 's/^/export /')"
+//! cargo build --release --bin herald --example bench
+//! target/release/examples/bench --events 20000 --out /tmp/bench.json
+//! ```
+
+mod ceilings;
+mod load;
+mod process;
+mod run;
+mod sink;
+
+use std::{
+    collections::BTreeMap,
+    path::PathBuf,
+    time::{Duration, Instant},
+};
+
+use chrono::{DateTime, Utc};
+use clap::Parser;
+use rdkafka::{
+    TopicPartitionList,
+    consumer::{BaseConsumer, Consumer},
+};
+use serde_json::{Value, json};
+use sqlx::PgPool;
+
+use herald::{config::Settings, routing::RoutingTable};
+
+use self::{process::Herald, run::Run, sink::Sink};
+
+/// Herald's benchmark (issue 6).
+#[derive(Debug, Parser)]
+struct Args {
+    /// Events of the ingest phase (and of its ceilings).
+    #[arg(long, default_value_t = 100_000)]
+    events: usize,
+    /// Events of the end-to-end phase.
+    #[arg(long, default_value_t = 100_000)]
+    e2e_events: usize,
+    /// Offered events/s of the latency phase.
+    #[arg(long, default_value_t = 1000)]
+    rate: u32,
+    /// Seconds of the latency phase and of the HTTP intake phase.
+    #[arg(long, default_value_t = 30)]
+    seconds: u64,
+    /// Offered requests/s of the HTTP intake phase.
+    #[arg(long, default_value_t = 500)]
+    intake_rate: u32,
+    /// Email deliveries of the email phase.
+    #[arg(long, default_value_t = 2000)]
+    emails: usize,
+    /// Where the figures go as JSON.
+    #[arg(long)]
+    out: Option<PathBuf>,
+}
+
+/// The figures of one run, printed as they come and written as JSON at the end.
+#[derive(Default)]
+struct Report {
+    figures: BTreeMap<&'static str, Value>,
+}
+
+impl Report {
+    /// Records a figure; `line` (if not empty) is its summary line.
+    fn figure(&mut self, key: &'static str, value: impl Into<Value>, line: String) {
+        if !line.is_empty() {
+            println!("{line}");
+        }
+        self.figures.insert(key, value.into());
+    }
+}
+
+/// Partitions of the upstream topics the generator fills (kafka/topics.toml).
+const PARTITIONS: i32 = 6;
+const ALL_ROLES: &str = "api,ingest,dispatch,relay,projector,dlq";
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    herald::telemetry::init_tracing(herald::telemetry::LogFormat::Text);
+    let base = Settings::load()?;
+    let routing_file = "bench/routing.toml";
+    let routing = RoutingTable::load(routing_file.as_ref())?;
+    let sink = Sink::start().await?;
+    let env = [
+        ("HERALD_ROUTING_FILE", routing_file.to_owned()),
+        ("HERALD_SLACK_WEBHOOK_URL", sink.url.clone()),
+    ];
+    let logs = PathBuf::from("bench/results");
+    std::fs::create_dir_all(&logs)?;
+    let mut report = Report::default();
+    let producer = load::producer(&base.kafka, 5)?;
+
+    // Phase 1: ingest alone, and the ceilings on the same events.
+    let n = args.events;
+    let a = Run::new(&base, "ingest").await?;
+    let topic = a.topic("fluxpay.payment.events");
+    let took = load::backlog(&producer, &topic, &a.tag, "PAYMENT_COMPLETED", n).await?;
+    println!("published {n} events in {:.1} s", took.as_secs_f64());
+    let bare_kafka = ceilings::bare_consumer(&a.settings.kafka, &topic, PARTITIONS, n).await?;
+    report.figure(
+        "ceiling_kafka_consumer_msgs_per_s",
+        bare_kafka.round(),
+        format!("ceiling, bare rdkafka consumer: {bare_kafka:.0} messages/s"),
+    );
+    let herald = Herald::start(&a, "ingest", &env, &logs.join("herald-ingest.log")).await?;
+    let pool = herald::db::pool(&a.settings.database)?;
+    let group = format!("{}notif-payment", a.settings.kafka.topic_prefix);
+    let offsets = Offsets::new(&a, &group, &topic)?;
+    let (first, done) = loop {
+        let stored = count(&pool, "SELECT count(*) FROM notifications").await?;
+        if stored as usize >= n && offsets.all_committed(n)? {
+            let first: DateTime<Utc> =
+                sqlx::query_scalar("SELECT min(created_at) FROM notifications")
+                    .fetch_one(&pool)
+                    .await?;
+            break (first, Utc::now());
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    };
+    let ingest = n as f64 / seconds(done - first);
+    let rss_ingest = herald.stop().await?;
+    report.figure(
+        "ingest_events_per_s",
+        ingest.round(),
+        format!(
+            "ingest: {ingest:.0} events/s ({n} events, {:.2} s from the first stored notification until all stored and committed; target >= 20000)",
+            seconds(done - first)
+        ),
+    );
+    let bare = Run::new(&base, "bare").await?;
+    let bare_pool = bare.migrated_pool().await?;
+    let (bare_events, bare_rows) = ceilings::bare_insert(
+        &bare_pool,
+        &routing,
+        &bare.tag,
+        n,
+        base.ingest.batch_max_messages,
+    )
+    .await?;
+    report.figure(
+        "ceiling_bare_insert_rows_per_s",
+        bare_rows.round(),
+        format!(
+            "ceiling, bare batched INSERT: {bare_rows:.0} rows/s = {bare_events:.0} events/s (a notification and 2 deliveries each, {} per transaction)",
+            base.ingest.batch_max_messages
+        ),
+    );
+    report.figure(
+        "ceiling_bare_insert_events_per_s",
+        bare_events.round(),
+        String::new(),
+    );
+    report.figure(
+        "ratio_ingest_to_bare_consumer",
+        ratio(ingest, bare_kafka),
+        format!(
+            "ratio ingest / bare consumer: {:.3}; ingest / bare INSERT: {:.3}",
+            ingest / bare_kafka,
+            ingest / bare_events
+        ),
+    );
+    report.figure(
+        "ratio_ingest_to_bare_insert",
+        ratio(ingest, bare_events),
+        String::new(),
+    );
+
+    // Phase 2: one Herald with every role.
+    let b = Run::new(&base, "e2e").await?;
+    let topic = b.topic("fluxpay.payment.events");
+    let e = args.e2e_events;
+    load::backlog(
+        &producer,
+        &topic,
+        &format!("{}-e2e", b.tag),
+        "PAYMENT_COMPLETED",
+        e,
+    )
+    .await?;
+    let herald = Herald::start(&b, ALL_ROLES, &env, &logs.join("herald-all.log")).await?;
+    let pool = herald::db::pool(&b.settings.database)?;
+    let started = Instant::now();
+    let mut ingested = None;
+    let done = loop {
+        let (notifications, open, deliveries, projected) = progress(&pool).await?;
+        if notifications as usize >= e && ingested.is_none() {
+            ingested = Some(Utc::now());
+        }
+        if notifications as usize >= e && open == 0 && projected == deliveries {
+            break Utc::now();
+        }
+        anyhow::ensure!(
+            started.elapsed() < Duration::from_secs(1800),
+            "end to end timed out: {notifications} notifications, {open} open deliveries, {projected}/{deliveries} projected"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let first: DateTime<Utc> = sqlx::query_scalar("SELECT min(created_at) FROM notifications")
+        .fetch_one(&pool)
+        .await?;
+    let e2e = e as f64 / seconds(done - first);
+    let ingest_loaded = e as f64 / seconds(ingested.unwrap_or(done) - first);
+    let not_success = count(
+        &pool,
+        "SELECT count(*) FROM deliveries WHERE status <> 'SUCCESS'",
+    )
+    .await?;
+    report.figure(
+        "end_to_end_events_per_s",
+        e2e.round(),
+        format!(
+            "end to end: {e2e:.0} events/s ({e} events, {} deliveries, {:.1} s until every delivery terminal and projected, {not_success} not SUCCESS; target >= 10000)",
+            2 * e,
+            seconds(done - first)
+        ),
+    );
+    report.figure(
+        "ingest_with_every_role_events_per_s",
+        ingest_loaded.round(),
+        format!("ingest while dispatching and projecting: {ingest_loaded:.0} events/s"),
+    );
+
+    let lat_tag = format!("{}-lat", b.tag);
+    let lat_duration = Duration::from_secs(args.seconds);
+    let fast = load::producer(&base.kafka, 0)?;
+    let offered = load::open_loop(
+        &fast,
+        &topic,
+        &lat_tag,
+        "PAYMENT_COMPLETED",
+        args.rate,
+        lat_duration,
+    )
+    .await?;
+    wait_idle(&pool, e + offered).await?;
+    let (p50, p95, p99, samples): (f64, f64, f64, i64) = sqlx::query_as(
+        "SELECT percentile_cont(0.5) WITHIN GROUP (ORDER BY ms), \
+             percentile_cont(0.95) WITHIN GROUP (ORDER BY ms), \
+             percentile_cont(0.99) WITHIN GROUP (ORDER BY ms), count(*) \
+         FROM (SELECT extract(epoch FROM d.completed_at - n.occurred_at) * 1000 AS ms \
+               FROM deliveries d JOIN notifications n ON n.id = d.notification_id \
+               WHERE n.event_id LIKE $1 AND d.status = 'SUCCESS') t",
+    )
+    .bind(format!("{lat_tag}-%"))
+    .fetch_one(&pool)
+    .await?;
+    report.figure(
+        "latency_p99_ms",
+        p99,
+        format!(
+            "latency occurredAt->SUCCESS at {} events/s open loop for {} s ({samples} deliveries): p50 {p50:.1} ms, p95 {p95:.1} ms, p99 {p99:.1} ms (target p99 <= 100)",
+            args.rate, args.seconds
+        ),
+    );
+    report.figure("latency_p50_ms", p50, String::new());
+    report.figure("latency_p95_ms", p95, String::new());
+
+    let mut intake = load::intake(
+        &format!("http://{}", herald.addr),
+        &b.tag,
+        args.intake_rate,
+        Duration::from_secs(args.seconds),
+    )
+    .await?;
+    let (i50, i99) = (
+        load::quantile(&mut intake.latencies_ms, 0.5),
+        load::quantile(&mut intake.latencies_ms, 0.99),
+    );
+    report.figure(
+        "intake_p99_ms",
+        i99,
+        format!(
+            "HTTP intake at {} requests/s open loop for {} s: p50 {i50:.1} ms, p99 {i99:.1} ms, {} failed (target p99 <= 10)",
+            args.intake_rate, args.seconds, intake.failures
+        ),
+    );
+    report.figure("intake_p50_ms", i50, String::new());
+
+    let m = args.emails;
+    load::backlog(
+        &producer,
+        &b.topic("fluxpay.order.events"),
+        &format!("{}-mail", b.tag),
+        "ORDER_COMPLETED",
+        m,
+    )
+    .await?;
+    let email = loop {
+        let (total, open, sent, from, to): (i64, i64, i64, Option<DateTime<Utc>>, Option<DateTime<Utc>>) =
+            sqlx::query_as(
+                "SELECT count(*), count(*) FILTER (WHERE status IN ('PENDING', 'PROCESSING')), \
+                     count(*) FILTER (WHERE status = 'SUCCESS'), min(created_at), max(completed_at) \
+                 FROM deliveries WHERE channel = 'EMAIL'",
+            )
+            .fetch_one(&pool)
+            .await?;
+        if total >= m as i64
+            && open == 0
+            && let (Some(from), Some(to)) = (from, to)
+        {
+            break sent as f64 / seconds(to - from);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    report.figure(
+        "email_per_s",
+        email.round(),
+        format!("email into MailDev (pooled SMTP): {email:.0} deliveries/s ({m} emails)"),
+    );
+    let rss = herald.stop().await?;
+    let mib = |b: u64| b as f64 / (1024.0 * 1024.0);
+    report.figure(
+        "peak_rss_mib",
+        (mib(rss) * 10.0).round() / 10.0,
+        format!(
+            "peak RSS (VmHWM) of herald serve: {:.1} MiB with every role through phase 2, {:.1} MiB ingesting alone (target <= 200)",
+            mib(rss),
+            mib(rss_ingest)
+        ),
+    );
+    report.figure(
+        "peak_rss_ingest_only_mib",
+        (mib(rss_ingest) * 10.0).round() / 10.0,
+        String::new(),
+    );
+    report.figure(
+        "slack_sink_requests",
+        sink.received(),
+        format!("slack sink received {} requests", sink.received()),
+    );
+
+    if let Some(out) = &args.out {
+        let json = json!({
+            "figures": report.figures,
+            "targets": {
+                "ingest_events_per_s": ">= 20000",
+                "end_to_end_events_per_s": ">= 10000",
+                "latency_p99_ms": "<= 100 at 1000 events/s",
+                "intake_p99_ms": "<= 10 at 500 requests/s",
+                "peak_rss_mib": "<= 200",
+            },
+            "args": format!("{args:?}"),
+            "machine": {
+                "cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+                "loadavg_at_end": std::fs::read_to_string("/proc/loadavg").unwrap_or_default().trim(),
+            },
+        });
+        std::fs::write(out, serde_json::to_string_pretty(&json)?)?;
+    }
+    Ok(())
+}
+
+fn seconds(d: chrono::TimeDelta) -> f64 {
+    d.num_microseconds().unwrap_or(i64::MAX) as f64 / 1e6
+}
+
+fn ratio(a: f64, b: f64) -> f64 {
+    (a / b * 1000.0).round() / 1000.0
+}
+
+async fn count(pool: &PgPool, sql: &'static str) -> anyhow::Result<i64> {
+    Ok(sqlx::query_scalar(sql).fetch_one(pool).await?)
+}
+
+/// (notifications, open deliveries, deliveries, terminal rows in notification_log).
+async fn progress(pool: &PgPool) -> anyhow::Result<(i64, i64, i64, i64)> {
+    Ok(sqlx::query_as(
+        "SELECT (SELECT count(*) FROM notifications), \
+             (SELECT count(*) FROM deliveries WHERE status IN ('PENDING', 'PROCESSING')), \
+             (SELECT count(*) FROM deliveries), \
+             (SELECT count(*) FROM notification_log \
+              WHERE status IN ('SUCCESS', 'FAILED', 'SKIPPED'))",
+    )
+    .fetch_one(pool)
+    .await?)
+}
+
+/// Waits until `notifications` exist and every delivery is terminal.
+async fn wait_idle(pool: &PgPool, notifications: usize) -> anyhow::Result<()> {
+    let started = Instant::now();
+    loop {
+        let (stored, open, _, _) = progress(pool).await?;
+        if stored as usize >= notifications && open == 0 {
+            return Ok(());
+        }
+        anyhow::ensure!(
+            started.elapsed() < Duration::from_secs(600),
+            "timed out: {stored}/{notifications} notifications, {open} open deliveries"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// A consumer group's committed offsets on a fresh topic.
+struct Offsets {
+    consumer: BaseConsumer,
+    partitions: TopicPartitionList,
+}
+
+impl Offsets {
+    fn new(run: &Run, group: &str, topic: &str) -> anyhow::Result<Self> {
+        let consumer: BaseConsumer = herald::kafka::client_config(&run.settings.kafka)
+            .set("group.id", group)
+            .set("enable.auto.commit", "false")
+            .create()?;
+        let mut partitions = TopicPartitionList::new();
+        for partition in 0..PARTITIONS {
+            partitions.add_partition(topic, partition);
+        }
+        Ok(Offsets {
+            consumer,
+            partitions,
+        })
+    }
+
+    /// True when the group has committed past all `published` messages of the topic. The
+    /// topic is fresh, so its offsets start at 0 and the committed offsets add up to the
+    /// messages consumed. (Tansu's high watermarks trail the end of a batch, so they
+    /// cannot be the yardstick.)
+    fn all_committed(&self, published: usize) -> anyhow::Result<bool> {
+        let committed = self
+            .consumer
+            .committed_offsets(self.partitions.clone(), Duration::from_secs(10))?;
+        let mut total = 0;
+        for element in committed.elements() {
+            match element.offset() {
+                rdkafka::Offset::Offset(offset) => total += offset,
+                _ => return Ok(false),
+            }
+        }
+        Ok(total as usize >= published)
+    }
+}
