@@ -97,23 +97,6 @@ pub struct Dispatcher {
 }
 
 impl Dispatcher {
-    /// A transaction for the dispatcher's own records (claims, deferrals, outcomes), which
-    /// does not wait for its WAL flush (`synchronous_commit = off`). These records are
-    /// at-least-once by design: if PostgreSQL itself crashes, the last few hundred
-    /// milliseconds of them may be lost, and those deliveries are claimed and sent again,
-    /// exactly as when a Herald process dies mid-send (a receiver dedupes on the delivery
-    /// id). Nothing accepted is lost: the intakes' transactions still wait for the flush.
-    /// Without this, each send waited for one WAL flush of its own, which bounded dispatch
-    /// at about 1,200 deliveries/s on the benchmark machine (BENCHMARKS.md).
-    async fn begin_record(&self) -> anyhow::Result<sqlx::Transaction<'static, sqlx::Postgres>> {
-        let mut tx = self.db.begin().await.context("Failed to begin")?;
-        sqlx::query("SET LOCAL synchronous_commit = off")
-            .execute(&mut *tx)
-            .await
-            .context("Failed to relax the commit of a dispatch record")?;
-        Ok(tx)
-    }
-
     /// Broadcast sends one channel may have in flight: the configured share of its
     /// concurrency, at least one.
     pub fn broadcast_concurrency(&self) -> usize {
@@ -144,7 +127,7 @@ impl Dispatcher {
         limit: usize,
         broadcast_limit: usize,
     ) -> anyhow::Result<Vec<Job>> {
-        let mut tx = self.begin_record().await?;
+        let mut tx = self.db.begin().await.context("Failed to begin a claim")?;
         let ids: Vec<Uuid> = sqlx::query_scalar(
             "WITH pending AS (SELECT id FROM deliveries WHERE channel = $1 \
                       AND status = 'PENDING' AND broadcast_id IS NULL \
@@ -401,7 +384,7 @@ impl Dispatcher {
         metrics::counter!("herald_deliveries_total", "channel" => channel.to_owned(), "outcome" => "deferred")
             .increment(1);
         tracing::debug!(delivery = %job.delivery_id, ?wait, why, "delivery deferred");
-        let mut tx = self.begin_record().await?;
+        let mut tx = self.db.begin().await.context("Failed to begin")?;
         let row: Option<(i64, DateTime<Utc>)> = sqlx::query_as(
             "UPDATE deliveries SET status = 'PENDING', lease_until = NULL, \
                  next_attempt_at = now() + $3 * interval '1 millisecond', \
@@ -445,7 +428,7 @@ impl Dispatcher {
         let attempt = job.attempts + 1;
         let retries_made = attempt - 1 - job.retry_base;
         let sent_via = (via != channel).then(|| via.as_str());
-        let mut tx = self.begin_record().await?;
+        let mut tx = self.db.begin().await.context("Failed to begin")?;
         let (outcome_label, status) = match &result {
             Ok(_) => ("SUCCESS", DeliveryStatus::Success),
             Err(e)

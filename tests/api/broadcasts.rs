@@ -628,11 +628,7 @@ async fn on_a_rate_limited_channel_a_broadcast_leaves_the_window_reserve_to_tran
     })
     .await;
     tokio::time::sleep(Duration::from_secs(1)).await;
-    assert_eq!(
-        broadcast(&app, &id).await["totals"]["sent"],
-        5,
-        "no more than half"
-    );
+    assert_eq!(broadcast(&app, &id).await["totals"]["sent"], 5, "no more than half");
 
     let accepted: Value = app
         .post_json(
@@ -645,11 +641,7 @@ async fn on_a_rate_limited_channel_a_broadcast_leaves_the_window_reserve_to_tran
         .json()
         .await
         .unwrap();
-    let delivery: Uuid = accepted["deliveries"][0]["id"]
-        .as_str()
-        .unwrap()
-        .parse()
-        .unwrap();
+    let delivery: Uuid = accepted["deliveries"][0]["id"].as_str().unwrap().parse().unwrap();
     crate::helpers::wait_for_delivery(&app, delivery, "SUCCESS", 10).await;
     assert_eq!(broadcast(&app, &id).await["totals"]["sent"], 5);
 }
