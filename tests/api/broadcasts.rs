@@ -434,9 +434,19 @@ async fn spawn_app_with_sms(
     .await
 }
 
+/// A child process killed when dropped, so a failing test leaves no Herald behind.
+struct KillOnDrop(Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// `herald serve --roles dispatch` as a child process on the app's database and topics.
-fn herald_dispatcher(app: &TestApp, sms_url: &str) -> Child {
-    Command::new(env!("CARGO_BIN_EXE_herald"))
+fn herald_dispatcher(app: &TestApp, sms_url: &str) -> KillOnDrop {
+    let child = Command::new(env!("CARGO_BIN_EXE_herald"))
         .args(["serve", "--roles", "dispatch"])
         .env("HERALD_DATABASE_URL", app.settings.database_url())
         .env("HERALD_TOPIC_PREFIX", &app.settings.kafka.topic_prefix)
@@ -453,7 +463,8 @@ fn herald_dispatcher(app: &TestApp, sms_url: &str) -> Child {
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
-        .expect("the herald binary starts")
+        .expect("the herald binary starts");
+    KillOnDrop(child)
 }
 
 #[tokio::test]
@@ -470,8 +481,8 @@ async fn a_dispatcher_killed_mid_broadcast_is_resumed_without_losing_or_duplicat
         view["totals"]["sent"].as_i64().unwrap() >= 200
     })
     .await;
-    child.kill().expect("SIGKILL the dispatcher");
-    child.wait().unwrap();
+    child.0.kill().expect("SIGKILL the dispatcher");
+    child.0.wait().unwrap();
     let at_crash = broadcast(&app, &id).await;
     assert_eq!(at_crash["status"], "RUNNING", "{at_crash}");
     assert!(
@@ -628,7 +639,11 @@ async fn on_a_rate_limited_channel_a_broadcast_leaves_the_window_reserve_to_tran
     })
     .await;
     tokio::time::sleep(Duration::from_secs(1)).await;
-    assert_eq!(broadcast(&app, &id).await["totals"]["sent"], 5, "no more than half");
+    assert_eq!(
+        broadcast(&app, &id).await["totals"]["sent"],
+        5,
+        "no more than half"
+    );
 
     let accepted: Value = app
         .post_json(
@@ -641,7 +656,11 @@ async fn on_a_rate_limited_channel_a_broadcast_leaves_the_window_reserve_to_tran
         .json()
         .await
         .unwrap();
-    let delivery: Uuid = accepted["deliveries"][0]["id"].as_str().unwrap().parse().unwrap();
+    let delivery: Uuid = accepted["deliveries"][0]["id"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
     crate::helpers::wait_for_delivery(&app, delivery, "SUCCESS", 10).await;
     assert_eq!(broadcast(&app, &id).await["totals"]["sent"], 5);
 }
