@@ -457,6 +457,20 @@ impl Scenario {
         .expect("attempts can be read")
     }
 
+    /// The most attempts of `channel` Herald started within any one second (what its
+    /// shared rate limiter admitted).
+    pub async fn busiest_second_of_attempts(&self, channel: &str) -> i64 {
+        sqlx::query_scalar(
+            "SELECT COALESCE(max(n), 0) FROM (SELECT count(*) OVER (ORDER BY started_at \
+                 RANGE BETWEEN CURRENT ROW AND interval '999.999 milliseconds' FOLLOWING) AS n \
+             FROM delivery_attempts WHERE channel = $1) AS windows",
+        )
+        .bind(channel)
+        .fetch_one(&self.db)
+        .await
+        .expect("attempts can be read")
+    }
+
     /// Deliveries of `channel` in `status`.
     pub async fn deliveries_in(&self, channel: &str, status: &str) -> i64 {
         sqlx::query_scalar("SELECT count(*) FROM deliveries WHERE channel = $1 AND status = $2")
