@@ -389,17 +389,19 @@ async fn progress(pool: &PgPool) -> anyhow::Result<(i64, i64, i64, i64)> {
     .await?)
 }
 
-/// Waits until `notifications` exist and every delivery is terminal.
+/// Waits until `notifications` exist, every delivery is terminal and the read model has
+/// caught up, so that the next phase measures an idle Herald (not its relay and projector
+/// still draining the previous phase's events).
 async fn wait_idle(pool: &PgPool, notifications: usize) -> anyhow::Result<()> {
     let started = Instant::now();
     loop {
-        let (stored, open, _, _) = progress(pool).await?;
-        if stored as usize >= notifications && open == 0 {
+        let (stored, open, deliveries, projected) = progress(pool).await?;
+        if stored as usize >= notifications && open == 0 && projected == deliveries {
             return Ok(());
         }
         anyhow::ensure!(
             started.elapsed() < Duration::from_secs(600),
-            "timed out: {stored}/{notifications} notifications, {open} open deliveries"
+            "timed out: {stored}/{notifications} notifications, {open} open deliveries, {projected}/{deliveries} projected"
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
