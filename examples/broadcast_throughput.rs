@@ -13,22 +13,32 @@ use std::time::{Duration, Instant};
 use herald::{roles::Role, startup::Application};
 use serde_json::{Value, json};
 
-#[path = "support/mod.rs"]
-mod support;
+// The benchmark's isolated run (its own database, topics and Redis prefix).
+#[allow(dead_code)]
+#[path = "bench/run.rs"]
+mod run;
 
 /// Users per import request.
 const IMPORT_CHUNK: usize = 20_000;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let users = support::arg(1, 100_000)?;
+    let users: usize = std::env::args()
+        .nth(1)
+        .map(|n| n.parse())
+        .transpose()?
+        .unwrap_or(100_000);
     let channels: Vec<String> = std::env::args()
         .nth(2)
         .unwrap_or_else(|| "IN_APP".into())
         .split(',')
         .map(str::to_owned)
         .collect();
-    let settings = support::isolated_settings().await?;
+    herald::telemetry::init_tracing(herald::telemetry::LogFormat::Text);
+    let mut settings = run::Run::new(&herald::config::Settings::load()?, "bcast")
+        .await?
+        .settings;
+    settings.http.addr = "127.0.0.1:0".parse()?;
     let app = Application::build(settings, &[Role::Api, Role::Dispatch, Role::Relay]).await?;
     let api = format!("http://{}", app.local_addr());
     let shutdown = app.shutdown_token();

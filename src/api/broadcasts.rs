@@ -7,8 +7,8 @@ use axum::{
     Json, Router,
     body::Bytes,
     extract::{DefaultBodyLimit, State, rejection::BytesRejection},
-    http::{HeaderMap, HeaderValue, StatusCode, header},
-    response::{IntoResponse, Response},
+    http::HeaderMap,
+    response::Response,
     routing::{get, post},
 };
 use chrono::{DateTime, Utc};
@@ -19,7 +19,10 @@ use uuid::Uuid;
 use super::{
     AppState,
     error::{ApiError, ApiPath, ApiQuery},
-    notifications::{Content, bad, check_schedule, idempotency_key, parse_channels, read_request},
+    notifications::{
+        Content, accepted_response, bad, check_schedule, idempotency_key, parse_channels,
+        read_request,
+    },
 };
 use crate::{
     broadcast::{
@@ -127,17 +130,9 @@ async fn create(
         }
     };
     let view = view(&state, row).await?;
-    let mut response = (StatusCode::ACCEPTED, Json(&view)).into_response();
-    let headers = response.headers_mut();
-    if let Ok(location) =
-        HeaderValue::from_str(&format!("/api/v1/broadcasts/{}", view.broadcast_id))
-    {
-        headers.insert(header::LOCATION, location);
-    }
-    if replayed {
-        headers.insert("idempotency-replayed", HeaderValue::from_static("true"));
-    }
-    Ok(response)
+    let location = format!("/api/v1/broadcasts/{}", view.broadcast_id);
+    let body = serde_json::to_value(&view).context("Failed to encode a broadcast")?;
+    Ok(accepted_response(&location, body, replayed))
 }
 
 fn validate(

@@ -185,13 +185,18 @@ async fn create(
         .await
         .context("Failed to commit the notification")?;
     metrics::counter!("herald_intake_notifications_total").increment(1);
-    Ok(accepted_response(notification.id, response_body, false))
+    Ok(accepted_response(
+        &format!("/api/v1/notifications/{}", notification.id),
+        response_body,
+        false,
+    ))
 }
 
-fn accepted_response(id: Uuid, body: Value, replayed: bool) -> Response {
+/// A 202 with `Location` and, for a replayed idempotent request, `Idempotency-Replayed`.
+pub(super) fn accepted_response(location: &str, body: Value, replayed: bool) -> Response {
     let mut response = (StatusCode::ACCEPTED, Json(body)).into_response();
     let headers = response.headers_mut();
-    if let Ok(location) = HeaderValue::from_str(&format!("/api/v1/notifications/{id}")) {
+    if let Ok(location) = HeaderValue::from_str(location) {
         headers.insert(header::LOCATION, location);
     }
     if replayed {
@@ -233,7 +238,11 @@ async fn stored_response(
             let id = serde_json::from_value::<Accepted>(body.clone())
                 .map(|a| a.notification_id)
                 .unwrap_or_default();
-            Ok(Some(accepted_response(id, body, true)))
+            Ok(Some(accepted_response(
+                &format!("/api/v1/notifications/{id}"),
+                body,
+                true,
+            )))
         }
         Some(_) => Err(ApiError::Unprocessable {
             code: "idempotency_key_reused",

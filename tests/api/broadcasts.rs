@@ -42,6 +42,14 @@ async fn import(app: &TestApp, body: String, content_type: &str) -> (u16, Value)
     (response.status().as_u16(), response.json().await.unwrap())
 }
 
+async fn contact(app: &TestApp, user: i64) -> Value {
+    app.get(&format!("/api/v1/users/{user}/contact"))
+        .await
+        .json()
+        .await
+        .unwrap()
+}
+
 async fn create(app: &TestApp, body: &Value, headers: &[(&str, &str)]) -> (u16, Value) {
     let response = app.post_json("/api/v1/broadcasts", body, headers).await;
     (response.status().as_u16(), response.json().await.unwrap())
@@ -111,12 +119,7 @@ async fn an_import_stores_good_lines_and_reports_each_bad_one_by_number() {
             "{expected} missing in {reasons}"
         );
     }
-    let stored: Value = app
-        .get("/api/v1/users/1/contact")
-        .await
-        .json()
-        .await
-        .unwrap();
+    let stored = contact(&app, 1).await;
     assert_eq!(stored["birthYear"], 1990);
     assert_eq!(stored["tags"], json!(["vip"]), "tags are case-folded");
     assert_eq!(app.get("/api/v1/users/4/contact").await.status(), 404);
@@ -129,12 +132,7 @@ async fn an_import_stores_good_lines_and_reports_each_bad_one_by_number() {
         (report["imported"].clone(), report["rejected"].clone()),
         (json!(1), json!(1))
     );
-    let stored: Value = app
-        .get("/api/v1/users/1/contact")
-        .await
-        .json()
-        .await
-        .unwrap();
+    let stored = contact(&app, 1).await;
     assert_eq!(stored["email"], "new@example.com");
     assert_eq!(
         stored["tags"],
