@@ -284,6 +284,7 @@ fn spawn_workers(
             broadcast_share: settings.broadcast.dispatch_share,
             topic_prefix: settings.kafka.topic_prefix.clone(),
             announcer: announcer(state),
+            recorder: Default::default(),
         });
         tasks.spawn(dispatch::run(dispatcher, state.shutdown.clone()));
         let fanout = Arc::new(Fanout {

@@ -8,6 +8,7 @@
 
 pub mod circuit_breaker;
 pub mod rate_limit;
+pub mod record;
 pub mod worker;
 
 use std::{sync::Arc, time::Duration};

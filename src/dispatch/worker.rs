@@ -14,6 +14,7 @@ use uuid::Uuid;
 use super::{
     circuit_breaker::{CircuitBreaker, Permit, Transition},
     rate_limit::{Admission, RateLimiter},
+    record::{Finished, Recorder, Written},
 };
 use crate::{
     channels::{Content, Outgoing, Retry, SendError, Senders},
@@ -94,6 +95,8 @@ pub struct Dispatcher {
     pub topic_prefix: String,
     /// Announces breaker changes on the ops Slack channel, when one is configured.
     pub announcer: Option<Arc<dyn Fn(String) + Send + Sync>>,
+    /// Writes finished sends in batches.
+    pub recorder: Recorder,
 }
 
 impl Dispatcher {
@@ -415,7 +418,8 @@ impl Dispatcher {
     }
 
     /// Records an attempt and moves the delivery to SUCCESS, back to PENDING for a retry, or
-    /// to FAILED with a dead letter, all in one transaction.
+    /// to FAILED with a dead letter, all in one transaction (shared with other sends'
+    /// records: see [`super::record`]).
     async fn finish(
         &self,
         job: &Job,
@@ -427,8 +431,6 @@ impl Dispatcher {
     ) -> anyhow::Result<Outcome> {
         let attempt = job.attempts + 1;
         let retries_made = attempt - 1 - job.retry_base;
-        let sent_via = (via != channel).then(|| via.as_str());
-        let mut tx = self.db.begin().await.context("Failed to begin")?;
         let (outcome_label, status) = match &result {
             Ok(_) => ("SUCCESS", DeliveryStatus::Success),
             Err(e)
@@ -454,63 +456,42 @@ impl Dispatcher {
             ),
             _ => None,
         };
-        let provider_ref = result.as_ref().ok().and_then(|r| r.provider_ref.as_deref());
-        let row: Option<(i64, DateTime<Utc>)> = sqlx::query_as(
-            "UPDATE deliveries SET status = $3, attempts = $4, lease_until = NULL, \
-                 next_attempt_at = COALESCE(now() + $5 * interval '1 millisecond', next_attempt_at), \
-                 last_error = $6, error_class = $7, sent_via = $8, \
-                 provider_ref = CASE WHEN $3 = 'SUCCESS' THEN $9 ELSE provider_ref END, \
-                 completed_at = CASE WHEN $3 = 'PENDING' THEN completed_at ELSE now() END, \
-                 updated_at = now(), version = version + 1 \
-             WHERE id = $1 AND status = 'PROCESSING' AND lease_until = $2 \
-             RETURNING version, updated_at",
-        )
-        .bind(job.delivery_id)
-        .bind(job.lease_until)
-        .bind(status.as_str())
-        .bind(attempt)
-        .bind(retry_in_ms)
-        .bind(error.map(|e| e.message.as_str()))
-        .bind(class)
-        .bind(sent_via)
-        .bind(provider_ref)
-        .fetch_optional(&mut *tx)
-        .await
-        .context("Failed to record a send")?;
-        let Some((version, at)) = row else {
+        let provider_ref = result.as_ref().ok().and_then(|r| r.provider_ref.clone());
+        // PostgreSQL text cannot hold NUL, and a provider's error message is not ours to trust.
+        let message = error.map(|e| e.message.replace('\0', ""));
+        let dead_letter = match (status, class) {
+            (DeliveryStatus::Failed, Some(class)) => {
+                Some(self.dead_letter(job, channel, class, error, retries_made as u32))
+            }
+            _ => None,
+        };
+        let finished = Finished {
+            delivery_id: job.delivery_id,
+            lease_until: job.lease_until,
+            status,
+            attempt,
+            retry_in_ms,
+            error: message.clone(),
+            error_class: class.map(str::to_owned),
+            sent_via: (via != channel).then_some(via),
+            provider_ref,
+            via,
+            started_at,
+            latency_ms: latency.as_millis().min(i32::MAX as u128) as i32,
+            outcome: outcome_label,
+            event: self.delivery_event(job, status, attempt, message, job.version, started_at),
+            dead_letter,
+        };
+        let written = self
+            .recorder
+            .record(&self.db, &self.topic_prefix, finished)
+            .await?;
+        if written == Written::LeaseLost {
             metrics::counter!("herald_lease_lost_total", "channel" => channel.as_str())
                 .increment(1);
             tracing::warn!(delivery = %job.delivery_id, "lease expired during the send; another worker owns the delivery");
             return Ok(Outcome::LeaseLost);
-        };
-        sqlx::query(
-            "INSERT INTO delivery_attempts (delivery_id, attempt, channel, started_at, latency_ms, outcome, error) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT DO NOTHING",
-        )
-        .bind(job.delivery_id)
-        .bind(attempt)
-        .bind(via.as_str())
-        .bind(started_at)
-        .bind(latency.as_millis() as i32)
-        .bind(outcome_label)
-        .bind(error.map(|e| e.message.as_str()))
-        .execute(&mut *tx)
-        .await
-        .context("Failed to record an attempt")?;
-
-        let mut messages = vec![self.event(
-            job,
-            status,
-            attempt,
-            error.map(|e| e.message.clone()),
-            version,
-            at,
-        )];
-        if let (DeliveryStatus::Failed, Some(class)) = (status, class) {
-            messages.push(self.dead_letter(job, channel, class, error, retries_made as u32));
         }
-        outbox::insert(&mut tx, &messages).await?;
-        tx.commit().await.context("Failed to commit a send")?;
 
         let outcome = match status {
             DeliveryStatus::Success => Outcome::Sent,
@@ -552,6 +533,19 @@ impl Dispatcher {
         version: i64,
         at: DateTime<Utc>,
     ) -> OutboxMessage {
+        self.delivery_event(job, status, attempts, error, version, at)
+            .to_outbox(&self.topic_prefix)
+    }
+
+    fn delivery_event(
+        &self,
+        job: &Job,
+        status: DeliveryStatus,
+        attempts: i32,
+        error: Option<String>,
+        version: i64,
+        at: DateTime<Utc>,
+    ) -> DeliveryEvent {
         DeliveryEvent {
             delivery_id: job.delivery_id,
             notification_id: job.notification_id,
@@ -567,7 +561,6 @@ impl Dispatcher {
             created_at: job.created_at,
             updated_at: at,
         }
-        .to_outbox(&self.topic_prefix)
     }
 
     fn dead_letter(

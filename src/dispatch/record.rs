@@ -1,0 +1,264 @@
+//! Group commit of finished sends.
+//!
+//! Every send ends with one record: the delivery's new state, its attempt and its outbox
+//! messages, written in one transaction. Written one by one, each record costs a
+//! transaction and a WAL flush of its own, and that, not the sending, bounded the
+//! dispatcher (about 1,200 deliveries/s on the benchmark machine). Here a send queues its
+//! record and waits; whichever waiting send gets one of the few writer slots takes every
+//! record queued so far (up to [`MAX_BATCH`]) and writes them in one transaction of four
+//! statements. While one batch commits the next one gathers, so batches grow with the
+//! load and a lone send is written at once, with no timer.
+//!
+//! Each caller still learns its own outcome, and only after its record is durable: the
+//! send's concurrency slot stays held until then, so the sends whose outcome can be lost
+//! in a crash are still at most the sends in flight. A batch that fails is written again
+//! record by record, so one bad record cannot keep the others from being written.
+
+use std::{collections::HashMap, sync::Mutex};
+
+use anyhow::Context;
+use chrono::{DateTime, Utc};
+use sqlx::PgPool;
+use tokio::sync::{Semaphore, oneshot};
+use uuid::Uuid;
+
+use crate::{
+    domain::{Channel, DeliveryStatus},
+    outbox::{self, DeliveryEvent, OutboxMessage},
+};
+
+/// The most records one transaction writes.
+pub const MAX_BATCH: usize = 512;
+
+/// Transactions writing records at once.
+const WRITERS: usize = 3;
+
+/// A finished send, ready to be written.
+#[derive(Debug)]
+pub struct Finished {
+    pub delivery_id: Uuid,
+    /// The lease of the claim: the record is written only while it still holds.
+    pub lease_until: DateTime<Utc>,
+    pub status: DeliveryStatus,
+    pub attempt: i32,
+    /// Set when the delivery goes back to PENDING for a retry.
+    pub retry_in_ms: Option<i64>,
+    pub error: Option<String>,
+    pub error_class: Option<String>,
+    /// The channel it went out on, when that is a fallback.
+    pub sent_via: Option<Channel>,
+    pub provider_ref: Option<String>,
+    /// The channel the attempt used.
+    pub via: Channel,
+    pub started_at: DateTime<Utc>,
+    pub latency_ms: i32,
+    /// The attempt's outcome: SUCCESS, RETRYABLE or PERMANENT.
+    pub outcome: &'static str,
+    /// The delivery event; its version and time are set from the row when written.
+    pub event: DeliveryEvent,
+    pub dead_letter: Option<OutboxMessage>,
+}
+
+/// Whether a record was written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Written {
+    Recorded,
+    /// The lease ran out during the send and another worker owns the delivery now.
+    LeaseLost,
+}
+
+type Reply = oneshot::Sender<Result<Written, String>>;
+
+/// The queue of records waiting to be written, shared by every send of a dispatcher.
+pub struct Recorder {
+    queue: Mutex<Vec<(Finished, Reply)>>,
+    writers: Semaphore,
+}
+
+impl Default for Recorder {
+    fn default() -> Self {
+        Recorder {
+            queue: Mutex::new(Vec::new()),
+            writers: Semaphore::new(WRITERS),
+        }
+    }
+}
+
+impl Recorder {
+    /// Writes `finished` (in a batch with whatever else is waiting) and returns once it is
+    /// committed.
+    pub async fn record(
+        &self,
+        db: &PgPool,
+        topic_prefix: &str,
+        finished: Finished,
+    ) -> anyhow::Result<Written> {
+        let (reply, mut answer) = oneshot::channel();
+        self.lock().push((finished, reply));
+        loop {
+            tokio::select! {
+                biased;
+                answer = &mut answer => {
+                    return answer
+                        .context("the record's writer stopped")?
+                        .map_err(anyhow::Error::msg);
+                }
+                permit = self.writers.acquire() => {
+                    let _permit = permit.context("the recorder is closed")?;
+                    let batch: Vec<(Finished, Reply)> = {
+                        let mut queue = self.lock();
+                        let n = queue.len().min(MAX_BATCH);
+                        queue.drain(..n).collect()
+                    };
+                    if batch.is_empty() {
+                        // Another writer took ours; its answer comes on `answer`.
+                        drop(_permit);
+                        return answer
+                            .await
+                            .context("the record's writer stopped")?
+                            .map_err(anyhow::Error::msg);
+                    }
+                    write_and_answer(db, topic_prefix, batch).await;
+                }
+            }
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<(Finished, Reply)>> {
+        self.queue
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+async fn write_and_answer(db: &PgPool, topic_prefix: &str, batch: Vec<(Finished, Reply)>) {
+    let (mut records, replies): (Vec<Finished>, Vec<Reply>) = batch.into_iter().unzip();
+    metrics::histogram!("herald_dispatch_record_batch_size").record(records.len() as f64);
+    match write(db, topic_prefix, &mut records).await {
+        Ok(written) => {
+            for (reply, written) in replies.into_iter().zip(written) {
+                let _ = reply.send(Ok(written));
+            }
+        }
+        Err(error) if records.len() == 1 => {
+            for reply in replies {
+                let _ = reply.send(Err(format!("{error:#}")));
+            }
+        }
+        Err(error) => {
+            tracing::warn!(
+                records = records.len(),
+                error = format!("{error:#}"),
+                "cannot write a batch of send records; writing them one by one"
+            );
+            for (mut record, reply) in records.into_iter().zip(replies) {
+                let result = write(db, topic_prefix, std::slice::from_mut(&mut record)).await;
+                let _ = reply.send(
+                    result
+                        .map(|written| written[0])
+                        .map_err(|e| format!("{e:#}")),
+                );
+            }
+        }
+    }
+}
+
+/// Writes the records in one transaction: the deliveries' new states (only where the
+/// claim's lease still holds), their attempts and their outbox messages.
+async fn write(
+    db: &PgPool,
+    topic_prefix: &str,
+    records: &mut [Finished],
+) -> anyhow::Result<Vec<Written>> {
+    let ids: Vec<Uuid> = records.iter().map(|r| r.delivery_id).collect();
+    let leases: Vec<DateTime<Utc>> = records.iter().map(|r| r.lease_until).collect();
+    let statuses: Vec<&str> = records.iter().map(|r| r.status.as_str()).collect();
+    let attempts: Vec<i32> = records.iter().map(|r| r.attempt).collect();
+    let retry_ms: Vec<Option<i64>> = records.iter().map(|r| r.retry_in_ms).collect();
+    let errors: Vec<Option<&str>> = records.iter().map(|r| r.error.as_deref()).collect();
+    let classes: Vec<Option<&str>> = records.iter().map(|r| r.error_class.as_deref()).collect();
+    let sent_via: Vec<Option<&str>> = records
+        .iter()
+        .map(|r| r.sent_via.map(Channel::as_str))
+        .collect();
+    let provider_refs: Vec<Option<&str>> =
+        records.iter().map(|r| r.provider_ref.as_deref()).collect();
+
+    let mut tx = db.begin().await.context("Failed to begin")?;
+    let rows: Vec<(Uuid, i64, DateTime<Utc>)> = sqlx::query_as(
+        "UPDATE deliveries d SET status = t.status, attempts = t.attempt, lease_until = NULL, \
+             next_attempt_at = COALESCE(now() + t.retry_ms * interval '1 millisecond', d.next_attempt_at), \
+             last_error = t.error, error_class = t.class, sent_via = t.sent_via, \
+             provider_ref = CASE WHEN t.status = 'SUCCESS' THEN t.provider_ref ELSE d.provider_ref END, \
+             completed_at = CASE WHEN t.status = 'PENDING' THEN d.completed_at ELSE now() END, \
+             updated_at = now(), version = d.version + 1 \
+         FROM UNNEST($1::uuid[], $2::timestamptz[], $3::text[], $4::int[], $5::bigint[], \
+                 $6::text[], $7::text[], $8::text[], $9::text[]) \
+             AS t(id, lease_until, status, attempt, retry_ms, error, class, sent_via, provider_ref) \
+         WHERE d.id = t.id AND d.status = 'PROCESSING' AND d.lease_until = t.lease_until \
+         RETURNING d.id, d.version, d.updated_at",
+    )
+    .bind(&ids)
+    .bind(&leases)
+    .bind(&statuses)
+    .bind(&attempts)
+    .bind(&retry_ms)
+    .bind(&errors)
+    .bind(&classes)
+    .bind(&sent_via)
+    .bind(&provider_refs)
+    .fetch_all(&mut *tx)
+    .await
+    .context("Failed to record sends")?;
+
+    let mut written = vec![Written::LeaseLost; records.len()];
+    let mut messages = Vec::with_capacity(rows.len() * 2);
+    let mut recorded = Vec::with_capacity(rows.len());
+    // Delivery ids are unique within a batch: a delivery has one claim in flight.
+    let index: HashMap<Uuid, usize> = ids.iter().enumerate().map(|(i, id)| (*id, i)).collect();
+    for (id, version, at) in rows {
+        let Some(&i) = index.get(&id) else {
+            continue;
+        };
+        written[i] = Written::Recorded;
+        let record = &mut records[i];
+        record.event.version = version;
+        record.event.updated_at = at;
+        messages.push(record.event.to_outbox(topic_prefix));
+        if let Some(dead_letter) = record.dead_letter.take() {
+            messages.push(dead_letter);
+        }
+        recorded.push(i);
+    }
+    if !recorded.is_empty() {
+        let ids: Vec<Uuid> = recorded.iter().map(|&i| records[i].delivery_id).collect();
+        let attempts: Vec<i32> = recorded.iter().map(|&i| records[i].attempt).collect();
+        let channels: Vec<&str> = recorded.iter().map(|&i| records[i].via.as_str()).collect();
+        let started: Vec<DateTime<Utc>> = recorded.iter().map(|&i| records[i].started_at).collect();
+        let latencies: Vec<i32> = recorded.iter().map(|&i| records[i].latency_ms).collect();
+        let outcomes: Vec<&str> = recorded.iter().map(|&i| records[i].outcome).collect();
+        let errors: Vec<Option<&str>> = recorded
+            .iter()
+            .map(|&i| records[i].error.as_deref())
+            .collect();
+        sqlx::query(
+            "INSERT INTO delivery_attempts (delivery_id, attempt, channel, started_at, latency_ms, outcome, error) \
+             SELECT * FROM UNNEST($1::uuid[], $2::int[], $3::text[], $4::timestamptz[], $5::int[], \
+                 $6::text[], $7::text[]) \
+             ON CONFLICT DO NOTHING",
+        )
+        .bind(&ids)
+        .bind(&attempts)
+        .bind(&channels)
+        .bind(&started)
+        .bind(&latencies)
+        .bind(&outcomes)
+        .bind(&errors)
+        .execute(&mut *tx)
+        .await
+        .context("Failed to record attempts")?;
+        outbox::insert(&mut tx, &messages).await?;
+    }
+    tx.commit().await.context("Failed to commit send records")?;
+    Ok(written)
+}
