@@ -85,12 +85,24 @@ pub struct DispatchSettings {
     pub breaker_threshold: u32,
     /// How long an open breaker waits before letting one probe through.
     pub breaker_cooldown: Duration,
+    /// Per channel: sends in flight at once where it differs from `concurrency`.
+    pub channel_concurrency: BTreeMap<Channel, usize>,
     /// Per channel: at most `limit` sends in any `window`, shared by every instance.
     pub rate_limits: BTreeMap<Channel, RateLimit>,
     /// Per channel: where its deliveries go while its breaker is open.
     pub fallbacks: BTreeMap<Channel, Channel>,
     /// Bearer keys of the HTTP gateways.
     pub gateway_keys: BTreeMap<Channel, SecretString>,
+}
+
+impl DispatchSettings {
+    /// Sends of `channel` in flight at once, per instance.
+    pub fn concurrency_of(&self, channel: Channel) -> usize {
+        self.channel_concurrency
+            .get(&channel)
+            .copied()
+            .unwrap_or(self.concurrency)
+    }
 }
 
 /// At most `limit` sends in any window of `window`.
@@ -145,6 +157,8 @@ pub struct KafkaSettings {
     pub topic_prefix: String,
     /// Consumer group session timeout.
     pub session_timeout_ms: u32,
+    /// The longest a consumer's fetch waits at the broker for new messages.
+    pub fetch_wait_ms: u32,
     /// Path of the topic catalogue (partition counts, replication factor).
     pub topics_file: PathBuf,
 }
@@ -265,6 +279,11 @@ impl Settings {
             "kafka.session_timeout_ms",
             raw.kafka.session_timeout_ms.map(|n| n.to_string()),
         )?;
+        let fetch_wait = layers.required(
+            "HERALD_KAFKA_FETCH_WAIT_MS",
+            "kafka.fetch_wait_ms",
+            raw.kafka.fetch_wait_ms.map(|n| n.to_string()),
+        )?;
         let topics_file = layers.required(
             "HERALD_KAFKA_TOPICS_FILE",
             "kafka.topics_file",
@@ -370,27 +389,21 @@ impl Settings {
             dispatch.breaker_cooldown_secs.map(|n| n.to_string()),
         )?;
         let mut rate_limits = BTreeMap::new();
-        for (channel, text) in dispatch.rate_limits {
-            let var = format!("HERALD_RATE_LIMIT_{channel}");
-            let value = match (layers.env)(&var) {
-                Some(text) => Value { text, origin: var },
-                None => Value {
-                    text,
-                    origin: format!("dispatch.rate_limits.{channel} in {}", file.display()),
-                },
-            };
-            if value.is_set() {
-                rate_limits.insert(channel, value.rate_limit()?);
-            }
+        for (channel, value) in layers.per_channel(
+            "HERALD_RATE_LIMIT",
+            "dispatch.rate_limits",
+            dispatch.rate_limits,
+        ) {
+            rate_limits.insert(channel, value.rate_limit()?);
         }
-        for channel in Channel::ALL {
-            let var = format!("HERALD_RATE_LIMIT_{channel}");
-            if let (false, Some(text)) = (rate_limits.contains_key(&channel), (layers.env)(&var)) {
-                let value = Value { text, origin: var };
-                if value.is_set() {
-                    rate_limits.insert(channel, value.rate_limit()?);
-                }
-            }
+        let mut channel_concurrency = BTreeMap::new();
+        for (channel, value) in layers.per_channel(
+            "HERALD_DISPATCH_CONCURRENCY",
+            "dispatch.channel_concurrency",
+            dispatch.channel_concurrency,
+        ) {
+            let n = value.positive_u32("a whole number above 0")?;
+            channel_concurrency.insert(channel, n as usize);
         }
         let mut gateway_keys = BTreeMap::new();
         for (channel, var) in [
@@ -451,6 +464,16 @@ impl Settings {
                 topic_prefix: topic_prefix.topic_prefix()?,
                 session_timeout_ms: session_timeout
                     .positive_u32("a whole number of milliseconds above 0")?,
+                fetch_wait_ms: match fetch_wait
+                    .positive_u32("a whole number of milliseconds from 1 to 300000")?
+                {
+                    n @ 1..=300_000 => n,
+                    _ => {
+                        return Err(
+                            fetch_wait.invalid("a whole number of milliseconds from 1 to 300000")
+                        );
+                    }
+                },
                 topics_file: PathBuf::from(topics_file.text),
             },
             redis: RedisSettings {
@@ -530,6 +553,7 @@ impl Settings {
                 breaker_cooldown: Duration::from_secs(u64::from(
                     breaker_cooldown.positive_u32("a whole number of seconds above 0")?,
                 )),
+                channel_concurrency,
                 rate_limits,
                 fallbacks: dispatch.fallbacks,
                 gateway_keys,
@@ -607,7 +631,26 @@ struct RawDispatch {
     breaker_failure_threshold: Option<u32>,
     breaker_cooldown_secs: Option<u32>,
     rate_limits: BTreeMap<Channel, String>,
+    #[serde(deserialize_with = "per_channel_text")]
+    channel_concurrency: BTreeMap<Channel, String>,
     fallbacks: BTreeMap<Channel, Channel>,
+}
+
+/// A per-channel table whose values may be numbers or strings in the file.
+fn per_channel_text<'de, D: serde::Deserializer<'de>>(
+    deserializer: D,
+) -> Result<BTreeMap<Channel, String>, D::Error> {
+    let values: BTreeMap<Channel, toml::Value> = Deserialize::deserialize(deserializer)?;
+    Ok(values
+        .into_iter()
+        .map(|(channel, value)| {
+            let text = match value {
+                toml::Value::String(text) => text,
+                other => other.to_string(),
+            };
+            (channel, text)
+        })
+        .collect())
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -644,6 +687,7 @@ struct RawKafka {
     brokers: Option<String>,
     topic_prefix: Option<String>,
     session_timeout_ms: Option<u32>,
+    fetch_wait_ms: Option<u32>,
     topics_file: Option<String>,
 }
 
@@ -689,6 +733,31 @@ struct Layers<'a> {
 }
 
 impl Layers<'_> {
+    /// A per-channel section of the file, each entry overridden by `{prefix}_{CHANNEL}`,
+    /// plus the channels only the environment names. Empty values are left out.
+    fn per_channel(
+        &self,
+        prefix: &str,
+        section: &str,
+        file_values: BTreeMap<Channel, String>,
+    ) -> Vec<(Channel, Value)> {
+        Channel::ALL
+            .into_iter()
+            .filter_map(|channel| {
+                let var = format!("{prefix}_{channel}");
+                let value = match ((self.env)(&var), file_values.get(&channel)) {
+                    (Some(text), _) => Value { text, origin: var },
+                    (None, Some(text)) => Value {
+                        text: text.clone(),
+                        origin: format!("{section}.{channel} in {}", self.file.display()),
+                    },
+                    (None, None) => return None,
+                };
+                value.is_set().then_some((channel, value))
+            })
+            .collect()
+    }
+
     fn optional(
         &self,
         var: &'static str,
@@ -936,6 +1005,24 @@ mod tests {
     }
 
     #[test]
+    fn a_channel_can_have_its_own_concurrency() {
+        let settings = load(&[
+            ("HERALD_DISPATCH_CONCURRENCY", "8"),
+            ("HERALD_DISPATCH_CONCURRENCY_IN_APP", "128"),
+            ("HERALD_KAFKA_FETCH_WAIT_MS", "5"),
+        ])
+        .unwrap();
+        assert_eq!(settings.dispatch.concurrency_of(Channel::InApp), 128);
+        assert_eq!(settings.dispatch.concurrency_of(Channel::Email), 8);
+        assert_eq!(settings.kafka.fetch_wait_ms, 5);
+        let message = error_of(&[("HERALD_DISPATCH_CONCURRENCY_SLACK", "0")]);
+        assert!(
+            message.starts_with("invalid HERALD_DISPATCH_CONCURRENCY_SLACK"),
+            "{message}"
+        );
+    }
+
+    #[test]
     fn a_bad_http_address_names_the_variable_and_the_expected_form() {
         let message = error_of(&[("HERALD_HTTP_ADDR", "localhost")]);
 
@@ -984,6 +1071,7 @@ mod tests {
             ("HERALD_PUSH_GATEWAY_URL", "ftp://push"),
             ("HERALD_TOPIC_PREFIX", "has space"),
             ("HERALD_DATABASE_MAX_CONNECTIONS", "0"),
+            ("HERALD_KAFKA_FETCH_WAIT_MS", "300001"),
             ("HERALD_SHUTDOWN_GRACE_PERIOD_SECS", "soon"),
         ] {
             let message = error_of(&[(var, bad)]);

@@ -209,7 +209,7 @@ fn senders(state: &AppState) -> anyhow::Result<Senders> {
     let timeout = settings.dispatch.send_timeout;
     let mut senders: Senders = HashMap::new();
     if let Some(url) = &settings.smtp.url {
-        let pool = settings.dispatch.concurrency as u32;
+        let pool = settings.dispatch.concurrency_of(Channel::Email) as u32;
         let email = EmailSender::new(url, &settings.smtp.from, timeout, pool)
             .context("Invalid SMTP settings (HERALD_SMTP_URL, HERALD_SMTP_FROM)")?;
         senders.insert(Channel::Email, Arc::new(email));

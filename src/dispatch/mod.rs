@@ -24,6 +24,9 @@ pub use worker::{Dispatcher, Job, Outcome};
 /// The longest a loop sleeps without looking for due deliveries.
 const SWEEP: Duration = Duration::from_secs(1);
 
+/// The longest a busy loop waits for more free slots before claiming (see `gather`).
+const GATHER: Duration = Duration::from_millis(5);
+
 /// Runs the channel loops until `shutdown`, then waits for the sends in flight.
 pub async fn run(dispatcher: Arc<Dispatcher>, shutdown: CancellationToken) {
     let wake = Arc::new(Notify::new());
@@ -50,19 +53,32 @@ async fn channel_loop(
     wake: Arc<Notify>,
     shutdown: CancellationToken,
 ) {
-    let slots = Arc::new(Semaphore::new(dispatcher.settings.concurrency));
+    let concurrency = dispatcher.settings.concurrency_of(channel);
+    let slots = Arc::new(Semaphore::new(concurrency));
     // Broadcast deliveries hold one of these besides their slot: however large a
     // broadcast's backlog, the rest of the slots stay free for transactional notifications.
-    let broadcast_slots = Arc::new(Semaphore::new(dispatcher.broadcast_concurrency()));
+    let broadcast_slots = Arc::new(Semaphore::new(dispatcher.broadcast_concurrency(channel)));
     let in_flight = TaskTracker::new();
+    // Under load, slots free up a few at a time as the sends' records commit. Claiming
+    // each handful on its own costs a transaction per handful; waiting a moment for half
+    // of them makes claims (and the records after them) several times larger.
+    let gather = (concurrency.min(dispatcher.settings.claim_batch) / 2).max(1);
     while !shutdown.is_cancelled() {
-        let free = slots.available_permits();
+        let mut free = slots.available_permits();
         if free == 0 {
             tokio::select! {
                 permit = slots.acquire() => drop(permit),
                 () = shutdown.cancelled() => break,
             }
             continue;
+        }
+        if free < gather && free < concurrency {
+            tokio::select! {
+                permits = slots.acquire_many(gather as u32) => drop(permits),
+                () = tokio::time::sleep(GATHER) => {}
+                () = shutdown.cancelled() => break,
+            }
+            free = slots.available_permits();
         }
         // Registered before claiming, so a NOTIFY that lands during the claim still wakes us.
         let notified = wake.notified();

@@ -31,7 +31,7 @@ use crate::{
 pub const MAX_BATCH: usize = 512;
 
 /// Transactions writing records at once.
-const WRITERS: usize = 3;
+const WRITERS: usize = 1;
 
 /// A finished send, ready to be written.
 #[derive(Debug)]

@@ -100,10 +100,11 @@ pub struct Dispatcher {
 }
 
 impl Dispatcher {
-    /// Broadcast sends one channel may have in flight: the configured share of its
+    /// Broadcast sends `channel` may have in flight: the configured share of its
     /// concurrency, at least one.
-    pub fn broadcast_concurrency(&self) -> usize {
-        ((self.settings.concurrency as f64 * self.broadcast_share).floor() as usize).max(1)
+    pub fn broadcast_concurrency(&self, channel: Channel) -> usize {
+        let concurrency = self.settings.concurrency_of(channel);
+        ((concurrency as f64 * self.broadcast_share).floor() as usize).max(1)
     }
 
     /// Builds the breakers for every channel.

@@ -113,6 +113,7 @@ where
             "session.timeout.ms",
             settings.session_timeout_ms.to_string(),
         )
+        .set("fetch.wait.max.ms", settings.fetch_wait_ms.to_string())
         .set("statistics.interval.ms", "10000")
         .create_with_context(GroupContext {
             group: spec.group.clone(),
