@@ -282,8 +282,13 @@ async fn claim_events(
     if drafts.is_empty() {
         return Ok(HashSet::new());
     }
-    let event_ids: Vec<Option<&str>> = drafts.iter().map(|n| n.draft.event_id.as_deref()).collect();
-    let ids: Vec<Uuid> = drafts.iter().map(|n| n.id).collect();
+    // In event-id order: two transactions holding the same events (lanes of one batch,
+    // or two instances during a rebalance) then wait for each other in the same order
+    // and cannot deadlock.
+    let mut order: Vec<&NewNotification> = drafts.iter().collect();
+    order.sort_by(|a, b| a.draft.event_id.cmp(&b.draft.event_id));
+    let event_ids: Vec<Option<&str>> = order.iter().map(|n| n.draft.event_id.as_deref()).collect();
+    let ids: Vec<Uuid> = order.iter().map(|n| n.id).collect();
     let fresh: Vec<Uuid> = sqlx::query_scalar(
         "INSERT INTO processed_events (consumer_group, event_id, notification_id) \
          SELECT $1, * FROM UNNEST($2::text[], $3::uuid[]) \
