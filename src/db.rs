@@ -31,3 +31,27 @@ pub async fn migrate(pool: &PgPool) -> anyhow::Result<()> {
         "Failed to apply database migrations (is PostgreSQL up and HERALD_DATABASE_URL right?)",
     )
 }
+
+/// True when PostgreSQL refused the data itself: SQLSTATE class 22 (data exception, such as
+/// a bad encoding) or 23 (integrity constraint). Anything else (unreachable, shutting down,
+/// refusing connections) is the infrastructure's fault and is retried.
+pub fn is_data_error(error: &anyhow::Error) -> bool {
+    sqlstate_class(error, &["22", "23"])
+}
+
+/// True when the transaction lost a race and may simply be run again: SQLSTATE class 40
+/// (a deadlock or a serialization failure).
+pub fn is_lost_race(error: &anyhow::Error) -> bool {
+    sqlstate_class(error, &["40"])
+}
+
+fn sqlstate_class(error: &anyhow::Error, classes: &[&str]) -> bool {
+    error
+        .chain()
+        .any(|cause| match cause.downcast_ref::<sqlx::Error>() {
+            Some(sqlx::Error::Database(db)) => db
+                .code()
+                .is_some_and(|code| classes.iter().any(|class| code.starts_with(class))),
+            _ => false,
+        })
+}

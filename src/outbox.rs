@@ -111,7 +111,12 @@ impl DeadLetter {
         let domain = self.domain.unwrap_or(Domain::Api);
         let text = |v: Option<String>| v.unwrap_or_default();
         let headers = BTreeMap::from([
-            ("X-Error-Message".to_owned(), self.error_message.clone()),
+            // JSONB (the outbox's headers column) cannot hold NUL, and an error message may
+            // quote a provider's answer.
+            (
+                "X-Error-Message".to_owned(),
+                self.error_message.replace('\0', ""),
+            ),
             ("X-Retry-Count".to_owned(), self.retry_count.to_string()),
             ("X-Error-Class".to_owned(), self.error_class.clone()),
             (

@@ -11,10 +11,12 @@
 //!
 //! Each caller still learns its own outcome, and only after its record is durable: the
 //! send's concurrency slot stays held until then, so the sends whose outcome can be lost
-//! in a crash are still at most the sends in flight. A batch that fails is written again
-//! record by record, so one bad record cannot keep the others from being written.
+//! in a crash are still at most the sends in flight. A batch that PostgreSQL refuses for
+//! a value in it is written again record by record, so one bad record cannot keep the
+//! others from being written; a deadlock is retried; in an outage the whole batch fails at
+//! once (its deliveries are claimed again when their lease runs out).
 
-use std::{collections::HashMap, sync::Mutex};
+use std::sync::Mutex;
 
 use anyhow::Context;
 use chrono::{DateTime, Utc};
@@ -23,6 +25,7 @@ use tokio::sync::{Semaphore, oneshot};
 use uuid::Uuid;
 
 use crate::{
+    db::{is_data_error, is_lost_race},
     domain::{Channel, DeliveryStatus},
     outbox::{self, DeliveryEvent, OutboxMessage},
 };
@@ -132,33 +135,60 @@ impl Recorder {
 }
 
 async fn write_and_answer(db: &PgPool, topic_prefix: &str, batch: Vec<(Finished, Reply)>) {
-    let (mut records, replies): (Vec<Finished>, Vec<Reply>) = batch.into_iter().unzip();
+    let (records, replies): (Vec<Finished>, Vec<Reply>) = batch.into_iter().unzip();
     metrics::histogram!("herald_dispatch_record_batch_size").record(records.len() as f64);
-    match write(db, topic_prefix, &mut records).await {
+    match write_retrying(db, topic_prefix, &records).await {
         Ok(written) => {
             for (reply, written) in replies.into_iter().zip(written) {
                 let _ = reply.send(Ok(written));
             }
         }
-        Err(error) if records.len() == 1 => {
-            for reply in replies {
-                let _ = reply.send(Err(format!("{error:#}")));
-            }
-        }
-        Err(error) => {
+        // A value PostgreSQL refuses sinks the whole batch: write the records one by one
+        // so that only its own record fails.
+        Err(error) if records.len() > 1 && is_data_error(&error) => {
             tracing::warn!(
                 records = records.len(),
                 error = format!("{error:#}"),
-                "cannot write a batch of send records; writing them one by one"
+                "a batch of send records was refused; writing them one by one"
             );
-            for (mut record, reply) in records.into_iter().zip(replies) {
-                let result = write(db, topic_prefix, std::slice::from_mut(&mut record)).await;
+            for (record, reply) in records.iter().zip(replies) {
+                let result = write_retrying(db, topic_prefix, std::slice::from_ref(record)).await;
                 let _ = reply.send(
                     result
                         .map(|written| written[0])
                         .map_err(|e| format!("{e:#}")),
                 );
             }
+        }
+        // The database is unreachable or failing: every record fails alike, at once. The
+        // deliveries stay PROCESSING and are claimed again when their lease runs out.
+        Err(error) => {
+            let message = format!("{error:#}");
+            for reply in replies {
+                let _ = reply.send(Err(message.clone()));
+            }
+        }
+    }
+}
+
+/// [`write`], run again when it lost a race (a deadlock with another transaction
+/// updating the same deliveries, such as marking in-app messages read).
+async fn write_retrying(
+    db: &PgPool,
+    topic_prefix: &str,
+    records: &[Finished],
+) -> anyhow::Result<Vec<Written>> {
+    let mut tries = 0;
+    loop {
+        tries += 1;
+        match write(db, topic_prefix, records).await {
+            Err(error) if tries < 3 && is_lost_race(&error) => {
+                tracing::debug!(
+                    error = format!("{error:#}"),
+                    "send records lost a race; again"
+                );
+            }
+            other => return other,
         }
     }
 }
@@ -168,7 +198,7 @@ async fn write_and_answer(db: &PgPool, topic_prefix: &str, batch: Vec<(Finished,
 async fn write(
     db: &PgPool,
     topic_prefix: &str,
-    records: &mut [Finished],
+    records: &[Finished],
 ) -> anyhow::Result<Vec<Written>> {
     let ids: Vec<Uuid> = records.iter().map(|r| r.delivery_id).collect();
     let leases: Vec<DateTime<Utc>> = records.iter().map(|r| r.lease_until).collect();
@@ -185,7 +215,10 @@ async fn write(
         records.iter().map(|r| r.provider_ref.as_deref()).collect();
 
     let mut tx = db.begin().await.context("Failed to begin")?;
-    let rows: Vec<(Uuid, i64, DateTime<Utc>)> = sqlx::query_as(
+    // `n` says which record a row answers: the same delivery can be queued twice when a
+    // record waited past its lease and the delivery was claimed again; only the record
+    // holding the current lease matches.
+    let rows: Vec<(i64, i64, DateTime<Utc>)> = sqlx::query_as(
         "UPDATE deliveries d SET status = t.status, attempts = t.attempt, lease_until = NULL, \
              next_attempt_at = COALESCE(now() + t.retry_ms * interval '1 millisecond', d.next_attempt_at), \
              last_error = t.error, error_class = t.class, sent_via = t.sent_via, \
@@ -193,10 +226,10 @@ async fn write(
              completed_at = CASE WHEN t.status = 'PENDING' THEN d.completed_at ELSE now() END, \
              updated_at = now(), version = d.version + 1 \
          FROM UNNEST($1::uuid[], $2::timestamptz[], $3::text[], $4::int[], $5::bigint[], \
-                 $6::text[], $7::text[], $8::text[], $9::text[]) \
-             AS t(id, lease_until, status, attempt, retry_ms, error, class, sent_via, provider_ref) \
+                 $6::text[], $7::text[], $8::text[], $9::text[]) WITH ORDINALITY \
+             AS t(id, lease_until, status, attempt, retry_ms, error, class, sent_via, provider_ref, n) \
          WHERE d.id = t.id AND d.status = 'PROCESSING' AND d.lease_until = t.lease_until \
-         RETURNING d.id, d.version, d.updated_at",
+         RETURNING t.n, d.version, d.updated_at",
     )
     .bind(&ids)
     .bind(&leases)
@@ -214,20 +247,15 @@ async fn write(
     let mut written = vec![Written::LeaseLost; records.len()];
     let mut messages = Vec::with_capacity(rows.len() * 2);
     let mut recorded = Vec::with_capacity(rows.len());
-    // Delivery ids are unique within a batch: a delivery has one claim in flight.
-    let index: HashMap<Uuid, usize> = ids.iter().enumerate().map(|(i, id)| (*id, i)).collect();
-    for (id, version, at) in rows {
-        let Some(&i) = index.get(&id) else {
-            continue;
-        };
+    for (n, version, at) in rows {
+        let i = usize::try_from(n - 1).context("a record's ordinal")?;
         written[i] = Written::Recorded;
-        let record = &mut records[i];
-        record.event.version = version;
-        record.event.updated_at = at;
-        messages.push(record.event.to_outbox(topic_prefix));
-        if let Some(dead_letter) = record.dead_letter.take() {
-            messages.push(dead_letter);
-        }
+        let record = &records[i];
+        let mut event = record.event.clone();
+        event.version = version;
+        event.updated_at = at;
+        messages.push(event.to_outbox(topic_prefix));
+        messages.extend(record.dead_letter.clone());
         recorded.push(i);
     }
     if !recorded.is_empty() {

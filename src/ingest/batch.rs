@@ -11,6 +11,7 @@ use uuid::Uuid;
 use super::decode::{self, Poison, PoisonClass};
 pub use crate::kafka::consumer::IncomingMessage;
 use crate::{
+    db::is_data_error,
     directory,
     domain::{Channel, Domain, Event, UserId},
     intake::{self, Draft, KafkaOrigin, NewNotification, Source},
@@ -308,20 +309,6 @@ fn count(domain: Domain, outcome: &'static str, n: usize) {
         metrics::counter!("herald_ingest_events_total", "domain" => domain.as_str(), "outcome" => outcome)
             .increment(n as u64);
     }
-}
-
-/// True when PostgreSQL refused the data itself: SQLSTATE class 22 (data exception, such as
-/// a bad encoding) or 23 (integrity constraint). Anything else (unreachable, shutting down,
-/// refusing connections) is the infrastructure's fault and is retried.
-fn is_data_error(error: &anyhow::Error) -> bool {
-    error
-        .chain()
-        .any(|cause| match cause.downcast_ref::<sqlx::Error>() {
-            Some(sqlx::Error::Database(db)) => db
-                .code()
-                .is_some_and(|code| code.starts_with("22") || code.starts_with("23")),
-            _ => false,
-        })
 }
 
 fn root_cause(error: &anyhow::Error) -> String {

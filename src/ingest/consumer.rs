@@ -7,6 +7,8 @@ use crate::{
     ingest::Ingestor,
     kafka::consumer::{self, BatchLimits, ConsumerSpec, IncomingMessage},
 };
+use std::{collections::HashSet, sync::Mutex};
+
 use anyhow::Context;
 use tokio_util::sync::CancellationToken;
 
@@ -28,28 +30,58 @@ pub async fn run(
         topics: vec![format!("{prefix}{topic}")],
         limits,
     };
+    // Lanes of the current batch already committed (by their first message), so that a
+    // retry of the batch after one lane failed stores only the others: their events would
+    // be found processed, but their dead letters would be written twice.
+    let committed: Mutex<HashSet<(i32, i64)>> = Mutex::new(HashSet::new());
     consumer::run(&settings.kafka, spec, shutdown, |batch| {
-        let (ingestor, group) = (&ingestor, &group);
+        let (ingestor, group, committed) = (&ingestor, &group, &committed);
         async move {
             // One transaction per lane, at the same time: PostgreSQL works on both on its
             // own cores. A partition stays in one lane, so its events are still stored in
-            // order. If one lane fails, the whole batch is retried; the lane that had
-            // committed finds its events already processed.
-            let lanes = lanes(&batch);
+            // order.
+            let done = |lane: &[IncomingMessage]| {
+                let first = (lane[0].partition, lane[0].offset);
+                (first, lock(committed).contains(&first))
+            };
+            let todo: Vec<((i32, i64), Vec<IncomingMessage>)> = lanes(&batch)
+                .into_iter()
+                .filter_map(|lane| match done(&lane) {
+                    (_, true) => None,
+                    (first, false) => Some((first, lane)),
+                })
+                .collect();
             let results = futures_util::future::join_all(
-                lanes
-                    .iter()
-                    .map(|lane| ingestor.process(domain, group, lane)),
+                todo.iter()
+                    .map(|(_, lane)| ingestor.process(domain, group, lane)),
             )
             .await;
-            for result in results {
-                let outcome = result?;
-                tracing::debug!(?outcome, "lane stored");
+            let mut failed = None;
+            for ((first, _), result) in todo.iter().zip(results) {
+                match result {
+                    Ok(outcome) => {
+                        tracing::debug!(?outcome, "lane stored");
+                        lock(committed).insert(*first);
+                    }
+                    Err(error) => failed = Some(error),
+                }
             }
-            Ok(())
+            match failed {
+                Some(error) => Err(error),
+                None => {
+                    lock(committed).clear();
+                    Ok(())
+                }
+            }
         }
     })
     .await
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 /// Transactions one batch is split into.
