@@ -464,16 +464,10 @@ impl Settings {
                 topic_prefix: topic_prefix.topic_prefix()?,
                 session_timeout_ms: session_timeout
                     .positive_u32("a whole number of milliseconds above 0")?,
-                fetch_wait_ms: match fetch_wait
-                    .positive_u32("a whole number of milliseconds from 1 to 300000")?
-                {
-                    n @ 1..=300_000 => n,
-                    _ => {
-                        return Err(
-                            fetch_wait.invalid("a whole number of milliseconds from 1 to 300000")
-                        );
-                    }
-                },
+                fetch_wait_ms: fetch_wait.u32_in(
+                    1..=300_000,
+                    "a whole number of milliseconds from 1 to 300000",
+                )?,
                 topics_file: PathBuf::from(topics_file.text),
             },
             redis: RedisSettings {
@@ -830,9 +824,19 @@ impl Value {
     }
 
     fn positive_u32(&self, expected: &'static str) -> Result<u32, ConfigError> {
-        match self.parse_with::<u32>(expected)? {
-            0 => Err(self.invalid(expected)),
-            n => Ok(n),
+        self.u32_in(1..=u32::MAX, expected)
+    }
+
+    fn u32_in(
+        &self,
+        range: std::ops::RangeInclusive<u32>,
+        expected: &'static str,
+    ) -> Result<u32, ConfigError> {
+        let n = self.parse_with::<u32>(expected)?;
+        if range.contains(&n) {
+            Ok(n)
+        } else {
+            Err(self.invalid(expected))
         }
     }
 

@@ -4,8 +4,8 @@
 //! messages, written in one transaction. Written one by one, each record costs a
 //! transaction and a WAL flush of its own, and that, not the sending, bounded the
 //! dispatcher (about 1,200 deliveries/s on the benchmark machine). Here a send queues its
-//! record and waits; whichever waiting send gets one of the few writer slots takes every
-//! record queued so far (up to [`MAX_BATCH`]) and writes them in one transaction of four
+//! record and waits; whichever waiting send gets the writer slot takes every record
+//! queued so far (up to [`MAX_BATCH`]) and writes them in one transaction of four
 //! statements. While one batch commits the next one gathers, so batches grow with the
 //! load and a lone send is written at once, with no timer.
 //!
@@ -26,7 +26,7 @@ use uuid::Uuid;
 
 use crate::{
     db::{is_data_error, is_lost_race},
-    domain::{Channel, DeliveryStatus},
+    domain::Channel,
     outbox::{self, DeliveryEvent, OutboxMessage},
 };
 
@@ -39,14 +39,13 @@ const WRITERS: usize = 1;
 /// A finished send, ready to be written.
 #[derive(Debug)]
 pub struct Finished {
-    pub delivery_id: Uuid,
+    /// The delivery's new state (id, status, attempts, error) as it will be published;
+    /// its version and time are set from the row when written.
+    pub event: DeliveryEvent,
     /// The lease of the claim: the record is written only while it still holds.
     pub lease_until: DateTime<Utc>,
-    pub status: DeliveryStatus,
-    pub attempt: i32,
     /// Set when the delivery goes back to PENDING for a retry.
     pub retry_in_ms: Option<i64>,
-    pub error: Option<String>,
     pub error_class: Option<String>,
     /// The channel it went out on, when that is a fallback.
     pub sent_via: Option<Channel>,
@@ -57,8 +56,6 @@ pub struct Finished {
     pub latency_ms: i32,
     /// The attempt's outcome: SUCCESS, RETRYABLE or PERMANENT.
     pub outcome: &'static str,
-    /// The delivery event; its version and time are set from the row when written.
-    pub event: DeliveryEvent,
     pub dead_letter: Option<OutboxMessage>,
 }
 
@@ -200,12 +197,12 @@ async fn write(
     topic_prefix: &str,
     records: &[Finished],
 ) -> anyhow::Result<Vec<Written>> {
-    let ids: Vec<Uuid> = records.iter().map(|r| r.delivery_id).collect();
+    let ids: Vec<Uuid> = records.iter().map(|r| r.event.delivery_id).collect();
     let leases: Vec<DateTime<Utc>> = records.iter().map(|r| r.lease_until).collect();
-    let statuses: Vec<&str> = records.iter().map(|r| r.status.as_str()).collect();
-    let attempts: Vec<i32> = records.iter().map(|r| r.attempt).collect();
+    let statuses: Vec<&str> = records.iter().map(|r| r.event.status.as_str()).collect();
+    let attempts: Vec<i32> = records.iter().map(|r| r.event.attempts).collect();
     let retry_ms: Vec<Option<i64>> = records.iter().map(|r| r.retry_in_ms).collect();
-    let errors: Vec<Option<&str>> = records.iter().map(|r| r.error.as_deref()).collect();
+    let errors: Vec<Option<&str>> = records.iter().map(|r| r.event.error.as_deref()).collect();
     let classes: Vec<Option<&str>> = records.iter().map(|r| r.error_class.as_deref()).collect();
     let sent_via: Vec<Option<&str>> = records
         .iter()
@@ -259,15 +256,21 @@ async fn write(
         recorded.push(i);
     }
     if !recorded.is_empty() {
-        let ids: Vec<Uuid> = recorded.iter().map(|&i| records[i].delivery_id).collect();
-        let attempts: Vec<i32> = recorded.iter().map(|&i| records[i].attempt).collect();
+        let ids: Vec<Uuid> = recorded
+            .iter()
+            .map(|&i| records[i].event.delivery_id)
+            .collect();
+        let attempts: Vec<i32> = recorded
+            .iter()
+            .map(|&i| records[i].event.attempts)
+            .collect();
         let channels: Vec<&str> = recorded.iter().map(|&i| records[i].via.as_str()).collect();
         let started: Vec<DateTime<Utc>> = recorded.iter().map(|&i| records[i].started_at).collect();
         let latencies: Vec<i32> = recorded.iter().map(|&i| records[i].latency_ms).collect();
         let outcomes: Vec<&str> = recorded.iter().map(|&i| records[i].outcome).collect();
         let errors: Vec<Option<&str>> = recorded
             .iter()
-            .map(|&i| records[i].error.as_deref())
+            .map(|&i| records[i].event.error.as_deref())
             .collect();
         sqlx::query(
             "INSERT INTO delivery_attempts (delivery_id, attempt, channel, started_at, latency_ms, outcome, error) \

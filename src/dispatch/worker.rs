@@ -185,7 +185,7 @@ impl Dispatcher {
         let events: Vec<OutboxMessage> = jobs
             .iter()
             .map(|job| {
-                self.event(
+                self.delivery_event(
                     job,
                     DeliveryStatus::Processing,
                     job.attempts,
@@ -193,6 +193,7 @@ impl Dispatcher {
                     job.version,
                     job.updated_at,
                 )
+                .to_outbox(&self.topic_prefix)
             })
             .collect();
         outbox::insert(&mut tx, &events).await?;
@@ -405,14 +406,16 @@ impl Dispatcher {
         let Some((version, at)) = row else {
             return Ok(Outcome::LeaseLost);
         };
-        let event = self.event(
-            job,
-            DeliveryStatus::Pending,
-            job.attempts,
-            None,
-            version,
-            at,
-        );
+        let event = self
+            .delivery_event(
+                job,
+                DeliveryStatus::Pending,
+                job.attempts,
+                None,
+                version,
+                at,
+            )
+            .to_outbox(&self.topic_prefix);
         outbox::insert(&mut tx, &[event]).await?;
         tx.commit().await.context("Failed to commit a deferral")?;
         Ok(Outcome::Deferred)
@@ -467,12 +470,9 @@ impl Dispatcher {
             _ => None,
         };
         let finished = Finished {
-            delivery_id: job.delivery_id,
+            event: self.delivery_event(job, status, attempt, message, job.version, started_at),
             lease_until: job.lease_until,
-            status,
-            attempt,
             retry_in_ms,
-            error: message.clone(),
             error_class: class.map(str::to_owned),
             sent_via: (via != channel).then_some(via),
             provider_ref,
@@ -480,7 +480,6 @@ impl Dispatcher {
             started_at,
             latency_ms: latency.as_millis().min(i32::MAX as u128) as i32,
             outcome: outcome_label,
-            event: self.delivery_event(job, status, attempt, message, job.version, started_at),
             dead_letter,
         };
         let written = self
@@ -523,19 +522,6 @@ impl Dispatcher {
         }
         let random = (Uuid::new_v4().as_u128() % 10_000) as f64 / 10_000.0;
         base.mul_f64(1.0 + self.settings.jitter * random)
-    }
-
-    fn event(
-        &self,
-        job: &Job,
-        status: DeliveryStatus,
-        attempts: i32,
-        error: Option<String>,
-        version: i64,
-        at: DateTime<Utc>,
-    ) -> OutboxMessage {
-        self.delivery_event(job, status, attempts, error, version, at)
-            .to_outbox(&self.topic_prefix)
     }
 
     fn delivery_event(

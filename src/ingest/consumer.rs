@@ -40,16 +40,11 @@ pub async fn run(
             // One transaction per lane, at the same time: PostgreSQL works on both on its
             // own cores. A partition stays in one lane, so its events are still stored in
             // order.
-            let done = |lane: &[IncomingMessage]| {
-                let first = (lane[0].partition, lane[0].offset);
-                (first, lock(committed).contains(&first))
-            };
+            let committed = || committed.lock().unwrap_or_else(|e| e.into_inner());
             let todo: Vec<((i32, i64), Vec<IncomingMessage>)> = lanes(&batch)
                 .into_iter()
-                .filter_map(|lane| match done(&lane) {
-                    (_, true) => None,
-                    (first, false) => Some((first, lane)),
-                })
+                .map(|lane| ((lane[0].partition, lane[0].offset), lane))
+                .filter(|(first, _)| !committed().contains(first))
                 .collect();
             let results = futures_util::future::join_all(
                 todo.iter()
@@ -61,7 +56,7 @@ pub async fn run(
                 match result {
                     Ok(outcome) => {
                         tracing::debug!(?outcome, "lane stored");
-                        lock(committed).insert(*first);
+                        committed().insert(*first);
                     }
                     Err(error) => failed = Some(error),
                 }
@@ -69,19 +64,13 @@ pub async fn run(
             match failed {
                 Some(error) => Err(error),
                 None => {
-                    lock(committed).clear();
+                    committed().clear();
                     Ok(())
                 }
             }
         }
     })
     .await
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 /// Transactions one batch is split into.
