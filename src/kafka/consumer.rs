@@ -174,7 +174,18 @@ where
             tracing::debug!(%error, "asynchronous offset commit not sent");
         }
     }
-    commit(&consumer, "at shutdown");
+    // Closing blocks: a synchronous commit, then leaving the group, whose revoke callback
+    // commits synchronously again. On a loaded broker that takes seconds, and on the
+    // runtime's own threads it would stall every task still finishing its work (sends
+    // whose rate-limit check then times out, records waiting for a connection).
+    let closed = tokio::task::spawn_blocking(move || {
+        commit(&consumer, "at shutdown");
+        drop(consumer);
+    })
+    .await;
+    if let Err(error) = closed {
+        tracing::warn!(group = %spec.group, %error, "consumer did not close cleanly");
+    }
     tracing::info!(group = %spec.group, "consumer stopped");
     Ok(())
 }

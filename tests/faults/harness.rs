@@ -261,6 +261,7 @@ impl Scenario {
             .append(true)
             .open(&log)
             .expect("the log file opens");
+        let log_from = file.metadata().map_or(0, |m| m.len() as usize);
         let mut command = self.herald_command();
         command
             .arg("serve")
@@ -275,6 +276,7 @@ impl Scenario {
             child,
             address: format!("http://127.0.0.1:{port}"),
             log,
+            log_from,
             http: reqwest::Client::builder()
                 .timeout(Duration::from_secs(5))
                 .build()
@@ -565,6 +567,8 @@ pub struct Herald {
     /// `http://127.0.0.1:PORT`
     pub address: String,
     pub log: PathBuf,
+    /// Where this process' part of the log starts (earlier runs and restarts come before).
+    log_from: usize,
     http: reqwest::Client,
 }
 
@@ -605,9 +609,10 @@ impl Herald {
         }
     }
 
-    /// The log records so far whose message is `message`.
+    /// This process' log records so far whose message is `message`.
     pub fn log_records(&self, message: &str) -> Vec<Value> {
-        std::fs::read_to_string(&self.log)
+        let log = std::fs::read_to_string(&self.log).unwrap_or_default();
+        log.get(self.log_from..)
             .unwrap_or_default()
             .lines()
             .filter_map(|line| serde_json::from_str::<Value>(line).ok())

@@ -75,11 +75,19 @@ async fn three_instances_send_each_delivery_once_spread_the_work_hold_the_shared
     // receiver drops by idempotency key.
     let failed_attempts = (scenario.retryable_attempts("SMS").await
         + scenario.retryable_attempts("SLACK").await) as usize;
+    // A limiter check Redis does not answer in time admits the send (fail open, as
+    // documented); a stalled host can cause one. Each is logged and counted here.
+    let fail_open = herald
+        .iter()
+        .chain([&leaving])
+        .flat_map(|h| h.log_records("rate limiter unavailable; admitting the send"))
+        .filter(|record| record["channel"] == "SMS")
+        .count();
     scenario.report(
         &audit,
         Some(failed_attempts),
         &format!(
-            "sends per instance {per_instance:?}, most SMS started in one second {busiest_admitted} and received in one second {busiest_second} (limit {SMS_PER_SECOND}), \
+            "sends per instance {per_instance:?}, most SMS started in one second {busiest_admitted} and received in one second {busiest_second} (limit {SMS_PER_SECOND}, admitted by failing open {fail_open}), \
              c exited {exit:?} owning {owned_order_partitions} order partitions, a and b own all 6 after: {taken_over}"
         ),
     );
@@ -93,14 +101,14 @@ async fn three_instances_send_each_delivery_once_spread_the_work_hold_the_shared
         "the work was not spread: {per_instance:?}"
     );
     assert!(
-        busiest_admitted <= SMS_PER_SECOND,
-        "the shared SMS limiter admitted {busiest_admitted} in one second"
+        busiest_admitted <= SMS_PER_SECOND + fail_open,
+        "the shared SMS limiter admitted {busiest_admitted} in one second ({fail_open} by failing open)"
     );
     // At the receiver, sends bunch up when their time in transit varies by more than the
     // limiter's 250 ms guard, which a loaded 2-core host does now and then (102 once):
     // allowed up to a tenth over, and the figure is printed.
     assert!(
-        busiest_second <= SMS_PER_SECOND + SMS_PER_SECOND / 10,
+        busiest_second <= SMS_PER_SECOND + SMS_PER_SECOND / 10 + fail_open,
         "the shared SMS limit was exceeded at the receiver: {busiest_second} in one second"
     );
     assert!(
