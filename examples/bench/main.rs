@@ -283,6 +283,37 @@ async fn main() -> anyhow::Result<()> {
     );
     report.figure("latency_p50_ms", p50, String::new());
     report.figure("latency_p95_ms", p95, String::new());
+    // Each delivery's time split at two stamps: the ingest transaction (the notification's
+    // created_at) and the start of its successful send attempt.
+    let stages: (f64, f64, f64, f64, f64, f64) = sqlx::query_as(
+        "SELECT percentile_cont(0.5) WITHIN GROUP (ORDER BY ingest), \
+             percentile_cont(0.99) WITHIN GROUP (ORDER BY ingest), \
+             percentile_cont(0.5) WITHIN GROUP (ORDER BY queued), \
+             percentile_cont(0.99) WITHIN GROUP (ORDER BY queued), \
+             percentile_cont(0.5) WITHIN GROUP (ORDER BY sent), \
+             percentile_cont(0.99) WITHIN GROUP (ORDER BY sent) \
+         FROM (SELECT extract(epoch FROM n.created_at - n.occurred_at) * 1000 AS ingest, \
+                      extract(epoch FROM a.started_at - n.created_at) * 1000 AS queued, \
+                      extract(epoch FROM d.completed_at - a.started_at) * 1000 AS sent \
+               FROM deliveries d JOIN notifications n ON n.id = d.notification_id \
+               JOIN delivery_attempts a ON a.delivery_id = d.id AND a.attempt = d.attempts \
+               WHERE n.event_id LIKE $1 AND d.status = 'SUCCESS') t",
+    )
+    .bind(format!("{lat_tag}-%"))
+    .fetch_one(&pool)
+    .await?;
+    report.figure(
+        "latency_stages_ms",
+        json!({
+            "ingest": {"p50": stages.0, "p99": stages.1},
+            "queued": {"p50": stages.2, "p99": stages.3},
+            "sent": {"p50": stages.4, "p99": stages.5},
+        }),
+        format!(
+            "latency, where the time went (p50 / p99): occurredAt to stored {:.1} / {:.1} ms, stored to send started {:.1} / {:.1} ms, send started to recorded {:.1} / {:.1} ms",
+            stages.0, stages.1, stages.2, stages.3, stages.4, stages.5
+        ),
+    );
 
     let mut intake = load::intake(
         &format!("http://{}", herald.addr),
