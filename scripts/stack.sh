@@ -231,6 +231,13 @@ postgres_up() {
             # Test data is disposable: trade durability for speed. Not for bench: its
             # figures are for a PostgreSQL that keeps what it acknowledged, as in production.
             options+=" -c fsync=off -c synchronous_commit=off -c full_page_writes=off"
+        elif [[ $PROFILE == bench ]]; then
+            # Durable, and sized like a production server for Herald's write-heavy load
+            # (BENCHMARKS.md): at the defaults (128 MB of buffers, 1 GB of WAL between
+            # checkpoints) a checkpoint starts every 15 to 30 s under load, and each one
+            # makes the next change to every page write the whole page to the WAL again.
+            options+=" -c shared_buffers=2GB -c max_wal_size=8GB -c min_wal_size=1GB"
+            options+=" -c checkpoint_timeout=15min"
         fi
         log "starting postgres on 127.0.0.1:$PG_PORT"
         as_pg setsid "$PG_BIN/pg_ctl" -D "$home/data" -l "$home/server.log" -o "$options" -w -t 60 start >/dev/null \
