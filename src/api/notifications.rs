@@ -110,21 +110,19 @@ async fn create(
     }
 
     let (draft, channels) = validate(&state, request)?;
-    let contact = match draft.user_id {
-        Some(user) => directory::load(&state.db, user).await?,
-        None => None,
-    };
-    let prefs = match draft.user_id {
-        Some(user) => {
+    // The directory (PostgreSQL) and the preferences (Redis, PostgreSQL on a miss) are
+    // read at the same time: one wait instead of two before the transaction.
+    let (contact, prefs) = match draft.user_id {
+        Some(user) => tokio::try_join!(
+            directory::load(&state.db, user),
             preferences::load(
                 &state.db,
                 &state.redis,
                 &state.settings.redis.key_prefix,
                 user,
-            )
-            .await?
-        }
-        None => Default::default(),
+            ),
+        )?,
+        None => (None, Default::default()),
     };
     let notification = intake::prepare(
         &state.routing,
