@@ -234,7 +234,7 @@ postgres_up() {
         elif [[ $PROFILE == bench ]]; then
             # Durable, and sized like a production server for Herald's write-heavy load
             # (BENCHMARKS.md): at the defaults (128 MB of buffers, 1 GB of WAL between
-            # checkpoints) a checkpoint starts every 15 to 30 s under load, and each one
+            # checkpoints) a checkpoint started every 13 to 27 s under load, and each one
             # makes the next change to every page write the whole page to the WAL again.
             options+=" -c shared_buffers=2GB -c max_wal_size=8GB -c min_wal_size=1GB"
             options+=" -c checkpoint_timeout=15min"
