@@ -1,16 +1,17 @@
 //! The consumer of one upstream domain: the shared batch consumer with the [`Ingestor`]
 //! as its handler.
 
+use std::{collections::HashSet, sync::Mutex};
+
+use anyhow::Context;
+use tokio_util::sync::CancellationToken;
+
 use crate::{
     config::Settings,
     domain::Domain,
     ingest::Ingestor,
     kafka::consumer::{self, BatchLimits, ConsumerSpec, IncomingMessage},
 };
-use std::{collections::HashSet, sync::Mutex};
-
-use anyhow::Context;
-use tokio_util::sync::CancellationToken;
 
 /// Consumes one domain's topic until `shutdown`.
 pub async fn run(
