@@ -18,13 +18,19 @@ done < <(scripts/stack.sh env run)
 : "${HERALD_HTTP_ADDR:=127.0.0.1:8080}"
 export HERALD_HTTP_ADDR
 
-if [[ -z ${HERALD_ADMIN_TOKEN:-} ]]; then
-    if [[ ! -s .stack/admin-token ]]; then
-        (umask 077 && od -An -tx1 -N24 /dev/urandom | tr -d ' \n' >.stack/admin-token)
+# secret VARIABLE FILE: keeps VARIABLE as set, or else the random secret kept in FILE (made
+# on first use, readable by this user only).
+secret() {
+    local variable=$1 file=$2
+    if [[ -z ${!variable:-} ]]; then
+        if [[ ! -s $file ]]; then
+            (umask 077 && od -An -tx1 -N32 /dev/urandom | tr -d ' \n' >"$file")
+        fi
+        export "$variable=$(cat "$file")"
     fi
-    HERALD_ADMIN_TOKEN=$(cat .stack/admin-token)
-    export HERALD_ADMIN_TOKEN
-fi
+}
+secret HERALD_ADMIN_TOKEN .stack/admin-token
+secret HERALD_USER_TOKEN_SECRET .stack/user-token-secret
 
 echo "[run] building herald" >&2
 cargo build --quiet --bin herald
@@ -45,7 +51,13 @@ cat <<BANNER
     API docs       $api/docs
     Metrics        $api/metrics
     MailDev UI     $MAILDEV_URL
-    Admin token    $HERALD_ADMIN_TOKEN   (Authorization: Bearer ...; kept in .stack/admin-token)
+    Admin token    $HERALD_ADMIN_TOKEN   (kept in .stack/admin-token; holds every scope)
+
+  Every call under /api/v1 needs a credential, for example:
+    curl -H "Authorization: Bearer \$(cat .stack/admin-token)" $api/api/v1/dashboard/delivery/channels
+  Make API keys with narrower scopes, and user tokens for a user's own routes:
+    $HERALD keys create --name my-service --scopes notifications:write
+    HERALD_USER_TOKEN_SECRET=\$(cat .stack/user-token-secret) $HERALD users token 42
 
   Publish the sample events from another terminal:
     make demo      (or: $HERALD demo)

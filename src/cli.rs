@@ -1,14 +1,17 @@
-//! The command line: `serve`, `migrate`, `topics create`, `demo`, `read-model rebuild` and
-//! `broadcast`.
+//! The command line: `serve`, `migrate`, `topics create`, `demo`, `read-model rebuild`,
+//! `broadcast`, `keys` and `users token`.
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
+use secrecy::SecretString;
 use serde_json::{Value, json};
 
 use crate::{
+    auth::{Scope, keys, user_token},
     broadcast::client::{Client, Ending, progress_line},
-    config::Settings,
+    config::{Settings, parse_duration},
     db, demo,
+    domain::UserId,
     kafka::{KafkaAdmin, TopicCatalogue, TopicOutcome},
     read_model::{Projector, projector},
     roles::Role,
@@ -63,8 +66,56 @@ pub enum Command {
         /// The API's base URL; http://HERALD_HTTP_ADDR when omitted.
         #[arg(long, env = "HERALD_API_URL", global = true)]
         api: Option<String>,
+        /// An API key with broadcasts:write and broadcasts:read; HERALD_ADMIN_TOKEN when
+        /// omitted.
+        #[arg(long, env = "HERALD_API_KEY", global = true, hide_env_values = true)]
+        api_key: Option<String>,
         #[command(subcommand)]
         command: BroadcastCommand,
+    },
+    /// Create, list and revoke API keys (in the database HERALD_DATABASE_URL names).
+    Keys {
+        #[command(subcommand)]
+        command: KeysCommand,
+    },
+    /// End users.
+    Users {
+        #[command(subcommand)]
+        command: UsersCommand,
+    },
+}
+
+/// API key commands.
+#[derive(Debug, Subcommand)]
+pub enum KeysCommand {
+    /// Make a key and print it: the only time it is shown (Herald keeps only a digest).
+    Create {
+        /// Who or what uses the key, such as billing-service; audit fields record it.
+        #[arg(long)]
+        name: String,
+        /// Comma-separated scopes: notifications:write, notifications:read, users:write,
+        /// users:read, broadcasts:write, broadcasts:read, dashboard:read, dlq:admin,
+        /// keys:admin.
+        #[arg(long, value_delimiter = ',', required = true)]
+        scopes: Vec<String>,
+    },
+    /// List every key (never the keys themselves), newest first.
+    List,
+    /// Revoke a key by its id: every instance refuses it within seconds.
+    Revoke { id: uuid::Uuid },
+}
+
+/// End-user commands.
+#[derive(Debug, Subcommand)]
+pub enum UsersCommand {
+    /// Print a user token (HS256, signed with HERALD_USER_TOKEN_SECRET) for trying the
+    /// user routes; an app's backend mints its own (see README.md).
+    Token {
+        /// The user id.
+        user_id: i64,
+        /// How long the token is valid: 90s, 15m, 1h, 7d.
+        #[arg(long, default_value = "1h")]
+        ttl: String,
     },
 }
 
@@ -178,9 +229,31 @@ pub async fn run(command: Command, settings: Settings) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Demo => demo::run(&settings).await,
-        Command::Broadcast { api, command } => {
+        Command::Broadcast {
+            api,
+            api_key,
+            command,
+        } => {
             let api = api.unwrap_or_else(|| format!("http://{}", settings.http.addr));
-            broadcast_command(&Client::new(&api)?, command).await
+            let credential = api_key
+                .map(SecretString::from)
+                .or_else(|| settings.admin.token.clone())
+                .context("give --api-key (or HERALD_API_KEY): the API needs a credential")?;
+            broadcast_command(&Client::new(&api, &credential)?, command).await
+        }
+        Command::Keys { command } => keys_command(&settings, command).await,
+        Command::Users {
+            command: UsersCommand::Token { user_id, ttl },
+        } => {
+            let secret = settings
+                .access
+                .user_token_secret
+                .as_ref()
+                .context("HERALD_USER_TOKEN_SECRET is not set: user tokens are switched off")?;
+            let user = UserId::new(user_id).map_err(anyhow::Error::msg)?;
+            let ttl = parse_duration(&ttl).map_err(anyhow::Error::msg)?;
+            println!("{}", user_token::mint(secret, user, ttl)?);
+            Ok(())
         }
         Command::ReadModel {
             command: ReadModelCommand::Rebuild,
@@ -199,6 +272,60 @@ pub async fn run(command: Command, settings: Settings) -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+async fn keys_command(settings: &Settings, command: KeysCommand) -> anyhow::Result<()> {
+    let pool = db::pool(&settings.database)?;
+    db::migrate(&pool).await?;
+    match command {
+        KeysCommand::Create { name, scopes } => {
+            let (name, scopes) = keys::parse_request(&name, &scopes).map_err(anyhow::Error::msg)?;
+            let created = keys::create(&pool, &name, &scopes, "cli").await?;
+            println!("id      {}", created.key.id);
+            println!("name    {}", created.key.name);
+            println!("scopes  {}", scope_list(&created.key.scopes));
+            println!("key     {}", created.secret);
+            println!();
+            println!("The key is shown only now: Herald keeps a digest of it. Send it as");
+            println!("  Authorization: Bearer {}", created.secret);
+        }
+        KeysCommand::List => {
+            println!(
+                "{:<36}  {:<24}  {:<12}  {:<20}  {:<20}  scopes",
+                "id", "name", "key", "created", "revoked"
+            );
+            for key in keys::list(&pool).await? {
+                let at = |t: Option<chrono::DateTime<chrono::Utc>>| {
+                    t.map_or_else(
+                        || "-".to_owned(),
+                        |t| t.format("%Y-%m-%d %H:%M:%S").to_string(),
+                    )
+                };
+                println!(
+                    "{:<36}  {:<24}  {:<12}  {:<20}  {:<20}  {}",
+                    key.id,
+                    key.name,
+                    format!("{}…", key.prefix),
+                    at(Some(key.created_at)),
+                    at(key.revoked_at),
+                    scope_list(&key.scopes)
+                );
+            }
+        }
+        KeysCommand::Revoke { id } => match keys::revoke(&pool, id, "cli").await? {
+            Some(key) => println!("revoked {} ({})", key.id, key.name),
+            None => anyhow::bail!("no API key {id}"),
+        },
+    }
+    Ok(())
+}
+
+fn scope_list(scopes: &[Scope]) -> String {
+    scopes
+        .iter()
+        .map(|s| s.as_str())
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 async fn broadcast_command(client: &Client, command: BroadcastCommand) -> anyhow::Result<()> {

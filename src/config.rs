@@ -34,6 +34,7 @@ pub struct Settings {
     pub smtp: SmtpSettings,
     pub channels: ChannelSettings,
     pub admin: AdminSettings,
+    pub access: AccessSettings,
     pub shutdown: ShutdownSettings,
     pub ingest: IngestSettings,
     pub templates: TemplateSettings,
@@ -137,6 +138,90 @@ pub struct TemplateSettings {
 pub struct HttpSettings {
     /// Address to bind; port 0 picks a free port (tests use it).
     pub addr: SocketAddr,
+    /// Where `/metrics` is served instead of `addr`, so it can stay off a public port.
+    pub metrics_addr: Option<SocketAddr>,
+    /// API requests handled at once per instance; beyond it the API answers 503 at once
+    /// rather than queueing work nobody may wait for.
+    pub max_concurrent_requests: usize,
+    /// Longest an API request may take to produce its response.
+    pub request_timeout: Duration,
+}
+
+impl HttpSettings {
+    fn load(layers: &Layers, raw: RawHttp) -> Result<Self, ConfigError> {
+        let addr = layers.required("HERALD_HTTP_ADDR", "http.addr", raw.addr)?;
+        let metrics_addr =
+            layers.optional("HERALD_METRICS_ADDR", "http.metrics_addr", raw.metrics_addr);
+        let concurrency = layers.required(
+            "HERALD_HTTP_MAX_CONCURRENT_REQUESTS",
+            "http.max_concurrent_requests",
+            raw.max_concurrent_requests.map(|n| n.to_string()),
+        )?;
+        let timeout = layers.required(
+            "HERALD_HTTP_REQUEST_TIMEOUT_SECS",
+            "http.request_timeout_secs",
+            raw.request_timeout_secs.map(|n| n.to_string()),
+        )?;
+        const ADDR: &str = "an IP address and port such as 127.0.0.1:8080";
+        Ok(HttpSettings {
+            addr: addr.parse_with(ADDR)?,
+            metrics_addr: metrics_addr
+                .filter(Value::is_set)
+                .map(|v| v.parse_with(ADDR))
+                .transpose()?,
+            max_concurrent_requests: concurrency.positive_u32("a whole number above 0")? as usize,
+            request_timeout: Duration::from_secs(u64::from(
+                timeout.positive_u32("a whole number of seconds above 0")?,
+            )),
+        })
+    }
+}
+
+/// Credentials beyond the admin token (DESIGN §5a), and what the API does for browsers.
+#[derive(Debug, Clone)]
+pub struct AccessSettings {
+    /// The HS256 secret of end-user tokens; `None`: user tokens are refused.
+    pub user_token_secret: Option<SecretString>,
+    /// How long an Idempotency-Key is remembered.
+    pub idempotency_ttl: Duration,
+    /// Origins whose pages may call the API (CORS); empty: none.
+    pub cors_allowed_origins: Vec<String>,
+}
+
+impl AccessSettings {
+    fn load(layers: &Layers, raw: RawAccess) -> Result<Self, ConfigError> {
+        let secret = layers.optional(
+            "HERALD_USER_TOKEN_SECRET",
+            "access.user_token_secret",
+            raw.user_token_secret,
+        );
+        let ttl = layers.required(
+            "HERALD_IDEMPOTENCY_TTL",
+            "access.idempotency_ttl",
+            raw.idempotency_ttl,
+        )?;
+        let origins = layers.optional(
+            "HERALD_CORS_ALLOWED_ORIGINS",
+            "access.cors_allowed_origins",
+            raw.cors_allowed_origins,
+        );
+        let user_token_secret = match secret.filter(Value::is_set) {
+            // A short HS256 secret can be brute-forced from one token.
+            Some(v) if v.text.trim().len() < 32 => {
+                return Err(v.invalid_secret("a secret of at least 32 characters"));
+            }
+            Some(v) => Some(SecretString::from(v.text.trim().to_owned())),
+            None => None,
+        };
+        Ok(AccessSettings {
+            user_token_secret,
+            idempotency_ttl: ttl.duration()?,
+            cors_allowed_origins: match origins {
+                Some(v) => v.origins()?,
+                None => Vec::new(),
+            },
+        })
+    }
 }
 
 /// The PostgreSQL connection.
@@ -144,8 +229,11 @@ pub struct HttpSettings {
 pub struct DatabaseSettings {
     /// `postgres://user:password@host:port/database`; secret because it may hold a password.
     pub url: SecretString,
-    /// Upper bound of the connection pool.
+    /// Upper bound of the workers' connection pool (ingest, dispatch, relay, projector).
     pub max_connections: u32,
+    /// Upper bound of the API's own pool: a flood of requests waits for these and cannot
+    /// take the connections the workers record sends with.
+    pub api_max_connections: u32,
 }
 
 /// The Kafka cluster and the topics Herald uses on it.
@@ -257,7 +345,13 @@ impl Settings {
         })?;
         let layers = Layers { file, env };
 
-        let addr = layers.required("HERALD_HTTP_ADDR", "http.addr", raw.http.addr)?;
+        let http = HttpSettings::load(&layers, raw.http)?;
+        let access = AccessSettings::load(&layers, raw.access)?;
+        let api_max_connections = layers.required(
+            "HERALD_DATABASE_API_MAX_CONNECTIONS",
+            "database.api_max_connections",
+            raw.database.api_max_connections.map(|n| n.to_string()),
+        )?;
         let database_url =
             layers.required("HERALD_DATABASE_URL", "database.url", raw.database.url)?;
         let max_connections = layers.required(
@@ -447,9 +541,7 @@ impl Settings {
         )?;
 
         Ok(Settings {
-            http: HttpSettings {
-                addr: addr.parse_with("an IP address and port such as 127.0.0.1:8080")?,
-            },
+            http,
             database: DatabaseSettings {
                 url: SecretString::from(
                     database_url
@@ -457,6 +549,8 @@ impl Settings {
                         .to_string(),
                 ),
                 max_connections: max_connections
+                    .positive_u32("a whole number of connections above 0")?,
+                api_max_connections: api_max_connections
                     .positive_u32("a whole number of connections above 0")?,
             },
             kafka: KafkaSettings {
@@ -511,6 +605,7 @@ impl Settings {
                     .filter(Value::is_set)
                     .map(|v| SecretString::from(v.text)),
             },
+            access,
             shutdown: ShutdownSettings {
                 grace_period: Duration::from_secs(u64::from(
                     grace.positive_u32("a whole number of seconds above 0")?,
@@ -577,6 +672,29 @@ impl Settings {
     }
 }
 
+/// Parses a duration such as `90s`, `15m`, `24h` or `7d` (a bare number is seconds).
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let n: u64 = number
+        .parse()
+        .map_err(|_| format!("{text:?} is not a duration such as 90s, 15m, 1h or 7d"))?;
+    let unit_secs = match unit.trim() {
+        "s" | "" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86_400,
+        _ => return Err(format!("{text:?}: the unit must be s, m, h or d")),
+    };
+    match n.checked_mul(unit_secs) {
+        Some(secs) if secs > 0 && secs <= 10 * 365 * 86_400 => Ok(Duration::from_secs(secs)),
+        _ => Err(format!("{text:?} must be above 0 and at most 10 years")),
+    }
+}
+
 /// The shape of the config file. Unknown keys are an error, so a typo does not silently
 /// leave a default in force.
 #[derive(Debug, Default, Deserialize)]
@@ -589,6 +707,7 @@ struct RawSettings {
     smtp: RawSmtp,
     channels: RawChannels,
     admin: RawAdmin,
+    access: RawAccess,
     shutdown: RawShutdown,
     ingest: RawIngest,
     templates: RawTemplates,
@@ -666,6 +785,17 @@ struct RawTemplates {
 #[serde(deny_unknown_fields, default)]
 struct RawHttp {
     addr: Option<String>,
+    metrics_addr: Option<String>,
+    max_concurrent_requests: Option<u32>,
+    request_timeout_secs: Option<u32>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawAccess {
+    user_token_secret: Option<String>,
+    idempotency_ttl: Option<String>,
+    cors_allowed_origins: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -673,6 +803,7 @@ struct RawHttp {
 struct RawDatabase {
     url: Option<String>,
     max_connections: Option<u32>,
+    api_max_connections: Option<u32>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -897,6 +1028,33 @@ impl Value {
             Ok(delays) if !delays.is_empty() => Ok(delays),
             _ => Err(self.invalid(EXPECTED)),
         }
+    }
+
+    fn duration(&self) -> Result<Duration, ConfigError> {
+        parse_duration(&self.text)
+            .map_err(|_| self.invalid("a duration such as 90s, 15m, 24h or 7d"))
+    }
+
+    /// Comma-separated browser origins (`https://app.example.com`), each exactly as a
+    /// browser sends it in `Origin`: a scheme, a host and an optional port, nothing else.
+    fn origins(&self) -> Result<Vec<String>, ConfigError> {
+        const EXPECTED: &str =
+            "comma-separated origins such as https://app.example.com,http://localhost:3000";
+        let mut origins = Vec::new();
+        for origin in self
+            .text
+            .split(',')
+            .map(str::trim)
+            .filter(|o| !o.is_empty())
+        {
+            let url = Url::parse(origin).map_err(|_| self.invalid(EXPECTED))?;
+            let exact = url.origin().ascii_serialization();
+            if !["http", "https"].contains(&url.scheme()) || exact != origin.trim_end_matches('/') {
+                return Err(self.invalid(EXPECTED));
+            }
+            origins.push(exact);
+        }
+        Ok(origins)
     }
 
     fn fraction(&self) -> Result<f64, ConfigError> {

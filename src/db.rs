@@ -13,12 +13,22 @@ const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(5);
 /// Migrations compiled into the binary, so a deployed Herald needs no files to migrate.
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 
-/// A pool that connects on first use, so Herald starts (and reports itself not ready)
-/// while PostgreSQL is down.
+/// The workers' pool (`max_connections`), connecting on first use, so Herald starts (and
+/// reports itself not ready) while PostgreSQL is down.
 pub fn pool(settings: &DatabaseSettings) -> anyhow::Result<PgPool> {
+    pool_of(settings, settings.max_connections)
+}
+
+/// The API's pool (`api_max_connections`), apart from the workers' so that a flood of
+/// requests cannot starve dispatch of the connections it records sends with.
+pub fn api_pool(settings: &DatabaseSettings) -> anyhow::Result<PgPool> {
+    pool_of(settings, settings.api_max_connections)
+}
+
+fn pool_of(settings: &DatabaseSettings, max_connections: u32) -> anyhow::Result<PgPool> {
     use secrecy::ExposeSecret;
     PgPoolOptions::new()
-        .max_connections(settings.max_connections)
+        .max_connections(max_connections)
         .acquire_timeout(ACQUIRE_TIMEOUT)
         .connect_lazy(settings.url.expose_secret())
         .context("Failed to configure the PostgreSQL pool")

@@ -6,6 +6,7 @@ use std::time::Duration;
 use anyhow::Context;
 use chrono::Utc;
 use rdkafka::producer::{FutureProducer, FutureRecord};
+use secrecy::ExposeSecret;
 use serde_json::{Value, json};
 use uuid::Uuid;
 
@@ -113,8 +114,14 @@ pub async fn run(settings: &Settings) -> anyhow::Result<()> {
             "description": "p99 latency of card authorisation is 2.4 s for the last 5 minutes."
         }
     });
+    let token = settings
+        .admin
+        .token
+        .as_ref()
+        .context("HERALD_ADMIN_TOKEN is not set: the demo posts its incident with it")?;
     let response = reqwest::Client::new()
         .post(format!("{api}/api/v1/notifications"))
+        .bearer_auth(token.expose_secret())
         .header("Idempotency-Key", Uuid::new_v4().to_string())
         .json(&incident)
         .send()
@@ -131,7 +138,7 @@ pub async fn run(settings: &Settings) -> anyhow::Result<()> {
         body["notificationId"].as_str().unwrap_or("?")
     );
     println!(
-        "\nWhat to look at:\n  \
+        "\nWhat to look at (send Authorization: Bearer $HERALD_ADMIN_TOKEN):\n  \
          GET {api}/api/v1/notifications/{} (the incident, SLACK to the ops channel)\n  \
          the user directory is not needed: each sample carries its recipient\n  \
          emails arrive in MailDev once deliveries are dispatched",

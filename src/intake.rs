@@ -349,3 +349,29 @@ pub async fn insert_rows(
     .context("Failed to store deliveries")?;
     Ok(())
 }
+
+/// How often expired Idempotency-Keys are pruned.
+pub const IDEMPOTENCY_PRUNE_EVERY: std::time::Duration = std::time::Duration::from_secs(600);
+
+/// Forgets Idempotency-Keys older than `ttl`: the intake's stored answers are deleted, and
+/// broadcasts keep their rows but lose the key. Lookups ignore expired keys already; this
+/// keeps the table small. Returns how many keys were forgotten.
+pub async fn prune_idempotency_keys(
+    db: &sqlx::PgPool,
+    ttl: std::time::Duration,
+) -> anyhow::Result<u64> {
+    let intake = sqlx::query("DELETE FROM idempotency_keys WHERE created_at <= now() - $1")
+        .bind(ttl)
+        .execute(db)
+        .await
+        .context("Failed to prune idempotency keys")?;
+    let broadcasts = sqlx::query(
+        "UPDATE broadcasts SET idempotency_key = NULL, idempotency_credential = NULL \
+         WHERE idempotency_key IS NOT NULL AND created_at <= now() - $1",
+    )
+    .bind(ttl)
+    .execute(db)
+    .await
+    .context("Failed to expire broadcasts' idempotency keys")?;
+    Ok(intake.rows_affected() + broadcasts.rows_affected())
+}

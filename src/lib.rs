@@ -21,12 +21,14 @@
 //! - [`templates`]: tera templates, Korean and English, reloaded on change.
 //! - [`outbox`]: outbox records (delivery events, dead letters).
 //! - [`api`]: the HTTP surface, one module per resource.
+//! - [`auth`]: credentials: the admin token, API keys with scopes, end-user tokens.
 //! - [`db`]: the PostgreSQL pool and embedded migrations (`migrations/`).
 //! - [`kafka`]: client configuration, the topic catalogue (`kafka/topics.toml`).
 //! - [`broadcast`]: broadcasts to an audience, fanned out in the background.
 //! - [`demo`]: sample events of the seed scenarios.
 
 pub mod api;
+pub mod auth;
 pub mod broadcast;
 pub mod channels;
 pub mod cli;

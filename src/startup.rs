@@ -17,6 +17,7 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::{
     api::{self, AppState},
+    auth::Authenticator,
     broadcast::fanout::{self, Fanout},
     channels::{
         Senders, email::EmailSender, gateway::GatewaySender, in_app::InAppSender,
@@ -48,6 +49,8 @@ const DATABASE_WAIT: Duration = Duration::from_secs(30);
 /// A built, bound, not yet running Herald instance.
 pub struct Application {
     listener: TcpListener,
+    /// `/metrics` on a listener of its own (HERALD_METRICS_ADDR).
+    metrics_listener: Option<TcpListener>,
     state: AppState,
     tasks: TaskTracker,
     grace_period: Duration,
@@ -59,8 +62,9 @@ impl Application {
     /// reports so on `/health/ready`. PostgreSQL must be reachable within [`DATABASE_WAIT`],
     /// because nothing works without the schema.
     pub async fn build(settings: Settings, roles: &[Role]) -> anyhow::Result<Self> {
-        let db = db::pool(&settings.database)?;
-        migrate_when_reachable(&db).await?;
+        let work_db = db::pool(&settings.database)?;
+        migrate_when_reachable(&work_db).await?;
+        let db = db::api_pool(&settings.database)?;
 
         let redis_client = redis::Client::open(settings.redis.url.expose_secret())
             .context("HERALD_REDIS_URL is not a usable Redis URL")?;
@@ -84,6 +88,13 @@ impl Application {
                     settings.http.addr
                 )
             })?;
+        let metrics_listener =
+            match settings.http.metrics_addr {
+                Some(addr) => Some(TcpListener::bind(addr).await.with_context(|| {
+                    format!("Failed to listen on {addr} (HERALD_METRICS_ADDR)")
+                })?),
+                None => None,
+            };
 
         let mut roles = roles.to_vec();
         roles.sort();
@@ -93,7 +104,7 @@ impl Application {
             Arc::new(intake::channel_enabled(&settings));
         log_disabled_channels(&settings, &*channel_enabled);
         let ingestor = Ingestor {
-            db: db.clone(),
+            db: work_db.clone(),
             redis: redis.clone(),
             routing: routing.clone(),
             channel_enabled: channel_enabled.clone(),
@@ -101,9 +112,16 @@ impl Application {
             redis_prefix: settings.redis.key_prefix.clone(),
             max_event_bytes: settings.ingest.max_event_bytes,
         };
+        let auth = Authenticator::new(
+            db.clone(),
+            settings.admin.token.as_ref(),
+            settings.access.user_token_secret.as_ref(),
+        );
         let state = AppState {
             settings: Arc::new(settings),
             db,
+            work_db,
+            auth,
             redis,
             kafka,
             metrics: telemetry::metrics_handle(),
@@ -117,6 +135,7 @@ impl Application {
         };
         Ok(Application {
             listener,
+            metrics_listener,
             state,
             tasks: TaskTracker::new(),
             grace_period,
@@ -145,6 +164,7 @@ impl Application {
     pub async fn run_until_stopped(self) -> anyhow::Result<()> {
         let Application {
             listener,
+            metrics_listener,
             state,
             tasks,
             grace_period,
@@ -157,6 +177,15 @@ impl Application {
         );
         let failure = Arc::new(std::sync::Mutex::new(None::<String>));
         spawn_workers(&state, &tasks, &failure)?;
+        if let Some(metrics_listener) = metrics_listener {
+            tracing::info!(addr = %metrics_listener.local_addr()?, "metrics are served here");
+            let metrics = api::metrics::router().with_state(state.clone());
+            tasks.spawn(
+                axum::serve(metrics_listener, metrics)
+                    .with_graceful_shutdown(shutdown.clone().cancelled_owned())
+                    .into_future(),
+            );
+        }
         let app = api::router(state);
         let mut server = tokio::spawn(
             axum::serve(listener, app)
@@ -275,7 +304,7 @@ fn spawn_workers(
     if state.roles.contains(&Role::Dispatch) {
         let settings = &state.settings;
         let dispatcher = Arc::new(Dispatcher {
-            db: state.db.clone(),
+            db: state.work_db.clone(),
             senders: senders(state)?,
             templates: state.templates.clone(),
             limiter: RateLimiter::new(state.redis.clone(), settings.redis.key_prefix.clone()),
@@ -288,7 +317,7 @@ fn spawn_workers(
         });
         tasks.spawn(dispatch::run(dispatcher, state.shutdown.clone()));
         let fanout = Arc::new(Fanout {
-            db: state.db.clone(),
+            db: state.work_db.clone(),
             redis: state.redis.clone(),
             settings: settings.broadcast.clone(),
             redis_prefix: settings.redis.key_prefix.clone(),
@@ -300,7 +329,7 @@ fn spawn_workers(
     }
     if state.roles.contains(&Role::Projector) {
         let projector = Projector {
-            db: state.db.clone(),
+            db: state.work_db.clone(),
             reporting_tz: state.settings.read_model.reporting_timezone,
         };
         let settings = state.settings.clone();
@@ -330,7 +359,7 @@ fn spawn_workers(
     }
     if state.roles.contains(&Role::Dlq) {
         let settings = state.settings.clone();
-        let db = state.db.clone();
+        let db = state.work_db.clone();
         let prefix = settings.kafka.topic_prefix.clone();
         let spec = ConsumerSpec {
             group: format!("{prefix}notif-dlq"),
@@ -358,8 +387,31 @@ fn spawn_workers(
             fail_on_error(result, "the DLQ consumer", &failure, &shutdown);
         });
     }
+    if state.roles.contains(&Role::Api) {
+        let (db, ttl, shutdown) = (
+            state.db.clone(),
+            state.settings.access.idempotency_ttl,
+            state.shutdown.clone(),
+        );
+        tasks.spawn(async move {
+            let mut every = tokio::time::interval(intake::IDEMPOTENCY_PRUNE_EVERY);
+            loop {
+                tokio::select! {
+                    _ = every.tick() => {}
+                    () = shutdown.cancelled() => return,
+                }
+                match intake::prune_idempotency_keys(&db, ttl).await {
+                    Ok(pruned) => tracing::debug!(pruned, "expired idempotency keys pruned"),
+                    Err(error) => tracing::warn!(
+                        error = format!("{error:#}"),
+                        "cannot prune idempotency keys"
+                    ),
+                }
+            }
+        });
+    }
     if state.roles.contains(&Role::Relay) {
-        let relay = Relay::new(state.db.clone(), &state.settings.kafka)?;
+        let relay = Relay::new(state.work_db.clone(), &state.settings.kafka)?;
         tasks.spawn(relay.run(state.shutdown.clone()));
     }
     if state.roles.contains(&Role::Ingest) {
@@ -452,6 +504,11 @@ fn log_disabled_channels(settings: &Settings, enabled: &dyn Fn(Channel) -> bool)
         );
     }
     if settings.admin.token.is_none() {
-        tracing::warn!("HERALD_ADMIN_TOKEN is not set: the admin API refuses every request");
+        tracing::warn!(
+            "HERALD_ADMIN_TOKEN is not set: only API keys (herald keys create) and user tokens are accepted"
+        );
+    }
+    if settings.access.user_token_secret.is_none() {
+        tracing::info!("HERALD_USER_TOKEN_SECRET is not set: user tokens are refused");
     }
 }

@@ -117,6 +117,7 @@ pub struct IntakeResult {
 /// a stalled server cannot hide its queue (no coordinated omission).
 pub async fn intake(
     base: &str,
+    credential: &str,
     tag: &str,
     rate: u32,
     duration: Duration,
@@ -133,7 +134,7 @@ pub async fn intake(
     for i in 0..total {
         let scheduled = start + interval * i as u32;
         tokio::time::sleep_until(scheduled).await;
-        let (client, url) = (client.clone(), url.clone());
+        let (client, url, bearer) = (client.clone(), url.clone(), credential.to_owned());
         let body = serde_json::json!({
             "userId": i % USERS + 1,
             "channels": ["IN_APP"],
@@ -141,7 +142,12 @@ pub async fn intake(
             "data": { "orderId": format!("{tag}-http-{i}") }
         });
         requests.spawn(async move {
-            let response = client.post(&url).json(&body).send().await;
+            let response = client
+                .post(&url)
+                .bearer_auth(bearer)
+                .json(&body)
+                .send()
+                .await;
             let ok = response.is_ok_and(|r| r.status() == reqwest::StatusCode::ACCEPTED);
             (ok, scheduled.elapsed())
         });

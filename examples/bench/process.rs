@@ -12,6 +12,9 @@ use anyhow::Context;
 
 use super::run::Run;
 
+/// The admin token of the benchmark's Herald.
+pub const ADMIN_TOKEN: &str = "bench-admin-token";
+
 /// A running `herald serve`.
 pub struct Herald {
     child: Child,
@@ -40,6 +43,7 @@ impl Herald {
             .env("HERALD_TOPIC_PREFIX", &run.settings.kafka.topic_prefix)
             .env("HERALD_REDIS_KEY_PREFIX", &run.settings.redis.key_prefix)
             .env("HERALD_HTTP_ADDR", addr.to_string())
+            .env("HERALD_ADMIN_TOKEN", ADMIN_TOKEN)
             .env(
                 "RUST_LOG",
                 std::env::var("RUST_LOG").unwrap_or("warn".into()),

@@ -1,5 +1,4 @@
-//! The DLQ admin API, behind `Authorization: Bearer $HERALD_ADMIN_TOKEN` (401 without a
-//! token, 403 with a wrong one, 503 when no token is configured).
+//! The DLQ admin API, for credentials with the `dlq:admin` scope.
 //!
 //! - `GET /api/v1/admin/dlq?domain=&status=&limit=&cursor=`: newest first; DISCARDED ones
 //!   only with `status=DISCARDED`.
@@ -9,75 +8,45 @@
 //!   at most 1000) PENDING ones and reports the counts.
 //! - `DELETE /api/v1/admin/dlq/{id}`: discards (kept for audit).
 //!
-//! Actions record who did them: the `X-Operator` header, or `admin`.
+//! Actions record who did them: the name of the credential (never a header the caller
+//! chooses).
 
 use axum::{
     Json, Router,
-    extract::{Request, State},
-    http::{HeaderMap, header},
-    middleware::{self, Next},
-    response::Response,
+    extract::State,
+    http::Method,
+    middleware::from_fn_with_state,
     routing::{get, post},
 };
 use serde::Deserialize;
 use serde_json::{Value, json};
-use sha2::{Digest, Sha256};
 use uuid::Uuid;
 
 use super::{
     AppState,
+    auth::{Need, Rules, authorize},
     error::{ApiError, ApiPath, ApiQuery},
 };
 use crate::{
+    auth::{Principal, Scope},
     dlq::admin::{self as dlq, AdminError, DeadLetterView, ListFilter, Page, RetryAllReport},
     domain::Domain,
     read_model::queries::decode_cursor,
 };
 
-/// The admin routes, each behind the bearer token.
-pub fn router(state: AppState) -> Router<AppState> {
+/// The dead-letter routes, each needing `dlq:admin`.
+pub fn router() -> Router<AppState> {
+    const RULES: Rules = &[
+        (Method::GET, Need::Scope(Scope::DlqAdmin)),
+        (Method::POST, Need::Scope(Scope::DlqAdmin)),
+        (Method::DELETE, Need::Scope(Scope::DlqAdmin)),
+    ];
     Router::new()
         .route("/api/v1/admin/dlq", get(list))
         .route("/api/v1/admin/dlq/retry-all", post(retry_all))
         .route("/api/v1/admin/dlq/{id}", get(read).delete(discard))
         .route("/api/v1/admin/dlq/{id}/retry", post(retry))
-        .route_layer(middleware::from_fn_with_state(state, authorize))
-}
-
-async fn authorize(
-    State(state): State<AppState>,
-    request: Request,
-    next: Next,
-) -> Result<Response, ApiError> {
-    let Some(token) = &state.settings.admin.token else {
-        return Err(ApiError::Unavailable(
-            "the admin API is disabled: HERALD_ADMIN_TOKEN is not set".into(),
-        ));
-    };
-    let presented = request
-        .headers()
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .ok_or_else(|| ApiError::Unauthorized("send Authorization: Bearer <admin token>".into()))?;
-    use secrecy::ExposeSecret;
-    // Comparing digests keeps the comparison's time independent of where they differ.
-    if Sha256::digest(presented.trim().as_bytes())
-        != Sha256::digest(token.expose_secret().as_bytes())
-    {
-        return Err(ApiError::Forbidden("the admin token is not valid".into()));
-    }
-    Ok(next.run(request).await)
-}
-
-fn operator(headers: &HeaderMap) -> String {
-    headers
-        .get("x-operator")
-        .and_then(|v| v.to_str().ok())
-        .map(str::trim)
-        .filter(|v| !v.is_empty() && v.len() <= 100)
-        .unwrap_or("admin")
-        .to_owned()
+        .route_layer(from_fn_with_state(RULES, authorize))
 }
 
 impl From<AdminError> for ApiError {
@@ -160,11 +129,11 @@ async fn read(
 
 async fn retry(
     State(state): State<AppState>,
-    headers: HeaderMap,
+    principal: Principal,
     ApiPath(raw): ApiPath<String>,
 ) -> Result<Json<Value>, ApiError> {
     let id = id(&raw)?;
-    let kind = dlq::retry(&state.ingestor, id, &operator(&headers)).await?;
+    let kind = dlq::retry(&state.ingestor, id, &principal.name()).await?;
     let letter = dlq::get(&state.db, id).await?;
     Ok(Json(json!({ "retry": kind, "deadLetter": letter })))
 }
@@ -179,7 +148,7 @@ pub struct RetryAllQuery {
 
 async fn retry_all(
     State(state): State<AppState>,
-    headers: HeaderMap,
+    principal: Principal,
     ApiQuery(query): ApiQuery<RetryAllQuery>,
 ) -> Result<Json<RetryAllReport>, ApiError> {
     let limit = match query.limit.unwrap_or(100) {
@@ -191,22 +160,17 @@ async fn retry_all(
         }
     };
     let domain = domain(query.domain)?;
-    let report = dlq::retry_all(
-        &state.ingestor,
-        domain.as_deref(),
-        limit,
-        &operator(&headers),
-    )
-    .await?;
+    let report =
+        dlq::retry_all(&state.ingestor, domain.as_deref(), limit, &principal.name()).await?;
     Ok(Json(report))
 }
 
 async fn discard(
     State(state): State<AppState>,
-    headers: HeaderMap,
+    principal: Principal,
     ApiPath(raw): ApiPath<String>,
 ) -> Result<Json<DeadLetterView>, ApiError> {
     Ok(Json(
-        dlq::discard(&state.db, id(&raw)?, &operator(&headers)).await?,
+        dlq::discard(&state.db, id(&raw)?, &principal.name()).await?,
     ))
 }

@@ -7,7 +7,8 @@ use axum::{
     Json, Router,
     body::Bytes,
     extract::{DefaultBodyLimit, State, rejection::BytesRejection},
-    http::HeaderMap,
+    http::{HeaderMap, Method},
+    middleware::from_fn_with_state,
     response::Response,
     routing::{get, post},
 };
@@ -18,6 +19,7 @@ use uuid::Uuid;
 
 use super::{
     AppState,
+    auth::{Need, Rules, authorize},
     error::{ApiError, ApiPath, ApiQuery},
     notifications::{
         Content, accepted_response, bad, check_schedule, idempotency_key, parse_channels,
@@ -25,6 +27,7 @@ use super::{
     },
 };
 use crate::{
+    auth::{Principal, Scope},
     broadcast::{
         self, Audience, BroadcastRow, BroadcastStatus, Cancelled, Created, NewBroadcast, Totals,
     },
@@ -39,8 +42,12 @@ const MAX_NAME_CHARS: usize = 200;
 /// Largest `data` (as JSON): it is copied into every recipient's notification.
 const MAX_DATA_BYTES: usize = 64 * 1024;
 
-/// The broadcast routes.
+/// The broadcast routes: `broadcasts:write` to create and cancel, `broadcasts:read` to read.
 pub fn router() -> Router<AppState> {
+    const RULES: Rules = &[
+        (Method::GET, Need::Scope(Scope::BroadcastsRead)),
+        (Method::POST, Need::Scope(Scope::BroadcastsWrite)),
+    ];
     Router::new()
         .route(
             "/api/v1/broadcasts",
@@ -50,6 +57,7 @@ pub fn router() -> Router<AppState> {
         )
         .route("/api/v1/broadcasts/{id}", get(read))
         .route("/api/v1/broadcasts/{id}/cancel", post(cancel))
+        .route_layer(from_fn_with_state(RULES, authorize))
 }
 
 /// The creation request.
@@ -83,6 +91,12 @@ pub struct BroadcastView {
     timings: Timings,
     #[serde(skip_serializing_if = "Option::is_none")]
     error: Option<String>,
+    /// The name of the credential that created it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    created_by: Option<String>,
+    /// The name of the credential that cancelled it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    cancelled_by: Option<String>,
 }
 
 #[derive(Debug, Serialize)]
@@ -114,11 +128,13 @@ struct ListView {
 
 async fn create(
     State(state): State<AppState>,
+    principal: Principal,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    let (request, request_hash): (BroadcastRequest, String) = read_request(body)?;
-    let new = validate(&state, request, idempotency_key(&headers)?, request_hash)?;
+    let (request, request_hash): (BroadcastRequest, String) = read_request(&headers, body)?;
+    let key = idempotency_key(&headers)?;
+    let new = validate(&state, &principal, request, key, request_hash)?;
     let (row, replayed) = match broadcast::create(&state.db, &new).await? {
         Created::New(row) => (row, false),
         Created::Replayed(row) => (row, true),
@@ -137,6 +153,7 @@ async fn create(
 
 fn validate(
     state: &AppState,
+    principal: &Principal,
     request: BroadcastRequest,
     idempotency_key: Option<String>,
     request_hash: String,
@@ -198,7 +215,10 @@ fn validate(
         body: content.body,
         scheduled_at: request.scheduled_at,
         idempotency_key,
+        idempotency_credential: principal.credential(),
+        idempotency_ttl: state.settings.access.idempotency_ttl,
         request_hash,
+        created_by: principal.name(),
     })
 }
 
@@ -229,9 +249,11 @@ async fn list(
 
 async fn cancel(
     State(state): State<AppState>,
+    principal: Principal,
     ApiPath(id): ApiPath<Uuid>,
 ) -> Result<Json<BroadcastView>, ApiError> {
-    match broadcast::cancel(&state.db, id, &state.settings.kafka.topic_prefix).await? {
+    let topic_prefix = &state.settings.kafka.topic_prefix;
+    match broadcast::cancel(&state.db, id, topic_prefix, &principal.name()).await? {
         Cancelled::Done(row) => Ok(Json(view(&state, row).await?)),
         Cancelled::TooLate(row) => Err(ApiError::Conflict(format!(
             "broadcast {id} has already finished ({})",
@@ -280,5 +302,7 @@ async fn view(state: &AppState, row: BroadcastRow) -> Result<BroadcastView, ApiE
         progress,
         timings,
         error: row.error,
+        created_by: row.created_by,
+        cancelled_by: row.cancelled_by,
     })
 }

@@ -6,25 +6,33 @@
 //! - `GET /api/v1/dashboard/delivery/channels?from=&to=`: per channel (default 30 days).
 //! - `GET /api/v1/dashboard/delivery/failures?limit=`: the most recent failures.
 
-use axum::{Json, Router, extract::State, routing::get};
+use axum::{
+    Json, Router, extract::State, http::Method, middleware::from_fn_with_state, routing::get,
+};
 use chrono::{Datelike, Days, NaiveDate, Utc};
 use serde::{Deserialize, Serialize};
 
 use super::{
     AppState,
+    auth::{Need, Rules, authorize},
     error::{ApiError, ApiQuery},
 };
-use crate::read_model::queries::{self, ChannelStats, DailyStats, Failure};
+use crate::{
+    auth::Scope,
+    read_model::queries::{self, ChannelStats, DailyStats, Failure},
+};
 
 /// The longest range one request may ask for.
 pub const MAX_RANGE_DAYS: u64 = 366;
 
-/// The dashboard routes.
+/// The dashboard routes, each needing `dashboard:read`.
 pub fn router() -> Router<AppState> {
+    const RULES: Rules = &[(Method::GET, Need::Scope(Scope::DashboardRead))];
     Router::new()
         .route("/api/v1/dashboard/delivery", get(daily))
         .route("/api/v1/dashboard/delivery/channels", get(channels))
         .route("/api/v1/dashboard/delivery/failures", get(failures))
+        .route_layer(from_fn_with_state(RULES, authorize))
 }
 
 /// `?from=&to=`

@@ -10,7 +10,7 @@ use axum::{
         FromRequest, FromRequestParts,
         rejection::{BytesRejection, JsonRejection, PathRejection, QueryRejection},
     },
-    http::StatusCode,
+    http::{HeaderMap, StatusCode, header},
     response::{IntoResponse, Response},
 };
 use serde::Serialize;
@@ -21,10 +21,11 @@ pub enum ApiError {
     /// 400 `invalid_request`: the input is malformed or a value is not acceptable.
     #[error("{0}")]
     BadRequest(String),
-    /// 401 `unauthorized`: no credentials.
+    /// 401 `unauthorized`, with `WWW-Authenticate: Bearer`: the credential is missing,
+    /// malformed, expired, forged or revoked.
     #[error("{0}")]
     Unauthorized(String),
-    /// 403 `forbidden`: wrong credentials.
+    /// 403 `forbidden`: a valid credential that may not do this.
     #[error("{0}")]
     Forbidden(String),
     /// 404 `not_found`: no route or no such resource.
@@ -36,6 +37,9 @@ pub enum ApiError {
     /// 413 `payload_too_large`.
     #[error("{0}")]
     PayloadTooLarge(String),
+    /// 415 `unsupported_media_type`: a body in a content type the route does not take.
+    #[error("{0}")]
+    UnsupportedMediaType(String),
     /// 422 with its own code: well-formed, but it conflicts with what was stored before
     /// (an Idempotency-Key reused with another body).
     #[error("{message}")]
@@ -77,13 +81,24 @@ impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let (status, code) = match &self {
             ApiError::BadRequest(_) => (StatusCode::BAD_REQUEST, "invalid_request"),
-            ApiError::Unauthorized(_) => (StatusCode::UNAUTHORIZED, "unauthorized"),
             ApiError::Forbidden(_) => (StatusCode::FORBIDDEN, "forbidden"),
             ApiError::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
             ApiError::Conflict(_) => (StatusCode::CONFLICT, "conflict"),
             ApiError::PayloadTooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large"),
+            ApiError::UnsupportedMediaType(_) => {
+                (StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported_media_type")
+            }
             ApiError::Unprocessable { code, .. } => (StatusCode::UNPROCESSABLE_ENTITY, *code),
             ApiError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
+            ApiError::Unauthorized(message) => {
+                let body = ErrorBody::new("unauthorized", message.clone());
+                return (
+                    StatusCode::UNAUTHORIZED,
+                    [(header::WWW_AUTHENTICATE, r#"Bearer realm="herald""#)],
+                    Json(body),
+                )
+                    .into_response();
+            }
             ApiError::Internal(cause) => {
                 tracing::error!(error = format!("{cause:#}"), "request failed");
                 let body = ErrorBody::new("internal", "internal error; see the server logs");
@@ -98,6 +113,7 @@ impl From<JsonRejection> for ApiError {
     fn from(rejection: JsonRejection) -> Self {
         match rejection {
             JsonRejection::BytesRejection(bytes) => bytes.into(),
+            JsonRejection::MissingJsonContentType(_) => json_only(),
             other => ApiError::BadRequest(other.body_text()),
         }
     }
@@ -123,6 +139,26 @@ impl From<PathRejection> for ApiError {
     fn from(rejection: PathRejection) -> Self {
         ApiError::BadRequest(rejection.body_text())
     }
+}
+
+/// Refuses a body that is not declared `application/json`: a browser page on another
+/// origin can send a form or `text/plain` without asking first (no CORS preflight), but
+/// not JSON.
+pub fn require_json(headers: &HeaderMap) -> Result<(), ApiError> {
+    let json = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .is_some_and(|v| {
+            let v = v.trim();
+            v.eq_ignore_ascii_case("application/json")
+                || (v.starts_with("application/") && v.to_ascii_lowercase().ends_with("+json"))
+        });
+    if json { Ok(()) } else { Err(json_only()) }
+}
+
+fn json_only() -> ApiError {
+    ApiError::UnsupportedMediaType("send the body as Content-Type: application/json".into())
 }
 
 /// `axum::Json` with rejections in the JSON error body.

@@ -3,16 +3,23 @@
 //! Liveness says the process serves requests. Readiness checks each dependency
 //! (PostgreSQL, Redis, Kafka) concurrently, each within [`CHECK_TIMEOUT`], and answers 503
 //! naming what is down, or while the instance is shutting down, so that a load balancer
-//! stops sending it work.
+//! stops sending it work. Each dependency's error text (driver messages can name hosts and
+//! users) is shown only to a caller with an API key or the admin token.
 
 use std::{collections::BTreeMap, future::Future, time::Instant};
 
-use axum::{Json, Router, extract::State, http::StatusCode, routing::get};
+use axum::{
+    Json, Router,
+    extract::State,
+    http::{HeaderMap, StatusCode, header},
+    routing::get,
+};
 use serde::Serialize;
 use serde_json::json;
 use tokio::time::{Duration, timeout};
 
 use super::{AppState, error::ErrorBody};
+use crate::auth::Principal;
 
 /// How long one dependency may take to answer before it counts as down.
 pub const CHECK_TIMEOUT: Duration = Duration::from_secs(2);
@@ -47,7 +54,7 @@ struct Readiness {
     error: Option<crate::api::error::ErrorDetail>,
 }
 
-async fn ready(State(state): State<AppState>) -> (StatusCode, Json<Readiness>) {
+async fn ready(State(state): State<AppState>, headers: HeaderMap) -> (StatusCode, Json<Readiness>) {
     let (postgres, redis, kafka) = tokio::join!(
         check(async {
             sqlx::query("SELECT 1")
@@ -72,7 +79,12 @@ async fn ready(State(state): State<AppState>) -> (StatusCode, Json<Readiness>) {
                 .map_err(|e| e.to_string())
         }),
     );
-    let checks = BTreeMap::from([("postgres", postgres), ("redis", redis), ("kafka", kafka)]);
+    let mut checks = BTreeMap::from([("postgres", postgres), ("redis", redis), ("kafka", kafka)]);
+    if !operator(&state, &headers).await {
+        for check in checks.values_mut() {
+            check.error = None;
+        }
+    }
     let down: Vec<&str> = checks
         .iter()
         .filter(|(_, c)| c.status != "up")
@@ -107,6 +119,24 @@ async fn ready(State(state): State<AppState>) -> (StatusCode, Json<Readiness>) {
             )
         }
     }
+}
+
+/// Whether the caller sent the admin token or an API key (any scope): an operator may see
+/// why a dependency is down. Anonymous callers and user tokens see only up or down.
+async fn operator(state: &AppState, headers: &HeaderMap) -> bool {
+    let Some(credential) = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split_once(' '))
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+        .map(|(_, credential)| credential)
+    else {
+        return false;
+    };
+    matches!(
+        timeout(CHECK_TIMEOUT, state.auth.authenticate(credential)).await,
+        Ok(Ok(Ok(Principal::Admin | Principal::Key(_))))
+    )
 }
 
 async fn check(probe: impl Future<Output = Result<(), String>>) -> Check {

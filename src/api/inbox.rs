@@ -12,6 +12,8 @@ use std::convert::Infallible;
 use axum::{
     Json, Router,
     extract::State,
+    http::Method,
+    middleware::from_fn_with_state,
     response::sse::{Event, KeepAlive, Sse},
     routing::{get, post},
 };
@@ -22,23 +24,37 @@ use uuid::Uuid;
 
 use super::{
     AppState,
+    auth::{Need, Rules, UserIn, authorize},
     error::{ApiError, ApiPath, ApiQuery},
     history::{cursor, page_limit},
     users::user_id,
 };
 use crate::{
+    auth::Scope,
     channels::in_app::InAppSender,
     read_model::queries::{self, HistoryFilter, HistoryPage},
 };
 
-/// The inbox routes.
+/// The inbox routes: a user token for its own user, or `notifications:read` to read any
+/// user's inbox and `users:write` to mark messages read on a user's behalf.
 pub fn router() -> Router<AppState> {
+    const RULES: Rules = &[
+        (
+            Method::GET,
+            Need::ScopeOrOwner(Scope::NotificationsRead, UserIn::Path),
+        ),
+        (
+            Method::POST,
+            Need::ScopeOrOwner(Scope::UsersWrite, UserIn::Path),
+        ),
+    ];
     Router::new()
         .route("/api/v1/users/{id}/inbox", get(list))
         .route("/api/v1/users/{id}/inbox/unread-count", get(unread))
         .route("/api/v1/users/{id}/inbox/read-all", post(read_all))
         .route("/api/v1/users/{id}/inbox/{delivery}/read", post(read_one))
         .route("/api/v1/users/{id}/inbox/stream", get(stream))
+        .route_layer(from_fn_with_state(RULES, authorize))
 }
 
 /// The inbox query string.

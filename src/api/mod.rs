@@ -1,6 +1,7 @@
 //! The HTTP surface: one module per resource, each exposing `router()`, merged here.
 
 pub mod admin;
+pub mod auth;
 pub mod broadcasts;
 pub mod dashboard;
 pub mod docs;
@@ -8,24 +9,31 @@ pub mod error;
 pub mod health;
 pub mod history;
 pub mod inbox;
+pub mod keys;
 pub mod metrics;
 pub mod notifications;
 pub mod settings;
 pub mod users;
 
-use std::sync::Arc;
+use std::{sync::Arc, time::Duration};
 
 use axum::{
-    Json, Router, extract::DefaultBodyLimit, http::StatusCode, middleware, response::IntoResponse,
+    Json, Router,
+    extract::{DefaultBodyLimit, Request, State},
+    http::{HeaderName, HeaderValue, Method, StatusCode, header},
+    middleware::{self, Next},
+    response::{IntoResponse, Response},
 };
 use metrics_exporter_prometheus::PrometheusHandle;
 use redis::aio::ConnectionManager;
 use sqlx::PgPool;
+use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
+use tower_http::cors::{AllowOrigin, CorsLayer};
 
 use crate::{
-    config::Settings, domain::Channel, ingest::Ingestor, kafka::KafkaAdmin, roles::Role,
-    routing::RoutingTable, templates::Templates,
+    auth::Authenticator, config::Settings, domain::Channel, ingest::Ingestor, kafka::KafkaAdmin,
+    roles::Role, routing::RoutingTable, templates::Templates,
 };
 use error::ErrorBody;
 
@@ -33,7 +41,13 @@ use error::ErrorBody;
 #[derive(Clone)]
 pub struct AppState {
     pub settings: Arc<Settings>,
+    /// The API's own pool (HERALD_DATABASE_API_MAX_CONNECTIONS): requests cannot take the
+    /// workers' connections.
     pub db: PgPool,
+    /// The workers' pool (ingest, dispatch, relay, projector, DLQ store).
+    pub work_db: PgPool,
+    /// Checks credentials (DESIGN §5a).
+    pub auth: Authenticator,
     pub redis: ConnectionManager,
     pub kafka: KafkaAdmin,
     pub metrics: PrometheusHandle,
@@ -54,13 +68,15 @@ pub struct AppState {
 /// Largest request body the API reads.
 const MAX_BODY_BYTES: usize = 256 * 1024;
 
-/// The whole router. Health, metrics and docs are served whatever the roles; the resource
-/// routes only where the `api` role runs.
+/// The whole router. Health and docs are served whatever the roles, and metrics unless
+/// they have a listener of their own (HERALD_METRICS_ADDR); the resource routes only where
+/// the `api` role runs. Every request under `/api/` is authenticated first (`auth`), and
+/// API requests are bounded in number and time.
 pub fn router(state: AppState) -> Router {
-    let mut router = Router::new()
-        .merge(health::router())
-        .merge(docs::router())
-        .merge(metrics::router());
+    let mut router = Router::new().merge(health::router()).merge(docs::router());
+    if state.settings.http.metrics_addr.is_none() {
+        router = router.merge(metrics::router());
+    }
     if state.roles.contains(&Role::Api) {
         router = router
             .merge(notifications::router())
@@ -69,13 +85,99 @@ pub fn router(state: AppState) -> Router {
             .merge(broadcasts::router())
             .merge(inbox::router())
             .merge(dashboard::router())
-            .merge(admin::router(state.clone()));
+            .merge(admin::router())
+            .merge(keys::router());
     }
-    router
+    let limits = Limits {
+        permits: Arc::new(Semaphore::new(state.settings.http.max_concurrent_requests)),
+        timeout: state.settings.http.request_timeout,
+    };
+    let cors = cors(&state.settings.access.cors_allowed_origins);
+    let mut router = router
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            auth::authenticate,
+        ))
+        .layer(middleware::from_fn_with_state(limits, limit));
+    if let Some(cors) = cors {
+        router = router.layer(cors);
+    }
+    router
         .layer(middleware::from_fn(metrics::track))
         .with_state(state)
+}
+
+/// What bounds the API: requests in progress at once, and how long each may take.
+#[derive(Clone)]
+struct Limits {
+    permits: Arc<Semaphore>,
+    timeout: Duration,
+}
+
+/// Answers 503 at once beyond the concurrency bound (a flood is refused, not queued) and
+/// 503 for a request that does not answer in time. Health, docs and metrics are exempt, so
+/// an overloaded instance can still say so.
+async fn limit(State(limits): State<Limits>, request: Request, next: Next) -> Response {
+    if !request.uri().path().starts_with("/api/") {
+        return next.run(request).await;
+    }
+    let Ok(_permit) = limits.permits.try_acquire_owned() else {
+        ::metrics::counter!("herald_http_refused_total", "reason" => "overloaded").increment(1);
+        return refusal(
+            "overloaded",
+            "too many requests in progress on this instance; retry shortly",
+        );
+    };
+    match tokio::time::timeout(limits.timeout, next.run(request)).await {
+        Ok(response) => response,
+        Err(_) => {
+            ::metrics::counter!("herald_http_refused_total", "reason" => "timeout").increment(1);
+            tracing::warn!(timeout = ?limits.timeout, "an API request timed out");
+            refusal(
+                "timeout",
+                "the request took too long and was abandoned; retry it",
+            )
+        }
+    }
+}
+
+fn refusal(code: &'static str, message: &str) -> Response {
+    (
+        StatusCode::SERVICE_UNAVAILABLE,
+        [(header::RETRY_AFTER, "1")],
+        Json(ErrorBody::new(code, message)),
+    )
+        .into_response()
+}
+
+/// CORS for the configured origins (none: no CORS headers at all, so browsers keep other
+/// origins out). Only what the API uses is allowed; no cookies are involved.
+fn cors(origins: &[String]) -> Option<CorsLayer> {
+    if origins.is_empty() {
+        return None;
+    }
+    let origins: Vec<HeaderValue> = origins
+        .iter()
+        .filter_map(|o| HeaderValue::from_str(o).ok())
+        .collect();
+    Some(
+        CorsLayer::new()
+            .allow_origin(AllowOrigin::list(origins))
+            .allow_methods([Method::GET, Method::POST, Method::PUT, Method::DELETE])
+            .allow_headers([
+                header::AUTHORIZATION,
+                header::CONTENT_TYPE,
+                HeaderName::from_static("idempotency-key"),
+            ])
+            .expose_headers([
+                header::LOCATION,
+                header::RETRY_AFTER,
+                HeaderName::from_static("idempotency-replayed"),
+            ])
+            .max_age(Duration::from_secs(600)),
+    )
 }
 
 async fn not_found() -> impl IntoResponse {

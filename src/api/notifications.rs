@@ -12,7 +12,8 @@ use axum::{
     Json, Router,
     body::Bytes,
     extract::{State, rejection::BytesRejection},
-    http::{HeaderMap, HeaderValue, StatusCode, header},
+    http::{HeaderMap, HeaderValue, Method, StatusCode, header},
+    middleware::from_fn_with_state,
     response::{IntoResponse, Response},
     routing::{get, post},
 };
@@ -24,9 +25,11 @@ use uuid::Uuid;
 
 use super::{
     AppState,
+    auth::{Need, Rules, UserIn, authorize},
     error::{ApiError, ApiPath},
 };
 use crate::{
+    auth::{Principal, Scope},
     directory,
     domain::{
         Channel, DeliveryStatus, Domain, EmailAddress, EventType, NotificationStatus, PhoneNumber,
@@ -45,14 +48,28 @@ const MAX_SCHEDULE_AHEAD_DAYS: i64 = 90;
 const MAX_SUBJECT_CHARS: usize = 200;
 const MAX_BODY_CHARS: usize = 10_000;
 
-/// The notification routes.
+/// The notification routes: the intake needs `notifications:write`; reading needs
+/// `notifications:read`, or a user token for the user's own history.
 pub fn router() -> Router<AppState> {
+    const NOTIFICATIONS: Rules = &[
+        (Method::POST, Need::Scope(Scope::NotificationsWrite)),
+        (
+            Method::GET,
+            Need::ScopeOrOwner(Scope::NotificationsRead, UserIn::Query),
+        ),
+    ];
+    const ONE: Rules = &[(Method::GET, Need::Scope(Scope::NotificationsRead))];
     Router::new()
         .route(
             "/api/v1/notifications",
-            post(create).get(super::history::list),
+            post(create)
+                .get(super::history::list)
+                .route_layer(from_fn_with_state(NOTIFICATIONS, authorize)),
         )
-        .route("/api/v1/notifications/{id}", get(read))
+        .route(
+            "/api/v1/notifications/{id}",
+            get(read).route_layer(from_fn_with_state(ONE, authorize)),
+        )
 }
 
 /// The intake request.
@@ -98,13 +115,15 @@ struct AcceptedDelivery {
 
 async fn create(
     State(state): State<AppState>,
+    principal: Principal,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    let (request, request_hash): (IntakeRequest, String) = read_request(body)?;
+    let (request, request_hash): (IntakeRequest, String) = read_request(&headers, body)?;
     let key = idempotency_key(&headers)?;
+    let credential = principal.credential();
     if let Some(key) = &key
-        && let Some(stored) = stored_response(&state, key, &request_hash).await?
+        && let Some(stored) = stored_response(&state, &credential, key, &request_hash).await?
     {
         return Ok(stored);
     }
@@ -160,20 +179,27 @@ async fn create(
     )
     .await?;
     if let Some(key) = &key {
+        // An expired row for the key is replaced: past the TTL the key is new again.
         let stored = sqlx::query(
-            "INSERT INTO idempotency_keys (idempotency_key, request_hash, response_status, response_body) \
-             VALUES ($1, $2, 202, $3) ON CONFLICT (idempotency_key) DO NOTHING",
+            "INSERT INTO idempotency_keys (credential, idempotency_key, request_hash, response_status, response_body) \
+             VALUES ($1, $2, $3, 202, $4) \
+             ON CONFLICT (credential, idempotency_key) DO UPDATE SET request_hash = EXCLUDED.request_hash, \
+                 response_status = EXCLUDED.response_status, response_body = EXCLUDED.response_body, \
+                 created_at = now() \
+             WHERE idempotency_keys.created_at <= now() - $5",
         )
+        .bind(&credential)
         .bind(key)
         .bind(&request_hash)
         .bind(&response_body)
+        .bind(state.settings.access.idempotency_ttl)
         .execute(&mut *tx)
         .await
         .context("Failed to store the idempotency key")?;
         if stored.rows_affected() == 0 {
             // A concurrent request with the same key committed first: answer as it did.
             tx.rollback().await.context("Failed to roll back")?;
-            return stored_response(&state, key, &request_hash)
+            return stored_response(&state, &credential, key, &request_hash)
                 .await?
                 .context("an idempotency key vanished")
                 .map_err(ApiError::Internal);
@@ -218,15 +244,20 @@ pub(super) fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, Api
     Ok(Some(key.to_owned()))
 }
 
+/// The answer stored for a credential's key, unless it expired.
 async fn stored_response(
     state: &AppState,
+    credential: &str,
     key: &str,
     request_hash: &str,
 ) -> Result<Option<Response>, ApiError> {
     let row: Option<(String, Value)> = sqlx::query_as(
-        "SELECT request_hash, response_body FROM idempotency_keys WHERE idempotency_key = $1",
+        "SELECT request_hash, response_body FROM idempotency_keys \
+         WHERE credential = $1 AND idempotency_key = $2 AND created_at > now() - $3",
     )
+    .bind(credential)
     .bind(key)
+    .bind(state.settings.access.idempotency_ttl)
     .fetch_optional(&state.db)
     .await
     .context("Failed to read the idempotency key")?;
@@ -252,8 +283,10 @@ async fn stored_response(
 /// Reads a JSON request body into `T`, with the hash that idempotency keys compare. A NUL
 /// character is refused here: PostgreSQL cannot store it.
 pub(super) fn read_request<T: serde::de::DeserializeOwned>(
+    headers: &HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<(T, String), ApiError> {
+    super::error::require_json(headers)?;
     let body = body?;
     let value: Value = serde_json::from_slice(&body)
         .map_err(|e| bad(format!("the body is not valid JSON: {e}")))?;

@@ -7,22 +7,41 @@
 
 use std::collections::BTreeMap;
 
-use axum::{Json, Router, extract::State, routing::get};
+use axum::{
+    Json, Router, extract::State, http::Method, middleware::from_fn_with_state, routing::get,
+};
 use serde::{Deserialize, Serialize};
 
 use super::{
     AppState,
+    auth::{Need, Rules, UserIn, authorize},
     error::{ApiError, ApiJson, ApiQuery},
     users::user_id,
 };
 use crate::{
+    auth::Scope,
     domain::{Channel, EventType, UserId},
     preferences::{self, Preferences},
 };
 
-/// The settings routes.
+/// The settings routes: `users:read` / `users:write`, or a user token for its own user.
 pub fn router() -> Router<AppState> {
-    Router::new().route("/api/v1/notifications/settings", get(read).put(write))
+    const RULES: Rules = &[
+        (
+            Method::GET,
+            Need::ScopeOrOwner(Scope::UsersRead, UserIn::Query),
+        ),
+        (
+            Method::PUT,
+            Need::ScopeOrOwner(Scope::UsersWrite, UserIn::Query),
+        ),
+    ];
+    Router::new().route(
+        "/api/v1/notifications/settings",
+        get(read)
+            .put(write)
+            .route_layer(from_fn_with_state(RULES, authorize)),
+    )
 }
 
 /// `?userId=`

@@ -6,7 +6,8 @@ use axum::{
     Json, Router,
     body::Bytes,
     extract::{DefaultBodyLimit, State, rejection::BytesRejection},
-    http::{HeaderMap, header},
+    http::{HeaderMap, Method, header},
+    middleware::from_fn_with_state,
     routing::{get, post},
 };
 use serde::{Deserialize, Serialize};
@@ -14,9 +15,11 @@ use serde_json::Value;
 
 use super::{
     AppState,
+    auth::{Need, Rules, authorize},
     error::{ApiError, ApiJson, ApiPath},
 };
 use crate::{
+    auth::Scope,
     directory::{self, Contact},
     domain::{BirthYear, EmailAddress, PhoneNumber, Tag, Timezone, UserId},
 };
@@ -30,14 +33,20 @@ const MAX_IMPORT_USERS: usize = 200_000;
 /// Most tags one user may carry.
 const MAX_TAGS: usize = 32;
 
-/// The user routes.
+/// The user routes: `users:read` to read the directory, `users:write` to change it.
 pub fn router() -> Router<AppState> {
+    const RULES: Rules = &[
+        (Method::GET, Need::Scope(Scope::UsersRead)),
+        (Method::PUT, Need::Scope(Scope::UsersWrite)),
+        (Method::POST, Need::Scope(Scope::UsersWrite)),
+    ];
     Router::new()
         .route("/api/v1/users/{id}/contact", get(read).put(write))
         .route(
             "/api/v1/users:import",
             post(import).layer(DefaultBodyLimit::max(MAX_IMPORT_BYTES)),
         )
+        .route_layer(from_fn_with_state(RULES, authorize))
 }
 
 /// The body of `PUT /api/v1/users/{id}/contact`. Every field is optional; an absent or null
@@ -163,7 +172,7 @@ async fn read(
 }
 
 /// `POST /api/v1/users:import`: a JSON array (`Content-Type: application/json`) or one JSON
-/// object per line (anything else, typically `application/x-ndjson`). Good lines are stored
+/// object per line (`application/x-ndjson`). Good lines are stored
 /// in one transaction; bad lines are reported and skipped. 400 only when the body as a
 /// whole is unreadable (not UTF-8, or not an array when sent as JSON).
 async fn import(
@@ -171,11 +180,8 @@ async fn import(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<ImportReport>, ApiError> {
+    let json_array = import_format(&headers)?;
     let body = body?;
-    let json_array = headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.starts_with("application/json"));
     // Tens of megabytes of JSON: parsed off the async workers.
     let (mut report, good) = tokio::task::spawn_blocking(move || read_import(&body, json_array))
         .await
@@ -190,6 +196,25 @@ async fn import(
     report.imported = good.len();
     metrics::counter!("herald_users_imported_total").increment(good.len() as u64);
     Ok(Json(report))
+}
+
+/// Whether an import body is a JSON array (`application/json`) rather than NDJSON
+/// (`application/x-ndjson`, `application/ndjson` or `application/jsonl`); any other type
+/// is refused, as for every body (see `error::require_json`).
+fn import_format(headers: &HeaderMap) -> Result<bool, ApiError> {
+    let media_type = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .map(|v| v.trim().to_ascii_lowercase());
+    match media_type.as_deref() {
+        Some("application/json") => Ok(true),
+        Some("application/x-ndjson" | "application/ndjson" | "application/jsonl") => Ok(false),
+        _ => Err(ApiError::UnsupportedMediaType(
+            "send the users as application/json (an array) or application/x-ndjson (a line each)"
+                .into(),
+        )),
+    }
 }
 
 /// Checks an import body line by line (or item by item): the good entries, and a report of

@@ -7,6 +7,8 @@ use std::{
 };
 
 use anyhow::{Context, bail};
+use reqwest::header::{self, HeaderMap, HeaderValue};
+use secrecy::{ExposeSecret, SecretString};
 use serde_json::{Value, json};
 
 /// How often `--follow` polls.
@@ -30,11 +32,18 @@ pub enum Ending {
 }
 
 impl Client {
-    pub fn new(base: &str) -> anyhow::Result<Self> {
+    /// A client of the API at `base` that sends `credential` (an API key or the admin
+    /// token) with every request.
+    pub fn new(base: &str, credential: &SecretString) -> anyhow::Result<Self> {
+        let mut bearer =
+            HeaderValue::from_str(&format!("Bearer {}", credential.expose_secret().trim()))
+                .context("the credential is not a valid header value")?;
+        bearer.set_sensitive(true);
         Ok(Client {
             base: base.trim_end_matches('/').to_owned(),
             http: reqwest::Client::builder()
                 .timeout(Duration::from_secs(30))
+                .default_headers(HeaderMap::from_iter([(header::AUTHORIZATION, bearer)]))
                 .build()
                 .context("Failed to build the HTTP client")?,
         })

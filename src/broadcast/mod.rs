@@ -118,8 +118,14 @@ pub struct NewBroadcast {
     pub subject: Option<String>,
     pub body: Option<String>,
     pub scheduled_at: Option<DateTime<Utc>>,
+    /// With the credential that sent it (`Principal::credential`): keys are per caller.
     pub idempotency_key: Option<String>,
+    pub idempotency_credential: String,
+    /// How long a key is remembered.
+    pub idempotency_ttl: std::time::Duration,
     pub request_hash: String,
+    /// The credential's name, for the audit trail.
+    pub created_by: String,
 }
 
 /// A broadcast as stored.
@@ -146,6 +152,8 @@ pub struct BroadcastRow {
     pub cancelled_at: Option<DateTime<Utc>>,
     pub finished_at: Option<DateTime<Utc>>,
     pub request_hash: Option<String>,
+    pub created_by: Option<String>,
+    pub cancelled_by: Option<String>,
 }
 
 impl BroadcastRow {
@@ -169,7 +177,8 @@ const ROW: &str = "SELECT id, name, status, \
          ELSE audience END AS audience, \
      channels, event_type, data, subject, body, \
      scheduled_at, audience_total, created_count, cursor_user_id, error, created_at, \
-     started_at, fanned_out_at, cancelled_at, finished_at, request_hash FROM broadcasts";
+     started_at, fanned_out_at, cancelled_at, finished_at, request_hash, created_by, \
+     cancelled_by FROM broadcasts";
 
 /// Deliveries of one channel (or all) by outcome.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -218,13 +227,28 @@ pub struct Totals {
 /// Stores a new broadcast, or returns the one stored before under the same
 /// Idempotency-Key: `Ok(Err(row))` when the key was used with another request.
 pub async fn create(db: &PgPool, new: &NewBroadcast) -> anyhow::Result<Created> {
+    if let Some(key) = &new.idempotency_key {
+        // Past its TTL a key is new again: it leaves the broadcast it named.
+        sqlx::query(
+            "UPDATE broadcasts SET idempotency_key = NULL, idempotency_credential = NULL \
+             WHERE idempotency_credential = $1 AND idempotency_key = $2 AND created_at <= now() - $3",
+        )
+        .bind(&new.idempotency_credential)
+        .bind(key)
+        .bind(new.idempotency_ttl)
+        .execute(db)
+        .await
+        .context("Failed to expire an idempotency key")?;
+    }
     let id = Uuid::now_v7();
     let channels: Vec<&str> = new.channels.iter().map(|c| c.as_str()).collect();
     let inserted: Option<Uuid> = sqlx::query_scalar(
         "INSERT INTO broadcasts (id, name, status, audience, channels, event_type, data, \
-             subject, body, scheduled_at, idempotency_key, request_hash) \
-         VALUES ($1, $2, 'SCHEDULED', $3, $4, $5, $6, $7, $8, COALESCE($9, now()), $10, $11) \
-         ON CONFLICT (idempotency_key) DO NOTHING RETURNING id",
+             subject, body, scheduled_at, idempotency_key, idempotency_credential, request_hash, \
+             created_by) \
+         VALUES ($1, $2, 'SCHEDULED', $3, $4, $5, $6, $7, $8, COALESCE($9, now()), $10, \
+             CASE WHEN $10::text IS NULL THEN NULL ELSE $11 END, $12, $13) \
+         ON CONFLICT (idempotency_credential, idempotency_key) DO NOTHING RETURNING id",
     )
     .bind(id)
     .bind(&new.name)
@@ -236,7 +260,9 @@ pub async fn create(db: &PgPool, new: &NewBroadcast) -> anyhow::Result<Created> 
     .bind(&new.body)
     .bind(new.scheduled_at)
     .bind(&new.idempotency_key)
+    .bind(&new.idempotency_credential)
     .bind(&new.request_hash)
+    .bind(&new.created_by)
     .fetch_optional(db)
     .await
     .context("Failed to store a broadcast")?;
@@ -250,8 +276,9 @@ pub async fn create(db: &PgPool, new: &NewBroadcast) -> anyhow::Result<Created> 
         .as_deref()
         .context("a broadcast insert without a key cannot conflict")?;
     let row: BroadcastRow = sqlx::query_as(sqlx::AssertSqlSafe(format!(
-        "{ROW} WHERE idempotency_key = $1"
+        "{ROW} WHERE idempotency_credential = $1 AND idempotency_key = $2"
     )))
+    .bind(&new.idempotency_credential)
     .bind(key)
     .fetch_one(db)
     .await
@@ -367,7 +394,12 @@ pub enum Cancelled {
 /// Cancels a SCHEDULED or RUNNING broadcast: no more recipients are fanned out, and every
 /// delivery not yet sent is SKIPPED. Sends already in flight finish. Cancelling twice is
 /// harmless.
-pub async fn cancel(db: &PgPool, id: Uuid, topic_prefix: &str) -> anyhow::Result<Cancelled> {
+pub async fn cancel(
+    db: &PgPool,
+    id: Uuid,
+    topic_prefix: &str,
+    cancelled_by: &str,
+) -> anyhow::Result<Cancelled> {
     let mut tx = db.begin().await.context("Failed to begin a cancel")?;
     let Some(row) = lock(&mut tx, id).await? else {
         return Ok(Cancelled::NotFound);
@@ -379,14 +411,18 @@ pub async fn cancel(db: &PgPool, id: Uuid, topic_prefix: &str) -> anyhow::Result
         BroadcastStatus::Cancelled => return Ok(Cancelled::Done(row)),
         BroadcastStatus::Scheduled | BroadcastStatus::Running => {}
     }
-    sqlx::query("UPDATE broadcasts SET status = 'CANCELLED', cancelled_at = now() WHERE id = $1")
-        .bind(id)
-        .execute(&mut *tx)
-        .await
-        .context("Failed to cancel a broadcast")?;
+    sqlx::query(
+        "UPDATE broadcasts SET status = 'CANCELLED', cancelled_at = now(), cancelled_by = $2 \
+         WHERE id = $1",
+    )
+    .bind(id)
+    .bind(cancelled_by)
+    .execute(&mut *tx)
+    .await
+    .context("Failed to cancel a broadcast")?;
     let skipped = skip_unsent(&mut tx, id, topic_prefix).await?;
     tx.commit().await.context("Failed to commit a cancel")?;
-    tracing::info!(broadcast = %id, skipped, "broadcast cancelled");
+    tracing::info!(broadcast = %id, skipped, cancelled_by, "broadcast cancelled");
     Ok(Cancelled::Done(
         load(db, id).await?.context("a broadcast vanished")?,
     ))

@@ -7,12 +7,25 @@ use serde_json::{Value, json};
 use uuid::Uuid;
 
 const TOKEN: &str = "test-admin-token-0123456789";
+/// An operator's API key with `dlq:admin`, named alice.
+const ALICE: &str = "hrk_a11ce00000000000000000000000000000000000000000000000000000000000";
 
+/// Calls the admin API as alice, claiming to be mallory in the header audit fields used to
+/// trust: the audit must name the credential.
 async fn admin(app: &TestApp, verb: reqwest::Method, path: &str) -> reqwest::Response {
+    sqlx::query(
+        "INSERT INTO api_keys (id, name, scopes, key_hash, key_prefix, created_by) \
+         VALUES (gen_random_uuid(), 'alice', ARRAY['dlq:admin'], $1, 'hrk_a11ce', 'test') \
+         ON CONFLICT (key_hash) DO NOTHING",
+    )
+    .bind(herald::auth::digest(ALICE).as_slice())
+    .execute(&app.db)
+    .await
+    .unwrap();
     app.http
         .request(verb, format!("{}{path}", app.address))
-        .bearer_auth(TOKEN)
-        .header("X-Operator", "alice")
+        .bearer_auth(ALICE)
+        .header("X-Operator", "mallory")
         .send()
         .await
         .unwrap()
@@ -44,24 +57,51 @@ async fn dead_letters(app: &TestApp, query: &str) -> Vec<Value> {
 }
 
 #[tokio::test]
-async fn missing_or_wrong_tokens_get_401_or_403() {
+async fn missing_or_wrong_tokens_get_401_and_a_key_without_dlq_admin_gets_403() {
     let app = spawn_app_with(|s| s.admin.token = Some(TOKEN.to_owned().into())).await;
     let url = format!("{}/api/v1/admin/dlq", app.address);
+    let analyst = app.api_key("analyst", &["dashboard:read"]).await;
 
-    let none = app.http.get(&url).send().await.unwrap();
-    let wrong = app.http.get(&url).bearer_auth("nope").send().await.unwrap();
-    let right = app.http.get(&url).bearer_auth(TOKEN).send().await.unwrap();
+    let none = app.anonymous.get(&url).send().await.unwrap();
+    let wrong = app
+        .anonymous
+        .get(&url)
+        .bearer_auth("nope")
+        .send()
+        .await
+        .unwrap();
+    let narrow = app
+        .anonymous
+        .get(&url)
+        .bearer_auth(&analyst)
+        .send()
+        .await
+        .unwrap();
+    let right = app
+        .anonymous
+        .get(&url)
+        .bearer_auth(TOKEN)
+        .send()
+        .await
+        .unwrap();
     let retry = app
-        .http
+        .anonymous
         .post(format!("{url}/{}/retry", Uuid::new_v4()))
         .send()
         .await
         .unwrap();
 
     assert_eq!(none.status(), 401);
+    assert_eq!(
+        none.headers()["www-authenticate"],
+        r#"Bearer realm="herald""#
+    );
     let body: Value = none.json().await.unwrap();
     assert_eq!(body["error"]["code"], "unauthorized");
-    assert_eq!(wrong.status(), 403);
+    assert_eq!(wrong.status(), 401);
+    assert_eq!(narrow.status(), 403);
+    let body: Value = narrow.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "forbidden");
     assert_eq!(right.status(), 200);
     assert_eq!(retry.status(), 401);
 }

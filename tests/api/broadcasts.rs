@@ -554,13 +554,16 @@ async fn herald_broadcast_creates_follows_and_reports_a_broadcast() {
         "application/x-ndjson",
     )
     .await;
+    let key = app
+        .api_key("campaigns", &["broadcasts:write", "broadcasts:read"])
+        .await;
     // Blocking, so on a thread of its own: the app under test runs on this test's runtime.
     let herald = |args: &[&str]| {
         let mut command = Command::new(env!("CARGO_BIN_EXE_herald"));
         command
             .arg("broadcast")
             .args(args)
-            .args(["--api", &app.address]);
+            .args(["--api", &app.address, "--api-key", &key]);
         tokio::task::spawn_blocking(move || command.output())
     };
 

@@ -167,6 +167,7 @@ async fn demo_publishes_the_seed_scenarios_and_they_become_notifications() {
                 .arg("demo")
                 .env("HERALD_TOPIC_PREFIX", prefix)
                 .env("HERALD_HTTP_ADDR", addr)
+                .env("HERALD_ADMIN_TOKEN", crate::helpers::ADMIN_TOKEN)
                 .output()
                 .unwrap()
         }
@@ -218,4 +219,106 @@ async fn demo_publishes_the_seed_scenarios_and_they_become_notifications() {
         ]
         .map(|(a, b)| (a.to_owned(), b.to_owned()))
     );
+}
+
+/// Runs a herald command against the app's database; returns its stdout, or panics with
+/// its stderr.
+async fn herald_against(app: &crate::helpers::TestApp, args: &[&str]) -> String {
+    let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+    let db_url = app.settings.database_url().to_owned();
+    let output = tokio::task::spawn_blocking(move || {
+        herald()
+            .args(&args)
+            .env("HERALD_DATABASE_URL", db_url)
+            .env(
+                "HERALD_USER_TOKEN_SECRET",
+                crate::helpers::USER_TOKEN_SECRET,
+            )
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8(output.stdout).unwrap()
+}
+
+#[tokio::test]
+async fn keys_made_listed_and_revoked_on_the_command_line_work_against_the_api() {
+    let app = crate::helpers::spawn_app().await;
+    let created = herald_against(
+        &app,
+        &[
+            "keys",
+            "create",
+            "--name",
+            "grafana",
+            "--scopes",
+            "dashboard:read",
+        ],
+    )
+    .await;
+    let field = |name: &str| {
+        created
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .unwrap_or_else(|| panic!("{name} in:\n{created}"))
+            .trim()
+            .to_owned()
+    };
+    let (id, key) = (field("id "), field("key "));
+    assert!(key.starts_with("hrk_"), "{created}");
+    let dashboard = |key: String| {
+        let app = &app;
+        async move {
+            app.anonymous
+                .get(format!(
+                    "{}/api/v1/dashboard/delivery/channels",
+                    app.address
+                ))
+                .bearer_auth(key)
+                .send()
+                .await
+                .unwrap()
+                .status()
+        }
+    };
+    assert_eq!(dashboard(key.clone()).await, 200);
+
+    let listed = herald_against(&app, &["keys", "list"]).await;
+    assert!(
+        listed.contains("grafana") && listed.contains(&id),
+        "{listed}"
+    );
+    assert!(!listed.contains(&key), "a listing never shows a key");
+
+    herald_against(&app, &["keys", "revoke", &id]).await;
+    crate::helpers::wait_until(5, "the revoked key is refused", || async {
+        dashboard(key.clone()).await == 401
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn users_token_prints_a_token_for_that_users_own_routes() {
+    let app = crate::helpers::spawn_app().await;
+    let token = herald_against(&app, &["users", "token", "7", "--ttl", "10m"]).await;
+    let inbox = |user: i64| {
+        let (app, token) = (&app, token.trim().to_owned());
+        async move {
+            app.anonymous
+                .get(format!("{}/api/v1/users/{user}/inbox", app.address))
+                .bearer_auth(token)
+                .send()
+                .await
+                .unwrap()
+                .status()
+        }
+    };
+    assert_eq!(inbox(7).await, 200);
+    assert_eq!(inbox(8).await, 403);
 }

@@ -36,6 +36,9 @@ const ROUTES: &[(&str, &str)] = &[
     ("GET", "/api/v1/admin/dlq/{id}"),
     ("DELETE", "/api/v1/admin/dlq/{id}"),
     ("POST", "/api/v1/admin/dlq/{id}/retry"),
+    ("POST", "/api/v1/admin/keys"),
+    ("GET", "/api/v1/admin/keys"),
+    ("DELETE", "/api/v1/admin/keys/{id}"),
     ("GET", "/health/live"),
     ("GET", "/health/ready"),
     ("GET", "/metrics"),
@@ -48,7 +51,7 @@ const METHODS: [&str; 8] = [
     "get", "put", "post", "delete", "options", "head", "patch", "trace",
 ];
 
-async fn openapi(app: &TestApp) -> Value {
+pub async fn openapi(app: &TestApp) -> Value {
     let response = app.get("/api-docs/openapi.json").await;
     assert_eq!(response.status(), 200);
     let content_type = response.headers()[reqwest::header::CONTENT_TYPE]
@@ -63,7 +66,7 @@ async fn openapi(app: &TestApp) -> Value {
 }
 
 /// Every (METHOD, path) the document names.
-fn operations(doc: &Value) -> BTreeSet<(String, String)> {
+pub fn operations(doc: &Value) -> BTreeSet<(String, String)> {
     doc["paths"]
         .as_object()
         .expect("the document has paths")
@@ -107,7 +110,7 @@ fn sample(doc: &Value, operation: &Value, name: &str) -> String {
 }
 
 /// The path with each `{name}` replaced by a sample value.
-fn fill(doc: &Value, operation: &Value, template: &str) -> String {
+pub fn fill(doc: &Value, operation: &Value, template: &str) -> String {
     let mut path = String::new();
     let mut rest = template;
     while let Some(start) = rest.find('{') {

@@ -24,9 +24,17 @@ pub struct TestApp {
     pub db_name: String,
     pub settings: Settings,
     pub redis: redis::aio::ConnectionManager,
+    /// Sends the admin token with every request (a request's own `Authorization` wins).
     pub http: reqwest::Client,
+    /// Sends no credential.
+    pub anonymous: reqwest::Client,
     shutdown: CancellationToken,
 }
+
+/// The admin token every test instance accepts (unless a test sets another).
+pub const ADMIN_TOKEN: &str = "test-admin-token-0123456789";
+/// The user-token secret every test instance uses.
+pub const USER_TOKEN_SECRET: &str = "test-user-token-secret-0123456789abcdef";
 
 impl TestApp {
     /// GET `path` on this instance.
@@ -86,6 +94,33 @@ impl TestApp {
                 .map_err(|(e, _)| e)
                 .expect("the test broker takes the message");
         }
+    }
+
+    /// Makes an API key with `scopes` through the API and returns it.
+    pub async fn api_key(&self, name: &str, scopes: &[&str]) -> String {
+        let response = self
+            .post_json(
+                "/api/v1/admin/keys",
+                &serde_json::json!({ "name": name, "scopes": scopes }),
+                &[],
+            )
+            .await;
+        assert_eq!(response.status(), 201, "an API key is created");
+        let body: serde_json::Value = response.json().await.unwrap();
+        body["key"]
+            .as_str()
+            .expect("the key is shown once")
+            .to_owned()
+    }
+
+    /// A user token for `user`, valid for an hour.
+    pub fn user_token(&self, user: i64) -> String {
+        herald::auth::user_token::mint(
+            &SecretString::from(USER_TOKEN_SECRET.to_owned()),
+            herald::domain::UserId::new(user).unwrap(),
+            Duration::from_secs(3600),
+        )
+        .unwrap()
     }
 
     /// Number of notifications stored.
@@ -246,6 +281,8 @@ pub async fn spawn_app_as(roles: &[Role], customise: impl FnOnce(&mut Settings))
     settings.kafka.topic_prefix = unique_topic_prefix();
     settings.redis.key_prefix = format!("herald:{}", settings.kafka.topic_prefix);
     settings.http.addr = "127.0.0.1:0".parse().unwrap();
+    settings.admin.token = Some(ADMIN_TOKEN.to_owned().into());
+    settings.access.user_token_secret = Some(USER_TOKEN_SECRET.to_owned().into());
 
     let catalogue = TopicCatalogue::load(&settings.kafka.topics_file).unwrap();
     KafkaAdmin::new(&settings.kafka)
@@ -273,6 +310,20 @@ pub async fn spawn_app_on(settings: Settings, roles: &[Role]) -> TestApp {
     let redis = app.state().redis.clone();
     let shutdown = app.shutdown_token();
     tokio::spawn(app.run_until_stopped());
+    let http = match &settings.admin.token {
+        Some(token) => {
+            use secrecy::ExposeSecret;
+            let bearer = format!("Bearer {}", token.expose_secret());
+            reqwest::Client::builder()
+                .default_headers(reqwest::header::HeaderMap::from_iter([(
+                    reqwest::header::AUTHORIZATION,
+                    bearer.parse().unwrap(),
+                )]))
+                .build()
+                .unwrap()
+        }
+        None => reqwest::Client::new(),
+    };
 
     TestApp {
         address,
@@ -280,7 +331,8 @@ pub async fn spawn_app_on(settings: Settings, roles: &[Role]) -> TestApp {
         db_name,
         settings,
         redis,
-        http: reqwest::Client::new(),
+        http,
+        anonymous: reqwest::Client::new(),
         shutdown,
     }
 }

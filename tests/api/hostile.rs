@@ -46,6 +46,10 @@ async fn hostile_http_bodies_get_4xx_and_the_service_keeps_working() {
                 .unwrap();
             let status = response.status();
             assert!(
+                status != 401 && status != 403,
+                "{verb} {path}: refused for its credential"
+            );
+            assert!(
                 status.is_client_error(),
                 "{verb} {path} with {:?}...: {status}",
                 String::from_utf8_lossy(&body[..body.len().min(40)])

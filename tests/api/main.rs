@@ -1,6 +1,7 @@
 //! Herald's integration tests: one binary, run against the real test stack that
 //! `make test` starts (PostgreSQL, Redis, Tansu, MailDev). `TEST_LOG=1` shows logs.
 
+mod access;
 mod admin;
 mod broadcasts;
 mod cli;

@@ -184,7 +184,7 @@ impl Scenario {
             ("HERALD_TOPIC_PREFIX", prefix.clone()),
             ("HERALD_REDIS_KEY_PREFIX", format!("herald:{prefix}")),
             ("HERALD_ROUTING_FILE", "tests/faults/routing.toml".into()),
-            ("HERALD_ADMIN_TOKEN", "faults".into()),
+            ("HERALD_ADMIN_TOKEN", ADMIN_TOKEN.into()),
             // A dead instance's deliveries are reclaimed after 10 s instead of a minute; a
             // send may take 5 s, well under the lease.
             ("HERALD_DISPATCH_LEASE_SECS", "10".into()),
@@ -279,6 +279,12 @@ impl Scenario {
             log_from,
             http: reqwest::Client::builder()
                 .timeout(Duration::from_secs(5))
+                .default_headers(reqwest::header::HeaderMap::from_iter([(
+                    reqwest::header::AUTHORIZATION,
+                    format!("Bearer {ADMIN_TOKEN}")
+                        .parse()
+                        .expect("a header value"),
+                )]))
                 .build()
                 .expect("an HTTP client"),
         }
@@ -569,8 +575,12 @@ pub struct Herald {
     pub log: PathBuf,
     /// Where this process' part of the log starts (earlier runs and restarts come before).
     log_from: usize,
-    http: reqwest::Client,
+    /// Sends the admin token with every request.
+    pub http: reqwest::Client,
 }
+
+/// The admin token of every instance the scenarios start.
+pub const ADMIN_TOKEN: &str = "faults-admin-token";
 
 impl Herald {
     /// GET `path`: the status, or `None` when the instance does not answer.

@@ -83,6 +83,9 @@ async fn hostile_messages_between_good_events_are_dead_lettered_and_their_neighb
     for (i, body) in bodies.iter().enumerate() {
         let answer = client
             .post(format!("{}/api/v1/notifications", herald.address))
+            // With a credential: a hostile body must be refused for what it is, not for
+            // coming without one.
+            .bearer_auth(crate::harness::ADMIN_TOKEN)
             .header("content-type", "application/json")
             .body(body.clone())
             .send()
@@ -91,6 +94,10 @@ async fn hostile_messages_between_good_events_are_dead_lettered_and_their_neighb
             Ok(response) => {
                 let status = response.status();
                 assert!(status.is_client_error(), "hostile body {i} got {status}");
+                assert!(
+                    status != 401 && status != 403,
+                    "hostile body {i} refused for its credential, not its content"
+                );
                 refused += 1;
             }
             // Past the body limit Herald answers 413 and closes the connection without

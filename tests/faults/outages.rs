@@ -81,7 +81,8 @@ async fn redis_down_for_ten_seconds_in_app_retries_limits_fail_open_preferences_
     let (before, during) = events.split_at(150);
     let mut herald = scenario.spawn("a", &[]);
     herald.wait_status("/health/ready", 200, 30).await;
-    let opt_out = reqwest::Client::new()
+    let opt_out = herald
+        .http
         .put(format!(
             "{}/api/v1/notifications/settings?userId=7",
             herald.address
