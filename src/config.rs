@@ -1246,6 +1246,10 @@ mod tests {
         let settings = load(&[
             ("HERALD_ADMIN_TOKEN", "admin-token-value"),
             (
+                "HERALD_USER_TOKEN_SECRET",
+                "user-token-secret-value-0123456789abcdef",
+            ),
+            (
                 "HERALD_DATABASE_URL",
                 "postgres://herald:db-password@db/herald",
             ),
@@ -1257,9 +1261,48 @@ mod tests {
         .unwrap();
 
         let debug = format!("{settings:?}");
-        for secret in ["admin-token-value", "db-password", "hook-secret"] {
+        for secret in [
+            "admin-token-value",
+            "user-token-secret-value",
+            "db-password",
+            "hook-secret",
+        ] {
             assert!(!debug.contains(secret), "{secret} leaked into {debug}");
         }
+    }
+
+    #[test]
+    fn access_settings_are_checked_and_a_short_user_token_secret_is_refused_unshown() {
+        let settings = load(&[
+            ("HERALD_IDEMPOTENCY_TTL", "90m"),
+            (
+                "HERALD_CORS_ALLOWED_ORIGINS",
+                "https://app.example.com, http://localhost:3000",
+            ),
+        ])
+        .unwrap();
+        assert_eq!(settings.access.idempotency_ttl, Duration::from_secs(5400));
+        assert_eq!(
+            settings.access.cors_allowed_origins,
+            ["https://app.example.com", "http://localhost:3000"]
+        );
+        assert!(settings.access.user_token_secret.is_none());
+        assert_eq!(
+            load(&[]).unwrap().access.idempotency_ttl,
+            Duration::from_secs(86_400)
+        );
+
+        let short = error_of(&[("HERALD_USER_TOKEN_SECRET", "shortsecret")]);
+        assert!(short.contains("HERALD_USER_TOKEN_SECRET"), "{short}");
+        assert!(short.contains("32 characters"), "{short}");
+        assert!(!short.contains("shortsecret"), "{short}");
+        let path = error_of(&[(
+            "HERALD_CORS_ALLOWED_ORIGINS",
+            "https://app.example.com/page",
+        )]);
+        assert!(path.contains("HERALD_CORS_ALLOWED_ORIGINS"), "{path}");
+        assert!(error_of(&[("HERALD_IDEMPOTENCY_TTL", "1w")]).contains("HERALD_IDEMPOTENCY_TTL"));
+        assert!(error_of(&[("HERALD_METRICS_ADDR", "nine")]).contains("HERALD_METRICS_ADDR"));
     }
 
     #[test]
