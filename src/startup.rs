@@ -246,10 +246,7 @@ fn senders(state: &AppState) -> anyhow::Result<Senders> {
 /// Posts breaker announcements to the ops Slack webhook, when there is one.
 fn announcer(state: &AppState) -> Option<Arc<dyn Fn(String) + Send + Sync>> {
     let webhook = state.settings.channels.slack_webhook_url.clone()?;
-    let client = reqwest::Client::builder()
-        .timeout(Duration::from_secs(5))
-        .build()
-        .ok()?;
+    let client = crate::channels::http_client(Duration::from_secs(5)).ok()?;
     Some(Arc::new(move |text: String| {
         let (client, webhook) = (client.clone(), webhook.clone());
         tokio::spawn(async move {

@@ -13,6 +13,7 @@ mod ingest;
 mod intake;
 mod metrics;
 mod migrations;
+mod outbound;
 mod read_model;
 mod settings;
 mod topics;
