@@ -282,6 +282,9 @@ fn spawn_workers(
             topic_prefix: settings.kafka.topic_prefix.clone(),
             announcer: announcer(state),
             recorder: Default::default(),
+            redis: state.redis.clone(),
+            redis_prefix: settings.redis.key_prefix.clone(),
+            routing: state.routing.clone(),
         });
         tasks.spawn(dispatch::run(dispatcher, state.shutdown.clone()));
         let fanout = Arc::new(Fanout {
