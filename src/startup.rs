@@ -12,7 +12,7 @@ use std::{
 use anyhow::Context;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use secrecy::ExposeSecret;
-use tokio::net::TcpListener;
+use tokio::{net::TcpListener, sync::Semaphore};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::{
@@ -20,7 +20,7 @@ use crate::{
     broadcast::fanout::{self, Fanout},
     channels::{
         Senders, email::EmailSender, gateway::GatewaySender, in_app::InAppSender,
-        slack::SlackSender,
+        in_app_hub::StreamHub, slack::SlackSender,
     },
     config::Settings,
     db,
@@ -101,6 +101,15 @@ impl Application {
             redis_prefix: settings.redis.key_prefix.clone(),
             max_event_bytes: settings.ingest.max_event_bytes,
         };
+        let shutdown = CancellationToken::new();
+        let streams = StreamHub::new(
+            redis_client,
+            settings.redis.key_prefix.clone(),
+            settings.limits.streams_per_user,
+            settings.limits.streams_per_instance,
+            shutdown.clone(),
+        );
+        let imports = Arc::new(Semaphore::new(settings.limits.concurrent_imports));
         let state = AppState {
             settings: Arc::new(settings),
             db,
@@ -108,11 +117,12 @@ impl Application {
             kafka,
             metrics: telemetry::metrics_handle(),
             roles: roles.into(),
-            shutdown: CancellationToken::new(),
+            shutdown,
             routing,
             templates,
             channel_enabled,
-            redis_client,
+            streams,
+            imports,
             ingestor,
         };
         Ok(Application {

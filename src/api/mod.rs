@@ -21,11 +21,12 @@ use axum::{
 use metrics_exporter_prometheus::PrometheusHandle;
 use redis::aio::ConnectionManager;
 use sqlx::PgPool;
+use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
 use crate::{
-    config::Settings, domain::Channel, ingest::Ingestor, kafka::KafkaAdmin, roles::Role,
-    routing::RoutingTable, templates::Templates,
+    channels::in_app_hub::StreamHub, config::Settings, domain::Channel, ingest::Ingestor,
+    kafka::KafkaAdmin, roles::Role, routing::RoutingTable, templates::Templates,
 };
 use error::ErrorBody;
 
@@ -45,8 +46,10 @@ pub struct AppState {
     pub templates: Arc<Templates>,
     /// Whether a channel has an endpoint configured.
     pub channel_enabled: Arc<dyn Fn(Channel) -> bool + Send + Sync>,
-    /// For connections of their own (pub/sub streams).
-    pub redis_client: redis::Client,
+    /// The one Redis subscription the in-app streams of this instance share.
+    pub streams: StreamHub,
+    /// One permit per user import this instance may parse at once.
+    pub imports: Arc<Semaphore>,
     /// The ingestion step, also used to re-ingest poison messages.
     pub ingestor: Ingestor,
 }

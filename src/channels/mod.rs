@@ -9,6 +9,7 @@
 pub mod email;
 pub mod gateway;
 pub mod in_app;
+pub mod in_app_hub;
 pub mod slack;
 
 use std::{collections::HashMap, future::Future, pin::Pin, sync::Arc, time::Duration};

@@ -9,6 +9,8 @@ mod docs;
 mod health;
 mod helpers;
 mod hostile;
+mod imports;
+mod inbox;
 mod ingest;
 mod intake;
 mod metrics;
