@@ -290,8 +290,11 @@ async fn run(inner: Arc<Inner>, mut commands: mpsc::UnboundedReceiver<Command>) 
         let error = match connected {
             Ok(Ok(pubsub)) => {
                 let (mut sink, mut messages) = pubsub.split();
-                // Commands queued meanwhile are replayed after this snapshot; SUBSCRIBE and
-                // UNSUBSCRIBE are idempotent, and their order matches the map's.
+                // Commands are sent under the map's lock, so the snapshot below already
+                // reflects every command queued before it: drop those (while Redis was
+                // away they pile up with every refused stream). Later ones are applied
+                // after it; SUBSCRIBE and UNSUBSCRIBE are idempotent and keep the map's order.
+                while commands.try_recv().is_ok() {}
                 let users: Vec<i64> = inner.lock().users.keys().copied().collect();
                 match subscribe(&inner, &mut sink, &users).await {
                     Ok(()) => {
