@@ -178,3 +178,53 @@ async fn streams_of_many_users_share_one_redis_connection() {
         read_until(stream, "hello").await;
     }
 }
+
+#[tokio::test]
+async fn when_the_shared_connection_is_lost_streams_end_and_new_ones_work_after_the_reconnect() {
+    let app = spawn_app_with(|_| {}).await;
+    // Thirteen users: no other test's hub holds exactly thirteen subscriptions, which
+    // singles this instance's connection out in CLIENT LIST.
+    let mut streams = Vec::new();
+    for user in 101..=113 {
+        streams.push(open(&app, user).await);
+    }
+    let mut redis = app.redis.clone();
+    let list: String = redis::cmd("CLIENT")
+        .arg("LIST")
+        .arg("TYPE")
+        .arg("pubsub")
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+    let ids: Vec<String> = list
+        .lines()
+        .filter(|line| line.split(' ').any(|field| field == "sub=13"))
+        .filter_map(|line| line.split(' ').find_map(|f| f.strip_prefix("id=")))
+        .map(str::to_owned)
+        .collect();
+    assert_eq!(ids.len(), 1, "{list}");
+
+    let killed: i64 = redis::cmd("CLIENT")
+        .arg("KILL")
+        .arg("ID")
+        .arg(&ids[0])
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+    assert_eq!(killed, 1);
+
+    for stream in &mut streams {
+        let ended = tokio::time::timeout(Duration::from_secs(10), async {
+            while let Ok(Some(_)) = stream.chunk().await {}
+        })
+        .await;
+        assert!(ended.is_ok(), "a stream outlived its lost subscription");
+    }
+    drop(streams);
+    let mut again = open(&app, 101).await;
+    assert_eq!(
+        publish(&app, 101, r#"{"n":"after the reconnect"}"#).await,
+        1
+    );
+    read_until(&mut again, "after the reconnect").await;
+}
