@@ -10,7 +10,7 @@ use axum::{
     routing::{get, post},
 };
 use serde::{Deserialize, Serialize};
-use serde_json::Value;
+use serde_json::{Value, value::RawValue};
 
 use super::{
     AppState,
@@ -27,6 +27,9 @@ const MAX_IMPORT_BYTES: usize = 32 * 1024 * 1024;
 const MAX_REPORTED_REJECTIONS: usize = 1_000;
 /// Most users one import may list.
 const MAX_IMPORT_USERS: usize = 200_000;
+/// Longest line (or array item) an import parses. A user entry takes a few hundred bytes;
+/// a longer one is refused unparsed, so that no single item becomes a large tree of values.
+const MAX_IMPORT_LINE_BYTES: usize = 64 * 1024;
 /// What a refused import is told to wait before trying again.
 const IMPORT_RETRY_AFTER_SECS: u64 = 5;
 /// Most tags one user may carry.
@@ -236,8 +239,7 @@ fn read_import(
             if line.trim().is_empty() {
                 continue;
             }
-            let value = serde_json::from_str(line).map_err(|e| format!("not JSON: {e}"));
-            collector.line(i + 1, value)?;
+            collector.line(i + 1, parse_line(line))?;
         }
     }
     if collector.report.received == 0 {
@@ -288,15 +290,26 @@ impl<'de> serde::de::Visitor<'de> for &mut Collector {
 
     fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut items: A) -> Result<(), A::Error> {
         let mut number = 0;
-        while let Some(item) = items.next_element::<Value>()? {
+        // Borrowed slices of the body: skipping over an item allocates nothing.
+        while let Some(item) = items.next_element::<&'de RawValue>()? {
             number += 1;
-            if let Err(error) = self.line(number, Ok(item)) {
+            if let Err(error) = self.line(number, parse_line(item.get())) {
                 self.over_cap = Some(error);
                 return Err(serde::de::Error::custom("too many users"));
             }
         }
         Ok(())
     }
+}
+
+/// Parses one line (or array item), unless it is too long to be a user entry.
+fn parse_line(text: &str) -> Result<Value, String> {
+    if text.len() > MAX_IMPORT_LINE_BYTES {
+        return Err(format!(
+            "longer than {MAX_IMPORT_LINE_BYTES} bytes; not parsed"
+        ));
+    }
+    serde_json::from_str(text).map_err(|e| format!("not JSON: {e}"))
 }
 
 /// One import line: a contact body plus its userId (taken out by hand, because serde's
@@ -372,6 +385,26 @@ mod tests {
             |good: &[(UserId, Contact)]| good.iter().map(|(u, _)| u.get()).collect::<Vec<_>>();
         assert_eq!(users(&good_array), [1, 3]);
         assert_eq!(users(&good_lines), [1, 3]);
+    }
+
+    #[test]
+    fn an_item_too_long_to_be_a_user_is_refused_without_being_parsed() {
+        // 40,000 numbers would be 40,000 values; refused by length instead.
+        let huge = format!("[{}0]", "0,".repeat(40_000));
+        let array = format!(r#"[{{"userId": 1}}, {huge}]"#);
+        let ndjson = format!("{{\"userId\": 1}}\n{huge}");
+
+        for (body, json_array) in [(array, true), (ndjson, false)] {
+            let (report, good) = read_import(body.as_bytes(), json_array).unwrap();
+
+            assert_eq!((report.received, good.len()), (2, 1));
+            assert_eq!(report.rejections[0].line, 2);
+            assert!(
+                report.rejections[0].error.starts_with("longer than"),
+                "{}",
+                report.rejections[0].error
+            );
+        }
     }
 
     #[test]
