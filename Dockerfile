@@ -3,10 +3,11 @@
 # ---- builder -----------------------------------------------------------------
 FROM rust:1-bookworm AS builder
 
-# rdkafka builds its bundled librdkafka with configure + make + gcc and links zlib;
-# TLS is rustls (ring), so no OpenSSL headers are needed.
+# rdkafka builds its bundled librdkafka with configure + make + gcc and links zlib and
+# the system OpenSSL (its `ssl` feature: Kafka over TLS, SASL SCRAM). HTTP, SMTP and
+# PostgreSQL TLS are rustls.
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends build-essential pkg-config zlib1g-dev \
+    && apt-get install -y --no-install-recommends build-essential pkg-config zlib1g-dev libssl-dev \
     && rm -rf /var/lib/apt/lists/*
 
 WORKDIR /build
@@ -37,9 +38,10 @@ RUN cargo build --release --locked --bin herald
 # ---- runtime -----------------------------------------------------------------
 FROM debian:bookworm-slim AS runtime
 
-# curl serves the compose healthcheck; zlib1g is already in slim, listed for clarity.
+# curl serves the compose healthcheck; zlib1g is already in slim and libssl3 comes with
+# ca-certificates, both listed for clarity (librdkafka links them).
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends ca-certificates curl zlib1g \
+    && apt-get install -y --no-install-recommends ca-certificates curl zlib1g libssl3 \
     && rm -rf /var/lib/apt/lists/* \
     && groupadd --system herald \
     && useradd --system --gid herald --home-dir /app --shell /usr/sbin/nologin herald

@@ -149,9 +149,9 @@ as_pg() {
 # --- install -------------------------------------------------------------------------------
 
 install() {
-    # Build tools for the rdkafka crate's bundled librdkafka, the Redis server, the
-    # PostgreSQL client, Node.js for MailDev.
-    local packages=(build-essential pkg-config zlib1g-dev redis-server curl)
+    # Build tools for the rdkafka crate's bundled librdkafka (OpenSSL for its `ssl`
+    # feature: Kafka TLS/SASL), the Redis server, the PostgreSQL client, Node.js for MailDev.
+    local packages=(build-essential pkg-config zlib1g-dev libssl-dev redis-server curl)
     command -v psql >/dev/null && command -v pg_isready >/dev/null || packages+=(postgresql-client)
     command -v node >/dev/null && command -v npm >/dev/null || packages+=(nodejs npm)
     if [[ -z $(pg_bin_dir) ]]; then

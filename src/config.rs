@@ -32,6 +32,7 @@ pub struct Settings {
     pub kafka: KafkaSettings,
     pub redis: RedisSettings,
     pub smtp: SmtpSettings,
+    pub limits: LimitSettings,
     pub channels: ChannelSettings,
     pub admin: AdminSettings,
     pub access: AccessSettings,
@@ -249,6 +250,12 @@ pub struct KafkaSettings {
     pub fetch_wait_ms: u32,
     /// Path of the topic catalogue (partition counts, replication factor).
     pub topics_file: PathBuf,
+    /// librdkafka properties for every client (TLS, SASL...), as Vector's
+    /// `librdkafka_options`: `[kafka.librdkafka_options]` in the file, then
+    /// `HERALD_KAFKA_LIBRDKAFKA_OPTIONS="key=value,..."` on top. Never secrets.
+    pub librdkafka_options: BTreeMap<String, String>,
+    /// Secret librdkafka properties (`sasl.password`...), from their own variables only.
+    pub librdkafka_secrets: BTreeMap<&'static str, SecretString>,
 }
 
 /// The Redis connection.
@@ -268,6 +275,17 @@ pub struct SmtpSettings {
     pub url: Option<SecretString>,
     /// The From header of every email.
     pub from: String,
+}
+
+/// Bounds on the API's heavy or long-lived requests.
+#[derive(Debug, Clone)]
+pub struct LimitSettings {
+    /// In-app streams (SSE) one user may hold open on one instance; 429 beyond.
+    pub streams_per_user: usize,
+    /// In-app streams one instance holds open; 503 beyond.
+    pub streams_per_instance: usize,
+    /// User imports one instance parses at once; 503 beyond.
+    pub concurrent_imports: usize,
 }
 
 /// Endpoints of the HTTP channels; `None` disables a channel.
@@ -311,6 +329,30 @@ pub enum ConfigError {
         /// The offending value, or `None` when it may be a secret.
         value: Option<String>,
     },
+    #[error("invalid {origin}: librdkafka option {key:?} is refused: {reason}")]
+    KafkaOption {
+        origin: String,
+        key: String,
+        reason: String,
+    },
+}
+
+/// Secret librdkafka properties and the variables that set them. They are never taken from
+/// `librdkafka_options`, whose values appear in errors and `Debug` output.
+pub const LIBRDKAFKA_SECRETS: [(&str, &str); 3] = [
+    ("sasl.password", "HERALD_KAFKA_SASL_PASSWORD"),
+    ("ssl.key.password", "HERALD_KAFKA_SSL_KEY_PASSWORD"),
+    (
+        "sasl.oauthbearer.client.secret",
+        "HERALD_KAFKA_SASL_OAUTHBEARER_CLIENT_SECRET",
+    ),
+];
+
+/// librdkafka properties that hold secrets (or key material) by their name.
+fn is_secret_option(key: &str) -> bool {
+    key.contains("password")
+        || key.contains("secret")
+        || matches!(key, "ssl.key.pem" | "ssl_key" | "sasl.oauthbearer.config")
 }
 
 fn shown(value: &Option<String>) -> String {
@@ -391,6 +433,18 @@ impl Settings {
         )?;
         let smtp_url = layers.optional("HERALD_SMTP_URL", "smtp.url", raw.smtp.url);
         let smtp_from = layers.required("HERALD_SMTP_FROM", "smtp.from", raw.smtp.from)?;
+        let smtp_insecure_auth = layers
+            .optional(
+                "HERALD_SMTP_ALLOW_INSECURE_AUTH",
+                "smtp.allow_insecure_auth",
+                raw.smtp.allow_insecure_auth.map(|b| b.to_string()),
+            )
+            .map(|v| v.flag())
+            .transpose()?
+            .unwrap_or(false);
+        let (librdkafka_options, librdkafka_secrets) =
+            layers.librdkafka_options(raw.kafka.librdkafka_options)?;
+        let limits = layers.limits(raw.limits)?;
         let slack = layers.optional(
             "HERALD_SLACK_WEBHOOK_URL",
             "channels.slack_webhook_url",
@@ -563,6 +617,8 @@ impl Settings {
                     "a whole number of milliseconds from 1 to 300000",
                 )?,
                 topics_file: PathBuf::from(topics_file.text),
+                librdkafka_options,
+                librdkafka_secrets,
             },
             redis: RedisSettings {
                 url: SecretString::from(
@@ -573,15 +629,13 @@ impl Settings {
                 key_prefix: redis_prefix.key_prefix()?,
             },
             smtp: SmtpSettings {
-                url: match smtp_url.filter(Value::is_set) {
-                    Some(v) => Some(SecretString::from(
-                        v.secret_url(&["smtp", "smtps"], "an smtp://host:port URL")?
-                            .to_string(),
-                    )),
-                    None => None,
-                },
+                url: smtp_url
+                    .filter(Value::is_set)
+                    .map(|v| v.smtp_url(smtp_insecure_auth))
+                    .transpose()?,
                 from: smtp_from.mailbox()?,
             },
+            limits,
             channels: ChannelSettings {
                 slack_webhook_url: match slack.filter(Value::is_set) {
                     Some(v) => Some(SecretString::from(
@@ -705,6 +759,7 @@ struct RawSettings {
     kafka: RawKafka,
     redis: RawRedis,
     smtp: RawSmtp,
+    limits: RawLimits,
     channels: RawChannels,
     admin: RawAdmin,
     access: RawAccess,
@@ -814,6 +869,7 @@ struct RawKafka {
     session_timeout_ms: Option<u32>,
     fetch_wait_ms: Option<u32>,
     topics_file: Option<String>,
+    librdkafka_options: BTreeMap<String, toml::Value>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -828,6 +884,15 @@ struct RawRedis {
 struct RawSmtp {
     url: Option<String>,
     from: Option<String>,
+    allow_insecure_auth: Option<bool>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawLimits {
+    streams_per_user: Option<u32>,
+    streams_per_instance: Option<u32>,
+    concurrent_imports: Option<u32>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -858,6 +923,145 @@ struct Layers<'a> {
 }
 
 impl Layers<'_> {
+    /// `[kafka.librdkafka_options]`, then `HERALD_KAFKA_LIBRDKAFKA_OPTIONS` entry by entry
+    /// on top, plus the secrets of [`LIBRDKAFKA_SECRETS`]. librdkafka itself checks every
+    /// name and value here, so a typo stops startup naming the option.
+    #[allow(clippy::type_complexity)]
+    fn librdkafka_options(
+        &self,
+        file_options: BTreeMap<String, toml::Value>,
+    ) -> Result<
+        (
+            BTreeMap<String, String>,
+            BTreeMap<&'static str, SecretString>,
+        ),
+        ConfigError,
+    > {
+        const VAR: &str = "HERALD_KAFKA_LIBRDKAFKA_OPTIONS";
+        // key -> (value, origin)
+        let mut options: BTreeMap<String, (String, String)> = file_options
+            .into_iter()
+            .map(|(key, value)| {
+                let text = match value {
+                    toml::Value::String(text) => text,
+                    other => other.to_string(),
+                };
+                let origin = format!(
+                    "kafka.librdkafka_options in {} (override with {VAR})",
+                    self.file.display()
+                );
+                (key, (text, origin))
+            })
+            .collect();
+        for entry in (self.env)(VAR).unwrap_or_default().split(',') {
+            if entry.trim().is_empty() {
+                continue;
+            }
+            let Some((key, value)) = entry.split_once('=') else {
+                return Err(ConfigError::Invalid {
+                    origin: VAR.to_owned(),
+                    expected: "comma-separated librdkafka key=value pairs such as \
+                               security.protocol=SASL_SSL,sasl.mechanism=SCRAM-SHA-512",
+                    value: None,
+                });
+            };
+            options.insert(
+                key.trim().to_owned(),
+                (value.trim().to_owned(), VAR.to_owned()),
+            );
+        }
+        let refuse = |key: &str, origin: &str, reason: String| ConfigError::KafkaOption {
+            origin: origin.to_owned(),
+            key: key.to_owned(),
+            reason,
+        };
+        for (key, (_, origin)) in &options {
+            if is_secret_option(key) {
+                let variables: Vec<&str> = LIBRDKAFKA_SECRETS.iter().map(|(_, v)| *v).collect();
+                return Err(refuse(
+                    key,
+                    origin,
+                    format!(
+                        "it holds a secret; set it through {} (or a file path option)",
+                        variables.join(", ")
+                    ),
+                ));
+            }
+            if matches!(key.as_str(), "bootstrap.servers" | "metadata.broker.list") {
+                return Err(refuse(key, origin, "set HERALD_KAFKA_BROKERS".to_owned()));
+            }
+        }
+        let secrets: BTreeMap<&'static str, SecretString> = LIBRDKAFKA_SECRETS
+            .iter()
+            .filter_map(|(key, var)| {
+                let value = (self.env)(var).filter(|v| !v.is_empty())?;
+                Some((*key, SecretString::from(value)))
+            })
+            .collect();
+
+        let mut check = rdkafka::ClientConfig::new();
+        for (key, (value, _)) in &options {
+            check.set(key, value);
+        }
+        for (key, value) in &secrets {
+            check.set(*key, value.expose_secret());
+        }
+        if let Err(error) = check.create_native_config() {
+            let (key, reason) = match error {
+                rdkafka::error::KafkaError::ClientConfig(_, description, key, _) => {
+                    (key, description)
+                }
+                other => (String::new(), other.to_string()),
+            };
+            return Err(match options.get(&key) {
+                Some((_, origin)) => refuse(&key, origin, reason),
+                // A secret's value is never repeated, whatever librdkafka says of it.
+                None => {
+                    let var = LIBRDKAFKA_SECRETS
+                        .iter()
+                        .find(|(k, _)| *k == key)
+                        .map_or(VAR, |(_, v)| *v);
+                    refuse(&key, var, "librdkafka refuses its value".to_owned())
+                }
+            });
+        }
+        let options = options
+            .into_iter()
+            .map(|(key, (value, _))| (key, value))
+            .collect();
+        Ok((options, secrets))
+    }
+
+    /// The `[limits]` section; every bound has a built-in default.
+    fn limits(&self, raw: RawLimits) -> Result<LimitSettings, ConfigError> {
+        let bound = |var: &'static str, key: &'static str, file: Option<u32>, default: u32| {
+            self.optional(var, key, file.map(|n| n.to_string()))
+                .unwrap_or_else(|| Value::defaulted(&default.to_string()))
+                .positive_u32("a whole number above 0")
+                .map(|n| n as usize)
+        };
+        Ok(LimitSettings {
+            streams_per_user: bound(
+                "HERALD_STREAMS_PER_USER",
+                "limits.streams_per_user",
+                raw.streams_per_user,
+                5,
+            )?,
+            streams_per_instance: bound(
+                "HERALD_STREAMS_PER_INSTANCE",
+                "limits.streams_per_instance",
+                raw.streams_per_instance,
+                10_000,
+            )?,
+            concurrent_imports: bound(
+                "HERALD_CONCURRENT_IMPORTS",
+                "limits.concurrent_imports",
+                raw.concurrent_imports,
+                2,
+            )?,
+        })
+    }
+
     /// A per-channel section of the file, each entry overridden by `{prefix}_{CHANNEL}`,
     /// plus the channels only the environment names. Empty values are left out.
     fn per_channel(
@@ -978,6 +1182,43 @@ impl Value {
             return Err(self.invalid_secret(expected));
         }
         Ok(url)
+    }
+
+    fn flag(self) -> Result<bool, ConfigError> {
+        match self.text.trim().to_ascii_lowercase().as_str() {
+            "true" | "1" | "yes" => Ok(true),
+            "false" | "0" | "no" | "" => Ok(false),
+            _ => Err(self.invalid("true or false")),
+        }
+    }
+
+    /// `smtps://` (implicit TLS), `smtp://...?tls=required` (STARTTLS) or plain `smtp://`.
+    /// Credentials go only over TLS unless `allow_insecure_auth` says otherwise.
+    fn smtp_url(self, allow_insecure_auth: bool) -> Result<SecretString, ConfigError> {
+        let url = self.secret_url(
+            &["smtp", "smtps"],
+            "an smtp://host:port, smtp://host:port?tls=required or smtps://host:port URL",
+        )?;
+        let mut starttls = false;
+        for (key, value) in url.query_pairs() {
+            match (key.as_ref(), value.as_ref()) {
+                ("tls", "required") => starttls = true,
+                _ => {
+                    return Err(self.invalid_secret(
+                        "no query parameter but tls=required (STARTTLS) in the SMTP URL",
+                    ));
+                }
+            }
+        }
+        let credentials = !url.username().is_empty() || url.password().is_some();
+        if credentials && url.scheme() == "smtp" && !starttls && !allow_insecure_auth {
+            return Err(self.invalid_secret(
+                "TLS when the SMTP URL holds credentials: smtps://host:465, or \
+                 smtp://host:587?tls=required for STARTTLS \
+                 (HERALD_SMTP_ALLOW_INSECURE_AUTH=true sends them in clear text)",
+            ));
+        }
+        Ok(SecretString::from(url.to_string()))
     }
 
     fn http_url(self) -> Result<Url, ConfigError> {
@@ -1303,6 +1544,155 @@ mod tests {
         assert!(path.contains("HERALD_CORS_ALLOWED_ORIGINS"), "{path}");
         assert!(error_of(&[("HERALD_IDEMPOTENCY_TTL", "1w")]).contains("HERALD_IDEMPOTENCY_TTL"));
         assert!(error_of(&[("HERALD_METRICS_ADDR", "nine")]).contains("HERALD_METRICS_ADDR"));
+    }
+
+    #[test]
+    fn librdkafka_options_from_the_file_and_the_environment_reach_every_kafka_client() {
+        let manifest = Path::new(env!("CARGO_MANIFEST_DIR"));
+        let default = std::fs::read_to_string(manifest.join(DEFAULT_CONFIG_FILE)).unwrap();
+        assert!(default.contains("[kafka.librdkafka_options]\n"));
+        let text = default.replace(
+            "[kafka.librdkafka_options]\n",
+            "[kafka.librdkafka_options]\n\"socket.keepalive.enable\" = true\n\"client.id\" = \"from-file\"\n",
+        );
+        let dir = std::env::temp_dir().join(format!("herald-config-{}", uuid::Uuid::new_v4()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("kafka.toml");
+        std::fs::write(&file, text).unwrap();
+        let vars: HashMap<&str, &str> = [
+            (
+                "HERALD_KAFKA_LIBRDKAFKA_OPTIONS",
+                "security.protocol=SASL_SSL, sasl.mechanism=SCRAM-SHA-512,sasl.username=u,client.id=from-env",
+            ),
+            ("HERALD_KAFKA_SASL_PASSWORD", "kafka-pass-value"),
+        ]
+        .into();
+
+        let settings =
+            Settings::load_from(&file, &|name| vars.get(name).map(|v| v.to_string())).unwrap();
+
+        let options = &settings.kafka.librdkafka_options;
+        assert_eq!(options["security.protocol"], "SASL_SSL");
+        assert_eq!(options["sasl.mechanism"], "SCRAM-SHA-512");
+        assert_eq!(options["socket.keepalive.enable"], "true");
+        assert_eq!(options["client.id"], "from-env", "the environment wins");
+        let client = crate::kafka::client_config(&settings.kafka);
+        assert_eq!(client.get("security.protocol"), Some("SASL_SSL"));
+        assert_eq!(client.get("sasl.username"), Some("u"));
+        assert_eq!(client.get("sasl.password"), Some("kafka-pass-value"));
+        assert_eq!(client.get("bootstrap.servers"), Some("127.0.0.1:9092"));
+        for shown in [format!("{settings:?}"), format!("{client:?}")] {
+            assert!(!shown.contains("kafka-pass-value"), "{shown}");
+        }
+    }
+
+    #[test]
+    fn a_bad_librdkafka_option_is_named_in_the_error() {
+        for (options, key) in [
+            ("no.such.option=1", "no.such.option"),
+            ("security.protocol=carrier_pigeon", "security.protocol"),
+            ("bootstrap.servers=k:9092", "bootstrap.servers"),
+        ] {
+            let message = error_of(&[("HERALD_KAFKA_LIBRDKAFKA_OPTIONS", options)]);
+            assert!(
+                message.starts_with("invalid HERALD_KAFKA_LIBRDKAFKA_OPTIONS"),
+                "{message}"
+            );
+            assert!(message.contains(&format!("{key:?}")), "{message}");
+        }
+        let message = error_of(&[("HERALD_KAFKA_LIBRDKAFKA_OPTIONS", "no-equals-sign")]);
+        assert!(
+            message.starts_with("invalid HERALD_KAFKA_LIBRDKAFKA_OPTIONS"),
+            "{message}"
+        );
+    }
+
+    #[test]
+    fn a_kafka_secret_is_never_repeated_in_an_error() {
+        let message = error_of(&[(
+            "HERALD_KAFKA_LIBRDKAFKA_OPTIONS",
+            "sasl.mechanism=PLAIN,sasl.password=hunter2",
+        )]);
+        assert!(message.contains("\"sasl.password\""), "{message}");
+        assert!(message.contains("HERALD_KAFKA_SASL_PASSWORD"), "{message}");
+        assert!(!message.contains("hunter2"), "{message}");
+
+        let message = error_of(&[
+            ("HERALD_KAFKA_SASL_PASSWORD", "hunter2"),
+            ("HERALD_KAFKA_LIBRDKAFKA_OPTIONS", "security.protocol=NOPE"),
+        ]);
+        assert!(message.contains("security.protocol"), "{message}");
+        assert!(!message.contains("hunter2"), "{message}");
+    }
+
+    #[test]
+    fn smtp_credentials_over_plain_smtp_are_refused_unless_explicitly_allowed() {
+        let plain = "smtp://herald:mail-pass@mail.example.com:587";
+        let message = error_of(&[("HERALD_SMTP_URL", plain)]);
+        assert!(message.starts_with("invalid HERALD_SMTP_URL"), "{message}");
+        assert!(
+            message.contains("HERALD_SMTP_ALLOW_INSECURE_AUTH"),
+            "{message}"
+        );
+        assert!(!message.contains("mail-pass"), "{message}");
+
+        let allowed = load(&[
+            ("HERALD_SMTP_URL", plain),
+            ("HERALD_SMTP_ALLOW_INSECURE_AUTH", "true"),
+        ]);
+        assert!(allowed.is_ok());
+        for tls in [
+            "smtps://herald:mail-pass@mail.example.com:465",
+            "smtp://herald:mail-pass@mail.example.com:587?tls=required",
+            "smtp://127.0.0.1:1025",
+        ] {
+            let settings = load(&[("HERALD_SMTP_URL", tls)]).unwrap();
+            assert_eq!(
+                settings.smtp.url.unwrap().expose_secret(),
+                tls,
+                "{tls} is taken as it is"
+            );
+        }
+        for (var, bad) in [
+            ("HERALD_SMTP_URL", "smtp://mail.example.com:587?tls=maybe"),
+            ("HERALD_SMTP_ALLOW_INSECURE_AUTH", "perhaps"),
+        ] {
+            let message = error_of(&[(var, bad)]);
+            assert!(message.starts_with(&format!("invalid {var}")), "{message}");
+        }
+    }
+
+    #[test]
+    fn stream_and_import_bounds_have_defaults_and_can_be_set() {
+        let limits = load(&[]).unwrap().limits;
+        assert_eq!(
+            (
+                limits.streams_per_user,
+                limits.streams_per_instance,
+                limits.concurrent_imports
+            ),
+            (5, 10_000, 2)
+        );
+        let limits = load(&[
+            ("HERALD_STREAMS_PER_USER", "2"),
+            ("HERALD_STREAMS_PER_INSTANCE", "7"),
+            ("HERALD_CONCURRENT_IMPORTS", "1"),
+        ])
+        .unwrap()
+        .limits;
+        assert_eq!(
+            (
+                limits.streams_per_user,
+                limits.streams_per_instance,
+                limits.concurrent_imports
+            ),
+            (2, 7, 1)
+        );
+        let message = error_of(&[("HERALD_STREAMS_PER_USER", "0")]);
+        assert!(
+            message.starts_with("invalid HERALD_STREAMS_PER_USER"),
+            "{message}"
+        );
     }
 
     #[test]

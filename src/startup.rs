@@ -12,7 +12,7 @@ use std::{
 use anyhow::Context;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use secrecy::ExposeSecret;
-use tokio::net::TcpListener;
+use tokio::{net::TcpListener, sync::Semaphore};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::{
@@ -21,7 +21,7 @@ use crate::{
     broadcast::fanout::{self, Fanout},
     channels::{
         Senders, email::EmailSender, gateway::GatewaySender, in_app::InAppSender,
-        slack::SlackSender,
+        in_app_hub::StreamHub, slack::SlackSender,
     },
     config::Settings,
     db,
@@ -117,6 +117,15 @@ impl Application {
             settings.admin.token.as_ref(),
             settings.access.user_token_secret.as_ref(),
         );
+        let shutdown = CancellationToken::new();
+        let streams = StreamHub::new(
+            redis_client,
+            settings.redis.key_prefix.clone(),
+            settings.limits.streams_per_user,
+            settings.limits.streams_per_instance,
+            shutdown.clone(),
+        );
+        let imports = Arc::new(Semaphore::new(settings.limits.concurrent_imports));
         let state = AppState {
             settings: Arc::new(settings),
             db,
@@ -126,11 +135,12 @@ impl Application {
             kafka,
             metrics: telemetry::metrics_handle(),
             roles: roles.into(),
-            shutdown: CancellationToken::new(),
+            shutdown,
             routing,
             templates,
             channel_enabled,
-            redis_client,
+            streams,
+            imports,
             ingestor,
         };
         Ok(Application {
@@ -275,10 +285,7 @@ fn senders(state: &AppState) -> anyhow::Result<Senders> {
 /// Posts breaker announcements to the ops Slack webhook, when there is one.
 fn announcer(state: &AppState) -> Option<Arc<dyn Fn(String) + Send + Sync>> {
     let webhook = state.settings.channels.slack_webhook_url.clone()?;
-    let client = reqwest::Client::builder()
-        .timeout(Duration::from_secs(5))
-        .build()
-        .ok()?;
+    let client = crate::channels::http_client(Duration::from_secs(5)).ok()?;
     Some(Arc::new(move |text: String| {
         let (client, webhook) = (client.clone(), webhook.clone());
         tokio::spawn(async move {
@@ -314,6 +321,9 @@ fn spawn_workers(
             topic_prefix: settings.kafka.topic_prefix.clone(),
             announcer: announcer(state),
             recorder: Default::default(),
+            redis: state.redis.clone(),
+            redis_prefix: settings.redis.key_prefix.clone(),
+            routing: state.routing.clone(),
         });
         tasks.spawn(dispatch::run(dispatcher, state.shutdown.clone()));
         let fanout = Arc::new(Fanout {

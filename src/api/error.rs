@@ -44,9 +44,23 @@ pub enum ApiError {
     /// (an Idempotency-Key reused with another body).
     #[error("{message}")]
     Unprocessable { code: &'static str, message: String },
+    /// 429 `too_many_requests` with `Retry-After`: this caller holds as much as it may
+    /// (for instance its share of in-app streams).
+    #[error("{message}")]
+    TooManyRequests {
+        message: String,
+        retry_after_secs: u64,
+    },
     /// 503 `unavailable`: a feature switched off by configuration.
     #[error("{0}")]
     Unavailable(String),
+    /// 503 `overloaded` with `Retry-After`: this instance is at a capacity bound (concurrent
+    /// imports, in-app streams); another instance or a later try may succeed.
+    #[error("{message}")]
+    Overloaded {
+        message: String,
+        retry_after_secs: u64,
+    },
     /// 500 `internal`: anything the client cannot fix; logged, not shown.
     #[error(transparent)]
     Internal(#[from] anyhow::Error),
@@ -99,6 +113,18 @@ impl IntoResponse for ApiError {
                 )
                     .into_response();
             }
+            ApiError::TooManyRequests {
+                retry_after_secs, ..
+            } => {
+                let body = ErrorBody::new("too_many_requests", self.to_string());
+                return retry_later(StatusCode::TOO_MANY_REQUESTS, *retry_after_secs, body);
+            }
+            ApiError::Overloaded {
+                retry_after_secs, ..
+            } => {
+                let body = ErrorBody::new("overloaded", self.to_string());
+                return retry_later(StatusCode::SERVICE_UNAVAILABLE, *retry_after_secs, body);
+            }
             ApiError::Internal(cause) => {
                 tracing::error!(error = format!("{cause:#}"), "request failed");
                 let body = ErrorBody::new("internal", "internal error; see the server logs");
@@ -107,6 +133,16 @@ impl IntoResponse for ApiError {
         };
         (status, Json(ErrorBody::new(code, self.to_string()))).into_response()
     }
+}
+
+/// A refusal that tells the client when to come back.
+pub(super) fn retry_later(status: StatusCode, retry_after_secs: u64, body: ErrorBody) -> Response {
+    (
+        status,
+        [(header::RETRY_AFTER, retry_after_secs.to_string())],
+        Json(body),
+    )
+        .into_response()
 }
 
 impl From<JsonRejection> for ApiError {

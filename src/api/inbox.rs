@@ -31,7 +31,7 @@ use super::{
 };
 use crate::{
     auth::Scope,
-    channels::in_app::InAppSender,
+    channels::in_app_hub::Refusal,
     read_model::queries::{self, HistoryFilter, HistoryPage},
 };
 
@@ -132,33 +132,41 @@ async fn read_all(
     Ok(Json(json!({ "userId": user, "marked": marked })))
 }
 
+/// What a refused stream is told to wait before trying again.
+const STREAM_RETRY_AFTER_SECS: u64 = 5;
+
+/// 429 beyond the per-user cap, 503 beyond the instance's or without Redis.
+impl From<Refusal> for ApiError {
+    fn from(refusal: Refusal) -> Self {
+        match refusal {
+            Refusal::UserFull => ApiError::TooManyRequests {
+                message: "this user has as many open in-app streams as one user may".into(),
+                retry_after_secs: STREAM_RETRY_AFTER_SECS,
+            },
+            Refusal::InstanceFull => ApiError::Overloaded {
+                message: "this instance holds as many in-app streams as it may; try again".into(),
+                retry_after_secs: STREAM_RETRY_AFTER_SECS,
+            },
+            Refusal::Unavailable => {
+                ApiError::Unavailable("the in-app stream is unavailable (Redis); try again".into())
+            }
+        }
+    }
+}
+
+/// The messages come from this instance's shared subscription
+/// ([`crate::channels::in_app_hub::StreamHub`]).
 async fn stream(
     State(state): State<AppState>,
     ApiPath(id): ApiPath<i64>,
 ) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, ApiError> {
     let user = user_id(id)?;
-    let unavailable = |e: redis::RedisError| {
-        tracing::warn!(error = %e, "cannot open an in-app stream");
-        ApiError::Unavailable("the in-app stream is unavailable (Redis); try again".into())
-    };
-    let mut pubsub = state
-        .redis_client
-        .get_async_pubsub()
-        .await
-        .map_err(unavailable)?;
-    pubsub
-        .subscribe(InAppSender::channel_of(
-            &state.settings.redis.key_prefix,
-            user.get(),
-        ))
-        .await
-        .map_err(unavailable)?;
-    let events = pubsub
-        .into_on_message()
-        .map(|message| {
-            let data: String = message.get_payload().unwrap_or_default();
-            Ok(Event::default().event("notification").data(data))
-        })
+    let events = state
+        .streams
+        .subscribe(user.get())
+        .await?
+        .into_stream()
+        .map(|message| Ok(Event::default().event("notification").data(&*message)))
         .take_until(state.shutdown.clone().cancelled_owned());
     Ok(Sse::new(events).keep_alive(KeepAlive::default()))
 }

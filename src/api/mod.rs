@@ -32,8 +32,8 @@ use tokio_util::sync::CancellationToken;
 use tower_http::cors::{AllowOrigin, CorsLayer};
 
 use crate::{
-    auth::Authenticator, config::Settings, domain::Channel, ingest::Ingestor, kafka::KafkaAdmin,
-    roles::Role, routing::RoutingTable, templates::Templates,
+    auth::Authenticator, channels::in_app_hub::StreamHub, config::Settings, domain::Channel,
+    ingest::Ingestor, kafka::KafkaAdmin, roles::Role, routing::RoutingTable, templates::Templates,
 };
 use error::ErrorBody;
 
@@ -59,8 +59,10 @@ pub struct AppState {
     pub templates: Arc<Templates>,
     /// Whether a channel has an endpoint configured.
     pub channel_enabled: Arc<dyn Fn(Channel) -> bool + Send + Sync>,
-    /// For connections of their own (pub/sub streams).
-    pub redis_client: redis::Client,
+    /// The one Redis subscription the in-app streams of this instance share.
+    pub streams: StreamHub,
+    /// One permit per user import this instance may parse at once.
+    pub imports: Arc<Semaphore>,
     /// The ingestion step, also used to re-ingest poison messages.
     pub ingestor: Ingestor,
 }
@@ -144,12 +146,11 @@ async fn limit(State(limits): State<Limits>, request: Request, next: Next) -> Re
 }
 
 fn refusal(code: &'static str, message: &str) -> Response {
-    (
+    error::retry_later(
         StatusCode::SERVICE_UNAVAILABLE,
-        [(header::RETRY_AFTER, "1")],
-        Json(ErrorBody::new(code, message)),
+        1,
+        ErrorBody::new(code, message),
     )
-        .into_response()
 }
 
 /// CORS for the configured origins (none: no CORS headers at all, so browsers keep other

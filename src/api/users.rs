@@ -5,13 +5,13 @@ use anyhow::Context;
 use axum::{
     Json, Router,
     body::Bytes,
-    extract::{DefaultBodyLimit, State, rejection::BytesRejection},
+    extract::{DefaultBodyLimit, FromRequest, Request, State},
     http::{HeaderMap, Method, header},
     middleware::from_fn_with_state,
     routing::{get, post},
 };
 use serde::{Deserialize, Serialize};
-use serde_json::Value;
+use serde_json::{Value, value::RawValue};
 
 use super::{
     AppState,
@@ -30,6 +30,11 @@ const MAX_IMPORT_BYTES: usize = 32 * 1024 * 1024;
 const MAX_REPORTED_REJECTIONS: usize = 1_000;
 /// Most users one import may list.
 const MAX_IMPORT_USERS: usize = 200_000;
+/// Longest line (or array item) an import parses. A user entry takes a few hundred bytes;
+/// a longer one is refused unparsed, so that no single item becomes a large tree of values.
+const MAX_IMPORT_LINE_BYTES: usize = 64 * 1024;
+/// What a refused import is told to wait before trying again.
+const IMPORT_RETRY_AFTER_SECS: u64 = 5;
 /// Most tags one user may carry.
 const MAX_TAGS: usize = 32;
 
@@ -119,7 +124,7 @@ pub struct ContactView {
 }
 
 /// What an import did.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Default, Serialize)]
 #[serde(rename_all = "camelCase")]
 struct ImportReport {
     /// Lines (or array items) read, blank lines aside.
@@ -174,14 +179,24 @@ async fn read(
 /// `POST /api/v1/users:import`: a JSON array (`Content-Type: application/json`) or one JSON
 /// object per line (`application/x-ndjson`). Good lines are stored
 /// in one transaction; bad lines are reported and skipped. 400 only when the body as a
-/// whole is unreadable (not UTF-8, or not an array when sent as JSON).
+/// whole is unreadable (not UTF-8, or not an array when sent as JSON). 503 with Retry-After
+/// while this instance already runs as many imports as it allows.
 async fn import(
     State(state): State<AppState>,
-    headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
+    request: Request,
 ) -> Result<Json<ImportReport>, ApiError> {
-    let json_array = import_format(&headers)?;
-    let body = body?;
+    // Taken before the body is read: each import holds up to MAX_IMPORT_BYTES of body plus
+    // its parsed entries, so the bound on imports is a bound on that memory.
+    let _permit = state
+        .imports
+        .clone()
+        .try_acquire_owned()
+        .map_err(|_| ApiError::Overloaded {
+            message: "this instance is running as many user imports as it allows; try again".into(),
+            retry_after_secs: IMPORT_RETRY_AFTER_SECS,
+        })?;
+    let json_array = import_format(request.headers())?;
+    let body = Bytes::from_request(request, &state).await?;
     // Tens of megabytes of JSON: parsed off the async workers.
     let (mut report, good) = tokio::task::spawn_blocking(move || read_import(&body, json_array))
         .await
@@ -219,43 +234,58 @@ fn import_format(headers: &HeaderMap) -> Result<bool, ApiError> {
 
 /// Checks an import body line by line (or item by item): the good entries, and a report of
 /// the rest.
+///
+/// A JSON array is read one element at a time (a [`serde::de::Visitor`] over the sequence),
+/// never as a whole `Vec<Value>`: a 32 MiB body of `[0,0,...]` would otherwise become
+/// hundreds of megabytes of values before the count cap could refuse it. Each element is
+/// checked as soon as it is read and the parse stops at the cap.
 fn read_import(
     body: &[u8],
     json_array: bool,
 ) -> Result<(ImportReport, Vec<(UserId, Contact)>), ApiError> {
     let text = std::str::from_utf8(body)
         .map_err(|e| ApiError::BadRequest(format!("the body is not UTF-8: {e}")))?;
-    let lines: Box<dyn Iterator<Item = (usize, Result<Value, String>)>> = if json_array {
-        let items: Vec<Value> = serde_json::from_str(text).map_err(|e| {
+    let mut collector = Collector::default();
+    if json_array {
+        let mut deserializer = serde_json::Deserializer::from_str(text);
+        let parsed = serde::Deserializer::deserialize_seq(&mut deserializer, &mut collector)
+            .and_then(|()| deserializer.end());
+        if let Some(over) = collector.over_cap.take() {
+            return Err(over);
+        }
+        parsed.map_err(|e| {
             ApiError::BadRequest(format!(
                 "the body is not a JSON array of users ({e}); send NDJSON as application/x-ndjson"
             ))
         })?;
-        Box::new(
-            items
-                .into_iter()
-                .enumerate()
-                .map(|(i, item)| (i + 1, Ok(item))),
-        )
     } else {
-        Box::new(
-            text.lines()
-                .enumerate()
-                .filter(|(_, line)| !line.trim().is_empty())
-                .map(|(i, line)| {
-                    let value = serde_json::from_str(line).map_err(|e| format!("not JSON: {e}"));
-                    (i + 1, value)
-                }),
-        )
-    };
-    let mut report = ImportReport {
-        received: 0,
-        imported: 0,
-        rejected: 0,
-        rejections: Vec::new(),
-    };
-    let mut good = Vec::new();
-    for (line, value) in lines {
+        for (i, line) in text.lines().enumerate() {
+            if line.trim().is_empty() {
+                continue;
+            }
+            collector.line(i + 1, parse_line(line))?;
+        }
+    }
+    if collector.report.received == 0 {
+        return Err(ApiError::BadRequest("the body lists no users".into()));
+    }
+    Ok((collector.report, collector.good))
+}
+
+/// The import's running result, fed one line (or array item) at a time.
+#[derive(Default)]
+struct Collector {
+    report: ImportReport,
+    good: Vec<(UserId, Contact)>,
+    /// Set when the count cap stopped a JSON array part way (serde's error type cannot
+    /// carry it out of the visitor).
+    over_cap: Option<ApiError>,
+}
+
+impl Collector {
+    /// Checks one line; refuses the whole import once it lists more than the cap.
+    fn line(&mut self, line: usize, value: Result<Value, String>) -> Result<(), ApiError> {
+        let report = &mut self.report;
         report.received += 1;
         if report.received > MAX_IMPORT_USERS {
             return Err(ApiError::BadRequest(format!(
@@ -263,7 +293,7 @@ fn read_import(
             )));
         }
         match value.and_then(import_line) {
-            Ok(entry) => good.push(entry),
+            Ok(entry) => self.good.push(entry),
             Err(error) => {
                 report.rejected += 1;
                 if report.rejections.len() < MAX_REPORTED_REJECTIONS {
@@ -271,11 +301,39 @@ fn read_import(
                 }
             }
         }
+        Ok(())
     }
-    if report.received == 0 {
-        return Err(ApiError::BadRequest("the body lists no users".into()));
+}
+
+impl<'de> serde::de::Visitor<'de> for &mut Collector {
+    type Value = ();
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a JSON array of users")
     }
-    Ok((report, good))
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut items: A) -> Result<(), A::Error> {
+        let mut number = 0;
+        // Borrowed slices of the body: skipping over an item allocates nothing.
+        while let Some(item) = items.next_element::<&'de RawValue>()? {
+            number += 1;
+            if let Err(error) = self.line(number, parse_line(item.get())) {
+                self.over_cap = Some(error);
+                return Err(serde::de::Error::custom("too many users"));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Parses one line (or array item), unless it is too long to be a user entry.
+fn parse_line(text: &str) -> Result<Value, String> {
+    if text.len() > MAX_IMPORT_LINE_BYTES {
+        return Err(format!(
+            "longer than {MAX_IMPORT_LINE_BYTES} bytes; not parsed"
+        ));
+    }
+    serde_json::from_str(text).map_err(|e| format!("not JSON: {e}"))
 }
 
 /// One import line: a contact body plus its userId (taken out by hand, because serde's
@@ -296,4 +354,91 @@ fn import_line(value: Value) -> Result<(UserId, Contact), String> {
     let contact: ContactBody =
         serde_json::from_value(Value::Object(fields)).map_err(|e| e.to_string())?;
     Ok((user, contact.parse()?))
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    #[test]
+    fn a_json_array_is_refused_at_the_cap_before_the_rest_of_it_is_parsed() {
+        // Past the cap comes a syntax error: a parser that read the whole array before
+        // counting would report that instead.
+        let body = format!("[{}0, this is not JSON", "0,".repeat(MAX_IMPORT_USERS));
+
+        let error = read_import(body.as_bytes(), true).unwrap_err();
+
+        assert!(
+            error
+                .to_string()
+                .contains(&format!("at most {MAX_IMPORT_USERS} users")),
+            "{error}"
+        );
+    }
+
+    #[test]
+    fn a_json_array_gets_the_same_report_as_the_same_items_as_ndjson() {
+        let items = [
+            json!({"userId": 1, "email": "a@example.com"}),
+            json!(0),
+            json!({"userId": 2, "shoeSize": 44}),
+            json!({"userId": 3, "tags": ["x"]}),
+        ];
+        let array = serde_json::to_string(&items).unwrap();
+        let ndjson = items.map(|i| i.to_string()).join("\n");
+
+        let (from_array, good_array) = read_import(array.as_bytes(), true).unwrap();
+        let (from_lines, good_lines) = read_import(ndjson.as_bytes(), false).unwrap();
+
+        let report = serde_json::to_value(&from_array).unwrap();
+        assert_eq!(report, serde_json::to_value(&from_lines).unwrap());
+        assert_eq!(
+            (&report["received"], &report["rejected"]),
+            (&json!(4), &json!(2))
+        );
+        let lines: Vec<&Value> = report["rejections"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| &r["line"])
+            .collect();
+        assert_eq!(lines, [&json!(2), &json!(3)]);
+        let users =
+            |good: &[(UserId, Contact)]| good.iter().map(|(u, _)| u.get()).collect::<Vec<_>>();
+        assert_eq!(users(&good_array), [1, 3]);
+        assert_eq!(users(&good_lines), [1, 3]);
+    }
+
+    #[test]
+    fn an_item_too_long_to_be_a_user_is_refused_without_being_parsed() {
+        // 40,000 numbers would be 40,000 values; refused by length instead.
+        let huge = format!("[{}0]", "0,".repeat(40_000));
+        let array = format!(r#"[{{"userId": 1}}, {huge}]"#);
+        let ndjson = format!("{{\"userId\": 1}}\n{huge}");
+
+        for (body, json_array) in [(array, true), (ndjson, false)] {
+            let (report, good) = read_import(body.as_bytes(), json_array).unwrap();
+
+            assert_eq!((report.received, good.len()), (2, 1));
+            assert_eq!(report.rejections[0].line, 2);
+            assert!(
+                report.rejections[0].error.starts_with("longer than"),
+                "{}",
+                report.rejections[0].error
+            );
+        }
+    }
+
+    #[test]
+    fn a_json_body_that_is_not_one_whole_array_is_refused() {
+        for body in [r#"{"userId": 1}"#, r#"[{"userId": 1}] trailing"#, "[0, 0"] {
+            let error = read_import(body.as_bytes(), true).unwrap_err();
+            assert!(
+                matches!(&error, ApiError::BadRequest(m) if m.contains("array")),
+                "{body}: {error}"
+            );
+        }
+    }
 }

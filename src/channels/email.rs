@@ -20,7 +20,9 @@ pub struct EmailSender {
 }
 
 impl EmailSender {
-    /// `smtp://[user:pass@]host:port` (plain, as for a local sink) or `smtps://...` (TLS).
+    /// `smtps://[user:pass@]host:port` (implicit TLS), `smtp://...?tls=required` (STARTTLS,
+    /// refused if the server does not offer it) or `smtp://host:port` (plain, as for a local
+    /// sink). The settings refuse credentials over plain SMTP unless explicitly allowed.
     pub fn new(
         url: &SecretString,
         from: &str,
@@ -29,8 +31,13 @@ impl EmailSender {
     ) -> anyhow::Result<Self> {
         let url = Url::parse(url.expose_secret())?;
         let host = url.host_str().unwrap_or_default().to_owned();
+        let starttls = url
+            .query_pairs()
+            .any(|(k, v)| k == "tls" && v == "required");
         let mut builder = if url.scheme() == "smtps" {
             AsyncSmtpTransport::<Tokio1Executor>::relay(&host)?
+        } else if starttls {
+            AsyncSmtpTransport::<Tokio1Executor>::starttls_relay(&host)?
         } else {
             AsyncSmtpTransport::<Tokio1Executor>::builder_dangerous(host)
         };

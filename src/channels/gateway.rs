@@ -13,7 +13,8 @@ use serde_json::{Value, json};
 use url::Url;
 
 use super::{
-    Content, Outgoing, Receipt, SendError, SendFuture, Sender, http_failure, http_transport_failure,
+    Content, Outgoing, Receipt, SendError, SendFuture, Sender, bounded_text, http_client,
+    http_failure, http_transport_failure,
 };
 use crate::domain::Channel;
 
@@ -34,7 +35,7 @@ impl GatewaySender {
     ) -> anyhow::Result<Self> {
         Ok(GatewaySender {
             channel,
-            client: reqwest::Client::builder().timeout(timeout).build()?,
+            client: http_client(timeout)?,
             url,
             key,
         })
@@ -77,7 +78,7 @@ impl Sender for GatewaySender {
                 .headers()
                 .get(reqwest::header::RETRY_AFTER)
                 .cloned();
-            let text = response.text().await.unwrap_or_default();
+            let text = bounded_text(response).await;
             if !status.is_success() {
                 return Err(http_failure(status, retry_after.as_ref(), &text));
             }

@@ -21,7 +21,12 @@ impl InAppSender {
 
     /// The pub/sub channel of a user's in-app messages.
     pub fn channel_of(key_prefix: &str, user_id: i64) -> String {
-        format!("{key_prefix}inapp:user:{user_id}")
+        format!("{}{user_id}", Self::channel_prefix(key_prefix))
+    }
+
+    /// What the name of every user's channel starts with.
+    pub fn channel_prefix(key_prefix: &str) -> String {
+        format!("{key_prefix}inapp:user:")
     }
 }
 

@@ -1,10 +1,15 @@
 //! Channel strategies: one [`Sender`] per channel, chosen by the dispatcher. A send either
 //! returns a [`Receipt`] or a [`SendError`] that says whether trying again can help; the
 //! dispatcher decides retries on that alone.
+//!
+//! The HTTP channels (Slack, gateways) share [`http_client`] and [`bounded_text`]: redirects
+//! are not followed and at most [`MAX_RESPONSE_BYTES`] of an answer is read, because the
+//! receiver is a third party whose answers Herald does not control.
 
 pub mod email;
 pub mod gateway;
 pub mod in_app;
+pub mod in_app_hub;
 pub mod slack;
 
 use std::{collections::HashMap, future::Future, pin::Pin, sync::Arc, time::Duration};
@@ -67,6 +72,37 @@ pub struct SendError {
     pub retry_after: Option<Duration>,
 }
 
+/// Most bytes of a webhook's or gateway's answer that are read: ample for an error message
+/// or a message id, and a bound on what a misbehaving provider can make Herald hold.
+pub const MAX_RESPONSE_BYTES: usize = 64 * 1024;
+
+/// The client of the HTTP channels: the send timeout, and no redirects. A redirect would
+/// carry the message (and a gateway's key, on a same-host redirect) to an address nobody
+/// configured; it answers as a permanent failure instead (see [`http_failure`]).
+pub fn http_client(timeout: Duration) -> reqwest::Result<reqwest::Client> {
+    reqwest::Client::builder()
+        .timeout(timeout)
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+}
+
+/// The start of a response's body, at most [`MAX_RESPONSE_BYTES`], read chunk by chunk:
+/// the rest is never read (dropping the response closes its connection). A body that
+/// breaks off gives what arrived.
+pub async fn bounded_text(mut response: reqwest::Response) -> String {
+    let mut body = Vec::new();
+    while body.len() < MAX_RESPONSE_BYTES {
+        match response.chunk().await {
+            Ok(Some(chunk)) => {
+                let room = MAX_RESPONSE_BYTES - body.len();
+                body.extend_from_slice(&chunk[..chunk.len().min(room)]);
+            }
+            Ok(None) | Err(_) => break,
+        }
+    }
+    String::from_utf8_lossy(&body).into_owned()
+}
+
 /// Longest provider text kept (error messages, message ids).
 const MAX_PROVIDER_TEXT: usize = 500;
 /// Longest Retry-After honoured; a provider asking for more is treated as down.
@@ -115,6 +151,10 @@ pub type Senders = HashMap<Channel, Arc<dyn Sender>>;
 
 /// Classifies an HTTP status from a webhook or gateway (DESIGN §3): 408, 429 and 5xx are
 /// retryable, other 4xx permanent. Honours `Retry-After` (seconds) when given.
+///
+/// A 3xx is permanent (`http_redirect`): redirects are not followed, so the same URL will
+/// answer the same way until an operator points the channel at the final address; the dead
+/// letter can then be retried.
 pub fn http_failure(
     status: reqwest::StatusCode,
     retry_after: Option<&reqwest::header::HeaderValue>,
@@ -130,6 +170,10 @@ pub fn http_failure(
         429 => SendError::retryable("rate_limited", message),
         408 => SendError::retryable("timeout", message),
         500..=599 => SendError::retryable("http_5xx", message),
+        300..=399 => SendError::permanent(
+            "http_redirect",
+            format!("HTTP {status}: redirects are not followed; configure the final URL"),
+        ),
         _ => SendError::permanent("http_4xx", message),
     };
     error.retry_after = retry_after;
@@ -164,6 +208,12 @@ mod tests {
         assert_eq!(class(408), Retry::Retryable);
         assert_eq!(class(400), Retry::Permanent);
         assert_eq!(class(404), Retry::Permanent);
+        assert_eq!(class(301), Retry::Permanent);
+        assert_eq!(class(307), Retry::Permanent);
+        assert_eq!(
+            http_failure(StatusCode::FOUND, None, "").class,
+            "http_redirect"
+        );
         let limited = http_failure(
             StatusCode::TOO_MANY_REQUESTS,
             Some(&HeaderValue::from_static("7")),

@@ -5,7 +5,8 @@ use std::time::Duration;
 use secrecy::{ExposeSecret, SecretString};
 
 use super::{
-    Content, Outgoing, Receipt, SendError, SendFuture, Sender, http_failure, http_transport_failure,
+    Content, Outgoing, Receipt, SendError, SendFuture, Sender, bounded_text, http_client,
+    http_failure, http_transport_failure,
 };
 
 /// Posts to one Slack incoming webhook.
@@ -17,7 +18,7 @@ pub struct SlackSender {
 impl SlackSender {
     pub fn new(webhook: SecretString, timeout: Duration) -> anyhow::Result<Self> {
         Ok(SlackSender {
-            client: reqwest::Client::builder().timeout(timeout).build()?,
+            client: http_client(timeout)?,
             webhook,
         })
     }
@@ -49,7 +50,7 @@ impl Sender for SlackSender {
                 .headers()
                 .get(reqwest::header::RETRY_AFTER)
                 .cloned();
-            let text = response.text().await.unwrap_or_default();
+            let text = bounded_text(response).await;
             Err(http_failure(status, retry_after.as_ref(), &text))
         })
     }

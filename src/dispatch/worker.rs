@@ -6,6 +6,7 @@ use std::{collections::HashMap, sync::Arc, time::Duration};
 
 use anyhow::Context;
 use chrono::{DateTime, Utc};
+use redis::aio::ConnectionManager;
 use serde_json::{Value, json};
 use sqlx::{PgConnection, PgPool};
 use tokio::time::Instant;
@@ -19,8 +20,10 @@ use super::{
 use crate::{
     channels::{Content, Outgoing, Retry, SendError, Senders},
     config::DispatchSettings,
-    domain::{Channel, DeliveryStatus, Domain, Locale},
+    domain::{Channel, DeliveryStatus, Domain, EventType, Locale, UserId},
     outbox::{self, DeadLetter, DeliveryEvent, OutboxMessage},
+    preferences,
+    routing::RoutingTable,
     templates::{ADHOC, Templates},
 };
 
@@ -97,6 +100,11 @@ pub struct Dispatcher {
     pub announcer: Option<Arc<dyn Fn(String) + Send + Sync>>,
     /// Writes finished sends in batches.
     pub recorder: Recorder,
+    /// Where user preferences are cached: a fallback channel must be one the user accepts.
+    pub redis: ConnectionManager,
+    pub redis_prefix: String,
+    /// Says which channels are operators' (preferences do not apply to them).
+    pub routing: Arc<RoutingTable>,
 }
 
 impl Dispatcher {
@@ -232,7 +240,7 @@ impl Dispatcher {
             return Ok(Err(outcome));
         }
         let (via, breaker_permit) = match self.breakers[&channel].permit() {
-            Permit::Refuse(wait) => match self.fallback_for(channel) {
+            Permit::Refuse(wait) => match self.accepted_fallback(job, channel).await? {
                 Some(fallback) => (fallback, self.breakers[&fallback].permit()),
                 None => return Ok(Err(self.defer(job, wait, "circuit open").await?)),
             },
@@ -307,6 +315,37 @@ impl Dispatcher {
     /// True when the channel's deliveries can go out elsewhere while its breaker is open.
     pub fn has_fallback(&self, channel: Channel) -> bool {
         self.fallback_for(channel).is_some()
+    }
+
+    /// The fallback of `channel` if the delivery's user accepts it for this event type. A
+    /// user who opted out of SMS does not get SMS because KakaoTalk's breaker is open: the
+    /// delivery waits as it would with no fallback configured.
+    async fn accepted_fallback(
+        &self,
+        job: &Job,
+        channel: Channel,
+    ) -> anyhow::Result<Option<Channel>> {
+        let Some(fallback) = self.fallback_for(channel) else {
+            return Ok(None);
+        };
+        let Some(user) = job.user_id.and_then(|u| UserId::new(u).ok()) else {
+            return Ok(Some(fallback));
+        };
+        if self.routing.is_operator_channel(fallback) {
+            return Ok(Some(fallback));
+        }
+        let preferences =
+            preferences::load(&self.db, &self.redis, &self.redis_prefix, user).await?;
+        let accepted = match EventType::parse(&job.event_type) {
+            Ok(event_type) => preferences.allows(fallback, &event_type),
+            Err(_) => preferences.channels.get(&fallback).copied().unwrap_or(true),
+        };
+        if !accepted {
+            metrics::counter!("herald_fallback_opted_out_total", "channel" => fallback.as_str())
+                .increment(1);
+            tracing::debug!(delivery = %job.delivery_id, %fallback, "the user opted out of the fallback channel");
+        }
+        Ok(accepted.then_some(fallback))
     }
 
     fn fallback_for(&self, channel: Channel) -> Option<Channel> {

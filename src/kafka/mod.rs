@@ -13,6 +13,7 @@ use rdkafka::{
     client::DefaultClientContext,
     error::{KafkaError, RDKafkaErrorCode},
 };
+use secrecy::ExposeSecret;
 use serde::Deserialize;
 
 use crate::config::KafkaSettings;
@@ -66,7 +67,10 @@ pub enum TopicOutcome {
     AlreadyExisted,
 }
 
-/// Base librdkafka configuration for every client Herald makes.
+/// Base librdkafka configuration for every client Herald makes (consumers, producers,
+/// admin): the brokers, then the operator's `librdkafka_options` (TLS, SASL, timeouts) and
+/// secrets. What a client sets after this (group ids, commit mode, idempotence) wins, so an
+/// option cannot change how Herald commits offsets.
 pub fn client_config(settings: &KafkaSettings) -> ClientConfig {
     let mut config = ClientConfig::new();
     config
@@ -74,6 +78,13 @@ pub fn client_config(settings: &KafkaSettings) -> ClientConfig {
         .set("client.id", "herald")
         // Bounds how long a request to an unreachable broker can hang a caller.
         .set("socket.timeout.ms", "10000");
+    for (key, value) in &settings.librdkafka_options {
+        config.set(key, value);
+    }
+    // rdkafka's `Debug` of a ClientConfig leaves these keys out.
+    for (key, value) in &settings.librdkafka_secrets {
+        config.set(*key, value.expose_secret());
+    }
     config
 }
 

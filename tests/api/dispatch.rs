@@ -597,3 +597,80 @@ async fn a_delivery_whose_workers_keep_dying_ends_in_the_dlq_instead_of_being_re
         "four attempts, three retries"
     );
 }
+
+#[tokio::test]
+async fn an_open_breaker_does_not_fall_back_to_a_channel_the_user_opted_out_of() {
+    let kakao = MockServer::start().await;
+    Mock::given(method("POST"))
+        .respond_with(ResponseTemplate::new(503))
+        .mount(&kakao)
+        .await;
+    let sms = MockServer::start().await;
+    Mock::given(method("POST"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(json!({ "messageId": "sms-1" })))
+        .mount(&sms)
+        .await;
+    let (kakao_url, sms_url) = (
+        format!("{}/kakao", kakao.uri()),
+        format!("{}/sms", sms.uri()),
+    );
+    let app = spawn_app_with(move |s| {
+        s.channels.kakaotalk_gateway_url = Some(kakao_url.parse().unwrap());
+        s.channels.sms_gateway_url = Some(sms_url.parse().unwrap());
+        s.dispatch.max_retries = 0;
+        s.dispatch.breaker_threshold = 1;
+        s.dispatch.breaker_cooldown = Duration::from_secs(120);
+    })
+    .await;
+    // User 71 opted out of SMS; user 72 of SMS for ORDER_SHIPPED only; user 73 did not.
+    for (user, settings) in [
+        (71, json!({ "channels": { "SMS": false } })),
+        (
+            72,
+            json!({ "eventTypes": { "ORDER_SHIPPED": { "SMS": false } } }),
+        ),
+    ] {
+        let put = app
+            .put_json(
+                &format!("/api/v1/notifications/settings?userId={user}"),
+                &settings,
+            )
+            .await;
+        assert_eq!(put.status(), 200);
+    }
+    let shipped = |user: i64| {
+        json!({ "userId": user, "recipient": { "phone": "+821099990000" }, "channels": ["KAKAOTALK"],
+                "eventType": "ORDER_SHIPPED", "data": { "orderId": format!("o-{user}") } })
+    };
+    // One failure opens KakaoTalk's breaker.
+    let opener = notify(&app, shipped(70)).await[0].1;
+    wait_for_delivery(&app, opener, "FAILED", 20).await;
+
+    let opted_out = notify(&app, shipped(71)).await[0].1;
+    let opted_out_here = notify(&app, shipped(72)).await[0].1;
+    let willing = notify(&app, shipped(73)).await[0].1;
+
+    wait_for_delivery(&app, willing, "SUCCESS", 20).await;
+    let sent_via: Option<String> =
+        sqlx::query_scalar("SELECT sent_via FROM deliveries WHERE id = $1")
+            .bind(willing)
+            .fetch_one(&app.db)
+            .await
+            .unwrap();
+    assert_eq!(sent_via.as_deref(), Some("SMS"));
+    // The others wait for KakaoTalk, as if there were no fallback.
+    wait_until(20, "both opted-out deliveries are deferred", || async {
+        let deferred: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM deliveries WHERE id = ANY($1) AND status = 'PENDING' \
+             AND attempts = 0 AND next_attempt_at > now() + interval '30 seconds'",
+        )
+        .bind([opted_out, opted_out_here])
+        .fetch_one(&app.db)
+        .await
+        .unwrap();
+        deferred == 2
+    })
+    .await;
+    assert_eq!(sms.received_requests().await.unwrap().len(), 1);
+    assert_eq!(kakao.received_requests().await.unwrap().len(), 1);
+}
