@@ -3,7 +3,10 @@
 //! Liveness says the process serves requests. Readiness checks each dependency
 //! (PostgreSQL, Redis, Kafka) concurrently, each within [`CHECK_TIMEOUT`], and answers 503
 //! naming what is down, or while the instance is shutting down, so that a load balancer
-//! stops sending it work.
+//! stops sending it work. It also reports each Kafka consumer group's membership and
+//! answers 503 while one has been without partitions beyond the watchdog's bound
+//! ("notif-payment: no assignment for 45 s"): every dependency can answer while events
+//! pile up unread.
 
 use std::{collections::BTreeMap, future::Future, time::Instant};
 
@@ -13,6 +16,7 @@ use serde_json::json;
 use tokio::time::{Duration, timeout};
 
 use super::{AppState, error::ErrorBody};
+use crate::kafka::watchdog::ConsumerReport;
 
 /// How long one dependency may take to answer before it counts as down.
 pub const CHECK_TIMEOUT: Duration = Duration::from_secs(2);
@@ -43,6 +47,8 @@ struct Check {
 struct Readiness {
     status: &'static str,
     checks: BTreeMap<&'static str, Check>,
+    /// Each consumer group of this instance, by group.
+    consumers: BTreeMap<String, ConsumerReport>,
     #[serde(skip_serializing_if = "Option::is_none")]
     error: Option<crate::api::error::ErrorDetail>,
 }
@@ -78,11 +84,18 @@ async fn ready(State(state): State<AppState>) -> (StatusCode, Json<Readiness>) {
         .filter(|(_, c)| c.status != "up")
         .map(|(name, _)| *name)
         .collect();
+    let consumers = state.consumers.reports();
+    let stuck: Vec<&str> = consumers
+        .values()
+        .filter_map(|c| c.problem.as_deref())
+        .collect();
 
     let problem = if state.shutdown.is_cancelled() {
         Some("shutting down".to_owned())
     } else if !down.is_empty() {
         Some(format!("not ready: {} down", down.join(", ")))
+    } else if !stuck.is_empty() {
+        Some(format!("not ready: {}", stuck.join(", ")))
     } else {
         None
     };
@@ -92,6 +105,7 @@ async fn ready(State(state): State<AppState>) -> (StatusCode, Json<Readiness>) {
             Json(Readiness {
                 status: "ready",
                 checks,
+                consumers,
                 error: None,
             }),
         ),
@@ -102,6 +116,7 @@ async fn ready(State(state): State<AppState>) -> (StatusCode, Json<Readiness>) {
                 Json(Readiness {
                     status: "unavailable",
                     checks,
+                    consumers,
                     error: Some(ErrorBody::new("not_ready", message).error),
                 }),
             )

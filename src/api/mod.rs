@@ -24,8 +24,13 @@ use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
 use crate::{
-    config::Settings, domain::Channel, ingest::Ingestor, kafka::KafkaAdmin, roles::Role,
-    routing::RoutingTable, templates::Templates,
+    config::Settings,
+    domain::Channel,
+    ingest::Ingestor,
+    kafka::{KafkaAdmin, watchdog::Watchdogs},
+    roles::Role,
+    routing::RoutingTable,
+    templates::Templates,
 };
 use error::ErrorBody;
 
@@ -49,6 +54,8 @@ pub struct AppState {
     pub redis_client: redis::Client,
     /// The ingestion step, also used to re-ingest poison messages.
     pub ingestor: Ingestor,
+    /// The group membership of this instance's Kafka consumers, for readiness.
+    pub consumers: Watchdogs,
 }
 
 /// Largest request body the API reads.

@@ -1,6 +1,8 @@
+use std::time::{Duration, Instant};
+
 use serde_json::Value;
 
-use crate::helpers::{drop_database, spawn_app, spawn_app_with};
+use crate::helpers::{drop_database, envelope, spawn_app, spawn_app_with, wait_until};
 
 #[tokio::test]
 async fn liveness_answers_200_with_the_roles_of_the_instance() {
@@ -80,6 +82,99 @@ async fn readiness_is_503_naming_kafka_when_no_broker_answers() {
     let body: Value = response.json().await.unwrap();
     assert_eq!(body["checks"]["kafka"]["status"], "down", "{body}");
     assert_eq!(body["error"]["message"], "not ready: kafka down");
+}
+
+#[tokio::test]
+async fn readiness_names_a_group_left_without_partitions_then_the_recreated_consumer_joins_and_consumes()
+ {
+    // A new member joins the test broker's group after about 3 s. With a bound of 1 s every
+    // group is stuck at first: its consumer is closed and made again, with more patience
+    // each time, until one stays long enough to be given partitions.
+    let app = spawn_app_with(|settings| {
+        settings.kafka.consumer.assignment_timeout = Duration::from_secs(1);
+    })
+    .await;
+    let prefix = app.settings.kafka.topic_prefix.clone();
+    let payment = format!("{prefix}notif-payment");
+
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let stuck: Value = loop {
+        let response = app.get("/health/ready").await;
+        if response.status() == 503 {
+            let body: Value = response.json().await.unwrap();
+            let message = body["error"]["message"].as_str().unwrap_or_default();
+            if message.contains(&format!("{payment}: no assignment for")) {
+                break body;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "readiness never named a stuck group"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(stuck["status"], "unavailable");
+    assert_eq!(stuck["checks"]["kafka"]["status"], "up", "{stuck}");
+    assert_eq!(stuck["consumers"][&payment]["state"], "stuck", "{stuck}");
+
+    wait_until(
+        90,
+        "every group is assigned and readiness is 200",
+        || async { app.get("/health/ready").await.status() == 200 },
+    )
+    .await;
+    let body: Value = app.get("/health/ready").await.json().await.unwrap();
+    for group in [
+        "notif-payment",
+        "notif-subscription",
+        "notif-order",
+        "notif-readmodel",
+        "notif-dlq",
+    ] {
+        assert_eq!(
+            body["consumers"][format!("{prefix}{group}")]["state"],
+            "assigned",
+            "{body}"
+        );
+    }
+    let consumer = &body["consumers"][&payment];
+    assert_eq!(
+        consumer["assignedPartitions"].as_array().map(Vec::len),
+        Some(6),
+        "the payment topic has 6 partitions and one member: {body}"
+    );
+    assert!(consumer["recreations"].as_u64() >= Some(1), "{body}");
+    assert!(consumer["lastRebalanceAt"].is_string(), "{body}");
+
+    let metrics = app.get("/metrics").await.text().await.unwrap();
+    let series = |name: &str| {
+        metrics
+            .lines()
+            .find(|line| line.starts_with(&format!("{name}{{group=\"{payment}\"}}")))
+            .and_then(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+    };
+    assert!(
+        series("herald_consumer_recreations_total") >= Some(1.0),
+        "{metrics}"
+    );
+    assert_eq!(series("herald_consumer_assigned_partitions"), Some(6.0));
+    assert_eq!(
+        series("herald_consumer_seconds_since_assignment"),
+        Some(0.0)
+    );
+
+    // The recreated consumer consumes.
+    let event = envelope(
+        "PAYMENT_COMPLETED",
+        7,
+        serde_json::json!({ "amount": 1000 }),
+    );
+    app.publish("fluxpay.payment.events", "7", event.to_string().as_bytes())
+        .await;
+    wait_until(30, "the event is stored", || async {
+        app.notification_count().await == 1
+    })
+    .await;
 }
 
 #[tokio::test]
