@@ -13,6 +13,10 @@
 #   scripts/stack.sh stop   PROFILE SERVICE   stop one service (postgres, redis or smtp)
 #   scripts/stack.sh start  PROFILE SERVICE   start it again (the fault suite injects outages
 #                                             with these two)
+#   scripts/stack.sh pause  PROFILE kafka     freeze the broker (SIGSTOP): connections stay open
+#                                             and nothing answers, as in a long GC pause or a
+#                                             network partition
+#   scripts/stack.sh resume PROFILE kafka     let it run again (SIGCONT)
 #
 # docker-compose.yml describes the same stack for Docker users: keep the two in step.
 set -euo pipefail
@@ -307,6 +311,15 @@ kafka_up() {
 
 kafka_down() { stop_pid tansu "$STACK_DIR/tansu.pid"; }
 
+# kafka_signal STOP|CONT: freezes or thaws the broker. Tansu keeps its topics in memory, so
+# a broker outage is a pause rather than a restart.
+kafka_signal() {
+    local pidfile=$STACK_DIR/tansu.pid
+    pid_alive "$pidfile" || die "tansu of profile '$PROFILE' is not running"
+    kill -"$1" "$(cat "$pidfile")"
+    log "tansu SIG$1"
+}
+
 # --- MailDev -------------------------------------------------------------------------------
 
 maildev_up() {
@@ -386,9 +399,13 @@ case $command in
     status) status ;;
     env) env_vars ;;
     stop) service down "${3:-}" ;;
+    pause | resume)
+        [[ ${3:-} == kafka ]] || die "only kafka can be paused"
+        if [[ $command == pause ]]; then kafka_signal STOP; else kafka_signal CONT; fi
+        ;;
     start)
         mkdir -p "$LOG_DIR"
         service up "${3:-}"
         ;;
-    *) die "usage: scripts/stack.sh {install|up|down|status|env} [run|test|bench|faults], or {stop|start} PROFILE {postgres|redis|smtp}" ;;
+    *) die "usage: scripts/stack.sh {install|up|down|status|env} [run|test|bench|faults], {stop|start} PROFILE {postgres|redis|smtp}, or {pause|resume} PROFILE kafka" ;;
 esac

@@ -256,6 +256,51 @@ pub struct KafkaSettings {
     pub librdkafka_options: BTreeMap<String, String>,
     /// Secret librdkafka properties (`sasl.password`...), from their own variables only.
     pub librdkafka_secrets: BTreeMap<&'static str, SecretString>,
+    /// How Herald's consumer groups keep and heal their membership.
+    pub consumer: ConsumerSettings,
+}
+
+/// Consumer group membership: the watchdog's bound and the poll interval librdkafka
+/// enforces (`[kafka.consumer]`).
+#[derive(Debug, Clone)]
+pub struct ConsumerSettings {
+    /// How long a consumer may stay without an assignment before readiness reports it
+    /// stuck and the consumer is closed and made again.
+    pub assignment_timeout: Duration,
+    /// librdkafka's `max.poll.interval.ms`: a consumer that does not poll for this long
+    /// leaves its group. Herald keeps polling while a batch waits on a dependency, so this
+    /// only bites a wedged consumer.
+    pub max_poll_interval: Duration,
+}
+
+impl ConsumerSettings {
+    fn load(
+        layers: &Layers<'_>,
+        raw: RawConsumer,
+        session_timeout_ms: u32,
+    ) -> Result<Self, ConfigError> {
+        let assignment_timeout = layers.required(
+            "HERALD_KAFKA_ASSIGNMENT_TIMEOUT_MS",
+            "kafka.consumer.assignment_timeout_ms",
+            raw.assignment_timeout_ms.map(|n| n.to_string()),
+        )?;
+        let max_poll_interval = layers.required(
+            "HERALD_KAFKA_MAX_POLL_INTERVAL_MS",
+            "kafka.consumer.max_poll_interval_ms",
+            raw.max_poll_interval_ms.map(|n| n.to_string()),
+        )?;
+        let millis = |n: u32| Duration::from_millis(u64::from(n));
+        Ok(ConsumerSettings {
+            assignment_timeout: millis(
+                assignment_timeout.positive_u32("a whole number of milliseconds above 0")?,
+            ),
+            // librdkafka refuses a poll interval shorter than the session timeout.
+            max_poll_interval: millis(max_poll_interval.u32_in(
+                session_timeout_ms.max(1)..=86_400_000,
+                "whole milliseconds, at least the session timeout (HERALD_KAFKA_SESSION_TIMEOUT_MS), at most 86400000",
+            )?),
+        })
+    }
 }
 
 /// The Redis connection.
@@ -425,6 +470,9 @@ impl Settings {
             "kafka.topics_file",
             raw.kafka.topics_file,
         )?;
+        let session_timeout_ms =
+            session_timeout.positive_u32("a whole number of milliseconds above 0")?;
+        let consumer = ConsumerSettings::load(&layers, raw.kafka.consumer, session_timeout_ms)?;
         let redis_url = layers.required("HERALD_REDIS_URL", "redis.url", raw.redis.url)?;
         let redis_prefix = layers.required(
             "HERALD_REDIS_KEY_PREFIX",
@@ -610,8 +658,7 @@ impl Settings {
             kafka: KafkaSettings {
                 brokers: brokers.broker_list()?,
                 topic_prefix: topic_prefix.topic_prefix()?,
-                session_timeout_ms: session_timeout
-                    .positive_u32("a whole number of milliseconds above 0")?,
+                session_timeout_ms,
                 fetch_wait_ms: fetch_wait.u32_in(
                     1..=300_000,
                     "a whole number of milliseconds from 1 to 300000",
@@ -619,6 +666,7 @@ impl Settings {
                 topics_file: PathBuf::from(topics_file.text),
                 librdkafka_options,
                 librdkafka_secrets,
+                consumer,
             },
             redis: RedisSettings {
                 url: SecretString::from(
@@ -870,6 +918,14 @@ struct RawKafka {
     fetch_wait_ms: Option<u32>,
     topics_file: Option<String>,
     librdkafka_options: BTreeMap<String, toml::Value>,
+    consumer: RawConsumer,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawConsumer {
+    assignment_timeout_ms: Option<u32>,
+    max_poll_interval_ms: Option<u32>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -1404,6 +1460,38 @@ mod tests {
         assert!(
             settings.smtp.url.is_none(),
             "an empty value disables a channel"
+        );
+    }
+
+    #[test]
+    fn the_consumer_watchdog_bound_and_poll_interval_come_from_the_file_or_the_environment() {
+        let settings = load(&[]).unwrap();
+        assert_eq!(
+            settings.kafka.consumer.assignment_timeout,
+            Duration::from_secs(25)
+        );
+        assert_eq!(
+            settings.kafka.consumer.max_poll_interval,
+            Duration::from_secs(300)
+        );
+        let settings = load(&[
+            ("HERALD_KAFKA_ASSIGNMENT_TIMEOUT_MS", "1500"),
+            ("HERALD_KAFKA_MAX_POLL_INTERVAL_MS", "8000"),
+        ])
+        .unwrap();
+        assert_eq!(
+            settings.kafka.consumer.assignment_timeout,
+            Duration::from_millis(1500)
+        );
+        assert_eq!(
+            settings.kafka.consumer.max_poll_interval,
+            Duration::from_secs(8)
+        );
+        let message = error_of(&[("HERALD_KAFKA_MAX_POLL_INTERVAL_MS", "5000")]);
+        assert!(
+            message.starts_with("invalid HERALD_KAFKA_MAX_POLL_INTERVAL_MS")
+                && message.contains("at least the session timeout"),
+            "{message}"
         );
     }
 

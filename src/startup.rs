@@ -33,6 +33,7 @@ use crate::{
     kafka::{
         KafkaAdmin,
         consumer::{self, BatchLimits, ConsumerSpec},
+        watchdog::Watchdogs,
     },
     outbox::DELIVERY_EVENTS_TOPIC,
     read_model::Projector,
@@ -142,6 +143,7 @@ impl Application {
             streams,
             imports,
             ingestor,
+            consumers: Watchdogs::default(),
         };
         Ok(Application {
             listener,
@@ -356,13 +358,19 @@ fn spawn_workers(
                 max_wait: Duration::from_millis(20),
             },
         };
-        let shutdown = state.shutdown.clone();
+        let (shutdown, watchdogs) = (state.shutdown.clone(), state.consumers.clone());
         let failure = failure.clone();
         tasks.spawn(async move {
-            let result = consumer::run(&settings.kafka, spec, shutdown.clone(), |batch| {
-                let projector = &projector;
-                async move { projector.apply(&batch).await.map(drop) }
-            })
+            let result = consumer::run(
+                &settings.kafka,
+                spec,
+                &watchdogs,
+                shutdown.clone(),
+                |batch| {
+                    let projector = &projector;
+                    async move { projector.apply(&batch).await.map(drop) }
+                },
+            )
             .await;
             fail_on_error(result, "the read-model projector", &failure, &shutdown);
         });
@@ -382,17 +390,23 @@ fn spawn_workers(
                 max_wait: Duration::from_millis(20),
             },
         };
-        let shutdown = state.shutdown.clone();
+        let (shutdown, watchdogs) = (state.shutdown.clone(), state.consumers.clone());
         let failure = failure.clone();
         tasks.spawn(async move {
-            let result = consumer::run(&settings.kafka, spec, shutdown.clone(), |batch| {
-                let (db, prefix) = (&db, &prefix);
-                async move {
-                    dlq::store::store(db, prefix, &batch).await?;
-                    dlq::store::export_sizes(db).await;
-                    Ok(())
-                }
-            })
+            let result = consumer::run(
+                &settings.kafka,
+                spec,
+                &watchdogs,
+                shutdown.clone(),
+                |batch| {
+                    let (db, prefix) = (&db, &prefix);
+                    async move {
+                        dlq::store::store(db, prefix, &batch).await?;
+                        dlq::store::export_sizes(db).await;
+                        Ok(())
+                    }
+                },
+            )
             .await;
             fail_on_error(result, "the DLQ consumer", &failure, &shutdown);
         });
@@ -432,16 +446,23 @@ fn spawn_workers(
             max_wait: settings.ingest.batch_max_wait,
         };
         for domain in Domain::CONSUMED {
-            let (ingestor, settings, shutdown, failure) = (
+            let (ingestor, settings, shutdown, failure, watchdogs) = (
                 ingestor.clone(),
                 settings.clone(),
                 state.shutdown.clone(),
                 failure.clone(),
+                state.consumers.clone(),
             );
             tasks.spawn(async move {
-                let result =
-                    ingest::consumer::run(ingestor, &settings, domain, limits, shutdown.clone())
-                        .await;
+                let result = ingest::consumer::run(
+                    ingestor,
+                    &settings,
+                    domain,
+                    limits,
+                    &watchdogs,
+                    shutdown.clone(),
+                )
+                .await;
                 fail_on_error(
                     result,
                     &format!("the {domain} consumer"),

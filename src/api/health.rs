@@ -5,6 +5,10 @@
 //! naming what is down, or while the instance is shutting down, so that a load balancer
 //! stops sending it work. Each dependency's error text (driver messages can name hosts and
 //! users) is shown only to a caller with an API key or the admin token.
+//! It also reports each Kafka consumer group's membership and
+//! answers 503 while one has been without partitions beyond the watchdog's bound
+//! ("notif-payment: no assignment for 45 s"): every dependency can answer while events
+//! pile up unread.
 
 use std::{collections::BTreeMap, future::Future, time::Instant};
 
@@ -20,6 +24,7 @@ use tokio::time::{Duration, timeout};
 
 use super::{AppState, error::ErrorBody};
 use crate::auth::Principal;
+use crate::kafka::watchdog::ConsumerReport;
 
 /// How long one dependency may take to answer before it counts as down.
 pub const CHECK_TIMEOUT: Duration = Duration::from_secs(2);
@@ -50,6 +55,8 @@ struct Check {
 struct Readiness {
     status: &'static str,
     checks: BTreeMap<&'static str, Check>,
+    /// Each consumer group of this instance, by group.
+    consumers: BTreeMap<String, ConsumerReport>,
     #[serde(skip_serializing_if = "Option::is_none")]
     error: Option<crate::api::error::ErrorDetail>,
 }
@@ -90,11 +97,18 @@ async fn ready(State(state): State<AppState>, headers: HeaderMap) -> (StatusCode
         .filter(|(_, c)| c.status != "up")
         .map(|(name, _)| *name)
         .collect();
+    let consumers = state.consumers.reports();
+    let stuck: Vec<&str> = consumers
+        .values()
+        .filter_map(|c| c.problem.as_deref())
+        .collect();
 
     let problem = if state.shutdown.is_cancelled() {
         Some("shutting down".to_owned())
     } else if !down.is_empty() {
         Some(format!("not ready: {} down", down.join(", ")))
+    } else if !stuck.is_empty() {
+        Some(format!("not ready: {}", stuck.join(", ")))
     } else {
         None
     };
@@ -104,6 +118,7 @@ async fn ready(State(state): State<AppState>, headers: HeaderMap) -> (StatusCode
             Json(Readiness {
                 status: "ready",
                 checks,
+                consumers,
                 error: None,
             }),
         ),
@@ -114,6 +129,7 @@ async fn ready(State(state): State<AppState>, headers: HeaderMap) -> (StatusCode
                 Json(Readiness {
                     status: "unavailable",
                     checks,
+                    consumers,
                     error: Some(ErrorBody::new("not_ready", message).error),
                 }),
             )

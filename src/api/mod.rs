@@ -32,8 +32,15 @@ use tokio_util::sync::CancellationToken;
 use tower_http::cors::{AllowOrigin, CorsLayer};
 
 use crate::{
-    auth::Authenticator, channels::in_app_hub::StreamHub, config::Settings, domain::Channel,
-    ingest::Ingestor, kafka::KafkaAdmin, roles::Role, routing::RoutingTable, templates::Templates,
+    auth::Authenticator,
+    channels::in_app_hub::StreamHub,
+    config::Settings,
+    domain::Channel,
+    ingest::Ingestor,
+    kafka::{KafkaAdmin, watchdog::Watchdogs},
+    roles::Role,
+    routing::RoutingTable,
+    templates::Templates,
 };
 use error::ErrorBody;
 
@@ -65,6 +72,8 @@ pub struct AppState {
     pub imports: Arc<Semaphore>,
     /// The ingestion step, also used to re-ingest poison messages.
     pub ingestor: Ingestor,
+    /// The group membership of this instance's Kafka consumers, for readiness.
+    pub consumers: Watchdogs,
 }
 
 /// Largest request body the API reads.

@@ -10,7 +10,10 @@ use crate::{
     config::Settings,
     domain::Domain,
     ingest::Ingestor,
-    kafka::consumer::{self, BatchLimits, ConsumerSpec, IncomingMessage},
+    kafka::{
+        consumer::{self, BatchLimits, ConsumerSpec, IncomingMessage},
+        watchdog::Watchdogs,
+    },
 };
 
 /// Consumes one domain's topic until `shutdown`.
@@ -19,6 +22,7 @@ pub async fn run(
     settings: &Settings,
     domain: Domain,
     limits: BatchLimits,
+    watchdogs: &Watchdogs,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let prefix = &settings.kafka.topic_prefix;
@@ -35,7 +39,7 @@ pub async fn run(
     // retry of the batch after one lane failed stores only the others: their events would
     // be found processed, but their dead letters would be written twice.
     let committed: Mutex<HashSet<(i32, i64)>> = Mutex::new(HashSet::new());
-    consumer::run(&settings.kafka, spec, shutdown, |batch| {
+    consumer::run(&settings.kafka, spec, watchdogs, shutdown, |batch| {
         let (ingestor, group, committed) = (&ingestor, &group, &committed);
         async move {
             // One transaction per lane, at the same time: PostgreSQL works on both on its

@@ -5,20 +5,44 @@
 //! A handler error is never the message's fault (handlers dead-letter poison themselves):
 //! the same batch is retried with backoff and no offset moves, so nothing is lost or
 //! skipped. Offsets stored are committed after each batch (asynchronously), every second
-//! as a backstop, when partitions are revoked and at shutdown. Consumer lag comes from librdkafka's statistics as
-//! `herald_consumer_lag_messages{group, topic}`.
+//! as a backstop, when partitions are revoked and at shutdown.
+//!
+//! Group membership is watched ([`super::watchdog`]): every rebalance is recorded, and a
+//! consumer left without an assignment beyond `HERALD_KAFKA_ASSIGNMENT_TIMEOUT_MS` is
+//! closed and made again, as a new member of the same group. Nothing is lost or applied
+//! twice by that: offsets are stored only after the handler committed, so the new member
+//! starts from the last committed offset and the handlers' idempotency absorbs the repeat
+//! of what was stored but not yet committed. While a batch waits on a dependency (a
+//! PostgreSQL outage), the consumer pauses its partitions and keeps polling, so that the
+//! outage does not also cost the group membership (`max.poll.interval.ms`).
+//!
+//! Metrics: `herald_consumer_lag_messages{group, topic}` and
+//! `herald_consumer_partition_lag_messages{group, topic, partition}` from librdkafka's
+//! statistics; `herald_consumer_assigned_partitions{group}`,
+//! `herald_consumer_seconds_since_assignment{group}`,
+//! `herald_consumer_rebalances_total{group, kind}` and
+//! `herald_consumer_recreations_total{group}` from the watchdog.
 
-use std::{future::Future, sync::Arc, time::Duration};
+use std::{
+    convert::Infallible,
+    future::Future,
+    sync::{
+        Arc,
+        atomic::{AtomicI64, Ordering},
+    },
+    time::{Duration, Instant},
+};
 
 use anyhow::Context;
 use rdkafka::{
-    ClientContext, Message, Statistics,
+    ClientContext, Message, Statistics, TopicPartitionList,
     consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer},
     error::KafkaError,
     types::RDKafkaErrorCode,
 };
 use tokio_util::sync::CancellationToken;
 
+use super::watchdog::{ConsumerWatch, Watchdogs};
 use crate::config::KafkaSettings;
 
 /// A message as read from Kafka, detached from the consumer.
@@ -50,21 +74,53 @@ pub struct ConsumerSpec {
     pub limits: BatchLimits,
 }
 
+/// How often an idle consumer looks at its watchdog.
+const TICK: Duration = Duration::from_secs(1);
+
+/// How long closing a consumer that is being recreated may take before the new one is
+/// made anyway (the old one finishes closing on its own thread): a broker that left the
+/// member without partitions may not answer its leave request either.
+const CLOSE_WAIT: Duration = Duration::from_secs(10);
+
 struct GroupContext {
     group: String,
+    watch: Arc<ConsumerWatch>,
+    /// Fetch requests the brokers had been sent at the last statistics. librdkafka keeps
+    /// one fetch in flight per broker, so the count only moves while fetches come back.
+    fetches: AtomicI64,
 }
 
 impl ClientContext for GroupContext {
     fn stats(&self, statistics: Statistics) {
         for (topic, stats) in &statistics.topics {
-            let lag: i64 = stats
-                .partitions
-                .values()
-                .filter(|p| p.partition >= 0 && p.consumer_lag >= 0)
-                .map(|p| p.consumer_lag)
-                .sum();
-            metrics::gauge!("herald_consumer_lag_messages", "group" => self.group.clone(), "topic" => topic.clone())
+            let mut lag_sum = 0;
+            for partition in stats.partitions.values().filter(|p| p.partition >= 0) {
+                // A partition this member does not hold is another member's to report.
+                let lag = if partition.desired && partition.consumer_lag >= 0 {
+                    partition.consumer_lag
+                } else {
+                    0
+                };
+                lag_sum += lag;
+                metrics::gauge!(
+                    "herald_consumer_partition_lag_messages",
+                    "group" => self.group.clone(),
+                    "topic" => topic.clone(),
+                    "partition" => partition.partition.to_string()
+                )
                 .set(lag as f64);
+            }
+            metrics::gauge!("herald_consumer_lag_messages", "group" => self.group.clone(), "topic" => topic.clone())
+                .set(lag_sum as f64);
+        }
+        let fetches: i64 = statistics
+            .brokers
+            .values()
+            .filter(|broker| broker.state == "UP")
+            .filter_map(|broker| broker.req.get("Fetch"))
+            .sum();
+        if fetches > self.fetches.swap(fetches, Ordering::Relaxed) {
+            self.watch.fetched();
         }
     }
 }
@@ -72,16 +128,57 @@ impl ClientContext for GroupContext {
 impl ConsumerContext for GroupContext {
     fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         if let Rebalance::Revoke(partitions) = rebalance {
-            commit(consumer, "on revoke");
-            tracing::info!(group = %self.group, partitions = partitions.count(), "partitions revoked");
+            let lost = consumer.assignment_lost();
+            if lost {
+                // The group already gave these partitions away: a commit would be refused
+                // (and waits for a broker that may be the reason). What was stored and not
+                // committed is read again by the next owner; the handlers are idempotent.
+                tracing::warn!(group = %self.group, partitions = partitions.count(), "assignment lost");
+            } else {
+                commit(consumer, "on revoke");
+                tracing::info!(group = %self.group, partitions = partitions.count(), "partitions revoked");
+            }
+            self.watch.revoked(lost, Instant::now());
+            let kind = if lost { "lost" } else { "revoke" };
+            metrics::counter!("herald_consumer_rebalances_total", "group" => self.group.clone(), "kind" => kind)
+                .increment(1);
         }
     }
 
-    fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
-        if let Rebalance::Assign(partitions) = rebalance {
-            tracing::info!(group = %self.group, partitions = partitions.count(), "partitions assigned");
+    fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        match rebalance {
+            Rebalance::Assign(partitions) => {
+                tracing::info!(group = %self.group, partitions = partitions.count(), "partitions assigned");
+                // The whole assignment, not only this step's, in case of an incremental
+                // (cooperative) rebalance.
+                let held = consumer
+                    .assignment()
+                    .unwrap_or_else(|_| (*partitions).clone());
+                self.watch.assigned(names(&held));
+                metrics::counter!("herald_consumer_rebalances_total", "group" => self.group.clone(), "kind" => "assign")
+                    .increment(1);
+            }
+            Rebalance::Revoke(_) => {
+                // An incremental revocation may leave the member some partitions.
+                if let Ok(held) = consumer.assignment()
+                    && held.count() > 0
+                {
+                    self.watch.assigned(names(&held));
+                }
+            }
+            Rebalance::Error(error) => {
+                tracing::warn!(group = %self.group, %error, "rebalance failed");
+            }
         }
     }
+}
+
+/// `topic/partition` of each element of `list`.
+fn names(list: &TopicPartitionList) -> Vec<String> {
+    list.elements()
+        .iter()
+        .map(|e| format!("{}/{}", e.topic(), e.partition()))
+        .collect()
 }
 
 fn commit<C: Consumer<GroupContext>>(consumer: &C, when: &str) {
@@ -91,10 +188,15 @@ fn commit<C: Consumer<GroupContext>>(consumer: &C, when: &str) {
     }
 }
 
+type GroupConsumer = StreamConsumer<GroupContext>;
+
 /// Consumes until `shutdown`, calling `handle` with each batch until it succeeds.
+/// The consumer reports its membership to `watchdogs` and is recreated when the group
+/// leaves it without an assignment for too long.
 pub async fn run<F, Fut>(
     settings: &KafkaSettings,
     spec: ConsumerSpec,
+    watchdogs: &Watchdogs,
     shutdown: CancellationToken,
     handle: F,
 ) -> anyhow::Result<()>
@@ -102,7 +204,52 @@ where
     F: Fn(Arc<Vec<IncomingMessage>>) -> Fut,
     Fut: Future<Output = anyhow::Result<()>>,
 {
-    let consumer: StreamConsumer<GroupContext> = crate::kafka::client_config(settings)
+    let watch = watchdogs.watch(&spec.group, settings.consumer.assignment_timeout);
+    let mut backoff = Backoff::new();
+    loop {
+        let consumer = create(settings, &spec, watch.clone())?;
+        watch.created(Instant::now());
+        let ended = consume(
+            &consumer,
+            settings,
+            &spec,
+            &watch,
+            &shutdown,
+            &handle,
+            &mut backoff,
+        )
+        .await;
+        match ended {
+            Ended::Shutdown => {
+                close(consumer, &spec.group, None).await;
+                break;
+            }
+            Ended::Stuck => {
+                let report = watch.report(Instant::now());
+                tracing::warn!(
+                    group = %spec.group,
+                    unassigned_secs = report.unassigned_for_secs,
+                    assignment_lost = report.assignment_lost,
+                    recreations = report.recreations + 1,
+                    "no assignment from the group; recreating the consumer"
+                );
+                watch.recreating();
+                metrics::counter!("herald_consumer_recreations_total", "group" => spec.group.clone())
+                    .increment(1);
+                close(consumer, &spec.group, Some(CLOSE_WAIT)).await;
+            }
+        }
+    }
+    tracing::info!(group = %spec.group, "consumer stopped");
+    Ok(())
+}
+
+fn create(
+    settings: &KafkaSettings,
+    spec: &ConsumerSpec,
+    watch: Arc<ConsumerWatch>,
+) -> anyhow::Result<GroupConsumer> {
+    let consumer: GroupConsumer = crate::kafka::client_config(settings)
         .set("group.id", &spec.group)
         .set("enable.auto.commit", "true")
         .set("auto.commit.interval.ms", "1000")
@@ -113,10 +260,16 @@ where
             "session.timeout.ms",
             settings.session_timeout_ms.to_string(),
         )
+        .set(
+            "max.poll.interval.ms",
+            settings.consumer.max_poll_interval.as_millis().to_string(),
+        )
         .set("fetch.wait.max.ms", settings.fetch_wait_ms.to_string())
-        .set("statistics.interval.ms", "10000")
+        .set("statistics.interval.ms", "5000")
         .create_with_context(GroupContext {
             group: spec.group.clone(),
+            watch,
+            fetches: AtomicI64::new(0),
         })
         .context("Failed to create a Kafka consumer")?;
     let topics: Vec<&str> = spec.topics.iter().map(String::as_str).collect();
@@ -124,39 +277,71 @@ where
         .subscribe(&topics)
         .with_context(|| format!("Failed to subscribe to {topics:?}"))?;
     tracing::info!(group = %spec.group, ?topics, "consumer started");
+    Ok(consumer)
+}
 
-    let mut backoff = Backoff::new();
-    'batches: loop {
+/// Why one consumer stopped consuming.
+enum Ended {
+    Shutdown,
+    /// Without an assignment beyond the watchdog's patience.
+    Stuck,
+}
+
+async fn consume<F, Fut>(
+    consumer: &GroupConsumer,
+    settings: &KafkaSettings,
+    spec: &ConsumerSpec,
+    watch: &ConsumerWatch,
+    shutdown: &CancellationToken,
+    handle: &F,
+    backoff: &mut Backoff,
+) -> Ended
+where
+    F: Fn(Arc<Vec<IncomingMessage>>) -> Fut,
+    Fut: Future<Output = anyhow::Result<()>>,
+{
+    // A handler that takes this long is waiting on something (PostgreSQL down): the
+    // partitions are paused and polled, well before librdkafka gives up on the member.
+    let keep_alive_after = (settings.consumer.max_poll_interval / 3).min(Duration::from_secs(5));
+    // Messages fetched while the partitions were being paused: the next batch starts with
+    // them (their offsets are past the batch being handled).
+    let mut carried = Vec::new();
+    loop {
+        let now = Instant::now();
+        watch.export(now);
+        if watch.should_recreate(now) {
+            return Ended::Stuck;
+        }
         let batch = tokio::select! {
-            () = shutdown.cancelled() => break,
-            batch = next_batch(&consumer, spec.limits) => batch,
+            () = shutdown.cancelled() => return Ended::Shutdown,
+            batch = next_batch(consumer, spec.limits, &mut carried, watch) => batch,
         };
         if batch.is_empty() {
             continue;
         }
         let batch = Arc::new(batch);
-        loop {
-            match handle(batch.clone()).await {
-                Ok(()) => {
-                    backoff.reset();
-                    break;
-                }
-                Err(error) => {
-                    let wait = backoff.next();
-                    metrics::counter!("herald_consumer_stalls_total", "group" => spec.group.clone())
-                        .increment(1);
-                    tracing::warn!(
-                        group = %spec.group,
-                        error = format!("{error:#}"),
-                        retry_in = ?wait,
-                        "cannot process a batch; consumer paused"
-                    );
-                    tokio::select! {
-                        () = shutdown.cancelled() => break 'batches,
-                        () = tokio::time::sleep(wait) => {}
+        let mut paused = false;
+        let stored = tokio::select! {
+            biased;
+            stored = handle_until_stored(&spec.group, handle, batch.clone(), backoff, shutdown) => stored,
+            never = keep_membership(consumer, watch, keep_alive_after, &mut carried, &mut paused) => match never {},
+        };
+        if paused {
+            watch.waiting_on_handler(false);
+            match consumer.assignment() {
+                Ok(assignment) => {
+                    if let Err(error) = consumer.resume(&assignment) {
+                        tracing::warn!(group = %spec.group, %error, "cannot resume partitions");
                     }
                 }
+                Err(error) => {
+                    tracing::warn!(group = %spec.group, %error, "cannot read the assignment")
+                }
             }
+            tracing::info!(group = %spec.group, "batch stored; partitions resumed");
+        }
+        if !stored {
+            return Ended::Shutdown;
         }
         for message in batch.iter() {
             if let Err(error) =
@@ -174,37 +359,106 @@ where
             tracing::debug!(%error, "asynchronous offset commit not sent");
         }
     }
-    // Closing blocks: a synchronous commit, then leaving the group, whose revoke callback
-    // commits synchronously again. On a loaded broker that takes seconds, and on the
-    // runtime's own threads it would stall every task still finishing its work (sends
-    // whose rate-limit check then times out, records waiting for a connection).
-    let closed = tokio::task::spawn_blocking(move || {
-        commit(&consumer, "at shutdown");
-        drop(consumer);
-    })
-    .await;
-    if let Err(error) = closed {
-        tracing::warn!(group = %spec.group, %error, "consumer did not close cleanly");
-    }
-    tracing::info!(group = %spec.group, "consumer stopped");
-    Ok(())
 }
 
-/// Waits for one message, then takes what else arrives within `max_wait`, up to
-/// `max_messages`.
-async fn next_batch(
-    consumer: &StreamConsumer<GroupContext>,
-    limits: BatchLimits,
-) -> Vec<IncomingMessage> {
-    let mut batch = Vec::new();
-    match consumer.recv().await {
-        Ok(message) => batch.push(detach(&message)),
-        Err(error) => {
-            tracing::warn!(%error, "Kafka consumer error");
-            tokio::time::sleep(Duration::from_millis(500)).await;
-            return batch;
+/// Calls `handle` until it succeeds (true) or shutdown begins (false), with backoff.
+async fn handle_until_stored<F, Fut>(
+    group: &str,
+    handle: &F,
+    batch: Arc<Vec<IncomingMessage>>,
+    backoff: &mut Backoff,
+    shutdown: &CancellationToken,
+) -> bool
+where
+    F: Fn(Arc<Vec<IncomingMessage>>) -> Fut,
+    Fut: Future<Output = anyhow::Result<()>>,
+{
+    loop {
+        match handle(batch.clone()).await {
+            Ok(()) => {
+                backoff.reset();
+                return true;
+            }
+            Err(error) => {
+                let wait = backoff.next();
+                metrics::counter!("herald_consumer_stalls_total", "group" => group.to_owned())
+                    .increment(1);
+                tracing::warn!(
+                    group,
+                    error = format!("{error:#}"),
+                    retry_in = ?wait,
+                    "cannot process a batch; consumer paused"
+                );
+                tokio::select! {
+                    () = shutdown.cancelled() => return false,
+                    () = tokio::time::sleep(wait) => {}
+                }
+            }
         }
     }
+}
+
+/// Keeps the group membership of a consumer whose batch is still in the handler's hands
+/// after `after`: pauses every assigned partition, so nothing more is fetched, and keeps
+/// polling, which serves rebalances and shows librdkafka the member is alive
+/// (`max.poll.interval.ms`). Resuming fetches from the position after the last message
+/// handed out, so pausing loses nothing. Never returns: the caller drops it once the
+/// batch is stored, then resumes the partitions if `paused` says so.
+async fn keep_membership(
+    consumer: &GroupConsumer,
+    watch: &ConsumerWatch,
+    after: Duration,
+    carried: &mut Vec<IncomingMessage>,
+    paused: &mut bool,
+) -> Infallible {
+    tokio::time::sleep(after).await;
+    *paused = true;
+    watch.waiting_on_handler(true);
+    tracing::info!(group = %watch.group(), "batch still waiting; partitions paused, membership kept");
+    let mut tick = tokio::time::interval(TICK);
+    loop {
+        // Partitions assigned since the last pass (a rebalance meanwhile) are paused too.
+        if let Ok(assignment) = consumer.assignment()
+            && let Err(error) = consumer.pause(&assignment)
+        {
+            tracing::debug!(%error, "cannot pause partitions");
+        }
+        watch.export(Instant::now());
+        tokio::select! {
+            _ = tick.tick() => {}
+            received = consumer.recv() => match received {
+                Ok(message) => carried.push(detach(&message)),
+                Err(error) => {
+                    tracing::debug!(%error, "Kafka consumer error while paused");
+                    tick.tick().await;
+                }
+            },
+        }
+    }
+}
+
+/// Waits up to [`TICK`] for one message, then takes what else arrives within `max_wait`,
+/// up to `max_messages`; `carried` messages come first. Empty when nothing came.
+async fn next_batch(
+    consumer: &GroupConsumer,
+    limits: BatchLimits,
+    carried: &mut Vec<IncomingMessage>,
+    watch: &ConsumerWatch,
+) -> Vec<IncomingMessage> {
+    let mut batch = std::mem::take(carried);
+    if batch.is_empty() {
+        // `recv` is cancellation safe: a message is taken only when it is returned.
+        match tokio::time::timeout(TICK, consumer.recv()).await {
+            Err(_) => return batch,
+            Ok(Ok(message)) => batch.push(detach(&message)),
+            Ok(Err(error)) => {
+                tracing::warn!(%error, "Kafka consumer error");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                return batch;
+            }
+        }
+    }
+    watch.fetched();
     let deadline = tokio::time::Instant::now() + limits.max_wait;
     while batch.len() < limits.max_messages {
         match tokio::time::timeout_at(deadline, consumer.recv()).await {
@@ -217,6 +471,31 @@ async fn next_batch(
         }
     }
     batch
+}
+
+/// Closes a consumer off the runtime's threads, waiting at most `limit` (for ever with
+/// `None`). Closing blocks: a synchronous commit, then leaving the group, whose revoke
+/// callback commits synchronously again. On a loaded broker that takes seconds, and on
+/// the runtime's own threads it would stall every task still finishing its work (sends
+/// whose rate-limit check then times out, records waiting for a connection).
+async fn close(consumer: GroupConsumer, group: &str, limit: Option<Duration>) {
+    let closing = tokio::task::spawn_blocking(move || {
+        commit(&consumer, "at close");
+        drop(consumer);
+    });
+    let closed = match limit {
+        None => closing.await,
+        Some(limit) => match tokio::time::timeout(limit, closing).await {
+            Ok(closed) => closed,
+            Err(_) => {
+                tracing::warn!(group, ?limit, "consumer still closing; going on without it");
+                return;
+            }
+        },
+    };
+    if let Err(error) = closed {
+        tracing::warn!(group, %error, "consumer did not close cleanly");
+    }
 }
 
 /// Copies a message out of the consumer's buffers.

@@ -1,8 +1,9 @@
 //! Kafka plumbing shared by every role: client configuration, the topic catalogue of
 //! `kafka/topics.toml`, topic creation, the reachability probe behind `/health/ready`, and
-//! the batch consumer (`consumer`).
+//! the batch consumer (`consumer`) with the watchdog of its group membership (`watchdog`).
 
 pub mod consumer;
+pub mod watchdog;
 
 use std::{path::Path, sync::Arc, time::Duration};
 

@@ -87,6 +87,16 @@ impl Stack {
     pub fn start(&self, service: &str) {
         stack_script(&["start", PROFILE, service]);
     }
+
+    /// Freezes the broker (SIGSTOP): its connections stay open and nothing answers.
+    pub fn pause_broker(&self) {
+        stack_script(&["pause", PROFILE, "kafka"]);
+    }
+
+    /// Lets the broker run again (SIGCONT).
+    pub fn resume_broker(&self) {
+        stack_script(&["resume", PROFILE, "kafka"]);
+    }
 }
 
 /// One upstream event of the load.

@@ -3,7 +3,8 @@
 //! Each scenario drives the real `herald` binary as child processes (so SIGKILL and SIGTERM
 //! are real) against the `faults` stack, with a database, topic prefix and Redis prefix of
 //! its own; it runs a load, injects the fault (stopping a stack service with
-//! `scripts/stack.sh stop faults SERVICE`), then checks every event's fate and prints one
+//! `scripts/stack.sh stop faults SERVICE`, or freezing the broker with
+//! `scripts/stack.sh pause faults kafka`), then checks every event's fate and prints one
 //! line of figures. The scenarios stop shared services, so they run one at a time.
 //!
 //! Run it with `make test-faults` (scripts/faults.sh), which brings the stack up first. It
@@ -13,5 +14,6 @@
 mod harness;
 mod hostile;
 mod instances;
+mod membership;
 mod outages;
 mod sigkill;
