@@ -3,7 +3,8 @@
 # own ports and data so it can run beside `make run` and `make test`. The scenarios stop and
 # start that stack's services themselves (scripts/stack.sh stop|start faults SERVICE) and
 # run one at a time; each prints one `fault NAME: ...` line of figures. Exits non-zero if a
-# promise is broken.
+# promise is broken. Arguments go to the test harness: `scripts/faults.sh broker` runs the
+# scenarios whose names contain "broker".
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$ROOT"
@@ -30,7 +31,7 @@ psql "$faults_db" -qtAc \
 cargo test --lib ingest::decode -- --quiet
 
 status=0
-cargo test --test faults -- --test-threads=1 --nocapture 2>&1 | tee "$log" || status=$?
+cargo test --test faults -- --test-threads=1 --nocapture "$@" 2>&1 | tee "$log" || status=$?
 echo
 echo "[faults] figures (Herald logs under target/tmp/faults/):"
 grep -o 'fault [a-z]*: .*' "$log" || echo "  none: the suite did not get to run a scenario"

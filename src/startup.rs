@@ -319,10 +319,11 @@ fn spawn_workers(
         };
         let shutdown = state.shutdown.clone();
         let failure = failure.clone();
+        let group = spec.group.clone();
         tasks.spawn(async move {
             let result = consumer::run(&settings.kafka, spec, shutdown.clone(), |batch| {
-                let projector = &projector;
-                async move { projector.apply(&batch).await.map(drop) }
+                let (projector, group) = (&projector, &group);
+                async move { projector.apply_or_park(group, &batch).await.map(drop) }
             })
             .await;
             fail_on_error(result, "the read-model projector", &failure, &shutdown);
@@ -345,11 +346,12 @@ fn spawn_workers(
         };
         let shutdown = state.shutdown.clone();
         let failure = failure.clone();
+        let group = spec.group.clone();
         tasks.spawn(async move {
             let result = consumer::run(&settings.kafka, spec, shutdown.clone(), |batch| {
-                let (db, prefix) = (&db, &prefix);
+                let (db, prefix, group) = (&db, &prefix, &group);
                 async move {
-                    dlq::store::store(db, prefix, &batch).await?;
+                    dlq::store::store(db, group, prefix, &batch).await?;
                     dlq::store::export_sizes(db).await;
                     Ok(())
                 }

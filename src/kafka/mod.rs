@@ -1,8 +1,9 @@
 //! Kafka plumbing shared by every role: client configuration, the topic catalogue of
 //! `kafka/topics.toml`, topic creation, the reachability probe behind `/health/ready`, and
-//! the batch consumer (`consumer`).
+//! the batch consumer (`consumer`) and the records consumers set aside (`parked`).
 
 pub mod consumer;
+pub mod parked;
 
 use std::{path::Path, sync::Arc, time::Duration};
 

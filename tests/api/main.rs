@@ -3,6 +3,7 @@
 
 mod admin;
 mod broadcasts;
+mod dead_letters;
 mod cli;
 mod dispatch;
 mod docs;
