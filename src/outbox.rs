@@ -160,10 +160,7 @@ impl DeadLetter {
                 text(self.delivery_id.map(|d| d.to_string())),
             ),
             ("X-Failed-At".to_owned(), self.failed_at.to_rfc3339()),
-            (
-                DEAD_LETTER_ID_HEADER.to_owned(),
-                Uuid::now_v7().to_string(),
-            ),
+            (DEAD_LETTER_ID_HEADER.to_owned(), Uuid::now_v7().to_string()),
         ]);
         OutboxMessage {
             kind: OutboxKind::DeadLetter,

@@ -207,8 +207,7 @@ impl Relay {
             .await
             .context("Failed to commit the relay batch")?;
 
-        metrics::counter!("herald_outbox_published_total")
-            .increment(fates.published.len() as u64);
+        metrics::counter!("herald_outbox_published_total").increment(fates.published.len() as u64);
         for (i, verdict, error) in &fates.refused {
             self.suspects.remove(&rows[*i].id);
             report_set_aside(&rows[*i], *verdict, error);
@@ -249,7 +248,9 @@ impl Relay {
         if let Some(key) = &row.message_key {
             record = record.key(key);
         }
-        self.producer.send_result(record).map_err(|(error, _)| error)
+        self.producer
+            .send_result(record)
+            .map_err(|(error, _)| error)
     }
 
     /// Waits for one row's acknowledgement and judges a failure.
@@ -269,7 +270,14 @@ impl Relay {
         }
     }
 
-    fn judge(&mut self, rows: &[Row], i: usize, error: &KafkaError, alone: bool, fates: &mut Fates) {
+    fn judge(
+        &mut self,
+        rows: &[Row],
+        i: usize,
+        error: &KafkaError,
+        alone: bool,
+        fates: &mut Fates,
+    ) {
         let row = &rows[i];
         metrics::counter!("herald_outbox_publish_errors_total").increment(1);
         match verdict_of(error) {
@@ -392,6 +400,12 @@ fn producer(settings: &KafkaSettings) -> anyhow::Result<FutureProducer> {
         .set("acks", "all")
         .set("linger.ms", "5")
         .set("message.timeout.ms", "30000")
+        // How long a message for a topic the cluster does not know waits for the topic to
+        // appear before it fails (librdkafka's default is 30 s). The batch's commit waits
+        // for it, so the default held every row behind a missing topic for 30 s; Herald
+        // creates its topics before it produces, and a row that fails is simply held back
+        // and tried again (module docs).
+        .set("topic.metadata.propagation.max.ms", "1000")
         .create()
         .context("Failed to create the Kafka producer")
 }
@@ -523,13 +537,16 @@ mod tests {
     }
 
     #[test]
-    fn a_dead_letter_too_large_is_cut_once_on_a_character_boundary_and_anything_else_is_parked()
-    {
+    fn a_dead_letter_too_large_is_cut_once_on_a_character_boundary_and_anything_else_is_parked() {
         let mut text = "x".repeat(TRUNCATED_PAYLOAD_BYTES - 1).into_bytes();
         text.extend("한".repeat(1000).as_bytes());
         let row = dead_letter(text);
         let cut = truncation(&row, Verdict::TooLarge).expect("a large dead letter is cut");
-        assert_eq!(cut, TRUNCATED_PAYLOAD_BYTES - 1, "the cut keeps UTF-8 whole");
+        assert_eq!(
+            cut,
+            TRUNCATED_PAYLOAD_BYTES - 1,
+            "the cut keeps UTF-8 whole"
+        );
         assert!(std::str::from_utf8(&row.payload[..cut]).is_ok());
 
         assert_eq!(truncation(&row, Verdict::Invalid), None, "invalid: parked");

@@ -111,7 +111,10 @@ async fn letters_at_the_same_position_are_kept_apart_by_their_ids_and_a_copy_is_
     let stored = store::store(&app.db, "g", "", &after_reset).await.unwrap();
     assert_eq!(stored.stored, 1, "a new letter at an old position is new");
     // The relay published each twice (a crash between producing and marking).
-    let copies = [letter(7, Some(first), "not json"), letter(0, Some(second), "not json")];
+    let copies = [
+        letter(7, Some(first), "not json"),
+        letter(0, Some(second), "not json"),
+    ];
     let stored = store::store(&app.db, "g", "", &copies).await.unwrap();
 
     assert_eq!(stored.stored, 0);
@@ -130,19 +133,22 @@ async fn a_letter_from_another_producer_without_an_id_is_stored_once_per_record(
     let app = spawn_app().await;
     let foreign = letter(3, None, "{\"broken\"");
 
-    store::store(&app.db, "g", "", &[foreign.clone()])
+    store::store(&app.db, "g", "", std::slice::from_ref(&foreign))
         .await
         .unwrap();
-    let again = store::store(&app.db, "g", "", &[foreign.clone()])
+    let again = store::store(&app.db, "g", "", std::slice::from_ref(&foreign))
         .await
         .unwrap();
     let other_bytes = letter(3, None, "{\"other\"");
-    let other = store::store(&app.db, "g", "", &[other_bytes.clone()])
+    let other = store::store(&app.db, "g", "", std::slice::from_ref(&other_bytes))
         .await
         .unwrap();
 
     assert_eq!(again.duplicates, 1, "the same record read again is a copy");
-    assert_eq!(other.stored, 1, "other bytes at the same position are a new letter");
+    assert_eq!(
+        other.stored, 1,
+        "other bytes at the same position are a new letter"
+    );
     assert_eq!(stored_rows(&app).await, 2);
     assert_ne!(store::derived_id(&foreign), store::derived_id(&other_bytes));
 }
@@ -189,7 +195,10 @@ async fn the_same_poison_bytes_published_twice_are_two_dead_letters_each_listed_
     ids.dedup();
     assert_eq!(ids.len(), 3);
     for letter in &letters {
-        assert_eq!(letter["headers"]["X-Dead-Letter-Id"], letter["deadLetterId"]);
+        assert_eq!(
+            letter["headers"]["X-Dead-Letter-Id"],
+            letter["deadLetterId"]
+        );
         assert!(letter["kafkaOffset"].is_i64());
     }
 }
@@ -257,7 +266,13 @@ async fn a_delivery_event_the_database_refuses_is_parked_and_the_read_model_move
     wait_until(30, "the good event reaches the read model", || async {
         let found: Option<String> =
             sqlx::query_scalar("SELECT status FROM notification_log WHERE delivery_id = $1")
-                .bind(good["deliveryId"].as_str().unwrap().parse::<Uuid>().unwrap())
+                .bind(
+                    good["deliveryId"]
+                        .as_str()
+                        .unwrap()
+                        .parse::<Uuid>()
+                        .unwrap(),
+                )
                 .fetch_optional(&app.db)
                 .await
                 .unwrap();
@@ -289,13 +304,10 @@ async fn an_oversized_upstream_event_becomes_a_truncated_dead_letter_and_later_e
         9,
         json!({ "orderId": "o-9", "carrier": "CJ", "trackingNumber": "T-9" }),
     );
-    app.publish(
-        "fluxpay.order.events",
-        "9",
-        ordinary.to_string().as_bytes(),
-    )
-    .await;
-    app.publish("fluxpay.order.events", "9", b"small poison").await;
+    app.publish("fluxpay.order.events", "9", ordinary.to_string().as_bytes())
+        .await;
+    app.publish("fluxpay.order.events", "9", b"small poison")
+        .await;
 
     let event_id = ordinary["eventId"].as_str().unwrap().to_owned();
     wait_until(30, "the ordinary event reaches the read model", || async {
@@ -448,7 +460,10 @@ async fn a_row_for_a_missing_topic_waits_on_its_own_while_the_rows_after_it_flow
             .fetch_one(&app.db)
             .await
             .unwrap();
-    assert_eq!(stuck_row.0, None, "the row waits for its topic, it is not lost");
+    assert_eq!(
+        stuck_row.0, None,
+        "the row waits for its topic, it is not lost"
+    );
     assert!(
         took < Duration::from_secs(4),
         "rows behind a missing topic took {took:?}"

@@ -3,8 +3,8 @@
 
 mod admin;
 mod broadcasts;
-mod dead_letters;
 mod cli;
+mod dead_letters;
 mod dispatch;
 mod docs;
 mod health;

@@ -58,18 +58,24 @@ async fn run_phase(scenario: &Scenario, herald: &mut Herald, phase: usize, event
         letters.len(),
         herald.log.display()
     );
-    assert_eq!(letters.len(), expected, "phase {phase}: a letter listed twice");
+    assert_eq!(
+        letters.len(),
+        expected,
+        "phase {phase}: a letter listed twice"
+    );
     let mut ids: Vec<&str> = letters.iter().map(|(id, _)| id.as_str()).collect();
     ids.sort_unstable();
     ids.dedup();
     assert_eq!(ids.len(), expected, "phase {phase}: two letters merged");
     let poison = letters.iter().filter(|(_, d)| d.is_none()).count();
-    assert_eq!(poison, phase, "phase {phase}: each poison copy is its own letter");
+    assert_eq!(
+        poison, phase,
+        "phase {phase}: each poison copy is its own letter"
+    );
 }
 
 #[tokio::test]
-async fn broker_emptied_while_herald_runs_then_herald_restarted_every_dead_letter_is_listed_once()
-{
+async fn broker_emptied_while_herald_runs_then_herald_restarted_every_dead_letter_is_listed_once() {
     let receivers = Receivers::start().await;
     let refusing = MockServer::start().await;
     Mock::given(method("POST"))
@@ -116,5 +122,9 @@ async fn broker_emptied_while_herald_runs_then_herald_restarted_every_dead_lette
     );
     audit.assert_kept(scenario.name, events.len(), 2 * events.len());
     assert_eq!(audit.succeeded, events.len(), "every SMS went out");
-    assert_eq!(audit.dead_lettered, events.len(), "every SLACK failure is stored");
+    assert_eq!(
+        audit.dead_lettered,
+        events.len(),
+        "every SLACK failure is stored"
+    );
 }
