@@ -4,11 +4,27 @@
 //!
 //! A handler error is never the message's fault (handlers dead-letter poison themselves):
 //! the same batch is retried with backoff and no offset moves, so nothing is lost or
-//! skipped. Offsets stored are committed after each batch (asynchronously), every second
-//! as a backstop, when partitions are revoked and at shutdown. Consumer lag comes from librdkafka's statistics as
-//! `herald_consumer_lag_messages{group, topic}`.
+//! skipped. Offsets stored are committed after each batch (asynchronously), when
+//! partitions are revoked and at shutdown, by Herald only (no librdkafka auto-commit).
+//! Consumer lag comes from librdkafka's statistics as `herald_consumer_lag_messages{group,
+//! topic}`.
+//!
+//! When every broker connection is lost, the consumer leaves its partitions at once and
+//! joins its group again: once the brokers are back, it resumes from the offsets the group
+//! committed. A broker that lost its data (topics recreated, offsets starting again at 0,
+//! no group state) would otherwise be fetched from at the old positions, and every record
+//! below them in the new topics skipped without a word; a broker that kept its data gives
+//! the committed offsets back, and the few records read again are absorbed by the
+//! handlers' idempotency.
 
-use std::{future::Future, sync::Arc, time::Duration};
+use std::{
+    future::Future,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::Duration,
+};
 
 use anyhow::Context;
 use rdkafka::{
@@ -52,6 +68,8 @@ pub struct ConsumerSpec {
 
 struct GroupContext {
     group: String,
+    /// Set when librdkafka reports every broker down; cleared by the next assignment.
+    brokers_down: AtomicBool,
 }
 
 impl ClientContext for GroupContext {
@@ -72,13 +90,17 @@ impl ClientContext for GroupContext {
 impl ConsumerContext for GroupContext {
     fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         if let Rebalance::Revoke(partitions) = rebalance {
-            commit(consumer, "on revoke");
+            // With no broker to answer, a synchronous commit would only block the poll.
+            if !self.brokers_down.load(Ordering::Relaxed) {
+                commit(consumer, "on revoke");
+            }
             tracing::info!(group = %self.group, partitions = partitions.count(), "partitions revoked");
         }
     }
 
     fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         if let Rebalance::Assign(partitions) = rebalance {
+            self.brokers_down.store(false, Ordering::Relaxed);
             tracing::info!(group = %self.group, partitions = partitions.count(), "partitions assigned");
         }
     }
@@ -104,8 +126,10 @@ where
 {
     let consumer: StreamConsumer<GroupContext> = crate::kafka::client_config(settings)
         .set("group.id", &spec.group)
-        .set("enable.auto.commit", "true")
-        .set("auto.commit.interval.ms", "1000")
+        // Commits are Herald's own (after each batch, on revoke, at shutdown). librdkafka's
+        // auto-commit would also commit on every revoke, and after a broker lost its data
+        // that writes the old positions into the new group, past the new topics' records.
+        .set("enable.auto.commit", "false")
         // Offsets are stored by hand, after the handler committed the batch's effects.
         .set("enable.auto.offset.store", "false")
         .set("auto.offset.reset", "earliest")
@@ -115,8 +139,13 @@ where
         )
         .set("fetch.wait.max.ms", settings.fetch_wait_ms.to_string())
         .set("statistics.interval.ms", "10000")
+        // A subscribed topic that does not exist (yet, or again after a broker lost its
+        // data) is looked for at each metadata refresh: every 5 s rather than librdkafka's
+        // 5 minutes, so a recreated topic is consumed at once.
+        .set("topic.metadata.refresh.interval.ms", "5000")
         .create_with_context(GroupContext {
             group: spec.group.clone(),
+            brokers_down: AtomicBool::new(false),
         })
         .context("Failed to create a Kafka consumer")?;
     let topics: Vec<&str> = spec.topics.iter().map(String::as_str).collect();
@@ -126,11 +155,21 @@ where
     tracing::info!(group = %spec.group, ?topics, "consumer started");
 
     let mut backoff = Backoff::new();
+    let mut rejoined = false;
     'batches: loop {
         let batch = tokio::select! {
             () = shutdown.cancelled() => break,
             batch = next_batch(&consumer, spec.limits) => batch,
         };
+        let brokers_down = consumer.context().brokers_down.load(Ordering::Relaxed);
+        if brokers_down && !rejoined {
+            rejoin(&consumer, &topics)?;
+            tracing::warn!(
+                group = %spec.group,
+                "every broker is down; partitions dropped, the group is joined again from its committed offsets"
+            );
+        }
+        rejoined = brokers_down;
         if batch.is_empty() {
             continue;
         }
@@ -167,9 +206,9 @@ where
                 tracing::debug!(%error, partition = message.partition, "offset not stored");
             }
         }
-        // Committed at once rather than at the next auto-commit: a restart then re-reads
-        // less, and "stored" means "committed" within a round trip. The auto-commit stays
-        // as the backstop for an asynchronous commit that failed.
+        // Committed at once: a restart then re-reads little, and "stored" means
+        // "committed" within a round trip. An asynchronous commit that failed is covered
+        // by the next batch's, which commits every stored offset.
         if let Err(error) = consumer.commit_consumer_state(CommitMode::Async) {
             tracing::debug!(%error, "asynchronous offset commit not sent");
         }
@@ -190,6 +229,25 @@ where
     Ok(())
 }
 
+/// Drops the assignment and subscribes again (module docs).
+fn rejoin(consumer: &StreamConsumer<GroupContext>, topics: &[&str]) -> anyhow::Result<()> {
+    consumer.unsubscribe();
+    consumer
+        .subscribe(topics)
+        .with_context(|| format!("Failed to subscribe to {topics:?} again"))
+}
+
+/// Notes an error of the consumer's stream; every broker down calls for a rejoin.
+fn note_error(consumer: &StreamConsumer<GroupContext>, error: &KafkaError) {
+    if error.rdkafka_error_code() == Some(RDKafkaErrorCode::AllBrokersDown) {
+        consumer
+            .context()
+            .brokers_down
+            .store(true, Ordering::Relaxed);
+    }
+    tracing::warn!(%error, "Kafka consumer error");
+}
+
 /// Waits for one message, then takes what else arrives within `max_wait`, up to
 /// `max_messages`.
 async fn next_batch(
@@ -200,7 +258,7 @@ async fn next_batch(
     match consumer.recv().await {
         Ok(message) => batch.push(detach(&message)),
         Err(error) => {
-            tracing::warn!(%error, "Kafka consumer error");
+            note_error(consumer, &error);
             tokio::time::sleep(Duration::from_millis(500)).await;
             return batch;
         }
@@ -210,7 +268,7 @@ async fn next_batch(
         match tokio::time::timeout_at(deadline, consumer.recv()).await {
             Ok(Ok(message)) => batch.push(detach(&message)),
             Ok(Err(error)) => {
-                tracing::warn!(%error, "Kafka consumer error");
+                note_error(consumer, &error);
                 break;
             }
             Err(_) => break,
