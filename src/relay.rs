@@ -125,6 +125,8 @@ struct Fates {
     refused: Vec<(usize, Verdict, String)>,
     missing_topics: HashSet<String>,
     transient: usize,
+    /// Rows not acknowledged within message.timeout.ms.
+    timed_out: usize,
 }
 
 impl Relay {
@@ -225,10 +227,18 @@ impl Relay {
             .retain(|topic, _| !published_topics.contains(topic.as_str()));
         self.hold(fates.missing_topics).await;
         if let Some((code, reason)) = self.producer.client().fatal_error() {
-            // An idempotent producer can fail for good, for instance when the broker lost
-            // the state of its producer id (a broker that lost its data). Only a new
-            // producer publishes again.
+            // An idempotent producer can fail for good. Only a new producer publishes again.
             tracing::error!(%code, reason, "the Kafka producer failed; making a new one");
+            self.producer = producer(&self.settings)?;
+        } else if fates.published.is_empty() && fates.timed_out > 0 {
+            // Nothing acknowledged for message.timeout.ms: the broker is away, or it came
+            // back without the state of this idempotent producer (a broker that lost its
+            // data: measured on Tansu, every later message timed out, with no fatal error).
+            // A new producer costs a connection, and starts with an id the broker knows.
+            tracing::warn!(
+                timed_out = fates.timed_out,
+                "no acknowledgement from Kafka; making a new producer"
+            );
             self.producer = producer(&self.settings)?;
         }
         Ok(fates.published.len())
@@ -293,6 +303,9 @@ impl Relay {
             }
             Verdict::QueueFull | Verdict::Transient => {
                 fates.transient += 1;
+                if error.rdkafka_error_code() == Some(RDKafkaErrorCode::MessageTimedOut) {
+                    fates.timed_out += 1;
+                }
                 tracing::warn!(id = row.id, topic = %row.topic, %error, "cannot publish an outbox row; will retry");
             }
         }
