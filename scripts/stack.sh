@@ -368,7 +368,10 @@ service() {
         postgres) "postgres_$1" ;;
         redis) "redis_$1" ;;
         smtp | maildev) "maildev_$1" ;;
-        *) die "unknown service '$2' (expected postgres, redis or smtp; Tansu keeps its topics in memory, so it is not restarted)" ;;
+        # Tansu keeps its topics in memory: a restart empties every topic and forgets every
+        # consumer group, as a cluster that lost its data (the fault suite's broker reset).
+        kafka | tansu) "kafka_$1" ;;
+        *) die "unknown service '$2' (expected postgres, redis, smtp or kafka)" ;;
     esac
 }
 
@@ -407,5 +410,5 @@ case $command in
         mkdir -p "$LOG_DIR"
         service up "${3:-}"
         ;;
-    *) die "usage: scripts/stack.sh {install|up|down|status|env} [run|test|bench|faults], {stop|start} PROFILE {postgres|redis|smtp}, or {pause|resume} PROFILE kafka" ;;
+    *) die "usage: scripts/stack.sh {install|up|down|status|env} [run|test|bench|faults], {stop|start} PROFILE {postgres|redis|smtp|kafka}, or {pause|resume} PROFILE kafka" ;;
 esac

@@ -23,7 +23,8 @@
 //! - [`api`]: the HTTP surface, one module per resource.
 //! - [`auth`]: credentials: the admin token, API keys with scopes, end-user tokens.
 //! - [`db`]: the PostgreSQL pool and embedded migrations (`migrations/`).
-//! - [`kafka`]: client configuration, the topic catalogue (`kafka/topics.toml`).
+//! - [`kafka`]: client configuration, the topic catalogue (`kafka/topics.toml`), the
+//!   batch consumer and the records consumers park (`parked_records`).
 //! - [`broadcast`]: broadcasts to an audience, fanned out in the background.
 //! - [`demo`]: sample events of the seed scenarios.
 

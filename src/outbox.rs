@@ -81,6 +81,16 @@ impl DeliveryEvent {
     }
 }
 
+/// The header that names a dead letter: a UUID given when the letter is made and written
+/// with its outbox row, so every copy the relay publishes carries the same one. The DLQ
+/// store keys on it; topic positions are not identities (they start again at 0 when a
+/// topic is recreated).
+pub const DEAD_LETTER_ID_HEADER: &str = "X-Dead-Letter-Id";
+
+/// The header the relay adds to a dead letter whose payload it had to cut to get it past
+/// Kafka's size limit; its value is the original payload's size in bytes.
+pub const PAYLOAD_TRUNCATED_HEADER: &str = "X-Payload-Truncated";
+
 /// The facts a dead letter carries in its headers (DESIGN §4).
 #[derive(Debug, Clone, Default)]
 pub struct DeadLetter {
@@ -101,7 +111,8 @@ pub struct DeadLetter {
 
 impl DeadLetter {
     /// The outbox message: the original bytes and key, with every header of DESIGN §4
-    /// (empty where a fact does not apply, so readers find every header on every record).
+    /// (empty where a fact does not apply, so readers find every header on every record)
+    /// and a fresh [`DEAD_LETTER_ID_HEADER`].
     pub fn to_outbox(
         &self,
         topic_prefix: &str,
@@ -149,6 +160,7 @@ impl DeadLetter {
                 text(self.delivery_id.map(|d| d.to_string())),
             ),
             ("X-Failed-At".to_owned(), self.failed_at.to_rfc3339()),
+            (DEAD_LETTER_ID_HEADER.to_owned(), Uuid::now_v7().to_string()),
         ]);
         OutboxMessage {
             kind: OutboxKind::DeadLetter,

@@ -1,21 +1,44 @@
 //! The outbox relay: publishes outbox rows to Kafka in id order and marks them published,
 //! at least once. A crash between producing and marking re-publishes the batch; readers
-//! dedupe (delivery events carry a version, dead letters a delivery id or position).
+//! dedupe (delivery events carry a version, dead letters their `X-Dead-Letter-Id`).
 //!
 //! Several relays can run: each batch is locked with `FOR UPDATE SKIP LOCKED`.
+//!
+//! Only a transient failure (the broker away, busy, electing) holds a row back, and it holds
+//! only that row. What Kafka answers is judged per row ([`verdict`]):
+//! - a message Kafka will never take (too large, malformed) is **parked**: moved to
+//!   `outbox_parked` with the error, counted in `herald_outbox_parked_total{kind}` and
+//!   logged, so that the rows behind it flow. A dead letter too large for Kafka is first
+//!   **truncated** instead (its payload cut to [`TRUNCATED_PAYLOAD_BYTES`], with an
+//!   `X-Payload-Truncated: <original size>` header), because the failure it reports matters
+//!   more than its bytes: the operator still sees it, and the original event stays where it
+//!   came from (`X-Original-Topic`/`-Offset`). A refusal the broker gave a whole batch of
+//!   rows may not be any one row's fault: those rows are sent again alone before being
+//!   judged.
+//! - a missing topic holds that topic's rows back on their own, with a backoff (1 s
+//!   doubling to a minute), instead of putting them in front of every batch; a topic of the
+//!   catalogue is created again (a broker that lost its data loses its topics too).
 
-use std::{collections::BTreeMap, time::Duration};
+use std::{
+    collections::{BTreeMap, HashMap, HashSet},
+    time::{Duration, Instant},
+};
 
 use anyhow::Context;
 use chrono::{DateTime, Utc};
 use rdkafka::{
+    error::{KafkaError, RDKafkaErrorCode},
     message::{Header, OwnedHeaders},
-    producer::{FutureProducer, FutureRecord},
+    producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer},
 };
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
-use crate::{config::KafkaSettings, kafka};
+use crate::{
+    config::KafkaSettings,
+    kafka::{self, KafkaAdmin, TopicCatalogue},
+    outbox::PAYLOAD_TRUNCATED_HEADER,
+};
 
 /// Rows one relay transaction publishes: large, because a batch costs a fixed number of
 /// statements, a commit and one linger of the producer, whatever its size.
@@ -24,102 +47,309 @@ const BATCH: i64 = 5000;
 const LAG_EVERY: Duration = Duration::from_secs(1);
 /// Published rows are deleted after this long.
 const RETENTION_HOURS: i64 = 24;
+/// What is left of a dead letter's payload that Kafka refused as too large: enough for an
+/// operator to recognise the event, far below any broker's limit.
+pub const TRUNCATED_PAYLOAD_BYTES: usize = 64 * 1024;
+/// The first and the longest hold of a missing topic's rows.
+const FIRST_HOLD: Duration = Duration::from_secs(1);
+const LONGEST_HOLD: Duration = Duration::from_secs(60);
 
 /// Publishes outbox rows.
 pub struct Relay {
     db: PgPool,
+    settings: KafkaSettings,
     producer: FutureProducer,
+    /// Topics Kafka reported missing, with when their rows may be tried again.
+    held_topics: HashMap<String, Hold>,
+    /// Rows the broker refused together with others, to be sent alone next time.
+    suspects: HashSet<i64>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Hold {
+    until: Instant,
+    wait: Duration,
 }
 
 #[derive(sqlx::FromRow)]
 struct Row {
     id: i64,
+    kind: String,
     topic: String,
     message_key: Option<Vec<u8>>,
     payload: Vec<u8>,
     headers: sqlx::types::Json<BTreeMap<String, String>>,
 }
 
+/// What Kafka's refusal of one message means for its outbox row.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// The message is too large: it will never be taken as it is.
+    TooLarge,
+    /// The message is malformed: it will never be taken.
+    Invalid,
+    /// Its topic is missing or not writable: the topic's rows are held back together.
+    TopicUnavailable,
+    /// The producer's queue is full: the rest of the batch waits for the next one.
+    QueueFull,
+    /// Anything else (the broker away, busy or electing a leader, a timeout): the row is
+    /// tried again in the next batch. Unknown codes land here: holding a row back is
+    /// safe, parking it is not.
+    Transient,
+}
+
+/// Judges a produce error code (librdkafka's local codes are negative, the broker's
+/// positive).
+pub fn verdict(code: RDKafkaErrorCode) -> Verdict {
+    use RDKafkaErrorCode as C;
+    match code {
+        C::MessageSizeTooLarge | C::InvalidMessageSize | C::MessageBatchTooLarge => {
+            Verdict::TooLarge
+        }
+        C::InvalidMessage | C::InvalidRecord | C::InvalidTimestamp => Verdict::Invalid,
+        C::UnknownTopic
+        | C::UnknownPartition
+        | C::UnknownTopicOrPartition
+        | C::InvalidTopic
+        | C::TopicAuthorizationFailed => Verdict::TopicUnavailable,
+        C::QueueFull => Verdict::QueueFull,
+        _ => Verdict::Transient,
+    }
+}
+
+/// The rows of one batch by what became of them.
+#[derive(Default)]
+struct Fates {
+    published: Vec<i64>,
+    /// Rows Kafka will never take as they are, with the error.
+    refused: Vec<(usize, Verdict, String)>,
+    missing_topics: HashSet<String>,
+    transient: usize,
+    /// Rows not acknowledged within message.timeout.ms.
+    timed_out: usize,
+}
+
 impl Relay {
     /// An idempotent producer (acks=all, no duplicates from its own retries).
     pub fn new(db: PgPool, settings: &KafkaSettings) -> anyhow::Result<Self> {
-        let producer = kafka::client_config(settings)
-            .set("enable.idempotence", "true")
-            .set("acks", "all")
-            .set("linger.ms", "5")
-            .set("message.timeout.ms", "30000")
-            .create()
-            .context("Failed to create the Kafka producer")?;
-        Ok(Relay { db, producer })
+        Ok(Relay {
+            db,
+            settings: settings.clone(),
+            producer: producer(settings)?,
+            held_topics: HashMap::new(),
+            suspects: HashSet::new(),
+        })
     }
 
     /// Publishes one batch; returns how many rows were published.
-    pub async fn publish_batch(&self) -> anyhow::Result<usize> {
+    pub async fn publish_batch(&mut self) -> anyhow::Result<usize> {
+        let now = Instant::now();
+        let held: Vec<String> = self
+            .held_topics
+            .iter()
+            .filter(|(_, hold)| hold.until > now)
+            .map(|(topic, _)| topic.clone())
+            .collect();
         let mut tx = self.db.begin().await.context("Failed to begin")?;
         let rows: Vec<Row> = sqlx::query_as(
-            "SELECT id, topic, message_key, payload, headers FROM outbox \
-             WHERE published_at IS NULL ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED",
+            "SELECT id, kind, topic, message_key, payload, headers FROM outbox \
+             WHERE published_at IS NULL AND topic <> ALL($2) \
+             ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED",
         )
         .bind(BATCH)
+        .bind(&held)
         .fetch_all(&mut *tx)
         .await
         .context("Failed to read the outbox")?;
         if rows.is_empty() {
             return Ok(0);
         }
-        // Enqueue everything first (send_result returns at once), then await the acks in
-        // order: the batch costs one round trip, not one per row.
-        let mut pending = Vec::with_capacity(rows.len());
-        for row in &rows {
-            let mut headers = OwnedHeaders::new_with_capacity(row.headers.len());
-            for (name, value) in row.headers.iter() {
-                headers = headers.insert(Header {
-                    key: name,
-                    value: Some(value.as_bytes()),
-                });
+        let mut fates = Fates::default();
+        // Rows the broker refused in company are sent one at a time, each awaited before
+        // the next, so that a refusal now is their own.
+        let (alone, together): (Vec<usize>, Vec<usize>) =
+            (0..rows.len()).partition(|&i| self.suspects.contains(&rows[i].id));
+        for i in alone {
+            match self.enqueue(&rows[i]) {
+                Ok(delivery) => self.settle(&rows, i, delivery, true, &mut fates).await,
+                Err(error) => self.judge(&rows, i, &error, true, &mut fates),
             }
-            let mut record = FutureRecord::to(&row.topic)
-                .payload(&row.payload)
-                .headers(headers);
-            if let Some(key) = &row.message_key {
-                record = record.key(key);
+        }
+        // Enqueue everything else first (send_result returns at once), then await the acks
+        // in order: the batch costs one round trip, not one per row.
+        let mut pending = Vec::with_capacity(together.len());
+        for i in together {
+            if fates.missing_topics.contains(&rows[i].topic) {
+                continue;
             }
-            match self.producer.send_result(record) {
-                Ok(delivery) => pending.push((row.id, delivery)),
-                Err((error, _)) => {
+            match self.enqueue(&rows[i]) {
+                Ok(delivery) => pending.push((i, delivery)),
+                Err(error) if verdict_of(&error) == Verdict::QueueFull => {
                     tracing::debug!(%error, "producer queue full; publishing the rest later");
                     break;
                 }
+                // librdkafka's own checks (a message over message.max.bytes, a topic it
+                // knows is missing) answer at once, for this message alone.
+                Err(error) => self.judge(&rows, i, &error, true, &mut fates),
             }
         }
-        let mut published = Vec::with_capacity(pending.len());
-        for (id, delivery) in pending {
-            match delivery.await {
-                Ok(Ok(_)) => published.push(id),
-                // Every acknowledged row is marked, so one row that keeps failing (say, a
-                // topic that does not exist) neither stalls nor re-publishes the others.
-                // Readers order by the events' versions, not by arrival.
-                Ok(Err((error, _))) => {
-                    metrics::counter!("herald_outbox_publish_errors_total").increment(1);
-                    tracing::warn!(%error, "cannot publish an outbox row; will retry");
-                }
-                Err(_) => {}
-            }
+        for (i, delivery) in pending {
+            self.settle(&rows, i, delivery, false, &mut fates).await;
         }
+
         sqlx::query("UPDATE outbox SET published_at = now() WHERE id = ANY($1)")
-            .bind(&published)
+            .bind(&fates.published)
             .execute(&mut *tx)
             .await
             .context("Failed to mark outbox rows published")?;
+        for (i, verdict, error) in &fates.refused {
+            set_aside(&mut tx, &rows[*i], *verdict, error).await?;
+        }
         tx.commit()
             .await
             .context("Failed to commit the relay batch")?;
-        metrics::counter!("herald_outbox_published_total").increment(published.len() as u64);
-        Ok(published.len())
+
+        metrics::counter!("herald_outbox_published_total").increment(fates.published.len() as u64);
+        for (i, verdict, error) in &fates.refused {
+            self.suspects.remove(&rows[*i].id);
+            report_set_aside(&rows[*i], *verdict, error);
+        }
+        for id in &fates.published {
+            self.suspects.remove(id);
+        }
+        let published: HashSet<i64> = fates.published.iter().copied().collect();
+        let published_topics: HashSet<&str> = rows
+            .iter()
+            .filter(|r| published.contains(&r.id))
+            .map(|r| r.topic.as_str())
+            .collect();
+        self.held_topics
+            .retain(|topic, _| !published_topics.contains(topic.as_str()));
+        self.hold(fates.missing_topics).await;
+        if let Some((code, reason)) = self.producer.client().fatal_error() {
+            // An idempotent producer can fail for good. Only a new producer publishes again.
+            tracing::error!(%code, reason, "the Kafka producer failed; making a new one");
+            self.producer = producer(&self.settings)?;
+        } else if fates.published.is_empty() && fates.timed_out > 0 {
+            // Nothing acknowledged for message.timeout.ms: the broker is away, or it came
+            // back without the state of this idempotent producer (a broker that lost its
+            // data: measured on Tansu, every later message timed out, with no fatal error).
+            // A new producer costs a connection, and starts with an id the broker knows.
+            tracing::warn!(
+                timed_out = fates.timed_out,
+                "no acknowledgement from Kafka; making a new producer"
+            );
+            self.producer = producer(&self.settings)?;
+        }
+        Ok(fates.published.len())
+    }
+
+    fn enqueue(&self, row: &Row) -> Result<DeliveryFuture, KafkaError> {
+        let mut headers = OwnedHeaders::new_with_capacity(row.headers.len());
+        for (name, value) in row.headers.iter() {
+            headers = headers.insert(Header {
+                key: name,
+                value: Some(value.as_bytes()),
+            });
+        }
+        let mut record = FutureRecord::to(&row.topic)
+            .payload(&row.payload)
+            .headers(headers);
+        if let Some(key) = &row.message_key {
+            record = record.key(key);
+        }
+        self.producer
+            .send_result(record)
+            .map_err(|(error, _)| error)
+    }
+
+    /// Waits for one row's acknowledgement and judges a failure.
+    async fn settle(
+        &mut self,
+        rows: &[Row],
+        i: usize,
+        delivery: DeliveryFuture,
+        alone: bool,
+        fates: &mut Fates,
+    ) {
+        match delivery.await {
+            Ok(Ok(_)) => fates.published.push(rows[i].id),
+            Ok(Err((error, _))) => self.judge(rows, i, &error, alone, fates),
+            // The producer was dropped: the row stays for the next batch.
+            Err(_) => fates.transient += 1,
+        }
+    }
+
+    fn judge(
+        &mut self,
+        rows: &[Row],
+        i: usize,
+        error: &KafkaError,
+        alone: bool,
+        fates: &mut Fates,
+    ) {
+        let row = &rows[i];
+        metrics::counter!("herald_outbox_publish_errors_total").increment(1);
+        match verdict_of(error) {
+            verdict @ (Verdict::TooLarge | Verdict::Invalid) if alone => {
+                fates.refused.push((i, verdict, error.to_string()));
+            }
+            Verdict::TooLarge | Verdict::Invalid => {
+                tracing::warn!(id = row.id, %error, "the broker refused a batch; its rows go alone next time");
+                self.suspects.insert(row.id);
+            }
+            Verdict::TopicUnavailable => {
+                fates.missing_topics.insert(row.topic.clone());
+            }
+            Verdict::QueueFull | Verdict::Transient => {
+                fates.transient += 1;
+                if error.rdkafka_error_code() == Some(RDKafkaErrorCode::MessageTimedOut) {
+                    fates.timed_out += 1;
+                }
+                tracing::warn!(id = row.id, topic = %row.topic, %error, "cannot publish an outbox row; will retry");
+            }
+        }
+    }
+
+    /// Holds back the rows of topics Kafka reported missing, longer each time, and creates
+    /// the catalogue's topics again when one of them is missing.
+    async fn hold(&mut self, topics: HashSet<String>) {
+        if topics.is_empty() {
+            return;
+        }
+        let catalogue = TopicCatalogue::load(&self.settings.topics_file).ok();
+        let mut recreate = false;
+        for topic in topics {
+            let hold = self.held_topics.entry(topic.clone()).or_insert(Hold {
+                until: Instant::now(),
+                wait: FIRST_HOLD / 2,
+            });
+            hold.wait = (hold.wait * 2).min(LONGEST_HOLD);
+            hold.until = Instant::now() + hold.wait;
+            tracing::warn!(%topic, retry_in = ?hold.wait, "topic missing; its outbox rows wait");
+            recreate |= catalogue.as_ref().is_some_and(|c| {
+                c.topics
+                    .iter()
+                    .any(|t| format!("{}{}", self.settings.topic_prefix, t.name) == topic)
+            });
+        }
+        if let (true, Some(catalogue)) = (recreate, catalogue) {
+            let created = match KafkaAdmin::new(&self.settings) {
+                Ok(admin) => admin.create_topics(&catalogue).await.map(drop),
+                Err(error) => Err(error),
+            };
+            match created {
+                Ok(()) => tracing::warn!("catalogue topics were missing; created them again"),
+                Err(error) => tracing::warn!(
+                    error = format!("{error:#}"),
+                    "cannot create the missing catalogue topics"
+                ),
+            }
+        }
     }
 
     /// Relays until `shutdown`: at once while there is a backlog, otherwise every 50 ms.
-    pub async fn run(self, shutdown: CancellationToken) {
+    pub async fn run(mut self, shutdown: CancellationToken) {
         let mut last_prune = std::time::Instant::now();
         let mut last_lag = std::time::Instant::now() - LAG_EVERY;
         while !shutdown.is_cancelled() {
@@ -174,5 +404,175 @@ impl Relay {
         if let Err(error) = pruned {
             tracing::warn!(%error, "cannot prune the outbox");
         }
+    }
+}
+
+fn producer(settings: &KafkaSettings) -> anyhow::Result<FutureProducer> {
+    kafka::client_config(settings)
+        .set("enable.idempotence", "true")
+        .set("acks", "all")
+        .set("linger.ms", "5")
+        .set("message.timeout.ms", "30000")
+        // How long a message for a topic the cluster does not know waits for the topic to
+        // appear before it fails (librdkafka's default is 30 s). The batch's commit waits
+        // for it, so the default held every row behind a missing topic for 30 s; Herald
+        // creates its topics before it produces, and a row that fails is simply held back
+        // and tried again (module docs).
+        .set("topic.metadata.propagation.max.ms", "1000")
+        .create()
+        .context("Failed to create the Kafka producer")
+}
+
+fn verdict_of(error: &KafkaError) -> Verdict {
+    error
+        .rdkafka_error_code()
+        .map_or(Verdict::Transient, verdict)
+}
+
+/// Truncates a dead letter refused as too large (once), or parks the row.
+async fn set_aside(
+    tx: &mut sqlx::PgConnection,
+    row: &Row,
+    verdict: Verdict,
+    error: &str,
+) -> anyhow::Result<()> {
+    if let Some(cut) = truncation(row, verdict) {
+        sqlx::query(
+            "UPDATE outbox SET payload = $2, headers = headers || jsonb_build_object($3::text, $4::text) \
+             WHERE id = $1",
+        )
+        .bind(row.id)
+        .bind(&row.payload[..cut])
+        .bind(PAYLOAD_TRUNCATED_HEADER)
+        .bind(row.payload.len().to_string())
+        .execute(&mut *tx)
+        .await
+        .context("Failed to truncate a dead letter")?;
+        return Ok(());
+    }
+    sqlx::query(
+        "WITH moved AS (DELETE FROM outbox WHERE id = $1 RETURNING *) \
+         INSERT INTO outbox_parked (id, kind, topic, message_key, payload, headers, created_at, error) \
+         SELECT id, kind, topic, message_key, payload, headers, created_at, $2 FROM moved",
+    )
+    .bind(row.id)
+    .bind(error.replace('\0', ""))
+    .execute(&mut *tx)
+    .await
+    .context("Failed to park an outbox row")?;
+    Ok(())
+}
+
+/// Where to cut a dead letter's payload, if it is one that is cut rather than parked: too
+/// large, not cut before, and with more than the budget to cut. The cut keeps UTF-8 whole.
+fn truncation(row: &Row, verdict: Verdict) -> Option<usize> {
+    if row.kind != "dead_letter"
+        || verdict != Verdict::TooLarge
+        || row.headers.contains_key(PAYLOAD_TRUNCATED_HEADER)
+        || row.payload.len() <= TRUNCATED_PAYLOAD_BYTES
+    {
+        return None;
+    }
+    let head = &row.payload[..TRUNCATED_PAYLOAD_BYTES];
+    Some(match std::str::from_utf8(head) {
+        Ok(_) => head.len(),
+        Err(error) if error.error_len().is_none() => error.valid_up_to(),
+        Err(_) => head.len(),
+    })
+}
+
+fn report_set_aside(row: &Row, verdict: Verdict, error: &str) {
+    if truncation(row, verdict).is_some() {
+        metrics::counter!("herald_outbox_truncated_total").increment(1);
+        tracing::warn!(
+            id = row.id,
+            topic = %row.topic,
+            size = row.payload.len(),
+            error,
+            "dead letter too large for Kafka; its payload is truncated"
+        );
+    } else {
+        metrics::counter!("herald_outbox_parked_total", "kind" => row.kind.clone()).increment(1);
+        tracing::error!(
+            id = row.id,
+            topic = %row.topic,
+            kind = %row.kind,
+            size = row.payload.len(),
+            error,
+            "Kafka will never take this outbox row; parked in outbox_parked"
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_size_and_format_errors_are_taken_as_the_message_s_own_fault() {
+        use RDKafkaErrorCode as C;
+        let cases = [
+            (C::MessageSizeTooLarge, Verdict::TooLarge),
+            (C::InvalidMessageSize, Verdict::TooLarge),
+            (C::MessageBatchTooLarge, Verdict::TooLarge),
+            (C::InvalidMessage, Verdict::Invalid),
+            (C::InvalidRecord, Verdict::Invalid),
+            (C::InvalidTimestamp, Verdict::Invalid),
+            (C::UnknownTopic, Verdict::TopicUnavailable),
+            (C::UnknownTopicOrPartition, Verdict::TopicUnavailable),
+            (C::UnknownPartition, Verdict::TopicUnavailable),
+            (C::TopicAuthorizationFailed, Verdict::TopicUnavailable),
+            (C::QueueFull, Verdict::QueueFull),
+            (C::MessageTimedOut, Verdict::Transient),
+            (C::AllBrokersDown, Verdict::Transient),
+            (C::RequestTimedOut, Verdict::Transient),
+            (C::NotLeaderForPartition, Verdict::Transient),
+            (C::LeaderNotAvailable, Verdict::Transient),
+            (C::NotEnoughReplicas, Verdict::Transient),
+            (C::NetworkException, Verdict::Transient),
+            (C::Fatal, Verdict::Transient),
+            (C::Unknown, Verdict::Transient),
+        ];
+        for (code, expected) in cases {
+            assert_eq!(verdict(code), expected, "{code:?}");
+        }
+    }
+
+    fn dead_letter(payload: Vec<u8>) -> Row {
+        Row {
+            id: 1,
+            kind: "dead_letter".to_owned(),
+            topic: "notification.dlq.order".to_owned(),
+            message_key: None,
+            payload,
+            headers: sqlx::types::Json(BTreeMap::new()),
+        }
+    }
+
+    #[test]
+    fn a_dead_letter_too_large_is_cut_once_on_a_character_boundary_and_anything_else_is_parked() {
+        let mut text = "x".repeat(TRUNCATED_PAYLOAD_BYTES - 1).into_bytes();
+        text.extend("한".repeat(1000).as_bytes());
+        let row = dead_letter(text);
+        let cut = truncation(&row, Verdict::TooLarge).expect("a large dead letter is cut");
+        assert_eq!(
+            cut,
+            TRUNCATED_PAYLOAD_BYTES - 1,
+            "the cut keeps UTF-8 whole"
+        );
+        assert!(std::str::from_utf8(&row.payload[..cut]).is_ok());
+
+        assert_eq!(truncation(&row, Verdict::Invalid), None, "invalid: parked");
+        let mut cut_before = dead_letter(vec![b'x'; 2 * TRUNCATED_PAYLOAD_BYTES]);
+        cut_before
+            .headers
+            .0
+            .insert(PAYLOAD_TRUNCATED_HEADER.to_owned(), "9".to_owned());
+        assert_eq!(truncation(&cut_before, Verdict::TooLarge), None);
+        let mut event = dead_letter(vec![b'x'; 2 * TRUNCATED_PAYLOAD_BYTES]);
+        event.kind = "delivery_event".to_owned();
+        assert_eq!(truncation(&event, Verdict::TooLarge), None);
+        let small = dead_letter(vec![b'x'; 10]);
+        assert_eq!(truncation(&small, Verdict::TooLarge), None);
     }
 }

@@ -360,6 +360,7 @@ fn spawn_workers(
         };
         let (shutdown, watchdogs) = (state.shutdown.clone(), state.consumers.clone());
         let failure = failure.clone();
+        let group = spec.group.clone();
         tasks.spawn(async move {
             let result = consumer::run(
                 &settings.kafka,
@@ -367,8 +368,8 @@ fn spawn_workers(
                 &watchdogs,
                 shutdown.clone(),
                 |batch| {
-                    let projector = &projector;
-                    async move { projector.apply(&batch).await.map(drop) }
+                    let (projector, group) = (&projector, &group);
+                    async move { projector.apply_or_park(group, &batch).await.map(drop) }
                 },
             )
             .await;
@@ -392,6 +393,7 @@ fn spawn_workers(
         };
         let (shutdown, watchdogs) = (state.shutdown.clone(), state.consumers.clone());
         let failure = failure.clone();
+        let group = spec.group.clone();
         tasks.spawn(async move {
             let result = consumer::run(
                 &settings.kafka,
@@ -399,9 +401,9 @@ fn spawn_workers(
                 &watchdogs,
                 shutdown.clone(),
                 |batch| {
-                    let (db, prefix) = (&db, &prefix);
+                    let (db, prefix, group) = (&db, &prefix, &group);
                     async move {
-                        dlq::store::store(db, prefix, &batch).await?;
+                        dlq::store::store(db, group, prefix, &batch).await?;
                         dlq::store::export_sizes(db).await;
                         Ok(())
                     }

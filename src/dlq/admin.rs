@@ -15,7 +15,7 @@ use crate::{
     domain::{Channel, DeliveryStatus, Domain},
     ingest::Ingestor,
     kafka::consumer::IncomingMessage,
-    outbox::{self, DeliveryEvent},
+    outbox::{self, DeliveryEvent, PAYLOAD_TRUNCATED_HEADER},
 };
 
 /// Why an admin action could not be done.
@@ -34,6 +34,10 @@ pub enum AdminError {
 #[serde(rename_all = "camelCase")]
 pub struct DeadLetterView {
     pub id: Uuid,
+    /// The identity the letter was made with (`X-Dead-Letter-Id`, or one derived from the
+    /// record for other producers' letters); for a delivery's row, its latest letter's.
+    /// None on rows stored before letters had one.
+    pub dead_letter_id: Option<Uuid>,
     pub domain: String,
     pub status: String,
     /// For a retried delivery: PENDING until it ends, then SUCCESS or FAILED. For a retried
@@ -48,7 +52,11 @@ pub struct DeadLetterView {
     pub original_topic: Option<String>,
     pub original_partition: Option<i32>,
     pub original_offset: Option<i64>,
+    /// Where the letter was read: information, not identity (offsets start again at 0
+    /// when a topic is recreated).
     pub topic: String,
+    pub kafka_partition: i32,
+    pub kafka_offset: i64,
     pub headers: Value,
     /// The dead-lettered bytes, as text (lossy for bytes that are not UTF-8).
     #[sqlx(skip)]
@@ -64,13 +72,13 @@ pub struct DeadLetterView {
     pub received_at: DateTime<Utc>,
 }
 
-const SELECT: &str = "SELECT m.id, m.domain, m.status, \
+const SELECT: &str = "SELECT m.id, m.dead_letter_id, m.domain, m.status, \
         CASE WHEN m.status = 'RETRIED' AND m.delivery_id IS NOT NULL THEN \
              CASE d.status WHEN 'SUCCESS' THEN 'SUCCESS' WHEN 'FAILED' THEN 'FAILED' ELSE 'PENDING' END \
              ELSE m.retry_outcome END AS retry_outcome, \
         m.error_class, m.error_message, m.failed_channel, m.event_id, m.notification_id, \
         m.delivery_id, m.original_topic, m.original_partition, m.original_offset, m.topic, \
-        m.headers, m.payload AS payload_bytes, m.message_key, m.actioned_by, m.actioned_at, \
+        m.kafka_partition, m.kafka_offset, m.headers, m.payload AS payload_bytes, m.message_key, m.actioned_by, m.actioned_at, \
         m.failed_at, m.received_at \
     FROM dlq_messages m LEFT JOIN deliveries d ON d.id = m.delivery_id";
 
@@ -251,6 +259,17 @@ async fn reingest(
         .domain
         .parse()
         .map_err(|e: String| AdminError::Conflict(e))?;
+    if let Some(size) = letter
+        .headers
+        .get(PAYLOAD_TRUNCATED_HEADER)
+        .and_then(Value::as_str)
+    {
+        return Err(AdminError::Conflict(format!(
+            "dead letter {} holds only the start of a {size}-byte event (Kafka refused the whole \
+             of it); publish the original again from its topic instead",
+            letter.id
+        )));
+    }
     let (Some(topic), Some(partition), Some(offset)) = (
         letter.original_topic.clone(),
         letter.original_partition,

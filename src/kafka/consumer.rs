@@ -4,8 +4,16 @@
 //!
 //! A handler error is never the message's fault (handlers dead-letter poison themselves):
 //! the same batch is retried with backoff and no offset moves, so nothing is lost or
-//! skipped. Offsets stored are committed after each batch (asynchronously), every second
-//! as a backstop, when partitions are revoked and at shutdown.
+//! skipped. Offsets stored are committed after each batch (asynchronously), when
+//! partitions are revoked and at shutdown, by Herald only (no librdkafka auto-commit).
+//!
+//! When every broker connection is lost, the consumer leaves its partitions at once and
+//! joins its group again: once the brokers are back, it resumes from the offsets the group
+//! committed. A broker that lost its data (topics recreated, offsets starting again at 0,
+//! no group state) would otherwise be fetched from at the old positions, and every record
+//! below them in the new topics skipped without a word; a broker that kept its data gives
+//! the committed offsets back, and the few records read again are absorbed by the
+//! handlers' idempotency.
 //!
 //! Group membership is watched ([`super::watchdog`]): every rebalance is recorded, and a
 //! consumer left without an assignment beyond `HERALD_KAFKA_ASSIGNMENT_TIMEOUT_MS` is
@@ -28,7 +36,7 @@ use std::{
     future::Future,
     sync::{
         Arc,
-        atomic::{AtomicI64, Ordering},
+        atomic::{AtomicBool, AtomicI64, Ordering},
     },
     time::{Duration, Instant},
 };
@@ -88,6 +96,8 @@ struct GroupContext {
     /// Fetch requests the brokers had been sent at the last statistics. librdkafka keeps
     /// one fetch in flight per broker, so the count only moves while fetches come back.
     fetches: AtomicI64,
+    /// Set when librdkafka reports every broker down; cleared by the next assignment.
+    brokers_down: AtomicBool,
 }
 
 impl ClientContext for GroupContext {
@@ -135,7 +145,10 @@ impl ConsumerContext for GroupContext {
                 // committed is read again by the next owner; the handlers are idempotent.
                 tracing::warn!(group = %self.group, partitions = partitions.count(), "assignment lost");
             } else {
-                commit(consumer, "on revoke");
+                // With no broker to answer, a synchronous commit would only block the poll.
+                if !self.brokers_down.load(Ordering::Relaxed) {
+                    commit(consumer, "on revoke");
+                }
                 tracing::info!(group = %self.group, partitions = partitions.count(), "partitions revoked");
             }
             self.watch.revoked(lost, Instant::now());
@@ -148,6 +161,7 @@ impl ConsumerContext for GroupContext {
     fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         match rebalance {
             Rebalance::Assign(partitions) => {
+                self.brokers_down.store(false, Ordering::Relaxed);
                 tracing::info!(group = %self.group, partitions = partitions.count(), "partitions assigned");
                 // The whole assignment, not only this step's, in case of an incremental
                 // (cooperative) rebalance.
@@ -251,8 +265,10 @@ fn create(
 ) -> anyhow::Result<GroupConsumer> {
     let consumer: GroupConsumer = crate::kafka::client_config(settings)
         .set("group.id", &spec.group)
-        .set("enable.auto.commit", "true")
-        .set("auto.commit.interval.ms", "1000")
+        // Commits are Herald's own (after each batch, on revoke, at shutdown). librdkafka's
+        // auto-commit would also commit on every revoke, and after a broker lost its data
+        // that writes the old positions into the new group, past the new topics' records.
+        .set("enable.auto.commit", "false")
         // Offsets are stored by hand, after the handler committed the batch's effects.
         .set("enable.auto.offset.store", "false")
         .set("auto.offset.reset", "earliest")
@@ -266,10 +282,15 @@ fn create(
         )
         .set("fetch.wait.max.ms", settings.fetch_wait_ms.to_string())
         .set("statistics.interval.ms", "5000")
+        // A subscribed topic that does not exist (yet, or again after a broker lost its
+        // data) is looked for at each metadata refresh: every 5 s rather than librdkafka's
+        // 5 minutes, so a recreated topic is consumed at once.
+        .set("topic.metadata.refresh.interval.ms", "5000")
         .create_with_context(GroupContext {
             group: spec.group.clone(),
             watch,
             fetches: AtomicI64::new(0),
+            brokers_down: AtomicBool::new(false),
         })
         .context("Failed to create a Kafka consumer")?;
     let topics: Vec<&str> = spec.topics.iter().map(String::as_str).collect();
@@ -306,6 +327,8 @@ where
     // Messages fetched while the partitions were being paused: the next batch starts with
     // them (their offsets are past the batch being handled).
     let mut carried = Vec::new();
+    let topics: Vec<&str> = spec.topics.iter().map(String::as_str).collect();
+    let mut rejoined = false;
     loop {
         let now = Instant::now();
         watch.export(now);
@@ -316,6 +339,19 @@ where
             () = shutdown.cancelled() => return Ended::Shutdown,
             batch = next_batch(consumer, spec.limits, &mut carried, watch) => batch,
         };
+        let brokers_down = consumer.context().brokers_down.load(Ordering::Relaxed);
+        if brokers_down && !rejoined {
+            match rejoin(consumer, &topics) {
+                Ok(()) => tracing::warn!(
+                    group = %spec.group,
+                    "every broker is down; partitions dropped, the group is joined again from its committed offsets"
+                ),
+                Err(error) => {
+                    tracing::warn!(group = %spec.group, error = format!("{error:#}"), "cannot rejoin the group")
+                }
+            }
+        }
+        rejoined = brokers_down;
         if batch.is_empty() {
             continue;
         }
@@ -437,6 +473,25 @@ async fn keep_membership(
     }
 }
 
+/// Drops the assignment and subscribes again (module docs).
+fn rejoin(consumer: &GroupConsumer, topics: &[&str]) -> anyhow::Result<()> {
+    consumer.unsubscribe();
+    consumer
+        .subscribe(topics)
+        .with_context(|| format!("Failed to subscribe to {topics:?} again"))
+}
+
+/// Notes an error of the consumer's stream; every broker down calls for a rejoin.
+fn note_error(consumer: &GroupConsumer, error: &KafkaError) {
+    if error.rdkafka_error_code() == Some(RDKafkaErrorCode::AllBrokersDown) {
+        consumer
+            .context()
+            .brokers_down
+            .store(true, Ordering::Relaxed);
+    }
+    tracing::warn!(%error, "Kafka consumer error");
+}
+
 /// Waits up to [`TICK`] for one message, then takes what else arrives within `max_wait`,
 /// up to `max_messages`; `carried` messages come first. Empty when nothing came.
 async fn next_batch(
@@ -452,7 +507,7 @@ async fn next_batch(
             Err(_) => return batch,
             Ok(Ok(message)) => batch.push(detach(&message)),
             Ok(Err(error)) => {
-                tracing::warn!(%error, "Kafka consumer error");
+                note_error(consumer, &error);
                 tokio::time::sleep(Duration::from_millis(500)).await;
                 return batch;
             }
@@ -464,7 +519,7 @@ async fn next_batch(
         match tokio::time::timeout_at(deadline, consumer.recv()).await {
             Ok(Ok(message)) => batch.push(detach(&message)),
             Ok(Err(error)) => {
-                tracing::warn!(%error, "Kafka consumer error");
+                note_error(consumer, &error);
                 break;
             }
             Err(_) => break,

@@ -1,8 +1,10 @@
 //! Kafka plumbing shared by every role: client configuration, the topic catalogue of
 //! `kafka/topics.toml`, topic creation, the reachability probe behind `/health/ready`, and
-//! the batch consumer (`consumer`) with the watchdog of its group membership (`watchdog`).
+//! the batch consumer (`consumer`) with the watchdog of its group membership (`watchdog`),
+//! and the records consumers set aside (`parked`).
 
 pub mod consumer;
+pub mod parked;
 pub mod watchdog;
 
 use std::{path::Path, sync::Arc, time::Duration};

@@ -15,7 +15,11 @@ use uuid::Uuid;
 
 use crate::{
     config::KafkaSettings,
-    kafka::consumer::{IncomingMessage, detach},
+    db::is_data_error,
+    kafka::{
+        consumer::{IncomingMessage, detach},
+        parked,
+    },
     outbox::DELIVERY_EVENTS_TOPIC,
 };
 
@@ -46,6 +50,8 @@ pub struct Applied {
     pub stale: usize,
     /// Records that are not delivery events.
     pub unreadable: usize,
+    /// Events PostgreSQL refused, parked in `parked_records`.
+    pub parked: usize,
 }
 
 /// Maintains notification_log and delivery_stats.
@@ -57,6 +63,42 @@ pub struct Projector {
 }
 
 impl Projector {
+    /// [`Projector::apply`], except that a batch PostgreSQL refuses is applied event by
+    /// event and an event refused on its own is parked as read by `group`
+    /// ([`crate::kafka::parked`]): one bad record from another producer never stops the read
+    /// model. An `Err` is an outage.
+    pub async fn apply_or_park(
+        &self,
+        group: &str,
+        messages: &[IncomingMessage],
+    ) -> anyhow::Result<Applied> {
+        match self.apply(messages).await {
+            Err(error) if is_data_error(&error) => {
+                tracing::warn!(
+                    error = format!("{error:#}"),
+                    "a batch of delivery events was refused; applying them one by one"
+                );
+                let results = parked::replay_alone(&self.db, group, messages, |message| {
+                    self.apply(std::slice::from_ref(message))
+                })
+                .await?;
+                let mut total = Applied::default();
+                for result in results {
+                    match result {
+                        Some(one) => {
+                            total.applied += one.applied;
+                            total.stale += one.stale;
+                            total.unreadable += one.unreadable;
+                        }
+                        None => total.parked += 1,
+                    }
+                }
+                Ok(total)
+            }
+            other => other,
+        }
+    }
+
     /// Applies a batch in one transaction, in a fixed number of statements whatever its
     /// size: lock the batch's deliveries, read their log rows, fold the events in memory
     /// (in version order per delivery, exactly as applying them one by one would), then
@@ -290,6 +332,10 @@ async fn add_counts(
     Ok(())
 }
 
+/// The name parked records of a rebuild go under (a rebuild reads without a group of its
+/// own that operators would know).
+const REBUILD_GROUP: &str = "read-model-rebuild";
+
 /// What a rebuild did.
 #[derive(Debug, Clone, Default)]
 pub struct Rebuilt {
@@ -361,12 +407,12 @@ pub async fn rebuild(projector: &Projector, kafka: &KafkaSettings) -> anyhow::Re
         batch.push(message);
         if batch.len() >= 500 {
             rebuilt.events += batch.len();
-            projector.apply(&batch).await?;
+            projector.apply_or_park(REBUILD_GROUP, &batch).await?;
             batch.clear();
         }
     }
     rebuilt.events += batch.len();
-    projector.apply(&batch).await?;
+    projector.apply_or_park(REBUILD_GROUP, &batch).await?;
     sqlx::query(
         "UPDATE notification_log l SET read_at = d.read_at FROM deliveries d \
          WHERE d.id = l.delivery_id AND d.read_at IS NOT NULL",

@@ -78,7 +78,8 @@ impl Stack {
         &self.vars[name]
     }
 
-    /// Stops one service: `postgres`, `redis` or `smtp`.
+    /// Stops one service: `postgres`, `redis`, `smtp` or `kafka` (whose topics are in
+    /// memory: started again, it has none).
     pub fn stop(&self, service: &str) {
         stack_script(&["stop", PROFILE, service]);
     }
@@ -230,7 +231,14 @@ impl Scenario {
             started: Instant::now(),
             _serial: serial,
         };
-        let topics = scenario
+        scenario.create_topics();
+        scenario
+    }
+
+    /// Creates the scenario's topics that do not exist (`herald topics create`, as `make
+    /// run` does at its start).
+    pub fn create_topics(&self) {
+        let topics = self
             .herald_command()
             .args(["topics", "create"])
             .output()
@@ -240,7 +248,6 @@ impl Scenario {
             "herald topics create: {}",
             String::from_utf8_lossy(&topics.stderr)
         );
-        scenario
     }
 
     /// The email domain of this scenario's recipients.

@@ -11,6 +11,7 @@
 //! is not part of a plain `cargo test` (Cargo.toml: `test = false`), which stays fast and
 //! needs only the test stack.
 
+mod broker_reset;
 mod harness;
 mod hostile;
 mod instances;

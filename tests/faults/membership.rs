@@ -140,7 +140,7 @@ async fn projected(scenario: &Scenario) -> i64 {
 async fn dead_letters_listed(herald: &Herald) -> usize {
     let page: Value = reqwest::Client::new()
         .get(format!("{}/api/v1/admin/dlq?limit=500", herald.address))
-        .bearer_auth("faults")
+        .bearer_auth(crate::harness::ADMIN_TOKEN)
         .send()
         .await
         .expect("herald answers")
