@@ -2,7 +2,6 @@
 //! consumer group forgotten), then Herald is restarted too. Offsets start again at 0, so a
 //! new dead letter lands where an old one was: the DLQ store must keep both.
 
-use serde_json::Value;
 use wiremock::{Mock, MockServer, ResponseTemplate, matchers::method};
 
 use crate::harness::{Event, Herald, Receivers, Scenario, order_events, wait_until};
@@ -16,18 +15,9 @@ const POISON: &[u8] = b"{\"eventType\": \"ORDER_SHIPPED\", not json";
 
 /// The dead letters the admin API lists: (dead-letter id, delivery id or None).
 async fn listed(herald: &Herald) -> Vec<(String, Option<String>)> {
-    let page: Value = reqwest::Client::new()
-        .get(format!("{}/api/v1/admin/dlq?limit=500", herald.address))
-        .bearer_auth(crate::harness::ADMIN_TOKEN)
-        .send()
+    herald
+        .dead_letters()
         .await
-        .expect("herald answers")
-        .json()
-        .await
-        .expect("a page of dead letters");
-    page["items"]
-        .as_array()
-        .expect("items")
         .iter()
         .map(|l| {
             (

@@ -670,6 +670,20 @@ impl Herald {
         None
     }
 
+    /// The dead letters the admin API lists (one page of up to 500, newest first).
+    pub async fn dead_letters(&self) -> Vec<Value> {
+        let page: Value = self
+            .http
+            .get(format!("{}/api/v1/admin/dlq?limit=500", self.address))
+            .send()
+            .await
+            .expect("herald answers")
+            .json()
+            .await
+            .expect("a page of dead letters");
+        page["items"].as_array().cloned().unwrap_or_default()
+    }
+
     /// The sum of a Prometheus counter's series whose labels contain `labels`.
     pub async fn metric(&self, name: &str, labels: &str) -> f64 {
         let text = self

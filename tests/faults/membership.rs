@@ -136,20 +136,6 @@ async fn projected(scenario: &Scenario) -> i64 {
     .unwrap_or(0)
 }
 
-/// Dead letters the admin API lists.
-async fn dead_letters_listed(herald: &Herald) -> usize {
-    let page: Value = reqwest::Client::new()
-        .get(format!("{}/api/v1/admin/dlq?limit=500", herald.address))
-        .bearer_auth(crate::harness::ADMIN_TOKEN)
-        .send()
-        .await
-        .expect("herald answers")
-        .json()
-        .await
-        .expect("a page of dead letters");
-    page["items"].as_array().map_or(0, Vec::len)
-}
-
 #[tokio::test]
 #[ignore = "Tansu 0.6.0 keeps naming as leader of a forming group a member that is gone \
             (coordinator/group/administrator.rs: Forming::leave does not clear state.leader), \
@@ -231,7 +217,7 @@ async fn broker_frozen_fifteen_seconds_under_load_every_group_is_assigned_again_
         projected(&scenario).await == expected as i64
     })
     .await;
-    let listed = dead_letters_listed(&herald).await;
+    let listed = herald.dead_letters().await.len();
     herald.wait_status("/health/ready", 200, 60).await;
 
     let samples = readiness.samples();
