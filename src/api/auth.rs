@@ -75,13 +75,8 @@ pub async fn authenticate(
 /// (a browser's EventSource cannot set headers) `?token=`. The query string is never
 /// logged: Herald logs routes by template.
 fn credential(headers: &HeaderMap, request: &Request) -> Result<String, AuthFailure> {
-    if let Some(value) = headers.get(header::AUTHORIZATION) {
-        let value = value.to_str().map_err(|_| AuthFailure::Malformed)?.trim();
-        let (scheme, credential) = value.split_once(' ').ok_or(AuthFailure::Malformed)?;
-        if !scheme.eq_ignore_ascii_case("bearer") {
-            return Err(AuthFailure::Malformed);
-        }
-        return Ok(credential.trim().to_owned());
+    if let Some(bearer) = bearer(headers) {
+        return bearer.map(str::to_owned);
     }
     if request.uri().path().ends_with("/inbox/stream")
         && let Some(token) = query_param(request.uri().query(), "token")
@@ -89,6 +84,20 @@ fn credential(headers: &HeaderMap, request: &Request) -> Result<String, AuthFail
         return Ok(token);
     }
     Err(AuthFailure::Missing)
+}
+
+/// The credential of an `Authorization: Bearer ...` header; `None` without the header.
+pub fn bearer(headers: &HeaderMap) -> Option<Result<&str, AuthFailure>> {
+    let value = headers.get(header::AUTHORIZATION)?;
+    Some((|| {
+        let value = value.to_str().map_err(|_| AuthFailure::Malformed)?.trim();
+        let (scheme, credential) = value.split_once(' ').ok_or(AuthFailure::Malformed)?;
+        if scheme.eq_ignore_ascii_case("bearer") {
+            Ok(credential.trim())
+        } else {
+            Err(AuthFailure::Malformed)
+        }
+    })())
 }
 
 fn refuse(failure: AuthFailure) -> Response {

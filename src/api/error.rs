@@ -181,16 +181,19 @@ impl From<PathRejection> for ApiError {
 /// origin can send a form or `text/plain` without asking first (no CORS preflight), but
 /// not JSON.
 pub fn require_json(headers: &HeaderMap) -> Result<(), ApiError> {
-    let json = headers
+    let json = media_type(headers).is_some_and(|v| {
+        v == "application/json" || (v.starts_with("application/") && v.ends_with("+json"))
+    });
+    if json { Ok(()) } else { Err(json_only()) }
+}
+
+/// The body's media type, lowercase and without parameters (`; charset=...`).
+pub fn media_type(headers: &HeaderMap) -> Option<String> {
+    headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.split(';').next())
-        .is_some_and(|v| {
-            let v = v.trim();
-            v.eq_ignore_ascii_case("application/json")
-                || (v.starts_with("application/") && v.to_ascii_lowercase().ends_with("+json"))
-        });
-    if json { Ok(()) } else { Err(json_only()) }
+        .map(|v| v.trim().to_ascii_lowercase())
 }
 
 fn json_only() -> ApiError {

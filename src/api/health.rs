@@ -15,7 +15,7 @@ use std::{collections::BTreeMap, future::Future, time::Instant};
 use axum::{
     Json, Router,
     extract::State,
-    http::{HeaderMap, StatusCode, header},
+    http::{HeaderMap, StatusCode},
     routing::get,
 };
 use serde::Serialize;
@@ -140,13 +140,7 @@ async fn ready(State(state): State<AppState>, headers: HeaderMap) -> (StatusCode
 /// Whether the caller sent the admin token or an API key (any scope): an operator may see
 /// why a dependency is down. Anonymous callers and user tokens see only up or down.
 async fn operator(state: &AppState, headers: &HeaderMap) -> bool {
-    let Some(credential) = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.split_once(' '))
-        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
-        .map(|(_, credential)| credential)
-    else {
+    let Some(Ok(credential)) = super::auth::bearer(headers) else {
         return false;
     };
     matches!(

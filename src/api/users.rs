@@ -6,7 +6,7 @@ use axum::{
     Json, Router,
     body::Bytes,
     extract::{DefaultBodyLimit, FromRequest, Request, State},
-    http::{HeaderMap, Method, header},
+    http::{HeaderMap, Method},
     middleware::from_fn_with_state,
     routing::{get, post},
 };
@@ -217,12 +217,7 @@ async fn import(
 /// (`application/x-ndjson`, `application/ndjson` or `application/jsonl`); any other type
 /// is refused, as for every body (see `error::require_json`).
 fn import_format(headers: &HeaderMap) -> Result<bool, ApiError> {
-    let media_type = headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.split(';').next())
-        .map(|v| v.trim().to_ascii_lowercase());
-    match media_type.as_deref() {
+    match super::error::media_type(headers).as_deref() {
         Some("application/json") => Ok(true),
         Some("application/x-ndjson" | "application/ndjson" | "application/jsonl") => Ok(false),
         _ => Err(ApiError::UnsupportedMediaType(
