@@ -51,6 +51,7 @@ WORKDIR /app
 COPY --from=builder /build/target/release/herald /usr/local/bin/herald
 COPY config/ /app/config/
 COPY templates/ /app/templates/
+COPY schemas/ /app/schemas/
 COPY kafka/ /app/kafka/
 
 ENV HERALD_HTTP_ADDR=0.0.0.0:8080 \

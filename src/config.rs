@@ -132,6 +132,8 @@ pub struct IngestSettings {
 pub struct TemplateSettings {
     /// The folder holding `{locale}/{EVENT_TYPE}/*`.
     pub dir: PathBuf,
+    /// The folder holding each event type's data schema, `{EVENT_TYPE}.json`.
+    pub schemas_dir: PathBuf,
 }
 
 /// The HTTP listener.
@@ -536,6 +538,11 @@ impl Settings {
         )?;
         let templates_dir =
             layers.required("HERALD_TEMPLATES_DIR", "templates.dir", raw.templates.dir)?;
+        let schemas_dir = layers.required(
+            "HERALD_SCHEMAS_DIR",
+            "templates.schemas_dir",
+            raw.templates.schemas_dir,
+        )?;
         let dispatch = raw.dispatch;
         let concurrency = layers.required(
             "HERALD_DISPATCH_CONCURRENCY",
@@ -726,6 +733,7 @@ impl Settings {
             },
             templates: TemplateSettings {
                 dir: PathBuf::from(templates_dir.text),
+                schemas_dir: PathBuf::from(schemas_dir.text),
             },
             dispatch: DispatchSettings {
                 concurrency: concurrency.positive_u32("a whole number above 0")? as usize,
@@ -882,6 +890,7 @@ struct RawIngest {
 #[serde(deny_unknown_fields, default)]
 struct RawTemplates {
     dir: Option<String>,
+    schemas_dir: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]

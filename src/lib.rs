@@ -16,6 +16,7 @@
 //! - [`ingest`]: the Kafka consumers, decoding, poison handling, batching.
 //! - [`intake`]: the write side both intakes share (notification, deliveries, outbox).
 //! - [`routing`]: routing rules and per-channel planning.
+//! - [`event_schemas`]: the JSON Schema of each event type's data, checked at the edge.
 //! - [`preferences`]: user channel preferences with their Redis cache.
 //! - [`directory`]: the user directory (contacts).
 //! - [`templates`]: tera templates, Korean and English, reloaded on change.
@@ -40,6 +41,7 @@ pub mod directory;
 pub mod dispatch;
 pub mod dlq;
 pub mod domain;
+pub mod event_schemas;
 pub mod ingest;
 pub mod intake;
 pub mod kafka;

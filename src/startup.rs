@@ -39,6 +39,7 @@ use crate::{
     read_model::Projector,
     relay::Relay,
     roles::Role,
+    event_schemas::EventSchemas,
     routing::RoutingTable,
     telemetry,
     templates::Templates,
@@ -79,6 +80,10 @@ impl Application {
         .context("Failed to set up the Redis connection")?;
         let kafka = KafkaAdmin::new(&settings.kafka)?;
         let routing = Arc::new(RoutingTable::load(&settings.ingest.routing_file)?);
+        let schemas = Arc::new(EventSchemas::load(
+            &settings.templates.schemas_dir,
+            routing.event_types(),
+        )?);
         let templates = Arc::new(Templates::load(&settings.templates.dir)?);
 
         let listener = TcpListener::bind(settings.http.addr)
@@ -108,6 +113,7 @@ impl Application {
             db: work_db.clone(),
             redis: redis.clone(),
             routing: routing.clone(),
+            schemas: schemas.clone(),
             channel_enabled: channel_enabled.clone(),
             topic_prefix: settings.kafka.topic_prefix.clone(),
             redis_prefix: settings.redis.key_prefix.clone(),
@@ -138,6 +144,7 @@ impl Application {
             roles: roles.into(),
             shutdown,
             routing,
+            schemas,
             templates,
             channel_enabled,
             streams,

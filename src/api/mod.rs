@@ -33,6 +33,7 @@ use tower_http::cors::{AllowOrigin, CorsLayer};
 
 use crate::{
     auth::Authenticator,
+    event_schemas::EventSchemas,
     channels::in_app_hub::StreamHub,
     config::Settings,
     domain::Channel,
@@ -63,6 +64,8 @@ pub struct AppState {
     /// Cancelled when the instance starts shutting down.
     pub shutdown: CancellationToken,
     pub routing: Arc<RoutingTable>,
+    /// The data schema of each event type.
+    pub schemas: Arc<EventSchemas>,
     pub templates: Arc<Templates>,
     /// Whether a channel has an endpoint configured.
     pub channel_enabled: Arc<dyn Fn(Channel) -> bool + Send + Sync>,

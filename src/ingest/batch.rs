@@ -14,6 +14,7 @@ use crate::{
     db::is_data_error,
     directory,
     domain::{Channel, Domain, Event, UserId},
+    event_schemas::EventSchemas,
     intake::{self, Draft, KafkaOrigin, NewNotification, Source},
     outbox::{self, DeadLetter, OutboxMessage},
     preferences,
@@ -37,6 +38,8 @@ pub struct Ingestor {
     pub db: PgPool,
     pub redis: ConnectionManager,
     pub routing: Arc<RoutingTable>,
+    /// The data schema of each event type, checked before an event is accepted.
+    pub schemas: Arc<EventSchemas>,
     pub channel_enabled: Arc<dyn Fn(Channel) -> bool + Send + Sync>,
     pub topic_prefix: String,
     /// Prefix of Redis keys.

@@ -441,12 +441,17 @@ async fn while_postgres_refuses_connections_the_consumer_pauses_and_dead_letters
 
 fn ingestor_of(app: &TestApp) -> Ingestor {
     let settings = &app.settings;
+    let routing = herald::routing::RoutingTable::load(&settings.ingest.routing_file).unwrap();
+    let schemas = herald::event_schemas::EventSchemas::load(
+        &settings.templates.schemas_dir,
+        routing.event_types(),
+    )
+    .unwrap();
     Ingestor {
         db: app.db.clone(),
         redis: app.redis.clone(),
-        routing: std::sync::Arc::new(
-            herald::routing::RoutingTable::load(&settings.ingest.routing_file).unwrap(),
-        ),
+        routing: std::sync::Arc::new(routing),
+        schemas: std::sync::Arc::new(schemas),
         channel_enabled: std::sync::Arc::new(herald::intake::channel_enabled(settings)),
         topic_prefix: settings.kafka.topic_prefix.clone(),
         redis_prefix: settings.redis.key_prefix.clone(),
