@@ -127,7 +127,9 @@ impl EventSchema {
             ("full", schema.full_payload()),
         ] {
             schema.check(&payload).map_err(|e| {
-                anyhow::anyhow!("{at}: the {what} payload built from the properties' examples fails: {e}")
+                anyhow::anyhow!(
+                    "{at}: the {what} payload built from the properties' examples fails: {e}"
+                )
             })?;
         }
         Ok(schema)
@@ -319,7 +321,10 @@ impl EventSchemas {
                 .to_owned();
             if name != ADHOC_SCHEMA {
                 EventType::parse(&name).map_err(|e| {
-                    anyhow::anyhow!("{}: the file name is not an event type: {e}", path.display())
+                    anyhow::anyhow!(
+                        "{}: the file name is not an event type: {e}",
+                        path.display()
+                    )
                 })?;
             }
             let text = std::fs::read_to_string(&path)
@@ -406,11 +411,16 @@ mod tests {
 
     #[test]
     fn a_missing_required_field_is_named_by_its_path() {
-        let error = order_schema().check(&json!({ "orderId": "o-1" })).unwrap_err();
+        let error = order_schema()
+            .check(&json!({ "orderId": "o-1" }))
+            .unwrap_err();
 
         assert_eq!(error.problems[0].path, "data.amount");
         assert_eq!(error.problems[0].message, "is required");
-        assert!(error.to_string().contains("data.amount: is required"), "{error}");
+        assert!(
+            error.to_string().contains("data.amount: is required"),
+            "{error}"
+        );
     }
 
     #[test]
@@ -461,7 +471,10 @@ mod tests {
     fn payloads_come_from_the_first_examples() {
         let schema = order_schema();
 
-        assert_eq!(schema.minimal_payload(), json!({ "orderId": "o-1", "amount": 12000 }));
+        assert_eq!(
+            schema.minimal_payload(),
+            json!({ "orderId": "o-1", "amount": 12000 })
+        );
         assert_eq!(schema.full_payload()["items"][0]["sku"], "A-1");
         assert_eq!(schema.full_payload().as_object().unwrap().len(), 4);
     }
@@ -485,7 +498,12 @@ mod tests {
             "examples": [{ "a": 1 }]
         }));
 
-        assert!(no_example.unwrap_err().to_string().contains("property a needs"));
+        assert!(
+            no_example
+                .unwrap_err()
+                .to_string()
+                .contains("property a needs")
+        );
         assert!(
             undeclared_required
                 .unwrap_err()

@@ -93,6 +93,17 @@ impl RoutingTable {
             .find_map(|domain| self.channels(domain, event_type))
     }
 
+    /// Every route: domain, event type and channels, ordered by domain then event type.
+    pub fn routes(&self) -> Vec<(Domain, &EventType, &[Channel])> {
+        let mut routes: Vec<_> = self
+            .routes
+            .iter()
+            .map(|((domain, event_type), channels)| (*domain, event_type, channels.as_slice()))
+            .collect();
+        routes.sort_by(|a, b| (a.0, a.1).cmp(&(b.0, b.1)));
+        routes
+    }
+
     /// Every routed event type.
     pub fn event_types(&self) -> BTreeSet<&EventType> {
         self.routes.keys().map(|(_, t)| t).collect()

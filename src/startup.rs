@@ -28,6 +28,7 @@ use crate::{
     dispatch::{self, Dispatcher, rate_limit::RateLimiter},
     dlq,
     domain::{Channel, Domain},
+    event_schemas::EventSchemas,
     ingest::{self, Ingestor},
     intake,
     kafka::{
@@ -39,7 +40,6 @@ use crate::{
     read_model::Projector,
     relay::Relay,
     roles::Role,
-    event_schemas::EventSchemas,
     routing::RoutingTable,
     telemetry,
     templates::Templates,

@@ -35,6 +35,22 @@ pub enum Part {
 }
 
 impl Part {
+    /// Every part, in the order a message is read.
+    pub const ALL: [Part; 6] = [
+        Part::EmailSubject,
+        Part::EmailText,
+        Part::EmailHtml,
+        Part::Slack,
+        Part::InAppTitle,
+        Part::InAppBody,
+    ];
+
+    /// The part's name in the API: the file name without its extension.
+    pub fn name(self) -> &'static str {
+        let file = self.file();
+        file.split_once('.').map_or(file, |(name, _)| name)
+    }
+
     /// The file name under `{locale}/{EVENT_TYPE}/`.
     pub fn file(self) -> &'static str {
         match self {
@@ -199,6 +215,13 @@ impl Templates {
                 .trim()
                 .to_owned(),
         })
+    }
+
+    /// True when `locale` has its own template for this part (no fallback).
+    pub fn has_own(&self, locale: Locale, event_type: &str, part: Part) -> bool {
+        let name = format!("{locale}/{event_type}/{}", part.file());
+        let loaded = self.loaded.read().unwrap_or_else(|e| e.into_inner());
+        loaded.tera.get_template_names().any(|n| n == name)
     }
 
     /// True when both locales have every part `channel` needs for `event_type`.

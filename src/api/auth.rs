@@ -27,6 +27,8 @@ pub enum Need {
     Scope(Scope),
     /// This scope, or a user token of the user the request is about.
     ScopeOrOwner(Scope, UserIn),
+    /// Any one of these scopes (a contract both publishers and readers need).
+    AnyScope(&'static [Scope]),
 }
 
 /// Where a route names the user it is about.
@@ -125,6 +127,16 @@ pub async fn authorize(
     let (scope, owner) = match *need {
         Need::Scope(scope) => (scope, None),
         Need::ScopeOrOwner(scope, from) => (scope, Some(from)),
+        Need::AnyScope(scopes) => match scopes.iter().find(|s| principal.has(**s)) {
+            Some(held) => (*held, None),
+            None => {
+                let names: Vec<String> = scopes.iter().map(ToString::to_string).collect();
+                return Err(ApiError::Forbidden(format!(
+                    "this credential needs one of the scopes {}",
+                    names.join(", ")
+                )));
+            }
+        },
     };
     if !principal.has(scope) {
         let Principal::User(user) = principal else {

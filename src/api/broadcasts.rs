@@ -204,13 +204,15 @@ fn validate(
         )));
     }
     content.check_templates(state, &channels)?;
+    let data = request.data.unwrap_or_default();
+    content.check_data(state, &data)?;
     check_schedule(request.scheduled_at, Utc::now())?;
     Ok(NewBroadcast {
         name: request.name,
         audience: request.audience,
         channels,
         event_type: content.event_type.to_string(),
-        data: request.data.unwrap_or_default(),
+        data,
         subject: content.subject,
         body: content.body,
         scheduled_at: request.scheduled_at,

@@ -1,16 +1,19 @@
 //! `GET /api-docs/openapi.json` (the OpenAPI 3.1 document) and `GET /docs` (Swagger UI).
 //!
 //! The document is hand-written in `openapi.json` next to this file and compiled into the
-//! binary, so it is served whatever the working directory. `tests/api/docs.rs` calls every
+//! binary, so it is served whatever the working directory. The data schema of each event
+//! type (`schemas/`) is added to its components as `EventData_{EVENT_TYPE}` when served, so
+//! the document always shows the schemas this instance enforces. `tests/api/docs.rs` calls every
 //! operation it names on a running instance, which catches a route that was renamed or
 //! removed without the document following.
 
 use axum::{
-    Router,
-    http::header,
+    Json, Router,
+    extract::State,
     response::{Html, IntoResponse},
     routing::get,
 };
+use serde_json::Value;
 
 use super::AppState;
 
@@ -24,8 +27,22 @@ pub fn router() -> Router<AppState> {
         .route("/docs", get(swagger_ui))
 }
 
-async fn openapi() -> impl IntoResponse {
-    ([(header::CONTENT_TYPE, "application/json")], OPENAPI_JSON)
+async fn openapi(State(state): State<AppState>) -> impl IntoResponse {
+    let mut document: Value =
+        serde_json::from_str(OPENAPI_JSON).expect("openapi.json is JSON (tests/api/docs.rs)");
+    if let Some(components) = document["components"]["schemas"].as_object_mut() {
+        for schema in state.schemas.iter() {
+            let mut published = schema.document().clone();
+            if let Some(fields) = published.as_object_mut() {
+                // The document is one resource: ids of its own would make resolvers
+                // look for the schemas elsewhere.
+                fields.remove("$id");
+                fields.remove("$schema");
+            }
+            components.insert(format!("EventData_{}", schema.name()), published);
+        }
+    }
+    Json(document)
 }
 
 /// The Swagger UI page. It loads Swagger UI from the unpkg CDN in the reader's browser: the

@@ -15,6 +15,8 @@ use axum::{
 };
 use serde::Serialize;
 
+use crate::event_schemas::{Problem, SchemaViolation};
+
 /// An error an API handler returns.
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
@@ -44,6 +46,10 @@ pub enum ApiError {
     /// (an Idempotency-Key reused with another body).
     #[error("{message}")]
     Unprocessable { code: &'static str, message: String },
+    /// 400 `schema_violation`: an event's `data` breaks its type's schema; the body lists
+    /// each problem's path (`data.amount`) in `error.details`.
+    #[error("{0}")]
+    SchemaViolation(#[from] SchemaViolation),
     /// 429 `too_many_requests` with `Retry-After`: this caller holds as much as it may
     /// (for instance its share of in-app streams).
     #[error("{message}")]
@@ -77,6 +83,9 @@ pub struct ErrorBody {
 pub struct ErrorDetail {
     pub code: &'static str,
     pub message: String,
+    /// Each problem with its path, when the error is about fields of the request.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub details: Vec<Problem>,
 }
 
 impl ErrorBody {
@@ -86,6 +95,7 @@ impl ErrorBody {
             error: ErrorDetail {
                 code,
                 message: message.into(),
+                details: Vec::new(),
             },
         }
     }
@@ -104,6 +114,11 @@ impl IntoResponse for ApiError {
             }
             ApiError::Unprocessable { code, .. } => (StatusCode::UNPROCESSABLE_ENTITY, *code),
             ApiError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
+            ApiError::SchemaViolation(violation) => {
+                let mut body = ErrorBody::new("schema_violation", violation.to_string());
+                body.error.details = violation.problems.clone();
+                return (StatusCode::BAD_REQUEST, Json(body)).into_response();
+            }
             ApiError::Unauthorized(message) => {
                 let body = ErrorBody::new("unauthorized", message.clone());
                 return (

@@ -41,7 +41,7 @@ use crate::{
 };
 
 /// The event type stored for notifications that bring their own subject and body.
-pub const ADHOC_EVENT_TYPE: &str = "ADHOC";
+pub const ADHOC_EVENT_TYPE: &str = crate::event_schemas::ADHOC_SCHEMA;
 /// How far ahead `scheduledAt` may be.
 const MAX_SCHEDULE_AHEAD_DAYS: i64 = 90;
 /// Subject and body limits for ad-hoc notifications.
@@ -393,6 +393,8 @@ fn validate(state: &AppState, request: IntakeRequest) -> Result<(Draft, Vec<Chan
             .to_vec(),
     };
     content.check_templates(state, &channels)?;
+    let data = request.data.unwrap_or_default();
+    content.check_data(state, &data)?;
     if user_id.is_none()
         && recipient == Recipient::default()
         && channels
@@ -413,7 +415,7 @@ fn validate(state: &AppState, request: IntakeRequest) -> Result<(Draft, Vec<Chan
             event_type: content.event_type,
             user_id,
             recipient,
-            data: request.data.unwrap_or_default(),
+            data,
             subject: content.subject,
             body: content.body,
             raw_event: None,
@@ -476,6 +478,12 @@ impl Content {
             }
             _ => Err(bad("give eventType (with data), or subject and body")),
         }
+    }
+
+    /// `data` must match the schema of the event type (ad-hoc notifications have the event
+    /// type `ADHOC`, whose schema is `schemas/ADHOC.json`).
+    pub fn check_data(&self, state: &AppState, data: &Map<String, Value>) -> Result<(), ApiError> {
+        Ok(state.schemas.check(self.event_type.as_str(), data)?)
     }
 
     /// Every channel must have a template for this content.

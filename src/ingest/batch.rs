@@ -222,9 +222,16 @@ impl Ingestor {
             Err(poison) => return Decoded::Poison(poison),
         };
         match self.routing.channels(domain, &event.event_type) {
-            Some(channels) => Decoded::Event {
-                channels: channels.to_vec(),
-                event,
+            Some(channels) => match self.schemas.check(event.event_type.as_str(), &event.data) {
+                Ok(()) => Decoded::Event {
+                    channels: channels.to_vec(),
+                    event,
+                },
+                Err(violation) => Decoded::Poison(Poison {
+                    class: PoisonClass::SchemaViolation,
+                    message: violation.to_string(),
+                    event_id: Some(event.event_id.as_str().to_owned()),
+                }),
             },
             None => Decoded::Poison(Poison {
                 class: PoisonClass::UnknownEventType,

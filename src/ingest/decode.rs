@@ -21,6 +21,8 @@ pub enum PoisonClass {
     InvalidField,
     /// No route exists for the event type in this domain.
     UnknownEventType,
+    /// `data` breaks the event type's schema (`schemas/{EVENT_TYPE}.json`).
+    SchemaViolation,
 }
 
 impl PoisonClass {
@@ -31,6 +33,7 @@ impl PoisonClass {
             PoisonClass::MissingField => "missing_field",
             PoisonClass::InvalidField => "invalid_field",
             PoisonClass::UnknownEventType => "unknown_event_type",
+            PoisonClass::SchemaViolation => "schema_violation",
         }
     }
 }

@@ -34,8 +34,11 @@ struct Operation {
     method: Method,
     template: String,
     path: String,
-    /// The API-key scope it needs; `None` for the open routes.
+    /// The API-key scope it needs (the first of its alternatives); `None` for the open
+    /// routes.
     scope: Option<String>,
+    /// Every scope that alone lets a key through (OpenAPI security alternatives).
+    alternatives: Vec<String>,
     /// Whether a user token may call it for its own user.
     user_token: bool,
 }
@@ -49,16 +52,19 @@ async fn operations_of(app: &TestApp) -> Vec<Operation> {
             let security = operation["security"]
                 .as_array()
                 .unwrap_or_else(|| panic!("{method} {template} declares its security"));
-            let scope = security
+            let alternatives: Vec<String> = security
                 .iter()
-                .find_map(|s| s["apiKey"][0].as_str())
-                .map(str::to_owned);
+                .filter_map(|s| s["apiKey"][0].as_str())
+                .map(str::to_owned)
+                .collect();
+            let scope = alternatives.first().cloned();
             let user_token = security.iter().any(|s| s.get("userToken").is_some());
             Operation {
                 method: method.parse().unwrap(),
                 path: fill(&doc, operation, &template),
                 template,
                 scope,
+                alternatives,
                 user_token,
             }
         })
@@ -170,7 +176,28 @@ async fn a_key_without_an_operations_scope_gets_403_and_a_key_with_only_that_sco
             .into_iter()
             .find(|s| *s == scope)
             .unwrap_or_else(|| panic!("{} {}: unknown scope {scope}", op.method, op.path));
-        let refused = call(&app, &op.method, &op.path, Some(&all_but[scope])).await;
+        let refused = if op.alternatives.len() > 1 {
+            let others: Vec<&str> = SCOPES
+                .into_iter()
+                .filter(|s| !op.alternatives.iter().any(|a| a == s))
+                .collect();
+            let key = app.api_key("none of the alternatives", &others).await;
+            for alternative in &op.alternatives {
+                let key = app
+                    .api_key("one alternative", &[alternative.as_str()])
+                    .await;
+                let allowed = call(&app, &op.method, &op.path, Some(&key)).await;
+                assert!(
+                    allowed != 401 && allowed != 403,
+                    "{} {} with {alternative}: {allowed}",
+                    op.method,
+                    op.path
+                );
+            }
+            call(&app, &op.method, &op.path, Some(&key)).await
+        } else {
+            call(&app, &op.method, &op.path, Some(&all_but[scope])).await
+        };
         assert_eq!(refused, 403, "{} {} without {scope}", op.method, op.path);
         let allowed = call(&app, &op.method, &op.path, Some(&only[scope])).await;
         assert!(

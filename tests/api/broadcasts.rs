@@ -222,7 +222,7 @@ async fn broadcast_requests_are_checked_and_idempotent() {
         "audience": {"userIds": [1, 2, 3]},
         "channels": ["IN_APP"],
         "eventType": "SUBSCRIPTION_EXPIRING",
-        "data": {"planName": "Pro", "expiresAt": "2026-12-01"},
+        "data": {"plan": "Pro", "expiresAt": "2026-12-01"},
         "scheduledAt": (chrono::Utc::now() + chrono::Duration::hours(1)).to_rfc3339(),
     });
     for (change, expected) in [

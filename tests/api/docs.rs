@@ -39,6 +39,8 @@ const ROUTES: &[(&str, &str)] = &[
     ("POST", "/api/v1/admin/keys"),
     ("GET", "/api/v1/admin/keys"),
     ("DELETE", "/api/v1/admin/keys/{id}"),
+    ("GET", "/api/v1/event-types"),
+    ("GET", "/api/v1/event-types/{eventType}"),
     ("GET", "/health/live"),
     ("GET", "/health/ready"),
     ("GET", "/metrics"),
@@ -102,7 +104,9 @@ fn sample(doc: &Value, operation: &Value, name: &str) -> String {
         .map(|p| resolve(doc, p))
         .find(|p| p["in"] == "path" && p["name"] == name)
         .unwrap_or_else(|| panic!("path parameter {name} is documented"));
-    if resolve(doc, &parameter["schema"])["type"] == "integer" {
+    if let Some(example) = parameter["example"].as_str() {
+        example.to_owned()
+    } else if resolve(doc, &parameter["schema"])["type"] == "integer" {
         "1".to_owned()
     } else {
         Uuid::new_v4().to_string()

@@ -175,8 +175,27 @@ where
     panic!("timed out after {seconds} s waiting until {what}");
 }
 
-/// A valid event envelope.
+/// The event schemas in `schemas/`, as every test app loads them.
+pub fn schemas() -> &'static herald::event_schemas::EventSchemas {
+    static SCHEMAS: std::sync::OnceLock<herald::event_schemas::EventSchemas> =
+        std::sync::OnceLock::new();
+    SCHEMAS.get_or_init(|| {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+        herald::event_schemas::EventSchemas::load(&root.join("schemas"), []).unwrap()
+    })
+}
+
+/// A valid event envelope: `data` over the required fields of the event type's schema (at
+/// their examples), so a test names only the fields it is about.
 pub fn envelope(event_type: &str, user_id: i64, data: serde_json::Value) -> serde_json::Value {
+    let data = match (schemas().get(event_type), data) {
+        (Some(schema), serde_json::Value::Object(given)) => {
+            let mut full = schema.minimal_payload();
+            full.as_object_mut().unwrap().extend(given);
+            full
+        }
+        (_, data) => data,
+    };
     serde_json::json!({
         "eventId": Uuid::new_v4().to_string(),
         "eventType": event_type,

@@ -8,6 +8,7 @@ mod cli;
 mod dead_letters;
 mod dispatch;
 mod docs;
+mod event_types;
 mod health;
 mod helpers;
 mod hostile;
