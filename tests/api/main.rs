@@ -4,6 +4,7 @@
 mod access;
 mod admin;
 mod broadcasts;
+mod contracts;
 mod cli;
 mod dead_letters;
 mod dispatch;
