@@ -90,7 +90,11 @@ fn context(kind: &Kind, locale: Locale, data: &Value) -> tera::Context {
     );
     context.insert(
         "subject",
-        if adhoc { "Scheduled maintenance tonight" } else { "" },
+        if adhoc {
+            "Scheduled maintenance tonight"
+        } else {
+            ""
+        },
     );
     context.insert(
         "body",
@@ -146,23 +150,20 @@ fn every_event_type_and_the_adhoc_form_render_on_every_channel_in_both_languages
                 for channel in Channel::ALL {
                     let templates = &contract.templates;
                     let whole = match channel {
-                        Channel::Email => templates
-                            .email(locale, &kind.folder, &context)
-                            .map(|_| ()),
-                        Channel::Slack => templates
-                            .slack(locale, &kind.folder, &context)
-                            .map(|_| ()),
-                        _ => templates
-                            .short(locale, &kind.folder, &context)
-                            .map(|_| ()),
+                        Channel::Email => {
+                            templates.email(locale, &kind.folder, &context).map(|_| ())
+                        }
+                        Channel::Slack => {
+                            templates.slack(locale, &kind.folder, &context).map(|_| ())
+                        }
+                        _ => templates.short(locale, &kind.folder, &context).map(|_| ()),
                     };
                     renders += 1;
                     let Err(error) = whole else { continue };
                     failures.insert(format!("{} {payload} data: {error}", kind.folder));
                     // The channel stops at its first broken part: name every other one too.
                     for &part in Part::for_channel(channel) {
-                        if let Err(error) = templates.render(locale, &kind.folder, part, &context)
-                        {
+                        if let Err(error) = templates.render(locale, &kind.folder, part, &context) {
                             failures.insert(format!("{} {payload} data: {error}", kind.folder));
                         }
                     }
@@ -328,7 +329,10 @@ fn the_subscription_events_from_the_issue_render_with_plan_amount_and_currency_o
             schema: event_type.to_owned(),
         };
         let schema = contract.schema(&kind);
-        assert!(schema.check(&data).is_ok(), "{event_type}: the schema refuses it");
+        assert!(
+            schema.check(&data).is_ok(),
+            "{event_type}: the schema refuses it"
+        );
         let reads_amount = schema.fields().any(|f| f == "amount");
         let channels = contract
             .routing

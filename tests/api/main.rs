@@ -4,8 +4,8 @@
 mod access;
 mod admin;
 mod broadcasts;
-mod contracts;
 mod cli;
+mod contracts;
 mod dead_letters;
 mod dispatch;
 mod docs;
