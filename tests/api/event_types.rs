@@ -60,7 +60,7 @@ async fn every_routed_event_type_with_only_its_required_fields_is_delivered_on_e
                         .await;
                     assert_eq!(response.status(), 202, "{event_type}");
                     let body: Value = response.json().await.unwrap();
-                    sent.push((format!("{event_type} via HTTP"), body["id"].clone()));
+                    sent.push((format!("{event_type} via HTTP"), body["notificationId"].clone()));
                     continue;
                 }
             }
@@ -202,7 +202,7 @@ async fn extra_fields_a_schema_does_not_declare_are_accepted_and_kept() {
         .await;
 
     assert_eq!(response.status(), 202);
-    let id = response.json::<Value>().await.unwrap()["id"].clone();
+    let id = response.json::<Value>().await.unwrap()["notificationId"].clone();
     let stored: Value = app
         .get(&format!("/api/v1/notifications/{}", id.as_str().unwrap()))
         .await
