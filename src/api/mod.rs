@@ -13,6 +13,7 @@ pub mod keys;
 pub mod metrics;
 pub mod notifications;
 pub mod settings;
+pub mod templates;
 pub mod users;
 
 use std::{sync::Arc, time::Duration};
@@ -33,10 +34,10 @@ use tower_http::cors::{AllowOrigin, CorsLayer};
 
 use crate::{
     auth::Authenticator,
-    event_schemas::EventSchemas,
     channels::in_app_hub::StreamHub,
     config::Settings,
     domain::Channel,
+    event_schemas::EventSchemas,
     ingest::Ingestor,
     kafka::{KafkaAdmin, watchdog::Watchdogs},
     roles::Role,
@@ -100,7 +101,8 @@ pub fn router(state: AppState) -> Router {
             .merge(inbox::router())
             .merge(dashboard::router())
             .merge(admin::router())
-            .merge(keys::router());
+            .merge(keys::router())
+            .merge(templates::router());
     }
     let limits = Limits {
         permits: Arc::new(Semaphore::new(state.settings.http.max_concurrent_requests)),
