@@ -39,6 +39,13 @@ const ROUTES: &[(&str, &str)] = &[
     ("POST", "/api/v1/admin/keys"),
     ("GET", "/api/v1/admin/keys"),
     ("DELETE", "/api/v1/admin/keys/{id}"),
+    ("GET", "/api/v1/templates/{eventType}/{locale}/{part}"),
+    ("PUT", "/api/v1/templates/{eventType}/{locale}/{part}"),
+    (
+        "POST",
+        "/api/v1/templates/{eventType}/{locale}/{part}/versions/{version}/activate",
+    ),
+    ("POST", "/api/v1/templates/{eventType}/preview"),
     ("GET", "/health/live"),
     ("GET", "/health/ready"),
     ("GET", "/metrics"),
