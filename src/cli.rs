@@ -95,7 +95,7 @@ pub enum KeysCommand {
         name: String,
         /// Comma-separated scopes: notifications:write, notifications:read, users:write,
         /// users:read, broadcasts:write, broadcasts:read, dashboard:read, dlq:admin,
-        /// keys:admin.
+        /// keys:admin, templates:read, templates:write.
         #[arg(long, value_delimiter = ',', required = true)]
         scopes: Vec<String>,
     },

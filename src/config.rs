@@ -134,6 +134,9 @@ pub struct TemplateSettings {
     pub dir: PathBuf,
     /// The folder holding each event type's data schema, `{EVENT_TYPE}.json`.
     pub schemas_dir: PathBuf,
+    /// How often each instance checks PostgreSQL for template versions activated through
+    /// the API (on another instance); a change applies within this plus one reload.
+    pub refresh: Duration,
 }
 
 /// The HTTP listener.
@@ -543,6 +546,11 @@ impl Settings {
             "templates.schemas_dir",
             raw.templates.schemas_dir,
         )?;
+        let templates_refresh = layers.required(
+            "HERALD_TEMPLATES_REFRESH_MS",
+            "templates.refresh_ms",
+            raw.templates.refresh_ms.map(|n| n.to_string()),
+        )?;
         let dispatch = raw.dispatch;
         let concurrency = layers.required(
             "HERALD_DISPATCH_CONCURRENCY",
@@ -734,6 +742,11 @@ impl Settings {
             templates: TemplateSettings {
                 dir: PathBuf::from(templates_dir.text),
                 schemas_dir: PathBuf::from(schemas_dir.text),
+                // At most 4 s, so that with a reload an edit reaches every instance within
+                // the 5 s the API promises.
+                refresh: Duration::from_millis(u64::from(
+                    templates_refresh.u32_in(1..=4000, "whole milliseconds from 1 to 4000")?,
+                )),
             },
             dispatch: DispatchSettings {
                 concurrency: concurrency.positive_u32("a whole number above 0")? as usize,
@@ -891,6 +904,7 @@ struct RawIngest {
 struct RawTemplates {
     dir: Option<String>,
     schemas_dir: Option<String>,
+    refresh_ms: Option<u32>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -42,7 +42,7 @@ use crate::{
     roles::Role,
     routing::RoutingTable,
     telemetry,
-    templates::Templates,
+    templates::{self, Templates},
 };
 
 /// How long `build` keeps retrying when PostgreSQL is not reachable yet.
@@ -84,7 +84,13 @@ impl Application {
             &settings.templates.schemas_dir,
             routing.event_types(),
         )?);
-        let templates = Arc::new(Templates::load(&settings.templates.dir)?);
+        let templates = Arc::new(
+            Templates::load(&settings.templates.dir)?.with_default_locale(routing.default_locale()),
+        );
+        // The versions activated through the API apply from the first render.
+        templates::store::refresh(&work_db, &templates)
+            .await
+            .context("Failed to load the template versions in effect")?;
 
         let listener = TcpListener::bind(settings.http.addr)
             .await
@@ -317,6 +323,14 @@ fn spawn_workers(
     tasks: &TaskTracker,
     failure: &Arc<std::sync::Mutex<Option<String>>>,
 ) -> anyhow::Result<()> {
+    // Every instance renders (dispatch sends, the API previews and checks edits), so every
+    // one follows the template versions activated through the API on any instance.
+    tasks.spawn(templates::store::watch(
+        state.work_db.clone(),
+        state.templates.clone(),
+        state.settings.templates.refresh,
+        state.shutdown.clone(),
+    ));
     if state.roles.contains(&Role::Dispatch) {
         let settings = &state.settings;
         let dispatcher = Arc::new(Dispatcher {

@@ -4,9 +4,17 @@
 //!
 //! Layout: `templates/{locale}/{EVENT_TYPE}/{part}`, with `_adhoc` as the event type of
 //! notifications that bring their own subject and body, and shared `_layouts/`, `_macros/`.
+//!
+//! The files are the defaults. Versions edited through the API ([`store`], [`check`]) form
+//! an [`Overlay`]: each active version replaces the file of the same name, and may extend
+//! the file layouts and import the file macros like any file. A locale without a template
+//! for a part falls back to the default locale's template for that part.
+
+pub mod check;
+pub mod store;
 
 use std::{
-    collections::HashMap,
+    collections::{BTreeMap, HashMap},
     path::{Path, PathBuf},
     sync::RwLock,
     time::{Duration, Instant, SystemTime},
@@ -35,7 +43,7 @@ pub enum Part {
 }
 
 impl Part {
-    /// Every part, in the order a message is read.
+    /// Every part, in the order the API lists them.
     pub const ALL: [Part; 6] = [
         Part::EmailSubject,
         Part::EmailText,
@@ -45,10 +53,15 @@ impl Part {
         Part::InAppBody,
     ];
 
-    /// The part's name in the API: the file name without its extension.
+    /// The part's name in the API and the database: its file name without the extension.
     pub fn name(self) -> &'static str {
         let file = self.file();
-        file.split_once('.').map_or(file, |(name, _)| name)
+        file.split_once('.').map_or(file, |(stem, _)| stem)
+    }
+
+    /// The part named `name` (`email_subject`, `slack`, ...).
+    pub fn from_name(name: &str) -> Option<Part> {
+        Part::ALL.into_iter().find(|p| p.name() == name)
     }
 
     /// The file name under `{locale}/{EVENT_TYPE}/`.
@@ -100,36 +113,167 @@ pub struct ShortContent {
 }
 
 struct Loaded {
+    /// The files, as last parsed.
+    files: Tera,
+    /// The versions stored through the API that are in effect.
+    overlay: Overlay,
+    /// `files` with `overlay` in place: what renders.
     tera: Tera,
     stamp: Stamp,
     checked_at: Instant,
+}
+
+/// Template versions activated through the API, which replace the files of the same name.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Overlay {
+    /// The change counter (`template_revision`) these versions were read at.
+    pub revision: i64,
+    /// Source by template name (`{locale}/{EVENT_TYPE}/{file}`).
+    pub sources: BTreeMap<String, String>,
 }
 
 /// The newest modification time and the number of files: changes when a file is edited,
 /// added or removed.
 type Stamp = (Option<SystemTime>, usize);
 
-/// The template set, reloaded when the folder changes.
+/// The name of a template in the set: `{locale}/{EVENT_TYPE}/{file}`.
+pub fn template_name(locale: Locale, event_type: &str, part: Part) -> String {
+    format!("{locale}/{event_type}/{}", part.file())
+}
+
+/// The template set, reloaded when the folder changes, with the API's versions overlaid.
 pub struct Templates {
     dir: PathBuf,
+    /// Where a locale without a template for a part borrows it from.
+    default_locale: Locale,
     loaded: RwLock<Loaded>,
 }
 
 impl Templates {
     /// Loads every template under `dir`. A syntax error anywhere fails here, at startup.
+    /// The default locale is English until [`Templates::with_default_locale`] says otherwise.
     pub fn load(dir: &Path) -> anyhow::Result<Self> {
-        let tera = parse_dir(dir).map_err(|reason| anyhow::anyhow!(reason))?;
+        let files = parse_dir(dir).map_err(|reason| anyhow::anyhow!(reason))?;
         Ok(Templates {
             dir: dir.to_owned(),
+            default_locale: Locale::En,
             loaded: RwLock::new(Loaded {
-                tera,
+                tera: files.clone(),
+                files,
+                overlay: Overlay::default(),
                 stamp: stamp(dir),
                 checked_at: Instant::now(),
             }),
         })
     }
 
-    /// Renders one part. `event_type` is the folder name (an event type or [`ADHOC`]).
+    /// The locale whose template stands in for a part another locale lacks
+    /// (`default_locale` in the routing file).
+    pub fn with_default_locale(mut self, locale: Locale) -> Self {
+        self.default_locale = locale;
+        self
+    }
+
+    /// The folder the file templates come from.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The source of a part's file, if there is one: version 0 of a template.
+    pub fn file_source(&self, locale: Locale, event_type: &str, part: Part) -> Option<String> {
+        std::fs::read_to_string(self.dir.join(template_name(locale, event_type, part))).ok()
+    }
+
+    /// The revision of the overlay in effect (0 before any version was activated).
+    pub fn overlay_revision(&self) -> i64 {
+        self.read().overlay.revision
+    }
+
+    /// Puts the versions of `overlay` in place of the files of the same name, unless the
+    /// overlay in effect is as new. A version that does not parse (it was checked when
+    /// stored, so this should not happen) is skipped with an error log, and its file stays
+    /// in effect, rather than breaking every template.
+    pub fn set_overlay(&self, overlay: Overlay) {
+        let mut loaded = self.write();
+        if overlay.revision <= loaded.overlay.revision {
+            return;
+        }
+        loaded.tera = overlaid(&loaded.files, &overlay);
+        tracing::info!(
+            revision = overlay.revision,
+            versions = overlay.sources.len(),
+            "template versions applied"
+        );
+        loaded.overlay = overlay;
+    }
+
+    /// Checks `source` as the template of `part` without changing anything: it must parse
+    /// in the set in effect (its layouts and macros included) and render with each context
+    /// (a Slack part as Block Kit JSON).
+    pub fn check(
+        &self,
+        locale: Locale,
+        event_type: &str,
+        part: Part,
+        source: &str,
+        contexts: &[tera::Context],
+    ) -> Result<(), RenderError> {
+        self.reload_if_changed();
+        let name = template_name(locale, event_type, part);
+        let mut candidate = self.read().tera.clone();
+        candidate
+            .add_raw_template(&name, source)
+            .map_err(|e| RenderError {
+                template: name.clone(),
+                reason: error_chain(&e),
+            })?;
+        for context in contexts {
+            let text = render_part(&candidate, &name, part, context)?;
+            if part == Part::Slack {
+                slack_message(&name, &text)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, Loaded> {
+        self.loaded.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, Loaded> {
+        self.loaded.write().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The template that renders `part` for `locale`: its own, else the default locale's.
+    fn resolve(&self, tera: &Tera, locale: Locale, event_type: &str, part: Part) -> Option<String> {
+        [locale, self.default_locale]
+            .into_iter()
+            .map(|l| template_name(l, event_type, part))
+            .find(|name| tera.get_template_names().any(|n| n == name))
+    }
+
+    /// Renders one part, and says which template did (the locale's or the default one).
+    fn render_named(
+        &self,
+        locale: Locale,
+        event_type: &str,
+        part: Part,
+        context: &tera::Context,
+    ) -> Result<(String, String), RenderError> {
+        self.reload_if_changed();
+        let loaded = self.read();
+        let Some(name) = self.resolve(&loaded.tera, locale, event_type, part) else {
+            return Err(RenderError {
+                template: template_name(locale, event_type, part),
+                reason: "no such template".to_owned(),
+            });
+        };
+        let rendered = render_part(&loaded.tera, &name, part, context)?;
+        Ok((name, rendered))
+    }
+
+    /// Renders one part. `event_type` is the folder name (an event type or [`ADHOC`]). A
+    /// locale without this part renders the default locale's.
     pub fn render(
         &self,
         locale: Locale,
@@ -137,32 +281,8 @@ impl Templates {
         part: Part,
         context: &tera::Context,
     ) -> Result<String, RenderError> {
-        self.reload_if_changed();
-        let name = format!("{locale}/{event_type}/{}", part.file());
-        let loaded = self.loaded.read().unwrap_or_else(|e| e.into_inner());
-        if !loaded.tera.get_template_names().any(|n| n == name) {
-            return Err(RenderError {
-                template: name,
-                reason: "no such template".to_owned(),
-            });
-        }
-        let rendered = loaded
-            .tera
-            .render(&name, context)
-            .map_err(|e| RenderError {
-                template: name.clone(),
-                reason: error_chain(&e),
-            })?;
-        Ok(match part {
-            // Data with line breaks must not make a multi-line subject (header injection).
-            Part::EmailSubject | Part::InAppTitle => rendered
-                .split(['\r', '\n'])
-                .map(str::trim)
-                .filter(|l| !l.is_empty())
-                .collect::<Vec<_>>()
-                .join(" "),
-            _ => rendered,
-        })
+        self.render_named(locale, event_type, part, context)
+            .map(|(_, rendered)| rendered)
     }
 
     /// Subject, text and HTML of an email.
@@ -186,19 +306,8 @@ impl Templates {
         event_type: &str,
         context: &tera::Context,
     ) -> Result<Value, RenderError> {
-        let text = self.render(locale, event_type, Part::Slack, context)?;
-        let name = format!("{locale}/{event_type}/{}", Part::Slack.file());
-        let message: Value = serde_json::from_str(&text).map_err(|e| RenderError {
-            template: name.clone(),
-            reason: format!("did not render valid JSON: {e}"),
-        })?;
-        if !message["text"].is_string() || !message["blocks"].is_array() {
-            return Err(RenderError {
-                template: name,
-                reason: "a Slack message needs a \"text\" string and a \"blocks\" array".to_owned(),
-            });
-        }
-        Ok(message)
+        let (name, text) = self.render_named(locale, event_type, Part::Slack, context)?;
+        slack_message(&name, &text)
     }
 
     /// Title and text of an in-app message (also SMS, KakaoTalk and push).
@@ -220,17 +329,17 @@ impl Templates {
     /// True when `locale` has its own template for this part (no fallback).
     pub fn has_own(&self, locale: Locale, event_type: &str, part: Part) -> bool {
         let name = format!("{locale}/{event_type}/{}", part.file());
-        let loaded = self.loaded.read().unwrap_or_else(|e| e.into_inner());
-        loaded.tera.get_template_names().any(|n| n == name)
+        self.read().tera.get_template_names().any(|n| n == name)
     }
 
-    /// True when both locales have every part `channel` needs for `event_type`.
+    /// True when both locales can render every part `channel` needs for `event_type`,
+    /// with their own template or the default locale's.
     pub fn covers(&self, event_type: &str, channel: Channel) -> bool {
-        let loaded = self.loaded.read().unwrap_or_else(|e| e.into_inner());
-        [Locale::Ko, Locale::En].iter().all(|locale| {
+        let loaded = self.read();
+        [Locale::Ko, Locale::En].into_iter().all(|locale| {
             Part::for_channel(channel).iter().all(|part| {
-                let name = format!("{locale}/{event_type}/{}", part.file());
-                loaded.tera.get_template_names().any(|n| n == name)
+                self.resolve(&loaded.tera, locale, event_type, *part)
+                    .is_some()
             })
         })
     }
@@ -252,8 +361,9 @@ impl Templates {
             return;
         }
         match parse_dir(&self.dir) {
-            Ok(tera) => {
-                loaded.tera = tera;
+            Ok(files) => {
+                loaded.tera = overlaid(&files, &loaded.overlay);
+                loaded.files = files;
                 loaded.stamp = now;
                 tracing::info!(dir = %self.dir.display(), "templates reloaded");
             }
@@ -263,6 +373,66 @@ impl Templates {
             }
         }
     }
+}
+
+/// Renders the template `name` as `part`.
+fn render_part(
+    tera: &Tera,
+    name: &str,
+    part: Part,
+    context: &tera::Context,
+) -> Result<String, RenderError> {
+    let rendered = tera.render(name, context).map_err(|e| RenderError {
+        template: name.to_owned(),
+        reason: error_chain(&e),
+    })?;
+    Ok(match part {
+        // Data with line breaks must not make a multi-line subject (header injection).
+        Part::EmailSubject | Part::InAppTitle => rendered
+            .split(['\r', '\n'])
+            .map(str::trim)
+            .filter(|l| !l.is_empty())
+            .collect::<Vec<_>>()
+            .join(" "),
+        _ => rendered,
+    })
+}
+
+/// A rendered Slack part, checked to be Block Kit JSON with a fallback `text`.
+fn slack_message(name: &str, text: &str) -> Result<Value, RenderError> {
+    let message: Value = serde_json::from_str(text).map_err(|e| RenderError {
+        template: name.to_owned(),
+        reason: format!("did not render valid JSON: {e}"),
+    })?;
+    if !message["text"].is_string() || !message["blocks"].is_array() {
+        return Err(RenderError {
+            template: name.to_owned(),
+            reason: "a Slack message needs a \"text\" string and a \"blocks\" array".to_owned(),
+        });
+    }
+    Ok(message)
+}
+
+/// `files` with each version of `overlay` in place of the file of its name.
+fn overlaid(files: &Tera, overlay: &Overlay) -> Tera {
+    let mut all = files.clone();
+    if all.add_raw_templates(overlay.sources.iter()).is_ok() {
+        return all;
+    }
+    // One of them does not parse: add them one by one, so that only that one is skipped.
+    let mut tera = files.clone();
+    for (name, source) in &overlay.sources {
+        let mut candidate = tera.clone();
+        match candidate.add_raw_template(name, source) {
+            Ok(()) => tera = candidate,
+            Err(e) => tracing::error!(
+                template = %name,
+                reason = %error_chain(&e),
+                "a stored template version does not parse; its file stays in effect"
+            ),
+        }
+    }
+    tera
 }
 
 fn parse_dir(dir: &Path) -> Result<Tera, String> {
@@ -353,6 +523,9 @@ fn group_thousands(digits: &str) -> String {
     }
     format!("{sign}{out}")
 }
+
+#[cfg(test)]
+mod overlay_tests;
 
 #[cfg(test)]
 mod tests {

@@ -14,6 +14,7 @@ pub mod keys;
 pub mod metrics;
 pub mod notifications;
 pub mod settings;
+pub mod templates;
 pub mod users;
 
 use std::{sync::Arc, time::Duration};
@@ -102,7 +103,8 @@ pub fn router(state: AppState) -> Router {
             .merge(dashboard::router())
             .merge(admin::router())
             .merge(keys::router())
-            .merge(event_types::router());
+            .merge(event_types::router())
+            .merge(templates::router());
     }
     let limits = Limits {
         permits: Arc::new(Semaphore::new(state.settings.http.max_concurrent_requests)),

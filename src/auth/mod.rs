@@ -51,11 +51,17 @@ pub enum Scope {
     /// Create, list and revoke API keys.
     #[serde(rename = "keys:admin")]
     KeysAdmin,
+    /// Read template versions and preview templates.
+    #[serde(rename = "templates:read")]
+    TemplatesRead,
+    /// Store template versions and choose the one in effect.
+    #[serde(rename = "templates:write")]
+    TemplatesWrite,
 }
 
 impl Scope {
     /// Every scope, in the order the documentation lists them.
-    pub const ALL: [Scope; 9] = [
+    pub const ALL: [Scope; 11] = [
         Scope::NotificationsWrite,
         Scope::NotificationsRead,
         Scope::UsersWrite,
@@ -65,6 +71,8 @@ impl Scope {
         Scope::DashboardRead,
         Scope::DlqAdmin,
         Scope::KeysAdmin,
+        Scope::TemplatesRead,
+        Scope::TemplatesWrite,
     ];
 
     /// The scope's name, as keys carry it (`notifications:write`).
@@ -79,6 +87,8 @@ impl Scope {
             Scope::DashboardRead => "dashboard:read",
             Scope::DlqAdmin => "dlq:admin",
             Scope::KeysAdmin => "keys:admin",
+            Scope::TemplatesRead => "templates:read",
+            Scope::TemplatesWrite => "templates:write",
         }
     }
 }

@@ -17,7 +17,7 @@ use crate::{
 use herald::roles::Role;
 
 /// Every scope a key can hold.
-const SCOPES: [&str; 9] = [
+const SCOPES: [&str; 11] = [
     "notifications:write",
     "notifications:read",
     "users:write",
@@ -27,6 +27,8 @@ const SCOPES: [&str; 9] = [
     "dashboard:read",
     "dlq:admin",
     "keys:admin",
+    "templates:read",
+    "templates:write",
 ];
 
 /// One operation of the document, with what its `security` says.

@@ -41,6 +41,13 @@ const ROUTES: &[(&str, &str)] = &[
     ("DELETE", "/api/v1/admin/keys/{id}"),
     ("GET", "/api/v1/event-types"),
     ("GET", "/api/v1/event-types/{eventType}"),
+    ("GET", "/api/v1/templates/{eventType}/{locale}/{part}"),
+    ("PUT", "/api/v1/templates/{eventType}/{locale}/{part}"),
+    (
+        "POST",
+        "/api/v1/templates/{eventType}/{locale}/{part}/versions/{version}/activate",
+    ),
+    ("POST", "/api/v1/templates/{eventType}/preview"),
     ("GET", "/health/live"),
     ("GET", "/health/ready"),
     ("GET", "/metrics"),

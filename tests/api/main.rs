@@ -22,4 +22,5 @@ mod migrations;
 mod outbound;
 mod read_model;
 mod settings;
+mod templates;
 mod topics;
