@@ -155,3 +155,33 @@ fn api_base(settings: &Settings) -> String {
     }
     format!("http://{addr}")
 }
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::*;
+    use crate::{event_schemas::EventSchemas, routing::RoutingTable};
+
+    #[test]
+    fn every_demo_event_is_routed_and_matches_its_schema() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+        let routing = RoutingTable::load(&root.join("config/routing.toml")).unwrap();
+        let schemas = EventSchemas::load(&root.join("schemas"), routing.event_types()).unwrap();
+
+        for sample in samples() {
+            let event_type = sample.envelope["eventType"].as_str().unwrap();
+            let data = sample.envelope["data"].as_object().unwrap();
+            assert!(
+                routing
+                    .event_types()
+                    .iter()
+                    .any(|t| t.as_str() == event_type),
+                "{event_type}"
+            );
+            schemas
+                .check(event_type, data)
+                .unwrap_or_else(|e| panic!("{e}"));
+        }
+    }
+}

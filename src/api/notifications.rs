@@ -393,8 +393,6 @@ fn validate(state: &AppState, request: IntakeRequest) -> Result<(Draft, Vec<Chan
             .to_vec(),
     };
     content.check_templates(state, &channels)?;
-    let data = request.data.unwrap_or_default();
-    content.check_data(state, &data)?;
     if user_id.is_none()
         && recipient == Recipient::default()
         && channels
@@ -406,6 +404,8 @@ fn validate(state: &AppState, request: IntakeRequest) -> Result<(Draft, Vec<Chan
 
     let now = Utc::now();
     check_schedule(request.scheduled_at, now)?;
+    let data = request.data.unwrap_or_default();
+    content.check_data(state, &data)?;
 
     Ok((
         Draft {

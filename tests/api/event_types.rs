@@ -60,7 +60,10 @@ async fn every_routed_event_type_with_only_its_required_fields_is_delivered_on_e
                         .await;
                     assert_eq!(response.status(), 202, "{event_type}");
                     let body: Value = response.json().await.unwrap();
-                    sent.push((format!("{event_type} via HTTP"), body["notificationId"].clone()));
+                    sent.push((
+                        format!("{event_type} via HTTP"),
+                        body["notificationId"].clone(),
+                    ));
                     continue;
                 }
             }

@@ -229,11 +229,14 @@ pub fn stack_settings() -> Settings {
 pub async fn create_database(settings: &Settings) -> (String, String) {
     let mut url = url::Url::parse(settings.database_url()).expect("a valid database URL");
     let name = format!("herald_test_{}", Uuid::new_v4().simple());
-    let mut conn = PgConnection::connect(url.as_str())
+    let mut conn = tokio::time::timeout(STEP_TIMEOUT, PgConnection::connect(url.as_str()))
         .await
+        .expect("the test PostgreSQL answers within STEP_TIMEOUT")
         .expect("the test PostgreSQL accepts connections");
-    conn.execute(sqlx::AssertSqlSafe(format!(r#"CREATE DATABASE "{name}""#)))
+    let create = conn.execute(sqlx::AssertSqlSafe(format!(r#"CREATE DATABASE "{name}""#)));
+    tokio::time::timeout(STEP_TIMEOUT, create)
         .await
+        .expect("the test database is created within STEP_TIMEOUT")
         .expect("the test database can be created");
     url.set_path(&name);
     (name, url.to_string())
@@ -304,15 +307,21 @@ pub async fn spawn_app_as(roles: &[Role], customise: impl FnOnce(&mut Settings))
     settings.access.user_token_secret = Some(USER_TOKEN_SECRET.to_owned().into());
 
     let catalogue = TopicCatalogue::load(&settings.kafka.topics_file).unwrap();
-    KafkaAdmin::new(&settings.kafka)
+    let create = KafkaAdmin::new(&settings.kafka)
         .unwrap()
-        .create_topics(&catalogue)
+        .create_topics(&catalogue);
+    tokio::time::timeout(STEP_TIMEOUT, create)
         .await
+        .expect("the test broker creates topics within STEP_TIMEOUT")
         .expect("the test broker creates topics");
 
     customise(&mut settings);
     spawn_app_on(settings, roles).await
 }
+
+/// The longest one setup step or one request may take: a hang becomes a failure that
+/// names the step instead of a suite that never ends.
+const STEP_TIMEOUT: Duration = Duration::from_secs(90);
 
 /// Starts Herald on settings whose database and topics already exist (a restart).
 pub async fn spawn_app_on(settings: Settings, roles: &[Role]) -> TestApp {
@@ -321,8 +330,9 @@ pub async fn spawn_app_on(settings: Settings, roles: &[Role]) -> TestApp {
         .path()
         .trim_start_matches('/')
         .to_owned();
-    let app = Application::build(settings.clone(), roles)
+    let app = tokio::time::timeout(STEP_TIMEOUT, Application::build(settings.clone(), roles))
         .await
+        .expect("Herald builds within STEP_TIMEOUT")
         .expect("Herald builds against the test stack");
     let address = format!("http://{}", app.local_addr());
     let db = app.state().db.clone();
@@ -334,6 +344,7 @@ pub async fn spawn_app_on(settings: Settings, roles: &[Role]) -> TestApp {
             use secrecy::ExposeSecret;
             let bearer = format!("Bearer {}", token.expose_secret());
             reqwest::Client::builder()
+                .timeout(STEP_TIMEOUT)
                 .default_headers(reqwest::header::HeaderMap::from_iter([(
                     reqwest::header::AUTHORIZATION,
                     bearer.parse().unwrap(),
@@ -351,7 +362,10 @@ pub async fn spawn_app_on(settings: Settings, roles: &[Role]) -> TestApp {
         settings,
         redis,
         http,
-        anonymous: reqwest::Client::new(),
+        anonymous: reqwest::Client::builder()
+            .timeout(STEP_TIMEOUT)
+            .build()
+            .unwrap(),
         shutdown,
     }
 }
