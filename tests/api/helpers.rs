@@ -307,10 +307,8 @@ pub async fn spawn_app_as(roles: &[Role], customise: impl FnOnce(&mut Settings))
     settings.access.user_token_secret = Some(USER_TOKEN_SECRET.to_owned().into());
 
     let catalogue = TopicCatalogue::load(&settings.kafka.topics_file).unwrap();
-    let create = KafkaAdmin::new(&settings.kafka)
-        .unwrap()
-        .create_topics(&catalogue);
-    tokio::time::timeout(STEP_TIMEOUT, create)
+    let admin = KafkaAdmin::new(&settings.kafka).unwrap();
+    tokio::time::timeout(STEP_TIMEOUT, admin.create_topics(&catalogue))
         .await
         .expect("the test broker creates topics within STEP_TIMEOUT")
         .expect("the test broker creates topics");
