@@ -445,6 +445,14 @@ fn parse_dir(dir: &Path) -> Result<Tera, String> {
         )
     })?;
     tera.register_filter("number", number_filter);
+    // tera's built-in `get_env` reads the process environment: a template stored through
+    // the API could put HERALD_ADMIN_TOKEN or the database password into a preview or an
+    // email. No template needs it, so it fails like an unknown function would.
+    tera.register_function("get_env", |_: &HashMap<String, Value>| {
+        Err(tera::Error::msg(
+            "get_env is not available in Herald templates",
+        ))
+    });
     Ok(tera)
 }
 
@@ -652,6 +660,32 @@ mod tests {
             .unwrap();
         assert_eq!(short.title, "Shipped o-9");
         assert_eq!(short.body, "On its way");
+    }
+
+    #[test]
+    fn templates_cannot_read_the_environment() {
+        let dir = std::env::temp_dir().join(format!("herald-templates-{}", uuid::Uuid::new_v4()));
+        let folder = dir.join("en/ORDER_SHIPPED");
+        std::fs::create_dir_all(&folder).unwrap();
+        std::fs::write(
+            folder.join("in_app_title.txt"),
+            r#"{{ get_env(name="PATH") }}"#,
+        )
+        .unwrap();
+        std::fs::write(folder.join("in_app_body.txt"), "body").unwrap();
+        let templates = Templates::load(&dir).unwrap();
+
+        let error = templates
+            .render(
+                Locale::En,
+                "ORDER_SHIPPED",
+                Part::InAppTitle,
+                &tera::Context::new(),
+            )
+            .unwrap_err();
+
+        assert!(error.reason.contains("get_env is not available"), "{error}");
+        assert!(!error.reason.contains("/usr"), "{error}");
     }
 
     #[test]

@@ -114,6 +114,11 @@ async fn a_broken_edit_is_refused_with_422_naming_the_template_and_changes_nothi
         ("Paid {{ data.amount ", name),
         // orderId is optional: the minimal payload lacks it.
         ("Order {{ data.orderId }}", "data.orderId"),
+        // A template must not read the process environment (the admin token lives there).
+        (
+            r#"{{ get_env(name="HERALD_ADMIN_TOKEN") }}"#,
+            "get_env is not available",
+        ),
     ] {
         let response = put_source(&app, SUBJECT, source).await;
         assert_eq!(response.status(), 422, "{source}");
