@@ -27,6 +27,10 @@ use crate::domain::EventType;
 /// The schema file name of notifications with their own subject and body.
 pub const ADHOC_SCHEMA: &str = "ADHOC";
 
+/// Free text that breaks naive templates: quotes and a backslash (JSON), a line break
+/// (headers, Slack fields), a Slack mention and HTML markup, and tera's own braces.
+pub const HOSTILE_TEXT: &str = "Quote \" back\\slash\nnew line <!channel> <b>bold</b> & {{ x }}";
+
 /// How many problems one refusal lists; the first is the one that matters most often.
 const MAX_REPORTED: usize = 5;
 
@@ -122,14 +126,9 @@ impl EventSchema {
                 .check(example)
                 .map_err(|e| anyhow::anyhow!("{at}: examples[{i}] fails its own schema: {e}"))?;
         }
-        for (what, payload) in [
-            ("minimal", schema.minimal_payload()),
-            ("full", schema.full_payload()),
-        ] {
+        for (what, payload) in schema.test_payloads() {
             schema.check(&payload).map_err(|e| {
-                anyhow::anyhow!(
-                    "{at}: the {what} payload built from the properties' examples fails: {e}"
-                )
+                anyhow::anyhow!("{at}: the {what}, built from the properties' examples, fails: {e}")
             })?;
         }
         Ok(schema)
@@ -182,7 +181,7 @@ impl EventSchema {
             .validator
             .iter_errors(data)
             .take(MAX_REPORTED)
-            .map(|error| problem(&error))
+            .map(|error| problem(&error, self.properties()))
             .collect();
         if problems.is_empty() {
             Ok(())
@@ -192,6 +191,58 @@ impl EventSchema {
                 problems,
             })
         }
+    }
+
+    /// Every payload a template must render: for each example position, the required
+    /// fields alone and every field (a property with fewer examples repeats its first),
+    /// then every field with [`HOSTILE_TEXT`] in each free-text string. Each is labelled.
+    pub fn test_payloads(&self) -> Vec<(String, Value)> {
+        let depth = self
+            .properties()
+            .values()
+            .filter_map(|p| p["examples"].as_array().map(Vec::len))
+            .max()
+            .unwrap_or(1);
+        let required = self.required();
+        let mut payloads = Vec::new();
+        for i in 0..depth {
+            payloads.push((
+                format!("minimal payload (examples[{i}])"),
+                self.payload_at(i, |field| required.contains(&field)),
+            ));
+            payloads.push((
+                format!("full payload (examples[{i}])"),
+                self.payload_at(i, |_| true),
+            ));
+        }
+        let hostile = self.hostile_payload();
+        if self.check(&hostile).is_ok() {
+            payloads.push((
+                "full payload with quotes, line breaks and markup in its free text".to_owned(),
+                hostile,
+            ));
+        }
+        payloads
+    }
+
+    /// The full payload with [`HOSTILE_TEXT`] (cut to `maxLength`) in every string field
+    /// without a pattern, format or list of values.
+    fn hostile_payload(&self) -> Value {
+        let mut payload = self.full_payload();
+        for (field, property) in self.properties() {
+            let text = property["type"] == "string"
+                || property["type"]
+                    .as_array()
+                    .is_some_and(|t| t.contains(&Value::from("string")));
+            let constrained = ["pattern", "format", "enum", "const", "anyOf", "oneOf"]
+                .iter()
+                .any(|k| property.get(*k).is_some());
+            if text && !constrained {
+                let max = property["maxLength"].as_u64().unwrap_or(u64::MAX) as usize;
+                payload[field] = HOSTILE_TEXT.chars().take(max).collect::<String>().into();
+            }
+        }
+        payload
     }
 
     /// `data` with only the required fields, each at its first example.
@@ -206,11 +257,19 @@ impl EventSchema {
     }
 
     fn payload(&self, include: impl Fn(&str) -> bool) -> Value {
+        self.payload_at(0, include)
+    }
+
+    fn payload_at(&self, index: usize, include: impl Fn(&str) -> bool) -> Value {
         Value::Object(
             self.properties()
                 .iter()
                 .filter(|(field, _)| include(field))
-                .map(|(field, property)| (field.clone(), property["examples"][0].clone()))
+                .map(|(field, property)| {
+                    let examples = &property["examples"];
+                    let example = examples.get(index).unwrap_or(&examples[0]);
+                    (field.clone(), example.clone())
+                })
                 .collect(),
         )
     }
@@ -223,41 +282,93 @@ impl EventSchema {
     }
 }
 
-/// The top-level `data` fields a tera source reads: `data.name` and `data["name"]`.
+/// What a template reads of `data` as a whole (copied to a variable, looped over, indexed
+/// with a variable, serialised): fields cannot be checked then, so it is refused.
+pub const WHOLE_DATA: &str = "data (as a whole)";
+
+/// The top-level `data` fields a tera source reads inside its tags (`{{ }}` and `{% %}`;
+/// text and `{# #}` comments are not code): `data.name` and `data["name"]`. Any other use
+/// of `data`, or of `__tera_context`, is reported as [`WHOLE_DATA`].
 pub fn fields_read(source: &str) -> std::collections::BTreeSet<String> {
     let mut fields = std::collections::BTreeSet::new();
-    let bytes = source.as_bytes();
-    let mut at = 0;
-    while let Some(found) = source[at..].find("data") {
-        let start = at + found;
-        at = start + 4;
-        let preceded_by_name = start > 0
-            && (bytes[start - 1].is_ascii_alphanumeric()
-                || bytes[start - 1] == b'_'
-                || bytes[start - 1] == b'.');
-        if preceded_by_name {
-            continue;
-        }
-        let rest = &source[at..];
-        let name = if let Some(after_dot) = rest.strip_prefix('.') {
-            after_dot
-                .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
-                .next()
-                .unwrap_or_default()
-        } else if let Some(after_bracket) = rest.strip_prefix('[') {
-            let quoted = after_bracket.trim_start();
-            match quoted.chars().next() {
-                Some(q @ ('"' | '\'')) => quoted[1..].split(q).next().unwrap_or_default(),
-                _ => "",
+    let mut rest = source;
+    while let Some(open) = rest.find('{') {
+        let after = &rest[open + 1..];
+        let close = match after.chars().next() {
+            Some('{') => "}}",
+            Some('%') => "%}",
+            Some('#') => {
+                rest = after.find("#}").map_or("", |end| &after[end + 2..]);
+                continue;
             }
-        } else {
-            ""
+            _ => {
+                rest = after;
+                continue;
+            }
         };
-        if !name.is_empty() {
-            fields.insert(name.to_owned());
-        }
+        let (code, next) = after[1..].find(close).map_or((&after[1..], ""), |end| {
+            (&after[1..1 + end], &after[1 + end + 2..])
+        });
+        read_in_code(code, &mut fields);
+        rest = next;
     }
     fields
+}
+
+fn read_in_code(code: &str, fields: &mut std::collections::BTreeSet<String>) {
+    let is_name = |b: u8| b.is_ascii_alphanumeric() || b == b'_';
+    let bytes = code.as_bytes();
+    let mut in_string: Option<u8> = None;
+    let mut i = 0;
+    while i < bytes.len() {
+        let b = bytes[i];
+        if let Some(quote) = in_string {
+            if b == quote {
+                in_string = None;
+            }
+            i += 1;
+            continue;
+        }
+        if matches!(b, b'"' | b'\'' | b'`') {
+            in_string = Some(b);
+            i += 1;
+            continue;
+        }
+        if !is_name(b) || (i > 0 && (is_name(bytes[i - 1]) || bytes[i - 1] == b'.')) {
+            i += 1;
+            continue;
+        }
+        let end = (i..bytes.len())
+            .find(|&j| !is_name(bytes[j]))
+            .unwrap_or(bytes.len());
+        let word = &code[i..end];
+        if word == "__tera_context" {
+            fields.insert(WHOLE_DATA.to_owned());
+        } else if word == "data" {
+            let tail = &code[end..];
+            let field = if let Some(dotted) = tail.strip_prefix('.') {
+                dotted
+                    .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                    .next()
+            } else if let Some(indexed) = tail.strip_prefix('[') {
+                let indexed = indexed.trim_start();
+                match indexed.chars().next() {
+                    Some(q @ ('"' | '\'')) => indexed[1..]
+                        .split_once(q)
+                        .filter(|(_, after)| after.trim_start().starts_with(']'))
+                        .map(|(name, _)| name),
+                    _ => None,
+                }
+            } else {
+                None
+            };
+            match field {
+                Some(name) if !name.is_empty() => fields.insert(name.to_owned()),
+                _ => fields.insert(WHOLE_DATA.to_owned()),
+            };
+        }
+        i = end;
+    }
 }
 
 fn required_of(document: &Value) -> impl Iterator<Item = &str> {
@@ -269,7 +380,7 @@ fn required_of(document: &Value) -> impl Iterator<Item = &str> {
 }
 
 /// Turns a validator error into a path from the envelope and a message without the value.
-fn problem(error: &jsonschema::ValidationError<'_>) -> Problem {
+fn problem(error: &jsonschema::ValidationError<'_>, properties: &Map<String, Value>) -> Problem {
     let mut path = String::from("data");
     for segment in error.instance_path().as_str().split('/').skip(1) {
         let segment = segment.replace("~1", "/").replace("~0", "~");
@@ -280,15 +391,43 @@ fn problem(error: &jsonschema::ValidationError<'_>) -> Problem {
             path.push_str(&segment);
         }
     }
+    let top = error
+        .instance_path()
+        .as_str()
+        .split('/')
+        .nth(1)
+        .map(str::to_owned);
     match error.kind() {
-        ValidationErrorKind::Required { property } => Problem {
-            path: format!("{path}.{}", property.as_str().unwrap_or_default()),
-            message: "is required".to_owned(),
-        },
+        ValidationErrorKind::Required { property } => {
+            let field = property.as_str().unwrap_or_default();
+            Problem {
+                path: format!("{path}.{field}"),
+                message: format!("is required{}", hint(properties.get(field))),
+            }
+        }
         _ => Problem {
             path,
-            message: error.masked_with("the value").to_string(),
+            message: format!(
+                "{}{}",
+                error.masked_with("the value"),
+                hint(top.and_then(|t| properties.get(&t)))
+            ),
         },
+    }
+}
+
+/// What a declared field should hold, from its schema: its description and first example.
+fn hint(property: Option<&Value>) -> String {
+    let Some(property) = property else {
+        return String::new();
+    };
+    let description = property["description"].as_str().unwrap_or_default();
+    let description = description.strip_suffix('.').unwrap_or(description);
+    match (description.is_empty(), property["examples"].get(0)) {
+        (false, Some(example)) => format!(" (expected: {description}; e.g. {example})"),
+        (true, Some(example)) => format!(" (e.g. {example})"),
+        (false, None) => format!(" (expected: {description})"),
+        (true, None) => String::new(),
     }
 }
 
@@ -416,7 +555,7 @@ mod tests {
             .unwrap_err();
 
         assert_eq!(error.problems[0].path, "data.amount");
-        assert_eq!(error.problems[0].message, "is required");
+        assert_eq!(error.problems[0].message, "is required (e.g. 12000)");
         assert!(
             error.to_string().contains("data.amount: is required"),
             "{error}"
@@ -458,13 +597,28 @@ mod tests {
 
     #[test]
     fn fields_read_by_a_template_are_found_in_every_form() {
-        let source = r#"{{ data.orderId }} {% if data.shippedAt %}{{ data["carrier"] }}{% endif %}
-            {{ metadata.x }} {{ data.amount | number }} {{ my_data.y }} {{ data['sku'] }}"#;
+        let source = r#"Your data.zip at https://x.test/data.json {# data.comment #}
+            {{ data.orderId }} {% if data.shippedAt %}{{ data["carrier"] }}{% endif %}
+            {{ metadata.x }} {{ data.amount | number }} {{ my_data.y }} {{ data['sku'] }}
+            {{ "data.inString" }}"#;
 
         let fields: Vec<String> = fields_read(source).into_iter().collect();
 
         assert_eq!(fields, ["amount", "carrier", "orderId", "shippedAt", "sku"]);
         assert_eq!(order_schema().undeclared_in(source), ["carrier", "sku"]);
+    }
+
+    #[test]
+    fn reading_data_as_a_whole_is_reported() {
+        for source in [
+            "{% set d = data %}{{ d.tip }}",
+            "{{ data[key] }}",
+            "{% for k, v in data %}{{ v }}{% endfor %}",
+            "{{ data | json_encode() }}",
+            "{{ __tera_context }}",
+        ] {
+            assert!(fields_read(source).contains(WHOLE_DATA), "{source}");
+        }
     }
 
     #[test]

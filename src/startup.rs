@@ -325,8 +325,10 @@ fn spawn_workers(
 ) -> anyhow::Result<()> {
     // Every instance renders (dispatch sends, the API previews and checks edits), so every
     // one follows the template versions activated through the API on any instance.
+    // On the API's pool: the workers' pool can be saturated by dispatch, and this is one
+    // primary-key read a second.
     tasks.spawn(templates::store::watch(
-        state.work_db.clone(),
+        state.db.clone(),
         state.templates.clone(),
         state.settings.templates.refresh,
         state.shutdown.clone(),

@@ -453,7 +453,44 @@ fn parse_dir(dir: &Path) -> Result<Tera, String> {
             "get_env is not available in Herald templates",
         ))
     });
+    tera.register_function("range", bounded_range);
     Ok(tera)
+}
+
+/// The most items `range` gives: enough for any message, too few to stall a worker.
+const MAX_RANGE_ITEMS: i64 = 1000;
+
+/// tera's `range(end, start=0, step_by=1)`, refusing more than [`MAX_RANGE_ITEMS`] items
+/// (tera's own has no bound, so `range(end=1000000000)` in a stored template, or an end
+/// taken from the data, would exhaust memory).
+fn bounded_range(args: &HashMap<String, Value>) -> tera::Result<Value> {
+    let number = |name: &str, default: Option<i64>| match args.get(name) {
+        Some(value) => value
+            .as_i64()
+            .ok_or_else(|| tera::Error::msg(format!("range: {name} must be an integer"))),
+        None => default.ok_or_else(|| tera::Error::msg(format!("range: {name} is required"))),
+    };
+    let (start, end, step) = (
+        number("start", Some(0))?,
+        number("end", None)?,
+        number("step_by", Some(1))?,
+    );
+    if step <= 0 {
+        return Err(tera::Error::msg("range: step_by must be positive"));
+    }
+    let count = if end > start {
+        (end - start + step - 1) / step
+    } else {
+        0
+    };
+    if count > MAX_RANGE_ITEMS {
+        return Err(tera::Error::msg(format!(
+            "range: at most {MAX_RANGE_ITEMS} items, asked for {count}"
+        )));
+    }
+    Ok(Value::from(
+        (0..count).map(|i| start + i * step).collect::<Vec<i64>>(),
+    ))
 }
 
 fn stamp(dir: &Path) -> Stamp {
@@ -504,7 +541,18 @@ fn number_filter(value: &Value, _: &HashMap<String, Value>) -> tera::Result<Valu
             Some((whole, fraction)) => format!("{}.{fraction}", group_thousands(whole)),
             None => group_thousands(s),
         },
-        other => return Err(tera::Error::msg(format!("number: {other} is not a number"))),
+        // The value itself is not repeated: the error reaches last_error and DLQ headers.
+        other => {
+            let kind = match other {
+                Value::String(_) => "a string that is not a decimal number",
+                Value::Null => "null",
+                Value::Bool(_) => "a boolean",
+                Value::Array(_) => "an array",
+                Value::Object(_) => "an object",
+                Value::Number(_) => "a number it cannot format",
+            };
+            return Err(tera::Error::msg(format!("number: the value is {kind}")));
+        }
     };
     Ok(Value::String(formatted))
 }
@@ -686,6 +734,27 @@ mod tests {
 
         assert!(error.reason.contains("get_env is not available"), "{error}");
         assert!(!error.reason.contains("/usr"), "{error}");
+    }
+
+    #[test]
+    fn range_works_within_its_bound_and_refuses_beyond_it() {
+        let args = |pairs: &[(&str, i64)]| -> HashMap<String, Value> {
+            pairs
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), Value::from(*v)))
+                .collect()
+        };
+
+        assert_eq!(
+            bounded_range(&args(&[("end", 3)])).unwrap(),
+            serde_json::json!([0, 1, 2])
+        );
+        assert_eq!(
+            bounded_range(&args(&[("start", 1), ("end", 8), ("step_by", 3)])).unwrap(),
+            serde_json::json!([1, 4, 7])
+        );
+        assert!(bounded_range(&args(&[("end", 1_000_000_000)])).is_err());
+        assert!(bounded_range(&args(&[("end", 5), ("step_by", 0)])).is_err());
     }
 
     #[test]

@@ -50,15 +50,17 @@ use crate::{
 /// How many activations a listing shows.
 const ACTIVATIONS_SHOWN: i64 = 20;
 
-/// The template routes: reading and previewing need `templates:read`, storing and
-/// activating `templates:write`.
+/// The template routes: reading and previewing need `templates:read` (or
+/// `templates:write`), storing and activating `templates:write`.
 pub fn router() -> Router<AppState> {
+    // Whoever may change a template may also read and preview what they change.
+    const READERS: &[Scope] = &[Scope::TemplatesRead, Scope::TemplatesWrite];
     const EDIT: Rules = &[
-        (Method::GET, Need::Scope(Scope::TemplatesRead)),
+        (Method::GET, Need::AnyScope(READERS)),
         (Method::PUT, Need::Scope(Scope::TemplatesWrite)),
         (Method::POST, Need::Scope(Scope::TemplatesWrite)),
     ];
-    const PREVIEW: Rules = &[(Method::POST, Need::Scope(Scope::TemplatesRead))];
+    const PREVIEW: Rules = &[(Method::POST, Need::AnyScope(READERS))];
     let edit = Router::new()
         .route(
             "/api/v1/templates/{eventType}/{locale}/{part}",
@@ -367,9 +369,7 @@ async fn preview(
     let schema = schema_of(&state.schemas, &folder)
         .ok_or_else(|| anyhow::anyhow!("no schema for {folder}, though startup requires one"))?;
     let data = Value::Object(request.data);
-    schema
-        .check(&data)
-        .map_err(|violation| ApiError::BadRequest(violation.to_string()))?;
+    schema.check(&data)?;
     let mut sample = Sample::default();
     if let Some(subject) = request.subject {
         sample.subject = subject;

@@ -13,7 +13,7 @@ use uuid::Uuid;
 use super::{ADHOC, Part, RenderError, Templates, template_name};
 use crate::{
     domain::Locale,
-    event_schemas::{ADHOC_SCHEMA, EventSchema, EventSchemas},
+    event_schemas::{ADHOC_SCHEMA, EventSchema, EventSchemas, WHOLE_DATA},
 };
 
 /// The largest template source the API stores.
@@ -56,9 +56,23 @@ pub fn check_version(
     source: &str,
 ) -> Result<(), Refusal> {
     let template = template_name(locale, event_type, part);
+    structure(source).map_err(|reason| Refusal {
+        template: template.clone(),
+        reason,
+    })?;
     let undeclared = schema.undeclared_in(source);
     if !undeclared.is_empty() {
-        let fields: Vec<String> = undeclared.iter().map(|f| format!("data.{f}")).collect();
+        let fields: Vec<String> = undeclared
+            .iter()
+            .map(|f| {
+                if f == WHOLE_DATA {
+                    "data as a whole (copied, looped over, indexed by a variable or serialised)"
+                        .to_owned()
+                } else {
+                    format!("data.{f}")
+                }
+            })
+            .collect();
         return Err(Refusal {
             template,
             reason: format!(
@@ -69,22 +83,79 @@ pub fn check_version(
             ),
         });
     }
-    for (payload, data) in [
-        ("minimal", schema.minimal_payload()),
-        ("full", schema.full_payload()),
-    ] {
+    for (payload, data) in schema.test_payloads() {
         let context = context(locale, event_type, &data, &Sample::default());
         templates
             .check(locale, event_type, part, source, &[context])
             .map_err(|e| Refusal {
                 template: e.template,
                 reason: format!(
-                    "{} (with the schema's {payload} payload, built from its examples)",
+                    "{} (with the schema's {payload}, built from its examples)",
                     e.reason
                 ),
             })?;
     }
     Ok(())
+}
+
+/// A stored version may extend a layout of `_layouts/` and import macros of `_macros/`,
+/// nothing else: an `include` (of itself, or of a part that includes it back) or a macro
+/// defined in place can recurse until the instance's stack overflows, and reaches into
+/// other event types' templates, whose fields this schema does not vouch for.
+fn structure(source: &str) -> Result<(), String> {
+    use tera::ast::Node;
+    fn walk(nodes: &[Node]) -> Result<(), String> {
+        for node in nodes {
+            match node {
+                Node::Include(..) => {
+                    return Err("include is not allowed in a stored template; import \
+                                macros from _macros/ instead"
+                        .to_owned());
+                }
+                Node::MacroDefinition(..) => {
+                    return Err("a stored template may not define macros; import them \
+                                from _macros/"
+                        .to_owned());
+                }
+                Node::Block(_, block, _) => walk(&block.body)?,
+                Node::Forloop(_, forloop, _) => {
+                    walk(&forloop.body)?;
+                    walk(forloop.empty_body.as_deref().unwrap_or_default())?;
+                }
+                Node::If(branches, _) => {
+                    for (_, _, body) in &branches.conditions {
+                        walk(body)?;
+                    }
+                    if let Some((_, body)) = &branches.otherwise {
+                        walk(body)?;
+                    }
+                }
+                Node::FilterSection(_, section, _) => walk(&section.body)?,
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+    let parsed = tera::Template::new("candidate", None, source).map_err(|e| e.to_string())?;
+    if let Some(parent) = parsed
+        .parent
+        .as_deref()
+        .filter(|p| !p.starts_with("_layouts/"))
+    {
+        return Err(format!(
+            "a stored template may extend only a layout of _layouts/, not {parent}"
+        ));
+    }
+    if let Some((file, _)) = parsed
+        .imported_macro_files
+        .iter()
+        .find(|(file, _)| !file.starts_with("_macros/"))
+    {
+        return Err(format!(
+            "a stored template may import macros only from _macros/, not {file}"
+        ));
+    }
+    walk(&parsed.ast)
 }
 
 /// What a preview or a check renders besides `data`: the envelope fields a template may

@@ -129,11 +129,9 @@ fn render_all(
     })
 }
 
-fn payloads(schema: &EventSchema) -> [(&'static str, Value); 2] {
-    [
-        ("minimal", schema.minimal_payload()),
-        ("full", schema.full_payload()),
-    ]
+/// Every example position, minimal and full, and the hostile free-text payload.
+fn payloads(schema: &EventSchema) -> Vec<(String, Value)> {
+    schema.test_payloads()
 }
 
 #[test]
@@ -151,10 +149,32 @@ fn every_event_type_and_the_adhoc_form_render_on_every_channel_in_both_languages
                     let templates = &contract.templates;
                     let whole = match channel {
                         Channel::Email => {
-                            templates.email(locale, &kind.folder, &context).map(|_| ())
+                            templates
+                                .email(locale, &kind.folder, &context)
+                                .map(|email| {
+                                    if email.html.contains("<b>bold</b>") {
+                                        failures.insert(format!(
+                                            "{} {payload} data: {locale} email HTML carries \
+                                         unescaped markup from the data",
+                                            kind.folder
+                                        ));
+                                    }
+                                })
                         }
                         Channel::Slack => {
-                            templates.slack(locale, &kind.folder, &context).map(|_| ())
+                            templates
+                                .slack(locale, &kind.folder, &context)
+                                .map(|message| {
+                                    // Data must not ping the channel or inject links.
+                                    let text = message.to_string();
+                                    if text.contains("<!channel>") || text.contains("<b>") {
+                                        failures.insert(format!(
+                                            "{} {payload} data: {locale} Slack message carries \
+                                         unescaped markup from the data",
+                                            kind.folder
+                                        ));
+                                    }
+                                })
                         }
                         _ => templates.short(locale, &kind.folder, &context).map(|_| ()),
                     };

@@ -119,6 +119,20 @@ async fn a_broken_edit_is_refused_with_422_naming_the_template_and_changes_nothi
             r#"{{ get_env(name="HERALD_ADMIN_TOKEN") }}"#,
             "get_env is not available",
         ),
+        // A stored template cannot recurse, reach other templates or loop without bound.
+        (
+            r#"{% include "en/PAYMENT_COMPLETED/email_subject.txt" %}"#,
+            "include is not allowed",
+        ),
+        (
+            "{% macro again() %}{{ self::again() }}{% endmacro %}",
+            "may not define macros",
+        ),
+        (
+            "{% for i in range(end=100000000) %}x{% endfor %}",
+            "at most 1000 items",
+        ),
+        ("{% set d = data %}{{ d.tip }}", "data as a whole"),
     ] {
         let response = put_source(&app, SUBJECT, source).await;
         assert_eq!(response.status(), 422, "{source}");
@@ -358,6 +372,15 @@ async fn a_preview_with_data_breaking_the_schema_is_400_naming_the_field() {
     let body: Value = response.json().await.unwrap();
     let message = body["error"]["message"].as_str().unwrap();
     assert!(message.contains("data.currency"), "{message}");
+    assert_eq!(body["error"]["code"], "schema_violation");
+    assert!(
+        body["error"]["details"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|d| d["path"] == "data.currency"),
+        "{body}"
+    );
 }
 
 #[tokio::test]
