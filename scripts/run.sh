@@ -49,6 +49,7 @@ cat <<BANNER
     API            $api/api/v1
     Health         $api/health/ready
     API docs       $api/docs
+    Event types    $api/api/v1/event-types   (the data each event type needs; schemas/ in the repo)
     Metrics        $api/metrics
     MailDev UI     $MAILDEV_URL
     Admin token    $HERALD_ADMIN_TOKEN   (kept in .stack/admin-token; holds every scope)
