@@ -232,6 +232,11 @@ impl Scenario {
             _serial: serial,
         };
         scenario.create_topics();
+        // The schema exists before any instance starts: the scenario's first reads may
+        // come before a slow-starting child has run its own (then idle) migrations.
+        herald::db::migrate(&scenario.db)
+            .await
+            .expect("the scenario database is migrated");
         scenario
     }
 
