@@ -98,6 +98,17 @@ struct GroupContext {
     fetches: AtomicI64,
     /// Set when librdkafka reports every broker down; cleared by the next assignment.
     brokers_down: AtomicBool,
+    /// The partitions this member holds, kept from the rebalance callbacks themselves.
+    /// Asking librdkafka (`assignment()`) from inside a callback blocks on the group's
+    /// queue, which nobody serves while the consumer is being closed: dropping a consumer
+    /// whose close revoked its partitions then hung for good.
+    held: std::sync::Mutex<std::collections::BTreeSet<String>>,
+}
+
+impl GroupContext {
+    fn held(&self) -> std::sync::MutexGuard<'_, std::collections::BTreeSet<String>> {
+        self.held.lock().unwrap_or_else(|e| e.into_inner())
+    }
 }
 
 impl ClientContext for GroupContext {
@@ -158,26 +169,33 @@ impl ConsumerContext for GroupContext {
         }
     }
 
-    fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+    fn post_rebalance(&self, _: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         match rebalance {
             Rebalance::Assign(partitions) => {
                 self.brokers_down.store(false, Ordering::Relaxed);
                 tracing::info!(group = %self.group, partitions = partitions.count(), "partitions assigned");
                 // The whole assignment, not only this step's, in case of an incremental
                 // (cooperative) rebalance.
-                let held = consumer
-                    .assignment()
-                    .unwrap_or_else(|_| (*partitions).clone());
-                self.watch.assigned(names(&held));
+                let held: Vec<String> = {
+                    let mut held = self.held();
+                    held.extend(names(partitions));
+                    held.iter().cloned().collect()
+                };
+                self.watch.assigned(held);
                 metrics::counter!("herald_consumer_rebalances_total", "group" => self.group.clone(), "kind" => "assign")
                     .increment(1);
             }
-            Rebalance::Revoke(_) => {
+            Rebalance::Revoke(partitions) => {
                 // An incremental revocation may leave the member some partitions.
-                if let Ok(held) = consumer.assignment()
-                    && held.count() > 0
-                {
-                    self.watch.assigned(names(&held));
+                let held: Vec<String> = {
+                    let mut held = self.held();
+                    for name in names(partitions) {
+                        held.remove(&name);
+                    }
+                    held.iter().cloned().collect()
+                };
+                if !held.is_empty() {
+                    self.watch.assigned(held);
                 }
             }
             Rebalance::Error(error) => {
@@ -291,6 +309,7 @@ fn create(
             watch,
             fetches: AtomicI64::new(0),
             brokers_down: AtomicBool::new(false),
+            held: Default::default(),
         })
         .context("Failed to create a Kafka consumer")?;
     let topics: Vec<&str> = spec.topics.iter().map(String::as_str).collect();
