@@ -21,6 +21,7 @@ mod load;
 mod process;
 mod run;
 mod sink;
+mod writes;
 
 use std::{
     collections::BTreeMap,
@@ -39,7 +40,7 @@ use sqlx::PgPool;
 
 use herald::{config::Settings, routing::RoutingTable};
 
-use self::{process::Herald, run::Run, sink::Sink};
+use self::{process::Herald, run::Run, sink::Sink, writes::Writes};
 
 /// One HTTP intake phase with `credential`: p50 and p99 latency (ms) and failed requests.
 async fn intake_percentiles(
@@ -162,8 +163,10 @@ async fn main() -> anyhow::Result<()> {
         bare_kafka.round(),
         format!("ceiling, bare rdkafka consumer: {bare_kafka:.0} messages/s"),
     );
+    let a_pool = a.migrated_pool().await?;
+    let ingest_before = Writes::read(&a_pool).await?;
     let herald = Herald::start(&a, "ingest", &env, &logs.join("herald-ingest.log")).await?;
-    let pool = herald::db::pool(&a.settings.database)?;
+    let pool = a_pool;
     let group = format!("{}notif-payment", a.settings.kafka.topic_prefix);
     let offsets = Offsets::new(&a, &group, &topic)?;
     let (first, done) = loop {
@@ -179,6 +182,14 @@ async fn main() -> anyhow::Result<()> {
     };
     let ingest = n as f64 / seconds(done - first);
     let rss_ingest = herald.stop().await?;
+    let ingest_writes = Writes::settled(&pool)
+        .await?
+        .per_event_since(&ingest_before, n);
+    report.figure(
+        "ingest_writes",
+        ingest_writes.json(),
+        ingest_writes.line("ingest"),
+    );
     report.figure(
         "ingest_events_per_s",
         ingest.round(),
@@ -237,8 +248,9 @@ async fn main() -> anyhow::Result<()> {
         e,
     )
     .await?;
+    let pool = b.migrated_pool().await?;
+    let e2e_before = Writes::read(&pool).await?;
     let herald = Herald::start(&b, ALL_ROLES, &env, &logs.join("herald-all.log")).await?;
-    let pool = herald::db::pool(&b.settings.database)?;
     let CaughtUp {
         ingested,
         dispatched,
@@ -272,6 +284,12 @@ async fn main() -> anyhow::Result<()> {
             seconds(dispatched - first),
             seconds(done - first)
         ),
+    );
+    let e2e_writes = Writes::settled(&pool).await?.per_event_since(&e2e_before, e);
+    report.figure(
+        "end_to_end_writes",
+        e2e_writes.json(),
+        e2e_writes.line("end to end (2 deliveries per event, both SUCCESS first time)"),
     );
     report.figure(
         "ingest_with_every_role_events_per_s",
