@@ -190,21 +190,9 @@ impl Dispatcher {
         .fetch_all(&mut *tx)
         .await
         .context("Failed to load claimed deliveries")?;
-        let events: Vec<OutboxMessage> = jobs
-            .iter()
-            .map(|job| {
-                self.delivery_event(
-                    job,
-                    DeliveryStatus::Processing,
-                    job.attempts,
-                    None,
-                    job.version,
-                    job.updated_at,
-                )
-                .to_outbox(&self.topic_prefix)
-            })
-            .collect();
-        outbox::insert(&mut tx, &events).await?;
+        // No delivery event for PROCESSING (DESIGN §1 lets it stay internal; the lease is
+        // in the row): it cost an outbox row written, marked and pruned, and a read-model
+        // update, per delivery, for a state that lasts milliseconds (issue 14).
         tx.commit().await.context("Failed to commit a claim")?;
         Ok(jobs)
     }
