@@ -285,7 +285,9 @@ async fn main() -> anyhow::Result<()> {
             seconds(done - first)
         ),
     );
-    let e2e_writes = Writes::settled(&pool).await?.per_event_since(&e2e_before, e);
+    let e2e_writes = Writes::settled(&pool)
+        .await?
+        .per_event_since(&e2e_before, e);
     report.figure(
         "end_to_end_writes",
         e2e_writes.json(),
