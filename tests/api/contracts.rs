@@ -14,7 +14,10 @@ use herald::{
     domain::{Channel, EventType, Locale},
     event_schemas::{ADHOC_SCHEMA, EventSchema, EventSchemas},
     routing::RoutingTable,
-    templates::{ADHOC, EmailContent, Part, RenderError, ShortContent, Templates},
+    templates::{
+        ADHOC, EmailContent, Part, RenderError, ShortContent, Templates,
+        check::{self, Sample},
+    },
 };
 use serde_json::{Value, json};
 
@@ -72,39 +75,16 @@ impl Contract {
     }
 }
 
-/// The render context the dispatcher builds (`prepare` in src/dispatch/worker.rs).
+/// The render context the dispatcher builds, as template checks and previews build it
+/// (`templates::check::context`), with a two-line ad-hoc body.
 fn context(kind: &Kind, locale: Locale, data: &Value) -> tera::Context {
-    let adhoc = kind.folder == ADHOC;
-    let mut context = tera::Context::new();
-    context.insert("data", data);
-    context.insert("locale", locale.as_str());
-    context.insert("event_type", &kind.schema);
-    context.insert("event_id", "evt-20261121-0001");
-    context.insert("notification_id", "0193a0f2-7c1e-7d2a-9b1e-3f5c2a1d4e60");
-    context.insert("delivery_id", "0193a0f2-7c1e-7d2a-9b1e-3f5c2a1d4e61");
-    context.insert("user_id", &1001);
-    context.insert("occurred_at", "2026-11-21T09:30:00+00:00");
-    context.insert(
-        "recipient",
-        &json!({ "email": "user1001@example.com", "locale": locale.as_str() }),
-    );
-    context.insert(
-        "subject",
-        if adhoc {
-            "Scheduled maintenance tonight"
-        } else {
-            ""
-        },
-    );
-    context.insert(
-        "body",
-        if adhoc {
-            "Herald will be unavailable from 2 to 3 am.\nThank you for your patience."
-        } else {
-            ""
-        },
-    );
-    context
+    let sample = Sample {
+        subject: "Scheduled maintenance tonight".to_owned(),
+        body: "Herald will be unavailable from 2 to 3 am.\nThank you for your patience.".to_owned(),
+        user_id: 1001,
+        recipient: json!({ "email": "user1001@example.com", "locale": locale.as_str() }),
+    };
+    check::context(locale, &kind.folder, data, &sample)
 }
 
 /// What one notification renders to on the three kinds of channel.
