@@ -172,7 +172,9 @@ impl DeadLetter {
     }
 }
 
-/// Writes outbox rows inside the caller's transaction.
+/// Writes the messages inside the caller's transaction, as one outbox row per topic: a
+/// row's insert, its mark when published and its prune are paid once per transaction and
+/// topic, not once per message (migration 0008). Messages keep their order within a topic.
 pub async fn insert(conn: &mut PgConnection, messages: &[OutboxMessage]) -> anyhow::Result<()> {
     if messages.is_empty() {
         return Ok(());
@@ -186,10 +188,12 @@ pub async fn insert(conn: &mut PgConnection, messages: &[OutboxMessage]) -> anyh
         .map(|m| serde_json::to_string(&m.headers).expect("string headers serialize"))
         .collect();
     sqlx::query(
-        "INSERT INTO outbox (kind, topic, message_key, payload, headers) \
-         SELECT kind, topic, message_key, payload, headers::jsonb \
+        "INSERT INTO outbox (kind, topic, message_keys, payloads, headers) \
+         SELECT kind, topic, array_agg(message_key ORDER BY n), array_agg(payload ORDER BY n), \
+             jsonb_agg(headers::jsonb ORDER BY n) \
          FROM UNNEST($1::text[], $2::text[], $3::bytea[], $4::bytea[], $5::text[]) \
-             AS t(kind, topic, message_key, payload, headers)",
+             WITH ORDINALITY AS t(kind, topic, message_key, payload, headers, n) \
+         GROUP BY kind, topic ORDER BY min(n)",
     )
     .bind(&kinds)
     .bind(&topics)

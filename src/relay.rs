@@ -1,20 +1,24 @@
-//! The outbox relay: publishes outbox rows to Kafka in id order and marks them published,
-//! at least once. A crash between producing and marking re-publishes the batch; readers
-//! dedupe (delivery events carry a version, dead letters their `X-Dead-Letter-Id`).
+//! The outbox relay: publishes the outbox's messages to Kafka in row order and marks them
+//! published, at least once. A crash between producing and marking re-publishes the batch;
+//! readers dedupe (delivery events carry a version, dead letters their `X-Dead-Letter-Id`).
+//!
+//! A row carries every message one transaction wrote for one topic (migration 0008); its
+//! messages are published in their order. A row whose messages are only partly settled
+//! records which are (`done`), so the others are tried again without the settled ones.
 //!
 //! Several relays can run: each batch is locked with `FOR UPDATE SKIP LOCKED`.
 //!
-//! Only a transient failure (the broker away, busy, electing) holds a row back, and it holds
-//! only that row. What Kafka answers is judged per row ([`verdict`]):
-//! - a message Kafka will never take (too large, malformed) is **parked**: moved to
-//!   `outbox_parked` with the error, counted in `herald_outbox_parked_total{kind}` and
-//!   logged, so that the rows behind it flow. A dead letter too large for Kafka is first
+//! Only a transient failure (the broker away, busy, electing) holds a message back, and it
+//! holds only that message. What Kafka answers is judged per message ([`verdict`]):
+//! - a message Kafka will never take (too large, malformed) is **parked**: copied to
+//!   `outbox_parked` (named by its row and position) with the error, counted in
+//!   `herald_outbox_parked_total{kind}` and logged, so that the messages behind it flow. A dead letter too large for Kafka is first
 //!   **truncated** instead (its payload cut to [`TRUNCATED_PAYLOAD_BYTES`], with an
 //!   `X-Payload-Truncated: <original size>` header), because the failure it reports matters
 //!   more than its bytes: the operator still sees it, and the original event stays where it
 //!   came from (`X-Original-Topic`/`-Offset`). A refusal the broker gave a whole batch of
-//!   rows may not be any one row's fault: those rows are sent again alone before being
-//!   judged.
+//!   messages may not be any one message's fault: those messages are sent again alone
+//!   before being judged.
 //! - a missing topic holds that topic's rows back on their own, with a backoff (1 s
 //!   doubling to a minute), instead of putting them in front of every batch; a topic of the
 //!   catalogue is created again (a broker that lost its data loses its topics too).
@@ -40,8 +44,9 @@ use crate::{
     outbox::PAYLOAD_TRUNCATED_HEADER,
 };
 
-/// Rows one relay transaction publishes: large, because a batch costs a fixed number of
-/// statements, a commit and one linger of the producer, whatever its size.
+/// Messages one relay transaction publishes (at least one row's worth): large, because a
+/// batch costs a fixed number of statements, a commit and one linger of the producer,
+/// whatever its size.
 const BATCH: i64 = 5000;
 /// How often the outbox lag gauge is refreshed.
 const LAG_EVERY: Duration = Duration::from_secs(1);
@@ -61,8 +66,8 @@ pub struct Relay {
     producer: FutureProducer,
     /// Topics Kafka reported missing, with when their rows may be tried again.
     held_topics: HashMap<String, Hold>,
-    /// Rows the broker refused together with others, to be sent alone next time.
-    suspects: HashSet<i64>,
+    /// Messages the broker refused together with others, to be sent alone next time.
+    suspects: HashSet<MessageId>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -71,14 +76,70 @@ struct Hold {
     wait: Duration,
 }
 
+/// A message of the outbox: its row's id and its 1-based position in the row.
+type MessageId = (i64, i32);
+
+/// An outbox row as the relay reads it.
 #[derive(sqlx::FromRow)]
+struct Stored {
+    id: i64,
+    kind: String,
+    topic: String,
+    message_keys: Vec<Option<Vec<u8>>>,
+    payloads: Vec<Vec<u8>>,
+    headers: sqlx::types::Json<Vec<BTreeMap<String, String>>>,
+    done: Vec<i32>,
+    created_at: DateTime<Utc>,
+}
+
+impl Stored {
+    /// The messages not settled yet, in their order.
+    fn pending(self) -> impl Iterator<Item = Row> {
+        let Stored {
+            id,
+            kind,
+            topic,
+            message_keys,
+            payloads,
+            headers,
+            done,
+            created_at,
+        } = self;
+        message_keys
+            .into_iter()
+            .zip(payloads)
+            .zip(headers.0)
+            .zip(1..)
+            .filter(move |(_, position)| !done.contains(position))
+            .map(move |(((message_key, payload), headers), position)| Row {
+                id,
+                position,
+                kind: kind.clone(),
+                topic: topic.clone(),
+                message_key,
+                payload,
+                headers,
+                created_at,
+            })
+    }
+}
+
+/// One message of the batch.
 struct Row {
     id: i64,
+    position: i32,
     kind: String,
     topic: String,
     message_key: Option<Vec<u8>>,
     payload: Vec<u8>,
-    headers: sqlx::types::Json<BTreeMap<String, String>>,
+    headers: BTreeMap<String, String>,
+    created_at: DateTime<Utc>,
+}
+
+impl Row {
+    fn message_id(&self) -> MessageId {
+        (self.id, self.position)
+    }
 }
 
 /// What Kafka's refusal of one message means for its outbox row.
@@ -117,15 +178,15 @@ pub fn verdict(code: RDKafkaErrorCode) -> Verdict {
     }
 }
 
-/// The rows of one batch by what became of them.
+/// The messages of one batch by what became of them.
 #[derive(Default)]
 struct Fates {
-    published: Vec<i64>,
-    /// Rows Kafka will never take as they are, with the error.
+    published: Vec<MessageId>,
+    /// Messages Kafka will never take as they are, with the error.
     refused: Vec<(usize, Verdict, String)>,
     missing_topics: HashSet<String>,
     transient: usize,
-    /// Rows not acknowledged within message.timeout.ms.
+    /// Messages not acknowledged within message.timeout.ms.
     timed_out: usize,
 }
 
@@ -141,7 +202,7 @@ impl Relay {
         })
     }
 
-    /// Publishes one batch; returns how many rows were published.
+    /// Publishes one batch; returns how many messages were published.
     pub async fn publish_batch(&mut self) -> anyhow::Result<usize> {
         let now = Instant::now();
         let held: Vec<String> = self
@@ -151,24 +212,40 @@ impl Relay {
             .map(|(topic, _)| topic.clone())
             .collect();
         let mut tx = self.db.begin().await.context("Failed to begin")?;
-        let rows: Vec<Row> = sqlx::query_as(
-            "SELECT id, kind, topic, message_key, payload, headers FROM outbox \
-             WHERE published_at IS NULL AND topic <> ALL($2) \
-             ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED",
+        // Rows in id order until the batch holds BATCH messages, counted from the generated
+        // `messages` column so that the arrays are read only for the rows taken.
+        let stored: Vec<Stored> = sqlx::query_as(
+            "WITH candidates AS ( \
+                 SELECT id, sum(messages - cardinality(done)) OVER (ORDER BY id) \
+                     - (messages - cardinality(done)) AS before \
+                 FROM (SELECT id, messages, done FROM outbox \
+                       WHERE published_at IS NULL AND topic <> ALL($2) \
+                       ORDER BY id LIMIT $1) c) \
+             SELECT o.id, o.kind, o.topic, o.message_keys, o.payloads, o.headers, o.done, \
+                 o.created_at \
+             FROM outbox o JOIN candidates c ON c.id = o.id \
+             WHERE c.before < $1 AND o.published_at IS NULL \
+             ORDER BY o.id FOR UPDATE OF o SKIP LOCKED",
         )
         .bind(BATCH)
         .bind(&held)
         .fetch_all(&mut *tx)
         .await
         .context("Failed to read the outbox")?;
-        if rows.is_empty() {
+        if stored.is_empty() {
             return Ok(0);
         }
+        // What each row holds, to tell a row settled whole from one settled in part.
+        let mut unsettled: BTreeMap<i64, (usize, Vec<i32>)> = stored
+            .iter()
+            .map(|s| (s.id, (s.payloads.len() - s.done.len(), Vec::new())))
+            .collect();
+        let rows: Vec<Row> = stored.into_iter().flat_map(Stored::pending).collect();
         let mut fates = Fates::default();
         // Rows the broker refused in company are sent one at a time, each awaited before
         // the next, so that a refusal now is their own.
         let (alone, together): (Vec<usize>, Vec<usize>) =
-            (0..rows.len()).partition(|&i| self.suspects.contains(&rows[i].id));
+            (0..rows.len()).partition(|&i| self.suspects.contains(&rows[i].message_id()));
         for i in alone {
             match self.enqueue(&rows[i]) {
                 Ok(delivery) => self.settle(&rows, i, delivery, true, &mut fates).await,
@@ -197,30 +274,36 @@ impl Relay {
             self.settle(&rows, i, delivery, false, &mut fates).await;
         }
 
-        sqlx::query("UPDATE outbox SET published_at = now() WHERE id = ANY($1)")
-            .bind(&fates.published)
-            .execute(&mut *tx)
-            .await
-            .context("Failed to mark outbox rows published")?;
         for (i, verdict, error) in &fates.refused {
-            set_aside(&mut tx, &rows[*i], *verdict, error).await?;
+            if set_aside(&mut tx, &rows[*i], *verdict, error).await? {
+                let (id, position) = rows[*i].message_id();
+                if let Some((_, settled)) = unsettled.get_mut(&id) {
+                    settled.push(position);
+                }
+            }
         }
+        for (id, position) in &fates.published {
+            if let Some((_, settled)) = unsettled.get_mut(id) {
+                settled.push(*position);
+            }
+        }
+        mark(&mut tx, unsettled).await?;
         tx.commit()
             .await
             .context("Failed to commit the relay batch")?;
 
         metrics::counter!("herald_outbox_published_total").increment(fates.published.len() as u64);
         for (i, verdict, error) in &fates.refused {
-            self.suspects.remove(&rows[*i].id);
+            self.suspects.remove(&rows[*i].message_id());
             report_set_aside(&rows[*i], *verdict, error);
         }
         for id in &fates.published {
             self.suspects.remove(id);
         }
-        let published: HashSet<i64> = fates.published.iter().copied().collect();
+        let published: HashSet<MessageId> = fates.published.iter().copied().collect();
         let published_topics: HashSet<&str> = rows
             .iter()
-            .filter(|r| published.contains(&r.id))
+            .filter(|r| published.contains(&r.message_id()))
             .map(|r| r.topic.as_str())
             .collect();
         self.held_topics
@@ -273,7 +356,7 @@ impl Relay {
         fates: &mut Fates,
     ) {
         match delivery.await {
-            Ok(Ok(_)) => fates.published.push(rows[i].id),
+            Ok(Ok(_)) => fates.published.push(rows[i].message_id()),
             Ok(Err((error, _))) => self.judge(rows, i, &error, alone, fates),
             // The producer was dropped: the row stays for the next batch.
             Err(_) => fates.transient += 1,
@@ -295,8 +378,8 @@ impl Relay {
                 fates.refused.push((i, verdict, error.to_string()));
             }
             Verdict::TooLarge | Verdict::Invalid => {
-                tracing::warn!(id = row.id, %error, "the broker refused a batch; its rows go alone next time");
-                self.suspects.insert(row.id);
+                tracing::warn!(id = row.id, position = row.position, %error, "the broker refused a batch; its messages go alone next time");
+                self.suspects.insert(row.message_id());
             }
             Verdict::TopicUnavailable => {
                 fates.missing_topics.insert(row.topic.clone());
@@ -306,7 +389,7 @@ impl Relay {
                 if error.rdkafka_error_code() == Some(RDKafkaErrorCode::MessageTimedOut) {
                     fates.timed_out += 1;
                 }
-                tracing::warn!(id = row.id, topic = %row.topic, %error, "cannot publish an outbox row; will retry");
+                tracing::warn!(id = row.id, position = row.position, topic = %row.topic, %error, "cannot publish an outbox message; will retry");
             }
         }
     }
@@ -354,7 +437,7 @@ impl Relay {
         let mut last_lag = std::time::Instant::now() - LAG_EVERY;
         while !shutdown.is_cancelled() {
             let wait = match self.publish_batch().await {
-                Ok(n) if n as i64 == BATCH => Duration::ZERO,
+                Ok(n) if n as i64 >= BATCH => Duration::ZERO,
                 Ok(_) => Duration::from_millis(50),
                 Err(error) => {
                     tracing::warn!(
@@ -429,38 +512,77 @@ fn verdict_of(error: &KafkaError) -> Verdict {
         .map_or(Verdict::Transient, verdict)
 }
 
-/// Truncates a dead letter refused as too large (once), or parks the row.
+/// Marks the rows whose messages are all settled published, and records the settled
+/// positions of the others (rare: a held topic, a transient failure, a full queue).
+async fn mark(
+    tx: &mut sqlx::PgConnection,
+    unsettled: BTreeMap<i64, (usize, Vec<i32>)>,
+) -> anyhow::Result<()> {
+    let mut whole = Vec::new();
+    for (id, (left, settled)) in unsettled {
+        if settled.len() == left {
+            whole.push(id);
+        } else if !settled.is_empty() {
+            sqlx::query("UPDATE outbox SET done = done || $2 WHERE id = $1")
+                .bind(id)
+                .bind(&settled)
+                .execute(&mut *tx)
+                .await
+                .context("Failed to mark outbox messages published")?;
+        }
+    }
+    if !whole.is_empty() {
+        sqlx::query("UPDATE outbox SET published_at = now() WHERE id = ANY($1)")
+            .bind(&whole)
+            .execute(&mut *tx)
+            .await
+            .context("Failed to mark outbox rows published")?;
+    }
+    Ok(())
+}
+
+/// Truncates a dead letter refused as too large (once), to be published at the next batch,
+/// or parks the message; true when the message is settled (parked).
 async fn set_aside(
     tx: &mut sqlx::PgConnection,
     row: &Row,
     verdict: Verdict,
     error: &str,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<bool> {
     if let Some(cut) = truncation(row, verdict) {
         sqlx::query(
-            "UPDATE outbox SET payload = $2, headers = headers || jsonb_build_object($3::text, $4::text) \
+            "UPDATE outbox SET payloads[$2] = $3, \
+                 headers = jsonb_set(headers, ARRAY[($2 - 1)::text, $4::text], to_jsonb($5::text)) \
              WHERE id = $1",
         )
         .bind(row.id)
+        .bind(row.position)
         .bind(&row.payload[..cut])
         .bind(PAYLOAD_TRUNCATED_HEADER)
         .bind(row.payload.len().to_string())
         .execute(&mut *tx)
         .await
         .context("Failed to truncate a dead letter")?;
-        return Ok(());
+        return Ok(false);
     }
     sqlx::query(
-        "WITH moved AS (DELETE FROM outbox WHERE id = $1 RETURNING *) \
-         INSERT INTO outbox_parked (id, kind, topic, message_key, payload, headers, created_at, error) \
-         SELECT id, kind, topic, message_key, payload, headers, created_at, $2 FROM moved",
+        "INSERT INTO outbox_parked (id, position, kind, topic, message_key, payload, headers, \
+             created_at, error) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) ON CONFLICT DO NOTHING",
     )
     .bind(row.id)
+    .bind(row.position)
+    .bind(&row.kind)
+    .bind(&row.topic)
+    .bind(&row.message_key)
+    .bind(&row.payload)
+    .bind(sqlx::types::Json(&row.headers))
+    .bind(row.created_at)
     .bind(error.replace('\0', ""))
     .execute(&mut *tx)
     .await
-    .context("Failed to park an outbox row")?;
-    Ok(())
+    .context("Failed to park an outbox message")?;
+    Ok(true)
 }
 
 /// Where to cut a dead letter's payload, if it is one that is cut rather than parked: too
@@ -486,6 +608,7 @@ fn report_set_aside(row: &Row, verdict: Verdict, error: &str) {
         metrics::counter!("herald_outbox_truncated_total").increment(1);
         tracing::warn!(
             id = row.id,
+            position = row.position,
             topic = %row.topic,
             size = row.payload.len(),
             error,
@@ -495,11 +618,12 @@ fn report_set_aside(row: &Row, verdict: Verdict, error: &str) {
         metrics::counter!("herald_outbox_parked_total", "kind" => row.kind.clone()).increment(1);
         tracing::error!(
             id = row.id,
+            position = row.position,
             topic = %row.topic,
             kind = %row.kind,
             size = row.payload.len(),
             error,
-            "Kafka will never take this outbox row; parked in outbox_parked"
+            "Kafka will never take this outbox message; parked in outbox_parked"
         );
     }
 }
@@ -541,11 +665,13 @@ mod tests {
     fn dead_letter(payload: Vec<u8>) -> Row {
         Row {
             id: 1,
+            position: 1,
             kind: "dead_letter".to_owned(),
             topic: "notification.dlq.order".to_owned(),
             message_key: None,
             payload,
-            headers: sqlx::types::Json(BTreeMap::new()),
+            headers: BTreeMap::new(),
+            created_at: Utc::now(),
         }
     }
 
@@ -566,7 +692,6 @@ mod tests {
         let mut cut_before = dead_letter(vec![b'x'; 2 * TRUNCATED_PAYLOAD_BYTES]);
         cut_before
             .headers
-            .0
             .insert(PAYLOAD_TRUNCATED_HEADER.to_owned(), "9".to_owned());
         assert_eq!(truncation(&cut_before, Verdict::TooLarge), None);
         let mut event = dead_letter(vec![b'x'; 2 * TRUNCATED_PAYLOAD_BYTES]);

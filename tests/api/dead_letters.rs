@@ -13,7 +13,7 @@ use uuid::Uuid;
 
 use herald::{dlq::store, kafka::consumer::IncomingMessage};
 
-use crate::helpers::{TestApp, envelope, spawn_app, spawn_app_with, wait_until};
+use crate::helpers::{TestApp, envelope, read_topic, spawn_app, spawn_app_with, wait_until};
 
 const TOKEN: &str = "test-admin-token-0123456789";
 
@@ -166,7 +166,7 @@ async fn the_same_poison_bytes_published_twice_are_two_dead_letters_each_listed_
     .await;
 
     // The relay publishes both again, as after a crash between producing and marking.
-    sqlx::query("UPDATE outbox SET published_at = NULL WHERE kind = 'dead_letter'")
+    sqlx::query("UPDATE outbox SET published_at = NULL, done = '{}' WHERE kind = 'dead_letter'")
         .execute(&app.db)
         .await
         .unwrap();
@@ -178,7 +178,7 @@ async fn the_same_poison_bytes_published_twice_are_two_dead_letters_each_listed_
     })
     .await;
     let copies: i64 = sqlx::query_scalar(
-        "SELECT count(*) FROM outbox WHERE kind = 'dead_letter' AND published_at IS NULL",
+        "SELECT count(*) FROM outbox_messages WHERE kind = 'dead_letter' AND NOT published",
     )
     .fetch_one(&app.db)
     .await
@@ -359,55 +359,103 @@ async fn an_oversized_upstream_event_becomes_a_truncated_dead_letter_and_later_e
 }
 
 #[tokio::test]
-async fn a_message_kafka_refuses_is_parked_with_its_error_and_the_rows_behind_it_are_published() {
+async fn a_message_kafka_refuses_is_parked_with_its_error_and_the_messages_beside_and_behind_it_are_published()
+ {
     let app = spawn_app().await;
     let topic = format!(
         "{}notification.delivery.events",
         app.settings.kafka.topic_prefix
     );
-    // A delivery event over the producer's limit: not a dead letter, so it is not cut.
+    // A delivery event over the producer's limit: not a dead letter, so it is not cut. It
+    // shares its row with a message after it, as one transaction's messages do.
     let oversized = vec![b'x'; 1_200_000];
-    let parked_id: i64 = sqlx::query_scalar(
-        "INSERT INTO outbox (kind, topic, payload) VALUES ('delivery_event', $1, $2) RETURNING id",
-    )
-    .bind(&topic)
-    .bind(&oversized)
-    .fetch_one(&app.db)
-    .await
-    .unwrap();
-    let behind: i64 = sqlx::query_scalar(
-        "INSERT INTO outbox (kind, topic, payload) VALUES ('delivery_event', $1, 'small') RETURNING id",
-    )
-    .bind(&topic)
-    .fetch_one(&app.db)
-    .await
-    .unwrap();
+    let refused_row = app
+        .outbox_row(
+            "delivery_event",
+            &topic,
+            &[b"before", &oversized, b"beside"],
+        )
+        .await;
+    let behind = app.outbox_row("delivery_event", &topic, &[b"small"]).await;
 
-    wait_until(15, "the row behind is published", || async {
-        let published: Option<Option<chrono::DateTime<chrono::Utc>>> =
-            sqlx::query_scalar("SELECT published_at FROM outbox WHERE id = $1")
-                .bind(behind)
-                .fetch_optional(&app.db)
-                .await
-                .unwrap();
-        matches!(published, Some(Some(_)))
+    wait_until(15, "both rows are published", || async {
+        let published: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM outbox WHERE id = ANY($1) AND published_at IS NOT NULL",
+        )
+        .bind([refused_row, behind])
+        .fetch_one(&app.db)
+        .await
+        .unwrap();
+        published == 2
     })
     .await;
-    let parked: Vec<(i64, String, i32)> =
-        sqlx::query_as("SELECT id, error, length(payload) FROM outbox_parked")
+    let parked: Vec<(i64, i32, String, i32)> =
+        sqlx::query_as("SELECT id, position, error, length(payload) FROM outbox_parked")
             .fetch_all(&app.db)
             .await
             .unwrap();
     assert_eq!(parked.len(), 1);
-    assert_eq!(parked[0].0, parked_id);
-    assert!(parked[0].1.contains("too large"), "{}", parked[0].1);
-    assert_eq!(parked[0].2, 1_200_000, "kept whole for the operator");
-    let still_in_outbox: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox WHERE id = $1")
-        .bind(parked_id)
+    assert_eq!((parked[0].0, parked[0].1), (refused_row, 2));
+    assert!(parked[0].2.contains("too large"), "{}", parked[0].2);
+    assert_eq!(parked[0].3, 1_200_000, "kept whole for the operator");
+    // Read until a fourth record shows up, which it must not.
+    let mut on_topic: Vec<Vec<u8>> =
+        read_topic(&app.settings, "notification.delivery.events", 5, |r| {
+            r.len() > 3
+        })
+        .await
+        .into_iter()
+        .map(|m| m.payload)
+        .collect();
+    // Without keys they spread over the partitions: compare without their order.
+    on_topic.sort();
+    assert_eq!(
+        on_topic,
+        [b"before".to_vec(), b"beside".to_vec(), b"small".to_vec()],
+        "the others are published once each"
+    );
+}
+
+#[tokio::test]
+async fn a_row_published_in_part_keeps_what_was_settled_and_publishes_only_the_rest() {
+    let app = spawn_app().await;
+    let topic = format!("{}notification.dlq.order", app.settings.kafka.topic_prefix);
+    // The second dead letter is too large: it is cut and published in a later batch,
+    // after the first one was published and recorded as done.
+    let huge = vec![b'y'; 1_200_000];
+    let row = app
+        .outbox_row("dead_letter", &topic, &[b"first", &huge])
+        .await;
+    wait_until(15, "the row is published", || async {
+        let published: Option<chrono::DateTime<chrono::Utc>> =
+            sqlx::query_scalar("SELECT published_at FROM outbox WHERE id = $1")
+                .bind(row)
+                .fetch_one(&app.db)
+                .await
+                .unwrap();
+        published.is_some()
+    })
+    .await;
+    let done: Vec<i32> = sqlx::query_scalar("SELECT done FROM outbox WHERE id = $1")
+        .bind(row)
         .fetch_one(&app.db)
         .await
         .unwrap();
-    assert_eq!(still_in_outbox, 0);
+    assert_eq!(done, [1], "the first message was settled on its own");
+    let records = read_topic(&app.settings, "notification.dlq.order", 5, |r| r.len() > 2).await;
+    assert_eq!(records.len(), 2, "each published once");
+    assert_eq!(records[0].payload, b"first");
+    assert_eq!(
+        records[1]
+            .headers
+            .get("X-Payload-Truncated")
+            .map(String::as_str),
+        Some("1200000")
+    );
+    assert_eq!(
+        records[1].payload.len(),
+        herald::relay::TRUNCATED_PAYLOAD_BYTES
+    );
 }
 
 #[tokio::test]
@@ -418,26 +466,18 @@ async fn a_row_for_a_missing_topic_waits_on_its_own_while_the_rows_after_it_flow
         "{}notification.delivery.events",
         app.settings.kafka.topic_prefix
     );
-    let stuck: i64 = sqlx::query_scalar(
-        "INSERT INTO outbox (kind, topic, payload) VALUES ('delivery_event', $1, 'lost?') RETURNING id",
-    )
-    .bind(&missing)
-    .fetch_one(&app.db)
-    .await
-    .unwrap();
+    let stuck = app
+        .outbox_row("delivery_event", &missing, &[b"lost?"])
+        .await;
     // Give the relay time to meet the missing topic and hold it.
     tokio::time::sleep(Duration::from_secs(3)).await;
 
     let started = std::time::Instant::now();
     let mut published = Vec::new();
     for _ in 0..5 {
-        let id: i64 = sqlx::query_scalar(
-            "INSERT INTO outbox (kind, topic, payload) VALUES ('delivery_event', $1, 'x') RETURNING id",
-        )
-        .bind(&delivery_topic)
-        .fetch_one(&app.db)
-        .await
-        .unwrap();
+        let id = app
+            .outbox_row("delivery_event", &delivery_topic, &[b"x"])
+            .await;
         published.push(id);
         tokio::time::sleep(Duration::from_millis(300)).await;
     }

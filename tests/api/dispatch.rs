@@ -545,7 +545,7 @@ async fn a_full_rate_limit_window_holds_deliveries_back_instead_of_claiming_and_
     // PENDING and SUCCESS for each: no round trips back to PENDING, and no PROCESSING
     // events (it stays internal).
     let events: i64 =
-        sqlx::query_scalar("SELECT count(*) FROM outbox WHERE kind = 'delivery_event'")
+        sqlx::query_scalar("SELECT count(*) FROM outbox_messages WHERE kind = 'delivery_event'")
             .fetch_one(&app.db)
             .await
             .unwrap();

@@ -145,10 +145,29 @@ impl TestApp {
         .unwrap()
     }
 
+    /// Writes one outbox row of `kind` for `topic` carrying `payloads`, as a transaction
+    /// of Herald's would; returns the row's id.
+    pub async fn outbox_row(&self, kind: &str, topic: &str, payloads: &[&[u8]]) -> i64 {
+        let keys: Vec<Option<&[u8]>> = vec![None; payloads.len()];
+        let headers = serde_json::Value::Array(vec![serde_json::json!({}); payloads.len()]);
+        sqlx::query_scalar(
+            "INSERT INTO outbox (kind, topic, message_keys, payloads, headers) \
+             VALUES ($1, $2, $3, $4, $5) RETURNING id",
+        )
+        .bind(kind)
+        .bind(topic)
+        .bind(&keys)
+        .bind(payloads)
+        .bind(&headers)
+        .fetch_one(&self.db)
+        .await
+        .unwrap()
+    }
+
     /// Dead letters written to the outbox: (topic, headers, payload).
     pub async fn dead_letters(&self) -> Vec<(String, serde_json::Value, Vec<u8>)> {
         sqlx::query_as(
-            "SELECT topic, headers, payload FROM outbox WHERE kind = 'dead_letter' ORDER BY id",
+            "SELECT topic, headers, payload FROM outbox_messages WHERE kind = 'dead_letter' ORDER BY id, position",
         )
         .fetch_all(&self.db)
         .await

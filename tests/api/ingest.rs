@@ -96,7 +96,7 @@ async fn each_routed_event_type_produces_its_listed_deliveries_pending() {
     assert_eq!(email[0].2.as_deref(), Some("user100@example.com"));
     // Each delivery announced itself on the outbox for the read model.
     let delivery_events: i64 =
-        sqlx::query_scalar("SELECT count(*) FROM outbox WHERE kind = 'delivery_event'")
+        sqlx::query_scalar("SELECT count(*) FROM outbox_messages WHERE kind = 'delivery_event'")
             .fetch_one(&app.db)
             .await
             .unwrap();

@@ -43,7 +43,7 @@ async fn a_valid_request_is_accepted_with_its_deliveries_and_can_be_read_back() 
     assert_eq!(read["deliveries"][0]["status"], "PENDING");
     assert_eq!(read["data"]["carrier"], "CJ");
     let events: i64 =
-        sqlx::query_scalar("SELECT count(*) FROM outbox WHERE kind = 'delivery_event'")
+        sqlx::query_scalar("SELECT count(*) FROM outbox_messages WHERE kind = 'delivery_event'")
             .fetch_one(&app.db)
             .await
             .unwrap();

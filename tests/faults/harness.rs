@@ -361,7 +361,7 @@ impl Scenario {
                 .fetch_all(&self.db)
                 .await?;
         let dead_letters: i64 =
-            sqlx::query_scalar("SELECT count(*) FROM outbox WHERE kind = 'dead_letter'")
+            sqlx::query_scalar("SELECT count(*) FROM outbox_messages WHERE kind = 'dead_letter'")
                 .fetch_one(&self.db)
                 .await?;
         let dlq_messages: i64 = sqlx::query_scalar("SELECT count(*) FROM dlq_messages")
