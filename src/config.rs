@@ -42,6 +42,23 @@ pub struct Settings {
     pub dispatch: DispatchSettings,
     pub read_model: ReadModelSettings,
     pub broadcast: BroadcastSettings,
+    pub retention: RetentionSettings,
+}
+
+/// How long history is kept (see [`crate::retention`]).
+#[derive(Debug, Clone)]
+pub struct RetentionSettings {
+    /// Notifications, deliveries, attempts, the log and statistics older than this go.
+    pub history: Duration,
+}
+
+impl RetentionSettings {
+    fn load(layers: &Layers, raw: RawRetention) -> Result<Self, ConfigError> {
+        let history = layers.required("HERALD_RETENTION", "retention.history", raw.history)?;
+        Ok(RetentionSettings {
+            history: history.duration()?,
+        })
+    }
 }
 
 /// Broadcasts: how the fan-out paces itself and what share of dispatch it may take.
@@ -439,6 +456,7 @@ impl Settings {
 
         let http = HttpSettings::load(&layers, raw.http)?;
         let access = AccessSettings::load(&layers, raw.access)?;
+        let retention = RetentionSettings::load(&layers, raw.retention)?;
         let api_max_connections = layers.required(
             "HERALD_DATABASE_API_MAX_CONNECTIONS",
             "database.api_max_connections",
@@ -786,6 +804,7 @@ impl Settings {
                     broadcast_lease.positive_u32("a whole number of seconds above 0")?,
                 )),
             },
+            retention,
         })
     }
 
@@ -838,6 +857,13 @@ struct RawSettings {
     dispatch: RawDispatch,
     read_model: RawReadModel,
     broadcast: RawBroadcast,
+    retention: RawRetention,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawRetention {
+    history: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -1655,6 +1681,17 @@ mod tests {
         assert!(path.contains("HERALD_CORS_ALLOWED_ORIGINS"), "{path}");
         assert!(error_of(&[("HERALD_IDEMPOTENCY_TTL", "1w")]).contains("HERALD_IDEMPOTENCY_TTL"));
         assert!(error_of(&[("HERALD_METRICS_ADDR", "nine")]).contains("HERALD_METRICS_ADDR"));
+    }
+
+    #[test]
+    fn history_is_kept_90_days_unless_herald_retention_says_otherwise() {
+        assert_eq!(
+            load(&[]).unwrap().retention.history,
+            Duration::from_secs(90 * 86_400)
+        );
+        let settings = load(&[("HERALD_RETENTION", "30d")]).unwrap();
+        assert_eq!(settings.retention.history, Duration::from_secs(30 * 86_400));
+        assert!(error_of(&[("HERALD_RETENTION", "0d")]).contains("HERALD_RETENTION"));
     }
 
     #[test]

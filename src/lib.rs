@@ -21,6 +21,7 @@
 //! - [`directory`]: the user directory (contacts).
 //! - [`templates`]: tera templates, Korean and English, reloaded on change.
 //! - [`outbox`]: outbox records (delivery events, dead letters).
+//! - [`retention`]: history past `HERALD_RETENTION` deleted from every table together.
 //! - [`api`]: the HTTP surface, one module per resource.
 //! - [`auth`]: credentials: the admin token, API keys with scopes, end-user tokens.
 //! - [`db`]: the PostgreSQL pool and embedded migrations (`migrations/`).
@@ -49,6 +50,7 @@ pub mod outbox;
 pub mod preferences;
 pub mod read_model;
 pub mod relay;
+pub mod retention;
 pub mod roles;
 pub mod routing;
 pub mod startup;

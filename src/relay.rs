@@ -212,6 +212,13 @@ impl Relay {
             .map(|(topic, _)| topic.clone())
             .collect();
         let mut tx = self.db.begin().await.context("Failed to begin")?;
+        // A lost mark is redone: should PostgreSQL crash before this commit reaches disk,
+        // the messages are published again, which readers dedupe (module docs). So the
+        // commit does not wait for the flush (issue 14, lever 8).
+        sqlx::query("SET LOCAL synchronous_commit = off")
+            .execute(&mut *tx)
+            .await
+            .context("Failed to set up a relay batch")?;
         // Rows in id order until the batch holds BATCH messages, counted from the generated
         // `messages` column so that the arrays are read only for the rows taken.
         let stored: Vec<Stored> = sqlx::query_as(

@@ -462,6 +462,14 @@ fn spawn_workers(
     if state.roles.contains(&Role::Relay) {
         let relay = Relay::new(state.work_db.clone(), &state.settings.kafka)?;
         tasks.spawn(relay.run(state.shutdown.clone()));
+        // The relay's instances keep the tables trimmed: the outbox (in the relay) and the
+        // history past its retention.
+        tasks.spawn(crate::retention::run(
+            state.work_db.clone(),
+            state.settings.retention.history,
+            state.settings.read_model.reporting_timezone,
+            state.shutdown.clone(),
+        ));
     }
     if state.roles.contains(&Role::Ingest) {
         let settings = &state.settings;

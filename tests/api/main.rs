@@ -21,6 +21,7 @@ mod metrics;
 mod migrations;
 mod outbound;
 mod read_model;
+mod retention;
 mod settings;
 mod templates;
 mod topics;

@@ -1,0 +1,187 @@
+//! Retention: history older than `HERALD_RETENTION` (90 days by default) leaves every table
+//! that keeps it, together, so that no table answers for a period the others forgot.
+//!
+//! - `notifications` created before the cutoff go, with their `deliveries` and
+//!   `delivery_attempts` (foreign keys with ON DELETE CASCADE), except a notification with a
+//!   delivery still PENDING or PROCESSING (scheduled far ahead, say): work is never dropped.
+//! - `notification_log` rows of terminal deliveries made before the cutoff go.
+//! - `delivery_stats` days before the cutoff's day go (in the reporting time zone's days,
+//!   which is what the rows count).
+//!
+//! Notification and delivery ids are UUIDv7, so "made before the cutoff" is an id below the
+//! cutoff's smallest v7 id: the primary keys find them, and no index on a time column is
+//! paid for on every insert. Deletes go in batches of [`BATCH`] rows, each its own short
+//! transaction, so a first pass over a large backlog never holds locks for long. One
+//! instance at a time purges (an advisory lock); the others skip the round.
+//!
+//! Why batched deletes and not time partitions dropped whole: partitioning `deliveries` or
+//! `notifications` by time would put the time in their primary keys and in every lookup by
+//! id (GET /notifications/{id}, the dispatcher's records, the read marks), and the
+//! `deliveries` foreign keys cannot point into a partitioned table without it. A batched
+//! delete costs one small WAL record per row, measured by `make bench` ("retention" line),
+//! against the several row versions each of those rows cost to write.
+
+use std::time::Duration;
+
+use anyhow::Context;
+use chrono::{DateTime, Utc};
+use chrono_tz::Tz;
+use sqlx::PgPool;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+/// How often a purge runs.
+pub const EVERY: Duration = Duration::from_secs(600);
+
+/// Rows one purge transaction deletes from a table.
+pub const BATCH: i64 = 5000;
+
+/// The advisory lock that lets one instance purge at a time.
+const LOCK: i64 = 0x6865_7261_6c64_7270; // "heraldrp"
+
+/// What one purge deleted.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Purged {
+    /// Notifications (their deliveries and attempts went with them).
+    pub notifications: u64,
+    /// Read-model rows.
+    pub log_rows: u64,
+    /// Statistics rows (one per day and channel).
+    pub stats_rows: u64,
+}
+
+/// The smallest UUIDv7 of the millisecond `at`: every v7 id made before `at` sorts below it.
+pub fn first_id_at(at: DateTime<Utc>) -> Uuid {
+    let millis = u64::try_from(at.timestamp_millis()).unwrap_or(0);
+    uuid::Builder::from_unix_timestamp_millis(millis, &[0; 10]).into_uuid()
+}
+
+/// Deletes the history made before `cutoff` (module docs); `None` when another instance
+/// holds the purge.
+pub async fn purge(
+    db: &PgPool,
+    cutoff: DateTime<Utc>,
+    reporting_tz: Tz,
+) -> anyhow::Result<Option<Purged>> {
+    let mut lock = db.acquire().await.context("Failed to connect")?;
+    let locked: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
+        .bind(LOCK)
+        .fetch_one(&mut *lock)
+        .await
+        .context("Failed to take the purge lock")?;
+    if !locked {
+        return Ok(None);
+    }
+    let purged = purge_locked(db, cutoff, reporting_tz).await;
+    let unlocked = sqlx::query("SELECT pg_advisory_unlock($1)")
+        .bind(LOCK)
+        .execute(&mut *lock)
+        .await;
+    if unlocked.is_err() {
+        // A lock this connection cannot give back must not outlive it in the pool.
+        lock.detach();
+    }
+    purged.map(Some)
+}
+
+async fn purge_locked(
+    db: &PgPool,
+    cutoff: DateTime<Utc>,
+    reporting_tz: Tz,
+) -> anyhow::Result<Purged> {
+    let below = first_id_at(cutoff);
+    let mut purged = Purged::default();
+    loop {
+        let deleted = sqlx::query(
+            "DELETE FROM notifications WHERE id IN ( \
+                 SELECT n.id FROM notifications n WHERE n.id < $1 \
+                 AND NOT EXISTS (SELECT 1 FROM deliveries d WHERE d.notification_id = n.id \
+                     AND d.status IN ('PENDING', 'PROCESSING')) \
+                 ORDER BY n.id LIMIT $2)",
+        )
+        .bind(below)
+        .bind(BATCH)
+        .execute(db)
+        .await
+        .context("Failed to purge notifications")?
+        .rows_affected();
+        purged.notifications += deleted;
+        if deleted < BATCH as u64 {
+            break;
+        }
+    }
+    loop {
+        let deleted = sqlx::query(
+            "DELETE FROM notification_log WHERE delivery_id IN ( \
+                 SELECT delivery_id FROM notification_log WHERE delivery_id < $1 \
+                 AND status IN ('SUCCESS', 'FAILED', 'SKIPPED') \
+                 ORDER BY delivery_id LIMIT $2)",
+        )
+        .bind(below)
+        .bind(BATCH)
+        .execute(db)
+        .await
+        .context("Failed to purge the notification log")?
+        .rows_affected();
+        purged.log_rows += deleted;
+        if deleted < BATCH as u64 {
+            break;
+        }
+    }
+    purged.stats_rows = sqlx::query("DELETE FROM delivery_stats WHERE day < $1")
+        .bind(cutoff.with_timezone(&reporting_tz).date_naive())
+        .execute(db)
+        .await
+        .context("Failed to purge delivery statistics")?
+        .rows_affected();
+    for (table, n) in [
+        ("notifications", purged.notifications),
+        ("notification_log", purged.log_rows),
+        ("delivery_stats", purged.stats_rows),
+    ] {
+        metrics::counter!("herald_retention_deleted_total", "table" => table).increment(n);
+    }
+    Ok(purged)
+}
+
+/// Purges every [`EVERY`] until `shutdown`, keeping `retention` of history.
+pub async fn run(db: PgPool, retention: Duration, reporting_tz: Tz, shutdown: CancellationToken) {
+    let mut every = tokio::time::interval(EVERY);
+    loop {
+        tokio::select! {
+            _ = every.tick() => {}
+            () = shutdown.cancelled() => return,
+        }
+        let cutoff = Utc::now() - retention;
+        match purge(&db, cutoff, reporting_tz).await {
+            Ok(Some(purged)) if purged != Purged::default() => {
+                tracing::info!(?purged, %cutoff, "history past its retention deleted");
+            }
+            Ok(_) => {}
+            Err(error) => tracing::warn!(
+                error = format!("{error:#}"),
+                "cannot purge history past its retention"
+            ),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_cutoff_id_sorts_above_every_id_made_before_it_and_below_every_id_made_after() {
+        let cutoff = Utc::now() - chrono::Duration::days(90);
+        let before = uuid::Builder::from_unix_timestamp_millis(
+            u64::try_from((cutoff - chrono::Duration::milliseconds(1)).timestamp_millis()).unwrap(),
+            &[0xff; 10],
+        )
+        .into_uuid();
+        let now = Uuid::now_v7();
+        let below = first_id_at(cutoff);
+        assert!(before < below);
+        assert!(below < now);
+        assert_eq!(below.get_version_num(), 7);
+    }
+}
