@@ -293,6 +293,23 @@ async fn main() -> anyhow::Result<()> {
         e2e_writes.json(),
         e2e_writes.line("end to end (2 deliveries per event, both SUCCESS first time)"),
     );
+    // What deleting that history costs when its retention runs out: the purge with a
+    // cutoff of now, per notification it deletes.
+    let purge_before = Writes::settled(&pool).await?;
+    let purged = herald::retention::purge(&pool, chrono::Utc::now(), chrono_tz::UTC)
+        .await?
+        .unwrap_or_default();
+    let purge_writes = Writes::settled(&pool)
+        .await?
+        .per_event_since(&purge_before, purged.notifications as usize);
+    report.figure(
+        "retention_writes",
+        purge_writes.json(),
+        purge_writes.line(&format!(
+            "retention purge ({} notifications deleted, per notification)",
+            purged.notifications
+        )),
+    );
     report.figure(
         "ingest_with_every_role_events_per_s",
         ingest_loaded.round(),

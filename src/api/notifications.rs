@@ -563,8 +563,8 @@ struct NotificationRow {
 #[serde(rename_all = "camelCase")]
 struct DeliveryView {
     id: Uuid,
-    channel: String,
-    status: String,
+    channel: Channel,
+    status: DeliveryStatus,
     address: Option<String>,
     attempts: i32,
     next_attempt_at: DateTime<Utc>,
@@ -600,11 +600,7 @@ async fn read(
     .fetch_all(&state.db)
     .await
     .context("Failed to read deliveries")?;
-    let status = NotificationStatus::derive(
-        deliveries
-            .iter()
-            .filter_map(|d| d.status.parse::<DeliveryStatus>().ok()),
-    );
+    let status = NotificationStatus::derive(deliveries.iter().map(|d| d.status));
     Ok(Json(NotificationView {
         notification,
         status,

@@ -438,7 +438,7 @@ async fn skip_unsent(
     struct Skipped {
         id: Uuid,
         notification_id: Uuid,
-        channel: String,
+        channel: Channel,
         attempts: i32,
         version: i64,
         created_at: DateTime<Utc>,
@@ -471,7 +471,7 @@ async fn skip_unsent(
                     event_type: d.event_type.clone(),
                     user_id: d.user_id,
                     domain: Domain::Api,
-                    channel: d.channel.parse().ok()?,
+                    channel: d.channel,
                     status: DeliveryStatus::Skipped,
                     attempts: d.attempts,
                     error: Some(CANCELLED_REASON.to_owned()),

@@ -34,7 +34,7 @@ pub struct Job {
     pub notification_id: Uuid,
     /// Set for a delivery of a broadcast: it takes a bounded share of the channel.
     pub broadcast_id: Option<Uuid>,
-    pub channel: String,
+    pub channel: Channel,
     pub address: Option<String>,
     pub attempts: i32,
     /// Attempts made before the current retry budget began (an operator's retry).
@@ -44,11 +44,11 @@ pub struct Job {
     pub version: i64,
     pub updated_at: DateTime<Utc>,
     pub created_at: DateTime<Utc>,
-    pub domain: String,
+    pub domain: Domain,
     pub event_id: Option<String>,
     pub event_type: String,
     pub user_id: Option<i64>,
-    pub locale: String,
+    pub locale: Locale,
     pub data: Value,
     pub subject: Option<String>,
     pub body: Option<String>,
@@ -210,7 +210,7 @@ impl Dispatcher {
     /// for each claimed delivery before sending them concurrently, so the rate-limit
     /// window they read before claiming already counts the sends they started.
     pub async fn admit(&self, job: &Job) -> anyhow::Result<Result<Admitted, Outcome>> {
-        let channel: Channel = job.channel.parse().map_err(anyhow::Error::msg)?;
+        let channel = job.channel;
         // A reclaim counts the attempt its dead worker may have made: a delivery whose
         // workers keep dying ends in the DLQ instead of being sent again and again.
         if (job.attempts - job.retry_base) as u32 > self.settings.max_retries {
@@ -354,7 +354,7 @@ impl Dispatcher {
 
     /// Renders the content for the channel it goes out on, and finds the address there.
     fn prepare(&self, job: &Job, channel: Channel, via: Channel) -> Result<Outgoing, SendError> {
-        let locale: Locale = job.locale.parse().unwrap_or(Locale::En);
+        let locale = job.locale;
         let folder = if job.subject.is_some() {
             ADHOC
         } else {
@@ -574,8 +574,8 @@ impl Dispatcher {
             event_id: job.event_id.clone(),
             event_type: job.event_type.clone(),
             user_id: job.user_id,
-            domain: job.domain.parse().unwrap_or(Domain::Api),
-            channel: job.channel.parse().unwrap_or(Channel::Email),
+            domain: job.domain,
+            channel: job.channel,
             status,
             attempts,
             error,
@@ -593,7 +593,7 @@ impl Dispatcher {
         error: Option<&SendError>,
         retries: u32,
     ) -> OutboxMessage {
-        let domain: Domain = job.domain.parse().unwrap_or(Domain::Api);
+        let domain = job.domain;
         // The original event bytes; a notification taken in over HTTP has none, so its
         // stored form stands in for them.
         let payload = job.raw_event.clone().unwrap_or_else(|| {

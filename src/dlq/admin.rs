@@ -181,7 +181,7 @@ async fn requeue(
     let mut tx = ingestor.db.begin().await.context("Failed to begin")?;
     type Row = (
         Uuid,
-        String,
+        Channel,
         i32,
         i64,
         DateTime<Utc>,
@@ -189,7 +189,7 @@ async fn requeue(
         Option<String>,
         String,
         Option<i64>,
-        String,
+        Domain,
     );
     let row: Option<Row> = sqlx::query_as(
         "UPDATE deliveries d SET status = 'PENDING', next_attempt_at = now(), \
@@ -234,8 +234,8 @@ async fn requeue(
         event_id,
         event_type,
         user_id,
-        domain: domain.parse().unwrap_or(Domain::Api),
-        channel: channel.parse().unwrap_or(Channel::Email),
+        domain,
+        channel,
         status: DeliveryStatus::Pending,
         attempts,
         error: None,

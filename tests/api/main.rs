@@ -5,6 +5,7 @@ mod access;
 mod admin;
 mod broadcasts;
 mod cli;
+mod columns;
 mod contracts;
 mod dead_letters;
 mod dispatch;
