@@ -462,25 +462,23 @@ async fn skip_unsent(
     .context("Failed to skip a cancelled broadcast's deliveries")?;
     let events: Vec<OutboxMessage> = rows
         .iter()
-        .filter_map(|d| {
-            Some(
-                DeliveryEvent {
-                    delivery_id: d.id,
-                    notification_id: d.notification_id,
-                    event_id: None,
-                    event_type: d.event_type.clone(),
-                    user_id: d.user_id,
-                    domain: Domain::Api,
-                    channel: d.channel,
-                    status: DeliveryStatus::Skipped,
-                    attempts: d.attempts,
-                    error: Some(CANCELLED_REASON.to_owned()),
-                    version: d.version,
-                    created_at: d.created_at,
-                    updated_at: d.updated_at,
-                }
-                .to_outbox(topic_prefix),
-            )
+        .map(|d| {
+            DeliveryEvent {
+                delivery_id: d.id,
+                notification_id: d.notification_id,
+                event_id: None,
+                event_type: d.event_type.clone(),
+                user_id: d.user_id,
+                domain: Domain::Api,
+                channel: d.channel,
+                status: DeliveryStatus::Skipped,
+                attempts: d.attempts,
+                error: Some(CANCELLED_REASON.to_owned()),
+                version: d.version,
+                created_at: d.created_at,
+                updated_at: d.updated_at,
+            }
+            .to_outbox(topic_prefix)
         })
         .collect();
     outbox::insert(conn, &events).await?;
