@@ -23,3 +23,17 @@ CREATE VIEW delivery_attempt_log AS
            first_attempt_latency_ms, 'SUCCESS', NULL
     FROM deliveries
     WHERE first_attempt_started_at IS NOT NULL;
+
+-- Lever 4: the Kafka consumers' idempotency is a unique key on the notification itself
+-- instead of a processed_events row per event. processed_events was keyed by (consumer
+-- group, eventId); a consumer group is the topic prefix plus a fixed name per domain, and so
+-- is the topic a Kafka notification records in source_topic, so (source_topic, event_id)
+-- is the same key: every existing Kafka notification was stored after winning its
+-- processed_events row, so the index builds on existing data. Every processed_events row
+-- had a notification (poison messages never got one), so nothing else needs the table.
+-- Intake and broadcast notifications (source 'api' or 'broadcast') are outside the index:
+-- an eventId they share with a Kafka event does not collide.
+CREATE UNIQUE INDEX notifications_kafka_event
+    ON notifications (source_topic, event_id) WHERE source = 'kafka';
+
+DROP TABLE processed_events;
