@@ -2,6 +2,8 @@
 //! /api/v1/notifications`): a notification with one delivery per routed channel, each
 //! PENDING or SKIPPED with its reason, and a delivery event per delivery in the outbox.
 
+use std::collections::HashSet;
+
 use chrono::{DateTime, Utc};
 use serde_json::{Map, Value, json};
 use sqlx::PgConnection;
@@ -188,40 +190,47 @@ impl NewNotification {
 }
 
 /// Stores notifications, their deliveries and their delivery events inside the caller's
-/// transaction, in three statements whatever the batch size.
-pub async fn insert(
+/// transaction, in three statements whatever the batch size. Returns the notifications
+/// stored: a Kafka event already stored is left out (see [`insert_rows`]).
+pub async fn insert<'a>(
     conn: &mut PgConnection,
-    notifications: &[NewNotification],
+    notifications: &'a [NewNotification],
     topic_prefix: &str,
-) -> anyhow::Result<()> {
-    if notifications.is_empty() {
-        return Ok(());
-    }
-    insert_rows(conn, notifications).await?;
-    let events: Vec<OutboxMessage> = notifications
+) -> anyhow::Result<Vec<&'a NewNotification>> {
+    let stored = insert_rows(conn, notifications).await?;
+    let events: Vec<OutboxMessage> = stored
         .iter()
         .flat_map(|x| x.delivery_events(topic_prefix))
         .collect();
     outbox::insert(&mut *conn, &events).await?;
     // Wakes the dispatchers when this transaction commits.
-    if notifications
+    if stored
         .iter()
         .flat_map(|x| &x.deliveries)
         .any(|d| d.skip_reason.is_none())
     {
         crate::dispatch::worker::notify_new_deliveries(conn).await?;
     }
-    Ok(())
+    Ok(stored)
 }
 
 /// Stores the notification and delivery rows alone (no delivery events): the part of
-/// [`insert`] the benchmark's bare-INSERT ceiling measures on its own.
-pub async fn insert_rows(
+/// [`insert`] the benchmark's bare-INSERT ceiling measures on its own. Returns the
+/// notifications stored.
+///
+/// A Kafka event whose notification is already stored (the same eventId read from the same
+/// topic, by an earlier batch or another instance) is left out with its deliveries: the
+/// unique index `notifications_kafka_event` is the consumers' idempotency record (DESIGN
+/// §3), where a `processed_events` row per event used to be (migration 0009). A
+/// transaction inserting an eventId another one holds uncommitted waits for it, then skips
+/// the event if it committed; callers insert in eventId order so that two such
+/// transactions cannot deadlock.
+pub async fn insert_rows<'a>(
     conn: &mut PgConnection,
-    notifications: &[NewNotification],
-) -> anyhow::Result<()> {
+    notifications: &'a [NewNotification],
+) -> anyhow::Result<Vec<&'a NewNotification>> {
     if notifications.is_empty() {
-        return Ok(());
+        return Ok(Vec::new());
     }
     let n = notifications;
     let ids: Vec<Uuid> = n.iter().map(|x| x.id).collect();
@@ -264,7 +273,7 @@ pub async fn insert_rows(
     let scheduled: Vec<Option<DateTime<Utc>>> = n.iter().map(|x| x.draft.scheduled_at).collect();
     let created: Vec<DateTime<Utc>> = n.iter().map(|x| x.created_at).collect();
     let broadcasts: Vec<Option<Uuid>> = n.iter().map(|x| x.draft.broadcast_id).collect();
-    sqlx::query(
+    let stored: Vec<Uuid> = sqlx::query_scalar(
         "INSERT INTO notifications (id, source, domain, event_id, event_type, user_id, \
              recipient, locale, data, subject, body, raw_event, source_topic, \
              source_partition, source_offset, occurred_at, scheduled_at, created_at, \
@@ -278,7 +287,9 @@ pub async fn insert_rows(
              $18::timestamptz[], $19::uuid[]) \
          AS t(id, source, domain, event_id, event_type, user_id, recipient, locale, data, \
              subject, body, raw_event, source_topic, source_partition, source_offset, \
-             occurred_at, scheduled_at, created_at, broadcast_id)",
+             occurred_at, scheduled_at, created_at, broadcast_id) \
+         ON CONFLICT (source_topic, event_id) WHERE source = 'kafka' DO NOTHING \
+         RETURNING id",
     )
     .bind(&ids)
     .bind(&sources)
@@ -299,9 +310,14 @@ pub async fn insert_rows(
     .bind(&scheduled)
     .bind(&created)
     .bind(&broadcasts)
-    .execute(&mut *conn)
+    .fetch_all(&mut *conn)
     .await
     .context("Failed to store notifications")?;
+    let stored: HashSet<Uuid> = stored.into_iter().collect();
+    let n: Vec<&NewNotification> = n.iter().filter(|x| stored.contains(&x.id)).collect();
+    if n.is_empty() {
+        return Ok(n);
+    }
 
     let mut d_ids = Vec::new();
     let mut d_notifications = Vec::new();
@@ -312,7 +328,7 @@ pub async fn insert_rows(
     let mut d_due = Vec::new();
     let mut d_created = Vec::new();
     let mut d_broadcasts = Vec::new();
-    for x in n {
+    for x in &n {
         for d in &x.deliveries {
             d_ids.push(d.id);
             d_notifications.push(x.id);
@@ -347,7 +363,7 @@ pub async fn insert_rows(
     .execute(&mut *conn)
     .await
     .context("Failed to store deliveries")?;
-    Ok(())
+    Ok(n)
 }
 
 /// How often expired Idempotency-Keys are pruned.

@@ -349,7 +349,7 @@ async fn main() -> anyhow::Result<()> {
                           extract(epoch FROM a.started_at - n.created_at) * 1000 AS queued, \
                           extract(epoch FROM d.completed_at - a.started_at) * 1000 AS sent \
                    FROM deliveries d JOIN notifications n ON n.id = d.notification_id \
-                   LEFT JOIN delivery_attempts a \
+                   LEFT JOIN delivery_attempt_log a \
                        ON a.delivery_id = d.id AND a.attempt = d.attempts \
                    WHERE n.event_id LIKE $1 AND d.status = 'SUCCESS') t",
     )

@@ -5,9 +5,15 @@
 //! transaction and a WAL flush of its own, and that, not the sending, bounded the
 //! dispatcher (about 1,200 deliveries/s on the benchmark machine). Here a send queues its
 //! record and waits; whichever waiting send gets the writer slot takes every record
-//! queued so far (up to [`MAX_BATCH`]) and writes them in one transaction of four
+//! queued so far (up to [`MAX_BATCH`]) and writes them in one transaction of at most four
 //! statements. While one batch commits the next one gathers, so batches grow with the
 //! load and a lone send is written at once, with no timer.
+//!
+//! A send that succeeds on its delivery's first attempt, the common case, writes no
+//! `delivery_attempts` row: its start and latency go onto the delivery in the UPDATE that
+//! records the success anyway (migration 0009). That row was 2 of the 22 row versions of
+//! an event with two deliveries (issue 14). Failures and every later attempt keep their
+//! row for audit; the view `delivery_attempt_log` shows both sources as one.
 //!
 //! Each caller still learns its own outcome, and only after its record is durable: the
 //! send's concurrency slot stays held until then, so the sends whose outcome can be lost
@@ -57,6 +63,14 @@ pub struct Finished {
     /// The attempt's outcome: SUCCESS, RETRYABLE or PERMANENT.
     pub outcome: &'static str,
     pub dead_letter: Option<OutboxMessage>,
+}
+
+impl Finished {
+    /// A success on the delivery's first attempt: its timing is kept on the delivery row
+    /// instead of an attempt row of its own.
+    fn is_first_time_success(&self) -> bool {
+        self.event.attempts == 1 && self.outcome == "SUCCESS"
+    }
 }
 
 /// Whether a record was written.
@@ -191,7 +205,8 @@ async fn write_retrying(
 }
 
 /// Writes the records in one transaction: the deliveries' new states (only where the
-/// claim's lease still holds), their attempts and their outbox messages.
+/// claim's lease still holds, with a first-time success's timing), the other records'
+/// attempts and their outbox messages.
 async fn write(
     db: &PgPool,
     topic_prefix: &str,
@@ -210,6 +225,14 @@ async fn write(
         .collect();
     let provider_refs: Vec<Option<&str>> =
         records.iter().map(|r| r.provider_ref.as_deref()).collect();
+    let first_started: Vec<Option<DateTime<Utc>>> = records
+        .iter()
+        .map(|r| r.is_first_time_success().then_some(r.started_at))
+        .collect();
+    let first_latencies: Vec<Option<i32>> = records
+        .iter()
+        .map(|r| r.is_first_time_success().then_some(r.latency_ms))
+        .collect();
 
     let mut tx = db.begin().await.context("Failed to begin")?;
     // `n` says which record a row answers: the same delivery can be queued twice when a
@@ -221,10 +244,14 @@ async fn write(
              last_error = t.error, error_class = t.class, sent_via = t.sent_via, \
              provider_ref = CASE WHEN t.status = 'SUCCESS' THEN t.provider_ref ELSE d.provider_ref END, \
              completed_at = CASE WHEN t.status = 'PENDING' THEN d.completed_at ELSE now() END, \
+             first_attempt_started_at = COALESCE(t.first_started, d.first_attempt_started_at), \
+             first_attempt_latency_ms = COALESCE(t.first_latency, d.first_attempt_latency_ms), \
              updated_at = now(), version = d.version + 1 \
          FROM UNNEST($1::uuid[], $2::timestamptz[], $3::text[], $4::int[], $5::bigint[], \
-                 $6::text[], $7::text[], $8::text[], $9::text[]) WITH ORDINALITY \
-             AS t(id, lease_until, status, attempt, retry_ms, error, class, sent_via, provider_ref, n) \
+                 $6::text[], $7::text[], $8::text[], $9::text[], $10::timestamptz[], $11::int[]) \
+             WITH ORDINALITY \
+             AS t(id, lease_until, status, attempt, retry_ms, error, class, sent_via, provider_ref, \
+                 first_started, first_latency, n) \
          WHERE d.id = t.id AND d.status = 'PROCESSING' AND d.lease_until = t.lease_until \
          RETURNING t.n, d.version, d.updated_at",
     )
@@ -237,13 +264,15 @@ async fn write(
     .bind(&classes)
     .bind(&sent_via)
     .bind(&provider_refs)
+    .bind(&first_started)
+    .bind(&first_latencies)
     .fetch_all(&mut *tx)
     .await
     .context("Failed to record sends")?;
 
     let mut written = vec![Written::LeaseLost; records.len()];
     let mut messages = Vec::with_capacity(rows.len() * 2);
-    let mut recorded = Vec::with_capacity(rows.len());
+    let mut attempts = Vec::with_capacity(rows.len());
     for (n, version, at) in rows {
         let i = usize::try_from(n - 1).context("a record's ordinal")?;
         written[i] = Written::Recorded;
@@ -253,43 +282,44 @@ async fn write(
         event.updated_at = at;
         messages.push(event.to_outbox(topic_prefix));
         messages.extend(record.dead_letter.clone());
-        recorded.push(i);
+        if !record.is_first_time_success() {
+            attempts.push(record);
+        }
     }
-    if !recorded.is_empty() {
-        let ids: Vec<Uuid> = recorded
-            .iter()
-            .map(|&i| records[i].event.delivery_id)
-            .collect();
-        let attempts: Vec<i32> = recorded
-            .iter()
-            .map(|&i| records[i].event.attempts)
-            .collect();
-        let channels: Vec<&str> = recorded.iter().map(|&i| records[i].via.as_str()).collect();
-        let started: Vec<DateTime<Utc>> = recorded.iter().map(|&i| records[i].started_at).collect();
-        let latencies: Vec<i32> = recorded.iter().map(|&i| records[i].latency_ms).collect();
-        let outcomes: Vec<&str> = recorded.iter().map(|&i| records[i].outcome).collect();
-        let errors: Vec<Option<&str>> = recorded
-            .iter()
-            .map(|&i| records[i].event.error.as_deref())
-            .collect();
-        sqlx::query(
-            "INSERT INTO delivery_attempts (delivery_id, attempt, channel, started_at, latency_ms, outcome, error) \
-             SELECT * FROM UNNEST($1::uuid[], $2::int[], $3::text[], $4::timestamptz[], $5::int[], \
-                 $6::text[], $7::text[]) \
-             ON CONFLICT DO NOTHING",
-        )
-        .bind(&ids)
-        .bind(&attempts)
-        .bind(&channels)
-        .bind(&started)
-        .bind(&latencies)
-        .bind(&outcomes)
-        .bind(&errors)
-        .execute(&mut *tx)
-        .await
-        .context("Failed to record attempts")?;
-        outbox::insert(&mut tx, &messages).await?;
-    }
+    insert_attempts(&mut tx, &attempts).await?;
+    outbox::insert(&mut tx, &messages).await?;
     tx.commit().await.context("Failed to commit send records")?;
     Ok(written)
+}
+
+/// Writes an attempt row for each record (those the deliveries' UPDATE did not take the
+/// timing of).
+async fn insert_attempts(tx: &mut sqlx::PgConnection, records: &[&Finished]) -> anyhow::Result<()> {
+    if records.is_empty() {
+        return Ok(());
+    }
+    let ids: Vec<Uuid> = records.iter().map(|r| r.event.delivery_id).collect();
+    let attempts: Vec<i32> = records.iter().map(|r| r.event.attempts).collect();
+    let channels: Vec<&str> = records.iter().map(|r| r.via.as_str()).collect();
+    let started: Vec<DateTime<Utc>> = records.iter().map(|r| r.started_at).collect();
+    let latencies: Vec<i32> = records.iter().map(|r| r.latency_ms).collect();
+    let outcomes: Vec<&str> = records.iter().map(|r| r.outcome).collect();
+    let errors: Vec<Option<&str>> = records.iter().map(|r| r.event.error.as_deref()).collect();
+    sqlx::query(
+        "INSERT INTO delivery_attempts (delivery_id, attempt, channel, started_at, latency_ms, outcome, error) \
+         SELECT * FROM UNNEST($1::uuid[], $2::int[], $3::text[], $4::timestamptz[], $5::int[], \
+             $6::text[], $7::text[]) \
+         ON CONFLICT DO NOTHING",
+    )
+    .bind(&ids)
+    .bind(&attempts)
+    .bind(&channels)
+    .bind(&started)
+    .bind(&latencies)
+    .bind(&outcomes)
+    .bind(&errors)
+    .execute(&mut *tx)
+    .await
+    .context("Failed to record attempts")?;
+    Ok(())
 }

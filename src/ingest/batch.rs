@@ -6,7 +6,6 @@ use anyhow::Context;
 use chrono::Utc;
 use redis::aio::ConnectionManager;
 use sqlx::PgPool;
-use uuid::Uuid;
 
 use super::decode::{self, Poison, PoisonClass};
 pub use crate::kafka::consumer::IncomingMessage;
@@ -26,7 +25,7 @@ use crate::{
 pub struct BatchOutcome {
     /// New notifications stored.
     pub accepted: usize,
-    /// Events already processed by this consumer group (or twice in this batch).
+    /// Events already stored from the same topic (or twice in this batch).
     pub duplicates: usize,
     /// Messages dead-lettered.
     pub poison: usize,
@@ -198,17 +197,22 @@ impl Ingestor {
             .begin()
             .await
             .context("Failed to begin a transaction")?;
-        let fresh = claim_events(&mut tx, consumer_group, &drafts).await?;
-        let before = drafts.len();
-        drafts.retain(|n| fresh.contains(&n.id));
-        outcome.duplicates += before - drafts.len();
-        intake::insert(&mut tx, &drafts, &self.topic_prefix).await?;
+        // In eventId order: two transactions holding the same events (lanes of one batch,
+        // or two instances during a rebalance) then wait for each other in the same order
+        // on the notifications' unique key and cannot deadlock.
+        drafts.sort_by(|a, b| a.draft.event_id.cmp(&b.draft.event_id));
+        // An event some earlier batch or another instance stored is left out here: the
+        // notification's unique key on its topic and eventId is the idempotency record.
+        let accepted = intake::insert(&mut tx, &drafts, &self.topic_prefix)
+            .await?
+            .len();
         outbox::insert(&mut tx, &letters).await?;
         tx.commit()
             .await
             .context("Failed to commit an ingest batch")?;
 
-        outcome.accepted = drafts.len();
+        outcome.duplicates += drafts.len() - accepted;
+        outcome.accepted = accepted;
         outcome.poison = letters.len();
         count(domain, "accepted", outcome.accepted);
         count(domain, "duplicate", outcome.duplicates);
@@ -281,37 +285,6 @@ impl Ingestor {
             message.payload.clone(),
         )
     }
-}
-
-/// Records each event as processed by the group; returns the notification ids whose event
-/// was new. A conflicting row means an earlier batch (or another instance) had it.
-async fn claim_events(
-    tx: &mut sqlx::PgConnection,
-    consumer_group: &str,
-    drafts: &[NewNotification],
-) -> anyhow::Result<HashSet<Uuid>> {
-    if drafts.is_empty() {
-        return Ok(HashSet::new());
-    }
-    // In event-id order: two transactions holding the same events (lanes of one batch,
-    // or two instances during a rebalance) then wait for each other in the same order
-    // and cannot deadlock.
-    let mut order: Vec<&NewNotification> = drafts.iter().collect();
-    order.sort_by(|a, b| a.draft.event_id.cmp(&b.draft.event_id));
-    let event_ids: Vec<Option<&str>> = order.iter().map(|n| n.draft.event_id.as_deref()).collect();
-    let ids: Vec<Uuid> = order.iter().map(|n| n.id).collect();
-    let fresh: Vec<Uuid> = sqlx::query_scalar(
-        "INSERT INTO processed_events (consumer_group, event_id, notification_id) \
-         SELECT $1, * FROM UNNEST($2::text[], $3::uuid[]) \
-         ON CONFLICT DO NOTHING RETURNING notification_id",
-    )
-    .bind(consumer_group)
-    .bind(&event_ids)
-    .bind(&ids)
-    .fetch_all(&mut *tx)
-    .await
-    .context("Failed to record processed events")?;
-    Ok(fresh.into_iter().collect())
 }
 
 fn count(domain: Domain, outcome: &'static str, n: usize) {

@@ -42,9 +42,11 @@ fn incident() -> Value {
     json!({ "eventType": "SYSTEM_INCIDENT", "data": { "title": "DB failover", "severity": "critical" } })
 }
 
+/// Every attempt of `delivery` (number, start, outcome), wherever it is stored: a
+/// first-time success is on the delivery row, the rest in `delivery_attempts`.
 async fn attempts_of(app: &TestApp, delivery: Uuid) -> Vec<(i32, DateTime<Utc>, String)> {
     sqlx::query_as(
-        "SELECT attempt, started_at, outcome FROM delivery_attempts WHERE delivery_id = $1 ORDER BY attempt",
+        "SELECT attempt, started_at, outcome FROM delivery_attempt_log WHERE delivery_id = $1 ORDER BY attempt",
     )
     .bind(delivery)
     .fetch_all(&app.db)
@@ -135,6 +137,39 @@ async fn an_in_app_message_reaches_a_redis_subscriber() {
     assert!(payload["body"].as_str().unwrap().contains("o-77"));
 }
 
+/// The `delivery_attempts` rows of `delivery` alone.
+async fn attempt_rows_of(app: &TestApp, delivery: Uuid) -> i64 {
+    sqlx::query_scalar("SELECT count(*) FROM delivery_attempts WHERE delivery_id = $1")
+        .bind(delivery)
+        .fetch_one(&app.db)
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn a_first_time_success_writes_no_attempt_row_but_keeps_its_timing_on_the_delivery() {
+    let slack = slack_mock(&[(200, None)]).await;
+    let app = spawn_app_with(with_slack(&slack)).await;
+
+    let delivery = notify(&app, incident()).await[0].1;
+    wait_for_delivery(&app, delivery, "SUCCESS", 20).await;
+
+    assert_eq!(attempt_rows_of(&app, delivery).await, 0);
+    let (started, latency, completed): (DateTime<Utc>, i32, DateTime<Utc>) = sqlx::query_as(
+        "SELECT first_attempt_started_at, first_attempt_latency_ms, completed_at \
+         FROM deliveries WHERE id = $1",
+    )
+    .bind(delivery)
+    .fetch_one(&app.db)
+    .await
+    .unwrap();
+    assert!(started <= completed, "{started} {completed}");
+    assert!(latency >= 0, "{latency}");
+    // Readers of attempts see it as attempt 1 through the view.
+    let attempts = attempts_of(&app, delivery).await;
+    assert_eq!(attempts, [(1, started, "SUCCESS".to_owned())]);
+}
+
 #[tokio::test]
 async fn a_webhook_answering_500_500_200_succeeds_on_the_third_attempt_after_1_s_and_2_s() {
     let slack = slack_mock(&[(500, Some(2)), (200, None)]).await;
@@ -148,6 +183,8 @@ async fn a_webhook_answering_500_500_200_succeeds_on_the_third_attempt_after_1_s
     assert_eq!(attempts.len(), 3, "{attempts:?}");
     let outcomes: Vec<&str> = attempts.iter().map(|a| a.2.as_str()).collect();
     assert_eq!(outcomes, ["RETRYABLE", "RETRYABLE", "SUCCESS"]);
+    // A success after failures is an attempt row of its own, like the failures.
+    assert_eq!(attempt_rows_of(&app, delivery).await, 3);
     let gap = |a: usize, b: usize| (attempts[b].1 - attempts[a].1).num_milliseconds();
     assert!(gap(0, 1) >= 1000, "first gap {} ms", gap(0, 1));
     assert!(gap(1, 2) >= 2000, "second gap {} ms", gap(1, 2));
@@ -261,6 +298,11 @@ async fn a_webhook_answering_400_fails_at_once_without_retry() {
     wait_for_delivery(&app, delivery, "FAILED", 20).await;
 
     assert_eq!(attempts_of(&app, delivery).await.len(), 1);
+    assert_eq!(
+        attempt_rows_of(&app, delivery).await,
+        1,
+        "a failure keeps its row"
+    );
     let letters = app.dead_letters().await;
     assert_eq!(letters.len(), 1);
     assert_eq!(letters[0].1["X-Error-Class"], "http_4xx");
@@ -352,7 +394,12 @@ async fn a_delivery_claimed_by_a_worker_that_died_is_sent_after_its_lease_expire
         claimed_at.elapsed() >= Duration::from_millis(1900),
         "not before the lease ran out"
     );
-    assert_eq!(attempts_of(&dispatcher, delivery).await.len(), 1);
+    let attempts = attempts_of(&dispatcher, delivery).await;
+    assert_eq!(attempts.len(), 1, "{attempts:?}");
+    // The dead worker's claim counted as attempt 1, so this success is attempt 2 and keeps
+    // a row for the audit.
+    assert_eq!(attempts[0].0, 2);
+    assert_eq!(attempt_rows_of(&dispatcher, delivery).await, 1);
 }
 
 /// Records when each request arrived.

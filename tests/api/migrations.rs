@@ -25,7 +25,7 @@ async fn migrations_apply_twice_without_error_and_create_the_core_schema() {
         "notifications",
         "deliveries",
         "delivery_attempts",
-        "processed_events",
+        "delivery_attempt_log",
         "idempotency_keys",
         "outbox",
         "user_contacts",
@@ -39,6 +39,11 @@ async fn migrations_apply_twice_without_error_and_create_the_core_schema() {
             "{table} missing from {tables:?}"
         );
     }
+    // The notifications' unique key took its place (migration 0009).
+    assert!(
+        !tables.iter().any(|t| t == "processed_events"),
+        "{tables:?}"
+    );
 }
 
 #[tokio::test]

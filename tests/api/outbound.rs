@@ -132,7 +132,7 @@ async fn a_gateway_answer_that_never_ends_is_not_read_to_its_end() {
     );
     // Reading the whole body would have taken until the send timeout.
     let latency: i32 =
-        sqlx::query_scalar("SELECT latency_ms FROM delivery_attempts WHERE delivery_id = $1")
+        sqlx::query_scalar("SELECT latency_ms FROM delivery_attempt_log WHERE delivery_id = $1")
             .bind(delivery)
             .fetch_one(&app.db)
             .await

@@ -479,7 +479,7 @@ impl Scenario {
     /// Attempts on `channel` that failed in a way worth retrying.
     pub async fn retryable_attempts(&self, channel: &str) -> i64 {
         sqlx::query_scalar(
-            "SELECT count(*) FROM delivery_attempts WHERE channel = $1 AND outcome = 'RETRYABLE'",
+            "SELECT count(*) FROM delivery_attempt_log WHERE channel = $1 AND outcome = 'RETRYABLE'",
         )
         .bind(channel)
         .fetch_one(&self.db)
@@ -488,12 +488,13 @@ impl Scenario {
     }
 
     /// The most attempts of `channel` Herald started within any one second (what its
-    /// shared rate limiter admitted).
+    /// shared rate limiter admitted), first-time successes included (they are stored on
+    /// the delivery, hence the view).
     pub async fn busiest_second_of_attempts(&self, channel: &str) -> i64 {
         sqlx::query_scalar(
             "SELECT COALESCE(max(n), 0) FROM (SELECT count(*) OVER (ORDER BY started_at \
                  RANGE BETWEEN CURRENT ROW AND interval '999.999 milliseconds' FOLLOWING) AS n \
-             FROM delivery_attempts WHERE channel = $1) AS windows",
+             FROM delivery_attempt_log WHERE channel = $1) AS windows",
         )
         .bind(channel)
         .fetch_one(&self.db)
