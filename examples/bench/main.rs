@@ -296,9 +296,13 @@ async fn main() -> anyhow::Result<()> {
     // What deleting that history costs when its retention runs out: the purge with a
     // cutoff of now, per notification it deletes.
     let purge_before = Writes::settled(&pool).await?;
-    let purged = herald::retention::purge(&pool, chrono::Utc::now(), chrono_tz::UTC)
+    // Its own pool, closed after: a backend that goes idle reports its table counters
+    // only after a while, one that exits reports them at once.
+    let purge_pool = herald::db::pool(&b.settings.database)?;
+    let purged = herald::retention::purge(&purge_pool, chrono::Utc::now(), chrono_tz::UTC)
         .await?
         .unwrap_or_default();
+    purge_pool.close().await;
     let purge_writes = Writes::settled(&pool)
         .await?
         .per_event_since(&purge_before, purged.notifications as usize);
