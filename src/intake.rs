@@ -319,50 +319,7 @@ pub async fn insert_rows<'a>(
         return Ok(n);
     }
 
-    let mut d_ids = Vec::new();
-    let mut d_notifications = Vec::new();
-    let mut d_channels = Vec::new();
-    let mut d_statuses = Vec::new();
-    let mut d_addresses = Vec::new();
-    let mut d_reasons = Vec::new();
-    let mut d_due = Vec::new();
-    let mut d_created = Vec::new();
-    let mut d_broadcasts = Vec::new();
-    for x in &n {
-        for d in &x.deliveries {
-            d_ids.push(d.id);
-            d_notifications.push(x.id);
-            d_channels.push(d.channel.as_str());
-            d_statuses.push(d.status().as_str());
-            d_addresses.push(d.address.as_deref());
-            d_reasons.push(d.skip_reason.as_deref());
-            d_due.push(x.draft.scheduled_at.unwrap_or(x.created_at));
-            d_created.push(x.created_at);
-            d_broadcasts.push(x.draft.broadcast_id);
-        }
-    }
-    sqlx::query(
-        "INSERT INTO deliveries (id, notification_id, channel, status, address, skip_reason, \
-             next_attempt_at, created_at, updated_at, completed_at, broadcast_id) \
-         SELECT id, notification_id, channel, status, address, skip_reason, due, created, \
-             created, CASE WHEN status = 'SKIPPED' THEN created END, broadcast_id \
-         FROM UNNEST($1::uuid[], $2::uuid[], $3::text[], $4::text[], $5::text[], $6::text[], \
-             $7::timestamptz[], $8::timestamptz[], $9::uuid[]) \
-         AS t(id, notification_id, channel, status, address, skip_reason, due, created, \
-             broadcast_id)",
-    )
-    .bind(&d_ids)
-    .bind(&d_notifications)
-    .bind(&d_channels)
-    .bind(&d_statuses)
-    .bind(&d_addresses)
-    .bind(&d_reasons)
-    .bind(&d_due)
-    .bind(&d_created)
-    .bind(&d_broadcasts)
-    .execute(&mut *conn)
-    .await
-    .context("Failed to store deliveries")?;
+    crate::deliveries::insert(&mut *conn, &n).await?;
     Ok(n)
 }
 

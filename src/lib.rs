@@ -15,6 +15,7 @@
 //! - [`domain`]: the vocabulary as types (events, channels, statuses, addresses).
 //! - [`ingest`]: the Kafka consumers, decoding, poison handling, batching.
 //! - [`intake`]: the write side both intakes share (notification, deliveries, outbox).
+//! - [`deliveries`]: every statement that changes a delivery, one function per transition.
 //! - [`routing`]: routing rules and per-channel planning.
 //! - [`event_schemas`]: the JSON Schema of each event type's data, checked at the edge.
 //! - [`preferences`]: user channel preferences with their Redis cache.
@@ -37,6 +38,7 @@ pub mod channels;
 pub mod cli;
 pub mod config;
 pub mod db;
+pub mod deliveries;
 pub mod demo;
 pub mod directory;
 pub mod dispatch;

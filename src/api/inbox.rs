@@ -105,7 +105,7 @@ async fn read_one(
     let user = user_id(id)?;
     let delivery = Uuid::parse_str(&delivery)
         .map_err(|_| ApiError::BadRequest(format!("{delivery:?} is not a delivery id")))?;
-    let marked = queries::mark_read(&state.db, user.get(), Some(delivery)).await?;
+    let marked = crate::deliveries::mark_read(&state.db, user.get(), Some(delivery)).await?;
     let exists: bool = sqlx::query_scalar(
         "SELECT EXISTS (SELECT 1 FROM deliveries d JOIN notifications n ON n.id = d.notification_id \
          WHERE d.id = $1 AND n.user_id = $2 AND d.channel = 'IN_APP')",
@@ -128,7 +128,7 @@ async fn read_all(
     ApiPath(id): ApiPath<i64>,
 ) -> Result<Json<Value>, ApiError> {
     let user = user_id(id)?;
-    let marked = queries::mark_read(&state.db, user.get(), None).await?;
+    let marked = crate::deliveries::mark_read(&state.db, user.get(), None).await?;
     Ok(Json(json!({ "userId": user, "marked": marked })))
 }
 

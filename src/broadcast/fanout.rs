@@ -179,7 +179,13 @@ impl Fanout {
             BroadcastStatus::Cancelled if row.finished_at.is_some() => Step::Done,
             // A send in flight at the cancel may have come back for a retry since.
             BroadcastStatus::Cancelled => {
-                super::skip_unsent(&mut tx, id, &self.topic_prefix).await?;
+                crate::deliveries::skip_broadcast(
+                    &mut tx,
+                    id,
+                    super::CANCELLED_REASON,
+                    &self.topic_prefix,
+                )
+                .await?;
                 self.finish_if_settled(&mut tx, &row, BroadcastStatus::Cancelled)
                     .await?
             }

@@ -24,8 +24,8 @@ use sqlx::{PgConnection, PgPool};
 use uuid::Uuid;
 
 use crate::{
-    domain::{Channel, DeliveryStatus, Domain, Locale, Tag, UserId},
-    outbox::{self, DeliveryEvent, OutboxKind, OutboxMessage},
+    domain::{Channel, Locale, Tag, UserId},
+    outbox::{OutboxKind, OutboxMessage},
 };
 
 /// The broadcast-event topic, without prefix.
@@ -420,69 +420,13 @@ pub async fn cancel(
     .execute(&mut *tx)
     .await
     .context("Failed to cancel a broadcast")?;
-    let skipped = skip_unsent(&mut tx, id, topic_prefix).await?;
+    let skipped =
+        crate::deliveries::skip_broadcast(&mut tx, id, CANCELLED_REASON, topic_prefix).await?;
     tx.commit().await.context("Failed to commit a cancel")?;
     tracing::info!(broadcast = %id, skipped, cancelled_by, "broadcast cancelled");
     Ok(Cancelled::Done(
         load(db, id).await?.context("a broadcast vanished")?,
     ))
-}
-
-/// SKIPs a cancelled broadcast's PENDING deliveries, with a delivery event each.
-async fn skip_unsent(
-    conn: &mut PgConnection,
-    id: Uuid,
-    topic_prefix: &str,
-) -> anyhow::Result<usize> {
-    #[derive(sqlx::FromRow)]
-    struct Skipped {
-        id: Uuid,
-        notification_id: Uuid,
-        channel: Channel,
-        attempts: i32,
-        version: i64,
-        created_at: DateTime<Utc>,
-        updated_at: DateTime<Utc>,
-        event_type: String,
-        user_id: Option<i64>,
-    }
-    let rows: Vec<Skipped> = sqlx::query_as(
-        "WITH skipped AS (UPDATE deliveries SET status = 'SKIPPED', skip_reason = $2, \
-                 lease_until = NULL, version = version + 1, updated_at = now(), \
-                 completed_at = now() \
-             WHERE broadcast_id = $1 AND status = 'PENDING' \
-             RETURNING id, notification_id, channel, attempts, version, created_at, updated_at) \
-         SELECT s.*, n.event_type, n.user_id FROM skipped s \
-         JOIN notifications n ON n.id = s.notification_id",
-    )
-    .bind(id)
-    .bind(CANCELLED_REASON)
-    .fetch_all(&mut *conn)
-    .await
-    .context("Failed to skip a cancelled broadcast's deliveries")?;
-    let events: Vec<OutboxMessage> = rows
-        .iter()
-        .map(|d| {
-            DeliveryEvent {
-                delivery_id: d.id,
-                notification_id: d.notification_id,
-                event_id: None,
-                event_type: d.event_type.clone(),
-                user_id: d.user_id,
-                domain: Domain::Api,
-                channel: d.channel,
-                status: DeliveryStatus::Skipped,
-                attempts: d.attempts,
-                error: Some(CANCELLED_REASON.to_owned()),
-                version: d.version,
-                created_at: d.created_at,
-                updated_at: d.updated_at,
-            }
-            .to_outbox(topic_prefix)
-        })
-        .collect();
-    outbox::insert(conn, &events).await?;
-    Ok(rows.len())
 }
 
 /// The event announcing that a broadcast ended, for notification.broadcast.events.

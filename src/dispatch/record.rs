@@ -28,12 +28,11 @@ use anyhow::Context;
 use chrono::{DateTime, Utc};
 use sqlx::PgPool;
 use tokio::sync::{Semaphore, oneshot};
-use uuid::Uuid;
 
 use crate::{
     db::{is_data_error, is_lost_race},
     domain::Channel,
-    outbox::{self, DeliveryEvent, OutboxMessage},
+    outbox::{DeliveryEvent, OutboxMessage},
 };
 
 /// The most records one transaction writes.
@@ -68,7 +67,7 @@ pub struct Finished {
 impl Finished {
     /// A success on the delivery's first attempt: its timing is kept on the delivery row
     /// instead of an attempt row of its own.
-    fn is_first_time_success(&self) -> bool {
+    pub fn is_first_time_success(&self) -> bool {
         self.event.attempts == 1 && self.outcome == "SUCCESS"
     }
 }
@@ -192,7 +191,7 @@ async fn write_retrying(
     let mut tries = 0;
     loop {
         tries += 1;
-        match write(db, topic_prefix, records).await {
+        match crate::deliveries::record(db, topic_prefix, records).await {
             Err(error) if tries < 3 && is_lost_race(&error) => {
                 tracing::debug!(
                     error = format!("{error:#}"),
@@ -202,124 +201,4 @@ async fn write_retrying(
             other => return other,
         }
     }
-}
-
-/// Writes the records in one transaction: the deliveries' new states (only where the
-/// claim's lease still holds, with a first-time success's timing), the other records'
-/// attempts and their outbox messages.
-async fn write(
-    db: &PgPool,
-    topic_prefix: &str,
-    records: &[Finished],
-) -> anyhow::Result<Vec<Written>> {
-    let ids: Vec<Uuid> = records.iter().map(|r| r.event.delivery_id).collect();
-    let leases: Vec<DateTime<Utc>> = records.iter().map(|r| r.lease_until).collect();
-    let statuses: Vec<&str> = records.iter().map(|r| r.event.status.as_str()).collect();
-    let attempts: Vec<i32> = records.iter().map(|r| r.event.attempts).collect();
-    let retry_ms: Vec<Option<i64>> = records.iter().map(|r| r.retry_in_ms).collect();
-    let errors: Vec<Option<&str>> = records.iter().map(|r| r.event.error.as_deref()).collect();
-    let classes: Vec<Option<&str>> = records.iter().map(|r| r.error_class.as_deref()).collect();
-    let sent_via: Vec<Option<&str>> = records
-        .iter()
-        .map(|r| r.sent_via.map(Channel::as_str))
-        .collect();
-    let provider_refs: Vec<Option<&str>> =
-        records.iter().map(|r| r.provider_ref.as_deref()).collect();
-    let first_started: Vec<Option<DateTime<Utc>>> = records
-        .iter()
-        .map(|r| r.is_first_time_success().then_some(r.started_at))
-        .collect();
-    let first_latencies: Vec<Option<i32>> = records
-        .iter()
-        .map(|r| r.is_first_time_success().then_some(r.latency_ms))
-        .collect();
-
-    let mut tx = db.begin().await.context("Failed to begin")?;
-    // `n` says which record a row answers: the same delivery can be queued twice when a
-    // record waited past its lease and the delivery was claimed again; only the record
-    // holding the current lease matches.
-    let rows: Vec<(i64, i64, DateTime<Utc>)> = sqlx::query_as(
-        "UPDATE deliveries d SET status = t.status, attempts = t.attempt, lease_until = NULL, \
-             next_attempt_at = COALESCE(now() + t.retry_ms * interval '1 millisecond', d.next_attempt_at), \
-             last_error = t.error, error_class = t.class, sent_via = t.sent_via, \
-             provider_ref = CASE WHEN t.status = 'SUCCESS' THEN t.provider_ref ELSE d.provider_ref END, \
-             completed_at = CASE WHEN t.status = 'PENDING' THEN d.completed_at ELSE now() END, \
-             first_attempt_started_at = COALESCE(t.first_started, d.first_attempt_started_at), \
-             first_attempt_latency_ms = COALESCE(t.first_latency, d.first_attempt_latency_ms), \
-             updated_at = now(), version = d.version + 1 \
-         FROM UNNEST($1::uuid[], $2::timestamptz[], $3::text[], $4::int[], $5::bigint[], \
-                 $6::text[], $7::text[], $8::text[], $9::text[], $10::timestamptz[], $11::int[]) \
-             WITH ORDINALITY \
-             AS t(id, lease_until, status, attempt, retry_ms, error, class, sent_via, provider_ref, \
-                 first_started, first_latency, n) \
-         WHERE d.id = t.id AND d.status = 'PROCESSING' AND d.lease_until = t.lease_until \
-         RETURNING t.n, d.version, d.updated_at",
-    )
-    .bind(&ids)
-    .bind(&leases)
-    .bind(&statuses)
-    .bind(&attempts)
-    .bind(&retry_ms)
-    .bind(&errors)
-    .bind(&classes)
-    .bind(&sent_via)
-    .bind(&provider_refs)
-    .bind(&first_started)
-    .bind(&first_latencies)
-    .fetch_all(&mut *tx)
-    .await
-    .context("Failed to record sends")?;
-
-    let mut written = vec![Written::LeaseLost; records.len()];
-    let mut messages = Vec::with_capacity(rows.len() * 2);
-    let mut attempts = Vec::with_capacity(rows.len());
-    for (n, version, at) in rows {
-        let i = usize::try_from(n - 1).context("a record's ordinal")?;
-        written[i] = Written::Recorded;
-        let record = &records[i];
-        let mut event = record.event.clone();
-        event.version = version;
-        event.updated_at = at;
-        messages.push(event.to_outbox(topic_prefix));
-        messages.extend(record.dead_letter.clone());
-        if !record.is_first_time_success() {
-            attempts.push(record);
-        }
-    }
-    insert_attempts(&mut tx, &attempts).await?;
-    outbox::insert(&mut tx, &messages).await?;
-    tx.commit().await.context("Failed to commit send records")?;
-    Ok(written)
-}
-
-/// Writes an attempt row for each record (those the deliveries' UPDATE did not take the
-/// timing of).
-async fn insert_attempts(tx: &mut sqlx::PgConnection, records: &[&Finished]) -> anyhow::Result<()> {
-    if records.is_empty() {
-        return Ok(());
-    }
-    let ids: Vec<Uuid> = records.iter().map(|r| r.event.delivery_id).collect();
-    let attempts: Vec<i32> = records.iter().map(|r| r.event.attempts).collect();
-    let channels: Vec<&str> = records.iter().map(|r| r.via.as_str()).collect();
-    let started: Vec<DateTime<Utc>> = records.iter().map(|r| r.started_at).collect();
-    let latencies: Vec<i32> = records.iter().map(|r| r.latency_ms).collect();
-    let outcomes: Vec<&str> = records.iter().map(|r| r.outcome).collect();
-    let errors: Vec<Option<&str>> = records.iter().map(|r| r.event.error.as_deref()).collect();
-    sqlx::query(
-        "INSERT INTO delivery_attempts (delivery_id, attempt, channel, started_at, latency_ms, outcome, error) \
-         SELECT * FROM UNNEST($1::uuid[], $2::int[], $3::text[], $4::timestamptz[], $5::int[], \
-             $6::text[], $7::text[]) \
-         ON CONFLICT DO NOTHING",
-    )
-    .bind(&ids)
-    .bind(&attempts)
-    .bind(&channels)
-    .bind(&started)
-    .bind(&latencies)
-    .bind(&outcomes)
-    .bind(&errors)
-    .execute(&mut *tx)
-    .await
-    .context("Failed to record attempts")?;
-    Ok(())
 }

@@ -7,7 +7,7 @@ use std::{collections::HashMap, sync::Arc, time::Duration};
 use anyhow::Context;
 use chrono::{DateTime, Utc};
 use redis::aio::ConnectionManager;
-use serde_json::{Value, json};
+use serde_json::json;
 use sqlx::{PgConnection, PgPool};
 use tokio::time::Instant;
 use uuid::Uuid;
@@ -17,48 +17,17 @@ use super::{
     rate_limit::{Admission, RateLimiter},
     record::{Finished, Recorder, Written},
 };
+pub use crate::deliveries::Job;
 use crate::{
     channels::{Content, Outgoing, Retry, SendError, Senders},
     config::DispatchSettings,
-    domain::{Channel, DeliveryStatus, Domain, EventType, Locale, UserId},
-    outbox::{self, DeadLetter, DeliveryEvent, OutboxMessage},
+    deliveries,
+    domain::{Channel, DeliveryStatus, EventType, UserId},
+    outbox::{DeadLetter, OutboxMessage},
     preferences,
     routing::RoutingTable,
     templates::{ADHOC, Templates},
 };
-
-/// A claimed delivery with what sending it needs.
-#[derive(Debug, Clone, sqlx::FromRow)]
-pub struct Job {
-    pub delivery_id: Uuid,
-    pub notification_id: Uuid,
-    /// Set for a delivery of a broadcast: it takes a bounded share of the channel.
-    pub broadcast_id: Option<Uuid>,
-    pub channel: Channel,
-    pub address: Option<String>,
-    pub attempts: i32,
-    /// Attempts made before the current retry budget began (an operator's retry).
-    pub retry_base: i32,
-    pub lease_until: DateTime<Utc>,
-    /// The version and time of the claim (the PROCESSING state).
-    pub version: i64,
-    pub updated_at: DateTime<Utc>,
-    pub created_at: DateTime<Utc>,
-    pub domain: Domain,
-    pub event_id: Option<String>,
-    pub event_type: String,
-    pub user_id: Option<i64>,
-    pub locale: Locale,
-    pub data: Value,
-    pub subject: Option<String>,
-    pub body: Option<String>,
-    pub recipient: Value,
-    pub raw_event: Option<Vec<u8>>,
-    pub source_topic: Option<String>,
-    pub source_partition: Option<i32>,
-    pub source_offset: Option<i64>,
-    pub occurred_at: Option<DateTime<Utc>>,
-}
 
 /// What happened to one claimed delivery.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -128,81 +97,21 @@ impl Dispatcher {
             .collect()
     }
 
-    /// Claims up to `limit` due deliveries of `channel` (PENDING and due, or PROCESSING
-    /// with an expired lease) and marks them PROCESSING under a fresh lease.
-    ///
-    /// Transactional deliveries come first; broadcast deliveries (reclaims included) fill
-    /// what they leave, up to `broadcast_limit`. Jobs come back transactional first.
+    /// Claims up to `limit` due deliveries of `channel` (see [`deliveries::claim`]).
     pub async fn claim(
         &self,
         channel: Channel,
         limit: usize,
         broadcast_limit: usize,
     ) -> anyhow::Result<Vec<Job>> {
-        let mut tx = self.db.begin().await.context("Failed to begin a claim")?;
-        // A claim is redone if lost: should PostgreSQL crash before this commit reaches
-        // disk, the delivery is simply PENDING again and claimed again (at least once), and
-        // the record of a send flushes the WAL up to it anyway. So its commit does not wait
-        // for the flush (issue 14, lever 8).
-        sqlx::query("SET LOCAL synchronous_commit = off")
-            .execute(&mut *tx)
-            .await
-            .context("Failed to set up a claim")?;
-        let ids: Vec<Uuid> = sqlx::query_scalar(
-            "WITH pending AS (SELECT id FROM deliveries WHERE channel = $1 \
-                      AND status = 'PENDING' AND broadcast_id IS NULL \
-                      AND next_attempt_at <= now() \
-                      ORDER BY next_attempt_at LIMIT $2 FOR UPDATE SKIP LOCKED), \
-                  bulk AS (SELECT id FROM deliveries WHERE channel = $1 \
-                      AND status = 'PENDING' AND broadcast_id IS NOT NULL \
-                      AND next_attempt_at <= now() ORDER BY next_attempt_at \
-                      LIMIT GREATEST(LEAST($4, $2 - (SELECT count(*) FROM pending)), 0) \
-                      FOR UPDATE SKIP LOCKED), \
-                  expired AS (SELECT id FROM deliveries WHERE channel = $1 \
-                      AND status = 'PROCESSING' AND lease_until < now() \
-                      AND broadcast_id IS NULL LIMIT $2 FOR UPDATE SKIP LOCKED), \
-                  bulk_expired AS (SELECT id FROM deliveries WHERE channel = $1 \
-                      AND status = 'PROCESSING' AND lease_until < now() \
-                      AND broadcast_id IS NOT NULL \
-                      LIMIT GREATEST(LEAST($4, $2 - (SELECT count(*) FROM pending)) \
-                          - (SELECT count(*) FROM bulk), 0) \
-                      FOR UPDATE SKIP LOCKED), \
-                  due AS (SELECT id FROM pending UNION ALL SELECT id FROM bulk \
-                      UNION ALL SELECT id FROM expired UNION ALL SELECT id FROM bulk_expired) \
-             UPDATE deliveries d SET status = 'PROCESSING', \
-                 lease_until = now() + $3 * interval '1 millisecond', \
-                 attempts = d.attempts + CASE WHEN d.status = 'PROCESSING' THEN 1 ELSE 0 END, \
-                 updated_at = now(), version = d.version + 1 \
-             FROM due WHERE d.id = due.id \
-             RETURNING d.id",
+        deliveries::claim(
+            &self.db,
+            channel,
+            limit,
+            broadcast_limit,
+            self.settings.lease,
         )
-        .bind(channel.as_str())
-        .bind(limit as i64)
-        .bind(self.settings.lease.as_millis() as i64)
-        .bind(broadcast_limit as i64)
-        .fetch_all(&mut *tx)
         .await
-        .context("Failed to claim deliveries")?;
-        if ids.is_empty() {
-            return Ok(Vec::new());
-        }
-        let jobs: Vec<Job> = sqlx::query_as(
-            "SELECT d.id AS delivery_id, d.notification_id, d.broadcast_id, d.channel, d.address, d.attempts, \
-                 d.retry_base, d.lease_until, d.version, d.updated_at, d.created_at, n.domain, n.event_id, n.event_type, n.user_id, \
-                 n.locale, n.data, n.subject, n.body, n.recipient, n.raw_event, n.source_topic, \
-                 n.source_partition, n.source_offset, n.occurred_at \
-             FROM deliveries d JOIN notifications n ON n.id = d.notification_id \
-             WHERE d.id = ANY($1) ORDER BY d.broadcast_id IS NOT NULL, d.next_attempt_at",
-        )
-        .bind(&ids)
-        .fetch_all(&mut *tx)
-        .await
-        .context("Failed to load claimed deliveries")?;
-        // No delivery event for PROCESSING (DESIGN §1 lets it stay internal; the lease is
-        // in the row): it cost an outbox row written, marked and pruned, and a read-model
-        // update, per delivery, for a state that lasts milliseconds (issue 14).
-        tx.commit().await.context("Failed to commit a claim")?;
-        Ok(jobs)
     }
 
     /// Decides whether a claimed delivery goes out now and on which channel (circuit
@@ -424,36 +333,11 @@ impl Dispatcher {
         metrics::counter!("herald_deliveries_total", "channel" => channel.to_owned(), "outcome" => "deferred")
             .increment(1);
         tracing::debug!(delivery = %job.delivery_id, ?wait, why, "delivery deferred");
-        let mut tx = self.db.begin().await.context("Failed to begin")?;
-        let row: Option<(i64, DateTime<Utc>)> = sqlx::query_as(
-            "UPDATE deliveries SET status = 'PENDING', lease_until = NULL, \
-                 next_attempt_at = now() + $3 * interval '1 millisecond', \
-                 updated_at = now(), version = version + 1 \
-             WHERE id = $1 AND status = 'PROCESSING' AND lease_until = $2 \
-             RETURNING version, updated_at",
-        )
-        .bind(job.delivery_id)
-        .bind(job.lease_until)
-        .bind(wait.as_millis().max(1) as i64)
-        .fetch_optional(&mut *tx)
-        .await
-        .context("Failed to defer a delivery")?;
-        let Some((version, at)) = row else {
-            return Ok(Outcome::LeaseLost);
-        };
-        let event = self
-            .delivery_event(
-                job,
-                DeliveryStatus::Pending,
-                job.attempts,
-                None,
-                version,
-                at,
-            )
-            .to_outbox(&self.topic_prefix);
-        outbox::insert(&mut tx, &[event]).await?;
-        tx.commit().await.context("Failed to commit a deferral")?;
-        Ok(Outcome::Deferred)
+        if deliveries::defer(&self.db, job, wait, &self.topic_prefix).await? {
+            Ok(Outcome::Deferred)
+        } else {
+            Ok(Outcome::LeaseLost)
+        }
     }
 
     /// Records an attempt and moves the delivery to SUCCESS, back to PENDING for a retry, or
@@ -505,7 +389,7 @@ impl Dispatcher {
             _ => None,
         };
         let finished = Finished {
-            event: self.delivery_event(job, status, attempt, message, job.version, started_at),
+            event: job.event(status, attempt, message, job.version, started_at),
             lease_until: job.lease_until,
             retry_in_ms,
             error_class: class.map(str::to_owned),
@@ -557,32 +441,6 @@ impl Dispatcher {
         }
         let random = (Uuid::new_v4().as_u128() % 10_000) as f64 / 10_000.0;
         base.mul_f64(1.0 + self.settings.jitter * random)
-    }
-
-    fn delivery_event(
-        &self,
-        job: &Job,
-        status: DeliveryStatus,
-        attempts: i32,
-        error: Option<String>,
-        version: i64,
-        at: DateTime<Utc>,
-    ) -> DeliveryEvent {
-        DeliveryEvent {
-            delivery_id: job.delivery_id,
-            notification_id: job.notification_id,
-            event_id: job.event_id.clone(),
-            event_type: job.event_type.clone(),
-            user_id: job.user_id,
-            domain: job.domain,
-            channel: job.channel,
-            status,
-            attempts,
-            error,
-            version,
-            created_at: job.created_at,
-            updated_at: at,
-        }
     }
 
     fn dead_letter(

@@ -12,10 +12,8 @@ use sqlx::PgPool;
 use uuid::Uuid;
 
 use crate::{
-    domain::{Channel, DeliveryStatus, Domain},
-    ingest::Ingestor,
-    kafka::consumer::IncomingMessage,
-    outbox::{self, DeliveryEvent, PAYLOAD_TRUNCATED_HEADER},
+    domain::Domain, ingest::Ingestor, kafka::consumer::IncomingMessage,
+    outbox::PAYLOAD_TRUNCATED_HEADER,
 };
 
 /// Why an admin action could not be done.
@@ -179,44 +177,7 @@ async fn requeue(
     actor: &str,
 ) -> Result<RetryKind, AdminError> {
     let mut tx = ingestor.db.begin().await.context("Failed to begin")?;
-    type Row = (
-        Uuid,
-        Channel,
-        i32,
-        i64,
-        DateTime<Utc>,
-        DateTime<Utc>,
-        Option<String>,
-        String,
-        Option<i64>,
-        Domain,
-    );
-    let row: Option<Row> = sqlx::query_as(
-        "UPDATE deliveries d SET status = 'PENDING', next_attempt_at = now(), \
-             retry_base = d.attempts, lease_until = NULL, completed_at = NULL, \
-             updated_at = now(), version = d.version + 1 \
-         FROM notifications n \
-         WHERE d.id = $1 AND d.status = 'FAILED' AND n.id = d.notification_id \
-         RETURNING d.notification_id, d.channel, d.attempts, d.version, d.created_at, \
-             d.updated_at, n.event_id, n.event_type, n.user_id, n.domain",
-    )
-    .bind(delivery)
-    .fetch_optional(&mut *tx)
-    .await
-    .context("Failed to re-queue the delivery")?;
-    let Some((
-        notification,
-        channel,
-        attempts,
-        version,
-        created_at,
-        updated_at,
-        event_id,
-        event_type,
-        user_id,
-        domain,
-    )) = row
-    else {
+    if !crate::deliveries::requeue_failed(&mut tx, delivery, &ingestor.topic_prefix).await? {
         let status: Option<String> =
             sqlx::query_scalar("SELECT status FROM deliveries WHERE id = $1")
                 .bind(delivery)
@@ -227,23 +188,7 @@ async fn requeue(
             Some(status) => format!("delivery {delivery} is {status}, not FAILED"),
             None => format!("delivery {delivery} no longer exists"),
         }));
-    };
-    let event = DeliveryEvent {
-        delivery_id: delivery,
-        notification_id: notification,
-        event_id,
-        event_type,
-        user_id,
-        domain,
-        channel,
-        status: DeliveryStatus::Pending,
-        attempts,
-        error: None,
-        version,
-        created_at,
-        updated_at,
-    };
-    outbox::insert(&mut tx, &[event.to_outbox(&ingestor.topic_prefix)]).await?;
+    }
     crate::dispatch::worker::notify_new_deliveries(&mut tx).await?;
     mark(&mut tx, letter.id, actor, None).await?;
     tx.commit().await.context("Failed to commit the retry")?;

@@ -116,36 +116,6 @@ pub async fn unread_count(db: &PgPool, user_id: i64) -> anyhow::Result<i64> {
     .context("Failed to count unread messages")
 }
 
-/// Marks in-app messages read (one, or all when `delivery` is `None`) in both the
-/// deliveries (the source of truth, which survives a rebuild) and the read model.
-/// Returns how many were marked.
-pub async fn mark_read(db: &PgPool, user_id: i64, delivery: Option<Uuid>) -> anyhow::Result<u64> {
-    let mut tx = db.begin().await?;
-    let marked = sqlx::query(
-        "UPDATE deliveries d SET read_at = now() FROM notifications n \
-         WHERE n.id = d.notification_id AND n.user_id = $1 AND d.channel = 'IN_APP' \
-           AND d.read_at IS NULL AND ($2::uuid IS NULL OR d.id = $2)",
-    )
-    .bind(user_id)
-    .bind(delivery)
-    .execute(&mut *tx)
-    .await
-    .context("Failed to mark messages read")?
-    .rows_affected();
-    sqlx::query(
-        "UPDATE notification_log SET read_at = now() \
-         WHERE user_id = $1 AND channel = 'IN_APP' AND read_at IS NULL \
-           AND ($2::uuid IS NULL OR delivery_id = $2)",
-    )
-    .bind(user_id)
-    .bind(delivery)
-    .execute(&mut *tx)
-    .await
-    .context("Failed to mark messages read")?;
-    tx.commit().await?;
-    Ok(marked)
-}
-
 /// Terminal outcomes of one day on one channel.
 #[derive(Debug, Clone, Serialize, sqlx::FromRow)]
 #[serde(rename_all = "camelCase")]

@@ -1,0 +1,521 @@
+//! The `deliveries` table: every statement that changes a delivery, one function per
+//! transition of its life (DESIGN §3): [`insert`] (created PENDING or SKIPPED), [`claim`]
+//! (PROCESSING under a lease), [`defer`] (PENDING again, no attempt counted), [`record`] (a
+//! send's outcome: SUCCESS, PENDING for a retry, FAILED with its dead letter), [`requeue_failed`]
+//! (an operator's retry), [`skip_broadcast`] (a cancelled broadcast) and [`mark_read`] (the
+//! inbox). Each state change bumps `version` and writes its delivery event to the outbox in
+//! the same transaction (the claim alone writes none: PROCESSING stays internal, the lease is
+//! in the row), so that rule lives here and nowhere else. Reads for the API stay with their
+//! queries.
+
+use std::time::Duration;
+
+use anyhow::Context;
+use chrono::{DateTime, Utc};
+use serde_json::Value;
+use sqlx::{PgConnection, PgPool};
+use uuid::Uuid;
+
+use crate::{
+    dispatch::record::{Finished, Written},
+    domain::{Channel, DeliveryStatus, Domain, Locale},
+    intake::NewNotification,
+    outbox::{self, DeliveryEvent, OutboxMessage},
+};
+
+/// A claimed delivery with what sending it needs.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct Job {
+    pub delivery_id: Uuid,
+    pub notification_id: Uuid,
+    /// Set for a delivery of a broadcast: it takes a bounded share of the channel.
+    pub broadcast_id: Option<Uuid>,
+    pub channel: Channel,
+    pub address: Option<String>,
+    pub attempts: i32,
+    /// Attempts made before the current retry budget began (an operator's retry).
+    pub retry_base: i32,
+    pub lease_until: DateTime<Utc>,
+    /// The version and time of the claim (the PROCESSING state).
+    pub version: i64,
+    pub updated_at: DateTime<Utc>,
+    pub created_at: DateTime<Utc>,
+    pub domain: Domain,
+    pub event_id: Option<String>,
+    pub event_type: String,
+    pub user_id: Option<i64>,
+    pub locale: Locale,
+    pub data: Value,
+    pub subject: Option<String>,
+    pub body: Option<String>,
+    pub recipient: Value,
+    pub raw_event: Option<Vec<u8>>,
+    pub source_topic: Option<String>,
+    pub source_partition: Option<i32>,
+    pub source_offset: Option<i64>,
+    pub occurred_at: Option<DateTime<Utc>>,
+}
+
+impl Job {
+    /// The delivery event of this delivery in a new state.
+    pub fn event(
+        &self,
+        status: DeliveryStatus,
+        attempts: i32,
+        error: Option<String>,
+        version: i64,
+        at: DateTime<Utc>,
+    ) -> DeliveryEvent {
+        DeliveryEvent {
+            delivery_id: self.delivery_id,
+            notification_id: self.notification_id,
+            event_id: self.event_id.clone(),
+            event_type: self.event_type.clone(),
+            user_id: self.user_id,
+            domain: self.domain,
+            channel: self.channel,
+            status,
+            attempts,
+            error,
+            version,
+            created_at: self.created_at,
+            updated_at: at,
+        }
+    }
+}
+
+/// Creates the deliveries of stored notifications, PENDING (due at the notification's
+/// `scheduledAt`, or now) or SKIPPED with their reason, at version 1. Their creation events
+/// are the notifications' ([`NewNotification::delivery_events`]).
+pub async fn insert(conn: &mut PgConnection, n: &[&NewNotification]) -> anyhow::Result<()> {
+    let mut d_ids = Vec::new();
+    let mut d_notifications = Vec::new();
+    let mut d_channels = Vec::new();
+    let mut d_statuses = Vec::new();
+    let mut d_addresses = Vec::new();
+    let mut d_reasons = Vec::new();
+    let mut d_due = Vec::new();
+    let mut d_created = Vec::new();
+    let mut d_broadcasts = Vec::new();
+    for x in n {
+        for d in &x.deliveries {
+            d_ids.push(d.id);
+            d_notifications.push(x.id);
+            d_channels.push(d.channel.as_str());
+            d_statuses.push(d.status().as_str());
+            d_addresses.push(d.address.as_deref());
+            d_reasons.push(d.skip_reason.as_deref());
+            d_due.push(x.draft.scheduled_at.unwrap_or(x.created_at));
+            d_created.push(x.created_at);
+            d_broadcasts.push(x.draft.broadcast_id);
+        }
+    }
+    sqlx::query(
+        "INSERT INTO deliveries (id, notification_id, channel, status, address, skip_reason, \
+             next_attempt_at, created_at, updated_at, completed_at, broadcast_id) \
+         SELECT id, notification_id, channel, status, address, skip_reason, due, created, \
+             created, CASE WHEN status = 'SKIPPED' THEN created END, broadcast_id \
+         FROM UNNEST($1::uuid[], $2::uuid[], $3::text[], $4::text[], $5::text[], $6::text[], \
+             $7::timestamptz[], $8::timestamptz[], $9::uuid[]) \
+         AS t(id, notification_id, channel, status, address, skip_reason, due, created, \
+             broadcast_id)",
+    )
+    .bind(&d_ids)
+    .bind(&d_notifications)
+    .bind(&d_channels)
+    .bind(&d_statuses)
+    .bind(&d_addresses)
+    .bind(&d_reasons)
+    .bind(&d_due)
+    .bind(&d_created)
+    .bind(&d_broadcasts)
+    .execute(&mut *conn)
+    .await
+    .context("Failed to store deliveries")?;
+    Ok(())
+}
+
+/// Claims up to `limit` due deliveries of `channel` (PENDING and due, or PROCESSING with
+/// an expired lease) and marks them PROCESSING under a fresh lease of `lease`.
+///
+/// Transactional deliveries come first; broadcast deliveries (reclaims included) fill
+/// what they leave, up to `broadcast_limit`. Jobs come back transactional first.
+pub async fn claim(
+    db: &PgPool,
+    channel: Channel,
+    limit: usize,
+    broadcast_limit: usize,
+    lease: Duration,
+) -> anyhow::Result<Vec<Job>> {
+    let mut tx = db.begin().await.context("Failed to begin a claim")?;
+    // A claim is redone if lost: should PostgreSQL crash before this commit reaches
+    // disk, the delivery is simply PENDING again and claimed again (at least once), and
+    // the record of a send flushes the WAL up to it anyway. So its commit does not wait
+    // for the flush (issue 14, lever 8).
+    sqlx::query("SET LOCAL synchronous_commit = off")
+        .execute(&mut *tx)
+        .await
+        .context("Failed to set up a claim")?;
+    let ids: Vec<Uuid> = sqlx::query_scalar(
+        "WITH pending AS (SELECT id FROM deliveries WHERE channel = $1 \
+                  AND status = 'PENDING' AND broadcast_id IS NULL \
+                  AND next_attempt_at <= now() \
+                  ORDER BY next_attempt_at LIMIT $2 FOR UPDATE SKIP LOCKED), \
+              bulk AS (SELECT id FROM deliveries WHERE channel = $1 \
+                  AND status = 'PENDING' AND broadcast_id IS NOT NULL \
+                  AND next_attempt_at <= now() ORDER BY next_attempt_at \
+                  LIMIT GREATEST(LEAST($4, $2 - (SELECT count(*) FROM pending)), 0) \
+                  FOR UPDATE SKIP LOCKED), \
+              expired AS (SELECT id FROM deliveries WHERE channel = $1 \
+                  AND status = 'PROCESSING' AND lease_until < now() \
+                  AND broadcast_id IS NULL LIMIT $2 FOR UPDATE SKIP LOCKED), \
+              bulk_expired AS (SELECT id FROM deliveries WHERE channel = $1 \
+                  AND status = 'PROCESSING' AND lease_until < now() \
+                  AND broadcast_id IS NOT NULL \
+                  LIMIT GREATEST(LEAST($4, $2 - (SELECT count(*) FROM pending)) \
+                      - (SELECT count(*) FROM bulk), 0) \
+                  FOR UPDATE SKIP LOCKED), \
+              due AS (SELECT id FROM pending UNION ALL SELECT id FROM bulk \
+                  UNION ALL SELECT id FROM expired UNION ALL SELECT id FROM bulk_expired) \
+         UPDATE deliveries d SET status = 'PROCESSING', \
+             lease_until = now() + $3 * interval '1 millisecond', \
+             attempts = d.attempts + CASE WHEN d.status = 'PROCESSING' THEN 1 ELSE 0 END, \
+             updated_at = now(), version = d.version + 1 \
+         FROM due WHERE d.id = due.id \
+         RETURNING d.id",
+    )
+    .bind(channel.as_str())
+    .bind(limit as i64)
+    .bind(lease.as_millis() as i64)
+    .bind(broadcast_limit as i64)
+    .fetch_all(&mut *tx)
+    .await
+    .context("Failed to claim deliveries")?;
+    if ids.is_empty() {
+        return Ok(Vec::new());
+    }
+    let jobs: Vec<Job> = sqlx::query_as(
+        "SELECT d.id AS delivery_id, d.notification_id, d.broadcast_id, d.channel, d.address, d.attempts, \
+             d.retry_base, d.lease_until, d.version, d.updated_at, d.created_at, n.domain, n.event_id, n.event_type, n.user_id, \
+             n.locale, n.data, n.subject, n.body, n.recipient, n.raw_event, n.source_topic, \
+             n.source_partition, n.source_offset, n.occurred_at \
+         FROM deliveries d JOIN notifications n ON n.id = d.notification_id \
+         WHERE d.id = ANY($1) ORDER BY d.broadcast_id IS NOT NULL, d.next_attempt_at",
+    )
+    .bind(&ids)
+    .fetch_all(&mut *tx)
+    .await
+    .context("Failed to load claimed deliveries")?;
+    // No delivery event for PROCESSING (DESIGN §1 lets it stay internal; the lease is
+    // in the row): it cost an outbox row written, marked and pruned, and a read-model
+    // update, per delivery, for a state that lasts milliseconds (issue 14).
+    tx.commit().await.context("Failed to commit a claim")?;
+    Ok(jobs)
+}
+
+/// Puts a claimed delivery back to PENDING, due in `wait`, without counting an attempt, with
+/// its delivery event; false when the claim's lease no longer holds.
+pub async fn defer(
+    db: &PgPool,
+    job: &Job,
+    wait: Duration,
+    topic_prefix: &str,
+) -> anyhow::Result<bool> {
+    let mut tx = db.begin().await.context("Failed to begin")?;
+    let row: Option<(i64, DateTime<Utc>)> = sqlx::query_as(
+        "UPDATE deliveries SET status = 'PENDING', lease_until = NULL, \
+             next_attempt_at = now() + $3 * interval '1 millisecond', \
+             updated_at = now(), version = version + 1 \
+         WHERE id = $1 AND status = 'PROCESSING' AND lease_until = $2 \
+         RETURNING version, updated_at",
+    )
+    .bind(job.delivery_id)
+    .bind(job.lease_until)
+    .bind(wait.as_millis().max(1) as i64)
+    .fetch_optional(&mut *tx)
+    .await
+    .context("Failed to defer a delivery")?;
+    let Some((version, at)) = row else {
+        return Ok(false);
+    };
+    let event = job.event(DeliveryStatus::Pending, job.attempts, None, version, at);
+    outbox::insert(&mut tx, &[event.to_outbox(topic_prefix)]).await?;
+    tx.commit().await.context("Failed to commit a deferral")?;
+    Ok(true)
+}
+
+/// Records finished sends in one transaction: the deliveries' new states (only where the
+/// claim's lease still holds, with a first-time success's timing), the other records'
+/// attempts and their outbox messages.
+pub async fn record(
+    db: &PgPool,
+    topic_prefix: &str,
+    records: &[Finished],
+) -> anyhow::Result<Vec<Written>> {
+    let ids: Vec<Uuid> = records.iter().map(|r| r.event.delivery_id).collect();
+    let leases: Vec<DateTime<Utc>> = records.iter().map(|r| r.lease_until).collect();
+    let statuses: Vec<&str> = records.iter().map(|r| r.event.status.as_str()).collect();
+    let attempts: Vec<i32> = records.iter().map(|r| r.event.attempts).collect();
+    let retry_ms: Vec<Option<i64>> = records.iter().map(|r| r.retry_in_ms).collect();
+    let errors: Vec<Option<&str>> = records.iter().map(|r| r.event.error.as_deref()).collect();
+    let classes: Vec<Option<&str>> = records.iter().map(|r| r.error_class.as_deref()).collect();
+    let sent_via: Vec<Option<&str>> = records
+        .iter()
+        .map(|r| r.sent_via.map(Channel::as_str))
+        .collect();
+    let provider_refs: Vec<Option<&str>> =
+        records.iter().map(|r| r.provider_ref.as_deref()).collect();
+    let first_started: Vec<Option<DateTime<Utc>>> = records
+        .iter()
+        .map(|r| r.is_first_time_success().then_some(r.started_at))
+        .collect();
+    let first_latencies: Vec<Option<i32>> = records
+        .iter()
+        .map(|r| r.is_first_time_success().then_some(r.latency_ms))
+        .collect();
+
+    let mut tx = db.begin().await.context("Failed to begin")?;
+    // `n` says which record a row answers: the same delivery can be queued twice when a
+    // record waited past its lease and the delivery was claimed again; only the record
+    // holding the current lease matches.
+    let rows: Vec<(i64, i64, DateTime<Utc>)> = sqlx::query_as(
+        "UPDATE deliveries d SET status = t.status, attempts = t.attempt, lease_until = NULL, \
+             next_attempt_at = COALESCE(now() + t.retry_ms * interval '1 millisecond', d.next_attempt_at), \
+             last_error = t.error, error_class = t.class, sent_via = t.sent_via, \
+             provider_ref = CASE WHEN t.status = 'SUCCESS' THEN t.provider_ref ELSE d.provider_ref END, \
+             completed_at = CASE WHEN t.status = 'PENDING' THEN d.completed_at ELSE now() END, \
+             first_attempt_started_at = COALESCE(t.first_started, d.first_attempt_started_at), \
+             first_attempt_latency_ms = COALESCE(t.first_latency, d.first_attempt_latency_ms), \
+             updated_at = now(), version = d.version + 1 \
+         FROM UNNEST($1::uuid[], $2::timestamptz[], $3::text[], $4::int[], $5::bigint[], \
+                 $6::text[], $7::text[], $8::text[], $9::text[], $10::timestamptz[], $11::int[]) \
+             WITH ORDINALITY \
+             AS t(id, lease_until, status, attempt, retry_ms, error, class, sent_via, provider_ref, \
+                 first_started, first_latency, n) \
+         WHERE d.id = t.id AND d.status = 'PROCESSING' AND d.lease_until = t.lease_until \
+         RETURNING t.n, d.version, d.updated_at",
+    )
+    .bind(&ids)
+    .bind(&leases)
+    .bind(&statuses)
+    .bind(&attempts)
+    .bind(&retry_ms)
+    .bind(&errors)
+    .bind(&classes)
+    .bind(&sent_via)
+    .bind(&provider_refs)
+    .bind(&first_started)
+    .bind(&first_latencies)
+    .fetch_all(&mut *tx)
+    .await
+    .context("Failed to record sends")?;
+
+    let mut written = vec![Written::LeaseLost; records.len()];
+    let mut messages = Vec::with_capacity(rows.len() * 2);
+    let mut attempts = Vec::with_capacity(rows.len());
+    for (n, version, at) in rows {
+        let i = usize::try_from(n - 1).context("a record's ordinal")?;
+        written[i] = Written::Recorded;
+        let record = &records[i];
+        let mut event = record.event.clone();
+        event.version = version;
+        event.updated_at = at;
+        messages.push(event.to_outbox(topic_prefix));
+        messages.extend(record.dead_letter.clone());
+        if !record.is_first_time_success() {
+            attempts.push(record);
+        }
+    }
+    insert_attempts(&mut tx, &attempts).await?;
+    outbox::insert(&mut tx, &messages).await?;
+    tx.commit().await.context("Failed to commit send records")?;
+    Ok(written)
+}
+
+/// Writes an attempt row for each record (those the deliveries' UPDATE did not take the
+/// timing of).
+async fn insert_attempts(tx: &mut sqlx::PgConnection, records: &[&Finished]) -> anyhow::Result<()> {
+    if records.is_empty() {
+        return Ok(());
+    }
+    let ids: Vec<Uuid> = records.iter().map(|r| r.event.delivery_id).collect();
+    let attempts: Vec<i32> = records.iter().map(|r| r.event.attempts).collect();
+    let channels: Vec<&str> = records.iter().map(|r| r.via.as_str()).collect();
+    let started: Vec<DateTime<Utc>> = records.iter().map(|r| r.started_at).collect();
+    let latencies: Vec<i32> = records.iter().map(|r| r.latency_ms).collect();
+    let outcomes: Vec<&str> = records.iter().map(|r| r.outcome).collect();
+    let errors: Vec<Option<&str>> = records.iter().map(|r| r.event.error.as_deref()).collect();
+    sqlx::query(
+        "INSERT INTO delivery_attempts (delivery_id, attempt, channel, started_at, latency_ms, outcome, error) \
+         SELECT * FROM UNNEST($1::uuid[], $2::int[], $3::text[], $4::timestamptz[], $5::int[], \
+             $6::text[], $7::text[]) \
+         ON CONFLICT DO NOTHING",
+    )
+    .bind(&ids)
+    .bind(&attempts)
+    .bind(&channels)
+    .bind(&started)
+    .bind(&latencies)
+    .bind(&outcomes)
+    .bind(&errors)
+    .execute(&mut *tx)
+    .await
+    .context("Failed to record attempts")?;
+    Ok(())
+}
+
+/// Puts a FAILED delivery back to PENDING, due now, with a fresh retry budget (an
+/// operator's retry of its dead letter), with its delivery event; false when the delivery
+/// is not FAILED (or gone).
+pub async fn requeue_failed(
+    conn: &mut PgConnection,
+    id: Uuid,
+    topic_prefix: &str,
+) -> anyhow::Result<bool> {
+    type Row = (
+        Uuid,
+        Channel,
+        i32,
+        i64,
+        DateTime<Utc>,
+        DateTime<Utc>,
+        Option<String>,
+        String,
+        Option<i64>,
+        Domain,
+    );
+    let row: Option<Row> = sqlx::query_as(
+        "UPDATE deliveries d SET status = 'PENDING', next_attempt_at = now(), \
+             retry_base = d.attempts, lease_until = NULL, completed_at = NULL, \
+             updated_at = now(), version = d.version + 1 \
+         FROM notifications n \
+         WHERE d.id = $1 AND d.status = 'FAILED' AND n.id = d.notification_id \
+         RETURNING d.notification_id, d.channel, d.attempts, d.version, d.created_at, \
+             d.updated_at, n.event_id, n.event_type, n.user_id, n.domain",
+    )
+    .bind(id)
+    .fetch_optional(&mut *conn)
+    .await
+    .context("Failed to re-queue the delivery")?;
+    let Some((
+        notification,
+        channel,
+        attempts,
+        version,
+        created_at,
+        updated_at,
+        event_id,
+        event_type,
+        user_id,
+        domain,
+    )) = row
+    else {
+        return Ok(false);
+    };
+    let event = DeliveryEvent {
+        delivery_id: id,
+        notification_id: notification,
+        event_id,
+        event_type,
+        user_id,
+        domain,
+        channel,
+        status: DeliveryStatus::Pending,
+        attempts,
+        error: None,
+        version,
+        created_at,
+        updated_at,
+    };
+    outbox::insert(conn, &[event.to_outbox(topic_prefix)]).await?;
+    Ok(true)
+}
+
+/// SKIPs the PENDING deliveries of a cancelled broadcast with `reason`, with a delivery
+/// event each; returns how many.
+pub async fn skip_broadcast(
+    conn: &mut PgConnection,
+    id: Uuid,
+    reason: &str,
+    topic_prefix: &str,
+) -> anyhow::Result<usize> {
+    #[derive(sqlx::FromRow)]
+    struct Skipped {
+        id: Uuid,
+        notification_id: Uuid,
+        channel: Channel,
+        attempts: i32,
+        version: i64,
+        created_at: DateTime<Utc>,
+        updated_at: DateTime<Utc>,
+        event_type: String,
+        user_id: Option<i64>,
+    }
+    let rows: Vec<Skipped> = sqlx::query_as(
+        "WITH skipped AS (UPDATE deliveries SET status = 'SKIPPED', skip_reason = $2, \
+                 lease_until = NULL, version = version + 1, updated_at = now(), \
+                 completed_at = now() \
+             WHERE broadcast_id = $1 AND status = 'PENDING' \
+             RETURNING id, notification_id, channel, attempts, version, created_at, updated_at) \
+         SELECT s.*, n.event_type, n.user_id FROM skipped s \
+         JOIN notifications n ON n.id = s.notification_id",
+    )
+    .bind(id)
+    .bind(reason)
+    .fetch_all(&mut *conn)
+    .await
+    .context("Failed to skip a cancelled broadcast's deliveries")?;
+    let events: Vec<OutboxMessage> = rows
+        .iter()
+        .map(|d| {
+            DeliveryEvent {
+                delivery_id: d.id,
+                notification_id: d.notification_id,
+                event_id: None,
+                event_type: d.event_type.clone(),
+                user_id: d.user_id,
+                domain: Domain::Api,
+                channel: d.channel,
+                status: DeliveryStatus::Skipped,
+                attempts: d.attempts,
+                error: Some(reason.to_owned()),
+                version: d.version,
+                created_at: d.created_at,
+                updated_at: d.updated_at,
+            }
+            .to_outbox(topic_prefix)
+        })
+        .collect();
+    outbox::insert(conn, &events).await?;
+    Ok(rows.len())
+}
+
+/// Marks in-app messages read (one, or all when `delivery` is `None`) in both the
+/// deliveries (the source of truth, which survives a rebuild) and the read model.
+/// Returns how many were marked.
+pub async fn mark_read(db: &PgPool, user_id: i64, delivery: Option<Uuid>) -> anyhow::Result<u64> {
+    let mut tx = db.begin().await?;
+    let marked = sqlx::query(
+        "UPDATE deliveries d SET read_at = now() FROM notifications n \
+         WHERE n.id = d.notification_id AND n.user_id = $1 AND d.channel = 'IN_APP' \
+           AND d.read_at IS NULL AND ($2::uuid IS NULL OR d.id = $2)",
+    )
+    .bind(user_id)
+    .bind(delivery)
+    .execute(&mut *tx)
+    .await
+    .context("Failed to mark messages read")?
+    .rows_affected();
+    sqlx::query(
+        "UPDATE notification_log SET read_at = now() \
+         WHERE user_id = $1 AND channel = 'IN_APP' AND read_at IS NULL \
+           AND ($2::uuid IS NULL OR delivery_id = $2)",
+    )
+    .bind(user_id)
+    .bind(delivery)
+    .execute(&mut *tx)
+    .await
+    .context("Failed to mark messages read")?;
+    tx.commit().await?;
+    Ok(marked)
+}
