@@ -203,15 +203,16 @@ pub async fn insert<'a>(
         .flat_map(|x| x.delivery_events(topic_prefix))
         .collect();
     outbox::insert(&mut *conn, &events).await?;
-    // Wakes the dispatchers when this transaction commits.
-    if stored
+    Ok(stored)
+}
+
+/// True when the stored notifications have a delivery to send: the caller then wakes the
+/// dispatchers once its transaction commits ([`crate::dispatch::wakeup`]).
+pub fn has_sends(stored: &[&NewNotification]) -> bool {
+    stored
         .iter()
         .flat_map(|x| &x.deliveries)
         .any(|d| d.skip_reason.is_none())
-    {
-        crate::dispatch::worker::notify_new_deliveries(conn).await?;
-    }
-    Ok(stored)
 }
 
 /// Stores the notification and delivery rows alone (no delivery events): the part of

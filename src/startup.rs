@@ -124,6 +124,7 @@ impl Application {
             topic_prefix: settings.kafka.topic_prefix.clone(),
             redis_prefix: settings.redis.key_prefix.clone(),
             max_event_bytes: settings.ingest.max_event_bytes,
+            wakeup: dispatch::wakeup::Wakeup::new(work_db.clone()),
         };
         let auth = Authenticator::new(
             db.clone(),
@@ -349,6 +350,7 @@ fn spawn_workers(
             redis: state.redis.clone(),
             redis_prefix: settings.redis.key_prefix.clone(),
             routing: state.routing.clone(),
+            wakeup: state.ingestor.wakeup.clone(),
         });
         tasks.spawn(dispatch::run(dispatcher, state.shutdown.clone()));
         let fanout = Arc::new(Fanout {
@@ -359,6 +361,7 @@ fn spawn_workers(
             topic_prefix: settings.kafka.topic_prefix.clone(),
             routing: state.routing.clone(),
             channel_enabled: state.channel_enabled.clone(),
+            wakeup: state.ingestor.wakeup.clone(),
         });
         tasks.spawn(fanout::run(fanout, state.shutdown.clone()));
     }

@@ -172,12 +172,14 @@ async fn create(
         .begin()
         .await
         .context("Failed to begin a transaction")?;
-    intake::insert(
-        &mut tx,
-        std::slice::from_ref(&notification),
-        &state.settings.kafka.topic_prefix,
-    )
-    .await?;
+    let sends = intake::has_sends(
+        &intake::insert(
+            &mut tx,
+            std::slice::from_ref(&notification),
+            &state.settings.kafka.topic_prefix,
+        )
+        .await?,
+    );
     if let Some(key) = &key {
         // An expired row for the key is replaced: past the TTL the key is new again.
         let stored = sqlx::query(
@@ -208,6 +210,9 @@ async fn create(
     tx.commit()
         .await
         .context("Failed to commit the notification")?;
+    if sends {
+        state.ingestor.wakeup.wake();
+    }
     metrics::counter!("herald_intake_notifications_total").increment(1);
     Ok(accepted_response(
         &format!("/api/v1/notifications/{}", notification.id),

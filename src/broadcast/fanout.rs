@@ -44,6 +44,8 @@ pub struct Fanout {
     pub topic_prefix: String,
     pub routing: Arc<RoutingTable>,
     pub channel_enabled: Arc<dyn Fn(Channel) -> bool + Send + Sync>,
+    /// Woken after a commit that created deliveries.
+    pub wakeup: crate::dispatch::wakeup::Wakeup,
 }
 
 /// What one step did.
@@ -206,6 +208,9 @@ impl Fanout {
         tx.commit()
             .await
             .context("Failed to commit a broadcast step")?;
+        if step == Step::Continue {
+            self.wakeup.wake();
+        }
         Ok(step)
     }
 

@@ -1,14 +1,16 @@
 //! The dispatcher: one loop per enabled channel claims due deliveries and sends them, at
 //! most `concurrency` at a time, so a slow or hanging channel never holds up another.
 //!
-//! Loops wake within milliseconds of new work through PostgreSQL `LISTEN
-//! herald_deliveries` (the intakes `NOTIFY` on commit), and otherwise when the next
+//! Loops wake within milliseconds of new work: in process when this instance's intakes
+//! commit it, through PostgreSQL `LISTEN herald_deliveries` when another instance's do
+//! ([`wakeup`]), and otherwise when the next
 //! scheduled or retried delivery falls due (checked at least every second), which also
 //! catches deliveries whose worker died and whose lease ran out.
 
 pub mod circuit_breaker;
 pub mod rate_limit;
 pub mod record;
+pub mod wakeup;
 pub mod worker;
 
 use std::{sync::Arc, time::Duration};
@@ -29,7 +31,7 @@ const GATHER: Duration = Duration::from_millis(5);
 
 /// Runs the channel loops until `shutdown`, then waits for the sends in flight.
 pub async fn run(dispatcher: Arc<Dispatcher>, shutdown: CancellationToken) {
-    let wake = Arc::new(Notify::new());
+    let wake = dispatcher.wakeup.local();
     let tasks = TaskTracker::new();
     tasks.spawn(listen(dispatcher.clone(), wake.clone(), shutdown.clone()));
     tasks.spawn(sample_queue(dispatcher.clone(), shutdown.clone()));

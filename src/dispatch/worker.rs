@@ -4,11 +4,10 @@
 
 use std::{collections::HashMap, sync::Arc, time::Duration};
 
-use anyhow::Context;
 use chrono::{DateTime, Utc};
 use redis::aio::ConnectionManager;
 use serde_json::json;
-use sqlx::{PgConnection, PgPool};
+use sqlx::PgPool;
 use tokio::time::Instant;
 use uuid::Uuid;
 
@@ -74,6 +73,8 @@ pub struct Dispatcher {
     pub redis_prefix: String,
     /// Says which channels are operators' (preferences do not apply to them).
     pub routing: Arc<RoutingTable>,
+    /// What the channel loops wait on for new due deliveries.
+    pub wakeup: super::wakeup::Wakeup,
 }
 
 impl Dispatcher {
@@ -523,13 +524,4 @@ impl Dispatcher {
             announcer(text);
         }
     }
-}
-
-/// Records PENDING deliveries' wake-up for the dispatchers (delivered at commit).
-pub async fn notify_new_deliveries(conn: &mut PgConnection) -> anyhow::Result<()> {
-    sqlx::query("SELECT pg_notify('herald_deliveries', '')")
-        .execute(conn)
-        .await
-        .context("Failed to notify dispatchers")?;
-    Ok(())
 }

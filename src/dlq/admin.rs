@@ -189,9 +189,9 @@ async fn requeue(
             None => format!("delivery {delivery} no longer exists"),
         }));
     }
-    crate::dispatch::worker::notify_new_deliveries(&mut tx).await?;
     mark(&mut tx, letter.id, actor, None).await?;
     tx.commit().await.context("Failed to commit the retry")?;
+    ingestor.wakeup.wake();
     Ok(RetryKind::Requeued)
 }
 

@@ -44,6 +44,8 @@ pub struct Ingestor {
     /// Prefix of Redis keys.
     pub redis_prefix: String,
     pub max_event_bytes: usize,
+    /// Woken after a commit that stored deliveries to send.
+    pub wakeup: crate::dispatch::wakeup::Wakeup,
 }
 
 enum Decoded {
@@ -203,13 +205,15 @@ impl Ingestor {
         drafts.sort_by(|a, b| a.draft.event_id.cmp(&b.draft.event_id));
         // An event some earlier batch or another instance stored is left out here: the
         // notification's unique key on its topic and eventId is the idempotency record.
-        let accepted = intake::insert(&mut tx, &drafts, &self.topic_prefix)
-            .await?
-            .len();
+        let stored = intake::insert(&mut tx, &drafts, &self.topic_prefix).await?;
+        let (accepted, sends) = (stored.len(), intake::has_sends(&stored));
         outbox::insert(&mut tx, &letters).await?;
         tx.commit()
             .await
             .context("Failed to commit an ingest batch")?;
+        if sends {
+            self.wakeup.wake();
+        }
 
         outcome.duplicates += drafts.len() - accepted;
         outcome.accepted = accepted;

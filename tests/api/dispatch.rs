@@ -712,3 +712,36 @@ async fn an_open_breaker_does_not_fall_back_to_a_channel_the_user_opted_out_of()
     assert_eq!(sms.received_requests().await.unwrap().len(), 1);
     assert_eq!(kakao.received_requests().await.unwrap().len(), 1);
 }
+
+#[tokio::test]
+async fn a_burst_of_wakes_wakes_local_loops_each_time_and_sends_one_notify_outside_any_transaction()
+{
+    let app = spawn_front_half(|_| {}).await;
+    let mut listener = sqlx::postgres::PgListener::connect_with(&app.db)
+        .await
+        .unwrap();
+    listener.listen("herald_deliveries").await.unwrap();
+    let wakeup = herald::dispatch::wakeup::Wakeup::new(app.db.clone());
+    let local = wakeup.local();
+
+    let woken = local.notified();
+    tokio::pin!(woken);
+    woken.as_mut().enable();
+    for _ in 0..100 {
+        wakeup.wake();
+    }
+    tokio::time::timeout(Duration::from_millis(100), woken)
+        .await
+        .expect("the local loops are woken at once");
+
+    let mut notifies = 0;
+    while let Ok(received) = tokio::time::timeout(Duration::from_millis(500), listener.recv()).await
+    {
+        received.unwrap();
+        notifies += 1;
+    }
+    assert!(
+        (1..=2).contains(&notifies),
+        "100 wakes in a burst sent {notifies} NOTIFYs"
+    );
+}

@@ -535,5 +535,6 @@ fn ingestor_of(app: &TestApp) -> Ingestor {
         topic_prefix: settings.kafka.topic_prefix.clone(),
         redis_prefix: settings.redis.key_prefix.clone(),
         max_event_bytes: settings.ingest.max_event_bytes,
+        wakeup: herald::dispatch::wakeup::Wakeup::new(app.db.clone()),
     }
 }
