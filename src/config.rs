@@ -81,6 +81,42 @@ pub struct BroadcastSettings {
 pub struct ReadModelSettings {
     /// The time zone whose calendar days delivery_stats counts in.
     pub reporting_timezone: chrono_tz::Tz,
+    /// How long the projector gathers delivery events after the first of a batch before it
+    /// applies them: a delivery created and finished within it is written to
+    /// notification_log once instead of inserted and updated.
+    pub projector_linger: Duration,
+    /// Most delivery events one projector batch takes, lingering or not.
+    pub projector_batch_max_messages: usize,
+}
+
+impl ReadModelSettings {
+    fn load(layers: &Layers, raw: RawReadModel) -> Result<Self, ConfigError> {
+        let reporting_timezone = layers.required(
+            "HERALD_REPORTING_TIMEZONE",
+            "read_model.reporting_timezone",
+            raw.reporting_timezone,
+        )?;
+        let linger = layers.required(
+            "HERALD_PROJECTOR_LINGER_MS",
+            "read_model.projector_linger_ms",
+            raw.projector_linger_ms.map(|n| n.to_string()),
+        )?;
+        let batch_max_messages = layers.required(
+            "HERALD_PROJECTOR_BATCH_MAX_MESSAGES",
+            "read_model.projector_batch_max_messages",
+            raw.projector_batch_max_messages.map(|n| n.to_string()),
+        )?;
+        Ok(ReadModelSettings {
+            reporting_timezone: reporting_timezone
+                .parse_with("an IANA time zone such as UTC or Asia/Seoul")?,
+            projector_linger: Duration::from_millis(u64::from(
+                linger.positive_u32("a whole number of milliseconds above 0")?,
+            )),
+            projector_batch_max_messages: batch_max_messages
+                .positive_u32("a whole number above 0")?
+                as usize,
+        })
+    }
 }
 
 /// Delivery: concurrency, leases, retries, rate limits, circuit breakers, fallbacks.
@@ -644,11 +680,7 @@ impl Settings {
                 gateway_keys.insert(channel, SecretString::from(key));
             }
         }
-        let reporting_timezone = layers.required(
-            "HERALD_REPORTING_TIMEZONE",
-            "read_model.reporting_timezone",
-            raw.read_model.reporting_timezone,
-        )?;
+        let read_model = ReadModelSettings::load(&layers, raw.read_model)?;
         let broadcast_batch = layers.required(
             "HERALD_BROADCAST_BATCH_SIZE",
             "broadcast.batch_size",
@@ -788,10 +820,7 @@ impl Settings {
                 fallbacks: dispatch.fallbacks,
                 gateway_keys,
             },
-            read_model: ReadModelSettings {
-                reporting_timezone: reporting_timezone
-                    .parse_with("an IANA time zone such as UTC or Asia/Seoul")?,
-            },
+            read_model,
             broadcast: BroadcastSettings {
                 batch_size: broadcast_batch.positive_u32("a whole number above 0")? as usize,
                 dispatch_share: match broadcast_share.fraction()? {
@@ -879,6 +908,8 @@ struct RawBroadcast {
 #[serde(deny_unknown_fields, default)]
 struct RawReadModel {
     reporting_timezone: Option<String>,
+    projector_linger_ms: Option<u32>,
+    projector_batch_max_messages: Option<u32>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -1540,6 +1571,31 @@ mod tests {
         assert!(
             message.starts_with("invalid HERALD_KAFKA_MAX_POLL_INTERVAL_MS")
                 && message.contains("at least the session timeout"),
+            "{message}"
+        );
+    }
+
+    #[test]
+    fn the_projector_linger_and_batch_cap_come_from_the_file_or_the_environment() {
+        let settings = load(&[]).unwrap();
+        assert_eq!(
+            settings.read_model.projector_linger,
+            Duration::from_millis(500)
+        );
+        assert_eq!(settings.read_model.projector_batch_max_messages, 10_000);
+        let settings = load(&[
+            ("HERALD_PROJECTOR_LINGER_MS", "20"),
+            ("HERALD_PROJECTOR_BATCH_MAX_MESSAGES", "2000"),
+        ])
+        .unwrap();
+        assert_eq!(
+            settings.read_model.projector_linger,
+            Duration::from_millis(20)
+        );
+        assert_eq!(settings.read_model.projector_batch_max_messages, 2000);
+        let message = error_of(&[("HERALD_PROJECTOR_LINGER_MS", "0")]);
+        assert!(
+            message.starts_with("invalid HERALD_PROJECTOR_LINGER_MS"),
             "{message}"
         );
     }

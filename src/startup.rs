@@ -378,10 +378,11 @@ fn spawn_workers(
                 settings.kafka.topic_prefix
             )],
             // A batch costs the projector a fixed number of statements, so a backlog is
-            // worked off in large ones; a quiet topic still sees each event within 20 ms.
+            // worked off in large ones; lingering lets a delivery's creation and outcome
+            // meet in one batch and its log row be written once (config/default.toml).
             limits: BatchLimits {
-                max_messages: 2000,
-                max_wait: Duration::from_millis(20),
+                max_messages: settings.read_model.projector_batch_max_messages,
+                max_wait: settings.read_model.projector_linger,
             },
         };
         let (shutdown, watchdogs) = (state.shutdown.clone(), state.consumers.clone());

@@ -5,7 +5,9 @@
 //! A handler error is never the message's fault (handlers dead-letter poison themselves):
 //! the same batch is retried with backoff and no offset moves, so nothing is lost or
 //! skipped. Offsets stored are committed after each batch (asynchronously), when
-//! partitions are revoked and at shutdown, by Herald only (no librdkafka auto-commit).
+//! partitions are revoked and at shutdown, by Herald only (no librdkafka auto-commit). A
+//! batch still gathering when shutdown begins is dropped unhandled: none of its offsets
+//! was stored, so the group reads it again.
 //!
 //! When every broker connection is lost, the consumer leaves its partitions at once and
 //! joins its group again: once the brokers are back, it resumes from the offsets the group
@@ -14,6 +16,15 @@
 //! below them in the new topics skipped without a word; a broker that kept its data gives
 //! the committed offsets back, and the few records read again are absorbed by the
 //! handlers' idempotency.
+//!
+//! A batch is handed over with only the messages of partitions the member still holds: a
+//! rebalance while the batch was gathering (the projector gathers for half a second) gives
+//! a revoked partition to its next owner, which reads it again from the committed offset,
+//! so handling its messages here as well would apply them after the group gave them away
+//! (and their offsets could not be stored). Revocations take effect only while the
+//! consumer polls, and it does not poll while a handler runs (until `keep_membership`
+//! steps in for a handler waiting on a dependency), so what is handed over stays held
+//! until its offsets are stored.
 //!
 //! Group membership is watched ([`super::watchdog`]): every rebalance is recorded, and a
 //! consumer left without an assignment beyond `HERALD_KAFKA_ASSIGNMENT_TIMEOUT_MS` is
@@ -371,6 +382,7 @@ where
             }
         }
         rejoined = brokers_down;
+        let batch = still_held(consumer, batch);
         if batch.is_empty() {
             continue;
         }
@@ -490,6 +502,21 @@ async fn keep_membership(
             },
         }
     }
+}
+
+/// The messages of `batch` whose partitions this member still holds (module docs).
+fn still_held(consumer: &GroupConsumer, mut batch: Vec<IncomingMessage>) -> Vec<IncomingMessage> {
+    let held = consumer.context().held();
+    let fetched = batch.len();
+    batch.retain(|m| held.contains(&format!("{}/{}", m.topic, m.partition)));
+    if batch.len() < fetched {
+        tracing::info!(
+            group = %consumer.context().group,
+            dropped = fetched - batch.len(),
+            "messages of revoked partitions left to their next owner"
+        );
+    }
+    batch
 }
 
 /// Drops the assignment and subscribes again (module docs).

@@ -6,6 +6,12 @@
 //! carries a per-delivery version, so replaying is harmless, and each delivery's terminal
 //! outcome is counted once, moved rather than counted again when an operator's retry
 //! changes it.
+//!
+//! The projector lingers (`HERALD_PROJECTOR_LINGER_MS`) so that a delivery's creation and
+//! outcome usually reach it in one batch: its log row is then inserted once, in its final
+//! state, instead of inserted and updated. An update that remains is not HOT, and cannot
+//! cheaply be: `status` and `completed_at` change at the outcome, and both feed
+//! `notification_log_failures`, the index the recent-failures dashboard reads.
 
 pub mod projector;
 pub mod queries;

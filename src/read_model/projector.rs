@@ -99,10 +99,12 @@ impl Projector {
         }
     }
 
-    /// Applies a batch in one transaction, in a fixed number of statements whatever its
-    /// size: lock the batch's deliveries, read their log rows, fold the events in memory
-    /// (in version order per delivery, exactly as applying them one by one would), then
-    /// write every changed row in one upsert and the statistics once per key.
+    /// Applies a batch in one transaction per 2,000 deliveries (`DELIVERIES_PER_TRANSACTION`),
+    /// each in a fixed number of statements whatever its size: lock the deliveries, read
+    /// their log rows, fold the events in memory (in version order per delivery, exactly as
+    /// applying them one by one would), then write every changed row in one upsert and the
+    /// statistics once per key. All events of one delivery go to the same transaction, so
+    /// a delivery created and finished within the batch is written once.
     pub async fn apply(&self, messages: &[IncomingMessage]) -> anyhow::Result<Applied> {
         let mut outcome = Applied::default();
         let mut events = Vec::with_capacity(messages.len());
@@ -116,8 +118,29 @@ impl Projector {
             }
         }
         events.sort_by_key(|e| (e.delivery_id, e.version));
-        let mut ids: Vec<Uuid> = events.iter().map(|e| e.delivery_id).collect();
-        ids.dedup();
+        let deliveries: Vec<&[DeliveryEventIn]> = events
+            .chunk_by(|a, b| a.delivery_id == b.delivery_id)
+            .collect();
+        for part in deliveries.chunks(DELIVERIES_PER_TRANSACTION) {
+            let (applied, stale) = self.apply_deliveries(part).await?;
+            outcome.applied += applied;
+            outcome.stale += stale;
+            metrics::counter!("herald_projector_events_total", "outcome" => "applied")
+                .increment(applied as u64);
+            metrics::counter!("herald_projector_events_total", "outcome" => "stale")
+                .increment(stale as u64);
+        }
+        Ok(outcome)
+    }
+
+    /// Applies the events of `deliveries` (each slice one delivery's, in version order) in
+    /// one transaction; returns how many were applied and how many were stale.
+    async fn apply_deliveries(
+        &self,
+        deliveries: &[&[DeliveryEventIn]],
+    ) -> anyhow::Result<(usize, usize)> {
+        let (mut applied, mut stale) = (0, 0);
+        let ids: Vec<Uuid> = deliveries.iter().map(|d| d[0].delivery_id).collect();
         let mut tx = self.db.begin().await.context("Failed to begin")?;
         // Serialises appliers of one delivery even before its row exists, so the version
         // guard and the count-once rule hold; taken in one order (the ids') by every
@@ -154,19 +177,19 @@ impl Projector {
 
         let mut counts = Counts::new();
         let mut changed = Changes::default();
-        for delivery in events.chunk_by(|a, b| a.delivery_id == b.delivery_id) {
+        for delivery in deliveries {
             let state = current.entry(delivery[0].delivery_id).or_insert(LogState {
                 version: i64::MIN,
                 counted: None,
                 counted_day: None,
             });
             let mut newest = None;
-            for e in delivery {
+            for e in *delivery {
                 if e.version <= state.version {
-                    outcome.stale += 1;
+                    stale += 1;
                     continue;
                 }
-                outcome.applied += 1;
+                applied += 1;
                 state.version = e.version;
                 newest = Some(e);
                 if is_terminal(&e.status) && state.counted.as_deref() != Some(e.status.as_str()) {
@@ -184,20 +207,22 @@ impl Projector {
             }
         }
         changed.write(&mut tx).await?;
-        // The hot statistics rows are touched once per batch, in key order.
+        // The hot statistics rows are touched once per transaction, in key order.
         for ((day, channel), (success, failed, skipped)) in counts {
             add_counts(&mut tx, day, &channel, success, failed, skipped).await?;
         }
         tx.commit()
             .await
             .context("Failed to commit the projection")?;
-        metrics::counter!("herald_projector_events_total", "outcome" => "applied")
-            .increment(outcome.applied as u64);
-        metrics::counter!("herald_projector_events_total", "outcome" => "stale")
-            .increment(outcome.stale as u64);
-        Ok(outcome)
+        Ok((applied, stale))
     }
 }
+
+/// Most deliveries one projector transaction takes. Each holds an advisory lock until the
+/// commit, and PostgreSQL's lock table holds `max_locks_per_transaction` (64) times
+/// `max_connections` locks for every session together (6,400 by default): a batch of
+/// lingering events can name more deliveries than that.
+const DELIVERIES_PER_TRANSACTION: usize = 2000;
 
 fn is_terminal(status: &str) -> bool {
     matches!(status, "SUCCESS" | "FAILED" | "SKIPPED")
@@ -254,6 +279,10 @@ impl Changes {
     }
 
     /// One upsert for every changed row (in delivery id order, as they were pushed).
+    ///
+    /// A new in-app row takes its read mark from the delivery: a user may mark a message
+    /// read (it reached them through the live stream) while its events still linger in the
+    /// projector, and that mark finds no log row to update.
     async fn write(&self, tx: &mut PgConnection) -> anyhow::Result<()> {
         if self.delivery_ids.is_empty() {
             return Ok(());
@@ -261,11 +290,15 @@ impl Changes {
         sqlx::query(
             "INSERT INTO notification_log (delivery_id, notification_id, event_id, event_type, \
                  user_id, channel, status, attempts, last_error, version, created_at, updated_at, \
-                 completed_at, counted_status, counted_day) \
-             SELECT * FROM UNNEST($1::uuid[], $2::uuid[], $3::text[], $4::text[], $5::int8[], \
+                 completed_at, counted_status, counted_day, read_at) \
+             SELECT u.*, CASE WHEN u.channel = 'IN_APP' THEN \
+                     (SELECT d.read_at FROM deliveries d WHERE d.id = u.delivery_id) END \
+             FROM UNNEST($1::uuid[], $2::uuid[], $3::text[], $4::text[], $5::int8[], \
                  $6::text[], $7::text[], $8::int4[], $9::text[], $10::int8[], \
                  $11::timestamptz[], $12::timestamptz[], $13::timestamptz[], $14::text[], \
-                 $15::date[]) \
+                 $15::date[]) AS u(delivery_id, notification_id, event_id, event_type, user_id, \
+                 channel, status, attempts, last_error, version, created_at, updated_at, \
+                 completed_at, counted_status, counted_day) \
              ON CONFLICT (delivery_id) DO UPDATE SET status = EXCLUDED.status, \
                  attempts = EXCLUDED.attempts, last_error = EXCLUDED.last_error, \
                  version = EXCLUDED.version, updated_at = EXCLUDED.updated_at, \

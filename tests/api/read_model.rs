@@ -2,12 +2,13 @@
 
 use std::time::Duration;
 
-use herald::read_model::Projector;
+use herald::{read_model::Projector, roles::Role};
 use serde_json::{Value, json};
 use wiremock::MockServer;
 
 use crate::helpers::{
-    TestApp, envelope, read_topic, slack_mock, spawn_app_with, wait_until, with_slack,
+    TestApp, envelope, read_topic, slack_mock, spawn_app_as, spawn_app_on, spawn_app_with,
+    wait_until, with_slack,
 };
 
 /// Counts per (channel, status) from the write side: what really happened.
@@ -397,4 +398,216 @@ async fn an_sse_client_receives_an_in_app_message_published_for_its_user() {
     }
     assert!(received.contains("event: notification"), "{received}");
     assert!(received.contains("o-33"), "{received}");
+}
+
+/// From now on, records each row version written to notification_log (an insert, or an
+/// update that changed the row) in `log_writes`, at once and exactly, unlike the
+/// statistics views, which backends report a second or more late.
+async fn record_log_writes(app: &TestApp) {
+    for statement in [
+        "CREATE TABLE log_writes (op TEXT NOT NULL, status TEXT NOT NULL, read BOOLEAN NOT NULL)",
+        "CREATE FUNCTION record_log_write() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN \
+             INSERT INTO log_writes VALUES (TG_OP, NEW.status, NEW.read_at IS NOT NULL); \
+             RETURN NULL; END $$",
+        "CREATE TRIGGER record_log_write AFTER INSERT OR UPDATE ON notification_log \
+             FOR EACH ROW EXECUTE FUNCTION record_log_write()",
+    ] {
+        sqlx::query(statement).execute(&app.db).await.unwrap();
+    }
+}
+
+/// Posts one IN_APP notification for `user`; returns its delivery id.
+async fn post_in_app(app: &TestApp, user: i64) -> String {
+    let accepted: Value = app
+        .post_json(
+            "/api/v1/notifications",
+            &json!({ "userId": user, "channels": ["IN_APP"], "subject": "s", "body": "b" }),
+            &[],
+        )
+        .await
+        .json()
+        .await
+        .unwrap();
+    accepted["deliveries"][0]["id"].as_str().unwrap().to_owned()
+}
+
+async fn delivery_status(app: &TestApp, delivery: &str) -> String {
+    sqlx::query_scalar("SELECT status FROM deliveries WHERE id = $1::uuid")
+        .bind(delivery)
+        .fetch_one(&app.db)
+        .await
+        .unwrap()
+}
+
+async fn log_rows(app: &TestApp) -> i64 {
+    sqlx::query_scalar("SELECT count(*) FROM notification_log")
+        .fetch_one(&app.db)
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn a_delivery_that_finishes_within_the_linger_is_written_to_the_log_once_with_its_read_mark()
+{
+    // Far longer than an IN_APP send takes here, so both events fall in the first batch.
+    let app = spawn_app_with(|s| s.read_model.projector_linger = Duration::from_secs(5)).await;
+    record_log_writes(&app).await;
+    let delivery = post_in_app(&app, 50).await;
+    wait_until(30, "the delivery succeeded", || async {
+        delivery_status(&app, &delivery).await == "SUCCESS"
+    })
+    .await;
+    assert_eq!(log_rows(&app).await, 0, "the events still linger");
+    // The user read it from the live stream before the read model had it.
+    let read = app
+        .post_json(
+            &format!("/api/v1/users/50/inbox/{delivery}/read"),
+            &json!({}),
+            &[],
+        )
+        .await;
+    assert_eq!(read.status(), 200);
+
+    wait_until(30, "the delivery is projected", || async {
+        log_rows(&app).await == 1
+    })
+    .await;
+    let writes: Vec<(String, String, bool)> =
+        sqlx::query_as("SELECT op, status, read FROM log_writes")
+            .fetch_all(&app.db)
+            .await
+            .unwrap();
+    assert_eq!(writes, [("INSERT".to_owned(), "SUCCESS".to_owned(), true)]);
+    let unread: Value = app
+        .get("/api/v1/users/50/inbox/unread-count")
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(unread["unread"], 0);
+}
+
+/// Offsets the projector's group has committed on the delivery events topic, summed over
+/// its partitions (a partition without a committed offset counts 0).
+async fn projector_committed(app: &TestApp) -> i64 {
+    use rdkafka::{
+        Offset, TopicPartitionList,
+        consumer::{BaseConsumer, Consumer},
+    };
+    let prefix = app.settings.kafka.topic_prefix.clone();
+    let consumer: BaseConsumer = herald::kafka::client_config(&app.settings.kafka)
+        .set("group.id", format!("{prefix}notif-readmodel"))
+        .create()
+        .unwrap();
+    let topic = format!("{prefix}notification.delivery.events");
+    let mut partitions = TopicPartitionList::new();
+    for partition in 0..6 {
+        partitions.add_partition(&topic, partition);
+    }
+    tokio::task::spawn_blocking(move || {
+        let committed = consumer
+            .committed_offsets(partitions, Duration::from_secs(10))
+            .unwrap();
+        committed
+            .elements()
+            .iter()
+            .map(|e| match e.offset() {
+                Offset::Offset(n) => n,
+                _ => 0,
+            })
+            .sum()
+    })
+    .await
+    .unwrap()
+}
+
+#[tokio::test]
+async fn events_lingering_when_the_projector_stops_are_neither_committed_nor_lost() {
+    let app = spawn_app_with(|s| s.read_model.projector_linger = Duration::from_secs(120)).await;
+    let group = format!("{}notif-readmodel", app.settings.kafka.topic_prefix);
+    wait_until(30, "the projector holds its partitions", || async {
+        let ready: Value = app.get("/health/ready").await.json().await.unwrap();
+        ready["consumers"][&group]["assignedPartitions"]
+            .as_array()
+            .is_some_and(|p| p.len() == 6)
+    })
+    .await;
+    let delivery = post_in_app(&app, 51).await;
+    wait_until(30, "the delivery succeeded", || async {
+        delivery_status(&app, &delivery).await == "SUCCESS"
+    })
+    .await;
+    read_topic(&app.settings, "notification.delivery.events", 15, |r| {
+        r.len() >= 2
+    })
+    .await;
+    // Time for the projector to fetch both into the batch it is gathering.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(log_rows(&app).await, 0, "nothing applied while lingering");
+    assert_eq!(projector_committed(&app).await, 0, "nothing committed");
+
+    let mut settings = app.settings.clone();
+    drop(app);
+    settings.read_model.projector_linger = Duration::from_millis(50);
+    let restarted = spawn_app_on(settings, &[Role::Projector]).await;
+    wait_until(
+        60,
+        "the delivery is projected after the restart",
+        || async {
+            let status: Option<String> = sqlx::query_scalar(
+                "SELECT status FROM notification_log WHERE delivery_id = $1::uuid",
+            )
+            .bind(&delivery)
+            .fetch_optional(&restarted.db)
+            .await
+            .unwrap();
+            status.as_deref() == Some("SUCCESS")
+        },
+    )
+    .await;
+    wait_until(30, "both offsets are committed", || async {
+        projector_committed(&restarted).await == 2
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_batch_naming_more_deliveries_than_one_transaction_takes_is_applied_whole() {
+    let app = spawn_app_as(&[Role::Api], |_| {}).await;
+    let deliveries = 2500;
+    let mut messages = Vec::new();
+    for _ in 0..deliveries {
+        let (delivery, notification) = (uuid::Uuid::new_v4(), uuid::Uuid::new_v4());
+        for (version, status) in [(1, "PENDING"), (2, "SUCCESS")] {
+            let event = json!({
+                "deliveryId": delivery, "notificationId": notification, "eventType": "ORDER_SHIPPED",
+                "userId": 60, "channel": "IN_APP", "status": status, "attempts": version - 1,
+                "version": version, "createdAt": "2026-11-21T09:30:00Z",
+                "updatedAt": "2026-11-21T09:30:01Z",
+            });
+            messages.push(herald::kafka::consumer::IncomingMessage {
+                topic: "synthetic".to_owned(),
+                partition: 0,
+                offset: messages.len() as i64,
+                key: None,
+                payload: event.to_string().into_bytes(),
+                headers: Vec::new(),
+            });
+        }
+    }
+    let projector = Projector {
+        db: app.db.clone(),
+        reporting_tz: app.settings.read_model.reporting_timezone,
+    };
+
+    let applied = projector.apply(&messages).await.unwrap();
+
+    assert_eq!(applied.applied, 2 * deliveries);
+    let succeeded: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM notification_log WHERE status = 'SUCCESS'")
+            .fetch_one(&app.db)
+            .await
+            .unwrap();
+    assert_eq!(succeeded, deliveries as i64);
+    assert_eq!(stats(&app).await, [("IN_APP".to_owned(), 2500, 0, 0)]);
 }
