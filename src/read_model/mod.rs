@@ -9,9 +9,10 @@
 //!
 //! The projector lingers (`HERALD_PROJECTOR_LINGER_MS`) so that a delivery's creation and
 //! outcome usually reach it in one batch: its log row is then inserted once, in its final
-//! state, instead of inserted and updated. An update that remains is not HOT, and cannot
-//! cheaply be: `status` and `completed_at` change at the outcome, and both feed
-//! `notification_log_failures`, the index the recent-failures dashboard reads.
+//! state, instead of inserted and updated. An update that remains can be HOT (no index
+//! entry written): the recent-failures index keys on `failed_at`, generated from the status
+//! and NULL unless the delivery FAILED, so no other outcome changes an indexed column
+//! (migration 0010).
 
 pub mod projector;
 pub mod queries;

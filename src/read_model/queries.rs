@@ -195,8 +195,8 @@ pub struct Failure {
 pub async fn failures(db: &PgPool, limit: i64) -> anyhow::Result<Vec<Failure>> {
     sqlx::query_as(
         "SELECT delivery_id, notification_id, event_type, channel, user_id, attempts, \
-             last_error AS reason, completed_at AS failed_at \
-         FROM notification_log WHERE status = 'FAILED' ORDER BY completed_at DESC LIMIT $1",
+             last_error AS reason, failed_at \
+         FROM notification_log WHERE failed_at IS NOT NULL ORDER BY failed_at DESC LIMIT $1",
     )
     .bind(limit)
     .fetch_all(db)
