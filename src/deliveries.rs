@@ -364,6 +364,44 @@ async fn insert_attempts(tx: &mut sqlx::PgConnection, records: &[&Finished]) -> 
     Ok(())
 }
 
+/// A delivery as a transition left it, with what its delivery event needs from the
+/// notification.
+#[derive(sqlx::FromRow)]
+struct Changed {
+    delivery_id: Uuid,
+    notification_id: Uuid,
+    channel: Channel,
+    attempts: i32,
+    version: i64,
+    created_at: DateTime<Utc>,
+    updated_at: DateTime<Utc>,
+    event_id: Option<String>,
+    event_type: String,
+    user_id: Option<i64>,
+    domain: Domain,
+}
+
+impl Changed {
+    /// Its delivery event, in the state the transition gave it.
+    fn event(self, status: DeliveryStatus, error: Option<String>) -> DeliveryEvent {
+        DeliveryEvent {
+            delivery_id: self.delivery_id,
+            notification_id: self.notification_id,
+            event_id: self.event_id,
+            event_type: self.event_type,
+            user_id: self.user_id,
+            domain: self.domain,
+            channel: self.channel,
+            status,
+            attempts: self.attempts,
+            error,
+            version: self.version,
+            created_at: self.created_at,
+            updated_at: self.updated_at,
+        }
+    }
+}
+
 /// Puts a FAILED delivery back to PENDING, due now, with a fresh retry budget (an
 /// operator's retry of its dead letter), with its delivery event; false when the delivery
 /// is not FAILED (or gone).
@@ -372,61 +410,23 @@ pub async fn requeue_failed(
     id: Uuid,
     topic_prefix: &str,
 ) -> anyhow::Result<bool> {
-    type Row = (
-        Uuid,
-        Channel,
-        i32,
-        i64,
-        DateTime<Utc>,
-        DateTime<Utc>,
-        Option<String>,
-        String,
-        Option<i64>,
-        Domain,
-    );
-    let row: Option<Row> = sqlx::query_as(
+    let row: Option<Changed> = sqlx::query_as(
         "UPDATE deliveries d SET status = 'PENDING', next_attempt_at = now(), \
              retry_base = d.attempts, lease_until = NULL, completed_at = NULL, \
              updated_at = now(), version = d.version + 1 \
          FROM notifications n \
          WHERE d.id = $1 AND d.status = 'FAILED' AND n.id = d.notification_id \
-         RETURNING d.notification_id, d.channel, d.attempts, d.version, d.created_at, \
-             d.updated_at, n.event_id, n.event_type, n.user_id, n.domain",
+         RETURNING d.id AS delivery_id, d.notification_id, d.channel, d.attempts, d.version, \
+             d.created_at, d.updated_at, n.event_id, n.event_type, n.user_id, n.domain",
     )
     .bind(id)
     .fetch_optional(&mut *conn)
     .await
     .context("Failed to re-queue the delivery")?;
-    let Some((
-        notification,
-        channel,
-        attempts,
-        version,
-        created_at,
-        updated_at,
-        event_id,
-        event_type,
-        user_id,
-        domain,
-    )) = row
-    else {
+    let Some(row) = row else {
         return Ok(false);
     };
-    let event = DeliveryEvent {
-        delivery_id: id,
-        notification_id: notification,
-        event_id,
-        event_type,
-        user_id,
-        domain,
-        channel,
-        status: DeliveryStatus::Pending,
-        attempts,
-        error: None,
-        version,
-        created_at,
-        updated_at,
-    };
+    let event = row.event(DeliveryStatus::Pending, None);
     outbox::insert(conn, &[event.to_outbox(topic_prefix)]).await?;
     Ok(true)
 }
@@ -439,25 +439,14 @@ pub async fn skip_broadcast(
     reason: &str,
     topic_prefix: &str,
 ) -> anyhow::Result<usize> {
-    #[derive(sqlx::FromRow)]
-    struct Skipped {
-        id: Uuid,
-        notification_id: Uuid,
-        channel: Channel,
-        attempts: i32,
-        version: i64,
-        created_at: DateTime<Utc>,
-        updated_at: DateTime<Utc>,
-        event_type: String,
-        user_id: Option<i64>,
-    }
-    let rows: Vec<Skipped> = sqlx::query_as(
+    let rows: Vec<Changed> = sqlx::query_as(
         "WITH skipped AS (UPDATE deliveries SET status = 'SKIPPED', skip_reason = $2, \
                  lease_until = NULL, version = version + 1, updated_at = now(), \
                  completed_at = now() \
              WHERE broadcast_id = $1 AND status = 'PENDING' \
-             RETURNING id, notification_id, channel, attempts, version, created_at, updated_at) \
-         SELECT s.*, n.event_type, n.user_id FROM skipped s \
+             RETURNING id AS delivery_id, notification_id, channel, attempts, version, \
+                 created_at, updated_at) \
+         SELECT s.*, n.event_id, n.event_type, n.user_id, n.domain FROM skipped s \
          JOIN notifications n ON n.id = s.notification_id",
     )
     .bind(id)
@@ -465,29 +454,16 @@ pub async fn skip_broadcast(
     .fetch_all(&mut *conn)
     .await
     .context("Failed to skip a cancelled broadcast's deliveries")?;
+    let skipped = rows.len();
     let events: Vec<OutboxMessage> = rows
-        .iter()
-        .map(|d| {
-            DeliveryEvent {
-                delivery_id: d.id,
-                notification_id: d.notification_id,
-                event_id: None,
-                event_type: d.event_type.clone(),
-                user_id: d.user_id,
-                domain: Domain::Api,
-                channel: d.channel,
-                status: DeliveryStatus::Skipped,
-                attempts: d.attempts,
-                error: Some(reason.to_owned()),
-                version: d.version,
-                created_at: d.created_at,
-                updated_at: d.updated_at,
-            }
-            .to_outbox(topic_prefix)
+        .into_iter()
+        .map(|row| {
+            row.event(DeliveryStatus::Skipped, Some(reason.to_owned()))
+                .to_outbox(topic_prefix)
         })
         .collect();
     outbox::insert(conn, &events).await?;
-    Ok(rows.len())
+    Ok(skipped)
 }
 
 /// Marks in-app messages read (one, or all when `delivery` is `None`) in both the
