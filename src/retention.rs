@@ -90,50 +90,38 @@ async fn purge_locked(
     reporting_tz: Tz,
 ) -> anyhow::Result<Purged> {
     let below = first_id_at(cutoff);
-    let mut purged = Purged::default();
-    loop {
-        let deleted = sqlx::query(
-            "DELETE FROM notifications WHERE id IN ( \
+    let notifications = delete_in_batches(
+        db,
+        "DELETE FROM notifications WHERE id IN ( \
                  SELECT n.id FROM notifications n WHERE n.id < $1 \
                  AND NOT EXISTS (SELECT 1 FROM deliveries d WHERE d.notification_id = n.id \
                      AND d.status IN ('PENDING', 'PROCESSING')) \
                  ORDER BY n.id LIMIT $2)",
-        )
-        .bind(below)
-        .bind(BATCH)
-        .execute(db)
-        .await
-        .context("Failed to purge notifications")?
-        .rows_affected();
-        purged.notifications += deleted;
-        if deleted < BATCH as u64 {
-            break;
-        }
-    }
-    loop {
-        let deleted = sqlx::query(
-            "DELETE FROM notification_log WHERE delivery_id IN ( \
+        below,
+    )
+    .await
+    .context("Failed to purge notifications")?;
+    let log_rows = delete_in_batches(
+        db,
+        "DELETE FROM notification_log WHERE delivery_id IN ( \
                  SELECT delivery_id FROM notification_log WHERE delivery_id < $1 \
                  AND status IN ('SUCCESS', 'FAILED', 'SKIPPED') \
                  ORDER BY delivery_id LIMIT $2)",
-        )
-        .bind(below)
-        .bind(BATCH)
-        .execute(db)
-        .await
-        .context("Failed to purge the notification log")?
-        .rows_affected();
-        purged.log_rows += deleted;
-        if deleted < BATCH as u64 {
-            break;
-        }
-    }
-    purged.stats_rows = sqlx::query("DELETE FROM delivery_stats WHERE day < $1")
+        below,
+    )
+    .await
+    .context("Failed to purge the notification log")?;
+    let stats_rows = sqlx::query("DELETE FROM delivery_stats WHERE day < $1")
         .bind(cutoff.with_timezone(&reporting_tz).date_naive())
         .execute(db)
         .await
         .context("Failed to purge delivery statistics")?
         .rows_affected();
+    let purged = Purged {
+        notifications,
+        log_rows,
+        stats_rows,
+    };
     for (table, n) in [
         ("notifications", purged.notifications),
         ("notification_log", purged.log_rows),
@@ -142,6 +130,28 @@ async fn purge_locked(
         metrics::counter!("herald_retention_deleted_total", "table" => table).increment(n);
     }
     Ok(purged)
+}
+
+/// Runs `delete` (rows below the id `$1`, at most `$2` of them) in its own transaction until
+/// it deletes fewer than [`BATCH`] rows; returns how many it deleted in all.
+async fn delete_in_batches(
+    db: &PgPool,
+    delete: &'static str,
+    below: Uuid,
+) -> Result<u64, sqlx::Error> {
+    let mut deleted = 0;
+    loop {
+        let batch = sqlx::query(delete)
+            .bind(below)
+            .bind(BATCH)
+            .execute(db)
+            .await?
+            .rows_affected();
+        deleted += batch;
+        if batch < BATCH as u64 {
+            return Ok(deleted);
+        }
+    }
 }
 
 /// Purges every [`EVERY`] until `shutdown`, keeping `retention` of history.
