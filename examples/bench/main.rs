@@ -114,6 +114,21 @@ impl Report {
         }
         self.figures.insert(key, value.into());
     }
+
+    /// Records what PostgreSQL wrote per event for a phase of `events` since `before`, read
+    /// once the counters have settled.
+    async fn writes(
+        &mut self,
+        key: &'static str,
+        pool: &PgPool,
+        before: &Writes,
+        events: usize,
+        phase: &str,
+    ) -> anyhow::Result<()> {
+        let per_event = Writes::settled(pool).await?.per_event_since(before, events);
+        self.figure(key, per_event.json(), per_event.line(phase));
+        Ok(())
+    }
 }
 
 /// Partitions of the upstream topics the generator fills (kafka/topics.toml).
@@ -182,14 +197,9 @@ async fn main() -> anyhow::Result<()> {
     };
     let ingest = n as f64 / seconds(done - first);
     let rss_ingest = herald.stop().await?;
-    let ingest_writes = Writes::settled(&pool)
-        .await?
-        .per_event_since(&ingest_before, n);
-    report.figure(
-        "ingest_writes",
-        ingest_writes.json(),
-        ingest_writes.line("ingest"),
-    );
+    report
+        .writes("ingest_writes", &pool, &ingest_before, n, "ingest")
+        .await?;
     report.figure(
         "ingest_events_per_s",
         ingest.round(),
@@ -285,14 +295,15 @@ async fn main() -> anyhow::Result<()> {
             seconds(done - first)
         ),
     );
-    let e2e_writes = Writes::settled(&pool)
-        .await?
-        .per_event_since(&e2e_before, e);
-    report.figure(
-        "end_to_end_writes",
-        e2e_writes.json(),
-        e2e_writes.line("end to end (2 deliveries per event, both SUCCESS first time)"),
-    );
+    report
+        .writes(
+            "end_to_end_writes",
+            &pool,
+            &e2e_before,
+            e,
+            "end to end (2 deliveries per event, both SUCCESS first time)",
+        )
+        .await?;
     // What deleting that history costs when its retention runs out: the purge with a
     // cutoff of now, per notification it deletes.
     let purge_before = Writes::settled(&pool).await?;
@@ -306,17 +317,18 @@ async fn main() -> anyhow::Result<()> {
     // What the purge kept (nothing, in a run from a fresh database): later phases count
     // their notifications on top of it.
     let kept = count(&pool, "SELECT count(*) FROM notifications").await? as usize;
-    let purge_writes = Writes::settled(&pool)
-        .await?
-        .per_event_since(&purge_before, purged.notifications as usize);
-    report.figure(
-        "retention_writes",
-        purge_writes.json(),
-        purge_writes.line(&format!(
-            "retention purge ({} notifications deleted, per notification)",
-            purged.notifications
-        )),
-    );
+    report
+        .writes(
+            "retention_writes",
+            &pool,
+            &purge_before,
+            purged.notifications as usize,
+            &format!(
+                "retention purge ({} notifications deleted, per notification)",
+                purged.notifications
+            ),
+        )
+        .await?;
     report.figure(
         "ingest_with_every_role_events_per_s",
         ingest_loaded.round(),
@@ -341,17 +353,15 @@ async fn main() -> anyhow::Result<()> {
     wait_caught_up(&pool, kept + offered, Duration::from_secs(600)).await?;
     // The same writes under a steady load below capacity, where a delivery is created and
     // finished within the projector's linger (the backlog above is the worst case for it).
-    let steady_writes = Writes::settled(&pool)
-        .await?
-        .per_event_since(&steady_before, offered);
-    report.figure(
-        "steady_writes",
-        steady_writes.json(),
-        steady_writes.line(&format!(
-            "at {} events/s (2 deliveries per event)",
-            args.rate
-        )),
-    );
+    report
+        .writes(
+            "steady_writes",
+            &pool,
+            &steady_before,
+            offered,
+            &format!("at {} events/s (2 deliveries per event)", args.rate),
+        )
+        .await?;
     // Each SUCCESS delivery's occurredAt -> completed_at, and the same time split at two
     // stamps: the notification's created_at (set as ingest prepares it) and the start of
     // the successful attempt. One pass over the phase's deliveries.
