@@ -94,7 +94,7 @@ struct Stored {
 
 impl Stored {
     /// The messages not settled yet, in their order.
-    fn pending(self) -> impl Iterator<Item = Row> {
+    fn pending(self) -> impl Iterator<Item = Message> {
         let Stored {
             id,
             kind,
@@ -111,21 +111,23 @@ impl Stored {
             .zip(headers.0)
             .zip(1..)
             .filter(move |(_, position)| !done.contains(position))
-            .map(move |(((message_key, payload), headers), position)| Row {
-                id,
-                position,
-                kind: kind.clone(),
-                topic: topic.clone(),
-                message_key,
-                payload,
-                headers,
-                created_at,
-            })
+            .map(
+                move |(((message_key, payload), headers), position)| Message {
+                    id,
+                    position,
+                    kind: kind.clone(),
+                    topic: topic.clone(),
+                    message_key,
+                    payload,
+                    headers,
+                    created_at,
+                },
+            )
     }
 }
 
 /// One message of the batch.
-struct Row {
+struct Message {
     id: i64,
     position: i32,
     kind: String,
@@ -136,13 +138,13 @@ struct Row {
     created_at: DateTime<Utc>,
 }
 
-impl Row {
+impl Message {
     fn message_id(&self) -> MessageId {
         (self.id, self.position)
     }
 }
 
-/// What Kafka's refusal of one message means for its outbox row.
+/// What Kafka's refusal of one message means for it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Verdict {
     /// The message is too large: it will never be taken as it is.
@@ -153,9 +155,9 @@ pub enum Verdict {
     TopicUnavailable,
     /// The producer's queue is full: the rest of the batch waits for the next one.
     QueueFull,
-    /// Anything else (the broker away, busy or electing a leader, a timeout): the row is
-    /// tried again in the next batch. Unknown codes land here: holding a row back is
-    /// safe, parking it is not.
+    /// Anything else (the broker away, busy or electing a leader, a timeout): the message
+    /// is tried again in the next batch. Unknown codes land here: holding a message back
+    /// is safe, parking it is not.
     Transient,
 }
 
@@ -247,26 +249,26 @@ impl Relay {
             .iter()
             .map(|s| (s.id, (s.payloads.len() - s.done.len(), Vec::new())))
             .collect();
-        let rows: Vec<Row> = stored.into_iter().flat_map(Stored::pending).collect();
+        let messages: Vec<Message> = stored.into_iter().flat_map(Stored::pending).collect();
         let mut fates = Fates::default();
         // Rows the broker refused in company are sent one at a time, each awaited before
         // the next, so that a refusal now is their own.
         let (alone, together): (Vec<usize>, Vec<usize>) =
-            (0..rows.len()).partition(|&i| self.suspects.contains(&rows[i].message_id()));
+            (0..messages.len()).partition(|&i| self.suspects.contains(&messages[i].message_id()));
         for i in alone {
-            match self.enqueue(&rows[i]) {
-                Ok(delivery) => self.settle(&rows, i, delivery, true, &mut fates).await,
-                Err(error) => self.judge(&rows, i, &error, true, &mut fates),
+            match self.enqueue(&messages[i]) {
+                Ok(delivery) => self.settle(&messages, i, delivery, true, &mut fates).await,
+                Err(error) => self.judge(&messages, i, &error, true, &mut fates),
             }
         }
         // Enqueue everything else first (send_result returns at once), then await the acks
         // in order: the batch costs one round trip, not one per row.
         let mut pending = Vec::with_capacity(together.len());
         for i in together {
-            if fates.missing_topics.contains(&rows[i].topic) {
+            if fates.missing_topics.contains(&messages[i].topic) {
                 continue;
             }
-            match self.enqueue(&rows[i]) {
+            match self.enqueue(&messages[i]) {
                 Ok(delivery) => pending.push((i, delivery)),
                 Err(error) if verdict_of(&error) == Verdict::QueueFull => {
                     tracing::debug!(%error, "producer queue full; publishing the rest later");
@@ -274,16 +276,16 @@ impl Relay {
                 }
                 // librdkafka's own checks (a message over message.max.bytes, a topic it
                 // knows is missing) answer at once, for this message alone.
-                Err(error) => self.judge(&rows, i, &error, true, &mut fates),
+                Err(error) => self.judge(&messages, i, &error, true, &mut fates),
             }
         }
         for (i, delivery) in pending {
-            self.settle(&rows, i, delivery, false, &mut fates).await;
+            self.settle(&messages, i, delivery, false, &mut fates).await;
         }
 
         for (i, verdict, error) in &fates.refused {
-            if set_aside(&mut tx, &rows[*i], *verdict, error).await? {
-                let (id, position) = rows[*i].message_id();
+            if set_aside(&mut tx, &messages[*i], *verdict, error).await? {
+                let (id, position) = messages[*i].message_id();
                 if let Some((_, settled)) = unsettled.get_mut(&id) {
                     settled.push(position);
                 }
@@ -301,14 +303,14 @@ impl Relay {
 
         metrics::counter!("herald_outbox_published_total").increment(fates.published.len() as u64);
         for (i, verdict, error) in &fates.refused {
-            self.suspects.remove(&rows[*i].message_id());
-            report_set_aside(&rows[*i], *verdict, error);
+            self.suspects.remove(&messages[*i].message_id());
+            report_set_aside(&messages[*i], *verdict, error);
         }
         for id in &fates.published {
             self.suspects.remove(id);
         }
         let published: HashSet<MessageId> = fates.published.iter().copied().collect();
-        let published_topics: HashSet<&str> = rows
+        let published_topics: HashSet<&str> = messages
             .iter()
             .filter(|r| published.contains(&r.message_id()))
             .map(|r| r.topic.as_str())
@@ -334,18 +336,18 @@ impl Relay {
         Ok(fates.published.len())
     }
 
-    fn enqueue(&self, row: &Row) -> Result<DeliveryFuture, KafkaError> {
-        let mut headers = OwnedHeaders::new_with_capacity(row.headers.len());
-        for (name, value) in row.headers.iter() {
+    fn enqueue(&self, message: &Message) -> Result<DeliveryFuture, KafkaError> {
+        let mut headers = OwnedHeaders::new_with_capacity(message.headers.len());
+        for (name, value) in message.headers.iter() {
             headers = headers.insert(Header {
                 key: name,
                 value: Some(value.as_bytes()),
             });
         }
-        let mut record = FutureRecord::to(&row.topic)
-            .payload(&row.payload)
+        let mut record = FutureRecord::to(&message.topic)
+            .payload(&message.payload)
             .headers(headers);
-        if let Some(key) = &row.message_key {
+        if let Some(key) = &message.message_key {
             record = record.key(key);
         }
         self.producer
@@ -356,15 +358,15 @@ impl Relay {
     /// Waits for one row's acknowledgement and judges a failure.
     async fn settle(
         &mut self,
-        rows: &[Row],
+        messages: &[Message],
         i: usize,
         delivery: DeliveryFuture,
         alone: bool,
         fates: &mut Fates,
     ) {
         match delivery.await {
-            Ok(Ok(_)) => fates.published.push(rows[i].message_id()),
-            Ok(Err((error, _))) => self.judge(rows, i, &error, alone, fates),
+            Ok(Ok(_)) => fates.published.push(messages[i].message_id()),
+            Ok(Err((error, _))) => self.judge(messages, i, &error, alone, fates),
             // The producer was dropped: the row stays for the next batch.
             Err(_) => fates.transient += 1,
         }
@@ -372,31 +374,31 @@ impl Relay {
 
     fn judge(
         &mut self,
-        rows: &[Row],
+        messages: &[Message],
         i: usize,
         error: &KafkaError,
         alone: bool,
         fates: &mut Fates,
     ) {
-        let row = &rows[i];
+        let message = &messages[i];
         metrics::counter!("herald_outbox_publish_errors_total").increment(1);
         match verdict_of(error) {
             verdict @ (Verdict::TooLarge | Verdict::Invalid) if alone => {
                 fates.refused.push((i, verdict, error.to_string()));
             }
             Verdict::TooLarge | Verdict::Invalid => {
-                tracing::warn!(id = row.id, position = row.position, %error, "the broker refused a batch; its messages go alone next time");
-                self.suspects.insert(row.message_id());
+                tracing::warn!(id = message.id, position = message.position, %error, "the broker refused a batch; its messages go alone next time");
+                self.suspects.insert(message.message_id());
             }
             Verdict::TopicUnavailable => {
-                fates.missing_topics.insert(row.topic.clone());
+                fates.missing_topics.insert(message.topic.clone());
             }
             Verdict::QueueFull | Verdict::Transient => {
                 fates.transient += 1;
                 if error.rdkafka_error_code() == Some(RDKafkaErrorCode::MessageTimedOut) {
                     fates.timed_out += 1;
                 }
-                tracing::warn!(id = row.id, position = row.position, topic = %row.topic, %error, "cannot publish an outbox message; will retry");
+                tracing::warn!(id = message.id, position = message.position, topic = %message.topic, %error, "cannot publish an outbox message; will retry");
             }
         }
     }
@@ -552,21 +554,21 @@ async fn mark(
 /// or parks the message; true when the message is settled (parked).
 async fn set_aside(
     tx: &mut sqlx::PgConnection,
-    row: &Row,
+    message: &Message,
     verdict: Verdict,
     error: &str,
 ) -> anyhow::Result<bool> {
-    if let Some(cut) = truncation(row, verdict) {
+    if let Some(cut) = truncation(message, verdict) {
         sqlx::query(
             "UPDATE outbox SET payloads[$2] = $3, \
                  headers = jsonb_set(headers, ARRAY[($2 - 1)::text, $4::text], to_jsonb($5::text)) \
              WHERE id = $1",
         )
-        .bind(row.id)
-        .bind(row.position)
-        .bind(&row.payload[..cut])
+        .bind(message.id)
+        .bind(message.position)
+        .bind(&message.payload[..cut])
         .bind(PAYLOAD_TRUNCATED_HEADER)
-        .bind(row.payload.len().to_string())
+        .bind(message.payload.len().to_string())
         .execute(&mut *tx)
         .await
         .context("Failed to truncate a dead letter")?;
@@ -577,14 +579,14 @@ async fn set_aside(
              created_at, error) \
          VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) ON CONFLICT DO NOTHING",
     )
-    .bind(row.id)
-    .bind(row.position)
-    .bind(&row.kind)
-    .bind(&row.topic)
-    .bind(&row.message_key)
-    .bind(&row.payload)
-    .bind(sqlx::types::Json(&row.headers))
-    .bind(row.created_at)
+    .bind(message.id)
+    .bind(message.position)
+    .bind(&message.kind)
+    .bind(&message.topic)
+    .bind(&message.message_key)
+    .bind(&message.payload)
+    .bind(sqlx::types::Json(&message.headers))
+    .bind(message.created_at)
     .bind(error.replace('\0', ""))
     .execute(&mut *tx)
     .await
@@ -594,15 +596,15 @@ async fn set_aside(
 
 /// Where to cut a dead letter's payload, if it is one that is cut rather than parked: too
 /// large, not cut before, and with more than the budget to cut. The cut keeps UTF-8 whole.
-fn truncation(row: &Row, verdict: Verdict) -> Option<usize> {
-    if row.kind != "dead_letter"
+fn truncation(message: &Message, verdict: Verdict) -> Option<usize> {
+    if message.kind != "dead_letter"
         || verdict != Verdict::TooLarge
-        || row.headers.contains_key(PAYLOAD_TRUNCATED_HEADER)
-        || row.payload.len() <= TRUNCATED_PAYLOAD_BYTES
+        || message.headers.contains_key(PAYLOAD_TRUNCATED_HEADER)
+        || message.payload.len() <= TRUNCATED_PAYLOAD_BYTES
     {
         return None;
     }
-    let head = &row.payload[..TRUNCATED_PAYLOAD_BYTES];
+    let head = &message.payload[..TRUNCATED_PAYLOAD_BYTES];
     Some(match std::str::from_utf8(head) {
         Ok(_) => head.len(),
         Err(error) if error.error_len().is_none() => error.valid_up_to(),
@@ -610,25 +612,26 @@ fn truncation(row: &Row, verdict: Verdict) -> Option<usize> {
     })
 }
 
-fn report_set_aside(row: &Row, verdict: Verdict, error: &str) {
-    if truncation(row, verdict).is_some() {
+fn report_set_aside(message: &Message, verdict: Verdict, error: &str) {
+    if truncation(message, verdict).is_some() {
         metrics::counter!("herald_outbox_truncated_total").increment(1);
         tracing::warn!(
-            id = row.id,
-            position = row.position,
-            topic = %row.topic,
-            size = row.payload.len(),
+            id = message.id,
+            position = message.position,
+            topic = %message.topic,
+            size = message.payload.len(),
             error,
             "dead letter too large for Kafka; its payload is truncated"
         );
     } else {
-        metrics::counter!("herald_outbox_parked_total", "kind" => row.kind.clone()).increment(1);
+        metrics::counter!("herald_outbox_parked_total", "kind" => message.kind.clone())
+            .increment(1);
         tracing::error!(
-            id = row.id,
-            position = row.position,
-            topic = %row.topic,
-            kind = %row.kind,
-            size = row.payload.len(),
+            id = message.id,
+            position = message.position,
+            topic = %message.topic,
+            kind = %message.kind,
+            size = message.payload.len(),
             error,
             "Kafka will never take this outbox message; parked in outbox_parked"
         );
@@ -669,8 +672,8 @@ mod tests {
         }
     }
 
-    fn dead_letter(payload: Vec<u8>) -> Row {
-        Row {
+    fn dead_letter(payload: Vec<u8>) -> Message {
+        Message {
             id: 1,
             position: 1,
             kind: "dead_letter".to_owned(),
@@ -686,16 +689,20 @@ mod tests {
     fn a_dead_letter_too_large_is_cut_once_on_a_character_boundary_and_anything_else_is_parked() {
         let mut text = "x".repeat(TRUNCATED_PAYLOAD_BYTES - 1).into_bytes();
         text.extend("한".repeat(1000).as_bytes());
-        let row = dead_letter(text);
-        let cut = truncation(&row, Verdict::TooLarge).expect("a large dead letter is cut");
+        let message = dead_letter(text);
+        let cut = truncation(&message, Verdict::TooLarge).expect("a large dead letter is cut");
         assert_eq!(
             cut,
             TRUNCATED_PAYLOAD_BYTES - 1,
             "the cut keeps UTF-8 whole"
         );
-        assert!(std::str::from_utf8(&row.payload[..cut]).is_ok());
+        assert!(std::str::from_utf8(&message.payload[..cut]).is_ok());
 
-        assert_eq!(truncation(&row, Verdict::Invalid), None, "invalid: parked");
+        assert_eq!(
+            truncation(&message, Verdict::Invalid),
+            None,
+            "invalid: parked"
+        );
         let mut cut_before = dead_letter(vec![b'x'; 2 * TRUNCATED_PAYLOAD_BYTES]);
         cut_before
             .headers
