@@ -5,7 +5,8 @@
 //! (an operator's retry), [`skip_broadcast`] (a cancelled broadcast) and [`mark_read`] (the
 //! inbox). Each state change bumps `version` and writes its delivery event to the outbox in
 //! the same transaction (the claim alone writes none: PROCESSING stays internal, the lease is
-//! in the row), so that rule lives here and nowhere else. Reads for the API stay with their
+//! in the row), with its notification's status event when the overall status changed
+//! ([`status_events`]), so that rule lives here and nowhere else. Reads for the API stay with their
 //! queries.
 
 use std::time::Duration;
@@ -21,6 +22,7 @@ use crate::{
     domain::{Channel, DeliveryStatus, Domain, Locale},
     intake::NewNotification,
     outbox::{self, DeliveryEvent, OutboxMessage},
+    status_events,
 };
 
 /// A claimed delivery with what sending it needs.
@@ -313,6 +315,7 @@ pub async fn record(
     let mut written = vec![Written::LeaseLost; records.len()];
     let mut messages = Vec::with_capacity(rows.len() * 2);
     let mut attempts = Vec::with_capacity(rows.len());
+    let mut changed = Vec::with_capacity(rows.len());
     for (n, version, at) in rows {
         let i = usize::try_from(n - 1).context("a record's ordinal")?;
         written[i] = Written::Recorded;
@@ -325,7 +328,13 @@ pub async fn record(
         if !record.is_first_time_success() {
             attempts.push(record);
         }
+        changed.push(status_events::Changed {
+            notification_id: record.event.notification_id,
+            delivery_id: record.event.delivery_id,
+            before: DeliveryStatus::Pending,
+        });
     }
+    messages.extend(status_events::changes(&mut tx, &changed, topic_prefix).await?);
     insert_attempts(&mut tx, &attempts).await?;
     outbox::insert(&mut tx, &messages).await?;
     tx.commit().await.context("Failed to commit send records")?;
@@ -426,8 +435,17 @@ pub async fn requeue_failed(
     let Some(row) = row else {
         return Ok(false);
     };
-    let event = row.event(DeliveryStatus::Pending, None);
-    outbox::insert(conn, &[event.to_outbox(topic_prefix)]).await?;
+    let reopened = status_events::Changed {
+        notification_id: row.notification_id,
+        delivery_id: row.delivery_id,
+        before: DeliveryStatus::Failed,
+    };
+    let mut messages = vec![
+        row.event(DeliveryStatus::Pending, None)
+            .to_outbox(topic_prefix),
+    ];
+    messages.extend(status_events::changes(conn, &[reopened], topic_prefix).await?);
+    outbox::insert(conn, &messages).await?;
     Ok(true)
 }
 
@@ -455,13 +473,22 @@ pub async fn skip_broadcast(
     .await
     .context("Failed to skip a cancelled broadcast's deliveries")?;
     let skipped = rows.len();
-    let events: Vec<OutboxMessage> = rows
+    let changed: Vec<status_events::Changed> = rows
+        .iter()
+        .map(|row| status_events::Changed {
+            notification_id: row.notification_id,
+            delivery_id: row.delivery_id,
+            before: DeliveryStatus::Pending,
+        })
+        .collect();
+    let mut events: Vec<OutboxMessage> = rows
         .into_iter()
         .map(|row| {
             row.event(DeliveryStatus::Skipped, Some(reason.to_owned()))
                 .to_outbox(topic_prefix)
         })
         .collect();
+    events.extend(status_events::changes(conn, &changed, topic_prefix).await?);
     outbox::insert(conn, &events).await?;
     Ok(skipped)
 }

@@ -189,8 +189,8 @@ impl NewNotification {
     }
 }
 
-/// Stores notifications, their deliveries and their delivery events inside the caller's
-/// transaction, in three statements whatever the batch size. Returns the notifications
+/// Stores notifications, their deliveries, their delivery events and their first status
+/// events inside the caller's transaction, in three statements whatever the batch size. Returns the notifications
 /// stored: a Kafka event already stored is left out (see [`insert_rows`]).
 pub async fn insert<'a>(
     conn: &mut PgConnection,
@@ -201,6 +201,11 @@ pub async fn insert<'a>(
     let events: Vec<OutboxMessage> = stored
         .iter()
         .flat_map(|x| x.delivery_events(topic_prefix))
+        .chain(
+            stored
+                .iter()
+                .map(|x| crate::status_events::created(x, topic_prefix)),
+        )
         .collect();
     outbox::insert(&mut *conn, &events).await?;
     Ok(stored)

@@ -22,6 +22,7 @@
 //! - [`directory`]: the user directory (contacts).
 //! - [`templates`]: tera templates, Korean and English, reloaded on change.
 //! - [`outbox`]: outbox records (delivery events, dead letters).
+//! - [`status_events`]: a notification's overall status on notification.status.events.
 //! - [`retention`]: history past `HERALD_RETENTION` deleted from every table together.
 //! - [`api`]: the HTTP surface, one module per resource.
 //! - [`auth`]: credentials: the admin token, API keys with scopes, end-user tokens.
@@ -56,5 +57,6 @@ pub mod retention;
 pub mod roles;
 pub mod routing;
 pub mod startup;
+pub mod status_events;
 pub mod telemetry;
 pub mod templates;

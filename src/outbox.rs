@@ -24,6 +24,8 @@ pub enum OutboxKind {
     DeadLetter,
     /// A broadcast's end for notification.broadcast.events.
     BroadcastEvent,
+    /// A notification's overall status for notification.status.events.
+    StatusEvent,
 }
 
 impl OutboxKind {
@@ -32,6 +34,7 @@ impl OutboxKind {
             OutboxKind::DeliveryEvent => "delivery_event",
             OutboxKind::DeadLetter => "dead_letter",
             OutboxKind::BroadcastEvent => "broadcast_event",
+            OutboxKind::StatusEvent => "status_event",
         }
     }
 }

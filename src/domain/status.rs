@@ -35,6 +35,15 @@ impl DeliveryStatus {
             DeliveryStatus::Success | DeliveryStatus::Failed | DeliveryStatus::Skipped
         )
     }
+
+    /// The state as the delivery events tell it: a claim's PROCESSING is internal (DESIGN
+    /// §1 lets it stay unpublished, issue 14), so a claimed delivery reads as PENDING.
+    pub fn published(self) -> Self {
+        match self {
+            DeliveryStatus::Processing => DeliveryStatus::Pending,
+            other => other,
+        }
+    }
 }
 
 impl fmt::Display for DeliveryStatus {
@@ -98,11 +107,44 @@ impl NotificationStatus {
             _ => NotificationStatus::Pending,
         }
     }
+
+    /// The overall status as the delivery events tell it ([`DeliveryStatus::published`]),
+    /// which is what notification.status.events announces.
+    pub fn published(deliveries: impl IntoIterator<Item = DeliveryStatus>) -> Self {
+        Self::derive(deliveries.into_iter().map(DeliveryStatus::published))
+    }
+
+    /// The wire name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            NotificationStatus::Pending => "PENDING",
+            NotificationStatus::Processing => "PROCESSING",
+            NotificationStatus::Completed => "COMPLETED",
+            NotificationStatus::PartiallyFailed => "PARTIALLY_FAILED",
+            NotificationStatus::Failed => "FAILED",
+        }
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::{DeliveryStatus::*, NotificationStatus};
+
+    #[test]
+    fn the_published_status_counts_a_claimed_delivery_as_pending() {
+        assert_eq!(
+            NotificationStatus::published([Processing, Pending]),
+            NotificationStatus::Pending
+        );
+        assert_eq!(
+            NotificationStatus::published([Processing, Success]),
+            NotificationStatus::Processing
+        );
+        assert_eq!(
+            NotificationStatus::published([Failed, Success]),
+            NotificationStatus::PartiallyFailed
+        );
+    }
 
     #[test]
     fn overall_status_follows_the_deliveries() {

@@ -24,5 +24,6 @@ mod outbound;
 mod read_model;
 mod retention;
 mod settings;
+mod status_events;
 mod templates;
 mod topics;
