@@ -399,6 +399,11 @@ pub struct ChannelSettings {
     pub sms_gateway_url: Option<Url>,
     pub kakaotalk_gateway_url: Option<Url>,
     pub push_gateway_url: Option<Url>,
+    /// Per channel: the Standard Webhooks secret (`whsec_<base64>`) that signs its
+    /// provider's receipts (`HERALD_SMS_RECEIPT_SECRET`, `HERALD_KAKAOTALK_RECEIPT_SECRET`,
+    /// `HERALD_PUSH_RECEIPT_SECRET`, `HERALD_EMAIL_BOUNCE_SECRET`). A channel without one
+    /// refuses receipts.
+    pub receipt_secrets: BTreeMap<Channel, SecretString>,
 }
 
 /// The admin API.
@@ -680,6 +685,24 @@ impl Settings {
                 gateway_keys.insert(channel, SecretString::from(key));
             }
         }
+        let mut receipt_secrets = BTreeMap::new();
+        for (channel, var) in [
+            (Channel::Sms, "HERALD_SMS_RECEIPT_SECRET"),
+            (Channel::Kakaotalk, "HERALD_KAKAOTALK_RECEIPT_SECRET"),
+            (Channel::Push, "HERALD_PUSH_RECEIPT_SECRET"),
+            (Channel::Email, "HERALD_EMAIL_BOUNCE_SECRET"),
+        ] {
+            if let Some(secret) = (layers.env)(var).filter(|k| !k.trim().is_empty()) {
+                if standardwebhooks::Webhook::new(secret.trim()).is_err() {
+                    return Err(ConfigError::Invalid {
+                        origin: var.to_owned(),
+                        expected: "a Standard Webhooks secret: whsec_ followed by base64",
+                        value: None,
+                    });
+                }
+                receipt_secrets.insert(channel, SecretString::from(secret.trim().to_owned()));
+            }
+        }
         let read_model = ReadModelSettings::load(&layers, raw.read_model)?;
         let broadcast_batch = layers.required(
             "HERALD_BROADCAST_BATCH_SIZE",
@@ -766,6 +789,7 @@ impl Settings {
                     .filter(Value::is_set)
                     .map(Value::http_url)
                     .transpose()?,
+                receipt_secrets,
             },
             admin: AdminSettings {
                 token: admin_token

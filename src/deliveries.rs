@@ -56,6 +56,9 @@ pub struct Job {
     pub source_partition: Option<i32>,
     pub source_offset: Option<i64>,
     pub occurred_at: Option<DateTime<Utc>>,
+    /// Its address is suppressed on its channel ([`crate::suppressions`]): it is SKIPPED,
+    /// not sent.
+    pub suppressed: bool,
 }
 
 impl Job {
@@ -82,6 +85,7 @@ impl Job {
             version,
             created_at: self.created_at,
             updated_at: at,
+            receipt: None,
         }
     }
 }
@@ -200,7 +204,9 @@ pub async fn claim(
         "SELECT d.id AS delivery_id, d.notification_id, d.broadcast_id, d.channel, d.address, d.attempts, \
              d.retry_base, d.lease_until, d.version, d.updated_at, d.created_at, n.domain, n.event_id, n.event_type, n.user_id, \
              n.locale, n.data, n.subject, n.body, n.recipient, n.raw_event, n.source_topic, \
-             n.source_partition, n.source_offset, n.occurred_at \
+             n.source_partition, n.source_offset, n.occurred_at, \
+             EXISTS (SELECT 1 FROM suppressions s WHERE s.channel = d.channel \
+                 AND s.address = d.address AND s.lifted_at IS NULL) AS suppressed \
          FROM deliveries d JOIN notifications n ON n.id = d.notification_id \
          WHERE d.id = ANY($1) ORDER BY d.broadcast_id IS NOT NULL, d.next_attempt_at",
     )
@@ -283,7 +289,9 @@ pub async fn record(
     let rows: Vec<(i64, i64, DateTime<Utc>)> = sqlx::query_as(
         "UPDATE deliveries d SET status = t.status, attempts = t.attempt, lease_until = NULL, \
              next_attempt_at = COALESCE(now() + t.retry_ms * interval '1 millisecond', d.next_attempt_at), \
-             last_error = t.error, error_class = t.class, sent_via = t.sent_via, \
+             last_error = CASE WHEN t.status = 'SKIPPED' THEN d.last_error ELSE t.error END, \
+             skip_reason = CASE WHEN t.status = 'SKIPPED' THEN t.error ELSE d.skip_reason END, \
+             error_class = t.class, sent_via = t.sent_via, \
              provider_ref = CASE WHEN t.status = 'SUCCESS' THEN t.provider_ref ELSE d.provider_ref END, \
              completed_at = CASE WHEN t.status = 'PENDING' THEN d.completed_at ELSE now() END, \
              first_attempt_started_at = COALESCE(t.first_started, d.first_attempt_started_at), \
@@ -325,7 +333,7 @@ pub async fn record(
         event.updated_at = at;
         messages.push(event.to_outbox(topic_prefix));
         messages.extend(record.dead_letter.clone());
-        if !record.is_first_time_success() {
+        if record.has_attempt_row() {
             attempts.push(record);
         }
         changed.push(status_events::Changed {
@@ -407,6 +415,7 @@ impl Changed {
             version: self.version,
             created_at: self.created_at,
             updated_at: self.updated_at,
+            receipt: None,
         }
     }
 }

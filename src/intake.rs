@@ -182,6 +182,7 @@ impl NewNotification {
                     version: 1,
                     created_at: self.created_at,
                     updated_at: self.created_at,
+                    receipt: None,
                 }
                 .to_outbox(topic_prefix)
             })

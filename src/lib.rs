@@ -22,6 +22,8 @@
 //! - [`directory`]: the user directory (contacts).
 //! - [`templates`]: tera templates, Korean and English, reloaded on change.
 //! - [`outbox`]: outbox records (delivery events, dead letters).
+//! - [`receipts`]: provider receipts (delivered, undelivered, bounced) applied to deliveries.
+//! - [`suppressions`]: addresses a channel must not send to again.
 //! - [`status_events`]: a notification's overall status on notification.status.events.
 //! - [`retention`]: history past `HERALD_RETENTION` deleted from every table together.
 //! - [`api`]: the HTTP surface, one module per resource.
@@ -52,11 +54,13 @@ pub mod kafka;
 pub mod outbox;
 pub mod preferences;
 pub mod read_model;
+pub mod receipts;
 pub mod relay;
 pub mod retention;
 pub mod roles;
 pub mod routing;
 pub mod startup;
 pub mod status_events;
+pub mod suppressions;
 pub mod telemetry;
 pub mod templates;

@@ -10,7 +10,10 @@ use serde::Serialize;
 use sqlx::PgConnection;
 use uuid::Uuid;
 
-use crate::domain::{Channel, DeliveryStatus, Domain};
+use crate::{
+    domain::{Channel, DeliveryStatus, Domain},
+    receipts::ReceiptState,
+};
 
 /// The delivery-state topic, without prefix.
 pub const DELIVERY_EVENTS_TOPIC: &str = "notification.delivery.events";
@@ -68,6 +71,9 @@ pub struct DeliveryEvent {
     pub version: i64,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
+    /// What the provider said became of the message, once it said so (issue 15).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub receipt: Option<ReceiptState>,
 }
 
 impl DeliveryEvent {

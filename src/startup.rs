@@ -463,6 +463,13 @@ fn spawn_workers(
             }
         });
     }
+    if state.roles.contains(&Role::Api) {
+        tasks.spawn(crate::receipts::run(
+            state.db.clone(),
+            state.settings.kafka.topic_prefix.clone(),
+            state.shutdown.clone(),
+        ));
+    }
     if state.roles.contains(&Role::Relay) {
         let relay = Relay::new(state.work_db.clone(), &state.settings.kafka)?;
         tasks.spawn(relay.run(state.shutdown.clone()));

@@ -49,7 +49,10 @@ pub async fn authenticate(
     mut request: Request,
     next: Next,
 ) -> Response {
-    if !request.uri().path().starts_with("/api/") {
+    // Provider receipts carry no API key: each is signed with its channel's receipt secret,
+    // which the route checks before reading anything (super::receipts).
+    let path = request.uri().path();
+    if !path.starts_with("/api/") || path.starts_with(super::receipts::PATH_PREFIX) {
         return next.run(request).await;
     }
     let presented = match credential(request.headers(), &request) {

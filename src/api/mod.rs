@@ -13,7 +13,9 @@ pub mod inbox;
 pub mod keys;
 pub mod metrics;
 pub mod notifications;
+pub mod receipts;
 pub mod settings;
+pub mod suppressions;
 pub mod templates;
 pub mod users;
 
@@ -104,7 +106,9 @@ pub fn router(state: AppState) -> Router {
             .merge(admin::router())
             .merge(keys::router())
             .merge(event_types::router())
-            .merge(templates::router());
+            .merge(templates::router())
+            .merge(receipts::router())
+            .merge(suppressions::router());
     }
     let limits = Limits {
         permits: Arc::new(Semaphore::new(state.settings.http.max_concurrent_requests)),

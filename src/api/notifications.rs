@@ -580,6 +580,33 @@ struct DeliveryView {
     created_at: DateTime<Utc>,
     updated_at: DateTime<Utc>,
     completed_at: Option<DateTime<Utc>>,
+    /// What the provider said became of the message, once it said so.
+    #[sqlx(flatten)]
+    receipt: ReceiptColumns,
+}
+
+/// A delivery's receipt columns, shown as one `receipt` object (null until a receipt).
+#[derive(Debug, sqlx::FromRow)]
+struct ReceiptColumns {
+    receipt_status: Option<crate::domain::ReceiptStatus>,
+    receipt_reason: Option<String>,
+    receipt_permanent: Option<bool>,
+    receipt_at: Option<DateTime<Utc>>,
+}
+
+impl Serialize for ReceiptColumns {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let state = match (self.receipt_status, self.receipt_at) {
+            (Some(status), Some(at)) => Some(crate::receipts::ReceiptState {
+                status,
+                reason: self.receipt_reason.clone(),
+                permanent: self.receipt_permanent.unwrap_or(false),
+                at,
+            }),
+            _ => None,
+        };
+        state.serialize(serializer)
+    }
 }
 
 async fn read(
@@ -598,7 +625,8 @@ async fn read(
     let notification = row.ok_or_else(|| ApiError::NotFound(format!("no notification {id}")))?;
     let deliveries: Vec<DeliveryView> = sqlx::query_as(
         "SELECT id, channel, status, address, attempts, next_attempt_at, last_error, \
-             skip_reason, provider_ref, sent_via, created_at, updated_at, completed_at \
+             skip_reason, provider_ref, sent_via, created_at, updated_at, completed_at, \
+             receipt_status, receipt_reason, receipt_permanent, receipt_at \
          FROM deliveries WHERE notification_id = $1 ORDER BY channel",
     )
     .bind(id)

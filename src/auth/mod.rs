@@ -57,11 +57,14 @@ pub enum Scope {
     /// Store template versions and choose the one in effect.
     #[serde(rename = "templates:write")]
     TemplatesWrite,
+    /// List suppressed addresses and lift suppressions.
+    #[serde(rename = "suppressions:admin")]
+    SuppressionsAdmin,
 }
 
 impl Scope {
     /// Every scope, in the order the documentation lists them.
-    pub const ALL: [Scope; 11] = [
+    pub const ALL: [Scope; 12] = [
         Scope::NotificationsWrite,
         Scope::NotificationsRead,
         Scope::UsersWrite,
@@ -73,6 +76,7 @@ impl Scope {
         Scope::KeysAdmin,
         Scope::TemplatesRead,
         Scope::TemplatesWrite,
+        Scope::SuppressionsAdmin,
     ];
 
     /// The scope's name, as keys carry it (`notifications:write`).
@@ -89,6 +93,7 @@ impl Scope {
             Scope::KeysAdmin => "keys:admin",
             Scope::TemplatesRead => "templates:read",
             Scope::TemplatesWrite => "templates:write",
+            Scope::SuppressionsAdmin => "suppressions:admin",
         }
     }
 }

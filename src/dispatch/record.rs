@@ -35,6 +35,9 @@ use crate::{
     outbox::{DeliveryEvent, OutboxMessage},
 };
 
+/// The outcome of a record that skips its delivery (a suppressed address) without an attempt.
+pub const SKIPPED: &str = "SKIPPED";
+
 /// The most records one transaction writes.
 pub const MAX_BATCH: usize = 512;
 
@@ -59,7 +62,8 @@ pub struct Finished {
     pub via: Channel,
     pub started_at: DateTime<Utc>,
     pub latency_ms: i32,
-    /// The attempt's outcome: SUCCESS, RETRYABLE or PERMANENT.
+    /// The attempt's outcome: SUCCESS, RETRYABLE or PERMANENT; [`SKIPPED`] when nothing
+    /// was attempted.
     pub outcome: &'static str,
     pub dead_letter: Option<OutboxMessage>,
 }
@@ -69,6 +73,12 @@ impl Finished {
     /// instead of an attempt row of its own.
     pub fn is_first_time_success(&self) -> bool {
         self.event.attempts == 1 && self.outcome == "SUCCESS"
+    }
+
+    /// Whether the record writes a `delivery_attempts` row: every attempt but a first-time
+    /// success, and not a skip (nothing was attempted).
+    pub fn has_attempt_row(&self) -> bool {
+        !self.is_first_time_success() && self.outcome != SKIPPED
     }
 }
 

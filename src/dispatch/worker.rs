@@ -14,7 +14,7 @@ use uuid::Uuid;
 use super::{
     circuit_breaker::{CircuitBreaker, Permit, Transition},
     rate_limit::{Admission, RateLimiter},
-    record::{Finished, Recorder, Written},
+    record::{self, Finished, Recorder, Written},
 };
 pub use crate::deliveries::Job;
 use crate::{
@@ -25,6 +25,7 @@ use crate::{
     outbox::{DeadLetter, OutboxMessage},
     preferences,
     routing::RoutingTable,
+    suppressions,
     templates::{ADHOC, Templates},
 };
 
@@ -40,6 +41,8 @@ pub enum Outcome {
     Deferred,
     /// Another worker owns the delivery now (our lease ran out); nothing recorded.
     LeaseLost,
+    /// SKIPPED without an attempt: its address is suppressed.
+    Skipped,
 }
 
 /// A delivery cleared to go out now.
@@ -121,6 +124,9 @@ impl Dispatcher {
     /// window they read before claiming already counts the sends they started.
     pub async fn admit(&self, job: &Job) -> anyhow::Result<Result<Admitted, Outcome>> {
         let channel = job.channel;
+        if job.suppressed {
+            return Ok(Err(self.skip_suppressed(job).await?));
+        }
         // A reclaim counts the attempt its dead worker may have made: a delivery whose
         // workers keep dying ends in the DLQ instead of being sent again and again.
         if (job.attempts - job.retry_base) as u32 > self.settings.max_retries {
@@ -431,6 +437,40 @@ impl Dispatcher {
                 .record(since);
         }
         Ok(outcome)
+    }
+
+    /// SKIPs a delivery whose address is suppressed on its channel, without an attempt.
+    async fn skip_suppressed(&self, job: &Job) -> anyhow::Result<Outcome> {
+        let now = Utc::now();
+        let finished = Finished {
+            event: job.event(
+                DeliveryStatus::Skipped,
+                job.attempts,
+                Some(suppressions::SKIP_REASON.to_owned()),
+                job.version,
+                now,
+            ),
+            lease_until: job.lease_until,
+            retry_in_ms: None,
+            error_class: None,
+            sent_via: None,
+            provider_ref: None,
+            via: job.channel,
+            started_at: now,
+            latency_ms: 0,
+            outcome: record::SKIPPED,
+            dead_letter: None,
+        };
+        let written = self
+            .recorder
+            .record(&self.db, &self.topic_prefix, finished)
+            .await?;
+        if written == Written::LeaseLost {
+            return Ok(Outcome::LeaseLost);
+        }
+        metrics::counter!("herald_deliveries_total", "channel" => job.channel.as_str().to_owned(), "outcome" => "suppressed")
+            .increment(1);
+        Ok(Outcome::Skipped)
     }
 
     /// The delay before retry `n` (1-based), with jitter.

@@ -9,7 +9,7 @@ mod status;
 pub use channel::Channel;
 pub use contact::{BirthYear, EmailAddress, Locale, PhoneNumber, Tag, Timezone};
 pub use event::{Domain, Event, EventId, EventType, Recipient, UserId};
-pub use status::{DeliveryStatus, NotificationStatus};
+pub use status::{DeliveryStatus, NotificationStatus, ReceiptStatus};
 
 /// Stores an enumeration as its TEXT name (`as_str`) and reads it back through `FromStr`,
 /// so that a row decodes into the enum or fails loudly with the value it held, instead of
@@ -56,4 +56,4 @@ macro_rules! text_column {
     )+};
 }
 
-text_column!(Channel, DeliveryStatus, Domain, Locale);
+text_column!(Channel, DeliveryStatus, Domain, Locale, ReceiptStatus);

@@ -69,6 +69,48 @@ impl FromStr for DeliveryStatus {
     }
 }
 
+/// What a provider says became of a message after accepting it (issue 15); kept beside the
+/// delivery status, which it does not change.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum ReceiptStatus {
+    /// It reached the phone, device or mailbox.
+    Delivered,
+    /// It did not reach the phone or device (the reason says why).
+    Undelivered,
+    /// The email bounced.
+    Bounced,
+}
+
+impl ReceiptStatus {
+    /// The database and wire name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ReceiptStatus::Delivered => "DELIVERED",
+            ReceiptStatus::Undelivered => "UNDELIVERED",
+            ReceiptStatus::Bounced => "BOUNCED",
+        }
+    }
+}
+
+impl FromStr for ReceiptStatus {
+    type Err = String;
+
+    /// Takes any letter case (`delivered`, `Delivered`): providers write it either way.
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        [
+            ReceiptStatus::Delivered,
+            ReceiptStatus::Undelivered,
+            ReceiptStatus::Bounced,
+        ]
+        .into_iter()
+        .find(|r| r.as_str().eq_ignore_ascii_case(s.trim()))
+        .ok_or_else(|| {
+            format!("unknown receipt status {s:?} (expected DELIVERED, UNDELIVERED or BOUNCED)")
+        })
+    }
+}
+
 /// A notification's overall status, derived from its deliveries whenever it is read
 /// (DESIGN §3), never stored.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

@@ -17,7 +17,7 @@ use crate::{
 use herald::roles::Role;
 
 /// Every scope a key can hold.
-const SCOPES: [&str; 11] = [
+const SCOPES: [&str; 12] = [
     "notifications:write",
     "notifications:read",
     "users:write",
@@ -29,6 +29,7 @@ const SCOPES: [&str; 11] = [
     "keys:admin",
     "templates:read",
     "templates:write",
+    "suppressions:admin",
 ];
 
 /// One operation of the document, with what its `security` says.
@@ -43,6 +44,8 @@ struct Operation {
     alternatives: Vec<String>,
     /// Whether a user token may call it for its own user.
     user_token: bool,
+    /// Signed by its caller instead (provider receipts): no credential, a signature.
+    signed: bool,
 }
 
 async fn operations_of(app: &TestApp) -> Vec<Operation> {
@@ -61,6 +64,7 @@ async fn operations_of(app: &TestApp) -> Vec<Operation> {
                 .collect();
             let scope = alternatives.first().cloned();
             let user_token = security.iter().any(|s| s.get("userToken").is_some());
+            let signed = security.iter().any(|s| s.get("receiptSignature").is_some());
             Operation {
                 method: method.parse().unwrap(),
                 path: fill(&doc, operation, &template),
@@ -68,6 +72,7 @@ async fn operations_of(app: &TestApp) -> Vec<Operation> {
                 scope,
                 alternatives,
                 user_token,
+                signed,
             }
         })
         .collect()
@@ -137,7 +142,26 @@ async fn every_api_operation_answers_an_anonymous_caller_401_with_www_authentica
             op.method, op.path
         );
     }
-    for op in operations.iter().filter(|op| op.scope.is_none()) {
+    // A signed route answers a caller without a signature 401 as well, with the same body.
+    for op in operations.iter().filter(|op| op.signed) {
+        let response = app
+            .anonymous
+            .request(op.method.clone(), format!("{}{}", app.address, op.path))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 401, "{} {}", op.method, op.path);
+        let body: Value = response.json().await.unwrap();
+        assert_eq!(
+            body["error"]["code"], "unauthorized",
+            "{} {}",
+            op.method, op.path
+        );
+    }
+    for op in operations
+        .iter()
+        .filter(|op| op.scope.is_none() && !op.signed)
+    {
         assert!(
             op.template.starts_with("/health") || !op.template.starts_with("/api/"),
             "{} is open but under /api",

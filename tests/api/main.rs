@@ -22,6 +22,7 @@ mod metrics;
 mod migrations;
 mod outbound;
 mod read_model;
+mod receipts;
 mod retention;
 mod settings;
 mod status_events;
