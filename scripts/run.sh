@@ -31,6 +31,15 @@ secret() {
 }
 secret HERALD_ADMIN_TOKEN .stack/admin-token
 secret HERALD_USER_TOKEN_SECRET .stack/user-token-secret
+# Provider receipts are signed the Standard Webhooks way (whsec_ and base64); locally one
+# secret serves every channel's receipts.
+if [[ ! -s .stack/receipt-secret ]]; then
+    (umask 077 && printf 'whsec_%s' "$(head -c 32 /dev/urandom | base64 -w0)" >.stack/receipt-secret)
+fi
+for variable in HERALD_SMS_RECEIPT_SECRET HERALD_KAKAOTALK_RECEIPT_SECRET \
+    HERALD_PUSH_RECEIPT_SECRET HERALD_EMAIL_BOUNCE_SECRET; do
+    [[ -n ${!variable:-} ]] || export "$variable=$(cat .stack/receipt-secret)"
+done
 
 echo "[run] building herald" >&2
 cargo build --quiet --bin herald
@@ -59,6 +68,9 @@ cat <<BANNER
   Make API keys with narrower scopes, and user tokens for a user's own routes:
     $HERALD keys create --name my-service --scopes notifications:write
     HERALD_USER_TOKEN_SECRET=\$(cat .stack/user-token-secret) $HERALD users token 42
+
+  Providers post receipts to $api/api/v1/receipts/{sms,kakaotalk,push,email}, signed
+  the Standard Webhooks way with the secret in .stack/receipt-secret (README: Receipts).
 
   Publish the sample events from another terminal:
     make demo      (or: $HERALD demo)

@@ -7,6 +7,8 @@
 //! - `notification_log` rows of terminal deliveries made before the cutoff go.
 //! - `delivery_stats` days before the cutoff's day go (in the reporting time zone's days,
 //!   which is what the rows count).
+//! - `receipts` received before the cutoff go. Suppressions stay until lifted: they are
+//!   about an address, not a period.
 //!
 //! Notification and delivery ids are UUIDv7, so "made before the cutoff" is an id below the
 //! cutoff's smallest v7 id: the primary keys find them, and no index on a time column is
@@ -48,6 +50,8 @@ pub struct Purged {
     pub log_rows: u64,
     /// Statistics rows (one per day and channel).
     pub stats_rows: u64,
+    /// Provider receipts received before the cutoff.
+    pub receipts: u64,
 }
 
 /// The smallest UUIDv7 of the millisecond `at`: every v7 id made before `at` sorts below it.
@@ -117,15 +121,25 @@ async fn purge_locked(
         .await
         .context("Failed to purge delivery statistics")?
         .rows_affected();
+    // Receipts come one per gateway send at most, and each round takes the last 10
+    // minutes' worth: one statement is short.
+    let receipts = sqlx::query("DELETE FROM receipts WHERE received_at < $1")
+        .bind(cutoff)
+        .execute(db)
+        .await
+        .context("Failed to purge receipts")?
+        .rows_affected();
     let purged = Purged {
         notifications,
         log_rows,
         stats_rows,
+        receipts,
     };
     for (table, n) in [
         ("notifications", purged.notifications),
         ("notification_log", purged.log_rows),
         ("delivery_stats", purged.stats_rows),
+        ("receipts", purged.receipts),
     ] {
         metrics::counter!("herald_retention_deleted_total", "table" => table).increment(n);
     }

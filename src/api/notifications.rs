@@ -582,31 +582,7 @@ struct DeliveryView {
     completed_at: Option<DateTime<Utc>>,
     /// What the provider said became of the message, once it said so.
     #[sqlx(flatten)]
-    receipt: ReceiptColumns,
-}
-
-/// A delivery's receipt columns, shown as one `receipt` object (null until a receipt).
-#[derive(Debug, sqlx::FromRow)]
-struct ReceiptColumns {
-    receipt_status: Option<crate::domain::ReceiptStatus>,
-    receipt_reason: Option<String>,
-    receipt_permanent: Option<bool>,
-    receipt_at: Option<DateTime<Utc>>,
-}
-
-impl Serialize for ReceiptColumns {
-    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        let state = match (self.receipt_status, self.receipt_at) {
-            (Some(status), Some(at)) => Some(crate::receipts::ReceiptState {
-                status,
-                reason: self.receipt_reason.clone(),
-                permanent: self.receipt_permanent.unwrap_or(false),
-                at,
-            }),
-            _ => None,
-        };
-        state.serialize(serializer)
-    }
+    receipt: crate::receipts::ReceiptColumns,
 }
 
 async fn read(

@@ -16,11 +16,13 @@ use uuid::Uuid;
 use crate::{
     config::KafkaSettings,
     db::is_data_error,
+    domain::ReceiptStatus,
     kafka::{
         consumer::{IncomingMessage, detach},
         parked,
     },
     outbox::DELIVERY_EVENTS_TOPIC,
+    receipts::ReceiptState,
 };
 
 /// A delivery event as the projector reads it.
@@ -39,6 +41,9 @@ pub struct DeliveryEventIn {
     pub version: i64,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
+    /// The provider's receipt, on the events that carry one.
+    #[serde(default)]
+    pub receipt: Option<ReceiptState>,
 }
 
 /// What applying a batch did.
@@ -153,9 +158,15 @@ impl Projector {
         .execute(&mut *tx)
         .await
         .context("Failed to lock the deliveries")?;
-        let rows: Vec<(Uuid, i64, Option<String>, Option<NaiveDate>)> = sqlx::query_as(
-            "SELECT delivery_id, version, counted_status, counted_day FROM notification_log \
-             WHERE delivery_id = ANY($1)",
+        let rows: Vec<(
+            Uuid,
+            i64,
+            Option<String>,
+            Option<NaiveDate>,
+            Option<ReceiptStatus>,
+        )> = sqlx::query_as(
+            "SELECT delivery_id, version, counted_status, counted_day, receipt_status \
+                 FROM notification_log WHERE delivery_id = ANY($1)",
         )
         .bind(&ids)
         .fetch_all(&mut *tx)
@@ -163,13 +174,14 @@ impl Projector {
         .context("Failed to read the log")?;
         let mut current: HashMap<Uuid, LogState> = rows
             .into_iter()
-            .map(|(id, version, counted, counted_day)| {
+            .map(|(id, version, counted, counted_day, receipt)| {
                 (
                     id,
                     LogState {
                         version,
                         counted,
                         counted_day,
+                        receipt,
                     },
                 )
             })
@@ -182,8 +194,10 @@ impl Projector {
                 version: i64::MIN,
                 counted: None,
                 counted_day: None,
+                receipt: None,
             });
             let mut newest = None;
+            let mut receipt = None;
             for e in *delivery {
                 if e.version <= state.version {
                     stale += 1;
@@ -201,15 +215,30 @@ impl Projector {
                     state.counted = Some(e.status.clone());
                     state.counted_day = Some(day);
                 }
+                if let Some(new) = &e.receipt {
+                    // Counted on the day its send was, so that day's delivered rate reads
+                    // against that day's sends.
+                    let day = state.counted_day.unwrap_or_else(|| {
+                        e.updated_at.with_timezone(&self.reporting_tz).date_naive()
+                    });
+                    if state.receipt != Some(new.status) {
+                        if let Some(old) = state.receipt {
+                            count_receipt(&mut counts, day, &e.channel, old, -1);
+                        }
+                        count_receipt(&mut counts, day, &e.channel, new.status, 1);
+                        state.receipt = Some(new.status);
+                    }
+                    receipt = Some(new);
+                }
             }
             if let Some(e) = newest {
-                changed.push(e, state);
+                changed.push(e, state, receipt);
             }
         }
         changed.write(&mut tx).await?;
         // The hot statistics rows are touched once per transaction, in key order.
-        for ((day, channel), (success, failed, skipped)) in counts {
-            add_counts(&mut tx, day, &channel, success, failed, skipped).await?;
+        for ((day, channel), tally) in counts {
+            add_counts(&mut tx, day, &channel, &tally).await?;
         }
         tx.commit()
             .await
@@ -235,6 +264,8 @@ struct LogState {
     /// The terminal outcome counted in delivery_stats, and on which day.
     counted: Option<String>,
     counted_day: Option<NaiveDate>,
+    /// The receipt status counted in delivery_stats (the row's).
+    receipt: Option<ReceiptStatus>,
 }
 
 /// The log rows a batch changes, as columns for one upsert.
@@ -255,11 +286,16 @@ struct Changes {
     completed: Vec<Option<DateTime<Utc>>>,
     counted: Vec<Option<String>>,
     counted_days: Vec<Option<NaiveDate>>,
+    receipt_statuses: Vec<Option<ReceiptStatus>>,
+    receipt_reasons: Vec<Option<String>>,
+    receipt_permanent: Vec<Option<bool>>,
+    receipt_at: Vec<Option<DateTime<Utc>>>,
 }
 
 impl Changes {
-    /// Adds a delivery's row as its newest event and the counting leave it.
-    fn push(&mut self, e: &DeliveryEventIn, state: &LogState) {
+    /// Adds a delivery's row as its newest event and the counting leave it, with the newest
+    /// receipt of the batch (none keeps the row's).
+    fn push(&mut self, e: &DeliveryEventIn, state: &LogState, receipt: Option<&ReceiptState>) {
         self.delivery_ids.push(e.delivery_id);
         self.notification_ids.push(e.notification_id);
         self.event_ids.push(e.event_id.clone());
@@ -276,6 +312,11 @@ impl Changes {
             .push(is_terminal(&e.status).then_some(e.updated_at));
         self.counted.push(state.counted.clone());
         self.counted_days.push(state.counted_day);
+        self.receipt_statuses.push(receipt.map(|r| r.status));
+        self.receipt_reasons
+            .push(receipt.and_then(|r| r.reason.clone()));
+        self.receipt_permanent.push(receipt.map(|r| r.permanent));
+        self.receipt_at.push(receipt.map(|r| r.at));
     }
 
     /// One upsert for every changed row (in delivery id order, as they were pushed).
@@ -290,20 +331,28 @@ impl Changes {
         sqlx::query(
             "INSERT INTO notification_log (delivery_id, notification_id, event_id, event_type, \
                  user_id, channel, status, attempts, last_error, version, created_at, updated_at, \
-                 completed_at, counted_status, counted_day, read_at) \
+                 completed_at, counted_status, counted_day, receipt_status, receipt_reason, \
+                 receipt_permanent, receipt_at, read_at) \
              SELECT u.*, CASE WHEN u.channel = 'IN_APP' THEN \
                      (SELECT d.read_at FROM deliveries d WHERE d.id = u.delivery_id) END \
              FROM UNNEST($1::uuid[], $2::uuid[], $3::text[], $4::text[], $5::int8[], \
                  $6::text[], $7::text[], $8::int4[], $9::text[], $10::int8[], \
                  $11::timestamptz[], $12::timestamptz[], $13::timestamptz[], $14::text[], \
-                 $15::date[]) AS u(delivery_id, notification_id, event_id, event_type, user_id, \
+                 $15::date[], $16::text[], $17::text[], $18::bool[], $19::timestamptz[]) \
+                 AS u(delivery_id, notification_id, event_id, event_type, user_id, \
                  channel, status, attempts, last_error, version, created_at, updated_at, \
-                 completed_at, counted_status, counted_day) \
+                 completed_at, counted_status, counted_day, receipt_status, receipt_reason, \
+                 receipt_permanent, receipt_at) \
              ON CONFLICT (delivery_id) DO UPDATE SET status = EXCLUDED.status, \
                  attempts = EXCLUDED.attempts, last_error = EXCLUDED.last_error, \
                  version = EXCLUDED.version, updated_at = EXCLUDED.updated_at, \
                  completed_at = EXCLUDED.completed_at, \
-                 counted_status = EXCLUDED.counted_status, counted_day = EXCLUDED.counted_day \
+                 counted_status = EXCLUDED.counted_status, counted_day = EXCLUDED.counted_day, \
+                 receipt_status = COALESCE(EXCLUDED.receipt_status, notification_log.receipt_status), \
+                 receipt_reason = CASE WHEN EXCLUDED.receipt_status IS NULL \
+                     THEN notification_log.receipt_reason ELSE EXCLUDED.receipt_reason END, \
+                 receipt_permanent = COALESCE(EXCLUDED.receipt_permanent, notification_log.receipt_permanent), \
+                 receipt_at = COALESCE(EXCLUDED.receipt_at, notification_log.receipt_at) \
              WHERE notification_log.version < EXCLUDED.version",
         )
         .bind(&self.delivery_ids)
@@ -321,6 +370,10 @@ impl Changes {
         .bind(&self.completed)
         .bind(&self.counted)
         .bind(&self.counted_days)
+        .bind(&self.receipt_statuses)
+        .bind(&self.receipt_reasons)
+        .bind(&self.receipt_permanent)
+        .bind(&self.receipt_at)
         .execute(&mut *tx)
         .await
         .context("Failed to write the log")?;
@@ -328,15 +381,41 @@ impl Changes {
     }
 }
 
-/// Changes to delivery_stats gathered over a batch: (success, failed, skipped) per key.
-type Counts = std::collections::BTreeMap<(NaiveDate, String), (i64, i64, i64)>;
+/// Changes to one delivery_stats row gathered over a batch.
+#[derive(Debug, Default)]
+struct Tally {
+    success: i64,
+    failed: i64,
+    skipped: i64,
+    /// Sends a provider reported DELIVERED.
+    delivered: i64,
+    /// Sends a provider reported UNDELIVERED or BOUNCED.
+    undelivered: i64,
+}
+
+/// Changes to delivery_stats gathered over a batch, per (day, channel).
+type Counts = std::collections::BTreeMap<(NaiveDate, String), Tally>;
 
 fn count(counts: &mut Counts, day: NaiveDate, channel: &str, status: &str, delta: i64) {
     let entry = counts.entry((day, channel.to_owned())).or_default();
     match status {
-        "SUCCESS" => entry.0 += delta,
-        "FAILED" => entry.1 += delta,
-        _ => entry.2 += delta,
+        "SUCCESS" => entry.success += delta,
+        "FAILED" => entry.failed += delta,
+        _ => entry.skipped += delta,
+    }
+}
+
+fn count_receipt(
+    counts: &mut Counts,
+    day: NaiveDate,
+    channel: &str,
+    status: ReceiptStatus,
+    delta: i64,
+) {
+    let entry = counts.entry((day, channel.to_owned())).or_default();
+    match status {
+        ReceiptStatus::Delivered => entry.delivered += delta,
+        ReceiptStatus::Undelivered | ReceiptStatus::Bounced => entry.undelivered += delta,
     }
 }
 
@@ -344,21 +423,24 @@ async fn add_counts(
     tx: &mut PgConnection,
     day: NaiveDate,
     channel: &str,
-    success: i64,
-    failed: i64,
-    skipped: i64,
+    tally: &Tally,
 ) -> anyhow::Result<()> {
     sqlx::query(
-        "INSERT INTO delivery_stats (day, channel, success, failed, skipped) VALUES ($1, $2, $3, $4, $5) \
+        "INSERT INTO delivery_stats (day, channel, success, failed, skipped, delivered, undelivered) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7) \
          ON CONFLICT (day, channel) DO UPDATE SET success = delivery_stats.success + EXCLUDED.success, \
              failed = delivery_stats.failed + EXCLUDED.failed, \
-             skipped = delivery_stats.skipped + EXCLUDED.skipped",
+             skipped = delivery_stats.skipped + EXCLUDED.skipped, \
+             delivered = delivery_stats.delivered + EXCLUDED.delivered, \
+             undelivered = delivery_stats.undelivered + EXCLUDED.undelivered",
     )
     .bind(day)
     .bind(channel)
-    .bind(success)
-    .bind(failed)
-    .bind(skipped)
+    .bind(tally.success)
+    .bind(tally.failed)
+    .bind(tally.skipped)
+    .bind(tally.delivered)
+    .bind(tally.undelivered)
     .execute(&mut *tx)
     .await
     .context("Failed to count")?;

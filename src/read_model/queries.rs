@@ -6,6 +6,8 @@ use serde::Serialize;
 use sqlx::PgPool;
 use uuid::Uuid;
 
+use crate::receipts::ReceiptColumns;
+
 /// One delivery in a user's history.
 #[derive(Debug, Clone, Serialize, sqlx::FromRow)]
 #[serde(rename_all = "camelCase")]
@@ -22,6 +24,9 @@ pub struct HistoryEntry {
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
     pub completed_at: Option<DateTime<Utc>>,
+    /// What the provider said became of the message; null until a receipt.
+    #[sqlx(flatten)]
+    pub receipt: ReceiptColumns,
 }
 
 /// A page of history, newest first.
@@ -72,7 +77,8 @@ pub async fn history(
 ) -> anyhow::Result<HistoryPage> {
     let mut items: Vec<HistoryEntry> = sqlx::query_as(
         "SELECT delivery_id, notification_id, event_id, event_type, channel, status, attempts, \
-             last_error, read_at, created_at, updated_at, completed_at \
+             last_error, read_at, created_at, updated_at, completed_at, receipt_status, \
+             receipt_reason, receipt_permanent, receipt_at \
          FROM notification_log \
          WHERE user_id = $1 \
            AND ($2::text IS NULL OR channel = $2) \
@@ -129,13 +135,32 @@ pub struct DailyStats {
     pub skipped: i64,
     /// success / sent, or null when nothing was sent.
     pub success_rate: Option<f64>,
+    #[sqlx(flatten)]
+    #[serde(flatten)]
+    pub receipts: ReceiptCounts,
+}
+
+/// What providers reported of the sends they accepted (issue 15).
+#[derive(Debug, Clone, Serialize, sqlx::FromRow)]
+#[serde(rename_all = "camelCase")]
+pub struct ReceiptCounts {
+    /// Sends a provider reported DELIVERED.
+    pub delivered: i64,
+    /// Sends a provider reported UNDELIVERED or BOUNCED.
+    pub undelivered: i64,
+    /// delivered / (delivered + undelivered): of the sends a provider reported on, the share
+    /// that arrived; null without receipts (Slack and in-app have none).
+    pub delivered_rate: Option<f64>,
 }
 
 /// Per day and channel, `from` to `to` inclusive.
 pub async fn daily(db: &PgPool, from: NaiveDate, to: NaiveDate) -> anyhow::Result<Vec<DailyStats>> {
     sqlx::query_as(
         "SELECT day, channel, success + failed AS sent, success, failed, skipped, \
-             CASE WHEN success + failed > 0 THEN success::float8 / (success + failed) END AS success_rate \
+             CASE WHEN success + failed > 0 THEN success::float8 / (success + failed) END AS success_rate, \
+             delivered, undelivered, \
+             CASE WHEN delivered + undelivered > 0 \
+                  THEN delivered::float8 / (delivered + undelivered) END AS delivered_rate \
          FROM delivery_stats WHERE day BETWEEN $1 AND $2 ORDER BY day, channel",
     )
     .bind(from)
@@ -155,6 +180,9 @@ pub struct ChannelStats {
     pub failed: i64,
     pub skipped: i64,
     pub success_rate: Option<f64>,
+    #[sqlx(flatten)]
+    #[serde(flatten)]
+    pub receipts: ReceiptCounts,
 }
 
 /// Per channel, `from` to `to` inclusive.
@@ -167,7 +195,10 @@ pub async fn channels(
         "SELECT channel, sum(success + failed)::int8 AS sent, sum(success)::int8 AS success, \
              sum(failed)::int8 AS failed, sum(skipped)::int8 AS skipped, \
              CASE WHEN sum(success + failed) > 0 \
-                  THEN sum(success)::float8 / sum(success + failed) END AS success_rate \
+                  THEN sum(success)::float8 / sum(success + failed) END AS success_rate, \
+             sum(delivered)::int8 AS delivered, sum(undelivered)::int8 AS undelivered, \
+             CASE WHEN sum(delivered + undelivered) > 0 \
+                  THEN sum(delivered)::float8 / sum(delivered + undelivered) END AS delivered_rate \
          FROM delivery_stats WHERE day BETWEEN $1 AND $2 GROUP BY channel ORDER BY channel",
     )
     .bind(from)

@@ -56,6 +56,35 @@ pub struct ReceiptState {
     pub at: DateTime<Utc>,
 }
 
+/// A row's receipt columns (`receipt_status`, `receipt_reason`, `receipt_permanent`,
+/// `receipt_at`, in `deliveries` and `notification_log`), shown as one `receipt` object:
+/// null until a receipt.
+#[derive(Debug, Clone, Default, sqlx::FromRow)]
+pub struct ReceiptColumns {
+    pub receipt_status: Option<ReceiptStatus>,
+    pub receipt_reason: Option<String>,
+    pub receipt_permanent: Option<bool>,
+    pub receipt_at: Option<DateTime<Utc>>,
+}
+
+impl ReceiptColumns {
+    /// The receipt state these columns hold, if any.
+    pub fn state(&self) -> Option<ReceiptState> {
+        Some(ReceiptState {
+            status: self.receipt_status?,
+            reason: self.receipt_reason.clone(),
+            permanent: self.receipt_permanent.unwrap_or(false),
+            at: self.receipt_at?,
+        })
+    }
+}
+
+impl Serialize for ReceiptColumns {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        self.state().serialize(serializer)
+    }
+}
+
 /// One verified receipt.
 #[derive(Debug, Clone)]
 pub struct Receipt {

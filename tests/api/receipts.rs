@@ -14,6 +14,9 @@ use uuid::Uuid;
 
 use crate::helpers::{TestApp, spawn_app_with, wait_until};
 
+/// The user the SMS are for.
+const USER: i64 = 4242;
+
 /// The Standard Webhooks specification's example secret.
 const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
 
@@ -135,7 +138,7 @@ async fn sms(app: &TestApp, phone: &str) -> (String, Uuid) {
     let response = app
         .post_json(
             "/api/v1/notifications",
-            &json!({ "recipient": { "phone": phone }, "channels": ["SMS"], "subject": "s", "body": "b" }),
+            &json!({ "userId": USER, "recipient": { "phone": phone }, "channels": ["SMS"], "subject": "s", "body": "b" }),
             &[],
         )
         .await;
@@ -197,6 +200,35 @@ async fn an_sms_reported_undelivered_shows_on_the_notification_and_suppresses_th
     assert_eq!(shown["receipt"]["status"], "UNDELIVERED");
     assert_eq!(shown["receipt"]["reason"], "unknown subscriber");
     assert_eq!(shown["receipt"]["permanent"], true);
+
+    // History and the dashboard learn it from the delivery events.
+    wait_until(30, "history shows the receipt", || async {
+        let page: Value = app
+            .get(&format!("/api/v1/notifications?userId={USER}"))
+            .await
+            .json()
+            .await
+            .unwrap();
+        page["items"][0]["receipt"]["status"] == "UNDELIVERED"
+    })
+    .await;
+    let report: Value = app
+        .get("/api/v1/dashboard/delivery/channels")
+        .await
+        .json()
+        .await
+        .unwrap();
+    let sms_stats = report["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["channel"] == "SMS")
+        .cloned()
+        .unwrap_or_else(|| panic!("{report}"));
+    assert_eq!(sms_stats["success"], 1, "{sms_stats}");
+    assert_eq!(sms_stats["undelivered"], 1, "{sms_stats}");
+    assert_eq!(sms_stats["delivered"], 0, "{sms_stats}");
+    assert_eq!(sms_stats["deliveredRate"], 0.0, "{sms_stats}");
 
     // The next SMS to that number is not sent.
     let (second, _) = sms(&app, phone).await;
