@@ -158,15 +158,9 @@ impl Projector {
         .execute(&mut *tx)
         .await
         .context("Failed to lock the deliveries")?;
-        let rows: Vec<(
-            Uuid,
-            i64,
-            Option<String>,
-            Option<NaiveDate>,
-            Option<ReceiptStatus>,
-        )> = sqlx::query_as(
+        let rows: Vec<LogRow> = sqlx::query_as(
             "SELECT delivery_id, version, counted_status, counted_day, receipt_status \
-                 FROM notification_log WHERE delivery_id = ANY($1)",
+             FROM notification_log WHERE delivery_id = ANY($1)",
         )
         .bind(&ids)
         .fetch_all(&mut *tx)
@@ -174,14 +168,14 @@ impl Projector {
         .context("Failed to read the log")?;
         let mut current: HashMap<Uuid, LogState> = rows
             .into_iter()
-            .map(|(id, version, counted, counted_day, receipt)| {
+            .map(|row| {
                 (
-                    id,
+                    row.delivery_id,
                     LogState {
-                        version,
-                        counted,
-                        counted_day,
-                        receipt,
+                        version: row.version,
+                        counted: row.counted_status,
+                        counted_day: row.counted_day,
+                        receipt: row.receipt_status,
                     },
                 )
             })
@@ -255,6 +249,16 @@ const DELIVERIES_PER_TRANSACTION: usize = 2000;
 
 fn is_terminal(status: &str) -> bool {
     matches!(status, "SUCCESS" | "FAILED" | "SKIPPED")
+}
+
+/// The part of a log row the projector folds a batch onto.
+#[derive(sqlx::FromRow)]
+struct LogRow {
+    delivery_id: Uuid,
+    version: i64,
+    counted_status: Option<String>,
+    counted_day: Option<NaiveDate>,
+    receipt_status: Option<ReceiptStatus>,
 }
 
 /// What the projector knows of a delivery's log row while folding a batch.
