@@ -43,6 +43,53 @@ pub struct Settings {
     pub read_model: ReadModelSettings,
     pub broadcast: BroadcastSettings,
     pub retention: RetentionSettings,
+    pub webhooks: WebhookSettings,
+}
+
+/// Signed outbound webhooks (see [`crate::webhooks`]).
+#[derive(Debug, Clone)]
+pub struct WebhookSettings {
+    /// Endpoints on loopback, private, link-local and other non-public addresses are
+    /// refused unless this is set (`HERALD_WEBHOOKS_ALLOW_PRIVATE`).
+    pub allow_private: bool,
+    /// The waits before each retry; the last repeats.
+    pub backoff: Vec<Duration>,
+    /// How long a call is retried before it is dead-lettered to the operators.
+    pub give_up_after: Duration,
+    /// An endpoint failing for this long is disabled and reported.
+    pub disable_after: Duration,
+}
+
+impl WebhookSettings {
+    fn load(layers: &Layers, raw: RawWebhooks) -> Result<Self, ConfigError> {
+        let allow_private = layers.required(
+            "HERALD_WEBHOOKS_ALLOW_PRIVATE",
+            "webhooks.allow_private",
+            raw.allow_private.map(|b| b.to_string()),
+        )?;
+        let backoff = layers.required(
+            "HERALD_WEBHOOK_BACKOFF_MS",
+            "webhooks.backoff_ms",
+            raw.backoff_ms
+                .map(|v| v.iter().map(u32::to_string).collect::<Vec<_>>().join(",")),
+        )?;
+        let give_up = layers.required(
+            "HERALD_WEBHOOK_GIVE_UP_AFTER",
+            "webhooks.give_up_after",
+            raw.give_up_after,
+        )?;
+        let disable = layers.required(
+            "HERALD_WEBHOOK_DISABLE_AFTER",
+            "webhooks.disable_after",
+            raw.disable_after,
+        )?;
+        Ok(WebhookSettings {
+            allow_private: allow_private.flag()?,
+            backoff: backoff.millis_list()?,
+            give_up_after: give_up.duration()?,
+            disable_after: disable.duration()?,
+        })
+    }
 }
 
 /// How long history is kept (see [`crate::retention`]).
@@ -498,6 +545,7 @@ impl Settings {
         let http = HttpSettings::load(&layers, raw.http)?;
         let access = AccessSettings::load(&layers, raw.access)?;
         let retention = RetentionSettings::load(&layers, raw.retention)?;
+        let webhooks = WebhookSettings::load(&layers, raw.webhooks)?;
         let api_max_connections = layers.required(
             "HERALD_DATABASE_API_MAX_CONNECTIONS",
             "database.api_max_connections",
@@ -858,6 +906,7 @@ impl Settings {
                 )),
             },
             retention,
+            webhooks,
         })
     }
 
@@ -911,6 +960,16 @@ struct RawSettings {
     read_model: RawReadModel,
     broadcast: RawBroadcast,
     retention: RawRetention,
+    webhooks: RawWebhooks,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawWebhooks {
+    allow_private: Option<bool>,
+    backoff_ms: Option<Vec<u32>>,
+    give_up_after: Option<String>,
+    disable_after: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -24,6 +24,7 @@
 //! - [`outbox`]: outbox records (delivery events, dead letters).
 //! - [`receipts`]: provider receipts (delivered, undelivered, bounced) applied to deliveries.
 //! - [`suppressions`]: addresses a channel must not send to again.
+//! - [`webhooks`]: signed outbound webhooks: endpoints, the fan-out from the event topics, calls.
 //! - [`status_events`]: a notification's overall status on notification.status.events.
 //! - [`retention`]: history past `HERALD_RETENTION` deleted from every table together.
 //! - [`api`]: the HTTP surface, one module per resource.
@@ -64,3 +65,4 @@ pub mod status_events;
 pub mod suppressions;
 pub mod telemetry;
 pub mod templates;
+pub mod webhooks;

@@ -7,7 +7,7 @@
 //! - `notification_log` rows of terminal deliveries made before the cutoff go.
 //! - `delivery_stats` days before the cutoff's day go (in the reporting time zone's days,
 //!   which is what the rows count).
-//! - `receipts` received before the cutoff go. Suppressions stay until lifted: they are
+//! - `receipts` received before the cutoff go, and finished webhook calls made before it. Suppressions stay until lifted: they are
 //!   about an address, not a period.
 //!
 //! Notification and delivery ids are UUIDv7, so "made before the cutoff" is an id below the
@@ -52,6 +52,8 @@ pub struct Purged {
     pub stats_rows: u64,
     /// Provider receipts received before the cutoff.
     pub receipts: u64,
+    /// Finished webhook calls made before the cutoff.
+    pub webhook_calls: u64,
 }
 
 /// The smallest UUIDv7 of the millisecond `at`: every v7 id made before `at` sorts below it.
@@ -129,17 +131,28 @@ async fn purge_locked(
         .await
         .context("Failed to purge receipts")?
         .rows_affected();
+    let webhook_calls = delete_in_batches(
+        db,
+        "DELETE FROM webhook_deliveries WHERE id IN ( \
+                 SELECT id FROM webhook_deliveries WHERE id < $1 AND status <> 'PENDING' \
+                 ORDER BY id LIMIT $2)",
+        below,
+    )
+    .await
+    .context("Failed to purge webhook calls")?;
     let purged = Purged {
         notifications,
         log_rows,
         stats_rows,
         receipts,
+        webhook_calls,
     };
     for (table, n) in [
         ("notifications", purged.notifications),
         ("notification_log", purged.log_rows),
         ("delivery_stats", purged.stats_rows),
         ("receipts", purged.receipts),
+        ("webhook_deliveries", purged.webhook_calls),
     ] {
         metrics::counter!("herald_retention_deleted_total", "table" => table).increment(n);
     }

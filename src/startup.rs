@@ -43,6 +43,7 @@ use crate::{
     routing::RoutingTable,
     telemetry,
     templates::{self, Templates},
+    webhooks,
 };
 
 /// How long `build` keeps retrying when PostgreSQL is not reachable yet.
@@ -319,6 +320,64 @@ fn announcer(state: &AppState) -> Option<Arc<dyn Fn(String) + Send + Sync>> {
 
 /// Starts the workers of this instance's roles. A worker that fails stops the instance
 /// (with the reason as its exit error) rather than leaving it half-working.
+/// The webhook fan-out (a consumer of the event topics, group `notif-webhooks`) and the
+/// sender of the calls it makes ([`crate::webhooks`]).
+fn spawn_webhooks(
+    state: &AppState,
+    tasks: &TaskTracker,
+    failure: &Arc<std::sync::Mutex<Option<String>>>,
+) -> anyhow::Result<()> {
+    let settings = state.settings.clone();
+    let prefix = settings.kafka.topic_prefix.clone();
+    let wake = Arc::new(tokio::sync::Notify::new());
+    let sender = webhooks::sender::Sender::new(
+        state.work_db.clone(),
+        settings.webhooks.clone(),
+        prefix.clone(),
+        announcer(state),
+        wake.clone(),
+    )?;
+    tasks.spawn(sender.run(state.shutdown.clone()));
+    let spec = ConsumerSpec {
+        group: format!("{prefix}{}", webhooks::fanout::GROUP),
+        topics: webhooks::Kind::ALL
+            .into_iter()
+            .map(|k| format!("{prefix}{}", k.topic()))
+            .collect(),
+        limits: BatchLimits {
+            max_messages: 2000,
+            max_wait: Duration::from_millis(20),
+        },
+    };
+    let (db, shutdown, watchdogs) = (
+        state.work_db.clone(),
+        state.shutdown.clone(),
+        state.consumers.clone(),
+    );
+    let failure = failure.clone();
+    tasks.spawn(async move {
+        let give_up = settings.webhooks.give_up_after;
+        let result = consumer::run(
+            &settings.kafka,
+            spec,
+            &watchdogs,
+            shutdown.clone(),
+            |batch| {
+                let (db, prefix, wake) = (&db, &prefix, &wake);
+                async move {
+                    if webhooks::fanout::apply(db, prefix, give_up, &batch).await? > 0 {
+                        wake.notify_one();
+                    }
+                    Ok(())
+                }
+            },
+        )
+        .await;
+        fail_on_error(result, "the webhook fan-out", &failure, &shutdown);
+    });
+    Ok(())
+}
+
 fn spawn_workers(
     state: &AppState,
     tasks: &TaskTracker,
@@ -402,6 +461,9 @@ fn spawn_workers(
             .await;
             fail_on_error(result, "the read-model projector", &failure, &shutdown);
         });
+    }
+    if state.roles.contains(&Role::Dispatch) {
+        spawn_webhooks(state, tasks, failure)?;
     }
     if state.roles.contains(&Role::Dlq) {
         let settings = state.settings.clone();

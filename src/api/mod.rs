@@ -18,6 +18,7 @@ pub mod settings;
 pub mod suppressions;
 pub mod templates;
 pub mod users;
+pub mod webhooks;
 
 use std::{sync::Arc, time::Duration};
 
@@ -108,7 +109,8 @@ pub fn router(state: AppState) -> Router {
             .merge(event_types::router())
             .merge(templates::router())
             .merge(receipts::router())
-            .merge(suppressions::router());
+            .merge(suppressions::router())
+            .merge(webhooks::router());
     }
     let limits = Limits {
         permits: Arc::new(Semaphore::new(state.settings.http.max_concurrent_requests)),

@@ -60,11 +60,14 @@ pub enum Scope {
     /// List suppressed addresses and lift suppressions.
     #[serde(rename = "suppressions:admin")]
     SuppressionsAdmin,
+    /// Create, list, enable and delete webhook endpoints, and read their delivery logs.
+    #[serde(rename = "webhooks:admin")]
+    WebhooksAdmin,
 }
 
 impl Scope {
     /// Every scope, in the order the documentation lists them.
-    pub const ALL: [Scope; 12] = [
+    pub const ALL: [Scope; 13] = [
         Scope::NotificationsWrite,
         Scope::NotificationsRead,
         Scope::UsersWrite,
@@ -77,6 +80,7 @@ impl Scope {
         Scope::TemplatesRead,
         Scope::TemplatesWrite,
         Scope::SuppressionsAdmin,
+        Scope::WebhooksAdmin,
     ];
 
     /// The scope's name, as keys carry it (`notifications:write`).
@@ -94,6 +98,7 @@ impl Scope {
             Scope::TemplatesRead => "templates:read",
             Scope::TemplatesWrite => "templates:write",
             Scope::SuppressionsAdmin => "suppressions:admin",
+            Scope::WebhooksAdmin => "webhooks:admin",
         }
     }
 }

@@ -164,10 +164,35 @@ pub async fn retry(ingestor: &Ingestor, id: Uuid, actor: &str) -> Result<RetryKi
             "dead letter {id} was discarded"
         )));
     }
-    match letter.delivery_id {
-        Some(delivery) => requeue(ingestor, &letter, delivery, actor).await,
-        None => reingest(ingestor, &letter, actor).await,
+    let webhook_call = letter
+        .headers
+        .get(crate::webhooks::sender::WEBHOOK_CALL_HEADER)
+        .and_then(Value::as_str)
+        .and_then(|id| id.parse::<Uuid>().ok());
+    match (webhook_call, letter.delivery_id) {
+        (Some(call), _) => requeue_webhook_call(ingestor, &letter, call, actor).await,
+        (None, Some(delivery)) => requeue(ingestor, &letter, delivery, actor).await,
+        (None, None) => reingest(ingestor, &letter, actor).await,
     }
+}
+
+/// Retries a webhook call that failed until its deadline: it goes out again, with a fresh
+/// window of retries.
+async fn requeue_webhook_call(
+    ingestor: &Ingestor,
+    letter: &DeadLetterView,
+    call: Uuid,
+    actor: &str,
+) -> Result<RetryKind, AdminError> {
+    let mut tx = ingestor.db.begin().await.context("Failed to begin")?;
+    if !crate::webhooks::sender::requeue(&mut tx, call).await? {
+        return Err(AdminError::Conflict(format!(
+            "webhook call {call} is not FAILED (or no longer exists)"
+        )));
+    }
+    mark(&mut tx, letter.id, actor, None).await?;
+    tx.commit().await.context("Failed to commit the retry")?;
+    Ok(RetryKind::Requeued)
 }
 
 async fn requeue(

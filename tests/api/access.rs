@@ -17,7 +17,7 @@ use crate::{
 use herald::roles::Role;
 
 /// Every scope a key can hold.
-const SCOPES: [&str; 12] = [
+const SCOPES: [&str; 13] = [
     "notifications:write",
     "notifications:read",
     "users:write",
@@ -30,6 +30,7 @@ const SCOPES: [&str; 12] = [
     "templates:read",
     "templates:write",
     "suppressions:admin",
+    "webhooks:admin",
 ];
 
 /// One operation of the document, with what its `security` says.

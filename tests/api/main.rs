@@ -28,3 +28,4 @@ mod settings;
 mod status_events;
 mod templates;
 mod topics;
+mod webhooks;
