@@ -451,6 +451,13 @@ pub struct ChannelSettings {
     /// `HERALD_PUSH_RECEIPT_SECRET`, `HERALD_EMAIL_BOUNCE_SECRET`). A channel without one
     /// refuses receipts.
     pub receipt_secrets: BTreeMap<Channel, SecretString>,
+    /// Per gateway channel without callbacks: the URL Herald polls for a sent message's
+    /// receipt, with `{messageId}` where the message id goes (`HERALD_SMS_STATUS_URL`, ...).
+    pub status_urls: BTreeMap<Channel, String>,
+    /// The waits between polls of a status URL; the last repeats.
+    pub receipt_poll_backoff: Vec<Duration>,
+    /// How long a message is polled for before Herald gives up on its receipt.
+    pub receipt_poll_deadline: Duration,
 }
 
 /// The admin API.
@@ -625,6 +632,49 @@ impl Settings {
             "channels.push_gateway_url",
             raw.channels.push_gateway_url,
         );
+        let mut status_urls = BTreeMap::new();
+        for (channel, value) in [
+            (
+                Channel::Sms,
+                layers.optional(
+                    "HERALD_SMS_STATUS_URL",
+                    "channels.sms_status_url",
+                    raw.channels.sms_status_url,
+                ),
+            ),
+            (
+                Channel::Kakaotalk,
+                layers.optional(
+                    "HERALD_KAKAOTALK_STATUS_URL",
+                    "channels.kakaotalk_status_url",
+                    raw.channels.kakaotalk_status_url,
+                ),
+            ),
+            (
+                Channel::Push,
+                layers.optional(
+                    "HERALD_PUSH_STATUS_URL",
+                    "channels.push_status_url",
+                    raw.channels.push_status_url,
+                ),
+            ),
+        ] {
+            if let Some(value) = value.filter(Value::is_set) {
+                status_urls.insert(channel, value.status_url()?);
+            }
+        }
+        let poll_backoff = layers.required(
+            "HERALD_RECEIPT_POLL_BACKOFF_MS",
+            "channels.receipt_poll_backoff_ms",
+            raw.channels
+                .receipt_poll_backoff_ms
+                .map(|v| v.iter().map(u32::to_string).collect::<Vec<_>>().join(",")),
+        )?;
+        let poll_deadline = layers.required(
+            "HERALD_RECEIPT_POLL_DEADLINE",
+            "channels.receipt_poll_deadline",
+            raw.channels.receipt_poll_deadline,
+        )?;
         let admin_token = layers.optional("HERALD_ADMIN_TOKEN", "admin.token", raw.admin.token);
         let routing_file = layers.required(
             "HERALD_ROUTING_FILE",
@@ -838,6 +888,9 @@ impl Settings {
                     .map(Value::http_url)
                     .transpose()?,
                 receipt_secrets,
+                status_urls,
+                receipt_poll_backoff: poll_backoff.millis_list()?,
+                receipt_poll_deadline: poll_deadline.duration()?,
             },
             admin: AdminSettings {
                 token: admin_token
@@ -1121,6 +1174,11 @@ struct RawChannels {
     sms_gateway_url: Option<String>,
     kakaotalk_gateway_url: Option<String>,
     push_gateway_url: Option<String>,
+    sms_status_url: Option<String>,
+    kakaotalk_status_url: Option<String>,
+    push_status_url: Option<String>,
+    receipt_poll_backoff_ms: Option<Vec<u32>>,
+    receipt_poll_deadline: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -1401,6 +1459,20 @@ impl Value {
             return Err(self.invalid_secret(expected));
         }
         Ok(url)
+    }
+
+    /// A status URL template: http(s), with `{messageId}` where the message id goes (or, without
+    /// it, `?messageId=` is added).
+    fn status_url(self) -> Result<String, ConfigError> {
+        let text = self.text.trim().to_owned();
+        let expected = "an http(s):// URL with {messageId} where the message id goes";
+        let sample = text.replace("{messageId}", "m");
+        match Url::parse(&sample) {
+            Ok(url) if matches!(url.scheme(), "http" | "https") && url.host_str().is_some() => {
+                Ok(text)
+            }
+            _ => Err(self.invalid(expected)),
+        }
     }
 
     fn flag(self) -> Result<bool, ConfigError> {

@@ -324,6 +324,7 @@ pub async fn record(
     let mut messages = Vec::with_capacity(rows.len() * 2);
     let mut attempts = Vec::with_capacity(rows.len());
     let mut changed = Vec::with_capacity(rows.len());
+    let mut polls = Vec::new();
     for (n, version, at) in rows {
         let i = usize::try_from(n - 1).context("a record's ordinal")?;
         written[i] = Written::Recorded;
@@ -336,6 +337,14 @@ pub async fn record(
         if record.has_attempt_row() {
             attempts.push(record);
         }
+        if let (Some(poll), Some(reference)) = (record.poll, &record.provider_ref) {
+            polls.push((
+                record.event.delivery_id,
+                record.via,
+                reference.as_str(),
+                poll,
+            ));
+        }
         changed.push(status_events::Changed {
             notification_id: record.event.notification_id,
             delivery_id: record.event.delivery_id,
@@ -344,9 +353,43 @@ pub async fn record(
     }
     messages.extend(status_events::changes(&mut tx, &changed, topic_prefix).await?);
     insert_attempts(&mut tx, &attempts).await?;
+    insert_polls(&mut tx, &polls).await?;
     outbox::insert(&mut tx, &messages).await?;
     tx.commit().await.context("Failed to commit send records")?;
     Ok(written)
+}
+
+/// Starts polling the gateway for the receipts of these sends ([`crate::receipts::poll`]):
+/// (delivery, the channel it went out on, the message id, (first wait, deadline)).
+async fn insert_polls(
+    tx: &mut PgConnection,
+    polls: &[(Uuid, Channel, &str, (Duration, Duration))],
+) -> anyhow::Result<()> {
+    if polls.is_empty() {
+        return Ok(());
+    }
+    let ids: Vec<Uuid> = polls.iter().map(|p| p.0).collect();
+    let channels: Vec<&str> = polls.iter().map(|p| p.1.as_str()).collect();
+    let refs: Vec<&str> = polls.iter().map(|p| p.2).collect();
+    let first: Vec<i64> = polls.iter().map(|p| p.3.0.as_millis() as i64).collect();
+    let deadline: Vec<i64> = polls.iter().map(|p| p.3.1.as_millis() as i64).collect();
+    sqlx::query(
+        "INSERT INTO receipt_polls (delivery_id, channel, provider_ref, next_poll_at, give_up_at) \
+         SELECT id, channel, reference, now() + first * interval '1 millisecond', \
+             now() + deadline * interval '1 millisecond' \
+         FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::int8[], $5::int8[]) \
+             AS t(id, channel, reference, first, deadline) \
+         ON CONFLICT (delivery_id) DO NOTHING",
+    )
+    .bind(&ids)
+    .bind(&channels)
+    .bind(&refs)
+    .bind(&first)
+    .bind(&deadline)
+    .execute(&mut *tx)
+    .await
+    .context("Failed to start receipt polls")?;
+    Ok(())
 }
 
 /// Writes an attempt row for each record (those the deliveries' UPDATE did not take the

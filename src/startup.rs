@@ -410,8 +410,24 @@ fn spawn_workers(
             redis_prefix: settings.redis.key_prefix.clone(),
             routing: state.routing.clone(),
             wakeup: state.ingestor.wakeup.clone(),
+            receipt_polls: dispatch::worker::ReceiptPolls {
+                channels: settings.channels.status_urls.keys().copied().collect(),
+                first_wait: settings.channels.receipt_poll_backoff[0],
+                deadline: settings.channels.receipt_poll_deadline,
+            },
         });
         tasks.spawn(dispatch::run(dispatcher, state.shutdown.clone()));
+        if !settings.channels.status_urls.is_empty() {
+            let poller = crate::receipts::poll::Poller::new(
+                state.work_db.clone(),
+                settings.kafka.topic_prefix.clone(),
+                settings.channels.status_urls.clone(),
+                settings.dispatch.gateway_keys.clone(),
+                settings.channels.receipt_poll_backoff.clone(),
+                settings.dispatch.send_timeout,
+            )?;
+            tasks.spawn(poller.run(state.shutdown.clone()));
+        }
         let fanout = Arc::new(Fanout {
             db: state.work_db.clone(),
             redis: state.redis.clone(),

@@ -88,8 +88,13 @@ async fn receive(
         provider_ref,
         state: receipt_state,
     };
-    let accepted =
-        receipts::accept(&state.db, &receipt, &state.settings.kafka.topic_prefix).await?;
+    let accepted = receipts::accept(
+        &state.db,
+        &receipt,
+        None,
+        &state.settings.kafka.topic_prefix,
+    )
+    .await?;
     Ok(match accepted {
         Accepted::Applied {
             delivery_id,

@@ -58,6 +58,8 @@ pub struct Finished {
     /// The channel it went out on, when that is a fallback.
     pub sent_via: Option<Channel>,
     pub provider_ref: Option<String>,
+    /// Poll the gateway for this send's receipt: first after this wait, until this deadline.
+    pub poll: Option<(std::time::Duration, std::time::Duration)>,
     /// The channel the attempt used.
     pub via: Channel,
     pub started_at: DateTime<Utc>,

@@ -78,6 +78,17 @@ pub struct Dispatcher {
     pub routing: Arc<RoutingTable>,
     /// What the channel loops wait on for new due deliveries.
     pub wakeup: super::wakeup::Wakeup,
+    /// The gateway channels polled for receipts ([`crate::receipts::poll`]), and how: the
+    /// first wait and the deadline.
+    pub receipt_polls: ReceiptPolls,
+}
+
+/// Which channels' sends are polled for receipts, and when.
+#[derive(Debug, Clone, Default)]
+pub struct ReceiptPolls {
+    pub channels: std::collections::BTreeSet<Channel>,
+    pub first_wait: Duration,
+    pub deadline: Duration,
 }
 
 impl Dispatcher {
@@ -387,6 +398,11 @@ impl Dispatcher {
             _ => None,
         };
         let provider_ref = result.as_ref().ok().and_then(|r| r.provider_ref.clone());
+        // A gateway without callbacks is asked for the receipt of what it accepted.
+        let poll = (status == DeliveryStatus::Success
+            && provider_ref.is_some()
+            && self.receipt_polls.channels.contains(&via))
+        .then_some((self.receipt_polls.first_wait, self.receipt_polls.deadline));
         // PostgreSQL text cannot hold NUL, and a provider's error message is not ours to trust.
         let message = error.map(|e| e.message.replace('\0', ""));
         let dead_letter = match (status, class) {
@@ -402,6 +418,7 @@ impl Dispatcher {
             error_class: class.map(str::to_owned),
             sent_via: (via != channel).then_some(via),
             provider_ref,
+            poll,
             via,
             started_at,
             latency_ms: latency.as_millis().min(i32::MAX as u128) as i32,
@@ -455,6 +472,7 @@ impl Dispatcher {
             error_class: None,
             sent_via: None,
             provider_ref: None,
+            poll: None,
             via: job.channel,
             started_at: now,
             latency_ms: 0,

@@ -21,6 +21,7 @@
 //! matches such receipts once the send is recorded, for [`UNMATCHED_FOR`].
 
 pub mod dsn;
+pub mod poll;
 
 use std::time::Duration;
 
@@ -121,9 +122,13 @@ impl Accepted {
 }
 
 /// Stores and applies one receipt (see the module docs).
+///
+/// `delivery` is the delivery when the caller knows it (a poll of its message); else it is
+/// found by the message id.
 pub async fn accept(
     db: &PgPool,
     receipt: &Receipt,
+    delivery: Option<Uuid>,
     topic_prefix: &str,
 ) -> anyhow::Result<Accepted> {
     let mut tx = db.begin().await.context("Failed to begin")?;
@@ -145,7 +150,11 @@ pub async fn accept(
     let accepted = if stored == 0 {
         Accepted::Replayed
     } else {
-        match find_delivery(&mut tx, receipt.channel, &receipt.provider_ref).await? {
+        let found = match delivery {
+            Some(id) => Some(id),
+            None => find_delivery(&mut tx, receipt.channel, &receipt.provider_ref).await?,
+        };
+        match found {
             Some(delivery_id) => apply(&mut tx, receipt, delivery_id, topic_prefix).await?,
             None => Accepted::Unmatched,
         }

@@ -32,6 +32,32 @@ struct Provider {
     /// The message id the next send gets, instead of a fresh one.
     next_id: Arc<Mutex<Option<String>>>,
     sends: Arc<Mutex<Vec<Value>>>,
+    /// Each message id: who it went to, and how often its status was asked.
+    messages: Arc<Mutex<HashMap<String, (String, usize)>>>,
+}
+
+/// `GET /status/{id}`, for a gateway polled instead of calling back: SENT the first two
+/// times, then the scripted outcome for the number (DELIVERED without one).
+async fn status(
+    State(provider): State<Provider>,
+    axum::extract::Path(id): axum::extract::Path<String>,
+) -> Result<Json<Value>, axum::http::StatusCode> {
+    let mut messages = provider.messages.lock().unwrap();
+    let Some((to, asked)) = messages.get_mut(&id) else {
+        return Err(axum::http::StatusCode::NOT_FOUND);
+    };
+    *asked += 1;
+    if *asked <= 2 {
+        return Ok(Json(json!({ "status": "SENT" })));
+    }
+    Ok(Json(
+        match provider.script.lock().unwrap().get(to.as_str()) {
+            Some((status, reason, permanent)) => {
+                json!({ "status": status, "reason": reason, "permanent": permanent })
+            }
+            None => json!({ "status": "DELIVERED" }),
+        },
+    ))
 }
 
 async fn send(State(provider): State<Provider>, Json(body): Json<Value>) -> Json<Value> {
@@ -43,6 +69,11 @@ async fn send(State(provider): State<Provider>, Json(body): Json<Value>) -> Json
         .unwrap_or_else(|| format!("m-{}", Uuid::new_v4().simple()));
     provider.sends.lock().unwrap().push(body.clone());
     let to = body["to"].as_str().unwrap_or_default().to_owned();
+    provider
+        .messages
+        .lock()
+        .unwrap()
+        .insert(id.clone(), (to.clone(), 0));
     let outcome = provider.script.lock().unwrap().get(&to).copied();
     let herald = provider.herald.lock().unwrap().clone();
     if let (Some((status, reason, permanent)), Some(herald)) = (outcome, herald) {
@@ -110,17 +141,34 @@ async fn signed(
         .unwrap()
 }
 
-/// Starts the double and an app sending SMS through it, with the receipt secret set.
+/// Starts the double and an app sending SMS through it, with the receipt secret set; the
+/// double calls back with receipts.
 async fn start() -> (TestApp, Provider) {
+    let (app, provider) = start_polled(false).await;
+    *provider.herald.lock().unwrap() = Some(app.address.clone());
+    (app, provider)
+}
+
+/// Starts the double and an app; when `polled`, Herald polls the double's status URL (and
+/// the double does not call back).
+async fn start_polled(polled: bool) -> (TestApp, Provider) {
     let provider = Provider::default();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}/send", listener.local_addr().unwrap());
+    let base = format!("http://{}", listener.local_addr().unwrap());
     let router = Router::new()
         .route("/send", post(send))
+        .route("/status/{id}", axum::routing::get(status))
         .with_state(provider.clone());
     tokio::spawn(async move { axum::serve(listener, router).await });
     let app = spawn_app_with(move |s| {
-        s.channels.sms_gateway_url = Some(url.parse().unwrap());
+        s.channels.sms_gateway_url = Some(format!("{base}/send").parse().unwrap());
+        if polled {
+            s.channels.status_urls.insert(
+                herald::domain::Channel::Sms,
+                format!("{base}/status/{{messageId}}"),
+            );
+            s.channels.receipt_poll_backoff = vec![Duration::from_millis(200)];
+        }
         s.channels
             .receipt_secrets
             .insert(herald::domain::Channel::Sms, SECRET.to_owned().into());
@@ -129,7 +177,6 @@ async fn start() -> (TestApp, Provider) {
             .insert(herald::domain::Channel::Email, SECRET.to_owned().into());
     })
     .await;
-    *provider.herald.lock().unwrap() = Some(app.address.clone());
     (app, provider)
 }
 
@@ -456,6 +503,48 @@ async fn a_bounce_report_from_a_mail_server_suppresses_the_address_for_email() {
 
     let second = send(address).await;
     let skipped = wait_for(&app, &second, "the second email is skipped", |d| {
+        d["status"] == "SKIPPED"
+    })
+    .await;
+    assert_eq!(skipped["skipReason"], "suppressed");
+}
+
+#[tokio::test]
+async fn a_gateway_without_callbacks_is_polled_until_it_answers_and_the_answer_applies() {
+    let (app, provider) = start_polled(true).await;
+    let gone = "+821099990004";
+    provider
+        .script
+        .lock()
+        .unwrap()
+        .insert(gone.to_owned(), ("UNDELIVERED", "unknown subscriber", true));
+
+    let (undelivered, _) = sms(&app, gone).await;
+    let (delivered, _) = sms(&app, "+821099990005").await;
+    let shown = wait_for(&app, &undelivered, "the polled receipt is applied", |d| {
+        !d["receipt"].is_null()
+    })
+    .await;
+    assert_eq!(shown["receipt"]["status"], "UNDELIVERED");
+    assert_eq!(shown["receipt"]["reason"], "unknown subscriber");
+    let message_id = shown["providerRef"].as_str().unwrap().to_owned();
+    let other = wait_for(&app, &delivered, "the other receipt is applied", |d| {
+        !d["receipt"].is_null()
+    })
+    .await;
+    assert_eq!(other["receipt"]["status"], "DELIVERED");
+
+    // Asked until it answered (twice "SENT", then the answer), and not after.
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert_eq!(provider.messages.lock().unwrap()[&message_id].1, 3);
+    let polls: i64 = sqlx::query_scalar("SELECT count(*) FROM receipt_polls")
+        .fetch_one(&app.db)
+        .await
+        .unwrap();
+    assert_eq!(polls, 0);
+    // The permanent failure suppressed the number.
+    let (third, _) = sms(&app, gone).await;
+    let skipped = wait_for(&app, &third, "the next SMS is skipped", |d| {
         d["status"] == "SKIPPED"
     })
     .await;
