@@ -33,6 +33,9 @@ CREATE TABLE webhook_deliveries (
     next_attempt_at   TIMESTAMPTZ NOT NULL DEFAULT now(),
     lease_until       TIMESTAMPTZ,
     give_up_at        TIMESTAMPTZ NOT NULL,
+    -- How long it is retried (HERALD_WEBHOOK_GIVE_UP_AFTER when it was made): an operator's
+    -- retry of its dead letter gives it that long again.
+    retry_window      INTERVAL NOT NULL,
     last_status_code  INTEGER,
     last_error        TEXT,
     last_attempt_at   TIMESTAMPTZ,

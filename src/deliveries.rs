@@ -345,11 +345,15 @@ pub async fn record(
                 poll,
             ));
         }
-        changed.push(status_events::Changed {
-            notification_id: record.event.notification_id,
-            delivery_id: record.event.delivery_id,
-            before: DeliveryStatus::Pending,
-        });
+        // A retry leaves the delivery PENDING as published, so its notification's status
+        // cannot change: no need to take the notification's lock for it.
+        if record.event.status != DeliveryStatus::Pending {
+            changed.push(status_events::Changed {
+                notification_id: record.event.notification_id,
+                delivery_id: record.event.delivery_id,
+                before: DeliveryStatus::Pending,
+            });
+        }
     }
     messages.extend(status_events::changes(&mut tx, &changed, topic_prefix).await?);
     insert_attempts(&mut tx, &attempts).await?;

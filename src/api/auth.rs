@@ -52,7 +52,7 @@ pub async fn authenticate(
     // Provider receipts carry no API key: each is signed with its channel's receipt secret,
     // which the route checks before reading anything (super::receipts).
     let path = request.uri().path();
-    if !path.starts_with("/api/") || path.starts_with(super::receipts::PATH_PREFIX) {
+    if !path.starts_with("/api/") || super::receipts::is_receipt_route(request.method(), path) {
         return next.run(request).await;
     }
     let presented = match credential(request.headers(), &request) {

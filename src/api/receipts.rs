@@ -40,17 +40,24 @@ use crate::{
     receipts::{self, Accepted, Receipt, ReceiptState},
 };
 
-/// The path prefix the authentication middleware leaves to the signature check.
-pub const PATH_PREFIX: &str = "/api/v1/receipts/";
+/// Whether a request is for the receipt route, which the authentication middleware leaves to
+/// the signature check: exactly `POST /api/v1/receipts/{channel}`.
+pub fn is_receipt_route(method: &axum::http::Method, path: &str) -> bool {
+    method == axum::http::Method::POST
+        && path
+            .strip_prefix("/api/v1/receipts/")
+            .is_some_and(|channel| !channel.is_empty() && !channel.contains('/'))
+}
 
 /// The receipt route.
 pub fn router() -> Router<AppState> {
     Router::new().route("/api/v1/receipts/{channel}", post(receive))
 }
 
-/// A gateway's receipt, or an email provider's bounce notification, as JSON.
+/// A gateway's receipt, or an email provider's bounce notification, as JSON. Fields it does
+/// not know are ignored: providers add their own, and refusing them would lose the receipt.
 #[derive(Debug, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(rename_all = "camelCase")]
 struct Body {
     message_id: String,
     status: Option<String>,
@@ -193,7 +200,8 @@ fn read_body(
     }
     let body: Body = serde_json::from_slice(body)
         .map_err(|e| ApiError::BadRequest(format!("the receipt is not valid: {e}")))?;
-    let message_id = body.message_id.trim();
+    let message_id = body.message_id.replace('\0', "");
+    let message_id = message_id.trim();
     if message_id.is_empty() || message_id.len() > 256 {
         return Err(ApiError::BadRequest(
             "messageId: must be 1 to 256 characters".to_owned(),

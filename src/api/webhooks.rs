@@ -83,7 +83,8 @@ async fn create(
             parsed
         }
     };
-    if request.description.as_ref().is_some_and(|d| d.len() > 500) {
+    let description = request.description.map(|d| d.replace('\0', ""));
+    if description.as_ref().is_some_and(|d| d.len() > 500) {
         return Err(ApiError::BadRequest(
             "description: at most 500 characters".to_owned(),
         ));
@@ -92,7 +93,7 @@ async fn create(
         &state.db,
         &url,
         &kinds,
-        request.description.as_deref(),
+        description.as_deref(),
         &principal.name(),
     )
     .await?;
@@ -146,7 +147,7 @@ async fn enable(
     ApiPath(raw): ApiPath<String>,
 ) -> Result<Json<Endpoint>, ApiError> {
     let id = id(&raw)?;
-    let endpoint = webhooks::enable(&state.db, id)
+    let endpoint = webhooks::enable(&state.db, id, state.settings.webhooks.give_up_after)
         .await?
         .ok_or_else(|| not_found(id))?;
     tracing::info!(endpoint = %id, by = %principal.name(), "webhook endpoint enabled");

@@ -350,7 +350,9 @@ impl Changes {
              ON CONFLICT (delivery_id) DO UPDATE SET status = EXCLUDED.status, \
                  attempts = EXCLUDED.attempts, last_error = EXCLUDED.last_error, \
                  version = EXCLUDED.version, updated_at = EXCLUDED.updated_at, \
-                 completed_at = EXCLUDED.completed_at, \
+                 completed_at = CASE WHEN notification_log.status = EXCLUDED.status \
+                     THEN COALESCE(notification_log.completed_at, EXCLUDED.completed_at) \
+                     ELSE EXCLUDED.completed_at END, \
                  counted_status = EXCLUDED.counted_status, counted_day = EXCLUDED.counted_day, \
                  receipt_status = COALESCE(EXCLUDED.receipt_status, notification_log.receipt_status), \
                  receipt_reason = CASE WHEN EXCLUDED.receipt_status IS NULL \

@@ -44,7 +44,8 @@ pub fn parse(text: &str) -> Result<(String, ReceiptState), String> {
     let status_code = field("Status").unwrap_or_default();
     let (status, permanent) = match action.as_str() {
         "delivered" | "relayed" | "expanded" => (ReceiptStatus::Delivered, false),
-        "failed" => (ReceiptStatus::Bounced, !status_code.starts_with('4')),
+        // Permanent only when the status says so (5.x.x): a failure without one may pass.
+        "failed" => (ReceiptStatus::Bounced, status_code.starts_with('5')),
         "delayed" => (ReceiptStatus::Bounced, false),
         other => {
             return Err(format!(
@@ -57,7 +58,7 @@ pub fn parse(text: &str) -> Result<(String, ReceiptState), String> {
             d.split_once(';')
                 .map(|(_, r)| r.trim())
                 .unwrap_or(d)
-                .to_owned()
+                .replace('\0', "")
         })
         .or_else(|| (!status_code.is_empty()).then(|| format!("status {status_code}")));
     Ok((

@@ -199,9 +199,12 @@ async fn find_delivery(
         .fetch_optional(&mut *conn)
         .await
     } else {
+        // On the channel it went out on: a KAKAOTALK delivery sent by its SMS fallback has
+        // the SMS gateway's message id, and the SMS gateway sends its receipt.
         sqlx::query_scalar(
-            "SELECT id FROM deliveries WHERE channel = $1 AND provider_ref = $2 \
-                 AND provider_ref IS NOT NULL AND channel IN ('SMS', 'KAKAOTALK', 'PUSH') \
+            "SELECT id FROM deliveries WHERE COALESCE(sent_via, channel) = $1 \
+                 AND provider_ref = $2 AND provider_ref IS NOT NULL \
+                 AND COALESCE(sent_via, channel) IN ('SMS', 'KAKAOTALK', 'PUSH') \
                  AND status = 'SUCCESS' \
              ORDER BY created_at DESC LIMIT 1",
         )
@@ -218,6 +221,8 @@ async fn find_delivery(
 struct Marked {
     notification_id: Uuid,
     channel: Channel,
+    /// The channel it went out on (its fallback's, or its own).
+    sent_on: Channel,
     address: Option<String>,
     attempts: i32,
     version: i64,
@@ -241,9 +246,10 @@ async fn apply(
         "UPDATE deliveries d SET receipt_status = $2, receipt_reason = $3, receipt_permanent = $4, \
              receipt_at = $5, updated_at = now(), version = d.version + 1 \
          FROM notifications n \
-         WHERE d.id = $1 AND n.id = d.notification_id \
+         WHERE d.id = $1 AND n.id = d.notification_id AND d.status = 'SUCCESS' \
            AND (d.receipt_at IS NULL OR d.receipt_at < $5) \
-         RETURNING d.notification_id, d.channel, d.address, d.attempts, d.version, d.created_at, \
+         RETURNING d.notification_id, d.channel, COALESCE(d.sent_via, d.channel) AS sent_on, \
+             d.address, d.attempts, d.version, d.created_at, \
              d.updated_at, n.event_id, n.event_type, n.user_id, n.domain",
     )
     .bind(delivery_id)
@@ -281,7 +287,7 @@ async fn apply(
                         state.status.as_str().to_lowercase(),
                         state.reason.as_deref().unwrap_or("permanent")
                     );
-                    suppressions::add(&mut *conn, row.channel, address, &reason, delivery_id)
+                    suppressions::add(&mut *conn, row.sent_on, address, &reason, delivery_id)
                         .await?
                 }
                 _ => false,
@@ -328,16 +334,19 @@ pub async fn apply_unmatched(db: &PgPool, topic_prefix: &str) -> anyhow::Result<
     let waiting: Vec<Unmatched> = sqlx::query_as(
         "SELECT channel, webhook_id, provider_ref, status, reason, permanent, occurred_at \
          FROM receipts WHERE delivery_id IS NULL AND received_at > now() - $1 \
-         ORDER BY received_at LIMIT 200 FOR UPDATE SKIP LOCKED",
+         ORDER BY checked_at NULLS FIRST LIMIT 200 FOR UPDATE SKIP LOCKED",
     )
     .bind(UNMATCHED_FOR)
     .fetch_all(&mut *tx)
     .await
     .context("Failed to read unmatched receipts")?;
     let mut applied = 0;
+    let (mut unmatched_channels, mut unmatched_ids) = (Vec::new(), Vec::new());
     for row in waiting {
         let Some(delivery_id) = find_delivery(&mut tx, row.channel, &row.provider_ref).await?
         else {
+            unmatched_channels.push(row.channel);
+            unmatched_ids.push(row.webhook_id);
             continue;
         };
         let receipt = Receipt {
@@ -355,6 +364,18 @@ pub async fn apply_unmatched(db: &PgPool, topic_prefix: &str) -> anyhow::Result<
         count(&receipt, &accepted);
         applied += 1;
     }
+    // The ones still unmatched go to the back, so that more than a round's worth of them
+    // cannot keep newer ones from being looked at.
+    sqlx::query(
+        "UPDATE receipts SET checked_at = now() \
+         FROM UNNEST($1::text[], $2::text[]) AS t(channel, webhook_id) \
+         WHERE receipts.channel = t.channel AND receipts.webhook_id = t.webhook_id",
+    )
+    .bind(&unmatched_channels)
+    .bind(&unmatched_ids)
+    .execute(&mut *tx)
+    .await
+    .context("Failed to mark unmatched receipts")?;
     tx.commit().await.context("Failed to commit receipts")?;
     Ok(applied)
 }

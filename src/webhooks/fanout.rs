@@ -96,10 +96,15 @@ pub async fn apply(
         return Ok(0);
     }
     let made = sqlx::query(
-        "INSERT INTO webhook_deliveries (id, endpoint_id, source, kind, event_type, payload, give_up_at) \
-         SELECT id, endpoint_id, source, kind, event_type, payload, now() + $7 \
+        // A disabled endpoint's calls are kept but not due (due in the year 9999, until it is
+        // enabled with a fresh window), so the sender's claim does not wade through them.
+        "INSERT INTO webhook_deliveries (id, endpoint_id, source, kind, event_type, payload, \
+             give_up_at, retry_window, next_attempt_at) \
+         SELECT t.id, t.endpoint_id, t.source, t.kind, t.event_type, t.payload, now() + $7, $7, \
+             CASE WHEN e.disabled_at IS NULL THEN now() ELSE '9999-01-01T00:00:00Z' END \
          FROM UNNEST($1::uuid[], $2::uuid[], $3::text[], $4::text[], $5::text[], $6::bytea[]) \
              AS t(id, endpoint_id, source, kind, event_type, payload) \
+         JOIN webhook_endpoints e ON e.id = t.endpoint_id \
          ON CONFLICT (endpoint_id, source) DO NOTHING",
     )
     .bind(&ids)

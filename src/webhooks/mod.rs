@@ -157,11 +157,13 @@ pub async fn check_url(raw: &str, allow_private: bool) -> Result<Url, Refused> {
 }
 
 /// Whether an address is one a webhook may be sent to: not loopback, private, link-local,
-/// unique-local, shared (CGNAT), documentation, multicast, broadcast or unspecified.
+/// unique- or site-local, shared (CGNAT), reserved, documentation, multicast, broadcast or
+/// unspecified, including IPv4 addresses carried inside IPv6 ones (mapped, compatible,
+/// NAT64, 6to4).
 pub fn is_public(ip: IpAddr) -> bool {
     match ip {
         IpAddr::V4(a) => {
-            let [first, second, ..] = a.octets();
+            let [first, second, third, _] = a.octets();
             !(a.is_loopback()
                 || a.is_private()
                 || a.is_link_local()
@@ -170,20 +172,35 @@ pub fn is_public(ip: IpAddr) -> bool {
                 || a.is_multicast()
                 || a.is_documentation()
                 || first == 0
+                || first >= 240
                 || (first == 100 && (second & 0xc0) == 64)
-                || (first == 198 && (second & 0xfe) == 18))
+                || (first == 198 && (second & 0xfe) == 18)
+                || (first == 192 && second == 0 && third == 0))
         }
         IpAddr::V6(a) => {
-            if let Some(v4) = a.to_ipv4_mapped() {
-                return is_public(IpAddr::V4(v4));
+            let s = a.segments();
+            let embedded = |hi: u16, lo: u16| {
+                std::net::Ipv4Addr::new((hi >> 8) as u8, hi as u8, (lo >> 8) as u8, lo as u8)
+            };
+            // ::ffff:a.b.c.d (mapped) and ::a.b.c.d (compatible)
+            if s[..5] == [0; 5] && (s[5] == 0xffff || s[5] == 0) && !(s[6] == 0 && s[7] <= 1) {
+                return is_public(IpAddr::V4(embedded(s[6], s[7])));
             }
-            let first = a.segments()[0];
+            // 64:ff9b::a.b.c.d (NAT64) and 64:ff9b:1::/48
+            if s[0] == 0x64 && s[1] == 0xff9b {
+                return is_public(IpAddr::V4(embedded(s[6], s[7])));
+            }
+            // 2002:aabb:ccdd::/48 (6to4)
+            if s[0] == 0x2002 {
+                return is_public(IpAddr::V4(embedded(s[1], s[2])));
+            }
             !(a.is_loopback()
                 || a.is_unspecified()
                 || a.is_multicast()
-                || (first & 0xfe00) == 0xfc00
-                || (first & 0xffc0) == 0xfe80
-                || first == 0x2001 && a.segments()[1] == 0x0db8)
+                || (s[0] & 0xfe00) == 0xfc00
+                || (s[0] & 0xffc0) == 0xfe80
+                || (s[0] & 0xffc0) == 0xfec0
+                || (s[0] == 0x2001 && s[1] == 0x0db8))
         }
     }
 }
@@ -278,17 +295,33 @@ pub async fn delete(db: &PgPool, id: Uuid, by: &str) -> anyhow::Result<bool> {
     Ok(deleted == 1)
 }
 
-/// Enables a disabled endpoint again: its waiting calls go out, retried afresh.
-pub async fn enable(db: &PgPool, id: Uuid) -> anyhow::Result<Option<Endpoint>> {
-    let endpoint = sqlx::query_as(concat!(
+/// Enables a disabled endpoint again: its waiting calls go out now, each with a fresh
+/// `give_up_after` of retries.
+pub async fn enable(
+    db: &PgPool,
+    id: Uuid,
+    give_up_after: std::time::Duration,
+) -> anyhow::Result<Option<Endpoint>> {
+    let mut tx = db.begin().await.context("Failed to begin")?;
+    let endpoint: Option<Endpoint> = sqlx::query_as(concat!(
         "UPDATE webhook_endpoints SET disabled_at = NULL, disabled_reason = NULL, \
              failing_since = NULL WHERE id = $1 AND deleted_at IS NULL RETURNING ",
         endpoint_columns!()
     ))
     .bind(id)
-    .fetch_optional(db)
+    .fetch_optional(&mut *tx)
     .await
     .context("Failed to enable a webhook endpoint")?;
+    sqlx::query(
+        "UPDATE webhook_deliveries SET next_attempt_at = now(), give_up_at = now() + $2, \
+             attempts = 0, lease_until = NULL WHERE endpoint_id = $1 AND status = 'PENDING'",
+    )
+    .bind(id)
+    .bind(give_up_after)
+    .execute(&mut *tx)
+    .await
+    .context("Failed to wake a webhook endpoint's calls")?;
+    tx.commit().await.context("Failed to commit")?;
     Ok(endpoint)
 }
 
@@ -338,4 +371,38 @@ pub async fn calls(
 /// The `webhook-id` a call is sent with.
 pub fn webhook_id(call: Uuid) -> String {
     format!("msg_{}", call.simple())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::is_public;
+
+    #[test]
+    fn only_public_addresses_are_public_however_they_are_written() {
+        for private in [
+            "127.0.0.1",
+            "10.0.0.1",
+            "172.16.5.4",
+            "192.168.1.1",
+            "169.254.169.254",
+            "100.64.0.1",
+            "0.0.0.0",
+            "240.0.0.1",
+            "192.0.0.8",
+            "::1",
+            "::",
+            "fd00::1",
+            "fe80::1",
+            "fec0::1",
+            "::ffff:127.0.0.1",
+            "::127.0.0.1",
+            "64:ff9b::a9fe:a9fe",
+            "2002:a00:1::1",
+        ] {
+            assert!(!is_public(private.parse().unwrap()), "{private}");
+        }
+        for public in ["93.184.215.14", "8.8.8.8", "2606:4700::1111", "::ffff:8.8.8.8"] {
+            assert!(is_public(public.parse().unwrap()), "{public}");
+        }
+    }
 }

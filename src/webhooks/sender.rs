@@ -90,6 +90,8 @@ impl Sender {
         let mut client = reqwest::Client::builder()
             .timeout(TIMEOUT)
             .redirect(reqwest::redirect::Policy::none())
+            // A proxy would resolve the name itself, past the check below.
+            .no_proxy()
             .user_agent(concat!("Herald-Webhooks/", env!("CARGO_PKG_VERSION")));
         if !settings.allow_private {
             client = client.dns_resolver(Arc::new(PublicOnly));
@@ -158,6 +160,15 @@ impl Sender {
     /// Makes one call: `Ok(status)` for a 2xx answer, else the answer's status (if any) and
     /// what went wrong.
     async fn send(&self, call: &Claimed) -> Result<u16, (Option<u16>, String)> {
+        // An address written in the URL never reaches the resolver: check it here.
+        if !self.settings.allow_private
+            && url::Url::parse(&call.url)
+                .ok()
+                .is_some_and(|u| matches!(u.host(), Some(url::Host::Ipv4(_) | url::Host::Ipv6(_))))
+            && let Err(refused) = super::check_url(&call.url, false).await
+        {
+            return Err((None, refused.0));
+        }
         let id = webhook_id(call.id);
         let timestamp = Utc::now().timestamp();
         let signature = standardwebhooks::Webhook::new(&call.secret)
@@ -188,26 +199,44 @@ impl Sender {
         }
     }
 
-    /// Records a call's answer, and the endpoint's health with it.
+    /// Records a call's answer, and the endpoint's health with it; nothing when the call's
+    /// lease ran out meanwhile (another sender owns it, or the endpoint was deleted).
     async fn record(
         &self,
         call: &Claimed,
         result: Result<u16, (Option<u16>, String)>,
     ) -> anyhow::Result<()> {
+        let (status, code, error) = match &result {
+            Ok(code) => ("SUCCESS", Some(*code), None),
+            Err((code, error)) if Utc::now() >= call.give_up_at => {
+                ("FAILED", *code, Some(error.as_str()))
+            }
+            Err((code, error)) => ("PENDING", *code, Some(error.as_str())),
+        };
+        let steps = &self.settings.backoff;
+        let wait = steps[(call.attempts.max(1) as usize - 1).min(steps.len() - 1)];
         let mut tx = self.db.begin().await.context("Failed to begin")?;
-        let outcome = match &result {
-            Ok(code) => {
-                sqlx::query(
-                    "UPDATE webhook_deliveries SET status = 'SUCCESS', completed_at = now(), \
-                         last_status_code = $3, last_error = NULL, lease_until = NULL \
-                     WHERE id = $1 AND lease_until = $2",
-                )
-                .bind(call.id)
-                .bind(call.lease_until)
-                .bind(i32::from(*code))
-                .execute(&mut *tx)
-                .await
-                .context("Failed to record a webhook call")?;
+        let matched = sqlx::query(
+            "UPDATE webhook_deliveries SET status = $3, last_status_code = $4, last_error = $5, \
+                 lease_until = NULL, \
+                 completed_at = CASE WHEN $3 = 'PENDING' THEN NULL ELSE now() END, \
+                 next_attempt_at = CASE WHEN $3 = 'PENDING' THEN now() + $6 \
+                     ELSE next_attempt_at END \
+             WHERE id = $1 AND lease_until = $2 AND status = 'PENDING'",
+        )
+        .bind(call.id)
+        .bind(call.lease_until)
+        .bind(status)
+        .bind(code.map(i32::from))
+        .bind(error)
+        .bind(wait)
+        .execute(&mut *tx)
+        .await
+        .context("Failed to record a webhook call")?
+        .rows_affected();
+        let outcome = match (matched, status) {
+            (0, _) => "lease_lost",
+            (_, "SUCCESS") => {
                 sqlx::query(
                     "UPDATE webhook_endpoints SET failing_since = NULL \
                      WHERE id = $1 AND failing_since IS NOT NULL",
@@ -218,43 +247,17 @@ impl Sender {
                 .context("Failed to record an endpoint's health")?;
                 "success"
             }
-            Err((code, error)) => {
-                let code = code.map(i32::from);
-                let outcome = if Utc::now() >= call.give_up_at {
-                    sqlx::query(
-                        "UPDATE webhook_deliveries SET status = 'FAILED', completed_at = now(), \
-                             last_status_code = $3, last_error = $4, lease_until = NULL \
-                         WHERE id = $1 AND lease_until = $2",
-                    )
-                    .bind(call.id)
-                    .bind(call.lease_until)
-                    .bind(code)
-                    .bind(error)
-                    .execute(&mut *tx)
-                    .await
-                    .context("Failed to record a webhook call")?;
+            (_, failed) => {
+                if failed == "FAILED" {
+                    let error = error.unwrap_or_default();
                     outbox::insert(&mut tx, &[self.dead_letter(call, error)]).await?;
+                }
+                self.note_failure(&mut tx, call.endpoint_id).await?;
+                if failed == "FAILED" {
                     "dead_lettered"
                 } else {
-                    let steps = &self.settings.backoff;
-                    let wait = steps[(call.attempts.max(1) as usize - 1).min(steps.len() - 1)];
-                    sqlx::query(
-                        "UPDATE webhook_deliveries SET next_attempt_at = now() + $5, \
-                             last_status_code = $3, last_error = $4, lease_until = NULL \
-                         WHERE id = $1 AND lease_until = $2",
-                    )
-                    .bind(call.id)
-                    .bind(call.lease_until)
-                    .bind(code)
-                    .bind(error)
-                    .bind(wait)
-                    .execute(&mut *tx)
-                    .await
-                    .context("Failed to record a webhook call")?;
                     "retry"
-                };
-                self.note_failure(&mut tx, call.endpoint_id).await?;
-                outcome
+                }
             }
         };
         tx.commit()
@@ -293,6 +296,17 @@ impl Sender {
         .fetch_optional(&mut *tx)
         .await
         .context("Failed to record an endpoint's health")?;
+        if disabled.is_some() {
+            // Its calls wait outside the due index until it is enabled (with a fresh window).
+            sqlx::query(
+                "UPDATE webhook_deliveries SET next_attempt_at = '9999-01-01T00:00:00Z' \
+                 WHERE endpoint_id = $1 AND status = 'PENDING'",
+            )
+            .bind(endpoint)
+            .execute(&mut *tx)
+            .await
+            .context("Failed to hold a disabled endpoint's calls")?;
+        }
         if let Some((url, since)) = disabled {
             metrics::counter!("herald_webhook_endpoints_disabled_total").increment(1);
             tracing::error!(%endpoint, %since, "webhook endpoint disabled: every call has failed for too long");
@@ -339,12 +353,14 @@ impl Sender {
 }
 
 /// Puts a dead-lettered call back to PENDING, due now, with a fresh window as long as its
-/// first (an operator's retry of its dead letter); false when it is not FAILED.
+/// first (an operator's retry of its dead letter); false when it is not FAILED or its
+/// endpoint was deleted.
 pub async fn requeue(conn: &mut sqlx::PgConnection, call: Uuid) -> anyhow::Result<bool> {
     let requeued = sqlx::query(
         "UPDATE webhook_deliveries SET status = 'PENDING', next_attempt_at = now(), \
-             give_up_at = now() + (give_up_at - created_at), completed_at = NULL \
-         WHERE id = $1 AND status = 'FAILED'",
+             give_up_at = now() + retry_window, completed_at = NULL, attempts = 0 \
+         WHERE id = $1 AND status = 'FAILED' \
+           AND endpoint_id IN (SELECT id FROM webhook_endpoints WHERE deleted_at IS NULL)",
     )
     .bind(call)
     .execute(conn)

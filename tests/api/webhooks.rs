@@ -274,26 +274,40 @@ async fn a_webhook_url_on_a_loopback_private_or_link_local_address_is_refused_by
     assert_eq!(refused.status(), 403);
 }
 
-#[tokio::test]
-async fn an_endpoint_failing_long_enough_is_disabled_a_call_past_its_deadline_is_dead_lettered_and_a_retry_sends_it()
- {
+/// An app whose webhook calls retry every 300 ms, with these deadlines.
+async fn failing_app(disable_after: Duration, give_up_after: Duration) -> TestApp {
     let slack = slack_mock(&[(200, None)]).await;
     let slack = with_slack(&slack);
-    let app = spawn_app_with(|s| {
+    spawn_app_with(move |s| {
         slack(s);
         s.webhooks.allow_private = true;
         s.webhooks.backoff = vec![Duration::from_millis(300)];
-        s.webhooks.disable_after = Duration::from_secs(1);
-        s.webhooks.give_up_after = Duration::from_secs(2);
+        s.webhooks.disable_after = disable_after;
+        s.webhooks.give_up_after = give_up_after;
     })
-    .await;
+    .await
+}
+
+/// How many calls of endpoint `id` are in `status`.
+async fn calls_in(app: &TestApp, id: &str, status: &str) -> usize {
+    let log: Value = app
+        .get(&format!("/api/v1/webhooks/{id}/deliveries?status={status}"))
+        .await
+        .json()
+        .await
+        .unwrap();
+    log["items"].as_array().unwrap().len()
+}
+
+#[tokio::test]
+async fn an_endpoint_failing_long_enough_is_disabled_its_calls_wait_and_go_out_when_enabled() {
+    let app = failing_app(Duration::from_secs(1), Duration::from_secs(600)).await;
     let (receiver, url) = receiver().await;
     let (id, secret) = endpoint(&app, &url, &["notification_status"]).await;
     *receiver.secret.lock().unwrap() = Some(secret);
     *receiver.down.lock().unwrap() = true;
     let notification = incident(&app, "nobody listens").await;
 
-    // Every call fails for longer than disable_after: the endpoint is disabled.
     let endpoint_state = || async {
         app.get(&format!("/api/v1/webhooks/{id}"))
             .await
@@ -310,13 +324,43 @@ async fn an_endpoint_failing_long_enough_is_disabled_a_call_past_its_deadline_is
         shown["disabledReason"].as_str().unwrap().contains("failed"),
         "{shown}"
     );
+    // Its calls wait: no call is made while it is disabled.
+    let pending = calls_in(&app, &id, "PENDING").await;
+    assert!(pending > 0);
+    let made = receiver.calls.lock().unwrap().len();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(
+        receiver.calls.lock().unwrap().len(),
+        made,
+        "no call while disabled"
+    );
 
-    // Enabled while still down, its calls (past their deadline by now) are dead-lettered.
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    // Fixed and enabled, the waiting calls go out.
+    *receiver.down.lock().unwrap() = false;
     let enabled = app
         .post_json(&format!("/api/v1/webhooks/{id}/enable"), &json!({}), &[])
         .await;
     assert_eq!(enabled.status(), 200);
+    wait_until(30, "the waiting calls are delivered", || async {
+        calls_in(&app, &id, "PENDING").await == 0 && calls_in(&app, &id, "SUCCESS").await > 0
+    })
+    .await;
+    let calls = receiver.calls.lock().unwrap().clone();
+    assert!(calls.iter().any(|c| c.taken
+        && c.valid
+        && c.body["data"]["notificationId"] == notification.as_str()
+        && c.body["data"]["status"] == "COMPLETED"));
+}
+
+#[tokio::test]
+async fn a_call_failing_past_its_deadline_is_dead_lettered_and_a_retry_of_the_letter_sends_it() {
+    let app = failing_app(Duration::from_secs(600), Duration::from_secs(1)).await;
+    let (receiver, url) = receiver().await;
+    let (id, secret) = endpoint(&app, &url, &["notification_status"]).await;
+    *receiver.secret.lock().unwrap() = Some(secret);
+    *receiver.down.lock().unwrap() = true;
+    let notification = incident(&app, "nobody listens").await;
+
     let letters = || async {
         sqlx::query_scalar::<_, uuid::Uuid>(
             "SELECT id FROM dlq_messages WHERE error_class = 'webhook_exhausted'",
@@ -325,25 +369,18 @@ async fn an_endpoint_failing_long_enough_is_disabled_a_call_past_its_deadline_is
         .await
         .unwrap()
     };
-    let calls_in = |status: &'static str| {
-        let app = &app;
-        let id = id.clone();
-        async move {
-            let log: Value = app
-                .get(&format!("/api/v1/webhooks/{id}/deliveries?status={status}"))
-                .await
-                .json()
-                .await
-                .unwrap();
-            log["items"].as_array().unwrap().len()
-        }
-    };
-    wait_until(60, "the calls are dead-lettered and stored", || async {
-        calls_in("PENDING").await == 0 && letters().await.len() == calls_in("FAILED").await
-    })
+    wait_until(
+        60,
+        "every call is dead-lettered and the letters stored",
+        || async {
+            let failed = calls_in(&app, &id, "FAILED").await;
+            calls_in(&app, &id, "PENDING").await == 0
+                && failed > 0
+                && letters().await.len() == failed
+        },
+    )
     .await;
     let letters = letters().await;
-    assert!(!letters.is_empty());
 
     // The receiver is fixed; the operator retries the letters and the calls go out.
     *receiver.down.lock().unwrap() = false;
@@ -358,7 +395,7 @@ async fn an_endpoint_failing_long_enough_is_disabled_a_call_past_its_deadline_is
         assert_eq!(retried.status(), 200, "{:?}", retried.text().await);
     }
     wait_until(30, "the log shows the calls delivered", || async {
-        calls_in("SUCCESS").await == letters.len()
+        calls_in(&app, &id, "SUCCESS").await == letters.len()
     })
     .await;
     let last = receiver.calls.lock().unwrap().last().cloned().unwrap();
