@@ -71,6 +71,8 @@ cat <<BANNER
 
   Providers post receipts to $api/api/v1/receipts/{sms,kakaotalk,push,email}, signed
   the Standard Webhooks way with the secret in .stack/receipt-secret (README: Receipts).
+  Webhooks (POST $api/api/v1/webhooks) to addresses on this machine or a private network
+  are refused unless Herald runs with HERALD_WEBHOOKS_ALLOW_PRIVATE=true.
 
   Publish the sample events from another terminal:
     make demo      (or: $HERALD demo)
