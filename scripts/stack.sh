@@ -158,6 +158,8 @@ install() {
     local packages=(build-essential pkg-config zlib1g-dev libssl-dev redis-server curl)
     command -v psql >/dev/null && command -v pg_isready >/dev/null || packages+=(postgresql-client)
     command -v node >/dev/null && command -v npm >/dev/null || packages+=(nodejs npm)
+    # promtool, for the alert rules' unit tests (make test); Debian ships it with Prometheus.
+    command -v promtool >/dev/null || packages+=(prometheus)
     if [[ -z $(pg_bin_dir) ]]; then
         packages+=("postgresql-$PG_MAJOR_PREFERRED")
     fi

@@ -28,6 +28,11 @@ psql "$HERALD_DATABASE_URL" -qtAc \
 curl -fsS -X DELETE "$MAILDEV_URL/email/all" >/dev/null || echo "[test] could not empty MailDev" >&2
 
 echo "[test] provisioning took $((SECONDS - started)) s" >&2
+if (($# == 0)); then
+    # The alert rules: valid, and each firing (and staying quiet) on the series it should.
+    promtool check rules dashboards/alerts.yml
+    promtool test rules dashboards/alerts.test.yml
+fi
 cargo test "$@"
 if (($# == 0)); then
     # The whole suite includes the fault suite (about 5 minutes, on its own stack); a
