@@ -1,7 +1,10 @@
 //! The DLQ admin API, for credentials with the `dlq:admin` scope.
 //!
-//! - `GET /api/v1/admin/dlq?domain=&status=&limit=&cursor=`: newest first; DISCARDED ones
-//!   only with `status=DISCARDED`.
+//! - `GET /api/v1/admin/dlq?domain=&status=&errorClass=&failedChannel=&eventType=&from=&to=
+//!   &q=&fingerprint=&limit=&cursor=`: newest first; DISCARDED ones only with
+//!   `status=DISCARDED`; `from`/`to` bound the failure time, `q` matches the error message.
+//! - `GET /api/v1/admin/dlq/counts?` (the same filters): counts by error class and by
+//!   fingerprint (the class and message with ids and numbers normalised).
 //! - `GET /api/v1/admin/dlq/{id}`
 //! - `POST /api/v1/admin/dlq/{id}/retry`
 //! - `POST /api/v1/admin/dlq/retry-all?domain=&limit=`: retries up to `limit` (default 100,
@@ -18,6 +21,7 @@ use axum::{
     middleware::from_fn_with_state,
     routing::{get, post},
 };
+use chrono::{DateTime, Utc};
 use serde::Deserialize;
 use serde_json::{Value, json};
 use uuid::Uuid;
@@ -29,8 +33,10 @@ use super::{
 };
 use crate::{
     auth::{Principal, Scope},
-    dlq::admin::{self as dlq, AdminError, DeadLetterView, ListFilter, Page, RetryAllReport},
-    domain::Domain,
+    dlq::admin::{
+        self as dlq, AdminError, Counts, DeadLetterView, Find, ListFilter, Page, RetryAllReport,
+    },
+    domain::{Channel, Domain},
     read_model::queries::decode_cursor,
 };
 
@@ -44,6 +50,7 @@ pub fn router() -> Router<AppState> {
     Router::new()
         .route("/api/v1/admin/dlq", get(list))
         .route("/api/v1/admin/dlq/retry-all", post(retry_all))
+        .route("/api/v1/admin/dlq/counts", get(counts))
         .route("/api/v1/admin/dlq/{id}", get(read).delete(discard))
         .route("/api/v1/admin/dlq/{id}/retry", post(retry))
         .route_layer(from_fn_with_state(RULES, authorize))
@@ -59,12 +66,23 @@ impl From<AdminError> for ApiError {
     }
 }
 
-/// `GET /api/v1/admin/dlq` query.
+/// The query of `GET /api/v1/admin/dlq` and `.../dlq/counts`: what finds dead letters, and
+/// (for the list) the page.
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ListQuery {
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct FindQuery {
     domain: Option<String>,
     status: Option<String>,
+    error_class: Option<String>,
+    failed_channel: Option<String>,
+    event_type: Option<String>,
+    /// Failed at or after (RFC 3339).
+    from: Option<String>,
+    /// Failed before (RFC 3339).
+    to: Option<String>,
+    /// Text the error message contains.
+    q: Option<String>,
+    fingerprint: Option<String>,
     limit: Option<i64>,
     cursor: Option<String>,
 }
@@ -78,10 +96,8 @@ fn domain(raw: Option<String>) -> Result<Option<String>, ApiError> {
     .transpose()
 }
 
-async fn list(
-    State(state): State<AppState>,
-    ApiQuery(query): ApiQuery<ListQuery>,
-) -> Result<Json<Page>, ApiError> {
+/// A query's find, each value checked.
+fn find(query: &FindQuery) -> Result<Find, ApiError> {
     let status = match query.status.as_deref() {
         None => None,
         Some(s @ ("PENDING" | "RETRIED" | "DISCARDED")) => Some(s.to_owned()),
@@ -91,6 +107,56 @@ async fn list(
             )));
         }
     };
+    let failed_channel = query
+        .failed_channel
+        .as_ref()
+        .map(|c| c.to_ascii_uppercase().parse::<Channel>())
+        .transpose()
+        .map_err(|e| ApiError::BadRequest(format!("failedChannel: {e}")))?
+        .map(|c| c.as_str().to_owned());
+    let time = |name: &str, raw: &Option<String>| {
+        raw.as_ref()
+            .map(|t| {
+                DateTime::parse_from_rfc3339(t)
+                    .map(|t| t.with_timezone(&Utc))
+                    .map_err(|_| {
+                        ApiError::BadRequest(format!(
+                            "{name}: {t:?} is not an RFC 3339 time such as 2026-12-01T09:00:00Z"
+                        ))
+                    })
+            })
+            .transpose()
+    };
+    let text = |name: &str, raw: &Option<String>| {
+        raw.clone()
+            .map(|t| {
+                if t.contains('\0') || t.len() > 500 {
+                    Err(ApiError::BadRequest(format!(
+                        "{name}: at most 500 characters, without NUL"
+                    )))
+                } else {
+                    Ok(t)
+                }
+            })
+            .transpose()
+    };
+    Ok(Find {
+        domain: domain(query.domain.clone())?,
+        status,
+        error_class: text("errorClass", &query.error_class)?,
+        failed_channel,
+        event_type: text("eventType", &query.event_type)?,
+        from: time("from", &query.from)?,
+        to: time("to", &query.to)?,
+        text: text("q", &query.q)?.filter(|t| !t.is_empty()),
+        fingerprint: text("fingerprint", &query.fingerprint)?,
+    })
+}
+
+async fn list(
+    State(state): State<AppState>,
+    ApiQuery(query): ApiQuery<FindQuery>,
+) -> Result<Json<Page>, ApiError> {
     let limit = match query.limit.unwrap_or(50) {
         n if (1..=500).contains(&n) => n,
         n => {
@@ -107,12 +173,25 @@ async fn list(
         })
         .transpose()?;
     let filter = ListFilter {
-        domain: domain(query.domain)?,
-        status,
+        find: find(&query)?,
         after,
         limit,
     };
     Ok(Json(dlq::list(&state.db, &filter).await?))
+}
+
+/// `GET /api/v1/admin/dlq/counts`: how many letters a find matches, by error class and by
+/// fingerprint.
+async fn counts(
+    State(state): State<AppState>,
+    ApiQuery(query): ApiQuery<FindQuery>,
+) -> Result<Json<Counts>, ApiError> {
+    if query.limit.is_some() || query.cursor.is_some() {
+        return Err(ApiError::BadRequest(
+            "counts cover every letter the filters find: no limit or cursor".to_owned(),
+        ));
+    }
+    Ok(Json(dlq::counts(&state.db, &find(&query)?).await?))
 }
 
 fn id(raw: &str) -> Result<Uuid, ApiError> {

@@ -68,6 +68,11 @@ pub struct DeadLetterView {
     pub actioned_at: Option<DateTime<Utc>>,
     pub failed_at: Option<DateTime<Utc>>,
     pub received_at: DateTime<Utc>,
+    /// The payload's eventType, when it is JSON that names one.
+    pub event_type: Option<String>,
+    /// The error class and message with ids and numbers normalised: letters with one cause
+    /// share it (migration 0016).
+    pub fingerprint: Option<String>,
 }
 
 const SELECT: &str = "SELECT m.id, m.dead_letter_id, m.domain, m.status, \
@@ -77,18 +82,130 @@ const SELECT: &str = "SELECT m.id, m.dead_letter_id, m.domain, m.status, \
         m.error_class, m.error_message, m.failed_channel, m.event_id, m.notification_id, \
         m.delivery_id, m.original_topic, m.original_partition, m.original_offset, m.topic, \
         m.kafka_partition, m.kafka_offset, m.headers, m.payload AS payload_bytes, m.message_key, m.actioned_by, m.actioned_at, \
-        m.failed_at, m.received_at \
+        m.failed_at, m.received_at, m.event_type, m.fingerprint \
     FROM dlq_messages m LEFT JOIN deliveries d ON d.id = m.delivery_id";
 
 /// Which dead letters to list.
 #[derive(Debug, Clone, Default)]
 pub struct ListFilter {
-    pub domain: Option<String>,
-    /// `None` lists every status but DISCARDED.
-    pub status: Option<String>,
+    pub find: Find,
     /// Newest first, strictly after this (received_at, id).
     pub after: Option<(DateTime<Utc>, Uuid)>,
     pub limit: i64,
+}
+
+/// What finds dead letters: every field that is set must hold.
+#[derive(Debug, Clone, Default)]
+pub struct Find {
+    pub domain: Option<String>,
+    /// `None` finds every status but DISCARDED.
+    pub status: Option<String>,
+    pub error_class: Option<String>,
+    pub failed_channel: Option<String>,
+    pub event_type: Option<String>,
+    /// Failed at or after.
+    pub from: Option<DateTime<Utc>>,
+    /// Failed before.
+    pub to: Option<DateTime<Utc>>,
+    /// Text the error message contains (any letter case).
+    pub text: Option<String>,
+    pub fingerprint: Option<String>,
+}
+
+/// The conditions of a [`Find`] on `m`, binding $1 to $9 in [`Find::bind`]'s order.
+const FIND: &str = "($1::text IS NULL OR m.domain = $1) \
+    AND (($2::text IS NULL AND m.status <> 'DISCARDED') OR m.status = $2) \
+    AND ($3::text IS NULL OR m.error_class = $3) \
+    AND ($4::text IS NULL OR m.failed_channel = $4) \
+    AND ($5::text IS NULL OR m.event_type = $5) \
+    AND ($6::timestamptz IS NULL OR m.failed_at >= $6) \
+    AND ($7::timestamptz IS NULL OR m.failed_at < $7) \
+    AND ($8::text IS NULL OR m.error_message ILIKE '%' || $8 || '%') \
+    AND ($9::text IS NULL OR m.fingerprint = $9)";
+
+impl Find {
+    /// Binds the find's values to a query built on [`FIND`].
+    fn bind<'q, O>(
+        &'q self,
+        query: sqlx::query::QueryAs<'q, sqlx::Postgres, O, sqlx::postgres::PgArguments>,
+    ) -> sqlx::query::QueryAs<'q, sqlx::Postgres, O, sqlx::postgres::PgArguments> {
+        // The text is matched literally: LIKE's wildcards in it are escaped.
+        let text = self.text.as_ref().map(|t| {
+            t.replace('\\', "\\\\")
+                .replace('%', "\\%")
+                .replace('_', "\\_")
+        });
+        query
+            .bind(self.domain.clone())
+            .bind(self.status.clone())
+            .bind(self.error_class.clone())
+            .bind(self.failed_channel.clone())
+            .bind(self.event_type.clone())
+            .bind(self.from)
+            .bind(self.to)
+            .bind(text)
+            .bind(self.fingerprint.clone())
+    }
+}
+
+/// Letters with one cause, counted.
+#[derive(Debug, Clone, Serialize, sqlx::FromRow)]
+#[serde(rename_all = "camelCase")]
+pub struct FingerprintCount {
+    pub fingerprint: String,
+    pub error_class: Option<String>,
+    pub count: i64,
+    /// The newest letter with it, and its own message.
+    pub example_id: Uuid,
+    pub example_message: Option<String>,
+    pub first_failed_at: Option<DateTime<Utc>>,
+    pub last_failed_at: Option<DateTime<Utc>>,
+}
+
+/// Letters of one error class, counted.
+#[derive(Debug, Clone, Serialize, sqlx::FromRow)]
+#[serde(rename_all = "camelCase")]
+pub struct ClassCount {
+    pub error_class: Option<String>,
+    pub count: i64,
+}
+
+/// How many letters a find matches, by error class and by fingerprint (the 100 largest).
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Counts {
+    pub total: i64,
+    pub by_class: Vec<ClassCount>,
+    pub by_fingerprint: Vec<FingerprintCount>,
+}
+
+/// Counts the letters a find matches.
+pub async fn counts(db: &PgPool, find: &Find) -> anyhow::Result<Counts> {
+    let by_class: Vec<ClassCount> = find
+        .bind(sqlx::query_as(sqlx::AssertSqlSafe(format!(
+            "SELECT m.error_class, count(*) AS count FROM dlq_messages m WHERE {FIND} \
+             GROUP BY m.error_class ORDER BY count(*) DESC, m.error_class"
+        ))))
+        .fetch_all(db)
+        .await
+        .context("Failed to count dead letters")?;
+    let by_fingerprint: Vec<FingerprintCount> = find
+        .bind(sqlx::query_as(sqlx::AssertSqlSafe(format!(
+            "SELECT m.fingerprint, min(m.error_class) AS error_class, count(*) AS count, \
+                 (array_agg(m.id ORDER BY m.received_at DESC))[1] AS example_id, \
+                 (array_agg(m.error_message ORDER BY m.received_at DESC))[1] AS example_message, \
+                 min(m.failed_at) AS first_failed_at, max(m.failed_at) AS last_failed_at \
+             FROM dlq_messages m WHERE {FIND} \
+             GROUP BY m.fingerprint ORDER BY count(*) DESC, m.fingerprint LIMIT 100"
+        ))))
+        .fetch_all(db)
+        .await
+        .context("Failed to count dead letters")?;
+    Ok(Counts {
+        total: by_class.iter().map(|c| c.count).sum(),
+        by_class,
+        by_fingerprint,
+    })
 }
 
 /// A page of dead letters.
@@ -102,14 +219,13 @@ pub struct Page {
 /// Lists dead letters, newest first.
 pub async fn list(db: &PgPool, filter: &ListFilter) -> anyhow::Result<Page> {
     let sql = format!(
-        "{SELECT} WHERE ($1::text IS NULL OR m.domain = $1) \
-           AND (($2::text IS NULL AND m.status <> 'DISCARDED') OR m.status = $2) \
-           AND ($3::timestamptz IS NULL OR (m.received_at, m.id) < ($3, $4)) \
-         ORDER BY m.received_at DESC, m.id DESC LIMIT $5"
+        "{SELECT} WHERE {FIND} \
+           AND ($10::timestamptz IS NULL OR (m.received_at, m.id) < ($10, $11)) \
+         ORDER BY m.received_at DESC, m.id DESC LIMIT $12"
     );
-    let mut items: Vec<DeadLetterView> = sqlx::query_as(sqlx::AssertSqlSafe(sql))
-        .bind(&filter.domain)
-        .bind(&filter.status)
+    let mut items: Vec<DeadLetterView> = filter
+        .find
+        .bind(sqlx::query_as(sqlx::AssertSqlSafe(sql)))
         .bind(filter.after.map(|a| a.0))
         .bind(filter.after.map(|a| a.1))
         .bind(filter.limit + 1)

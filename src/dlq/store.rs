@@ -227,9 +227,9 @@ async fn store_one(
         "INSERT INTO dlq_messages (id, dead_letter_id, domain, topic, kafka_partition, \
              kafka_offset, message_key, payload, headers, error_class, error_message, \
              failed_channel, event_id, notification_id, delivery_id, failed_at, \
-             original_topic, original_partition, original_offset) \
+             original_topic, original_partition, original_offset, event_type) \
          VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, \
-             $18, $19) \
+             $18, $19, $20) \
          {on_conflict}"
     );
     let written = sqlx::query(sqlx::AssertSqlSafe(sql))
@@ -252,6 +252,7 @@ async fn store_one(
         .bind(&letter.original_topic)
         .bind(letter.original_partition)
         .bind(letter.original_offset)
+        .bind(event_type_of(&message.payload))
         .execute(&mut *tx)
         .await
         .context("Failed to store a dead letter")?;
@@ -270,4 +271,18 @@ pub async fn export_sizes(db: &PgPool) {
                 .set(n as f64);
         }
     }
+}
+
+/// The `eventType` of a dead-lettered payload, when it is a JSON object that names one (a
+/// poison message may not be JSON at all).
+fn event_type_of(payload: &[u8]) -> Option<String> {
+    #[derive(serde::Deserialize)]
+    #[serde(rename_all = "camelCase")]
+    struct Typed {
+        event_type: Option<String>,
+    }
+    serde_json::from_slice::<Typed>(payload)
+        .ok()?
+        .event_type
+        .map(|t| t.replace('\0', "").chars().take(100).collect())
 }

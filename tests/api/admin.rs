@@ -300,3 +300,106 @@ async fn a_delivery_that_fails_again_after_a_retry_is_pending_again_in_the_list(
     );
     assert_eq!(slack.received_requests().await.unwrap().len(), 2);
 }
+
+#[tokio::test]
+async fn dead_letters_of_three_causes_read_as_three_fingerprints_and_each_filter_finds_its_own() {
+    let app = spawn_app_with(|_| {}).await;
+    // Three causes, 20 letters each, their messages differing only in ids and numbers.
+    let mut messages = Vec::new();
+    for i in 0..20 {
+        // Not JSON: the column of the error moves with the padding.
+        messages.push((
+            format!("{i}"),
+            format!("{}{{not json", " ".repeat(i)).into_bytes(),
+        ));
+        let mut unknown = envelope("PAYMENT_REFUNDED_TWICE", 100 + i as i64, json!({}));
+        unknown["data"] = json!({ "n": i });
+        messages.push((format!("{i}"), unknown.to_string().into_bytes()));
+        let mut malformed = envelope("PAYMENT_COMPLETED", 200 + i as i64, json!({}));
+        malformed["data"] = json!({ "amount": format!("{i} won"), "currency": "KRW" });
+        messages.push((format!("{i}"), malformed.to_string().into_bytes()));
+    }
+    app.publish_all("fluxpay.payment.events", &messages).await;
+    wait_until(60, "60 dead letters are stored", || async {
+        dead_letters(&app, "?limit=500").await.len() == 60
+    })
+    .await;
+
+    let counts: Value = admin(&app, reqwest::Method::GET, "/api/v1/admin/dlq/counts")
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(counts["total"], 60, "{counts}");
+    let prints = counts["byFingerprint"].as_array().unwrap();
+    assert_eq!(prints.len(), 3, "{counts}");
+    assert!(prints.iter().all(|p| p["count"] == 20), "{counts}");
+    let classes: Vec<&str> = counts["byClass"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["errorClass"].as_str().unwrap())
+        .collect();
+    assert_eq!(classes.len(), 3, "{counts}");
+
+    // Each fingerprint, class and text finds its own 20.
+    for print in prints {
+        let fingerprint = print["fingerprint"].as_str().unwrap();
+        let query = format!(
+            "?limit=500&fingerprint={}",
+            url::form_urlencoded::byte_serialize(fingerprint.as_bytes()).collect::<String>()
+        );
+        let found = dead_letters(&app, &query).await;
+        assert_eq!(found.len(), 20, "{fingerprint}");
+        assert!(found.iter().all(|l| l["fingerprint"] == fingerprint));
+    }
+    for class in &classes {
+        assert_eq!(
+            dead_letters(&app, &format!("?limit=500&errorClass={class}"))
+                .await
+                .len(),
+            20,
+            "{class}"
+        );
+    }
+    let by_type = dead_letters(&app, "?limit=500&eventType=PAYMENT_COMPLETED").await;
+    assert_eq!(by_type.len(), 20);
+    let by_text = dead_letters(&app, "?limit=500&q=payment_refunded_twice").await;
+    assert_eq!(by_text.len(), 20, "the text matches in any letter case");
+    // A LIKE wildcard in the text is matched literally.
+    assert!(dead_letters(&app, "?limit=500&q=%25").await.is_empty());
+    // A time window: everything failed in the last hour, nothing before it.
+    let hour_ago = (chrono::Utc::now() - chrono::Duration::hours(1))
+        .to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+    assert_eq!(
+        dead_letters(&app, &format!("?limit=500&from={hour_ago}"))
+            .await
+            .len(),
+        60
+    );
+    assert!(
+        dead_letters(&app, &format!("?limit=500&to={hour_ago}"))
+            .await
+            .is_empty()
+    );
+    let narrowed: Value = admin(
+        &app,
+        reqwest::Method::GET,
+        "/api/v1/admin/dlq/counts?eventType=PAYMENT_COMPLETED",
+    )
+    .await
+    .json()
+    .await
+    .unwrap();
+    assert_eq!(narrowed["total"], 20, "{narrowed}");
+    // Bad filters are 400s that say why.
+    for query in ["?from=yesterday", "?failedChannel=PIGEON", "?status=LOST"] {
+        let response = admin(
+            &app,
+            reqwest::Method::GET,
+            &format!("/api/v1/admin/dlq{query}"),
+        )
+        .await;
+        assert_eq!(response.status(), 400, "{query}");
+    }
+}
