@@ -97,13 +97,21 @@ impl WebhookSettings {
 pub struct RetentionSettings {
     /// Notifications, deliveries, attempts, the log and statistics older than this go.
     pub history: Duration,
+    /// Dead letters discarded or successfully retried this long ago go (pending ones stay).
+    pub dead_letters: Duration,
 }
 
 impl RetentionSettings {
     fn load(layers: &Layers, raw: RawRetention) -> Result<Self, ConfigError> {
         let history = layers.required("HERALD_RETENTION", "retention.history", raw.history)?;
+        let dead_letters = layers.required(
+            "HERALD_DLQ_RETENTION",
+            "retention.dead_letters",
+            raw.dead_letters,
+        )?;
         Ok(RetentionSettings {
             history: history.duration()?,
+            dead_letters: dead_letters.duration()?,
         })
     }
 }
@@ -1029,6 +1037,7 @@ struct RawWebhooks {
 #[serde(deny_unknown_fields, default)]
 struct RawRetention {
     history: Option<String>,
+    dead_letters: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -7,7 +7,9 @@
 //! - `notification_log` rows of terminal deliveries made before the cutoff go.
 //! - `delivery_stats` days before the cutoff's day go (in the reporting time zone's days,
 //!   which is what the rows count).
-//! - `receipts` received before the cutoff go, and finished webhook calls made before it. Suppressions stay until lifted: they are
+//! - `receipts` received before the cutoff go, and finished webhook calls made before it.
+//! - Dead letters discarded or retried successfully before `HERALD_DLQ_RETENTION` (30 days)
+//!   go; pending ones, and retries that failed or are under way, never go by time. Suppressions stay until lifted: they are
 //!   about an address, not a period.
 //!
 //! Notification and delivery ids are UUIDv7, so "made before the cutoff" is an id below the
@@ -54,6 +56,27 @@ pub struct Purged {
     pub receipts: u64,
     /// Finished webhook calls made before the cutoff.
     pub webhook_calls: u64,
+    /// Dead letters discarded or retried successfully before the dead-letter cutoff.
+    pub dead_letters: u64,
+}
+
+/// Up to when each kind of history goes.
+#[derive(Debug, Clone, Copy)]
+pub struct Cutoffs {
+    /// Notifications, deliveries, the read model, receipts, webhook calls.
+    pub history: DateTime<Utc>,
+    /// Dead letters discarded or retried successfully before it.
+    pub dead_letters: DateTime<Utc>,
+}
+
+impl Cutoffs {
+    /// Both cutoffs at `at`.
+    pub fn at(at: DateTime<Utc>) -> Self {
+        Cutoffs {
+            history: at,
+            dead_letters: at,
+        }
+    }
 }
 
 /// The smallest UUIDv7 of the millisecond `at`: every v7 id made before `at` sorts below it.
@@ -66,7 +89,7 @@ pub fn first_id_at(at: DateTime<Utc>) -> Uuid {
 /// holds the purge.
 pub async fn purge(
     db: &PgPool,
-    cutoff: DateTime<Utc>,
+    cutoffs: Cutoffs,
     reporting_tz: Tz,
 ) -> anyhow::Result<Option<Purged>> {
     let mut lock = db.acquire().await.context("Failed to connect")?;
@@ -78,7 +101,7 @@ pub async fn purge(
     if !locked {
         return Ok(None);
     }
-    let purged = purge_locked(db, cutoff, reporting_tz).await;
+    let purged = purge_locked(db, cutoffs, reporting_tz).await;
     let unlocked = sqlx::query("SELECT pg_advisory_unlock($1)")
         .bind(LOCK)
         .execute(&mut *lock)
@@ -90,11 +113,8 @@ pub async fn purge(
     purged.map(Some)
 }
 
-async fn purge_locked(
-    db: &PgPool,
-    cutoff: DateTime<Utc>,
-    reporting_tz: Tz,
-) -> anyhow::Result<Purged> {
+async fn purge_locked(db: &PgPool, cutoffs: Cutoffs, reporting_tz: Tz) -> anyhow::Result<Purged> {
+    let cutoff = cutoffs.history;
     let below = first_id_at(cutoff);
     let notifications = delete_in_batches(
         db,
@@ -140,12 +160,36 @@ async fn purge_locked(
     )
     .await
     .context("Failed to purge webhook calls")?;
+    // A dead letter goes once an operator dealt with it: discarded, or retried with success
+    // (the poison message accepted, or as a duplicate of one stored; the delivery sent).
+    // Pending ones, and retries that failed or are still under way, stay.
+    let mut dead_letters = 0;
+    loop {
+        let batch = sqlx::query(
+            "DELETE FROM dlq_messages WHERE id IN ( \
+                 SELECT m.id FROM dlq_messages m LEFT JOIN deliveries d ON d.id = m.delivery_id \
+                 WHERE m.actioned_at < $1 AND (m.status = 'DISCARDED' OR (m.status = 'RETRIED' \
+                     AND (m.retry_outcome IN ('ACCEPTED', 'DUPLICATE') OR d.status = 'SUCCESS'))) \
+                 LIMIT $2)",
+        )
+        .bind(cutoffs.dead_letters)
+        .bind(BATCH)
+        .execute(db)
+        .await
+        .context("Failed to purge dead letters")?
+        .rows_affected();
+        dead_letters += batch;
+        if batch < BATCH as u64 {
+            break;
+        }
+    }
     let purged = Purged {
         notifications,
         log_rows,
         stats_rows,
         receipts,
         webhook_calls,
+        dead_letters,
     };
     for (table, n) in [
         ("notifications", purged.notifications),
@@ -153,6 +197,7 @@ async fn purge_locked(
         ("delivery_stats", purged.stats_rows),
         ("receipts", purged.receipts),
         ("webhook_deliveries", purged.webhook_calls),
+        ("dlq_messages", purged.dead_letters),
     ] {
         metrics::counter!("herald_retention_deleted_total", "table" => table).increment(n);
     }
@@ -182,17 +227,26 @@ async fn delete_in_batches(
 }
 
 /// Purges every [`EVERY`] until `shutdown`, keeping `retention` of history.
-pub async fn run(db: PgPool, retention: Duration, reporting_tz: Tz, shutdown: CancellationToken) {
+pub async fn run(
+    db: PgPool,
+    retention: crate::config::RetentionSettings,
+    reporting_tz: Tz,
+    shutdown: CancellationToken,
+) {
     let mut every = tokio::time::interval(EVERY);
     loop {
         tokio::select! {
             _ = every.tick() => {}
             () = shutdown.cancelled() => return,
         }
-        let cutoff = Utc::now() - retention;
-        match purge(&db, cutoff, reporting_tz).await {
+        let now = Utc::now();
+        let cutoffs = Cutoffs {
+            history: now - retention.history,
+            dead_letters: now - retention.dead_letters,
+        };
+        match purge(&db, cutoffs, reporting_tz).await {
             Ok(Some(purged)) if purged != Purged::default() => {
-                tracing::info!(?purged, %cutoff, "history past its retention deleted");
+                tracing::info!(?purged, ?cutoffs, "history past its retention deleted");
             }
             Ok(_) => {}
             Err(error) => tracing::warn!(

@@ -482,6 +482,18 @@ fn spawn_workers(
         spawn_webhooks(state, tasks, failure)?;
     }
     if state.roles.contains(&Role::Dlq) {
+        // The DLQ gauges (pending by class, age of the oldest) move with time too, not only
+        // when letters arrive.
+        let (db, shutdown) = (state.work_db.clone(), state.shutdown.clone());
+        tasks.spawn(async move {
+            let mut every = tokio::time::interval(Duration::from_secs(30));
+            loop {
+                tokio::select! {
+                    _ = every.tick() => dlq::store::export_sizes(&db).await,
+                    () = shutdown.cancelled() => return,
+                }
+            }
+        });
         let settings = state.settings.clone();
         let db = state.work_db.clone();
         let prefix = settings.kafka.topic_prefix.clone();
@@ -555,7 +567,7 @@ fn spawn_workers(
         // history past its retention.
         tasks.spawn(crate::retention::run(
             state.work_db.clone(),
-            state.settings.retention.history,
+            state.settings.retention.clone(),
             state.settings.read_model.reporting_timezone,
             state.shutdown.clone(),
         ));

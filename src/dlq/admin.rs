@@ -285,11 +285,20 @@ pub async fn retry(ingestor: &Ingestor, id: Uuid, actor: &str) -> Result<RetryKi
         .get(crate::webhooks::sender::WEBHOOK_CALL_HEADER)
         .and_then(Value::as_str)
         .and_then(|id| id.parse::<Uuid>().ok());
-    match (webhook_call, letter.delivery_id) {
+    let retried = match (webhook_call, letter.delivery_id) {
         (Some(call), _) => requeue_webhook_call(ingestor, &letter, call, actor).await,
         (None, Some(delivery)) => requeue(ingestor, &letter, delivery, actor).await,
         (None, None) => reingest(ingestor, &letter, actor).await,
-    }
+    };
+    let outcome = match &retried {
+        Ok(RetryKind::Requeued) => "requeued",
+        Ok(RetryKind::Reingested) => "reingested",
+        Err(AdminError::Conflict(_)) => "refused",
+        Err(_) => "failed",
+    };
+    metrics::counter!("herald_dlq_replays_total", "domain" => letter.domain.clone(), "outcome" => outcome)
+        .increment(1);
+    retried
 }
 
 /// Retries a webhook call that failed until its deadline: it goes out again, with a fresh

@@ -259,8 +259,11 @@ async fn store_one(
     Ok(written.rows_affected() > 0)
 }
 
-/// Exports `herald_dlq_messages{domain, status}`.
+/// Exports `herald_dlq_messages{domain, status}`, `herald_dlq_pending{domain, class}` and
+/// `herald_dlq_oldest_pending_seconds{domain}`. A label set that had letters and has none
+/// now reads 0 rather than its last value.
 pub async fn export_sizes(db: &PgPool) {
+    static SEEN: std::sync::Mutex<Vec<(String, String)>> = std::sync::Mutex::new(Vec::new());
     let counts: Result<Vec<(String, String, i64)>, _> =
         sqlx::query_as("SELECT domain, status, count(*) FROM dlq_messages GROUP BY domain, status")
             .fetch_all(db)
@@ -269,6 +272,38 @@ pub async fn export_sizes(db: &PgPool) {
         for (domain, status, n) in counts {
             metrics::gauge!("herald_dlq_messages", "domain" => domain, "status" => status)
                 .set(n as f64);
+        }
+    }
+    let pending: Result<Vec<(String, String, i64, f64)>, _> = sqlx::query_as(
+        "SELECT domain, COALESCE(error_class, 'unknown'), count(*), \
+             EXTRACT(EPOCH FROM now() - min(COALESCE(failed_at, received_at)))::float8 \
+         FROM dlq_messages WHERE status = 'PENDING' GROUP BY 1, 2",
+    )
+    .fetch_all(db)
+    .await;
+    let Ok(pending) = pending else { return };
+    let mut seen = SEEN.lock().unwrap_or_else(|e| e.into_inner());
+    let mut oldest: std::collections::BTreeMap<&str, f64> = Default::default();
+    for (domain, class, n, age) in &pending {
+        metrics::gauge!("herald_dlq_pending", "domain" => domain.clone(), "class" => class.clone())
+            .set(*n as f64);
+        let entry = oldest.entry(domain.as_str()).or_default();
+        *entry = entry.max(*age);
+    }
+    for (domain, class) in seen.iter() {
+        if !pending.iter().any(|(d, c, ..)| d == domain && c == class) {
+            metrics::gauge!("herald_dlq_pending", "domain" => domain.clone(), "class" => class.clone())
+                .set(0.0);
+            oldest.entry(domain.as_str()).or_default();
+        }
+    }
+    for (domain, age) in oldest {
+        metrics::gauge!("herald_dlq_oldest_pending_seconds", "domain" => domain.to_owned())
+            .set(age);
+    }
+    for (domain, class, ..) in &pending {
+        if !seen.iter().any(|(d, c)| d == domain && c == class) {
+            seen.push((domain.clone(), class.clone()));
         }
     }
 }

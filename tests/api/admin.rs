@@ -392,6 +392,13 @@ async fn dead_letters_of_three_causes_read_as_three_fingerprints_and_each_filter
     .await
     .unwrap();
     assert_eq!(narrowed["total"], 20, "{narrowed}");
+    // The DLQ gauges name the pending letters by class.
+    let metrics = app.get("/metrics").await.text().await.unwrap();
+    assert!(
+        metrics.contains("herald_dlq_pending{") && metrics.contains("class=\"schema_violation\""),
+        "{metrics}"
+    );
+    assert!(metrics.contains("herald_dlq_oldest_pending_seconds{"));
     // Bad filters are 400s that say why.
     for query in ["?from=yesterday", "?failedChannel=PIGEON", "?status=LOST"] {
         let response = admin(
