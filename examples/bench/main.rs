@@ -310,9 +310,13 @@ async fn main() -> anyhow::Result<()> {
     // Its own pool, closed after: a backend that goes idle reports its table counters
     // only after a while, one that exits reports them at once.
     let purge_pool = herald::db::pool(&b.settings.database)?;
-    let purged = herald::retention::purge(&purge_pool, chrono::Utc::now(), chrono_tz::UTC)
-        .await?
-        .unwrap_or_default();
+    let purged = herald::retention::purge(
+        &purge_pool,
+        herald::retention::Cutoffs::at(chrono::Utc::now()),
+        chrono_tz::UTC,
+    )
+    .await?
+    .unwrap_or_default();
     purge_pool.close().await;
     // What the purge kept (nothing, in a run from a fresh database): later phases count
     // their notifications on top of it.
