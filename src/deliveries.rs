@@ -2,8 +2,8 @@
 //! transition of its life (DESIGN §3): [`insert`] (created PENDING or SKIPPED), [`claim`]
 //! (PROCESSING under a lease), [`defer`] (PENDING again, no attempt counted), [`record`] (a
 //! send's outcome: SUCCESS, PENDING for a retry, FAILED with its dead letter), [`requeue_failed`]
-//! (an operator's retry), [`skip_broadcast`] (a cancelled broadcast) and [`mark_read`] (the
-//! inbox). Each state change bumps `version` and writes its delivery event to the outbox in
+//! (an operator's retry), [`skip_broadcast`] (a cancelled broadcast), [`record_receipt`] (a
+//! provider's receipt) and [`mark_read`] (the inbox). Each state change bumps `version` and writes its delivery event to the outbox in
 //! the same transaction (the claim alone writes none: PROCESSING stays internal, the lease is
 //! in the row), with its notification's status event when the overall status changed
 //! ([`status_events`]), so that rule lives here and nowhere else. Reads for the API stay with their
@@ -22,6 +22,7 @@ use crate::{
     domain::{Channel, DeliveryStatus, Domain, Locale},
     intake::NewNotification,
     outbox::{self, DeliveryEvent, OutboxMessage},
+    receipts::ReceiptState,
     status_events,
 };
 
@@ -426,6 +427,50 @@ async fn insert_attempts(tx: &mut sqlx::PgConnection, records: &[&Finished]) -> 
     .await
     .context("Failed to record attempts")?;
     Ok(())
+}
+
+/// Records a provider's receipt on a SUCCESS delivery (its status stays SUCCESS), unless a
+/// receipt with a later provider time is recorded already, with a delivery event that
+/// carries it. Returns the channel the message went out on (a fallback's, or its own) and
+/// its address, or `None` when the receipt was not recorded.
+pub async fn record_receipt(
+    conn: &mut PgConnection,
+    id: Uuid,
+    state: &ReceiptState,
+    topic_prefix: &str,
+) -> anyhow::Result<Option<(Channel, Option<String>)>> {
+    #[derive(sqlx::FromRow)]
+    struct Receipted {
+        #[sqlx(flatten)]
+        changed: Changed,
+        sent_on: Channel,
+        address: Option<String>,
+    }
+    let row: Option<Receipted> = sqlx::query_as(
+        "UPDATE deliveries d SET receipt_status = $2, receipt_reason = $3, receipt_permanent = $4, \
+             receipt_at = $5, updated_at = now(), version = d.version + 1 \
+         FROM notifications n \
+         WHERE d.id = $1 AND n.id = d.notification_id AND d.status = 'SUCCESS' \
+           AND (d.receipt_at IS NULL OR d.receipt_at < $5) \
+         RETURNING d.id AS delivery_id, d.notification_id, d.channel, d.attempts, d.version, \
+             d.created_at, d.updated_at, n.event_id, n.event_type, n.user_id, n.domain, \
+             COALESCE(d.sent_via, d.channel) AS sent_on, d.address",
+    )
+    .bind(id)
+    .bind(state.status)
+    .bind(&state.reason)
+    .bind(state.permanent)
+    .bind(state.at)
+    .fetch_optional(&mut *conn)
+    .await
+    .context("Failed to record a receipt")?;
+    let Some(row) = row else {
+        return Ok(None);
+    };
+    let mut event = row.changed.event(DeliveryStatus::Success, None);
+    event.receipt = Some(state.clone());
+    outbox::insert(conn, &[event.to_outbox(topic_prefix)]).await?;
+    Ok(Some((row.sent_on, row.address)))
 }
 
 /// A delivery as a transition left it, with what its delivery event needs from the

@@ -32,8 +32,7 @@ use sqlx::{PgConnection, PgPool};
 use uuid::Uuid;
 
 use crate::{
-    domain::{Channel, DeliveryStatus, Domain, ReceiptStatus},
-    outbox::{self, DeliveryEvent},
+    domain::{Channel, ReceiptStatus},
     suppressions,
 };
 
@@ -216,24 +215,6 @@ async fn find_delivery(
     found.context("Failed to find a receipt's delivery")
 }
 
-/// The delivery as a receipt left it, with what its delivery event needs.
-#[derive(sqlx::FromRow)]
-struct Marked {
-    notification_id: Uuid,
-    channel: Channel,
-    /// The channel it went out on (its fallback's, or its own).
-    sent_on: Channel,
-    address: Option<String>,
-    attempts: i32,
-    version: i64,
-    created_at: DateTime<Utc>,
-    updated_at: DateTime<Utc>,
-    event_id: Option<String>,
-    event_type: String,
-    user_id: Option<i64>,
-    domain: Domain,
-}
-
 /// Applies a stored receipt to its delivery, unless a later one was applied already.
 async fn apply(
     conn: &mut PgConnection,
@@ -242,53 +223,19 @@ async fn apply(
     topic_prefix: &str,
 ) -> anyhow::Result<Accepted> {
     let state = &receipt.state;
-    let marked: Option<Marked> = sqlx::query_as(
-        "UPDATE deliveries d SET receipt_status = $2, receipt_reason = $3, receipt_permanent = $4, \
-             receipt_at = $5, updated_at = now(), version = d.version + 1 \
-         FROM notifications n \
-         WHERE d.id = $1 AND n.id = d.notification_id AND d.status = 'SUCCESS' \
-           AND (d.receipt_at IS NULL OR d.receipt_at < $5) \
-         RETURNING d.notification_id, d.channel, COALESCE(d.sent_via, d.channel) AS sent_on, \
-             d.address, d.attempts, d.version, d.created_at, \
-             d.updated_at, n.event_id, n.event_type, n.user_id, n.domain",
-    )
-    .bind(delivery_id)
-    .bind(state.status)
-    .bind(&state.reason)
-    .bind(state.permanent)
-    .bind(state.at)
-    .fetch_optional(&mut *conn)
-    .await
-    .context("Failed to apply a receipt")?;
-    let accepted = match marked {
+    let recorded =
+        crate::deliveries::record_receipt(&mut *conn, delivery_id, state, topic_prefix).await?;
+    let accepted = match recorded {
         None => Accepted::Superseded { delivery_id },
-        Some(row) => {
-            let event = DeliveryEvent {
-                delivery_id,
-                notification_id: row.notification_id,
-                event_id: row.event_id,
-                event_type: row.event_type,
-                user_id: row.user_id,
-                domain: row.domain,
-                channel: row.channel,
-                status: DeliveryStatus::Success,
-                attempts: row.attempts,
-                error: None,
-                version: row.version,
-                created_at: row.created_at,
-                updated_at: row.updated_at,
-                receipt: Some(state.clone()),
-            };
-            outbox::insert(&mut *conn, &[event.to_outbox(topic_prefix)]).await?;
-            let suppressed = match (&row.address, state.permanent, state.status) {
+        Some((sent_on, address)) => {
+            let suppressed = match (&address, state.permanent, state.status) {
                 (Some(address), true, ReceiptStatus::Undelivered | ReceiptStatus::Bounced) => {
                     let reason = format!(
                         "{}: {}",
                         state.status.as_str().to_lowercase(),
                         state.reason.as_deref().unwrap_or("permanent")
                     );
-                    suppressions::add(&mut *conn, row.sent_on, address, &reason, delivery_id)
-                        .await?
+                    suppressions::add(&mut *conn, sent_on, address, &reason, delivery_id).await?
                 }
                 _ => false,
             };
