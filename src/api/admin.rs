@@ -157,14 +157,7 @@ async fn list(
     State(state): State<AppState>,
     ApiQuery(query): ApiQuery<FindQuery>,
 ) -> Result<Json<Page>, ApiError> {
-    let limit = match query.limit.unwrap_or(50) {
-        n if (1..=500).contains(&n) => n,
-        n => {
-            return Err(ApiError::BadRequest(format!(
-                "limit must be 1 to 500, got {n}"
-            )));
-        }
-    };
+    let limit = super::error::page_limit(query.limit, 50, 500)?;
     let after = query
         .cursor
         .as_deref()
@@ -230,14 +223,7 @@ async fn retry_all(
     principal: Principal,
     ApiQuery(query): ApiQuery<RetryAllQuery>,
 ) -> Result<Json<RetryAllReport>, ApiError> {
-    let limit = match query.limit.unwrap_or(100) {
-        n if (1..=1000).contains(&n) => n,
-        n => {
-            return Err(ApiError::BadRequest(format!(
-                "limit must be 1 to 1000, got {n}"
-            )));
-        }
-    };
+    let limit = super::error::page_limit(query.limit, 100, 1000)?;
     let domain = domain(query.domain)?;
     let report =
         dlq::retry_all(&state.ingestor, domain.as_deref(), limit, &principal.name()).await?;

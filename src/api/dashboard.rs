@@ -139,13 +139,6 @@ async fn failures(
     State(state): State<AppState>,
     ApiQuery(query): ApiQuery<FailuresQuery>,
 ) -> Result<Json<Vec<Failure>>, ApiError> {
-    let limit = match query.limit.unwrap_or(20) {
-        n if (1..=200).contains(&n) => n,
-        n => {
-            return Err(ApiError::BadRequest(format!(
-                "limit must be 1 to 200, got {n}"
-            )));
-        }
-    };
+    let limit = super::error::page_limit(query.limit, 20, 200)?;
     Ok(Json(queries::failures(&state.db, limit).await?))
 }

@@ -229,3 +229,23 @@ pub struct ApiQuery<T>(pub T);
 #[derive(Debug, FromRequestParts)]
 #[from_request(via(axum::extract::Path), rejection(ApiError))]
 pub struct ApiPath<T>(pub T);
+
+/// A list's `limit`: `default` when absent, else 1 to `max`; a 400 that says so otherwise.
+pub fn page_limit(raw: Option<i64>, default: i64, max: i64) -> Result<i64, ApiError> {
+    match raw.unwrap_or(default) {
+        n if (1..=max).contains(&n) => Ok(n),
+        n => Err(ApiError::BadRequest(format!(
+            "limit must be 1 to {max}, got {n}"
+        ))),
+    }
+}
+
+/// A list's `cursor` where it is the last id of the page before (ids are UUIDv7, so newest
+/// first is id order).
+pub fn id_cursor(raw: Option<&str>) -> Result<Option<uuid::Uuid>, ApiError> {
+    raw.map(|c| {
+        c.parse()
+            .map_err(|_| ApiError::BadRequest(format!("{c:?} is not a cursor")))
+    })
+    .transpose()
+}

@@ -32,14 +32,9 @@ pub struct HistoryQuery {
     limit: Option<i64>,
 }
 
-/// Checks a page size.
+/// Checks a page size of history or the inbox.
 pub fn page_limit(limit: Option<i64>) -> Result<i64, ApiError> {
-    match limit.unwrap_or(DEFAULT_LIMIT) {
-        n if (1..=MAX_LIMIT).contains(&n) => Ok(n),
-        n => Err(ApiError::BadRequest(format!(
-            "limit must be 1 to {MAX_LIMIT}, got {n}"
-        ))),
-    }
+    super::error::page_limit(limit, DEFAULT_LIMIT, MAX_LIMIT)
 }
 
 /// Parses a history cursor.

@@ -58,21 +58,8 @@ async fn list(
         .map(|c| c.to_ascii_uppercase().parse::<Channel>())
         .transpose()
         .map_err(ApiError::BadRequest)?;
-    let limit = match query.limit.unwrap_or(50) {
-        n if (1..=500).contains(&n) => n,
-        n => {
-            return Err(ApiError::BadRequest(format!(
-                "limit must be 1 to 500, got {n}"
-            )));
-        }
-    };
-    let before = query
-        .cursor
-        .map(|c| {
-            c.parse::<Uuid>()
-                .map_err(|_| ApiError::BadRequest(format!("{c:?} is not a cursor")))
-        })
-        .transpose()?;
+    let limit = super::error::page_limit(query.limit, 50, 500)?;
+    let before = super::error::id_cursor(query.cursor.as_deref())?;
     let filter = Filter {
         channel,
         address: query.address,

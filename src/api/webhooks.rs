@@ -181,21 +181,8 @@ async fn deliveries(
             )));
         }
     };
-    let limit = match query.limit.unwrap_or(50) {
-        n if (1..=500).contains(&n) => n,
-        n => {
-            return Err(ApiError::BadRequest(format!(
-                "limit must be 1 to 500, got {n}"
-            )));
-        }
-    };
-    let before = query
-        .cursor
-        .map(|c| {
-            c.parse::<Uuid>()
-                .map_err(|_| ApiError::BadRequest(format!("{c:?} is not a cursor")))
-        })
-        .transpose()?;
+    let limit = super::error::page_limit(query.limit, 50, 500)?;
+    let before = super::error::id_cursor(query.cursor.as_deref())?;
     let items = webhooks::calls(&state.db, id, status, before, limit).await?;
     let next = (items.len() as i64 == limit)
         .then(|| items.last().map(|c| c.id.to_string()))
