@@ -44,6 +44,39 @@ pub struct Settings {
     pub broadcast: BroadcastSettings,
     pub retention: RetentionSettings,
     pub webhooks: WebhookSettings,
+    pub dlq: DlqSettings,
+}
+
+/// Operators' replays of dead letters (see [`crate::dlq::replay`]).
+#[derive(Debug, Clone)]
+pub struct DlqSettings {
+    /// Replays of one letter beyond which another needs `force` (`HERALD_DLQ_REPLAY_CAP`).
+    pub replay_cap: u32,
+    /// Letters per second a replay by filter goes at unless it says otherwise
+    /// (`HERALD_DLQ_REPLAY_RATE`).
+    pub replay_rate: u32,
+}
+
+impl DlqSettings {
+    fn load(layers: &Layers, raw: RawDlq) -> Result<Self, ConfigError> {
+        let cap = layers.required(
+            "HERALD_DLQ_REPLAY_CAP",
+            "dlq.replay_cap",
+            raw.replay_cap.map(|n| n.to_string()),
+        )?;
+        let rate = layers.required(
+            "HERALD_DLQ_REPLAY_RATE",
+            "dlq.replay_rate",
+            raw.replay_rate.map(|n| n.to_string()),
+        )?;
+        Ok(DlqSettings {
+            replay_cap: cap.positive_u32("a whole number above 0")?,
+            replay_rate: rate.u32_in(
+                1..=crate::dlq::replay::MAX_RATE,
+                "a whole number of letters per second from 1 to 1000",
+            )?,
+        })
+    }
 }
 
 /// Signed outbound webhooks (see [`crate::webhooks`]).
@@ -561,6 +594,7 @@ impl Settings {
         let access = AccessSettings::load(&layers, raw.access)?;
         let retention = RetentionSettings::load(&layers, raw.retention)?;
         let webhooks = WebhookSettings::load(&layers, raw.webhooks)?;
+        let dlq = DlqSettings::load(&layers, raw.dlq)?;
         let api_max_connections = layers.required(
             "HERALD_DATABASE_API_MAX_CONNECTIONS",
             "database.api_max_connections",
@@ -968,6 +1002,7 @@ impl Settings {
             },
             retention,
             webhooks,
+            dlq,
         })
     }
 
@@ -1022,6 +1057,14 @@ struct RawSettings {
     broadcast: RawBroadcast,
     retention: RawRetention,
     webhooks: RawWebhooks,
+    dlq: RawDlq,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawDlq {
+    replay_cap: Option<u32>,
+    replay_rate: Option<u32>,
 }
 
 #[derive(Debug, Default, Deserialize)]

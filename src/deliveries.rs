@@ -21,7 +21,7 @@ use crate::{
     dispatch::record::{Finished, Written},
     domain::{Channel, DeliveryStatus, Domain, Locale},
     intake::NewNotification,
-    outbox::{self, DeliveryEvent, OutboxMessage},
+    outbox::{self, DeliveryEvent, OutboxMessage, ReplayOrigin},
     receipts::ReceiptState,
     status_events,
 };
@@ -60,9 +60,17 @@ pub struct Job {
     /// Its address is suppressed on its channel ([`crate::suppressions`]): it is SKIPPED,
     /// not sent.
     pub suppressed: bool,
+    /// The dead letter an operator's replay re-queued or re-made it from, and its count.
+    pub replay_of: Option<Uuid>,
+    pub replay_count: Option<i32>,
 }
 
 impl Job {
+    /// The dead letter an operator's replay made or re-queued this delivery from.
+    pub fn replay(&self) -> Option<ReplayOrigin> {
+        replay_origin(self.replay_of, self.replay_count)
+    }
+
     /// The delivery event of this delivery in a new state.
     pub fn event(
         &self,
@@ -87,6 +95,7 @@ impl Job {
             created_at: self.created_at,
             updated_at: at,
             receipt: None,
+            replay: self.replay(),
         }
     }
 }
@@ -104,6 +113,8 @@ pub async fn insert(conn: &mut PgConnection, n: &[&NewNotification]) -> anyhow::
     let mut d_due = Vec::new();
     let mut d_created = Vec::new();
     let mut d_broadcasts = Vec::new();
+    let mut d_replay_of = Vec::new();
+    let mut d_replay_count = Vec::new();
     for x in n {
         for d in &x.deliveries {
             d_ids.push(d.id);
@@ -115,17 +126,21 @@ pub async fn insert(conn: &mut PgConnection, n: &[&NewNotification]) -> anyhow::
             d_due.push(x.draft.scheduled_at.unwrap_or(x.created_at));
             d_created.push(x.created_at);
             d_broadcasts.push(x.draft.broadcast_id);
+            d_replay_of.push(x.draft.replay.map(|r| r.dead_letter_id));
+            d_replay_count.push(x.draft.replay.map(|r| r.replay_count));
         }
     }
     sqlx::query(
         "INSERT INTO deliveries (id, notification_id, channel, status, address, skip_reason, \
-             next_attempt_at, created_at, updated_at, completed_at, broadcast_id) \
+             next_attempt_at, created_at, updated_at, completed_at, broadcast_id, replay_of, \
+             replay_count) \
          SELECT id, notification_id, channel, status, address, skip_reason, due, created, \
-             created, CASE WHEN status = 'SKIPPED' THEN created END, broadcast_id \
+             created, CASE WHEN status = 'SKIPPED' THEN created END, broadcast_id, replay_of, \
+             replay_count \
          FROM UNNEST($1::uuid[], $2::uuid[], $3::text[], $4::text[], $5::text[], $6::text[], \
-             $7::timestamptz[], $8::timestamptz[], $9::uuid[]) \
+             $7::timestamptz[], $8::timestamptz[], $9::uuid[], $10::uuid[], $11::int4[]) \
          AS t(id, notification_id, channel, status, address, skip_reason, due, created, \
-             broadcast_id)",
+             broadcast_id, replay_of, replay_count)",
     )
     .bind(&d_ids)
     .bind(&d_notifications)
@@ -136,6 +151,8 @@ pub async fn insert(conn: &mut PgConnection, n: &[&NewNotification]) -> anyhow::
     .bind(&d_due)
     .bind(&d_created)
     .bind(&d_broadcasts)
+    .bind(&d_replay_of)
+    .bind(&d_replay_count)
     .execute(&mut *conn)
     .await
     .context("Failed to store deliveries")?;
@@ -207,7 +224,8 @@ pub async fn claim(
              n.locale, n.data, n.subject, n.body, n.recipient, n.raw_event, n.source_topic, \
              n.source_partition, n.source_offset, n.occurred_at, \
              EXISTS (SELECT 1 FROM suppressions s WHERE s.channel = d.channel \
-                 AND s.address = d.address AND s.lifted_at IS NULL) AS suppressed \
+                 AND s.address = d.address AND s.lifted_at IS NULL) AS suppressed, \
+             d.replay_of, d.replay_count \
          FROM deliveries d JOIN notifications n ON n.id = d.notification_id \
          WHERE d.id = ANY($1) ORDER BY d.broadcast_id IS NOT NULL, d.next_attempt_at",
     )
@@ -454,7 +472,7 @@ pub async fn record_receipt(
            AND (d.receipt_at IS NULL OR d.receipt_at < $5) \
          RETURNING d.id AS delivery_id, d.notification_id, d.channel, d.attempts, d.version, \
              d.created_at, d.updated_at, n.event_id, n.event_type, n.user_id, n.domain, \
-             COALESCE(d.sent_via, d.channel) AS sent_on, d.address",
+             d.replay_of, d.replay_count, COALESCE(d.sent_via, d.channel) AS sent_on, d.address",
     )
     .bind(id)
     .bind(state.status)
@@ -488,6 +506,16 @@ struct Changed {
     event_type: String,
     user_id: Option<i64>,
     domain: Domain,
+    replay_of: Option<Uuid>,
+    replay_count: Option<i32>,
+}
+
+/// A delivery's replay origin from its two columns.
+fn replay_origin(of: Option<Uuid>, count: Option<i32>) -> Option<ReplayOrigin> {
+    Some(ReplayOrigin {
+        dead_letter_id: of?,
+        replay_count: count.unwrap_or(1),
+    })
 }
 
 impl Changed {
@@ -508,6 +536,7 @@ impl Changed {
             created_at: self.created_at,
             updated_at: self.updated_at,
             receipt: None,
+            replay: replay_origin(self.replay_of, self.replay_count),
         }
     }
 }
@@ -518,18 +547,22 @@ impl Changed {
 pub async fn requeue_failed(
     conn: &mut PgConnection,
     id: Uuid,
+    origin: ReplayOrigin,
     topic_prefix: &str,
 ) -> anyhow::Result<bool> {
     let row: Option<Changed> = sqlx::query_as(
         "UPDATE deliveries d SET status = 'PENDING', next_attempt_at = now(), \
              retry_base = d.attempts, lease_until = NULL, completed_at = NULL, \
-             updated_at = now(), version = d.version + 1 \
+             updated_at = now(), version = d.version + 1, replay_of = $2, replay_count = $3 \
          FROM notifications n \
          WHERE d.id = $1 AND d.status = 'FAILED' AND n.id = d.notification_id \
          RETURNING d.id AS delivery_id, d.notification_id, d.channel, d.attempts, d.version, \
-             d.created_at, d.updated_at, n.event_id, n.event_type, n.user_id, n.domain",
+             d.created_at, d.updated_at, n.event_id, n.event_type, n.user_id, n.domain, \
+             d.replay_of, d.replay_count",
     )
     .bind(id)
+    .bind(origin.dead_letter_id)
+    .bind(origin.replay_count)
     .fetch_optional(&mut *conn)
     .await
     .context("Failed to re-queue the delivery")?;
@@ -564,7 +597,7 @@ pub async fn skip_broadcast(
                  completed_at = now() \
              WHERE broadcast_id = $1 AND status = 'PENDING' \
              RETURNING id AS delivery_id, notification_id, channel, attempts, version, \
-                 created_at, updated_at) \
+                 created_at, updated_at, replay_of, replay_count) \
          SELECT s.*, n.event_id, n.event_type, n.user_id, n.domain FROM skipped s \
          JOIN notifications n ON n.id = s.notification_id",
     )

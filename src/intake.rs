@@ -15,7 +15,7 @@ use crate::{
     config::Settings,
     directory::Contact,
     domain::{Channel, DeliveryStatus, Domain, EventType, Locale, Recipient, UserId},
-    outbox::{self, DeliveryEvent, OutboxMessage},
+    outbox::{self, DeliveryEvent, OutboxMessage, ReplayOrigin},
     preferences::Preferences,
     routing::{self, Reach, RoutingTable},
 };
@@ -96,6 +96,8 @@ pub struct Draft {
     pub scheduled_at: Option<DateTime<Utc>>,
     /// The broadcast this notification is one recipient of.
     pub broadcast_id: Option<Uuid>,
+    /// The dead letter an operator's replay re-ingested this event from.
+    pub replay: Option<ReplayOrigin>,
 }
 
 /// Which channels this Herald can send on: an unset endpoint disables a channel.
@@ -183,6 +185,7 @@ impl NewNotification {
                     created_at: self.created_at,
                     updated_at: self.created_at,
                     receipt: None,
+                    replay: self.draft.replay,
                 }
                 .to_outbox(topic_prefix)
             })

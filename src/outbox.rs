@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 
 use anyhow::Context;
 use chrono::{DateTime, Utc};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use sqlx::PgConnection;
 use uuid::Uuid;
 
@@ -74,6 +74,52 @@ pub struct DeliveryEvent {
     /// What the provider said became of the message, once it said so (issue 15).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub receipt: Option<ReceiptState>,
+    /// The dead letter an operator's replay made or re-queued this delivery from (issue 16).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub replay: Option<ReplayOrigin>,
+}
+
+/// Where a replayed delivery or message came from: the dead letter, and how many times it
+/// had been replayed with this replay counted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ReplayOrigin {
+    pub dead_letter_id: Uuid,
+    pub replay_count: i32,
+}
+
+/// Headers a replayed message carries, and a dead letter made of it again passes on.
+pub const REPLAY_OF_HEADER: &str = "X-Replay-Of";
+/// See [`REPLAY_OF_HEADER`].
+pub const REPLAY_COUNT_HEADER: &str = "X-Replay-Count";
+
+impl ReplayOrigin {
+    /// The origin a message's headers name, if both are there and readable.
+    pub fn from_headers<'a>(headers: impl IntoIterator<Item = (&'a str, &'a str)>) -> Option<Self> {
+        let (mut of, mut count) = (None, None);
+        for (name, value) in headers {
+            if name.eq_ignore_ascii_case(REPLAY_OF_HEADER) {
+                of = value.parse().ok();
+            } else if name.eq_ignore_ascii_case(REPLAY_COUNT_HEADER) {
+                count = value.parse().ok();
+            }
+        }
+        Some(ReplayOrigin {
+            dead_letter_id: of?,
+            replay_count: count?,
+        })
+    }
+
+    /// The two headers.
+    pub fn headers(&self) -> [(String, String); 2] {
+        [
+            (REPLAY_OF_HEADER.to_owned(), self.dead_letter_id.to_string()),
+            (
+                REPLAY_COUNT_HEADER.to_owned(),
+                self.replay_count.to_string(),
+            ),
+        ]
+    }
 }
 
 impl DeliveryEvent {
@@ -116,6 +162,8 @@ pub struct DeadLetter {
     pub notification_id: Option<Uuid>,
     pub delivery_id: Option<Uuid>,
     pub failed_at: DateTime<Utc>,
+    /// Set when what failed was an operator's replay: the letter then carries the origin on.
+    pub replay: Option<ReplayOrigin>,
 }
 
 impl DeadLetter {
@@ -130,7 +178,7 @@ impl DeadLetter {
     ) -> OutboxMessage {
         let domain = self.domain.unwrap_or(Domain::Api);
         let text = |v: Option<String>| v.unwrap_or_default();
-        let headers = BTreeMap::from([
+        let mut headers = BTreeMap::from([
             // JSONB (the outbox's headers column) cannot hold NUL, and an error message may
             // quote a provider's answer.
             (
@@ -171,6 +219,7 @@ impl DeadLetter {
             ("X-Failed-At".to_owned(), self.failed_at.to_rfc3339()),
             (DEAD_LETTER_ID_HEADER.to_owned(), Uuid::now_v7().to_string()),
         ]);
+        headers.extend(self.replay.iter().flat_map(ReplayOrigin::headers));
         OutboxMessage {
             kind: OutboxKind::DeadLetter,
             topic: format!("{topic_prefix}{}", domain.dlq_topic()),

@@ -183,6 +183,12 @@ async fn purge_locked(db: &PgPool, cutoffs: Cutoffs, reporting_tz: Tz) -> anyhow
             break;
         }
     }
+    // Finished replays go with the letters they dealt with (their items reference them).
+    sqlx::query("DELETE FROM dlq_replays WHERE status <> 'RUNNING' AND finished_at < $1")
+        .bind(cutoffs.dead_letters)
+        .execute(db)
+        .await
+        .context("Failed to purge finished replays")?;
     let purged = Purged {
         notifications,
         log_rows,

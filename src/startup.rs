@@ -494,6 +494,12 @@ fn spawn_workers(
                 }
             }
         });
+        // Replays by filter, one instance at a time; resumed after a crash.
+        tasks.spawn(dlq::replay::run(
+            state.ingestor.clone(),
+            state.settings.dlq.replay_cap,
+            state.shutdown.clone(),
+        ));
         let settings = state.settings.clone();
         let db = state.work_db.clone();
         let prefix = settings.kafka.topic_prefix.clone();

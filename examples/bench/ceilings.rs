@@ -93,6 +93,7 @@ pub async fn bare_insert(
                 occurred_at: Some(event.occurred_at),
                 scheduled_at: None,
                 broadcast_id: None,
+                replay: None,
             };
             intake::prepare(
                 routing,

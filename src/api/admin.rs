@@ -5,10 +5,18 @@
 //!   `status=DISCARDED`; `from`/`to` bound the failure time, `q` matches the error message.
 //! - `GET /api/v1/admin/dlq/counts?` (the same filters): counts by error class and by
 //!   fingerprint (the class and message with ids and numbers normalised).
-//! - `GET /api/v1/admin/dlq/{id}`
-//! - `POST /api/v1/admin/dlq/{id}/retry`
+//! - `GET /api/v1/admin/dlq/{id}`: with its corrections.
+//! - `PATCH /api/v1/admin/dlq/{id}`: corrects a PENDING letter before its retry:
+//!   `{"payload": {...}}` (a poison message's whole event, checked as a new event would be)
+//!   or `{"data": {...}, "address": "..."}` (a failed delivery's); audited, original kept.
+//! - `POST /api/v1/admin/dlq/{id}/retry?force=`: beyond the replay cap only with force.
 //! - `POST /api/v1/admin/dlq/retry-all?domain=&limit=`: retries up to `limit` (default 100,
-//!   at most 1000) PENDING ones and reports the counts.
+//!   at most 1000) PENDING ones at once and reports the counts.
+//! - `POST /api/v1/admin/dlq/replay`: `{"filter": {same filters as the list}, "ratePerSecond",
+//!   "force", "dryRun"}`; a dry run answers what would happen, a real one answers 202 and runs
+//!   in the background ([`crate::dlq::replay`]).
+//! - `GET /api/v1/admin/dlq/replays`, `GET /api/v1/admin/dlq/replays/{id}`,
+//!   `POST /api/v1/admin/dlq/replays/{id}/cancel`.
 //! - `DELETE /api/v1/admin/dlq/{id}`: discards (kept for audit).
 //!
 //! Actions record who did them: the name of the credential (never a header the caller
@@ -17,8 +25,9 @@
 use axum::{
     Json, Router,
     extract::State,
-    http::Method,
+    http::{Method, StatusCode, header},
     middleware::from_fn_with_state,
+    response::{IntoResponse, Response},
     routing::{get, post},
 };
 use chrono::{DateTime, Utc};
@@ -29,12 +38,16 @@ use uuid::Uuid;
 use super::{
     AppState,
     auth::{Need, Rules, authorize},
-    error::{ApiError, ApiPath, ApiQuery},
+    error::{ApiError, ApiJson, ApiPath, ApiQuery},
 };
 use crate::{
     auth::{Principal, Scope},
-    dlq::admin::{
-        self as dlq, AdminError, Counts, DeadLetterView, Find, ListFilter, Page, RetryAllReport,
+    dlq::{
+        admin::{
+            self as dlq, AdminError, Counts, DeadLetterView, Find, ListFilter, Page, RetryAllReport,
+        },
+        edit::{self, Correction, EditError},
+        replay::{self, MAX_RATE, Replay},
     },
     domain::{Channel, Domain},
     read_model::queries::decode_cursor,
@@ -46,12 +59,20 @@ pub fn router() -> Router<AppState> {
         (Method::GET, Need::Scope(Scope::DlqAdmin)),
         (Method::POST, Need::Scope(Scope::DlqAdmin)),
         (Method::DELETE, Need::Scope(Scope::DlqAdmin)),
+        (Method::PATCH, Need::Scope(Scope::DlqAdmin)),
     ];
     Router::new()
         .route("/api/v1/admin/dlq", get(list))
         .route("/api/v1/admin/dlq/retry-all", post(retry_all))
         .route("/api/v1/admin/dlq/counts", get(counts))
-        .route("/api/v1/admin/dlq/{id}", get(read).delete(discard))
+        .route("/api/v1/admin/dlq/replay", post(start_replay))
+        .route("/api/v1/admin/dlq/replays", get(replays))
+        .route("/api/v1/admin/dlq/replays/{id}", get(read_replay))
+        .route("/api/v1/admin/dlq/replays/{id}/cancel", post(cancel_replay))
+        .route(
+            "/api/v1/admin/dlq/{id}",
+            get(read).delete(discard).patch(correct),
+        )
         .route("/api/v1/admin/dlq/{id}/retry", post(retry))
         .route_layer(from_fn_with_state(RULES, authorize))
 }
@@ -66,9 +87,22 @@ impl From<AdminError> for ApiError {
     }
 }
 
+impl From<EditError> for ApiError {
+    fn from(error: EditError) -> Self {
+        match error {
+            EditError::Mismatch(message) => ApiError::BadRequest(message),
+            EditError::Invalid { class, message } => ApiError::Unprocessable {
+                code: "invalid_correction",
+                message: format!("the correction would fail again ({class}): {message}"),
+            },
+            EditError::Admin(error) => error.into(),
+        }
+    }
+}
+
 /// The query of `GET /api/v1/admin/dlq` and `.../dlq/counts`: what finds dead letters, and
 /// (for the list) the page.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Default, Deserialize, serde::Serialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct FindQuery {
     domain: Option<String>,
@@ -196,16 +230,69 @@ async fn read(
     State(state): State<AppState>,
     ApiPath(raw): ApiPath<String>,
 ) -> Result<Json<DeadLetterView>, ApiError> {
-    Ok(Json(dlq::get(&state.db, id(&raw)?).await?))
+    let id = id(&raw)?;
+    let mut letter = dlq::get(&state.db, id).await?;
+    letter.edits = Some(edit::list(&state.db, id).await?);
+    Ok(Json(letter))
+}
+
+/// `PATCH /api/v1/admin/dlq/{id}` body: one of the two corrections.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CorrectionBody {
+    payload: Option<Value>,
+    data: Option<serde_json::Map<String, Value>>,
+    address: Option<String>,
+}
+
+async fn correct(
+    State(state): State<AppState>,
+    principal: Principal,
+    ApiPath(raw): ApiPath<String>,
+    ApiJson(body): ApiJson<CorrectionBody>,
+) -> Result<Json<DeadLetterView>, ApiError> {
+    let correction = match body {
+        CorrectionBody {
+            payload: Some(payload),
+            data: None,
+            address: None,
+        } => Correction::Payload(payload),
+        CorrectionBody {
+            payload: None,
+            data,
+            address,
+        } => Correction::Delivery { data, address },
+        _ => {
+            return Err(ApiError::BadRequest(
+                "give either payload (a poison message's event) or data and/or address (a \
+                 failed delivery's), not both"
+                    .to_owned(),
+            ));
+        }
+    };
+    Ok(Json(
+        edit::edit(&state.ingestor, id(&raw)?, correction, &principal.name()).await?,
+    ))
+}
+
+/// `POST /api/v1/admin/dlq/{id}/retry` query.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetryQuery {
+    /// Replay beyond the replay cap.
+    #[serde(default)]
+    force: bool,
 }
 
 async fn retry(
     State(state): State<AppState>,
     principal: Principal,
     ApiPath(raw): ApiPath<String>,
+    ApiQuery(query): ApiQuery<RetryQuery>,
 ) -> Result<Json<Value>, ApiError> {
     let id = id(&raw)?;
-    let kind = dlq::retry(&state.ingestor, id, &principal.name()).await?;
+    let cap = state.settings.dlq.replay_cap;
+    let kind = dlq::retry(&state.ingestor, id, &principal.name(), query.force, cap).await?;
     let letter = dlq::get(&state.db, id).await?;
     Ok(Json(json!({ "retry": kind, "deadLetter": letter })))
 }
@@ -225,9 +312,127 @@ async fn retry_all(
 ) -> Result<Json<RetryAllReport>, ApiError> {
     let limit = super::error::page_limit(query.limit, 100, 1000)?;
     let domain = domain(query.domain)?;
-    let report =
-        dlq::retry_all(&state.ingestor, domain.as_deref(), limit, &principal.name()).await?;
+    let report = dlq::retry_all(
+        &state.ingestor,
+        domain.as_deref(),
+        limit,
+        &principal.name(),
+        state.settings.dlq.replay_cap,
+    )
+    .await?;
     Ok(Json(report))
+}
+
+/// `POST /api/v1/admin/dlq/replay` body.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ReplayBody {
+    /// The list's filters; every PENDING letter when absent.
+    filter: Option<FindQuery>,
+    /// Letters per second, 1 to 1000 (HERALD_DLQ_REPLAY_RATE when absent).
+    rate_per_second: Option<u32>,
+    /// Replay letters beyond the replay cap too.
+    #[serde(default)]
+    force: bool,
+    /// Answer what would happen, change nothing.
+    #[serde(default)]
+    dry_run: bool,
+}
+
+async fn start_replay(
+    State(state): State<AppState>,
+    principal: Principal,
+    ApiJson(body): ApiJson<ReplayBody>,
+) -> Result<Response, ApiError> {
+    let query = body.filter.unwrap_or_default();
+    if query.limit.is_some() || query.cursor.is_some() {
+        return Err(ApiError::BadRequest(
+            "a replay covers every letter its filter finds: no limit or cursor".to_owned(),
+        ));
+    }
+    let mut find = find(&query)?;
+    match find.status.as_deref() {
+        None | Some("PENDING") => find.status = Some("PENDING".to_owned()),
+        Some(other) => {
+            return Err(ApiError::BadRequest(format!(
+                "a replay replays PENDING letters, not {other}"
+            )));
+        }
+    }
+    let rate = body
+        .rate_per_second
+        .unwrap_or(state.settings.dlq.replay_rate);
+    if !(1..=MAX_RATE).contains(&rate) {
+        return Err(ApiError::BadRequest(format!(
+            "ratePerSecond must be 1 to {MAX_RATE}, got {rate}"
+        )));
+    }
+    let cap = state.settings.dlq.replay_cap;
+    if body.dry_run {
+        let report = replay::dry_run(&state.ingestor, &find, body.force, cap).await?;
+        return Ok(Json(report).into_response());
+    }
+    let filter = serde_json::to_value(&query).map_err(anyhow::Error::from)?;
+    let replay = replay::start(
+        &state.db,
+        &find,
+        filter,
+        rate,
+        body.force,
+        &principal.name(),
+    )
+    .await?;
+    let location = format!("/api/v1/admin/dlq/replays/{}", replay.id);
+    Ok((
+        StatusCode::ACCEPTED,
+        [(header::LOCATION, location)],
+        Json(replay),
+    )
+        .into_response())
+}
+
+/// `GET /api/v1/admin/dlq/replays` query.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReplaysQuery {
+    limit: Option<i64>,
+}
+
+async fn replays(
+    State(state): State<AppState>,
+    ApiQuery(query): ApiQuery<ReplaysQuery>,
+) -> Result<Json<Value>, ApiError> {
+    let limit = super::error::page_limit(query.limit, 20, 100)?;
+    Ok(Json(
+        json!({ "items": replay::list(&state.db, limit).await? }),
+    ))
+}
+
+fn replay_id(raw: &str) -> Result<Uuid, ApiError> {
+    Uuid::parse_str(raw).map_err(|_| ApiError::BadRequest(format!("{raw:?} is not a replay id")))
+}
+
+async fn read_replay(
+    State(state): State<AppState>,
+    ApiPath(raw): ApiPath<String>,
+) -> Result<Json<Replay>, ApiError> {
+    let id = replay_id(&raw)?;
+    replay::get(&state.db, id)
+        .await?
+        .map(Json)
+        .ok_or_else(|| ApiError::NotFound(format!("no replay {id}")))
+}
+
+async fn cancel_replay(
+    State(state): State<AppState>,
+    principal: Principal,
+    ApiPath(raw): ApiPath<String>,
+) -> Result<Json<Replay>, ApiError> {
+    let id = replay_id(&raw)?;
+    match replay::cancel(&state.db, id, &principal.name()).await {
+        Err(AdminError::NotFound(_)) => Err(ApiError::NotFound(format!("no replay {id}"))),
+        other => Ok(Json(other?)),
+    }
 }
 
 async fn discard(

@@ -428,6 +428,7 @@ fn validate(state: &AppState, request: IntakeRequest) -> Result<(Draft, Vec<Chan
             occurred_at: Some(now),
             scheduled_at: request.scheduled_at,
             broadcast_id: None,
+            replay: None,
         },
         channels,
     ))

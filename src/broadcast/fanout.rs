@@ -285,6 +285,7 @@ impl Fanout {
                     occurred_at: Some(now),
                     scheduled_at: None,
                     broadcast_id: Some(row.id),
+                    replay: None,
                 };
                 intake::prepare(
                     &self.routing,

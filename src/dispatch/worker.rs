@@ -547,6 +547,7 @@ impl Dispatcher {
             notification_id: Some(job.notification_id),
             delivery_id: Some(job.delivery_id),
             failed_at: Utc::now(),
+            replay: job.replay(),
         }
         .to_outbox(&self.topic_prefix, Some(key.into_bytes()), payload)
     }

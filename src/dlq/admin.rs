@@ -12,8 +12,10 @@ use sqlx::PgPool;
 use uuid::Uuid;
 
 use crate::{
-    domain::Domain, ingest::Ingestor, kafka::consumer::IncomingMessage,
-    outbox::PAYLOAD_TRUNCATED_HEADER,
+    domain::Domain,
+    ingest::Ingestor,
+    kafka::consumer::IncomingMessage,
+    outbox::{PAYLOAD_TRUNCATED_HEADER, ReplayOrigin},
 };
 
 /// Why an admin action could not be done.
@@ -73,6 +75,21 @@ pub struct DeadLetterView {
     /// The error class and message with ids and numbers normalised: letters with one cause
     /// share it (migration 0016).
     pub fingerprint: Option<String>,
+    /// How many times operators replayed it (one more needs `force` beyond the cap).
+    pub replay_count: i32,
+    /// The state of the delivery it is about, if any.
+    pub delivery_status: Option<String>,
+    /// The poison message as an operator corrected it (re-ingested instead of `payload`,
+    /// which stays as it arrived), as text.
+    #[sqlx(skip)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub edited: Option<String>,
+    #[serde(skip)]
+    pub edited_payload: Option<Vec<u8>>,
+    /// The corrections made to it, oldest first (only when one letter is read).
+    #[sqlx(skip)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub edits: Option<Vec<super::edit::Edit>>,
 }
 
 const SELECT: &str = "SELECT m.id, m.dead_letter_id, m.domain, m.status, \
@@ -82,7 +99,8 @@ const SELECT: &str = "SELECT m.id, m.dead_letter_id, m.domain, m.status, \
         m.error_class, m.error_message, m.failed_channel, m.event_id, m.notification_id, \
         m.delivery_id, m.original_topic, m.original_partition, m.original_offset, m.topic, \
         m.kafka_partition, m.kafka_offset, m.headers, m.payload AS payload_bytes, m.message_key, m.actioned_by, m.actioned_at, \
-        m.failed_at, m.received_at, m.event_type, m.fingerprint \
+        m.failed_at, m.received_at, m.event_type, m.fingerprint, m.replay_count, \
+        d.status AS delivery_status, m.edited_payload \
     FROM dlq_messages m LEFT JOIN deliveries d ON d.id = m.delivery_id";
 
 /// Which dead letters to list.
@@ -113,7 +131,7 @@ pub struct Find {
 }
 
 /// The conditions of a [`Find`] on `m`, binding $1 to $9 in [`Find::bind`]'s order.
-const FIND: &str = "($1::text IS NULL OR m.domain = $1) \
+pub(super) const FIND: &str = "($1::text IS NULL OR m.domain = $1) \
     AND (($2::text IS NULL AND m.status <> 'DISCARDED') OR m.status = $2) \
     AND ($3::text IS NULL OR m.error_class = $3) \
     AND ($4::text IS NULL OR m.failed_channel = $4) \
@@ -125,7 +143,7 @@ const FIND: &str = "($1::text IS NULL OR m.domain = $1) \
 
 impl Find {
     /// Binds the find's values to a query built on [`FIND`].
-    fn bind<'q, O>(
+    pub(super) fn bind<'q, O>(
         &'q self,
         query: sqlx::query::QueryAs<'q, sqlx::Postgres, O, sqlx::postgres::PgArguments>,
     ) -> sqlx::query::QueryAs<'q, sqlx::Postgres, O, sqlx::postgres::PgArguments> {
@@ -259,41 +277,152 @@ pub async fn get(db: &PgPool, id: Uuid) -> Result<DeadLetterView, AdminError> {
 
 fn with_text(letter: &mut DeadLetterView) {
     letter.payload = String::from_utf8_lossy(&letter.payload_bytes).into_owned();
+    letter.edited = letter
+        .edited_payload
+        .as_deref()
+        .map(|bytes| String::from_utf8_lossy(bytes).into_owned());
 }
 
 /// What a retry did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "SCREAMING_SNAKE_CASE")]
 pub enum RetryKind {
-    /// The failed delivery is PENDING again.
+    /// The failed delivery (or webhook call) is PENDING again.
     Requeued,
     /// The poison message went through ingestion again.
     Reingested,
 }
 
-/// Retries one dead letter on behalf of `actor`.
-pub async fn retry(ingestor: &Ingestor, id: Uuid, actor: &str) -> Result<RetryKind, AdminError> {
-    let db = &ingestor.db;
-    let letter = get(db, id).await?;
+/// What a retry of one letter would do, decided from the letter alone (and its delivery's
+/// state): the same plan serves a single retry, retry-all, a replay and its dry run.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Plan {
+    /// Re-queue the webhook call the letter names.
+    RequeueWebhookCall(Uuid),
+    /// Re-queue the failed delivery.
+    Requeue(Uuid),
+    /// Re-ingest the poison message (as edited, if it was).
+    Reingest,
+    /// Leave it: why, as a stable code and in words.
+    Skip { code: &'static str, message: String },
+}
+
+/// The plan for `letter` when `cap` replays need `force` to go beyond.
+pub fn plan(letter: &DeadLetterView, force: bool, cap: u32) -> Plan {
+    let skip = |code, message: String| Plan::Skip { code, message };
+    let id = letter.id;
     if letter.status == "DISCARDED" {
-        return Err(AdminError::Conflict(format!(
-            "dead letter {id} was discarded"
-        )));
+        return skip("discarded", format!("dead letter {id} was discarded"));
+    }
+    if !force && letter.replay_count >= cap as i32 {
+        return skip(
+            "replay_cap",
+            format!(
+                "dead letter {id} was replayed {} times, the cap (HERALD_DLQ_REPLAY_CAP) is \
+                 {cap}: replay it again with force",
+                letter.replay_count
+            ),
+        );
     }
     let webhook_call = letter
         .headers
         .get(crate::webhooks::sender::WEBHOOK_CALL_HEADER)
         .and_then(Value::as_str)
         .and_then(|id| id.parse::<Uuid>().ok());
-    let retried = match (webhook_call, letter.delivery_id) {
-        (Some(call), _) => requeue_webhook_call(ingestor, &letter, call, actor).await,
-        (None, Some(delivery)) => requeue(ingestor, &letter, delivery, actor).await,
-        (None, None) => reingest(ingestor, &letter, actor).await,
+    if let Some(call) = webhook_call {
+        return Plan::RequeueWebhookCall(call);
+    }
+    if let Some(delivery) = letter.delivery_id {
+        return match letter.delivery_status.as_deref() {
+            Some("FAILED") => Plan::Requeue(delivery),
+            Some(status) => skip(
+                "delivery_not_failed",
+                format!("delivery {delivery} is {status}, not FAILED"),
+            ),
+            None => skip(
+                "delivery_gone",
+                format!("delivery {delivery} no longer exists"),
+            ),
+        };
+    }
+    if letter.edited_payload.is_none() {
+        if let Some(size) = letter
+            .headers
+            .get(PAYLOAD_TRUNCATED_HEADER)
+            .and_then(Value::as_str)
+        {
+            return skip(
+                "payload_truncated",
+                format!(
+                    "dead letter {id} holds only the start of a {size}-byte event (Kafka refused \
+                     the whole of it); publish the original again from its topic, or correct it \
+                     with PATCH first"
+                ),
+            );
+        }
+    }
+    if letter.original_topic.is_none()
+        || letter.original_partition.is_none()
+        || letter.original_offset.is_none()
+    {
+        return skip(
+            "no_original_position",
+            format!("dead letter {id} has no original position to re-ingest"),
+        );
+    }
+    if letter.domain.parse::<Domain>().is_err() {
+        return skip(
+            "unknown_domain",
+            format!("dead letter {id} is of no known domain ({})", letter.domain),
+        );
+    }
+    Plan::Reingest
+}
+
+/// A replay's item, marked done in the same transaction as its letter.
+#[derive(Debug, Clone, Copy)]
+pub struct ItemRef {
+    pub replay_id: Uuid,
+    pub position: i32,
+}
+
+/// Retries one dead letter on behalf of `actor`; beyond `cap` replays only with `force`.
+pub async fn retry(
+    ingestor: &Ingestor,
+    id: Uuid,
+    actor: &str,
+    force: bool,
+    cap: u32,
+) -> Result<RetryKind, AdminError> {
+    let letter = get(&ingestor.db, id).await?;
+    let plan = plan(&letter, force, cap);
+    carry_out(ingestor, &letter, &plan, actor, None).await
+}
+
+/// Carries out a plan for `letter`, marking `item` done with it when a replay does it.
+pub async fn carry_out(
+    ingestor: &Ingestor,
+    letter: &DeadLetterView,
+    plan: &Plan,
+    actor: &str,
+    item: Option<ItemRef>,
+) -> Result<RetryKind, AdminError> {
+    let origin = ReplayOrigin {
+        dead_letter_id: letter.dead_letter_id.unwrap_or(letter.id),
+        replay_count: letter.replay_count + 1,
+    };
+    let retried = match plan {
+        Plan::Skip { message, .. } => Err(AdminError::Conflict(message.clone())),
+        Plan::RequeueWebhookCall(call) => {
+            requeue_webhook_call(ingestor, letter, *call, actor, item).await
+        }
+        Plan::Requeue(delivery) => requeue(ingestor, letter, *delivery, origin, actor, item).await,
+        Plan::Reingest => reingest(ingestor, letter, origin, actor, item).await,
     };
     let outcome = match &retried {
         Ok(RetryKind::Requeued) => "requeued",
         Ok(RetryKind::Reingested) => "reingested",
-        Err(AdminError::Conflict(_)) => "refused",
+        Err(AdminError::Conflict(_) | AdminError::NotFound(_)) => "refused",
         Err(_) => "failed",
     };
     metrics::counter!("herald_dlq_replays_total", "domain" => letter.domain.clone(), "outcome" => outcome)
@@ -308,6 +437,7 @@ async fn requeue_webhook_call(
     letter: &DeadLetterView,
     call: Uuid,
     actor: &str,
+    item: Option<ItemRef>,
 ) -> Result<RetryKind, AdminError> {
     let mut tx = ingestor.db.begin().await.context("Failed to begin")?;
     if !crate::webhooks::sender::requeue(&mut tx, call).await? {
@@ -315,7 +445,7 @@ async fn requeue_webhook_call(
             "webhook call {call} is not FAILED (or no longer exists)"
         )));
     }
-    mark(&mut tx, letter.id, actor, None).await?;
+    mark(&mut tx, letter.id, actor, None, item, RetryKind::Requeued).await?;
     tx.commit().await.context("Failed to commit the retry")?;
     Ok(RetryKind::Requeued)
 }
@@ -324,10 +454,13 @@ async fn requeue(
     ingestor: &Ingestor,
     letter: &DeadLetterView,
     delivery: Uuid,
+    origin: ReplayOrigin,
     actor: &str,
+    item: Option<ItemRef>,
 ) -> Result<RetryKind, AdminError> {
     let mut tx = ingestor.db.begin().await.context("Failed to begin")?;
-    if !crate::deliveries::requeue_failed(&mut tx, delivery, &ingestor.topic_prefix).await? {
+    if !crate::deliveries::requeue_failed(&mut tx, delivery, origin, &ingestor.topic_prefix).await?
+    {
         let status: Option<String> =
             sqlx::query_scalar("SELECT status FROM deliveries WHERE id = $1")
                 .bind(delivery)
@@ -339,32 +472,27 @@ async fn requeue(
             None => format!("delivery {delivery} no longer exists"),
         }));
     }
-    mark(&mut tx, letter.id, actor, None).await?;
+    mark(&mut tx, letter.id, actor, None, item, RetryKind::Requeued).await?;
     tx.commit().await.context("Failed to commit the retry")?;
     ingestor.wakeup.wake();
     Ok(RetryKind::Requeued)
 }
 
+/// Runs ingestion again on the letter's bytes (its correction, if an operator made one),
+/// with the replay's origin in `X-Replay-Of` / `X-Replay-Count`. The event's idempotency
+/// key (topic and eventId) makes a second re-ingestion of an accepted event a DUPLICATE, so
+/// a replay resumed after a crash between ingestion and the mark sends nothing twice.
 async fn reingest(
     ingestor: &Ingestor,
     letter: &DeadLetterView,
+    origin: ReplayOrigin,
     actor: &str,
+    item: Option<ItemRef>,
 ) -> Result<RetryKind, AdminError> {
     let domain: Domain = letter
         .domain
         .parse()
         .map_err(|e: String| AdminError::Conflict(e))?;
-    if let Some(size) = letter
-        .headers
-        .get(PAYLOAD_TRUNCATED_HEADER)
-        .and_then(Value::as_str)
-    {
-        return Err(AdminError::Conflict(format!(
-            "dead letter {} holds only the start of a {size}-byte event (Kafka refused the whole \
-             of it); publish the original again from its topic instead",
-            letter.id
-        )));
-    }
     let (Some(topic), Some(partition), Some(offset)) = (
         letter.original_topic.clone(),
         letter.original_partition,
@@ -387,8 +515,11 @@ async fn reingest(
         partition,
         offset,
         key: letter.message_key.clone(),
-        payload: letter.payload_bytes.clone(),
-        headers: Vec::new(),
+        payload: letter
+            .edited_payload
+            .clone()
+            .unwrap_or_else(|| letter.payload_bytes.clone()),
+        headers: origin.headers().to_vec(),
     };
     let outcome = ingestor.process(domain, &group, &[message]).await?;
     let result = if outcome.accepted > 0 {
@@ -399,27 +530,46 @@ async fn reingest(
         "POISON"
     };
     let mut tx = ingestor.db.begin().await.context("Failed to begin")?;
-    mark(&mut tx, letter.id, actor, Some(result)).await?;
+    mark(
+        &mut tx,
+        letter.id,
+        actor,
+        Some(result),
+        item,
+        RetryKind::Reingested,
+    )
+    .await?;
     tx.commit().await.context("Failed to commit the retry")?;
     Ok(RetryKind::Reingested)
 }
 
+/// Marks a letter retried (one more replay counted) and, for a replay, its item done.
 async fn mark(
     tx: &mut sqlx::PgConnection,
     id: Uuid,
     actor: &str,
     outcome: Option<&str>,
+    item: Option<ItemRef>,
+    kind: RetryKind,
 ) -> anyhow::Result<()> {
     sqlx::query(
         "UPDATE dlq_messages SET status = 'RETRIED', retry_outcome = $3, actioned_by = $2, \
-             actioned_at = now() WHERE id = $1 AND status <> 'DISCARDED'",
+             actioned_at = now(), replay_count = replay_count + 1 \
+         WHERE id = $1 AND status <> 'DISCARDED'",
     )
     .bind(id)
     .bind(actor)
     .bind(outcome)
-    .execute(tx)
+    .execute(&mut *tx)
     .await
     .context("Failed to mark the dead letter retried")?;
+    if let Some(item) = item {
+        let outcome = match kind {
+            RetryKind::Requeued => "REQUEUED",
+            RetryKind::Reingested => "REINGESTED",
+        };
+        super::replay::item_done(tx, item, outcome, None).await?;
+    }
     Ok(())
 }
 
@@ -429,38 +579,47 @@ async fn mark(
 pub struct RetryAllReport {
     pub requeued: usize,
     pub reingested: usize,
-    /// Could not be retried as they stand (their delivery is no longer FAILED...).
+    /// Could not be retried as they stand (their delivery is no longer FAILED, the replay
+    /// cap...): how many, and how many for each reason.
     pub skipped: usize,
+    pub skipped_reasons: std::collections::BTreeMap<&'static str, usize>,
     /// Retrying failed; they stay PENDING.
     pub failed: usize,
     /// PENDING dead letters beyond this call's limit.
     pub remaining: i64,
 }
 
-/// Retries up to `limit` PENDING dead letters, oldest first.
+/// Retries up to `limit` PENDING dead letters, oldest first, at once: a replay of the
+/// domain's pending letters without a rate, a background run or force.
 pub async fn retry_all(
     ingestor: &Ingestor,
     domain: Option<&str>,
     limit: i64,
     actor: &str,
+    cap: u32,
 ) -> anyhow::Result<RetryAllReport> {
-    let ids: Vec<Uuid> = sqlx::query_scalar(
-        "SELECT id FROM dlq_messages WHERE status = 'PENDING' AND ($1::text IS NULL OR domain = $1) \
-         ORDER BY received_at, id LIMIT $2",
-    )
-    .bind(domain)
-    .bind(limit)
-    .fetch_all(&ingestor.db)
-    .await
-    .context("Failed to list pending dead letters")?;
+    let find = Find {
+        domain: domain.map(str::to_owned),
+        status: Some("PENDING".to_owned()),
+        ..Find::default()
+    };
+    let letters = oldest_first(&ingestor.db, &find, None, limit).await?;
     let mut report = RetryAllReport::default();
-    for id in ids {
-        match retry(ingestor, id, actor).await {
+    for letter in letters {
+        let plan = plan(&letter, false, cap);
+        match carry_out(ingestor, &letter, &plan, actor, None).await {
             Ok(RetryKind::Requeued) => report.requeued += 1,
             Ok(RetryKind::Reingested) => report.reingested += 1,
-            Err(AdminError::Conflict(_) | AdminError::NotFound(_)) => report.skipped += 1,
+            Err(AdminError::Conflict(_) | AdminError::NotFound(_)) => {
+                report.skipped += 1;
+                let code = match plan {
+                    Plan::Skip { code, .. } => code,
+                    _ => "changed_meanwhile",
+                };
+                *report.skipped_reasons.entry(code).or_default() += 1;
+            }
             Err(AdminError::Internal(error)) => {
-                tracing::warn!(%id, error = format!("{error:#}"), "retry failed");
+                tracing::warn!(id = %letter.id, error = format!("{error:#}"), "retry failed");
                 report.failed += 1;
             }
         }
@@ -473,6 +632,31 @@ pub async fn retry_all(
     .await
     .context("Failed to count pending dead letters")?;
     Ok(report)
+}
+
+/// Up to `limit` letters a find matches, oldest first, strictly after `after`
+/// (received_at, id).
+pub async fn oldest_first(
+    db: &PgPool,
+    find: &Find,
+    after: Option<(DateTime<Utc>, Uuid)>,
+    limit: i64,
+) -> anyhow::Result<Vec<DeadLetterView>> {
+    let sql = format!(
+        "{SELECT} WHERE {FIND} \
+           AND ($10::timestamptz IS NULL OR (m.received_at, m.id) > ($10, $11)) \
+         ORDER BY m.received_at, m.id LIMIT $12"
+    );
+    let mut letters: Vec<DeadLetterView> = find
+        .bind(sqlx::query_as(sqlx::AssertSqlSafe(sql)))
+        .bind(after.map(|a| a.0))
+        .bind(after.map(|a| a.1))
+        .bind(limit)
+        .fetch_all(db)
+        .await
+        .context("Failed to list dead letters")?;
+    letters.iter_mut().for_each(with_text);
+    Ok(letters)
 }
 
 /// Discards one dead letter (kept, hidden from the default list).

@@ -15,7 +15,7 @@ use crate::{
     domain::{Channel, Domain, Event, UserId},
     event_schemas::EventSchemas,
     intake::{self, Draft, KafkaOrigin, NewNotification, Source},
-    outbox::{self, DeadLetter, OutboxMessage},
+    outbox::{self, DeadLetter, OutboxMessage, ReplayOrigin},
     preferences,
     routing::RoutingTable,
 };
@@ -131,7 +131,10 @@ impl Ingestor {
         messages: &[IncomingMessage],
     ) -> anyhow::Result<BatchOutcome> {
         let mut outcome = BatchOutcome::default();
-        let decoded: Vec<Decoded> = messages.iter().map(|m| self.decode(domain, m)).collect();
+        let decoded: Vec<Decoded> = messages
+            .iter()
+            .map(|m| self.decode(domain, &m.payload))
+            .collect();
 
         // Same eventId twice in one batch: the first wins.
         let mut seen = HashSet::new();
@@ -180,6 +183,12 @@ impl Ingestor {
                         occurred_at: Some(event.occurred_at),
                         scheduled_at: None,
                         broadcast_id: None,
+                        replay: ReplayOrigin::from_headers(
+                            message
+                                .headers
+                                .iter()
+                                .map(|(k, v)| (k.as_str(), v.as_str())),
+                        ),
                     };
                     drafts.push(intake::prepare(
                         &self.routing,
@@ -224,8 +233,17 @@ impl Ingestor {
         Ok(outcome)
     }
 
-    fn decode(&self, domain: Domain, message: &IncomingMessage) -> Decoded {
-        let event = match decode::decode(&message.payload, self.max_event_bytes) {
+    /// Whether `payload` would be accepted as an event of `domain` (decoded, routed, its data
+    /// valid) without storing anything: what an operator's edit and a replay's dry run ask.
+    pub fn check(&self, domain: Domain, payload: &[u8]) -> Result<(), Poison> {
+        match self.decode(domain, payload) {
+            Decoded::Event { .. } => Ok(()),
+            Decoded::Poison(poison) => Err(poison),
+        }
+    }
+
+    fn decode(&self, domain: Domain, payload: &[u8]) -> Decoded {
+        let event = match decode::decode(payload, self.max_event_bytes) {
             Ok(event) => event,
             Err(poison) => return Decoded::Poison(poison),
         };
@@ -282,6 +300,12 @@ impl Ingestor {
             notification_id: None,
             delivery_id: None,
             failed_at: Utc::now(),
+            replay: ReplayOrigin::from_headers(
+                message
+                    .headers
+                    .iter()
+                    .map(|(k, v)| (k.as_str(), v.as_str())),
+            ),
         }
         .to_outbox(
             &self.topic_prefix,

@@ -339,6 +339,7 @@ impl Sender {
             notification_id: None,
             delivery_id: None,
             failed_at: Utc::now(),
+            replay: None,
         }
         .to_outbox(
             &self.topic_prefix,
