@@ -29,7 +29,7 @@ use crate::{
     db::is_data_error,
     domain::Domain,
     kafka::{consumer::IncomingMessage, parked},
-    outbox::DEAD_LETTER_ID_HEADER,
+    outbox::{DEAD_LETTER_ID_HEADER, REPLAY_COUNT_HEADER},
 };
 
 /// The DLQ topics, without prefix.
@@ -125,6 +125,8 @@ struct Letter {
     original_topic: Option<String>,
     original_partition: Option<i32>,
     original_offset: Option<i64>,
+    /// Replays that led to it (`X-Replay-Count` of a replayed message failing again).
+    replay_count: i32,
 }
 
 impl Letter {
@@ -161,6 +163,9 @@ impl Letter {
             original_topic: text("X-Original-Topic"),
             original_partition: text("X-Original-Partition").and_then(|v| v.parse().ok()),
             original_offset: text("X-Original-Offset").and_then(|v| v.parse().ok()),
+            replay_count: text(REPLAY_COUNT_HEADER)
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0),
         })
     }
 }
@@ -227,9 +232,9 @@ async fn store_one(
         "INSERT INTO dlq_messages (id, dead_letter_id, domain, topic, kafka_partition, \
              kafka_offset, message_key, payload, headers, error_class, error_message, \
              failed_channel, event_id, notification_id, delivery_id, failed_at, \
-             original_topic, original_partition, original_offset, event_type) \
+             original_topic, original_partition, original_offset, event_type, replay_count) \
          VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, \
-             $18, $19, $20) \
+             $18, $19, $20, $21) \
          {on_conflict}"
     );
     let written = sqlx::query(sqlx::AssertSqlSafe(sql))
@@ -253,6 +258,7 @@ async fn store_one(
         .bind(letter.original_partition)
         .bind(letter.original_offset)
         .bind(event_type_of(&message.payload))
+        .bind(letter.replay_count)
         .execute(&mut *tx)
         .await
         .context("Failed to store a dead letter")?;

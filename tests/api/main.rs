@@ -23,6 +23,7 @@ mod migrations;
 mod outbound;
 mod read_model;
 mod receipts;
+mod replays;
 mod retention;
 mod settings;
 mod status_events;
