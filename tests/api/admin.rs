@@ -231,7 +231,7 @@ async fn discard_hides_a_dead_letter_from_the_default_list_and_retry_all_reports
     .unwrap();
     assert_eq!(
         report,
-        json!({ "requeued": 0, "reingested": 2, "skipped": 0, "failed": 0, "remaining": 0 })
+        json!({ "requeued": 0, "reingested": 2, "skipped": 0, "skippedReasons": {}, "failed": 0, "remaining": 0 })
     );
     let retried = dead_letters(&app, "?status=RETRIED").await;
     assert_eq!(retried.len(), 2);
