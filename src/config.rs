@@ -206,9 +206,9 @@ impl AlertSettings {
             success_rate_min_sends_per_second: rate_volume
                 .parse_with::<f64>("a number of sends per second, 0 or more")
                 .and_then(|n| {
-                    (n.is_finite() && n >= 0.0)
-                        .then_some(n)
-                        .ok_or_else(|| rate_volume.invalid("a number of sends per second, 0 or more"))
+                    (n.is_finite() && n >= 0.0).then_some(n).ok_or_else(|| {
+                        rate_volume.invalid("a number of sends per second, 0 or more")
+                    })
                 })?,
             success_rate_for: rate_for.duration_or_zero()?,
             pending_max: i64::from(pending_max.positive_u32("a positive whole number")?),
@@ -216,7 +216,9 @@ impl AlertSettings {
             send_p99_max: p99_max.duration()?,
             send_p99_window: p99_window.duration()?,
             send_p99_for: p99_for.duration_or_zero()?,
-            dead_letters_max: i64::from(dead_max.u32_in(0..=u32::MAX, "a whole number, 0 or more")?),
+            dead_letters_max: i64::from(
+                dead_max.u32_in(0..=u32::MAX, "a whole number, 0 or more")?,
+            ),
             dead_letters_window: dead_window.duration()?,
             dead_letters_for: dead_for.duration_or_zero()?,
         })

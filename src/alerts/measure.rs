@@ -132,13 +132,12 @@ async fn dead_letters(
     now: DateTime<Utc>,
 ) -> anyhow::Result<Vec<Reading>> {
     let window = chrono::Duration::from_std(s.dead_letters_window).unwrap_or(chrono::Duration::MAX);
-    let rows: Vec<(String, i64)> = sqlx::query_as(
-        "SELECT domain, count(*) FROM dlq_messages WHERE id >= $1 GROUP BY domain",
-    )
-    .bind(first_id_at(now - window))
-    .fetch_all(conn)
-    .await
-    .context("Failed to count the recent dead letters")?;
+    let rows: Vec<(String, i64)> =
+        sqlx::query_as("SELECT domain, count(*) FROM dlq_messages WHERE id >= $1 GROUP BY domain")
+            .bind(first_id_at(now - window))
+            .fetch_all(conn)
+            .await
+            .context("Failed to count the recent dead letters")?;
     Ok(rows
         .into_iter()
         .map(|(domain, n)| Reading {

@@ -284,7 +284,9 @@ pub async fn evaluate(
             && announce(slack, &reading, due, settings).await
         {
             track = track.announced(due, now);
-            round.announced.push((reading.rule, reading.subject.clone(), due));
+            round
+                .announced
+                .push((reading.rule, reading.subject.clone(), due));
         }
         save(&mut tx, &reading, &track, settings, now).await?;
         metrics::gauge!(
@@ -292,10 +294,16 @@ pub async fn evaluate(
             "alert" => reading.rule.name(),
             "subject" => reading.subject.clone()
         )
-        .set(if track.status == Status::Firing { 1.0 } else { 0.0 });
+        .set(if track.status == Status::Firing {
+            1.0
+        } else {
+            0.0
+        });
         round.evaluated += 1;
     }
-    tx.commit().await.context("Failed to commit an alert round")?;
+    tx.commit()
+        .await
+        .context("Failed to commit an alert round")?;
     Ok(Some(round))
 }
 
@@ -354,17 +362,19 @@ async fn load(conn: &mut PgConnection) -> anyhow::Result<Tracks> {
     .context("Failed to read the alert states")?;
     Ok(rows
         .into_iter()
-        .filter_map(|(rule, subject, status, since, clear_since, announced, at)| {
-            // A rule a later version dropped is left alone.
-            let track = Track {
-                status: Status::parse(&status)?,
-                since,
-                clear_since,
-                announced: announced.as_deref().and_then(Announcement::parse),
-                announced_at: at,
-            };
-            Some(((Rule::parse(&rule)?, subject), track))
-        })
+        .filter_map(
+            |(rule, subject, status, since, clear_since, announced, at)| {
+                // A rule a later version dropped is left alone.
+                let track = Track {
+                    status: Status::parse(&status)?,
+                    since,
+                    clear_since,
+                    announced: announced.as_deref().and_then(Announcement::parse),
+                    announced_at: at,
+                };
+                Some(((Rule::parse(&rule)?, subject), track))
+            },
+        )
         .collect())
 }
 
