@@ -2069,6 +2069,45 @@ mod tests {
     }
 
     #[test]
+    fn the_alert_thresholds_default_to_the_prometheus_rules_and_each_has_its_variable() {
+        let alerts = load(&[]).unwrap().alerts;
+        assert!(alerts.enabled);
+        assert_eq!(alerts.interval, Duration::from_secs(30));
+        assert_eq!(alerts.success_rate_min, 0.9);
+        assert_eq!(alerts.success_rate_window, Duration::from_secs(300));
+        assert_eq!(alerts.success_rate_for, Duration::from_secs(120));
+        assert_eq!(alerts.pending_max, 5000);
+        assert_eq!(alerts.send_p99_max, Duration::from_secs(5));
+        assert_eq!(alerts.dead_letters_for, Duration::ZERO);
+
+        let alerts = load(&[
+            ("HERALD_ALERTS_ENABLED", "false"),
+            ("HERALD_ALERTS_INTERVAL", "10s"),
+            ("HERALD_ALERTS_SUCCESS_RATE_MIN", "0.95"),
+            ("HERALD_ALERTS_PENDING_FOR", "0s"),
+            ("HERALD_ALERTS_SEND_P99_WINDOW", "15m"),
+        ])
+        .unwrap()
+        .alerts;
+        assert!(!alerts.enabled);
+        assert_eq!(alerts.interval, Duration::from_secs(10));
+        assert_eq!(alerts.success_rate_min, 0.95);
+        assert_eq!(alerts.pending_for, Duration::ZERO);
+        assert_eq!(alerts.send_p99_window, Duration::from_secs(900));
+
+        for (var, bad) in [
+            ("HERALD_ALERTS_INTERVAL", "0s"),
+            ("HERALD_ALERTS_SUCCESS_RATE_MIN", "90"),
+            ("HERALD_ALERTS_SUCCESS_RATE_MIN_SENDS_PER_SECOND", "-1"),
+            ("HERALD_ALERTS_PENDING_MAX", "lots"),
+            ("HERALD_ALERTS_RESOLVE_AFTER", "5 minutes"),
+        ] {
+            let error = error_of(&[(var, bad)]);
+            assert!(error.contains(var), "{var}={bad}: {error}");
+        }
+    }
+
+    #[test]
     fn history_is_kept_90_days_unless_herald_retention_says_otherwise() {
         assert_eq!(
             load(&[]).unwrap().retention.history,
