@@ -16,7 +16,8 @@
 //! visibility map is current PostgreSQL reads them from the dispatcher's partial index
 //! `deliveries_due`, and either way it is less than the dispatcher's own queue sampler
 //! (`herald_delivery_queue_depth`, every 5 s) already reads. Measured on 200,000 deliveries
-//! with a 2 s window of them in range: 0.2 ms for the sends, 13 ms for the pending count.
+//! (one every 0.9 s, so about 670 in the id range of a 5-minute window): 0.2 ms for the
+//! sends, through both primary keys; 13 ms for the pending count.
 
 use std::time::Duration;
 
