@@ -45,6 +45,7 @@ pub struct Settings {
     pub retention: RetentionSettings,
     pub webhooks: WebhookSettings,
     pub dlq: DlqSettings,
+    pub alerts: AlertSettings,
 }
 
 /// Operators' replays of dead letters (see [`crate::dlq::replay`]).
@@ -121,6 +122,138 @@ impl WebhookSettings {
             backoff: backoff.millis_list()?,
             give_up_after: give_up.duration()?,
             disable_after: disable.duration()?,
+        })
+    }
+}
+
+/// The delivery-health alerts Herald evaluates itself (see [`crate::alerts`]): the
+/// thresholds of dashboards/alerts.yml, for teams without Alertmanager.
+#[derive(Debug, Clone)]
+pub struct AlertSettings {
+    /// Off: no evaluation, no announcement (`HERALD_ALERTS_ENABLED`).
+    pub enabled: bool,
+    /// How often one instance evaluates the rules.
+    pub interval: Duration,
+    /// How long a firing alert's condition must stay clear before it resolves.
+    pub resolve_after: Duration,
+    /// A channel's share of successful sends below this fires (0 to 1).
+    pub success_rate_min: f64,
+    pub success_rate_window: Duration,
+    /// The rate counts only while the channel sends at least this many times a second.
+    pub success_rate_min_sends_per_second: f64,
+    pub success_rate_for: Duration,
+    /// More PENDING deliveries than this fires.
+    pub pending_max: i64,
+    pub pending_for: Duration,
+    /// A channel's p99 send time above this fires.
+    pub send_p99_max: Duration,
+    pub send_p99_window: Duration,
+    pub send_p99_for: Duration,
+    /// More dead letters than this in a domain within the window fires.
+    pub dead_letters_max: i64,
+    pub dead_letters_window: Duration,
+    pub dead_letters_for: Duration,
+}
+
+impl AlertSettings {
+    fn load(layers: &Layers, raw: RawAlerts) -> Result<Self, ConfigError> {
+        let text = |v: Option<f64>| v.map(|n| n.to_string());
+        let enabled = layers.required(
+            "HERALD_ALERTS_ENABLED",
+            "alerts.enabled",
+            raw.enabled.map(|b| b.to_string()),
+        )?;
+        let get = |var, key, value| layers.required(var, key, value);
+        let interval = get("HERALD_ALERTS_INTERVAL", "alerts.interval", raw.interval)?;
+        let resolve_after = get(
+            "HERALD_ALERTS_RESOLVE_AFTER",
+            "alerts.resolve_after",
+            raw.resolve_after,
+        )?;
+        let rate_min = get(
+            "HERALD_ALERTS_SUCCESS_RATE_MIN",
+            "alerts.success_rate_min",
+            text(raw.success_rate_min),
+        )?;
+        let rate_window = get(
+            "HERALD_ALERTS_SUCCESS_RATE_WINDOW",
+            "alerts.success_rate_window",
+            raw.success_rate_window,
+        )?;
+        let rate_volume = get(
+            "HERALD_ALERTS_SUCCESS_RATE_MIN_SENDS_PER_SECOND",
+            "alerts.success_rate_min_sends_per_second",
+            text(raw.success_rate_min_sends_per_second),
+        )?;
+        let rate_for = get(
+            "HERALD_ALERTS_SUCCESS_RATE_FOR",
+            "alerts.success_rate_for",
+            raw.success_rate_for,
+        )?;
+        let pending_max = get(
+            "HERALD_ALERTS_PENDING_MAX",
+            "alerts.pending_max",
+            raw.pending_max.map(|n| n.to_string()),
+        )?;
+        let pending_for = get(
+            "HERALD_ALERTS_PENDING_FOR",
+            "alerts.pending_for",
+            raw.pending_for,
+        )?;
+        let p99_max = get(
+            "HERALD_ALERTS_SEND_P99_MAX",
+            "alerts.send_p99_max",
+            raw.send_p99_max,
+        )?;
+        let p99_window = get(
+            "HERALD_ALERTS_SEND_P99_WINDOW",
+            "alerts.send_p99_window",
+            raw.send_p99_window,
+        )?;
+        let p99_for = get(
+            "HERALD_ALERTS_SEND_P99_FOR",
+            "alerts.send_p99_for",
+            raw.send_p99_for,
+        )?;
+        let dead_max = get(
+            "HERALD_ALERTS_DEAD_LETTERS_MAX",
+            "alerts.dead_letters_max",
+            raw.dead_letters_max.map(|n| n.to_string()),
+        )?;
+        let dead_window = get(
+            "HERALD_ALERTS_DEAD_LETTERS_WINDOW",
+            "alerts.dead_letters_window",
+            raw.dead_letters_window,
+        )?;
+        let dead_for = get(
+            "HERALD_ALERTS_DEAD_LETTERS_FOR",
+            "alerts.dead_letters_for",
+            raw.dead_letters_for,
+        )?;
+        Ok(AlertSettings {
+            enabled: enabled.flag()?,
+            interval: interval.duration()?,
+            resolve_after: resolve_after.duration_or_zero()?,
+            success_rate_min: rate_min.fraction()?,
+            success_rate_window: rate_window.duration()?,
+            success_rate_min_sends_per_second: rate_volume
+                .parse_with::<f64>("a number of sends per second, 0 or more")
+                .and_then(|n| {
+                    (n.is_finite() && n >= 0.0).then_some(n).ok_or_else(|| {
+                        rate_volume.invalid("a number of sends per second, 0 or more")
+                    })
+                })?,
+            success_rate_for: rate_for.duration_or_zero()?,
+            pending_max: i64::from(pending_max.positive_u32("a positive whole number")?),
+            pending_for: pending_for.duration_or_zero()?,
+            send_p99_max: p99_max.duration()?,
+            send_p99_window: p99_window.duration()?,
+            send_p99_for: p99_for.duration_or_zero()?,
+            dead_letters_max: i64::from(
+                dead_max.u32_in(0..=u32::MAX, "a whole number, 0 or more")?,
+            ),
+            dead_letters_window: dead_window.duration()?,
+            dead_letters_for: dead_for.duration_or_zero()?,
         })
     }
 }
@@ -595,6 +728,7 @@ impl Settings {
         let retention = RetentionSettings::load(&layers, raw.retention)?;
         let webhooks = WebhookSettings::load(&layers, raw.webhooks)?;
         let dlq = DlqSettings::load(&layers, raw.dlq)?;
+        let alerts = AlertSettings::load(&layers, raw.alerts)?;
         let api_max_connections = layers.required(
             "HERALD_DATABASE_API_MAX_CONNECTIONS",
             "database.api_max_connections",
@@ -1003,6 +1137,7 @@ impl Settings {
             retention,
             webhooks,
             dlq,
+            alerts,
         })
     }
 
@@ -1058,6 +1193,7 @@ struct RawSettings {
     retention: RawRetention,
     webhooks: RawWebhooks,
     dlq: RawDlq,
+    alerts: RawAlerts,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -1065,6 +1201,26 @@ struct RawSettings {
 struct RawDlq {
     replay_cap: Option<u32>,
     replay_rate: Option<u32>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawAlerts {
+    enabled: Option<bool>,
+    interval: Option<String>,
+    resolve_after: Option<String>,
+    success_rate_min: Option<f64>,
+    success_rate_window: Option<String>,
+    success_rate_min_sends_per_second: Option<f64>,
+    success_rate_for: Option<String>,
+    pending_max: Option<u32>,
+    pending_for: Option<String>,
+    send_p99_max: Option<String>,
+    send_p99_window: Option<String>,
+    send_p99_for: Option<String>,
+    dead_letters_max: Option<u32>,
+    dead_letters_window: Option<String>,
+    dead_letters_for: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -1619,6 +1775,15 @@ impl Value {
             .map_err(|_| self.invalid("a duration such as 90s, 15m, 24h or 7d"))
     }
 
+    /// A [`Self::duration`] that may also be `0` (an alert's `for`: at once).
+    fn duration_or_zero(&self) -> Result<Duration, ConfigError> {
+        if matches!(self.text.trim(), "0" | "0s") {
+            return Ok(Duration::ZERO);
+        }
+        parse_duration(&self.text)
+            .map_err(|_| self.invalid("a duration such as 0s, 90s, 15m or 24h"))
+    }
+
     /// Comma-separated browser origins (`https://app.example.com`), each exactly as a
     /// browser sends it in `Origin`: a scheme, a host and an optional port, nothing else.
     fn origins(&self) -> Result<Vec<String>, ConfigError> {
@@ -1944,6 +2109,45 @@ mod tests {
         assert!(path.contains("HERALD_CORS_ALLOWED_ORIGINS"), "{path}");
         assert!(error_of(&[("HERALD_IDEMPOTENCY_TTL", "1w")]).contains("HERALD_IDEMPOTENCY_TTL"));
         assert!(error_of(&[("HERALD_METRICS_ADDR", "nine")]).contains("HERALD_METRICS_ADDR"));
+    }
+
+    #[test]
+    fn the_alert_thresholds_default_to_the_prometheus_rules_and_each_has_its_variable() {
+        let alerts = load(&[]).unwrap().alerts;
+        assert!(alerts.enabled);
+        assert_eq!(alerts.interval, Duration::from_secs(30));
+        assert_eq!(alerts.success_rate_min, 0.9);
+        assert_eq!(alerts.success_rate_window, Duration::from_secs(300));
+        assert_eq!(alerts.success_rate_for, Duration::from_secs(120));
+        assert_eq!(alerts.pending_max, 5000);
+        assert_eq!(alerts.send_p99_max, Duration::from_secs(5));
+        assert_eq!(alerts.dead_letters_for, Duration::ZERO);
+
+        let alerts = load(&[
+            ("HERALD_ALERTS_ENABLED", "false"),
+            ("HERALD_ALERTS_INTERVAL", "10s"),
+            ("HERALD_ALERTS_SUCCESS_RATE_MIN", "0.95"),
+            ("HERALD_ALERTS_PENDING_FOR", "0s"),
+            ("HERALD_ALERTS_SEND_P99_WINDOW", "15m"),
+        ])
+        .unwrap()
+        .alerts;
+        assert!(!alerts.enabled);
+        assert_eq!(alerts.interval, Duration::from_secs(10));
+        assert_eq!(alerts.success_rate_min, 0.95);
+        assert_eq!(alerts.pending_for, Duration::ZERO);
+        assert_eq!(alerts.send_p99_window, Duration::from_secs(900));
+
+        for (var, bad) in [
+            ("HERALD_ALERTS_INTERVAL", "0s"),
+            ("HERALD_ALERTS_SUCCESS_RATE_MIN", "90"),
+            ("HERALD_ALERTS_SUCCESS_RATE_MIN_SENDS_PER_SECOND", "-1"),
+            ("HERALD_ALERTS_PENDING_MAX", "lots"),
+            ("HERALD_ALERTS_RESOLVE_AFTER", "5 minutes"),
+        ] {
+            let error = error_of(&[(var, bad)]);
+            assert!(error.contains(var), "{var}={bad}: {error}");
+        }
     }
 
     #[test]

@@ -26,6 +26,7 @@
 //! - [`suppressions`]: addresses a channel must not send to again.
 //! - [`webhooks`]: signed outbound webhooks: endpoints, the fan-out from the event topics, calls.
 //! - [`status_events`]: a notification's overall status on notification.status.events.
+//! - [`alerts`]: the delivery-health alerts evaluated in process and announced on the ops Slack.
 //! - [`retention`]: history past `HERALD_RETENTION` deleted from every table together.
 //! - [`api`]: the HTTP surface, one module per resource.
 //! - [`auth`]: credentials: the admin token, API keys with scopes, end-user tokens.
@@ -35,6 +36,7 @@
 //! - [`broadcast`]: broadcasts to an audience, fanned out in the background.
 //! - [`demo`]: sample events of the seed scenarios.
 
+pub mod alerts;
 pub mod api;
 pub mod auth;
 pub mod broadcast;

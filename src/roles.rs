@@ -16,7 +16,9 @@ pub enum Role {
     /// The dispatch workers that send deliveries through their channels, and the fan-out
     /// of broadcasts into deliveries.
     Dispatch,
-    /// The outbox relay that publishes delivery events and dead letters to Kafka.
+    /// The outbox relay that publishes delivery events and dead letters to Kafka, with the
+    /// housekeeping: retention and the in-process delivery-health alerts (one instance at a
+    /// time each).
     Relay,
     /// The read-model projector (notification_log, delivery_stats).
     Projector,

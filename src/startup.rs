@@ -577,6 +577,17 @@ fn spawn_workers(
             state.settings.read_model.reporting_timezone,
             state.shutdown.clone(),
         ));
+        // And evaluate the delivery-health alerts (one instance at a time, crate::alerts).
+        let slack = match &state.settings.channels.slack_webhook_url {
+            Some(webhook) => Some(SlackSender::new(webhook.clone(), Duration::from_secs(5))?),
+            None => None,
+        };
+        tasks.spawn(crate::alerts::run(
+            state.work_db.clone(),
+            state.settings.alerts.clone(),
+            slack,
+            state.shutdown.clone(),
+        ));
     }
     if state.roles.contains(&Role::Ingest) {
         let settings = &state.settings;

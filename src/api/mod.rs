@@ -1,6 +1,7 @@
 //! The HTTP surface: one module per resource, each exposing `router()`, merged here.
 
 pub mod admin;
+pub mod alerts;
 pub mod auth;
 pub mod broadcasts;
 pub mod dashboard;
@@ -105,6 +106,7 @@ pub fn router(state: AppState) -> Router {
             .merge(inbox::router())
             .merge(dashboard::router())
             .merge(admin::router())
+            .merge(alerts::router())
             .merge(keys::router())
             .merge(event_types::router())
             .merge(templates::router())

@@ -22,6 +22,28 @@ impl SlackSender {
             webhook,
         })
     }
+
+    /// Posts a plain-text operator message (an alert, say), with the same failure
+    /// classification as a delivery's send.
+    pub async fn post_text(&self, text: &str) -> Result<(), SendError> {
+        let response = self
+            .client
+            .post(self.webhook.expose_secret())
+            .json(&serde_json::json!({ "text": text }))
+            .send()
+            .await
+            .map_err(|e| http_transport_failure(&e.without_url()))?;
+        let status = response.status();
+        if status.is_success() {
+            return Ok(());
+        }
+        let retry_after = response
+            .headers()
+            .get(reqwest::header::RETRY_AFTER)
+            .cloned();
+        let text = bounded_text(response).await;
+        Err(http_failure(status, retry_after.as_ref(), &text))
+    }
 }
 
 impl Sender for SlackSender {

@@ -34,6 +34,7 @@ const ROUTES: &[(&str, &str)] = &[
     ("GET", "/api/v1/admin/dlq"),
     ("POST", "/api/v1/admin/dlq/retry-all"),
     ("GET", "/api/v1/admin/dlq/counts"),
+    ("GET", "/api/v1/admin/alerts"),
     ("GET", "/api/v1/admin/dlq/{id}"),
     ("DELETE", "/api/v1/admin/dlq/{id}"),
     ("POST", "/api/v1/admin/dlq/{id}/retry"),

@@ -324,6 +324,9 @@ pub async fn spawn_app_as(roles: &[Role], customise: impl FnOnce(&mut Settings))
     settings.http.addr = "127.0.0.1:0".parse().unwrap();
     settings.admin.token = Some(ADMIN_TOKEN.to_owned().into());
     settings.access.user_token_secret = Some(USER_TOKEN_SECRET.to_owned().into());
+    // The in-process alerts post to the ops Slack, which many tests count messages on:
+    // tests of the alerts (alerts.rs) turn them on.
+    settings.alerts.enabled = false;
 
     let catalogue = TopicCatalogue::load(&settings.kafka.topics_file).unwrap();
     let admin = KafkaAdmin::new(&settings.kafka).unwrap();

@@ -3,6 +3,7 @@
 
 mod access;
 mod admin;
+mod alerts;
 mod broadcasts;
 mod cli;
 mod columns;
