@@ -345,21 +345,20 @@ pub fn plan(letter: &DeadLetterView, force: bool, cap: u32) -> Plan {
             ),
         };
     }
-    if letter.edited_payload.is_none() {
-        if let Some(size) = letter
+    if letter.edited_payload.is_none()
+        && let Some(size) = letter
             .headers
             .get(PAYLOAD_TRUNCATED_HEADER)
             .and_then(Value::as_str)
-        {
-            return skip(
-                "payload_truncated",
-                format!(
-                    "dead letter {id} holds only the start of a {size}-byte event (Kafka refused \
+    {
+        return skip(
+            "payload_truncated",
+            format!(
+                "dead letter {id} holds only the start of a {size}-byte event (Kafka refused \
                      the whole of it); publish the original again from its topic, or correct it \
                      with PATCH first"
-                ),
-            );
-        }
+            ),
+        );
     }
     if letter.original_topic.is_none()
         || letter.original_partition.is_none()
