@@ -463,7 +463,7 @@ async fn requeue(
         let status: Option<String> =
             sqlx::query_scalar("SELECT status FROM deliveries WHERE id = $1")
                 .bind(delivery)
-                .fetch_optional(&ingestor.db)
+                .fetch_optional(&mut *tx)
                 .await
                 .context("Failed to read the delivery")?;
         return Err(AdminError::Conflict(match status {
@@ -550,8 +550,8 @@ async fn mark(
     outcome: Option<&str>,
     item: Option<ItemRef>,
     kind: RetryKind,
-) -> anyhow::Result<()> {
-    sqlx::query(
+) -> Result<(), AdminError> {
+    let marked = sqlx::query(
         "UPDATE dlq_messages SET status = 'RETRIED', retry_outcome = $3, actioned_by = $2, \
              actioned_at = now(), replay_count = replay_count + 1 \
          WHERE id = $1 AND status <> 'DISCARDED'",
@@ -561,7 +561,15 @@ async fn mark(
     .bind(outcome)
     .execute(&mut *tx)
     .await
-    .context("Failed to mark the dead letter retried")?;
+    .context("Failed to mark the dead letter retried")?
+    .rows_affected();
+    // Discarded (or purged) since it was read: the caller's transaction, re-queue included,
+    // is rolled back.
+    if marked == 0 {
+        return Err(AdminError::Conflict(format!(
+            "dead letter {id} was discarded meanwhile"
+        )));
+    }
     if let Some(item) = item {
         let outcome = match kind {
             RetryKind::Requeued => "REQUEUED",

@@ -154,8 +154,13 @@ async fn edit_payload(
         .edited_payload
         .as_deref()
         .unwrap_or(&letter.payload_bytes);
+    // JSONB holds no NUL: a message dead-lettered for one is audited as its text, escaped.
     let before = serde_json::from_slice(previous)
-        .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(previous).into_owned()));
+        .ok()
+        .filter(|v| !crate::ingest::decode::contains_nul(v))
+        .unwrap_or_else(|| {
+            Value::String(String::from_utf8_lossy(previous).replace('\0', "\\u0000"))
+        });
     let mut tx = ingestor.db.begin().await.context("Failed to begin")?;
     let updated = sqlx::query(
         "UPDATE dlq_messages SET edited_payload = $2 WHERE id = $1 AND status = 'PENDING'",
@@ -212,6 +217,26 @@ async fn edit_delivery(
         .into());
     }
     let address = address.map(|a| checked_address(channel, &a)).transpose()?;
+    if data.is_some() {
+        // The data is the notification's: a sibling still to be sent would go out with the
+        // correction too, unaudited.
+        let busy: Option<String> = sqlx::query_scalar(
+            "SELECT channel FROM deliveries WHERE notification_id = $1 AND id <> $2 \
+               AND status IN ('PENDING', 'PROCESSING') LIMIT 1",
+        )
+        .bind(notification)
+        .bind(delivery)
+        .fetch_optional(&mut *tx)
+        .await
+        .context("Failed to read the notification's deliveries")?;
+        if let Some(channel) = busy {
+            return Err(AdminError::Conflict(format!(
+                "the notification's {channel} delivery is still being sent with this data: \
+                 correct the data once it is done"
+            ))
+            .into());
+        }
+    }
     if let Some(data) = &data {
         if crate::ingest::decode::contains_nul(&Value::Object(data.clone())) {
             return Err(EditError::Invalid {

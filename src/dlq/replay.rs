@@ -34,7 +34,8 @@ use crate::{db::is_data_error, domain::Domain, ingest::Ingestor};
 pub const MAX_RATE: u32 = 1000;
 
 /// How long a replay stays with an instance that stopped renewing its lease.
-const LEASE: Duration = Duration::from_secs(10);
+/// Renewed before each letter, so it only has to outlast the slowest single letter.
+const LEASE: Duration = Duration::from_secs(30);
 
 /// What a dry run found.
 #[derive(Debug, Clone, Default, Serialize)]
@@ -376,8 +377,9 @@ async fn work(
                     return Ok(());
                 }
             }
-            // A pause (an outage, a slow letter) is not made up for with a burst.
-            next = (next + every).max(Instant::now() - Duration::from_secs(1));
+            // Paced from when this letter starts: a pause (an outage, a slow letter) is never
+            // made up for with a burst, so no two letters start closer than 1 / rate.
+            next = Instant::now() + every;
             // Before every letter, so that a cancel stops it at once (a primary-key update
             // of one row: cheap next to the letter's own transaction).
             if !renew(db, replay.id, me).await? {
@@ -426,7 +428,12 @@ async fn one(
                 // A value PostgreSQL refuses would stop the replay for ever.
                 Err(AdminError::Internal(error)) if is_data_error(&error) => {
                     tracing::warn!(%letter.id, error = format!("{error:#}"), "replay refused");
-                    ("FAILED", "refused_by_database")
+                    let mut tx = ingestor.db.begin().await.context("Failed to begin")?;
+                    item_done(&mut tx, item, "FAILED", None).await?;
+                    tx.commit()
+                        .await
+                        .context("Failed to commit a replay's letter")?;
+                    return Ok(());
                 }
                 Err(AdminError::Internal(error)) => return Err(error),
             }

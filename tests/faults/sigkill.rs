@@ -147,7 +147,7 @@ async fn a_replay_killed_half_way_resumes_after_restart_and_replays_each_letter_
     );
 
     // Restarted (after the dead member's session, as in the scenario above): the replay goes
-    // on once the dead instance's lease (10 s) lapses.
+    // on once the dead instance's lease (30 s) lapses.
     tokio::time::sleep(std::time::Duration::from_secs(8)).await;
     let mut restarted = scenario.spawn("a", &[]);
     assert!(
