@@ -217,6 +217,21 @@ async fn edit_delivery(
         .into());
     }
     let address = address.map(|a| checked_address(channel, &a)).transpose()?;
+    if let Some(data) = &data {
+        if crate::ingest::decode::contains_nul(&Value::Object(data.clone())) {
+            return Err(EditError::Invalid {
+                class: "invalid_field".to_owned(),
+                message: "data holds a NUL character, which cannot be stored".to_owned(),
+            });
+        }
+        ingestor
+            .schemas
+            .check(&event_type, data)
+            .map_err(|violation| EditError::Invalid {
+                class: "schema_violation".to_owned(),
+                message: violation.to_string(),
+            })?;
+    }
     if data.is_some() {
         // The data is the notification's: a sibling still to be sent would go out with the
         // correction too, unaudited.
@@ -236,21 +251,6 @@ async fn edit_delivery(
             ))
             .into());
         }
-    }
-    if let Some(data) = &data {
-        if crate::ingest::decode::contains_nul(&Value::Object(data.clone())) {
-            return Err(EditError::Invalid {
-                class: "invalid_field".to_owned(),
-                message: "data holds a NUL character, which cannot be stored".to_owned(),
-            });
-        }
-        ingestor
-            .schemas
-            .check(&event_type, data)
-            .map_err(|violation| EditError::Invalid {
-                class: "schema_violation".to_owned(),
-                message: violation.to_string(),
-            })?;
     }
     let before = json!({ "data": old_data, "address": old_address });
     let after = json!({

@@ -531,6 +531,18 @@ async fn a_failed_deliverys_address_and_data_are_corrected_checked_and_audited_b
         status, 422,
         "data is checked against the event type's schema: {error}"
     );
+    // The data is the notification's: corrected once its other deliveries are done.
+    wait_until(30, "EMAIL and IN_APP are sent", || async {
+        let busy: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM deliveries WHERE channel IN ('EMAIL', 'IN_APP') \
+               AND status <> 'SUCCESS'",
+        )
+        .fetch_one(&app.db)
+        .await
+        .unwrap();
+        busy == 0
+    })
+    .await;
 
     let (status, corrected) = operator
         .patch(&sms_path, json!({ "address": "+82 10-9999-8888" }))

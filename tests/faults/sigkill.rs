@@ -57,7 +57,8 @@ async fn sigkill_mid_load_then_restart_loses_nothing_and_resends_at_most_the_sen
     assert!(audit.duplicate_sends <= bound, "{audit:?}");
 }
 
-/// 1,000 SMS refused for good by the gateway, then (the gateway fixed) replayed at 50 a
+/// 1,000 SMS refused for good by the gateway and 20 poison messages of two kinds: three
+/// causes, read as three fingerprints. The gateway fixed, the SMS are replayed at 50 a
 /// second by filter; Herald is killed half way and restarted: the replay goes on from where
 /// it was, and no letter is replayed twice (issue 16).
 #[tokio::test]
@@ -82,6 +83,21 @@ async fn a_replay_killed_half_way_resumes_after_restart_and_replays_each_letter_
         &[("HERALD_SMS_GATEWAY_URL", format!("{}/sms", refusing.uri()))],
     );
     scenario.publish("fluxpay.order.events", &events).await;
+    let poison: Vec<(String, Vec<u8>)> = (0..10)
+        .flat_map(|i| {
+            [
+                (i.to_string(), format!("{{not json {i}").into_bytes()),
+                (
+                    i.to_string(),
+                    json!({ "eventId": format!("unknown-{i}"), "eventType": "ORDER_LOST",
+                        "occurredAt": "2026-12-01T09:30:00Z", "userId": i + 1, "data": {} })
+                    .to_string()
+                    .into_bytes(),
+                ),
+            ]
+        })
+        .collect();
+    scenario.publish_raw("fluxpay.order.events", &poison).await;
     let pending = || async {
         sqlx::query_scalar::<_, i64>(
             "SELECT count(*) FROM dlq_messages WHERE status = 'PENDING' AND failed_channel = 'SMS'",
@@ -116,10 +132,33 @@ async fn a_replay_killed_half_way_resumes_after_restart_and_replays_each_letter_
             )
         }
     };
-    let (status, dry) =
-        replay(json!({ "dryRun": true, "filter": { "failedChannel": "SMS" } })).await;
+    let counts: Value = herald
+        .http
+        .get(format!("{}/api/v1/admin/dlq/counts", herald.address))
+        .send()
+        .await
+        .expect("herald answers")
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(counts["total"], LETTERS + 20, "{counts}");
+    let prints: Vec<i64> = counts["byFingerprint"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["count"].as_i64().unwrap())
+        .collect();
+    assert_eq!(prints, [LETTERS as i64, 10, 10], "three causes: {counts}");
+    let (status, dry) = replay(json!({ "dryRun": true })).await;
     assert_eq!(status, 200, "{dry}");
+    assert_eq!(dry["matched"], LETTERS + 20, "{dry}");
     assert_eq!(dry["requeue"], LETTERS, "{dry}");
+    assert_eq!(dry["reingest"], 20, "{dry}");
+    assert_eq!(
+        dry["reingestStillPoison"],
+        json!({ "decode": 10, "unknown_event_type": 10 }),
+        "{dry}"
+    );
     let (status, started) =
         replay(json!({ "filter": { "failedChannel": "SMS" }, "ratePerSecond": RATE })).await;
     assert_eq!(status, 202, "{started}");
@@ -179,11 +218,12 @@ async fn a_replay_killed_half_way_resumes_after_restart_and_replays_each_letter_
     .fetch_one(&scenario.db)
     .await
     .unwrap();
-    let replay_count_above_one: i64 =
-        sqlx::query_scalar("SELECT count(*) FROM dlq_messages WHERE replay_count <> 1")
-            .fetch_one(&scenario.db)
-            .await
-            .unwrap();
+    let replay_count_above_one: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM dlq_messages WHERE failed_channel = 'SMS' AND replay_count <> 1",
+    )
+    .fetch_one(&scenario.db)
+    .await
+    .unwrap();
     let mut per_delivery = std::collections::HashMap::<String, usize>::new();
     for hit in receivers.hits().into_iter().filter(|h| h.channel == "sms") {
         *per_delivery.entry(hit.delivery_id).or_default() += 1;
