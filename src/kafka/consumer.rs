@@ -114,12 +114,6 @@ struct GroupContext {
     /// queue, which nobody serves while the consumer is being closed: dropping a consumer
     /// whose close revoked its partitions then hung for good.
     held: std::sync::Mutex<std::collections::BTreeSet<String>>,
-    /// Whether the group rebalances incrementally (`partition.assignment.strategy`
-    /// cooperative-sticky), known from the configuration. rdkafka's default rebalance asks
-    /// librdkafka (`rd_kafka_rebalance_protocol`), which waits on the main queue with no
-    /// timeout: a rebalance delivered while the consumer was being dropped hung the drop
-    /// for good, as `assignment()` did before (seen in a test's teardown, 2026-12-02).
-    cooperative: bool,
 }
 
 impl GroupContext {
@@ -164,54 +158,6 @@ impl ClientContext for GroupContext {
 }
 
 impl ConsumerContext for GroupContext {
-    fn rebalance(
-        &self,
-        consumer: &BaseConsumer<Self>,
-        err: rdkafka::types::RDKafkaRespErr,
-        partitions: &mut TopicPartitionList,
-    ) {
-        use rdkafka::types::RDKafkaRespErr::{
-            RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS as ASSIGN,
-            RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS as REVOKE,
-        };
-        let rebalance = match err {
-            ASSIGN => Rebalance::Assign(partitions),
-            REVOKE => Rebalance::Revoke(partitions),
-            other => Rebalance::Error(rdkafka::error::KafkaError::Rebalance(other.into())),
-        };
-        self.pre_rebalance(consumer, &rebalance);
-        let client = consumer.client().native_ptr();
-        // SAFETY: the client and list are alive for the callback, as in rdkafka's own
-        // default implementation of this method, which this one follows but for where the
-        // protocol comes from.
-        unsafe {
-            use rdkafka::bindings as rd;
-            let list = partitions.ptr();
-            let error = match (err, self.cooperative) {
-                (ASSIGN, true) => rd::rd_kafka_incremental_assign(client, list),
-                (_, true) => rd::rd_kafka_incremental_unassign(client, list),
-                (ASSIGN, false) => {
-                    rd::rd_kafka_assign(client, list);
-                    std::ptr::null_mut()
-                }
-                (_, false) => {
-                    rd::rd_kafka_assign(client, std::ptr::null());
-                    std::ptr::null_mut()
-                }
-            };
-            if !error.is_null() {
-                tracing::warn!(group = %self.group, "incremental rebalance refused");
-                rd::rd_kafka_error_destroy(error);
-            }
-        }
-        let rebalance = match err {
-            ASSIGN => Rebalance::Assign(partitions),
-            REVOKE => Rebalance::Revoke(partitions),
-            other => Rebalance::Error(rdkafka::error::KafkaError::Rebalance(other.into())),
-        };
-        self.post_rebalance(consumer, &rebalance);
-    }
-
     fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         if let Rebalance::Revoke(partitions) = rebalance {
             let lost = consumer.assignment_lost();
@@ -375,10 +321,6 @@ fn create(
             fetches: AtomicI64::new(0),
             brokers_down: AtomicBool::new(false),
             held: Default::default(),
-            cooperative: settings
-                .librdkafka_options
-                .iter()
-                .any(|(k, v)| k == "partition.assignment.strategy" && v.contains("cooperative")),
         })
         .context("Failed to create a Kafka consumer")?;
     let topics: Vec<&str> = spec.topics.iter().map(String::as_str).collect();
