@@ -233,6 +233,44 @@ fn commit<C: Consumer<GroupContext>>(consumer: &C, when: &str) {
 
 type GroupConsumer = StreamConsumer<GroupContext>;
 
+/// A consumer that, when dropped anywhere but [`close`] (its task cancelled with the
+/// runtime, as at the end of a test), is dropped on a thread of its own. Dropping a
+/// consumer leaves its group, which blocks; and a rebalance delivered meanwhile has been
+/// seen to hang it for good inside librdkafka (`rd_kafka_assign` waiting on the group's
+/// queue with no timeout). Only that thread waits then, not the runtime dropping the task.
+struct Owned(Option<GroupConsumer>);
+
+impl Owned {
+    fn into_inner(mut self) -> GroupConsumer {
+        self.0
+            .take()
+            .expect("an owned consumer holds its consumer until taken")
+    }
+}
+
+impl std::ops::Deref for Owned {
+    type Target = GroupConsumer;
+
+    fn deref(&self) -> &GroupConsumer {
+        self.0
+            .as_ref()
+            .expect("an owned consumer holds its consumer until taken")
+    }
+}
+
+impl Drop for Owned {
+    fn drop(&mut self) {
+        if let Some(consumer) = self.0.take() {
+            let spawned = std::thread::Builder::new()
+                .name("kafka-drop".to_owned())
+                .spawn(move || drop(consumer));
+            if let Err(error) = spawned {
+                tracing::warn!(%error, "no thread to drop a consumer on; it is leaked");
+            }
+        }
+    }
+}
+
 /// Consumes until `shutdown`, calling `handle` with each batch until it succeeds.
 /// The consumer reports its membership to `watchdogs` and is recreated when the group
 /// leaves it without an assignment for too long.
@@ -250,7 +288,7 @@ where
     let watch = watchdogs.watch(&spec.group, settings.consumer.assignment_timeout);
     let mut backoff = Backoff::new();
     loop {
-        let consumer = create(settings, &spec, watch.clone())?;
+        let consumer = Owned(Some(create(settings, &spec, watch.clone())?));
         watch.created(Instant::now());
         let ended = consume(
             &consumer,
@@ -264,7 +302,7 @@ where
         .await;
         match ended {
             Ended::Shutdown => {
-                close(consumer, &spec.group, None).await;
+                close(consumer.into_inner(), &spec.group, None).await;
                 break;
             }
             Ended::Stuck => {
@@ -279,7 +317,7 @@ where
                 watch.recreating();
                 metrics::counter!("herald_consumer_recreations_total", "group" => spec.group.clone())
                     .increment(1);
-                close(consumer, &spec.group, Some(CLOSE_WAIT)).await;
+                close(consumer.into_inner(), &spec.group, Some(CLOSE_WAIT)).await;
             }
         }
     }
