@@ -372,7 +372,11 @@ async fn start_replay(
         let report = replay::dry_run(&state.ingestor, &find, body.force, cap).await?;
         return Ok(Json(report).into_response());
     }
-    let filter = serde_json::to_value(&query).map_err(anyhow::Error::from)?;
+    let mut filter = serde_json::to_value(&query).map_err(anyhow::Error::from)?;
+    // As given: the filters that were set.
+    if let Some(fields) = filter.as_object_mut() {
+        fields.retain(|_, value| !value.is_null());
+    }
     let replay = replay::start(
         &state.db,
         &find,
