@@ -160,6 +160,8 @@ install() {
     command -v node >/dev/null && command -v npm >/dev/null || packages+=(nodejs npm)
     # promtool, for the alert rules' unit tests (make test); Debian ships it with Prometheus.
     command -v promtool >/dev/null || packages+=(prometheus)
+    # Chromium, headless, for the test that the docs page renders with no network (make test).
+    command -v chromium >/dev/null || packages+=(chromium)
     if [[ -z $(pg_bin_dir) ]]; then
         packages+=("postgresql-$PG_MAJOR_PREFERRED")
     fi
