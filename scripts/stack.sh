@@ -24,6 +24,10 @@ set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 TANSU_VERSION=0.6.0
 MAILDEV_VERSION=2
+# playwright-core (no browser of its own: it drives Debian's chromium) for the console's
+# browser test in make test.
+PLAYWRIGHT_VERSION=1.57.0
+PLAYWRIGHT_DIR=$ROOT/.tools/playwright
 MAILDEV_DIR=$ROOT/.tools/maildev
 MAILDEV_BIN=$MAILDEV_DIR/node_modules/maildev/bin/maildev
 PG_MAJOR_PREFERRED=15
@@ -188,6 +192,13 @@ install() {
         mkdir -p "$MAILDEV_DIR"
         npm install --prefix "$MAILDEV_DIR" "maildev@$MAILDEV_VERSION" \
             --no-audit --no-fund --loglevel=error >/dev/null
+    fi
+
+    if [[ ! -f $PLAYWRIGHT_DIR/node_modules/playwright-core/package.json ]]; then
+        log "installing playwright-core@$PLAYWRIGHT_VERSION into .tools/playwright"
+        mkdir -p "$PLAYWRIGHT_DIR"
+        PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD=1 npm install --prefix "$PLAYWRIGHT_DIR" \
+            "playwright-core@$PLAYWRIGHT_VERSION" --no-audit --no-fund --loglevel=error >/dev/null
     fi
 }
 

@@ -68,6 +68,7 @@ const ROUTES: &[(&str, &str)] = &[
     ("GET", "/health/ready"),
     ("GET", "/metrics"),
     ("GET", "/api-docs/openapi.json"),
+    ("GET", "/console"),
     ("GET", "/docs"),
 ];
 
