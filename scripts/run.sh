@@ -58,6 +58,7 @@ cat <<BANNER
     API            $api/api/v1
     Health         $api/health/ready
     API docs       $api/docs
+    Console        $api/console   (sign in with the admin token or an operator's API key)
     Event types    $api/api/v1/event-types   (the data each event type needs; schemas/ in the repo)
     Metrics        $api/metrics
     MailDev UI     $MAILDEV_URL

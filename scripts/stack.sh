@@ -24,6 +24,10 @@ set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 TANSU_VERSION=0.6.0
 MAILDEV_VERSION=2
+# playwright-core (no browser of its own: it drives Debian's chromium) for the console's
+# browser test in make test.
+PLAYWRIGHT_VERSION=1.57.0
+PLAYWRIGHT_DIR=$ROOT/.tools/playwright
 MAILDEV_DIR=$ROOT/.tools/maildev
 MAILDEV_BIN=$MAILDEV_DIR/node_modules/maildev/bin/maildev
 PG_MAJOR_PREFERRED=15
@@ -160,6 +164,8 @@ install() {
     command -v node >/dev/null && command -v npm >/dev/null || packages+=(nodejs npm)
     # promtool, for the alert rules' unit tests (make test); Debian ships it with Prometheus.
     command -v promtool >/dev/null || packages+=(prometheus)
+    # Chromium, headless, for the test that the docs page renders with no network (make test).
+    command -v chromium >/dev/null || packages+=(chromium)
     if [[ -z $(pg_bin_dir) ]]; then
         packages+=("postgresql-$PG_MAJOR_PREFERRED")
     fi
@@ -186,6 +192,13 @@ install() {
         mkdir -p "$MAILDEV_DIR"
         npm install --prefix "$MAILDEV_DIR" "maildev@$MAILDEV_VERSION" \
             --no-audit --no-fund --loglevel=error >/dev/null
+    fi
+
+    if [[ ! -f $PLAYWRIGHT_DIR/node_modules/playwright-core/package.json ]]; then
+        log "installing playwright-core@$PLAYWRIGHT_VERSION into .tools/playwright"
+        mkdir -p "$PLAYWRIGHT_DIR"
+        PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD=1 npm install --prefix "$PLAYWRIGHT_DIR" \
+            "playwright-core@$PLAYWRIGHT_VERSION" --no-audit --no-fund --loglevel=error >/dev/null
     fi
 }
 

@@ -1,5 +1,10 @@
 //! `GET /api-docs/openapi.json` (the OpenAPI 3.1 document) and `GET /docs` (Swagger UI).
 //!
+//! Swagger UI's page, script and stylesheet are Herald's own: `utoipa-swagger-ui` with its
+//! `vendored` feature embeds a pinned Swagger UI (5.32.6, from the
+//! `utoipa-swagger-ui-vendored` crate) at build time, so the page renders on a machine or
+//! network that reaches no CDN, and the build itself downloads nothing.
+//!
 //! The document is hand-written in `openapi.json` next to this file and compiled into the
 //! binary, so it is served whatever the working directory. The data schema of each event
 //! type (`schemas/`) is added to its components as `EventData_{EVENT_TYPE}` when served, so
@@ -7,13 +12,9 @@
 //! operation it names on a running instance, which catches a route that was renamed or
 //! removed without the document following.
 
-use axum::{
-    Json, Router,
-    extract::State,
-    response::{Html, IntoResponse},
-    routing::get,
-};
+use axum::{Json, Router, extract::State, response::IntoResponse, routing::get};
 use serde_json::Value;
+use utoipa_swagger_ui::{Config, SwaggerUi};
 
 use super::AppState;
 
@@ -24,7 +25,8 @@ const OPENAPI_JSON: &str = include_str!("openapi.json");
 pub fn router() -> Router<AppState> {
     Router::new()
         .route("/api-docs/openapi.json", get(openapi))
-        .route("/docs", get(swagger_ui))
+        // `/docs` redirects to `/docs/`, which serves the page and its assets.
+        .merge(SwaggerUi::new("/docs").config(Config::from("/api-docs/openapi.json")))
 }
 
 async fn openapi(State(state): State<AppState>) -> impl IntoResponse {
@@ -43,34 +45,4 @@ async fn openapi(State(state): State<AppState>) -> impl IntoResponse {
         }
     }
     Json(document)
-}
-
-/// The Swagger UI page. It loads Swagger UI from the unpkg CDN in the reader's browser: the
-/// server itself needs no network, and Herald carries no copy of its assets.
-const SWAGGER_UI: &str = r##"<!doctype html>
-<html lang="en">
-<head>
-  <meta charset="utf-8">
-  <meta name="viewport" content="width=device-width, initial-scale=1">
-  <title>Herald API</title>
-  <link rel="stylesheet" href="https://unpkg.com/swagger-ui-dist@5/swagger-ui.css">
-</head>
-<body>
-  <div id="swagger-ui"></div>
-  <script src="https://unpkg.com/swagger-ui-dist@5/swagger-ui-bundle.js" crossorigin></script>
-  <script>
-    window.onload = () => {
-      window.ui = SwaggerUIBundle({
-        url: "/api-docs/openapi.json",
-        dom_id: "#swagger-ui",
-        deepLinking: true,
-      });
-    };
-  </script>
-</body>
-</html>
-"##;
-
-async fn swagger_ui() -> Html<&'static str> {
-    Html(SWAGGER_UI)
 }

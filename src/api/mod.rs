@@ -4,6 +4,7 @@ pub mod admin;
 pub mod alerts;
 pub mod auth;
 pub mod broadcasts;
+pub mod console;
 pub mod dashboard;
 pub mod docs;
 pub mod error;
@@ -93,7 +94,10 @@ const MAX_BODY_BYTES: usize = 256 * 1024;
 /// the `api` role runs. Every request under `/api/` is authenticated first (`auth`), and
 /// API requests are bounded in number and time.
 pub fn router(state: AppState) -> Router {
-    let mut router = Router::new().merge(health::router()).merge(docs::router());
+    let mut router = Router::new()
+        .merge(health::router())
+        .merge(docs::router())
+        .merge(console::router());
     if state.settings.http.metrics_addr.is_none() {
         router = router.merge(metrics::router());
     }

@@ -68,6 +68,7 @@ const ROUTES: &[(&str, &str)] = &[
     ("GET", "/health/ready"),
     ("GET", "/metrics"),
     ("GET", "/api-docs/openapi.json"),
+    ("GET", "/console"),
     ("GET", "/docs"),
 ];
 
@@ -219,12 +220,17 @@ async fn every_operation_in_the_document_is_a_route_the_app_serves() {
 }
 
 #[tokio::test]
-async fn the_docs_page_is_swagger_ui_loading_the_openapi_document() {
+async fn the_docs_page_and_its_assets_are_served_by_herald_itself() {
     let app = spawn_app().await;
 
+    // /docs redirects to /docs/ (reqwest follows it), the page of the embedded Swagger UI.
     let response = app.get("/docs").await;
-
     assert_eq!(response.status(), 200);
+    assert!(
+        response.url().path().ends_with("/docs/"),
+        "{}",
+        response.url()
+    );
     let content_type = response.headers()[reqwest::header::CONTENT_TYPE]
         .to_str()
         .unwrap()
@@ -232,5 +238,85 @@ async fn the_docs_page_is_swagger_ui_loading_the_openapi_document() {
     assert!(content_type.starts_with("text/html"), "{content_type}");
     let page = response.text().await.unwrap();
     assert!(page.contains("swagger-ui"), "{page}");
-    assert!(page.contains("/api-docs/openapi.json"), "{page}");
+    assert!(
+        !page.contains("http://") && !page.contains("https://") && !page.contains("//unpkg"),
+        "the page loads nothing from elsewhere: {page}"
+    );
+    let initializer = app.get("/docs/swagger-initializer.js").await;
+    assert_eq!(initializer.status(), 200);
+    let initializer = initializer.text().await.unwrap();
+    assert!(
+        initializer.contains("/api-docs/openapi.json"),
+        "{initializer}"
+    );
+    for (asset, kind) in [
+        ("/docs/swagger-ui-bundle.js", "javascript"),
+        ("/docs/swagger-ui.css", "text/css"),
+    ] {
+        let response = app.get(asset).await;
+        assert_eq!(response.status(), 200, "{asset}");
+        let content_type = response.headers()[reqwest::header::CONTENT_TYPE]
+            .to_str()
+            .unwrap()
+            .to_owned();
+        assert!(content_type.contains(kind), "{asset}: {content_type}");
+        assert!(
+            response.bytes().await.unwrap().len() > 10_000,
+            "{asset} is the real asset"
+        );
+    }
+}
+
+/// The docs page in a real browser (Debian's Chromium, headless; `scripts/stack.sh
+/// install` installs it) that can reach no host but this machine: Swagger UI renders the
+/// operations of the document.
+#[tokio::test]
+async fn the_docs_page_renders_its_operations_in_a_headless_browser_without_network() {
+    let app = spawn_app().await;
+    let profile = tempfile_dir();
+    let url = format!("{}/docs/", app.address);
+    let user_data = format!("--user-data-dir={}", profile.display());
+    let browse = move || {
+        std::process::Command::new("chromium")
+            .args([
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-dev-shm-usage",
+                "--no-first-run",
+                // Every name but loopback fails to resolve: no CDN, no internet.
+                "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1",
+                "--virtual-time-budget=20000",
+                "--dump-dom",
+            ])
+            .arg(user_data)
+            .arg(url)
+            .output()
+    };
+    let output = tokio::time::timeout(
+        Duration::from_secs(120),
+        tokio::task::spawn_blocking(browse),
+    )
+    .await
+    .expect("chromium renders within 120 s")
+    .unwrap()
+    .expect("chromium runs (scripts/stack.sh install installs it)");
+    let _ = std::fs::remove_dir_all(&profile);
+    let dom = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        dom.contains("opblock"),
+        "Swagger UI rendered no operation: {}\n{}",
+        &dom[..dom.len().min(2000)],
+        String::from_utf8_lossy(&output.stderr)
+    );
+    for path in ["/api/v1/notifications", "/api/v1/admin/dlq/replay"] {
+        assert!(dom.contains(path), "{path} is not on the rendered page");
+    }
+}
+
+/// A fresh directory for a browser profile.
+fn tempfile_dir() -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("herald-chromium-{}", Uuid::new_v4()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
 }

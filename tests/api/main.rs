@@ -7,6 +7,7 @@ mod alerts;
 mod broadcasts;
 mod cli;
 mod columns;
+mod console;
 mod contracts;
 mod dead_letters;
 mod dispatch;
