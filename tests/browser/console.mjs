@@ -17,8 +17,9 @@ const step = (what) => console.log(`console: ${what}`);
 const shot = async (page, name) => {
   if (shots) await page.screenshot({ path: `${shots}/${name}.png`, fullPage: true });
 };
+let page;
 try {
-  const page = await browser.newPage({ viewport: { width: 1280, height: 900 } });
+  page = await browser.newPage({ viewport: { width: 1280, height: 900 } });
   const outside = [];
   page.on("request", (request) => {
     if (!request.url().startsWith(base)) outside.push(request.url());
@@ -48,6 +49,8 @@ try {
   await shot(page, "console-broadcasts");
   await page.goto(`${base}/console#delivery`);
   await page.getByRole("heading", { name: "Per channel" }).waitFor();
+  await page.locator("svg.chart circle").first().waitFor();
+  step("the delivery chart is drawn");
   await shot(page, "console-delivery");
   await page.goto(`${base}/console#timeline/${notification}`);
   await page.locator("ol.timeline li").first().waitFor();
@@ -73,6 +76,7 @@ try {
   if (outside.length) throw new Error(`requests left the machine: ${outside.join(", ")}`);
 } catch (error) {
   console.error(`console: FAILED: ${error.stack || error}`);
+  if (page) await shot(page, "console-failure").catch(() => {});
   process.exitCode = 1;
 } finally {
   await browser.close();

@@ -154,8 +154,8 @@ async function dlqPage() {
 async function retry(id) {
   try {
     const result = await api(`/api/v1/admin/dlq/${id}/retry`, { method: "POST" });
-    say(`Dead letter ${id} retried: ${result.retry}.`);
     await render();
+    say(`Dead letter ${id} retried: ${result.retry}.`);
   } catch (e) { say(e.message, true); }
 }
 
@@ -163,8 +163,8 @@ async function discard(id) {
   if (!confirm("Discard this dead letter? It stays in the audit.")) return;
   try {
     await api(`/api/v1/admin/dlq/${id}`, { method: "DELETE" });
-    say(`Dead letter ${id} discarded.`);
     await render();
+    say(`Dead letter ${id} discarded.`);
   } catch (e) { say(e.message, true); }
 }
 
@@ -232,7 +232,7 @@ async function broadcastsPage() {
       h("td", {}, `${b.totals.sent} sent, ${b.totals.failed} failed, ${b.totals.pending} pending of ${b.totals.audience}`),
       h("td", {}, ["SCHEDULED", "RUNNING"].includes(b.status)
         ? h("button", { type: "button", class: "danger", onclick: async () => {
-            try { await api(`/api/v1/broadcasts/${b.broadcastId}/cancel`, { method: "POST" }); say("Broadcast cancelled."); await draw(); } catch (e) { say(e.message, true); }
+            try { await api(`/api/v1/broadcasts/${b.broadcastId}/cancel`, { method: "POST" }); await draw(); say("Broadcast cancelled."); } catch (e) { say(e.message, true); }
           } }, "Cancel")
         : "")));
     main().replaceChildren(h("h2", {}, "Broadcasts"),
@@ -270,9 +270,16 @@ function chart(items) {
   }
   days.forEach((d) => add("text", { x: x(d) - 18, y: height - 10, "font-size": "11" }, d.slice(5)));
   channels.forEach((channel, n) => {
-    const points = items.filter((i) => i.channel === channel && i.successRate !== null)
-      .map((i) => `${x(i.day)},${y(i.successRate * 100)}`).join(" ");
-    add("polyline", { points, fill: "none", stroke: COLOURS[n % COLOURS.length], "stroke-width": "2" });
+    const colour = COLOURS[n % COLOURS.length];
+    const known = items.filter((i) => i.channel === channel && i.successRate !== null);
+    const points = known.map((i) => `${x(i.day)},${y(i.successRate * 100)}`).join(" ");
+    add("polyline", { points, fill: "none", stroke: colour, "stroke-width": "2" });
+    // A marker per day, so that a single day shows too; its title reads on hover.
+    for (const i of known) {
+      add("circle", { cx: x(i.day), cy: y(i.successRate * 100), r: "4", fill: colour });
+      svg.lastChild.append(document.createElementNS(ns, "title"));
+      svg.lastChild.lastChild.textContent = `${channel} ${i.day}: ${(i.successRate * 100).toFixed(1)} % of ${i.sent}`;
+    }
   });
   const legend = h("p", { class: "legend" }, channels.map((c, n) => {
     const key = h("span", {}, `■ ${c}`);
@@ -294,7 +301,7 @@ async function deliveryPage() {
   let alerts = null;
   try { alerts = await api("/api/v1/admin/alerts"); } catch (e) { alerts = null; }
   main().replaceChildren(h("h2", {}, `Delivery, ${daily.from} to ${daily.to} (${daily.timezone})`),
-    daily.items.length ? chart(daily.items) : h("p", {}, "Nothing sent in these days."),
+    daily.items.length ? h("div", {}, chart(daily.items)) : h("p", {}, "Nothing sent in these days."),
     h("h2", {}, "Per channel"),
     table(["Channel", "Sent", "Succeeded", "Failed", "Success rate"], channels.items.map((c) => h("tr", {},
       h("td", {}, c.channel), h("td", {}, c.sent), h("td", {}, c.success), h("td", {}, c.failed),
@@ -305,10 +312,11 @@ async function deliveryPage() {
       h("td", { class: "message" }, f.reason || ""),
       h("td", {}, h("a", { href: `#timeline/${f.notificationId}` }, "Timeline"))))) : h("p", {}, "None."),
     h("h2", {}, "Alerts (queue, success rates, send times)"),
-    alerts ? table(["Alert", "Subject", "State", "Value", "Threshold"], (alerts.alerts || []).map((a) => h("tr", {},
+    !alerts ? h("p", {}, "This key may not read alerts.")
+      : !(alerts.alerts || []).length ? h("p", {}, `No alert evaluated yet (every ${alerts.intervalSeconds} s).`)
+      : table(["Alert", "Subject", "State", "Value", "Threshold"], alerts.alerts.map((a) => h("tr", {},
       h("td", {}, a.alert || a.name || ""), h("td", {}, a.subject || ""), h("td", {}, a.state || a.status || ""),
-      h("td", {}, a.value === null || a.value === undefined ? "" : String(a.value)), h("td", {}, a.threshold === undefined ? "" : String(a.threshold)))))
-      : h("p", {}, "This key may not read alerts."));
+      h("td", {}, a.value === null || a.value === undefined ? "" : String(a.value)), h("td", {}, a.threshold === undefined ? "" : String(a.threshold))))));
 }
 
 /* ---------------------------------------------------------------- timeline */
@@ -363,6 +371,7 @@ function signIn(event) {
 
 async function render() {
   clearInterval(timer);
+  say("");
   if (!sessionStorage.getItem(KEY)) { showSignIn(); return; }
   document.getElementById("nav").hidden = false;
   const [page, arg] = (location.hash.slice(1) || "dlq").split("/");
