@@ -584,6 +584,25 @@ struct DeliveryView {
     /// What the provider said became of the message, once it said so.
     #[sqlx(flatten)]
     receipt: crate::receipts::ReceiptColumns,
+    /// Every attempt to send it, oldest first.
+    #[sqlx(skip)]
+    attempt_log: Vec<AttemptView>,
+}
+
+/// One attempt to send a delivery.
+#[derive(Debug, Serialize, sqlx::FromRow)]
+#[serde(rename_all = "camelCase")]
+struct AttemptView {
+    #[serde(skip)]
+    delivery_id: Uuid,
+    attempt: i32,
+    /// The channel it went out on (a fallback's, for a KakaoTalk message sent as SMS).
+    channel: String,
+    started_at: DateTime<Utc>,
+    latency_ms: i32,
+    /// SUCCESS, RETRYABLE or PERMANENT.
+    outcome: String,
+    error: Option<String>,
 }
 
 async fn read(
@@ -600,7 +619,7 @@ async fn read(
     .await
     .context("Failed to read a notification")?;
     let notification = row.ok_or_else(|| ApiError::NotFound(format!("no notification {id}")))?;
-    let deliveries: Vec<DeliveryView> = sqlx::query_as(
+    let mut deliveries: Vec<DeliveryView> = sqlx::query_as(
         "SELECT id, channel, status, address, attempts, next_attempt_at, last_error, \
              skip_reason, provider_ref, sent_via, created_at, updated_at, completed_at, \
              receipt_status, receipt_reason, receipt_permanent, receipt_at \
@@ -610,6 +629,28 @@ async fn read(
     .fetch_all(&state.db)
     .await
     .context("Failed to read deliveries")?;
+    // Retries and failures have attempt rows; a first attempt that succeeded is kept on the
+    // delivery itself (migration 0009).
+    let attempts: Vec<AttemptView> = sqlx::query_as(
+        "SELECT a.delivery_id, a.attempt, a.channel, a.started_at, a.latency_ms, a.outcome, \
+             a.error \
+         FROM delivery_attempts a JOIN deliveries d ON d.id = a.delivery_id \
+         WHERE d.notification_id = $1 \
+         UNION ALL \
+         SELECT id, 1, COALESCE(sent_via, channel), first_attempt_started_at, \
+             first_attempt_latency_ms, 'SUCCESS', NULL \
+         FROM deliveries WHERE notification_id = $1 AND first_attempt_started_at IS NOT NULL \
+         ORDER BY started_at, attempt",
+    )
+    .bind(id)
+    .fetch_all(&state.db)
+    .await
+    .context("Failed to read attempts")?;
+    for attempt in attempts {
+        if let Some(delivery) = deliveries.iter_mut().find(|d| d.id == attempt.delivery_id) {
+            delivery.attempt_log.push(attempt);
+        }
+    }
     let status = NotificationStatus::derive(deliveries.iter().map(|d| d.status));
     Ok(Json(NotificationView {
         notification,

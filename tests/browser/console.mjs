@@ -56,6 +56,9 @@ try {
   await page.locator("ol.timeline li").first().waitFor();
   const entries = await page.locator("ol.timeline li").count();
   if (entries < 3) throw new Error(`the timeline has ${entries} entries`);
+  // The Slack message's refused attempt and the retried one that went out.
+  await page.locator("ol.timeline li", { hasText: "SLACK: attempt 1: PERMANENT" }).waitFor();
+  await page.locator("ol.timeline li", { hasText: "SLACK: attempt 2: SUCCESS" }).waitFor();
   step(`the timeline has ${entries} entries`);
   await shot(page, "console-timeline");
 

@@ -335,7 +335,10 @@ async function timelinePage(id) {
   if (n.scheduledAt) events.push({ at: n.scheduledAt, text: "Scheduled to be sent" });
   for (const d of n.deliveries) {
     events.push({ at: d.createdAt, text: `${d.channel}: created${d.address ? ` for ${d.address}` : ""}` });
-    if (d.lastError) events.push({ at: d.updatedAt, text: `${d.channel}: attempt ${d.attempts} failed: ${d.lastError}` });
+    for (const a of d.attemptLog || []) {
+      events.push({ at: a.startedAt, text: `${d.channel}: attempt ${a.attempt}${a.channel !== d.channel ? ` (as ${a.channel})` : ""}: ${a.outcome}${a.error ? `: ${a.error}` : ""} (${a.latencyMs} ms)` });
+    }
+    if (d.lastError && !(d.attemptLog || []).length) events.push({ at: d.updatedAt, text: `${d.channel}: ${d.lastError}` });
     if (d.status === "PENDING" && d.nextAttemptAt) events.push({ at: d.nextAttemptAt, text: `${d.channel}: next attempt due` });
     if (d.completedAt) events.push({ at: d.completedAt, text: `${d.channel}: ${d.status}${d.skipReason ? ` (${d.skipReason})` : ""} after ${d.attempts} attempt(s)${d.sentVia && d.sentVia !== d.channel ? ` via ${d.sentVia}` : ""}` });
     if (d.receipt) events.push({ at: d.receipt.at, text: `${d.channel}: provider says ${d.receipt.status}${d.receipt.reason ? `: ${d.receipt.reason}` : ""}` });
