@@ -28,6 +28,9 @@ MAILDEV_VERSION=2
 # browser test in make test.
 PLAYWRIGHT_VERSION=1.57.0
 PLAYWRIGHT_DIR=$ROOT/.tools/playwright
+# openapi-spec-validator, which checks the served OpenAPI document in make test.
+OPENAPI_VALIDATOR_VERSION=0.7.2
+OPENAPI_VALIDATOR_DIR=$ROOT/.tools/openapi
 MAILDEV_DIR=$ROOT/.tools/maildev
 MAILDEV_BIN=$MAILDEV_DIR/node_modules/maildev/bin/maildev
 PG_MAJOR_PREFERRED=15
@@ -192,6 +195,13 @@ install() {
         mkdir -p "$MAILDEV_DIR"
         npm install --prefix "$MAILDEV_DIR" "maildev@$MAILDEV_VERSION" \
             --no-audit --no-fund --loglevel=error >/dev/null
+    fi
+
+    if [[ ! -x $OPENAPI_VALIDATOR_DIR/bin/openapi-spec-validator ]]; then
+        log "installing openapi-spec-validator==$OPENAPI_VALIDATOR_VERSION into .tools/openapi"
+        python3 -m venv "$OPENAPI_VALIDATOR_DIR"
+        "$OPENAPI_VALIDATOR_DIR/bin/pip" install --quiet --disable-pip-version-check \
+            "openapi-spec-validator==$OPENAPI_VALIDATOR_VERSION"
     fi
 
     if [[ ! -f $PLAYWRIGHT_DIR/node_modules/playwright-core/package.json ]]; then

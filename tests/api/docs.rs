@@ -219,6 +219,34 @@ async fn every_operation_in_the_document_is_a_route_the_app_serves() {
     }
 }
 
+/// The document as served (with the event types' data schemas it adds) passes
+/// openapi-spec-validator, which `scripts/stack.sh install` puts in `.tools/openapi`.
+#[tokio::test]
+async fn the_served_openapi_document_passes_openapi_spec_validator() {
+    let app = spawn_app().await;
+    let doc = openapi(&app).await;
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let validator = root.join(".tools/openapi/bin/openapi-spec-validator");
+    assert!(
+        validator.exists(),
+        "openapi-spec-validator is not installed: run scripts/stack.sh install"
+    );
+    let file = std::env::temp_dir().join(format!("herald-openapi-{}.json", Uuid::new_v4()));
+    std::fs::write(&file, serde_json::to_vec_pretty(&doc).unwrap()).unwrap();
+    let output = std::process::Command::new(&validator)
+        .args(["--schema", "3.1", "--errors", "all"])
+        .arg(&file)
+        .output()
+        .expect("openapi-spec-validator runs");
+    let _ = std::fs::remove_file(&file);
+    assert!(
+        output.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
 #[tokio::test]
 async fn the_docs_page_and_its_assets_are_served_by_herald_itself() {
     let app = spawn_app().await;
