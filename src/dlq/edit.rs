@@ -148,36 +148,35 @@ async fn edit_payload(
             class: poison.class.as_str().to_owned(),
             message: poison.message,
         })?;
-    // The value before: the previous correction, else the original (as JSON when it is,
-    // else as the text it is).
-    let previous = letter
-        .edited_payload
-        .as_deref()
-        .unwrap_or(&letter.payload_bytes);
-    // JSONB holds no NUL: a message dead-lettered for one is audited as its text, escaped.
-    let before = serde_json::from_slice(previous)
-        .ok()
-        .filter(|v| !crate::ingest::decode::contains_nul(v))
-        .unwrap_or_else(|| {
-            Value::String(String::from_utf8_lossy(previous).replace('\0', "\\u0000"))
-        });
+    // The value before, read under the row's lock in the same statement: the previous
+    // correction (a concurrent one included), else the original.
     let mut tx = ingestor.db.begin().await.context("Failed to begin")?;
-    let updated = sqlx::query(
-        "UPDATE dlq_messages SET edited_payload = $2 WHERE id = $1 AND status = 'PENDING'",
+    let previous: Option<Vec<u8>> = sqlx::query_scalar(
+        "UPDATE dlq_messages m SET edited_payload = $2 \
+         FROM (SELECT id, COALESCE(edited_payload, payload) AS previous FROM dlq_messages \
+               WHERE id = $1 AND status = 'PENDING' FOR UPDATE) old \
+         WHERE m.id = old.id RETURNING old.previous",
     )
     .bind(letter.id)
     .bind(&bytes)
-    .execute(&mut *tx)
+    .fetch_optional(&mut *tx)
     .await
-    .context("Failed to store the corrected event")?
-    .rows_affected();
-    if updated == 0 {
+    .context("Failed to store the corrected event")?;
+    let Some(previous) = previous else {
         return Err(AdminError::Conflict(format!(
             "dead letter {} changed meanwhile; read it again",
             letter.id
         ))
         .into());
-    }
+    };
+    // As JSON when it is; JSONB holds no NUL, so a message dead-lettered for one (or one
+    // that is not JSON) is audited as its text, escaped.
+    let before = serde_json::from_slice(&previous)
+        .ok()
+        .filter(|v| !crate::ingest::decode::contains_nul(v))
+        .unwrap_or_else(|| {
+            Value::String(String::from_utf8_lossy(&previous).replace('\0', "\\u0000"))
+        });
     audit(&mut tx, letter.id, "payload", actor, before, event).await?;
     tx.commit().await.context("Failed to commit a correction")?;
     Ok(())

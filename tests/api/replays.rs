@@ -389,25 +389,36 @@ async fn a_corrected_poison_message_is_ingested_once_and_its_original_stays_read
         .await;
     assert_eq!(status, 400);
 
+    // A first correction with a typo, then the right one: each is audited from the one
+    // before it.
+    let mut typo = event.clone();
+    typo["data"]["amount"] = json!(1200);
+    let (status, _) = operator.patch(&path, json!({ "payload": typo })).await;
+    assert_eq!(status, 200);
     let mut fixed = event.clone();
     fixed["data"]["amount"] = json!(12000);
     let (status, corrected) = operator
         .patch(&path, json!({ "payload": fixed.clone() }))
         .await;
     assert_eq!(status, 200, "{corrected}");
+    let edits = corrected["edits"].as_array().unwrap();
+    assert_eq!(edits.len(), 2);
+    assert_eq!(edits[1]["before"]["data"]["amount"], 1200);
+    assert_eq!(
+        edits[1]["diff"],
+        json!([{ "op": "replace", "path": "/data/amount", "value": 12000 }])
+    );
     assert!(
         corrected["payload"].as_str().unwrap().contains("12 won"),
         "the original stays as it arrived"
     );
     let edited: Value = serde_json::from_str(corrected["edited"].as_str().unwrap()).unwrap();
     assert_eq!(edited["data"]["amount"], 12000);
-    let edits = corrected["edits"].as_array().unwrap();
-    assert_eq!(edits.len(), 1);
     assert_eq!(edits[0]["editedBy"], "alice");
     assert_eq!(edits[0]["target"], "payload");
     assert_eq!(
         edits[0]["diff"],
-        json!([{ "op": "replace", "path": "/data/amount", "value": 12000 }])
+        json!([{ "op": "replace", "path": "/data/amount", "value": 1200 }])
     );
     assert_eq!(edits[0]["before"]["data"]["amount"], "12 won");
 
@@ -449,7 +460,7 @@ async fn a_corrected_poison_message_is_ingested_once_and_its_original_stays_read
     assert_eq!(status, 409);
     let read = operator.get(&path).await;
     assert!(read["payload"].as_str().unwrap().contains("12 won"));
-    assert_eq!(read["edits"].as_array().unwrap().len(), 1);
+    assert_eq!(read["edits"].as_array().unwrap().len(), 2);
 }
 
 #[tokio::test]
