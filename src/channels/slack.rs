@@ -26,10 +26,17 @@ impl SlackSender {
     /// Posts a plain-text operator message (an alert, say), with the same failure
     /// classification as a delivery's send.
     pub async fn post_text(&self, text: &str) -> Result<(), SendError> {
-        let response = self
-            .client
-            .post(self.webhook.expose_secret())
-            .json(&serde_json::json!({ "text": text }))
+        self.post(
+            self.client
+                .post(self.webhook.expose_secret())
+                .json(&serde_json::json!({ "text": text })),
+        )
+        .await
+    }
+
+    /// Sends a request to the webhook and classifies its answer (retryable or not).
+    async fn post(&self, request: reqwest::RequestBuilder) -> Result<(), SendError> {
+        let response = request
             .send()
             .await
             .map_err(|e| http_transport_failure(&e.without_url()))?;
@@ -55,25 +62,13 @@ impl Sender for SlackSender {
                     "SLACK needs a Slack message",
                 ));
             };
-            let response = self
+            let request = self
                 .client
                 .post(self.webhook.expose_secret())
                 // Slack ignores it; a proxy or test double can dedupe on it.
                 .header("X-Herald-Delivery-Id", message.delivery_id.to_string())
-                .json(body)
-                .send()
-                .await
-                .map_err(|e| http_transport_failure(&e.without_url()))?;
-            let status = response.status();
-            if status.is_success() {
-                return Ok(Receipt::default());
-            }
-            let retry_after = response
-                .headers()
-                .get(reqwest::header::RETRY_AFTER)
-                .cloned();
-            let text = bounded_text(response).await;
-            Err(http_failure(status, retry_after.as_ref(), &text))
+                .json(body);
+            self.post(request).await.map(|()| Receipt::default())
         })
     }
 }

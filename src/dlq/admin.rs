@@ -307,6 +307,17 @@ pub enum Plan {
     Skip { code: &'static str, message: String },
 }
 
+impl Plan {
+    /// Why a letter carried out with this plan can have been left: the plan's own reason,
+    /// or, for a plan that would have gone, that the letter changed since it was read.
+    pub fn skip_code(&self) -> &'static str {
+        match self {
+            Plan::Skip { code, .. } => code,
+            _ => "changed_meanwhile",
+        }
+    }
+}
+
 /// The plan for `letter` when `cap` replays need `force` to go beyond.
 pub fn plan(letter: &DeadLetterView, force: bool, cap: u32) -> Plan {
     let skip = |code, message: String| Plan::Skip { code, message };
@@ -619,11 +630,7 @@ pub async fn retry_all(
             Ok(RetryKind::Reingested) => report.reingested += 1,
             Err(AdminError::Conflict(_) | AdminError::NotFound(_)) => {
                 report.skipped += 1;
-                let code = match plan {
-                    Plan::Skip { code, .. } => code,
-                    _ => "changed_meanwhile",
-                };
-                *report.skipped_reasons.entry(code).or_default() += 1;
+                *report.skipped_reasons.entry(plan.skip_code()).or_default() += 1;
             }
             Err(AdminError::Internal(error)) => {
                 tracing::warn!(id = %letter.id, error = format!("{error:#}"), "retry failed");

@@ -406,44 +406,36 @@ async fn one(
     };
     let (outcome, reason) = match admin::get(&ingestor.db, letter).await {
         Ok(letter) => {
-            let plan = match admin::plan(&letter, replay.force, cap) {
-                // A letter someone else retried since the replay was made is not replayed
-                // again by it.
-                _ if letter.status != "PENDING" => Plan::Skip {
+            // A letter someone else retried since the replay was made is not replayed
+            // again by it.
+            let plan = if letter.status == "PENDING" {
+                admin::plan(&letter, replay.force, cap)
+            } else {
+                Plan::Skip {
                     code: "no_longer_pending",
                     message: String::new(),
-                },
-                plan => plan,
+                }
             };
             match admin::carry_out(ingestor, &letter, &plan, actor, Some(item)).await {
                 // Marked with the letter.
                 Ok(RetryKind::Requeued | RetryKind::Reingested) => return Ok(()),
-                Err(AdminError::Conflict(_) | AdminError::NotFound(_)) => (
-                    "SKIPPED",
-                    match plan {
-                        Plan::Skip { code, .. } => code,
-                        _ => "changed_meanwhile",
-                    },
-                ),
+                Err(AdminError::Conflict(_) | AdminError::NotFound(_)) => {
+                    ("SKIPPED", Some(plan.skip_code()))
+                }
                 // A value PostgreSQL refuses would stop the replay for ever.
                 Err(AdminError::Internal(error)) if is_data_error(&error) => {
                     tracing::warn!(%letter.id, error = format!("{error:#}"), "replay refused");
-                    let mut tx = ingestor.db.begin().await.context("Failed to begin")?;
-                    item_done(&mut tx, item, "FAILED", None).await?;
-                    tx.commit()
-                        .await
-                        .context("Failed to commit a replay's letter")?;
-                    return Ok(());
+                    ("FAILED", None)
                 }
                 Err(AdminError::Internal(error)) => return Err(error),
             }
         }
-        Err(AdminError::NotFound(_)) => ("SKIPPED", "gone"),
-        Err(AdminError::Conflict(_)) => ("SKIPPED", "changed_meanwhile"),
+        Err(AdminError::NotFound(_)) => ("SKIPPED", Some("gone")),
+        Err(AdminError::Conflict(_)) => ("SKIPPED", Some("changed_meanwhile")),
         Err(AdminError::Internal(error)) => return Err(error),
     };
     let mut tx = ingestor.db.begin().await.context("Failed to begin")?;
-    item_done(&mut tx, item, outcome, Some(reason)).await?;
+    item_done(&mut tx, item, outcome, reason).await?;
     tx.commit()
         .await
         .context("Failed to commit a replay's letter")?;

@@ -87,11 +87,8 @@ async fn the_console_lists_a_dead_letter_retries_it_and_shows_it_retried_in_head
         .unwrap();
     assert_eq!(status, "RETRIED");
     let audit: Value = app
-        .http
-        .get(format!("{}/api/v1/admin/dlq/{letter}", app.address))
-        .send()
+        .get(&format!("/api/v1/admin/dlq/{letter}"))
         .await
-        .unwrap()
         .json()
         .await
         .unwrap();

@@ -393,7 +393,6 @@ async function render() {
 }
 
 document.addEventListener("DOMContentLoaded", () => {
-  document.getElementById("sign-in").addEventListener("submit", signIn);
   document.getElementById("sign-out").addEventListener("click", () => {
     sessionStorage.removeItem(KEY);
     showSignIn();
