@@ -21,9 +21,10 @@ use crate::{
     dispatch::record::{Finished, Written},
     domain::{Channel, DeliveryStatus, Domain, Locale},
     intake::NewNotification,
-    outbox::{self, DeliveryEvent, OutboxMessage, ReplayOrigin},
+    outbox::{self, DeliveryEvent, HoldInfo, OutboxMessage, ReplayOrigin},
     receipts::ReceiptState,
     status_events,
+    timing::Hold,
 };
 
 /// A claimed delivery with what sending it needs.
@@ -63,6 +64,12 @@ pub struct Job {
     /// The dead letter an operator's replay re-queued or re-made it from, and its count.
     pub replay_of: Option<Uuid>,
     pub replay_count: Option<i32>,
+    /// The digest it is a member of ([`crate::timing::digest`]).
+    pub digest_id: Option<Uuid>,
+    /// For a digest's claim: its other members claimed with it, oldest first. They go out
+    /// in this job's one message and take its outcome.
+    #[sqlx(skip)]
+    pub members: Vec<Job>,
 }
 
 impl Job {
@@ -96,6 +103,8 @@ impl Job {
             updated_at: at,
             receipt: None,
             replay: self.replay(),
+            hold: None,
+            digest_id: self.digest_id,
         }
     }
 }
@@ -115,15 +124,24 @@ pub async fn insert(conn: &mut PgConnection, n: &[&NewNotification]) -> anyhow::
     let mut d_broadcasts = Vec::new();
     let mut d_replay_of = Vec::new();
     let mut d_replay_count = Vec::new();
+    let mut d_holds = Vec::new();
+    let mut d_digests = Vec::new();
     for x in n {
         for d in &x.deliveries {
+            let (due, hold) = d.schedule(x);
             d_ids.push(d.id);
             d_notifications.push(x.id);
             d_channels.push(d.channel.as_str());
             d_statuses.push(d.status().as_str());
             d_addresses.push(d.address.as_deref());
             d_reasons.push(d.skip_reason.as_deref());
-            d_due.push(x.draft.scheduled_at.unwrap_or(x.created_at));
+            if let Some(hold) = hold {
+                metrics::counter!("herald_deliveries_held_total", "channel" => d.channel.as_str(), "reason" => hold.as_str())
+                    .increment(1);
+            }
+            d_due.push(due);
+            d_holds.push(hold.map(Hold::as_str));
+            d_digests.push(d.digest(x));
             d_created.push(x.created_at);
             d_broadcasts.push(x.draft.broadcast_id);
             d_replay_of.push(x.draft.replay.map(|r| r.dead_letter_id));
@@ -133,14 +151,15 @@ pub async fn insert(conn: &mut PgConnection, n: &[&NewNotification]) -> anyhow::
     sqlx::query(
         "INSERT INTO deliveries (id, notification_id, channel, status, address, skip_reason, \
              next_attempt_at, created_at, updated_at, completed_at, broadcast_id, replay_of, \
-             replay_count) \
+             replay_count, hold_reason, digest_id) \
          SELECT id, notification_id, channel, status, address, skip_reason, due, created, \
              created, CASE WHEN status = 'SKIPPED' THEN created END, broadcast_id, replay_of, \
-             replay_count \
+             replay_count, hold_reason, digest_id \
          FROM UNNEST($1::uuid[], $2::uuid[], $3::text[], $4::text[], $5::text[], $6::text[], \
-             $7::timestamptz[], $8::timestamptz[], $9::uuid[], $10::uuid[], $11::int4[]) \
+             $7::timestamptz[], $8::timestamptz[], $9::uuid[], $10::uuid[], $11::int4[], \
+             $12::text[], $13::uuid[]) \
          AS t(id, notification_id, channel, status, address, skip_reason, due, created, \
-             broadcast_id, replay_of, replay_count)",
+             broadcast_id, replay_of, replay_count, hold_reason, digest_id)",
     )
     .bind(&d_ids)
     .bind(&d_notifications)
@@ -153,6 +172,8 @@ pub async fn insert(conn: &mut PgConnection, n: &[&NewNotification]) -> anyhow::
     .bind(&d_broadcasts)
     .bind(&d_replay_of)
     .bind(&d_replay_count)
+    .bind(&d_holds)
+    .bind(&d_digests)
     .execute(&mut *conn)
     .await
     .context("Failed to store deliveries")?;
@@ -163,13 +184,16 @@ pub async fn insert(conn: &mut PgConnection, n: &[&NewNotification]) -> anyhow::
 /// an expired lease) and marks them PROCESSING under a fresh lease of `lease`.
 ///
 /// Transactional deliveries come first; broadcast deliveries (reclaims included) fill
-/// what they leave, up to `broadcast_limit`. Jobs come back transactional first.
+/// what they leave, up to `broadcast_limit`. Jobs come back transactional first. With
+/// `digests`, up to `limit` due digests are claimed too, each as one job whose `members`
+/// are the others ([`claim_digests`]).
 pub async fn claim(
     db: &PgPool,
     channel: Channel,
     limit: usize,
     broadcast_limit: usize,
     lease: Duration,
+    digests: bool,
 ) -> anyhow::Result<Vec<Job>> {
     let mut tx = db.begin().await.context("Failed to begin a claim")?;
     // A claim is redone if lost: should PostgreSQL crash before this commit reaches
@@ -182,7 +206,7 @@ pub async fn claim(
         .context("Failed to set up a claim")?;
     let ids: Vec<Uuid> = sqlx::query_scalar(
         "WITH pending AS (SELECT id FROM deliveries WHERE channel = $1 \
-                  AND status = 'PENDING' AND broadcast_id IS NULL \
+                  AND status = 'PENDING' AND broadcast_id IS NULL AND digest_id IS NULL \
                   AND next_attempt_at <= now() \
                   ORDER BY next_attempt_at LIMIT $2 FOR UPDATE SKIP LOCKED), \
               bulk AS (SELECT id FROM deliveries WHERE channel = $1 \
@@ -192,7 +216,8 @@ pub async fn claim(
                   FOR UPDATE SKIP LOCKED), \
               expired AS (SELECT id FROM deliveries WHERE channel = $1 \
                   AND status = 'PROCESSING' AND lease_until < now() \
-                  AND broadcast_id IS NULL LIMIT $2 FOR UPDATE SKIP LOCKED), \
+                  AND broadcast_id IS NULL AND digest_id IS NULL \
+                  LIMIT $2 FOR UPDATE SKIP LOCKED), \
               bulk_expired AS (SELECT id FROM deliveries WHERE channel = $1 \
                   AND status = 'PROCESSING' AND lease_until < now() \
                   AND broadcast_id IS NOT NULL \
@@ -215,6 +240,10 @@ pub async fn claim(
     .fetch_all(&mut *tx)
     .await
     .context("Failed to claim deliveries")?;
+    let mut ids = ids;
+    if digests {
+        ids.extend(claim_digests(&mut tx, channel, limit, lease).await?);
+    }
     if ids.is_empty() {
         return Ok(Vec::new());
     }
@@ -225,9 +254,9 @@ pub async fn claim(
              n.source_partition, n.source_offset, n.occurred_at, \
              EXISTS (SELECT 1 FROM suppressions s WHERE s.channel = d.channel \
                  AND s.address = d.address AND s.lifted_at IS NULL) AS suppressed, \
-             d.replay_of, d.replay_count \
+             d.replay_of, d.replay_count, d.digest_id \
          FROM deliveries d JOIN notifications n ON n.id = d.notification_id \
-         WHERE d.id = ANY($1) ORDER BY d.broadcast_id IS NOT NULL, d.next_attempt_at",
+         WHERE d.id = ANY($1) ORDER BY d.broadcast_id IS NOT NULL, d.next_attempt_at, d.id",
     )
     .bind(&ids)
     .fetch_all(&mut *tx)
@@ -237,7 +266,88 @@ pub async fn claim(
     // in the row): it cost an outbox row written, marked and pruned, and a read-model
     // update, per delivery, for a state that lasts milliseconds (issue 14).
     tx.commit().await.context("Failed to commit a claim")?;
-    Ok(jobs)
+    Ok(gather_digests(jobs))
+}
+
+/// Claims every due member on `channel` of up to `limit` due digests, in the claim's
+/// transaction, and closes those digests: no event joins them any more. The digest row is
+/// locked first and the members read after, by a statement of their own, so that every
+/// event that joined before the lock is among them and every later one opens the next
+/// digest ([`crate::timing::digest`]). A digest another claim holds is left for the next
+/// round.
+async fn claim_digests(
+    tx: &mut PgConnection,
+    channel: Channel,
+    limit: usize,
+    lease: Duration,
+) -> anyhow::Result<Vec<Uuid>> {
+    let digests: Vec<Uuid> = sqlx::query_scalar(
+        "WITH due AS (SELECT DISTINCT digest_id AS id FROM deliveries WHERE channel = $1 \
+                  AND digest_id IS NOT NULL \
+                  AND ((status = 'PENDING' AND next_attempt_at <= now()) \
+                      OR (status = 'PROCESSING' AND lease_until < now())) \
+                  LIMIT $2), \
+              locked AS (SELECT g.id FROM digests g JOIN due ON due.id = g.id \
+                  FOR UPDATE OF g SKIP LOCKED) \
+         UPDATE digests g SET closed_at = COALESCE(g.closed_at, now()) \
+         FROM locked WHERE g.id = locked.id RETURNING g.id",
+    )
+    .bind(channel.as_str())
+    .bind(limit as i64)
+    .fetch_all(&mut *tx)
+    .await
+    .context("Failed to close due digests")?;
+    if digests.is_empty() {
+        return Ok(Vec::new());
+    }
+    sqlx::query_scalar(
+        "UPDATE deliveries d SET status = 'PROCESSING', \
+             lease_until = now() + $3 * interval '1 millisecond', \
+             attempts = d.attempts + CASE WHEN d.status = 'PROCESSING' THEN 1 ELSE 0 END, \
+             updated_at = now(), version = d.version + 1 \
+         FROM (SELECT id FROM deliveries WHERE digest_id = ANY($2) AND channel = $1 \
+                 AND ((status = 'PENDING' AND next_attempt_at <= now()) \
+                     OR (status = 'PROCESSING' AND lease_until < now())) \
+                 FOR UPDATE SKIP LOCKED) m \
+         WHERE d.id = m.id RETURNING d.id",
+    )
+    .bind(channel.as_str())
+    .bind(&digests)
+    .bind(lease.as_millis() as i64)
+    .fetch_all(&mut *tx)
+    .await
+    .context("Failed to claim digest members")
+}
+
+/// Makes each digest's claimed members one job: the oldest, carrying the others.
+fn gather_digests(jobs: Vec<Job>) -> Vec<Job> {
+    let mut out: Vec<Job> = Vec::with_capacity(jobs.len());
+    let mut leads: std::collections::HashMap<Uuid, usize> = std::collections::HashMap::new();
+    for job in jobs {
+        let Some(digest) = job.digest_id else {
+            out.push(job);
+            continue;
+        };
+        match leads.get(&digest) {
+            Some(&i) => out[i].members.push(job),
+            None => {
+                leads.insert(digest, out.len());
+                out.push(job);
+            }
+        }
+    }
+    for &i in leads.values() {
+        let lead = &mut out[i];
+        // The oldest member leads: its delivery id is the message's.
+        let mut all = std::mem::take(&mut lead.members);
+        all.push(lead.clone());
+        all.sort_by_key(|j| (j.created_at, j.delivery_id));
+        let mut all = all.into_iter();
+        let mut first = all.next().expect("a digest job has itself");
+        first.members = all.collect();
+        *lead = first;
+    }
+    out
 }
 
 /// Puts a claimed delivery back to PENDING, due in `wait`, without counting an attempt, with
@@ -246,27 +356,38 @@ pub async fn defer(
     db: &PgPool,
     job: &Job,
     wait: Duration,
+    hold: Hold,
     topic_prefix: &str,
 ) -> anyhow::Result<bool> {
     let mut tx = db.begin().await.context("Failed to begin")?;
-    let row: Option<(i64, DateTime<Utc>)> = sqlx::query_as(
-        "UPDATE deliveries SET status = 'PENDING', lease_until = NULL, \
-             next_attempt_at = now() + $3 * interval '1 millisecond', \
-             updated_at = now(), version = version + 1 \
-         WHERE id = $1 AND status = 'PROCESSING' AND lease_until = $2 \
-         RETURNING version, updated_at",
-    )
-    .bind(job.delivery_id)
-    .bind(job.lease_until)
-    .bind(wait.as_millis().max(1) as i64)
-    .fetch_optional(&mut *tx)
-    .await
-    .context("Failed to defer a delivery")?;
-    let Some((version, at)) = row else {
-        return Ok(false);
-    };
-    let event = job.event(DeliveryStatus::Pending, job.attempts, None, version, at);
-    outbox::insert(&mut tx, &[event.to_outbox(topic_prefix)]).await?;
+    let mut messages = Vec::new();
+    // A digest's members wait together.
+    for job in std::iter::once(job).chain(&job.members) {
+        let row: Option<(i64, DateTime<Utc>, DateTime<Utc>)> = sqlx::query_as(
+            "UPDATE deliveries SET status = 'PENDING', lease_until = NULL, \
+                 next_attempt_at = now() + $3 * interval '1 millisecond', hold_reason = $4, \
+                 updated_at = now(), version = version + 1 \
+             WHERE id = $1 AND status = 'PROCESSING' AND lease_until = $2 \
+             RETURNING version, updated_at, next_attempt_at",
+        )
+        .bind(job.delivery_id)
+        .bind(job.lease_until)
+        .bind(wait.as_millis().max(1) as i64)
+        .bind(hold.as_str())
+        .fetch_optional(&mut *tx)
+        .await
+        .context("Failed to defer a delivery")?;
+        let Some((version, at, until)) = row else {
+            return Ok(false);
+        };
+        let mut event = job.event(DeliveryStatus::Pending, job.attempts, None, version, at);
+        event.hold = Some(HoldInfo {
+            reason: hold,
+            until,
+        });
+        messages.push(event.to_outbox(topic_prefix));
+    }
+    outbox::insert(&mut tx, &messages).await?;
     tx.commit().await.context("Failed to commit a deferral")?;
     Ok(true)
 }
@@ -313,6 +434,7 @@ pub async fn record(
              error_class = t.class, sent_via = t.sent_via, \
              provider_ref = CASE WHEN t.status = 'SUCCESS' THEN t.provider_ref ELSE d.provider_ref END, \
              completed_at = CASE WHEN t.status = 'PENDING' THEN d.completed_at ELSE now() END, \
+             hold_reason = NULL, \
              first_attempt_started_at = COALESCE(t.first_started, d.first_attempt_started_at), \
              first_attempt_latency_ms = COALESCE(t.first_latency, d.first_attempt_latency_ms), \
              updated_at = now(), version = d.version + 1 \
@@ -537,6 +659,8 @@ impl Changed {
             updated_at: self.updated_at,
             receipt: None,
             replay: replay_origin(self.replay_of, self.replay_count),
+            hold: None,
+            digest_id: None,
         }
     }
 }

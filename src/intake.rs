@@ -1,6 +1,8 @@
 //! The write side shared by both intakes (the Kafka consumers and `POST
 //! /api/v1/notifications`): a notification with one delivery per routed channel, each
 //! PENDING or SKIPPED with its reason, and a delivery event per delivery in the outbox.
+//! A PENDING delivery is due at once, or later with the reason ([`Hold`]): the caller's
+//! `scheduledAt`, the user's quiet hours, or its digest's window ([`crate::timing`]).
 
 use std::collections::HashSet;
 
@@ -15,9 +17,14 @@ use crate::{
     config::Settings,
     directory::Contact,
     domain::{Channel, DeliveryStatus, Domain, EventType, Locale, Recipient, UserId},
-    outbox::{self, DeliveryEvent, OutboxMessage, ReplayOrigin},
+    outbox::{self, DeliveryEvent, HoldInfo, OutboxMessage, ReplayOrigin},
     preferences::Preferences,
-    routing::{self, Reach, RoutingTable},
+    routing::{self, Reach, RoutingTable, SendWindows},
+    timing::{
+        Hold,
+        digest::{self, JoinRequest, Joined},
+        quiet_hours,
+    },
 };
 
 /// Where a notification came from.
@@ -56,6 +63,12 @@ pub struct NewNotification {
     pub locale: Locale,
     pub created_at: DateTime<Utc>,
     pub deliveries: Vec<NewDelivery>,
+    /// The user's quiet hours for this event type, in their time zone.
+    pub windows: SendWindows,
+    /// Set when the event type is digested: the digest's key and window.
+    pub digest_rule: Option<(String, u32)>,
+    /// The digest it joined, once stored ([`insert`]).
+    pub digest: Option<Joined>,
 }
 
 /// One delivery about to be stored.
@@ -66,6 +79,8 @@ pub struct NewDelivery {
     pub address: Option<String>,
     /// `Some` makes the delivery SKIPPED.
     pub skip_reason: Option<String>,
+    /// Quiet hours and digests apply to it (a user's channel, not an operator's).
+    pub timed: bool,
 }
 
 impl NewDelivery {
@@ -75,6 +90,34 @@ impl NewDelivery {
         } else {
             DeliveryStatus::Pending
         }
+    }
+
+    /// The digest a PENDING delivery of a user's channel is a member of.
+    pub fn digest(&self, n: &NewNotification) -> Option<Uuid> {
+        n.digest
+            .filter(|_| self.timed && self.skip_reason.is_none())
+            .map(|j| j.digest_id)
+    }
+
+    /// When a PENDING delivery is due, and why later than its notification's creation.
+    pub fn schedule(&self, n: &NewNotification) -> (DateTime<Utc>, Option<Hold>) {
+        let mut due = n.created_at;
+        let mut hold = None;
+        if let Some(at) = n.draft.scheduled_at.filter(|at| *at > n.created_at) {
+            (due, hold) = (at, Some(Hold::Scheduled));
+        }
+        if !self.timed || self.skip_reason.is_some() {
+            return (due, hold);
+        }
+        if let Some(digest) = n.digest {
+            (due, hold) = (due.max(digest.closes_at), Some(Hold::Digest));
+        }
+        if let Some(tz) = n.windows.timezone
+            && let Some(at) = quiet_hours::opening(&n.windows.quiet_hours, self.channel, tz, due)
+        {
+            (due, hold) = (at, Some(Hold::QuietHours));
+        }
+        (due, hold)
     }
 }
 
@@ -138,6 +181,20 @@ pub fn prepare(
         .locale
         .or(contact.locale)
         .unwrap_or(table.default_locale());
+    let timezone = contact
+        .timezone
+        .as_ref()
+        .and_then(|tz| tz.as_str().parse().ok());
+    let windows = SendWindows::for_user(table, &draft.event_type, preferences, timezone);
+    let policy = table.policy(&draft.event_type);
+    // A broadcast is one message to many: it is never gathered into digests.
+    let digest_rule = policy
+        .digest
+        .as_ref()
+        .filter(|_| {
+            draft.user_id.is_some() && draft.broadcast_id.is_none() && draft.subject.is_none()
+        })
+        .map(|rule| (rule.key_of(&draft.data), rule.window_minutes));
     let deliveries = routing::plan(
         table,
         channels,
@@ -152,6 +209,7 @@ pub fn prepare(
         channel: planned.channel,
         address: planned.address,
         skip_reason: planned.skip_reason,
+        timed: !table.is_operator_channel(planned.channel),
     })
     .collect();
     NewNotification {
@@ -161,6 +219,9 @@ pub fn prepare(
         locale,
         created_at: Utc::now(),
         deliveries,
+        windows,
+        digest_rule,
+        digest: None,
     }
 }
 
@@ -170,6 +231,7 @@ impl NewNotification {
         self.deliveries
             .iter()
             .map(|d| {
+                let (until, hold) = d.schedule(self);
                 DeliveryEvent {
                     delivery_id: d.id,
                     notification_id: self.id,
@@ -181,6 +243,8 @@ impl NewNotification {
                     status: d.status(),
                     attempts: 0,
                     error: d.skip_reason.clone(),
+                    hold: hold.map(|reason| HoldInfo { reason, until }),
+                    digest_id: d.digest(self),
                     version: 1,
                     created_at: self.created_at,
                     updated_at: self.created_at,
@@ -198,9 +262,10 @@ impl NewNotification {
 /// stored: a Kafka event already stored is left out (see [`insert_rows`]).
 pub async fn insert<'a>(
     conn: &mut PgConnection,
-    notifications: &'a [NewNotification],
+    notifications: &'a mut [NewNotification],
     topic_prefix: &str,
 ) -> anyhow::Result<Vec<&'a NewNotification>> {
+    join_digests(conn, notifications).await?;
     let stored = insert_rows(conn, notifications).await?;
     let events: Vec<OutboxMessage> = stored
         .iter()
@@ -213,6 +278,38 @@ pub async fn insert<'a>(
         .collect();
     outbox::insert(&mut *conn, &events).await?;
     Ok(stored)
+}
+
+/// Puts each notification of a digested event type with a delivery to send into its
+/// user's open digest ([`digest::join`]), in the caller's transaction. Set afresh on every
+/// call, so a batch written again after a refused transaction joins again.
+async fn join_digests(
+    conn: &mut PgConnection,
+    notifications: &mut [NewNotification],
+) -> anyhow::Result<()> {
+    let requests: Vec<JoinRequest> = notifications
+        .iter()
+        .filter(|n| {
+            n.deliveries
+                .iter()
+                .any(|d| d.timed && d.skip_reason.is_none())
+        })
+        .filter_map(|n| {
+            let (key, window_minutes) = n.digest_rule.clone()?;
+            Some(JoinRequest {
+                notification_id: n.id,
+                user_id: n.draft.user_id?,
+                event_type: n.draft.event_type.clone(),
+                key,
+                window_minutes,
+            })
+        })
+        .collect();
+    let joined = digest::join(conn, &requests).await?;
+    for n in notifications.iter_mut() {
+        n.digest = joined.get(&n.id).copied();
+    }
+    Ok(())
 }
 
 /// True when the stored notifications have a delivery to send: the caller then wakes the

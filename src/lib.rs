@@ -17,6 +17,7 @@
 //! - [`intake`]: the write side both intakes share (notification, deliveries, outbox).
 //! - [`deliveries`]: every statement that changes a delivery, one function per transition.
 //! - [`routing`]: routing rules and per-channel planning.
+//! - [`timing`]: when deliveries may go out: quiet hours, frequency caps, digests.
 //! - [`event_schemas`]: the JSON Schema of each event type's data, checked at the edge.
 //! - [`preferences`]: user channel preferences with their Redis cache.
 //! - [`directory`]: the user directory (contacts).
@@ -67,4 +68,5 @@ pub mod status_events;
 pub mod suppressions;
 pub mod telemetry;
 pub mod templates;
+pub mod timing;
 pub mod webhooks;

@@ -77,6 +77,20 @@ pub struct DeliveryEvent {
     /// The dead letter an operator's replay made or re-queued this delivery from (issue 16).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub replay: Option<ReplayOrigin>,
+    /// Why a PENDING delivery waits, and until when (issue 18).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hold: Option<HoldInfo>,
+    /// The digest the delivery is a member of (issue 18).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub digest_id: Option<Uuid>,
+}
+
+/// Why a PENDING delivery waits, and until when.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct HoldInfo {
+    pub reason: crate::timing::Hold,
+    pub until: DateTime<Utc>,
 }
 
 /// Where a replayed delivery or message came from: the dead letter, and how many times it

@@ -1,5 +1,5 @@
-//! User channel preferences: per channel, optionally per event type, stored in PostgreSQL
-//! and cached in Redis.
+//! User channel preferences: per channel, optionally per event type, and quiet hours
+//! ([`crate::timing::quiet_hours`]), stored in PostgreSQL and cached in Redis.
 //!
 //! The cache is read-through (readers fill only an empty entry) and written through on
 //! every change, with a TTL. Redis is an
@@ -16,7 +16,10 @@ use redis::aio::ConnectionManager;
 use serde::{Deserialize, Serialize};
 use sqlx::PgPool;
 
-use crate::domain::{Channel, EventType, UserId};
+use crate::{
+    domain::{Channel, EventType, UserId},
+    timing::quiet_hours::QuietWindow,
+};
 
 /// How long a cached entry lives; bounds staleness if an invalidation is lost.
 pub const CACHE_TTL_SECS: u64 = 300;
@@ -31,6 +34,10 @@ pub struct Preferences {
     pub channels: BTreeMap<Channel, bool>,
     /// Per event type and channel; wins over `channels`.
     pub event_types: BTreeMap<EventType, BTreeMap<Channel, bool>>,
+    /// The user's own quiet hours; `None`: the event types' defaults (the routing file);
+    /// empty: none at all.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quiet_hours: Option<Vec<QuietWindow>>,
 }
 
 impl Preferences {
@@ -51,7 +58,8 @@ impl Preferences {
 }
 
 fn cache_key(prefix: &str, user: UserId) -> String {
-    format!("{prefix}prefs:v1:{user}")
+    // v2: entries carry quiet hours (a v1 entry would read as "none set").
+    format!("{prefix}prefs:v2:{user}")
 }
 
 /// Loads the preferences of many users at once: one MGET, then one query for the misses.
@@ -191,6 +199,22 @@ pub async fn replace(
     .execute(&mut *tx)
     .await
     .context("Failed to store preferences")?;
+    match &preferences.quiet_hours {
+        None => sqlx::query("DELETE FROM user_quiet_hours WHERE user_id = $1")
+            .bind(user.get())
+            .execute(&mut *tx)
+            .await
+            .context("Failed to clear quiet hours")?,
+        Some(windows) => sqlx::query(
+            "INSERT INTO user_quiet_hours (user_id, windows) VALUES ($1, $2) \
+             ON CONFLICT (user_id) DO UPDATE SET windows = EXCLUDED.windows, updated_at = now()",
+        )
+        .bind(user.get())
+        .bind(sqlx::types::Json(windows))
+        .execute(&mut *tx)
+        .await
+        .context("Failed to store quiet hours")?,
+    };
     tx.commit().await.context("Failed to commit preferences")?;
 
     // Write-through: the cache holds the new value at once (readers only fill an empty
@@ -228,7 +252,18 @@ async fn load_from_db(
     .fetch_all(db)
     .await
     .context("Failed to load preferences")?;
+    let quiet: Vec<(i64, sqlx::types::Json<Vec<QuietWindow>>)> =
+        sqlx::query_as("SELECT user_id, windows FROM user_quiet_hours WHERE user_id = ANY($1)")
+            .bind(&ids)
+            .fetch_all(db)
+            .await
+            .context("Failed to load quiet hours")?;
     let mut found: HashMap<UserId, Preferences> = HashMap::new();
+    for (user, windows) in quiet {
+        if let Ok(user) = UserId::new(user) {
+            found.entry(user).or_default().quiet_hours = Some(windows.0);
+        }
+    }
     for (user, channel, event_type, enabled) in rows {
         // Rows are written only through `replace`, so they parse; a row that does not is
         // ignored rather than blocking every notification of that user.

@@ -56,6 +56,8 @@ pub struct Purged {
     pub receipts: u64,
     /// Finished webhook calls made before the cutoff.
     pub webhook_calls: u64,
+    /// Closed digests opened before the cutoff.
+    pub digests: u64,
     /// Dead letters discarded or retried successfully before the dead-letter cutoff.
     pub dead_letters: u64,
 }
@@ -160,6 +162,17 @@ async fn purge_locked(db: &PgPool, cutoffs: Cutoffs, reporting_tz: Tz) -> anyhow
     )
     .await
     .context("Failed to purge webhook calls")?;
+    // A digest's members are deliveries: a closed digest older than the history has none
+    // left that could be claimed.
+    let digests = delete_in_batches(
+        db,
+        "DELETE FROM digests WHERE id IN ( \
+                 SELECT id FROM digests WHERE id < $1 AND closed_at IS NOT NULL \
+                 ORDER BY id LIMIT $2)",
+        below,
+    )
+    .await
+    .context("Failed to purge digests")?;
     // A dead letter goes once an operator dealt with it: discarded, or retried with success
     // (the poison message accepted, or as a duplicate of one stored; the delivery sent).
     // Pending ones, and retries that failed or are still under way, stay.
@@ -195,6 +208,7 @@ async fn purge_locked(db: &PgPool, cutoffs: Cutoffs, reporting_tz: Tz) -> anyhow
         stats_rows,
         receipts,
         webhook_calls,
+        digests,
         dead_letters,
     };
     for (table, n) in [
@@ -203,6 +217,7 @@ async fn purge_locked(db: &PgPool, cutoffs: Cutoffs, reporting_tz: Tz) -> anyhow
         ("delivery_stats", purged.stats_rows),
         ("receipts", purged.receipts),
         ("webhook_deliveries", purged.webhook_calls),
+        ("digests", purged.digests),
         ("dlq_messages", purged.dead_letters),
     ] {
         metrics::counter!("herald_retention_deleted_total", "table" => table).increment(n);

@@ -1,6 +1,7 @@
 //! Routing: which channels an event goes to (the rules of `config/routing.toml`), and for
 //! each channel whether it is sent, to which address, or skipped and why (user
-//! preferences, the user directory, which channels are configured).
+//! preferences, the user directory, which channels are configured); and each event type's
+//! timing policy (quiet hours, frequency caps, digests: [`crate::timing`]).
 
 use std::{
     collections::{BTreeSet, HashMap},
@@ -8,11 +9,19 @@ use std::{
 };
 
 use anyhow::Context;
+use chrono::{DateTime, Utc};
+use chrono_tz::Tz;
 use serde::Deserialize;
 
 use crate::{
     domain::{Channel, Domain, EmailAddress, EventType, Locale, PhoneNumber, UserId},
     preferences::Preferences,
+    timing::{
+        Hold,
+        digest::DigestRule,
+        frequency_cap::FrequencyCap,
+        quiet_hours::{self, QuietWindow},
+    },
 };
 
 /// The routing rules.
@@ -21,15 +30,49 @@ pub struct RoutingTable {
     routes: HashMap<(Domain, EventType), Vec<Channel>>,
     operator_channels: BTreeSet<Channel>,
     default_locale: Locale,
+    default_timezone: Tz,
+    policies: HashMap<EventType, Policy>,
+    frequency_caps: Vec<FrequencyCap>,
+}
+
+/// How an event type's deliveries are timed (issue 18).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Policy {
+    /// Goes out at once: quiet hours and frequency caps never hold it back.
+    pub critical: bool,
+    /// The operator's quiet hours for users who set none of their own.
+    pub quiet_hours: Vec<QuietWindow>,
+    /// What becomes of a send over a frequency cap.
+    pub when_capped: WhenCapped,
+    /// Set when events of the type are gathered into one message per user.
+    pub digest: Option<DigestRule>,
+}
+
+/// What becomes of a send over a frequency cap.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum WhenCapped {
+    /// It waits until the cap has room (the default: nothing is lost).
+    #[default]
+    Defer,
+    /// It is SKIPPED with the reason `frequency_capped`.
+    Skip,
 }
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RoutingFile {
     default_locale: Locale,
+    /// The time zone of users the directory gives none (IANA name; default UTC).
+    #[serde(default)]
+    default_timezone: Option<String>,
     operator_channels: Vec<Channel>,
+    #[serde(default)]
+    critical_event_types: Vec<EventType>,
     #[serde(rename = "route")]
     routes: Vec<RouteEntry>,
+    #[serde(default, rename = "frequency_cap")]
+    frequency_caps: Vec<FrequencyCap>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -38,6 +81,12 @@ struct RouteEntry {
     domain: Domain,
     event_type: EventType,
     channels: Vec<Channel>,
+    #[serde(default)]
+    quiet_hours: Vec<QuietWindow>,
+    #[serde(default)]
+    when_capped: WhenCapped,
+    #[serde(default)]
+    digest: Option<DigestRule>,
 }
 
 impl RoutingTable {
@@ -52,7 +101,36 @@ impl RoutingTable {
     pub fn parse(text: &str) -> anyhow::Result<Self> {
         let file: RoutingFile = toml::from_str(text)?;
         let mut routes = HashMap::new();
+        let mut policies: HashMap<EventType, Policy> = HashMap::new();
         for entry in file.routes {
+            for window in &entry.quiet_hours {
+                window
+                    .validate()
+                    .map_err(anyhow::Error::msg)
+                    .with_context(|| format!("the quiet hours of {}", entry.event_type))?;
+            }
+            if let Some(digest) = &entry.digest {
+                digest
+                    .validate()
+                    .with_context(|| format!("the digest of {}", entry.event_type))?;
+            }
+            let policy = Policy {
+                critical: file.critical_event_types.contains(&entry.event_type),
+                quiet_hours: entry.quiet_hours,
+                when_capped: entry.when_capped,
+                digest: entry.digest,
+            };
+            match policies.get(&entry.event_type) {
+                Some(existing) => anyhow::ensure!(
+                    *existing == policy,
+                    "{} is routed in two domains with different quiet_hours, when_capped or \
+                     digest: give the same on both",
+                    entry.event_type
+                ),
+                None => {
+                    policies.insert(entry.event_type.clone(), policy);
+                }
+            }
             let unique: BTreeSet<Channel> = entry.channels.iter().copied().collect();
             anyhow::ensure!(
                 !entry.channels.is_empty() && unique.len() == entry.channels.len(),
@@ -69,11 +147,52 @@ impl RoutingTable {
             );
             routes.insert(key, entry.channels);
         }
+        for critical in &file.critical_event_types {
+            anyhow::ensure!(
+                policies.contains_key(critical),
+                "critical_event_types names {critical}, which no route has"
+            );
+        }
+        for cap in &file.frequency_caps {
+            cap.validate()?;
+        }
+        let default_timezone = match file.default_timezone.as_deref() {
+            Some(name) => name.parse::<Tz>().map_err(|_| {
+                anyhow::anyhow!("default_timezone {name:?} is not an IANA time zone")
+            })?,
+            None => Tz::UTC,
+        };
         Ok(RoutingTable {
             routes,
             operator_channels: file.operator_channels.into_iter().collect(),
             default_locale: file.default_locale,
+            default_timezone,
+            policies,
+            frequency_caps: file.frequency_caps,
         })
+    }
+
+    /// The timing policy of an event type (the default one for a type no route names).
+    pub fn policy(&self, event_type: &EventType) -> &Policy {
+        static NONE: std::sync::OnceLock<Policy> = std::sync::OnceLock::new();
+        self.policies
+            .get(event_type)
+            .unwrap_or_else(|| NONE.get_or_init(Policy::default))
+    }
+
+    /// Whether any event type is digested.
+    pub fn has_digests(&self) -> bool {
+        self.policies.values().any(|p| p.digest.is_some())
+    }
+
+    /// The frequency caps (`[[frequency_cap]]`).
+    pub fn frequency_caps(&self) -> &[FrequencyCap] {
+        &self.frequency_caps
+    }
+
+    /// The time zone of users the directory gives none.
+    pub fn default_timezone(&self) -> Tz {
+        self.default_timezone
     }
 
     /// The channels of an event type in a domain; `None` if it is not routed there.
@@ -144,6 +263,54 @@ pub struct PlannedDelivery {
     pub address: Option<String>,
     /// `Some(reason)` for a delivery that will be SKIPPED.
     pub skip_reason: Option<String>,
+}
+
+/// When a user's deliveries may go out: their quiet hours (their own, else the event
+/// type's default) in their time zone.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SendWindows {
+    pub quiet_hours: Vec<QuietWindow>,
+    pub timezone: Option<Tz>,
+}
+
+impl SendWindows {
+    /// The windows that apply to an event type's deliveries for a user: none for a
+    /// critical type, the user's own if they set any (even none), else the type's default.
+    pub fn for_user(
+        table: &RoutingTable,
+        event_type: &EventType,
+        preferences: &Preferences,
+        timezone: Option<Tz>,
+    ) -> Self {
+        let policy = table.policy(event_type);
+        let quiet_hours = if policy.critical {
+            Vec::new()
+        } else {
+            preferences
+                .quiet_hours
+                .clone()
+                .unwrap_or_else(|| policy.quiet_hours.clone())
+        };
+        SendWindows {
+            quiet_hours,
+            timezone: Some(timezone.unwrap_or(table.default_timezone())),
+        }
+    }
+
+    /// When a delivery of `channel` due at `due` may go out, and why it waits if it does:
+    /// `None` to go at `due` as planned. Operator channels have no quiet hours.
+    pub fn hold(
+        &self,
+        table: &RoutingTable,
+        channel: Channel,
+        due: DateTime<Utc>,
+    ) -> Option<(DateTime<Utc>, Hold)> {
+        if self.quiet_hours.is_empty() || table.is_operator_channel(channel) {
+            return None;
+        }
+        let tz = self.timezone.unwrap_or(table.default_timezone());
+        quiet_hours::opening(&self.quiet_hours, channel, tz, due).map(|at| (at, Hold::QuietHours))
+    }
 }
 
 /// Decides each channel's fate. The order of checks gives the most useful reason first:

@@ -88,6 +88,21 @@ impl Application {
         let templates = Arc::new(
             Templates::load(&settings.templates.dir)?.with_default_locale(routing.default_locale()),
         );
+        // A digested event type needs digest templates for each of its channels, in both
+        // languages: found missing at the first digest's send, it would dead-letter them.
+        for (_, event_type, channels) in routing.routes() {
+            if routing.policy(event_type).digest.is_none() {
+                continue;
+            }
+            let folder = format!("{event_type}{}", templates::DIGEST_SUFFIX);
+            for channel in channels {
+                anyhow::ensure!(
+                    templates.covers(&folder, *channel),
+                    "{event_type} is digested (routing file) but templates/{{ko,en}}/{folder}/ \
+                     lacks the {channel} templates"
+                );
+            }
+        }
         // The versions activated through the API apply from the first render.
         templates::store::refresh(&work_db, &templates)
             .await
@@ -410,6 +425,11 @@ fn spawn_workers(
             redis_prefix: settings.redis.key_prefix.clone(),
             routing: state.routing.clone(),
             wakeup: state.ingestor.wakeup.clone(),
+            caps: crate::timing::frequency_cap::FrequencyCaps::new(
+                state.routing.frequency_caps().to_vec(),
+                state.redis.clone(),
+                settings.redis.key_prefix.clone(),
+            ),
             receipt_polls: dispatch::worker::ReceiptPolls {
                 channels: settings.channels.status_urls.keys().copied().collect(),
                 first_wait: settings.channels.receipt_poll_backoff[0],

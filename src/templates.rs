@@ -25,6 +25,11 @@ use tera::Tera;
 
 use crate::domain::{Channel, Locale};
 
+/// Appended to an event type's folder name for the templates of its digests
+/// (`ORDER_SHIPPED.digest`), which receive `events` (each with `data`, `event_id`,
+/// `occurred_at`) and `count`.
+pub const DIGEST_SUFFIX: &str = ".digest";
+
 /// The event type folder of notifications that carry their own subject and body.
 pub const ADHOC: &str = "_adhoc";
 

@@ -36,6 +36,7 @@ use crate::{
         Recipient, UserId,
     },
     intake::{self, Draft, Source},
+    outbox::HoldInfo,
     preferences,
     templates::ADHOC,
 };
@@ -111,6 +112,9 @@ struct AcceptedDelivery {
     status: DeliveryStatus,
     #[serde(skip_serializing_if = "Option::is_none")]
     skip_reason: Option<String>,
+    /// Why it waits, and until when: `scheduled`, `quiet_hours` or `digest`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    hold: Option<HoldInfo>,
 }
 
 async fn create(
@@ -143,7 +147,7 @@ async fn create(
         )?,
         None => (None, Default::default()),
     };
-    let notification = intake::prepare(
+    let mut notification = intake::prepare(
         &state.routing,
         draft,
         &channels,
@@ -151,22 +155,6 @@ async fn create(
         &prefs,
         &*state.channel_enabled,
     );
-    let accepted = Accepted {
-        notification_id: notification.id,
-        status: NotificationStatus::derive(notification.deliveries.iter().map(|d| d.status())),
-        deliveries: notification
-            .deliveries
-            .iter()
-            .map(|d| AcceptedDelivery {
-                id: d.id,
-                channel: d.channel,
-                status: d.status(),
-                skip_reason: d.skip_reason.clone(),
-            })
-            .collect(),
-    };
-    let response_body = serde_json::to_value(&accepted).context("Failed to encode the answer")?;
-
     let mut tx = state
         .db
         .begin()
@@ -175,11 +163,32 @@ async fn create(
     let sends = intake::has_sends(
         &intake::insert(
             &mut tx,
-            std::slice::from_ref(&notification),
+            std::slice::from_mut(&mut notification),
             &state.settings.kafka.topic_prefix,
         )
         .await?,
     );
+    // Answered after the insert: the digest it joined sets its deliveries' due time.
+    let accepted = Accepted {
+        notification_id: notification.id,
+        status: NotificationStatus::derive(notification.deliveries.iter().map(|d| d.status())),
+        deliveries: notification
+            .deliveries
+            .iter()
+            .map(|d| {
+                let (due, hold) = d.schedule(&notification);
+                AcceptedDelivery {
+                    id: d.id,
+                    channel: d.channel,
+                    status: d.status(),
+                    skip_reason: d.skip_reason.clone(),
+                    hold: hold.map(|reason| HoldInfo { reason, until: due }),
+                }
+            })
+            .collect(),
+    };
+    let response_body = serde_json::to_value(&accepted).context("Failed to encode the answer")?;
+
     if let Some(key) = &key {
         // An expired row for the key is replaced: past the TTL the key is new again.
         let stored = sqlx::query(
@@ -581,6 +590,13 @@ struct DeliveryView {
     created_at: DateTime<Utc>,
     updated_at: DateTime<Utc>,
     completed_at: Option<DateTime<Utc>>,
+    /// Why a PENDING delivery waits until `nextAttemptAt`: scheduled, quiet_hours,
+    /// frequency_capped, digest, rate_limited or circuit_open.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    hold_reason: Option<String>,
+    /// The digest it is (or was sent) in.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    digest_id: Option<Uuid>,
     /// What the provider said became of the message, once it said so.
     #[sqlx(flatten)]
     receipt: crate::receipts::ReceiptColumns,
@@ -622,6 +638,7 @@ async fn read(
     let mut deliveries: Vec<DeliveryView> = sqlx::query_as(
         "SELECT id, channel, status, address, attempts, next_attempt_at, last_error, \
              skip_reason, provider_ref, sent_via, created_at, updated_at, completed_at, \
+             CASE WHEN status = 'PENDING' THEN hold_reason END AS hold_reason, digest_id, \
              receipt_status, receipt_reason, receipt_permanent, receipt_at \
          FROM deliveries WHERE notification_id = $1 ORDER BY channel",
     )

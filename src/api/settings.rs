@@ -1,9 +1,12 @@
 //! A user's channel preferences: `GET`/`PUT /api/v1/notifications/settings?userId=`.
 //!
 //! The body names channels (`{"channels": {"EMAIL": false}}`) and, optionally, per event
-//! type overrides (`{"eventTypes": {"PAYMENT_COMPLETED": {"IN_APP": false}}}`). PUT replaces
-//! the user's preferences as a whole. Operator channels (the ops Slack) cannot be set: user
-//! preferences never apply to them.
+//! type overrides (`{"eventTypes": {"PAYMENT_COMPLETED": {"IN_APP": false}}}`), and quiet
+//! hours (`{"quietHours": [{"from": "22:00", "to": "08:00", "channels": ["PUSH"]}]}`: wall
+//! clock times in the user's directory time zone, `channels` optional, meaning all; `[]`
+//! for none at all; absent, the event types' defaults from the routing file apply). PUT
+//! replaces the user's preferences as a whole. Operator channels (the ops Slack) cannot be
+//! set: user preferences never apply to them, and neither do quiet hours.
 
 use std::collections::BTreeMap;
 
@@ -22,7 +25,11 @@ use crate::{
     auth::Scope,
     domain::{Channel, EventType, UserId},
     preferences::{self, Preferences},
+    timing::quiet_hours::QuietWindow,
 };
+
+/// The most quiet windows a user may set.
+pub const MAX_QUIET_WINDOWS: usize = 8;
 
 /// The settings routes: `users:read` / `users:write`, or a user token for its own user.
 pub fn router() -> Router<AppState> {
@@ -59,6 +66,8 @@ pub struct SettingsBody {
     channels: BTreeMap<String, bool>,
     #[serde(default)]
     event_types: BTreeMap<String, BTreeMap<String, bool>>,
+    #[serde(default)]
+    quiet_hours: Option<Vec<QuietWindow>>,
 }
 
 /// What GET and PUT answer: every user channel with its effective setting, and the
@@ -69,6 +78,8 @@ pub struct SettingsView {
     user_id: UserId,
     channels: BTreeMap<Channel, bool>,
     event_types: BTreeMap<EventType, BTreeMap<Channel, bool>>,
+    /// The user's own quiet hours; null when the event types' defaults apply.
+    quiet_hours: Option<Vec<QuietWindow>>,
 }
 
 async fn read(
@@ -107,6 +118,22 @@ async fn write(
             entry.insert(user_channel(&state, channel)?, *enabled);
         }
     }
+    if let Some(windows) = &body.quiet_hours {
+        if windows.len() > MAX_QUIET_WINDOWS {
+            return Err(ApiError::BadRequest(format!(
+                "quietHours takes at most {MAX_QUIET_WINDOWS} windows"
+            )));
+        }
+        for (i, window) in windows.iter().enumerate() {
+            window
+                .validate()
+                .map_err(|e| ApiError::BadRequest(format!("quietHours[{i}]: {e}")))?;
+            for channel in window.channels.iter().flatten() {
+                user_channel(&state, channel.as_str())?;
+            }
+        }
+    }
+    wanted.quiet_hours = body.quiet_hours;
     preferences::replace(
         &state.db,
         &state.redis,
@@ -138,5 +165,6 @@ fn view(state: &AppState, user: UserId, stored: Preferences) -> SettingsView {
         user_id: user,
         channels,
         event_types: stored.event_types,
+        quiet_hours: stored.quiet_hours,
     }
 }

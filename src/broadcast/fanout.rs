@@ -267,7 +267,7 @@ impl Fanout {
         };
         let channels = row.channels();
         let now = Utc::now();
-        let notifications: Vec<_> = users
+        let mut notifications: Vec<_> = users
             .iter()
             .map(|user| {
                 let draft = Draft {
@@ -297,7 +297,7 @@ impl Fanout {
                 )
             })
             .collect();
-        intake::insert(&mut *tx, &notifications, &self.topic_prefix).await?;
+        intake::insert(&mut *tx, &mut notifications, &self.topic_prefix).await?;
         sqlx::query(
             "UPDATE broadcasts SET cursor_user_id = $2, created_count = created_count + $3 \
              WHERE id = $1",

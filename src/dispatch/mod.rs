@@ -176,12 +176,14 @@ async fn channel_loop(
 /// when `broadcasts`), at least 5 ms and at most [`SWEEP`]. One that is already due but
 /// was not claimed is locked by another worker's claim, which is over within milliseconds.
 async fn next_due(dispatcher: &Dispatcher, channel: Channel, broadcasts: bool) -> Duration {
-    // Two minima, one per partial index (transactional and broadcast deliveries).
+    // Three minima, one per partial index (transactional, broadcast and digest deliveries).
     let next: Option<chrono::DateTime<Utc>> = sqlx::query_scalar(
         "SELECT LEAST((SELECT min(next_attempt_at) FROM deliveries WHERE channel = $1 \
-                 AND status = 'PENDING' AND broadcast_id IS NULL), \
+                 AND status = 'PENDING' AND broadcast_id IS NULL AND digest_id IS NULL), \
              (SELECT min(next_attempt_at) FROM deliveries WHERE channel = $1 AND $2 \
-                 AND status = 'PENDING' AND broadcast_id IS NOT NULL))",
+                 AND status = 'PENDING' AND broadcast_id IS NOT NULL), \
+             (SELECT min(next_attempt_at) FROM deliveries WHERE channel = $1 \
+                 AND status = 'PENDING' AND digest_id IS NOT NULL))",
     )
     .bind(channel.as_str())
     .bind(broadcasts)

@@ -149,6 +149,17 @@ impl Recorder {
         }
     }
 
+    /// Writes `records` in one transaction of their own, outside the batches: records
+    /// that must stand or fall together (a digest's members).
+    pub async fn record_together(
+        &self,
+        db: &PgPool,
+        topic_prefix: &str,
+        records: &[Finished],
+    ) -> anyhow::Result<Vec<Written>> {
+        write_retrying(db, topic_prefix, records).await
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, Vec<(Finished, Reply)>> {
         self.queue
             .lock()

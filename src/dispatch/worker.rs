@@ -25,9 +25,17 @@ use crate::{
     outbox::{DeadLetter, OutboxMessage},
     preferences,
     routing::RoutingTable,
+    routing::WhenCapped,
     suppressions,
-    templates::{ADHOC, Templates},
+    templates::{ADHOC, DIGEST_SUFFIX, Templates},
+    timing::{
+        Hold,
+        frequency_cap::{FrequencyCaps, Verdict},
+    },
 };
+
+/// The skip reason of a send over a frequency cap of a type whose capped sends are dropped.
+pub const FREQUENCY_CAPPED: &str = "frequency_capped";
 
 /// What happened to one claimed delivery.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -78,6 +86,8 @@ pub struct Dispatcher {
     pub routing: Arc<RoutingTable>,
     /// What the channel loops wait on for new due deliveries.
     pub wakeup: super::wakeup::Wakeup,
+    /// Per-user frequency caps ([`crate::timing::frequency_cap`]).
+    pub caps: FrequencyCaps,
     /// The gateway channels polled for receipts ([`crate::receipts::poll`]), and how: the
     /// first wait and the deadline.
     pub receipt_polls: ReceiptPolls,
@@ -125,6 +135,7 @@ impl Dispatcher {
             limit,
             broadcast_limit,
             self.settings.lease,
+            self.routing.has_digests(),
         )
         .await
     }
@@ -136,7 +147,9 @@ impl Dispatcher {
     pub async fn admit(&self, job: &Job) -> anyhow::Result<Result<Admitted, Outcome>> {
         let channel = job.channel;
         if job.suppressed {
-            return Ok(Err(self.skip_suppressed(job).await?));
+            return Ok(Err(self
+                .skip(job, suppressions::SKIP_REASON, "suppressed")
+                .await?));
         }
         // A reclaim counts the attempt its dead worker may have made: a delivery whose
         // workers keep dying ends in the DLQ instead of being sent again and again.
@@ -162,15 +175,18 @@ impl Dispatcher {
                 .await?;
             return Ok(Err(outcome));
         }
+        if let Some(outcome) = self.cap(job).await? {
+            return Ok(Err(outcome));
+        }
         let (via, breaker_permit) = match self.breakers[&channel].permit() {
             Permit::Refuse(wait) => match self.accepted_fallback(job, channel).await? {
                 Some(fallback) => (fallback, self.breakers[&fallback].permit()),
-                None => return Ok(Err(self.defer(job, wait, "circuit open").await?)),
+                None => return Ok(Err(self.defer(job, wait, Hold::CircuitOpen).await?)),
             },
             permit => (channel, permit),
         };
         if let Permit::Refuse(wait) = breaker_permit {
-            return Ok(Err(self.defer(job, wait, "circuit open").await?));
+            return Ok(Err(self.defer(job, wait, Hold::CircuitOpen).await?));
         }
         let probing = breaker_permit == Permit::Probe;
         if let Some(limit) = self.settings.rate_limits.get(&via).copied() {
@@ -181,13 +197,51 @@ impl Dispatcher {
                 }
                 metrics::counter!("herald_rate_limited_total", "channel" => via.as_str())
                     .increment(1);
-                return Ok(Err(self.defer(job, wait, "rate limited").await?));
+                return Ok(Err(self.defer(job, wait, Hold::RateLimited).await?));
             }
         }
         Ok(Ok(Admitted {
             channel,
             via,
             probing,
+        }))
+    }
+
+    /// Applies the user's frequency caps to a delivery about to go out: `None` to go on,
+    /// else what became of it (deferred until the cap has room, or SKIPPED for an event
+    /// type whose capped sends are dropped). Critical event types and operator channels
+    /// are never capped.
+    async fn cap(&self, job: &Job) -> anyhow::Result<Option<Outcome>> {
+        let channel = job.channel;
+        if !self.caps.covers(channel) || self.routing.is_operator_channel(channel) {
+            return Ok(None);
+        }
+        let (Some(user), Ok(event_type)) = (
+            job.user_id.and_then(|u| UserId::new(u).ok()),
+            EventType::parse(&job.event_type),
+        ) else {
+            return Ok(None);
+        };
+        let policy = self.routing.policy(&event_type);
+        if policy.critical {
+            return Ok(None);
+        }
+        let Verdict::Capped(wait) = self
+            .caps
+            .check(user, channel, &event_type, job.delivery_id)
+            .await
+        else {
+            return Ok(None);
+        };
+        let action = match policy.when_capped {
+            WhenCapped::Defer => "deferred",
+            WhenCapped::Skip => "skipped",
+        };
+        metrics::counter!("herald_frequency_capped_total", "channel" => channel.as_str(), "action" => action)
+            .increment(1);
+        Ok(Some(match policy.when_capped {
+            WhenCapped::Defer => self.defer(job, wait, Hold::FrequencyCapped).await?,
+            WhenCapped::Skip => self.skip(job, FREQUENCY_CAPPED, "frequency_capped").await?,
         }))
     }
 
@@ -282,12 +336,31 @@ impl Dispatcher {
     /// Renders the content for the channel it goes out on, and finds the address there.
     fn prepare(&self, job: &Job, channel: Channel, via: Channel) -> Result<Outgoing, SendError> {
         let locale = job.locale;
+        let digest_folder = format!("{}{DIGEST_SUFFIX}", job.event_type);
         let folder = if job.subject.is_some() {
             ADHOC
+        } else if !job.members.is_empty() {
+            // A digest of one reads like the event's own message; of more, it lists them.
+            digest_folder.as_str()
         } else {
             job.event_type.as_str()
         };
         let mut context = tera::Context::new();
+        if !job.members.is_empty() {
+            let events: Vec<serde_json::Value> = std::iter::once(job)
+                .chain(&job.members)
+                .map(|m| {
+                    json!({
+                        "event_id": m.event_id,
+                        "notification_id": m.notification_id,
+                        "occurred_at": m.occurred_at.unwrap_or(m.created_at).to_rfc3339(),
+                        "data": m.data,
+                    })
+                })
+                .collect();
+            context.insert("count", &events.len());
+            context.insert("events", &events);
+        }
         context.insert("data", &job.data);
         context.insert("locale", locale.as_str());
         context.insert("event_type", &job.event_type);
@@ -346,12 +419,14 @@ impl Dispatcher {
     }
 
     /// Puts a delivery back to PENDING for later without counting an attempt.
-    async fn defer(&self, job: &Job, wait: Duration, why: &str) -> anyhow::Result<Outcome> {
+    async fn defer(&self, job: &Job, wait: Duration, hold: Hold) -> anyhow::Result<Outcome> {
         let channel = job.channel.as_str();
         metrics::counter!("herald_deliveries_total", "channel" => channel.to_owned(), "outcome" => "deferred")
             .increment(1);
-        tracing::debug!(delivery = %job.delivery_id, ?wait, why, "delivery deferred");
-        if deliveries::defer(&self.db, job, wait, &self.topic_prefix).await? {
+        metrics::counter!("herald_deliveries_held_total", "channel" => channel.to_owned(), "reason" => hold.as_str())
+            .increment(1);
+        tracing::debug!(delivery = %job.delivery_id, ?wait, reason = hold.as_str(), "delivery deferred");
+        if deliveries::defer(&self.db, job, wait, hold, &self.topic_prefix).await? {
             Ok(Outcome::Deferred)
         } else {
             Ok(Outcome::LeaseLost)
@@ -425,10 +500,7 @@ impl Dispatcher {
             outcome: outcome_label,
             dead_letter,
         };
-        let written = self
-            .recorder
-            .record(&self.db, &self.topic_prefix, finished)
-            .await?;
+        let written = self.write(job, finished).await?;
         if written == Written::LeaseLost {
             metrics::counter!("herald_lease_lost_total", "channel" => channel.as_str())
                 .increment(1);
@@ -456,14 +528,14 @@ impl Dispatcher {
         Ok(outcome)
     }
 
-    /// SKIPs a delivery whose address is suppressed on its channel, without an attempt.
-    async fn skip_suppressed(&self, job: &Job) -> anyhow::Result<Outcome> {
+    /// SKIPs a delivery without an attempt, with `reason` (counted under `label`).
+    async fn skip(&self, job: &Job, reason: &str, label: &'static str) -> anyhow::Result<Outcome> {
         let now = Utc::now();
         let finished = Finished {
             event: job.event(
                 DeliveryStatus::Skipped,
                 job.attempts,
-                Some(suppressions::SKIP_REASON.to_owned()),
+                Some(reason.to_owned()),
                 job.version,
                 now,
             ),
@@ -479,16 +551,72 @@ impl Dispatcher {
             outcome: record::SKIPPED,
             dead_letter: None,
         };
-        let written = self
-            .recorder
-            .record(&self.db, &self.topic_prefix, finished)
-            .await?;
-        if written == Written::LeaseLost {
+        if self.write(job, finished).await? == Written::LeaseLost {
             return Ok(Outcome::LeaseLost);
         }
-        metrics::counter!("herald_deliveries_total", "channel" => job.channel.as_str().to_owned(), "outcome" => "suppressed")
+        metrics::counter!("herald_deliveries_total", "channel" => job.channel.as_str().to_owned(), "outcome" => label)
             .increment(1);
         Ok(Outcome::Skipped)
+    }
+
+    /// Writes a finished send. A digest's record is written with the same outcome for
+    /// each of its other members, all in one transaction of their own: a crash cannot
+    /// leave some recorded and the rest to be sent again. Said lost when the lead's lease is.
+    async fn write(&self, job: &Job, finished: Finished) -> anyhow::Result<Written> {
+        if job.members.is_empty() {
+            return self
+                .recorder
+                .record(&self.db, &self.topic_prefix, finished)
+                .await;
+        }
+        let mut records: Vec<Finished> = job
+            .members
+            .iter()
+            .map(|member| Finished {
+                event: {
+                    let mut event = member.event(
+                        finished.event.status,
+                        member.attempts + (finished.event.attempts - job.attempts),
+                        finished.event.error.clone(),
+                        member.version,
+                        finished.started_at,
+                    );
+                    event.digest_id = job.digest_id;
+                    event
+                },
+                lease_until: member.lease_until,
+                retry_in_ms: finished.retry_in_ms,
+                error_class: finished.error_class.clone(),
+                sent_via: finished.sent_via,
+                // The message's receipt is followed on the lead alone.
+                provider_ref: None,
+                poll: None,
+                via: finished.via,
+                started_at: finished.started_at,
+                latency_ms: finished.latency_ms,
+                outcome: finished.outcome,
+                dead_letter: finished
+                    .dead_letter
+                    .as_ref()
+                    .map(|_| self.member_dead_letter(member, &finished)),
+            })
+            .collect();
+        records.insert(0, finished);
+        metrics::histogram!("herald_digest_members").record(records.len() as f64);
+        let written = self
+            .recorder
+            .record_together(&self.db, &self.topic_prefix, &records)
+            .await?;
+        Ok(written[0])
+    }
+
+    /// The dead letter of a digest member whose message failed for good.
+    fn member_dead_letter(&self, member: &Job, finished: &Finished) -> OutboxMessage {
+        let class = finished.error_class.as_deref().unwrap_or("unknown");
+        let error =
+            SendError::permanent("digest", finished.event.error.clone().unwrap_or_default());
+        let retries = (member.attempts - member.retry_base).max(0) as u32;
+        self.dead_letter(member, member.channel, class, Some(&error), retries)
     }
 
     /// The delay before retry `n` (1-based), with jitter.

@@ -214,7 +214,7 @@ impl Ingestor {
         drafts.sort_by(|a, b| a.draft.event_id.cmp(&b.draft.event_id));
         // An event some earlier batch or another instance stored is left out here: the
         // notification's unique key on its topic and eventId is the idempotency record.
-        let stored = intake::insert(&mut tx, &drafts, &self.topic_prefix).await?;
+        let stored = intake::insert(&mut tx, &mut drafts, &self.topic_prefix).await?;
         let (accepted, sends) = (stored.len(), intake::has_sends(&stored));
         outbox::insert(&mut tx, &letters).await?;
         tx.commit()

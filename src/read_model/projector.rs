@@ -44,6 +44,12 @@ pub struct DeliveryEventIn {
     /// The provider's receipt, on the events that carry one.
     #[serde(default)]
     pub receipt: Option<ReceiptState>,
+    /// Why a PENDING delivery waits, and until when.
+    #[serde(default)]
+    pub hold: Option<crate::outbox::HoldInfo>,
+    /// The digest the delivery is in.
+    #[serde(default)]
+    pub digest_id: Option<Uuid>,
 }
 
 /// What applying a batch did.
@@ -294,6 +300,9 @@ struct Changes {
     receipt_reasons: Vec<Option<String>>,
     receipt_permanent: Vec<Option<bool>>,
     receipt_at: Vec<Option<DateTime<Utc>>>,
+    hold_reasons: Vec<Option<&'static str>>,
+    hold_until: Vec<Option<DateTime<Utc>>>,
+    digest_ids: Vec<Option<Uuid>>,
 }
 
 impl Changes {
@@ -321,6 +330,10 @@ impl Changes {
             .push(receipt.and_then(|r| r.reason.clone()));
         self.receipt_permanent.push(receipt.map(|r| r.permanent));
         self.receipt_at.push(receipt.map(|r| r.at));
+        // A hold is the state of one PENDING version: any later event clears it.
+        self.hold_reasons.push(e.hold.map(|h| h.reason.as_str()));
+        self.hold_until.push(e.hold.map(|h| h.until));
+        self.digest_ids.push(e.digest_id);
     }
 
     /// One upsert for every changed row (in delivery id order, as they were pushed).
@@ -336,17 +349,18 @@ impl Changes {
             "INSERT INTO notification_log (delivery_id, notification_id, event_id, event_type, \
                  user_id, channel, status, attempts, last_error, version, created_at, updated_at, \
                  completed_at, counted_status, counted_day, receipt_status, receipt_reason, \
-                 receipt_permanent, receipt_at, read_at) \
+                 receipt_permanent, receipt_at, hold_reason, hold_until, digest_id, read_at) \
              SELECT u.*, CASE WHEN u.channel = 'IN_APP' THEN \
                      (SELECT d.read_at FROM deliveries d WHERE d.id = u.delivery_id) END \
              FROM UNNEST($1::uuid[], $2::uuid[], $3::text[], $4::text[], $5::int8[], \
                  $6::text[], $7::text[], $8::int4[], $9::text[], $10::int8[], \
                  $11::timestamptz[], $12::timestamptz[], $13::timestamptz[], $14::text[], \
-                 $15::date[], $16::text[], $17::text[], $18::bool[], $19::timestamptz[]) \
+                 $15::date[], $16::text[], $17::text[], $18::bool[], $19::timestamptz[], \
+                 $20::text[], $21::timestamptz[], $22::uuid[]) \
                  AS u(delivery_id, notification_id, event_id, event_type, user_id, \
                  channel, status, attempts, last_error, version, created_at, updated_at, \
                  completed_at, counted_status, counted_day, receipt_status, receipt_reason, \
-                 receipt_permanent, receipt_at) \
+                 receipt_permanent, receipt_at, hold_reason, hold_until, digest_id) \
              ON CONFLICT (delivery_id) DO UPDATE SET status = EXCLUDED.status, \
                  attempts = EXCLUDED.attempts, last_error = EXCLUDED.last_error, \
                  version = EXCLUDED.version, updated_at = EXCLUDED.updated_at, \
@@ -358,7 +372,9 @@ impl Changes {
                  receipt_reason = CASE WHEN EXCLUDED.receipt_status IS NULL \
                      THEN notification_log.receipt_reason ELSE EXCLUDED.receipt_reason END, \
                  receipt_permanent = COALESCE(EXCLUDED.receipt_permanent, notification_log.receipt_permanent), \
-                 receipt_at = COALESCE(EXCLUDED.receipt_at, notification_log.receipt_at) \
+                 receipt_at = COALESCE(EXCLUDED.receipt_at, notification_log.receipt_at), \
+                 hold_reason = EXCLUDED.hold_reason, hold_until = EXCLUDED.hold_until, \
+                 digest_id = COALESCE(EXCLUDED.digest_id, notification_log.digest_id) \
              WHERE notification_log.version < EXCLUDED.version",
         )
         .bind(&self.delivery_ids)
@@ -380,6 +396,9 @@ impl Changes {
         .bind(&self.receipt_reasons)
         .bind(&self.receipt_permanent)
         .bind(&self.receipt_at)
+        .bind(&self.hold_reasons)
+        .bind(&self.hold_until)
+        .bind(&self.digest_ids)
         .execute(&mut *tx)
         .await
         .context("Failed to write the log")?;

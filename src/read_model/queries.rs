@@ -24,6 +24,15 @@ pub struct HistoryEntry {
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
     pub completed_at: Option<DateTime<Utc>>,
+    /// Why a PENDING delivery waits (quiet_hours, frequency_capped, digest, ...), and
+    /// until when.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub hold_reason: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub hold_until: Option<DateTime<Utc>>,
+    /// The digest it is (or was sent) in.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub digest_id: Option<Uuid>,
     /// What the provider said became of the message; null until a receipt.
     #[sqlx(flatten)]
     pub receipt: ReceiptColumns,
@@ -77,8 +86,9 @@ pub async fn history(
 ) -> anyhow::Result<HistoryPage> {
     let mut items: Vec<HistoryEntry> = sqlx::query_as(
         "SELECT delivery_id, notification_id, event_id, event_type, channel, status, attempts, \
-             last_error, read_at, created_at, updated_at, completed_at, receipt_status, \
-             receipt_reason, receipt_permanent, receipt_at \
+             last_error, read_at, created_at, updated_at, completed_at, hold_reason, \
+             hold_until, digest_id, receipt_status, receipt_reason, receipt_permanent, \
+             receipt_at \
          FROM notification_log \
          WHERE user_id = $1 \
            AND ($2::text IS NULL OR channel = $2) \

@@ -30,5 +30,6 @@ mod retention;
 mod settings;
 mod status_events;
 mod templates;
+mod timing;
 mod topics;
 mod webhooks;

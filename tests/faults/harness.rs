@@ -740,6 +740,8 @@ pub struct Hit {
     pub instance: String,
     /// Idempotency-Key (gateway) or X-Herald-Delivery-Id (Slack).
     pub delivery_id: String,
+    /// The gateway request's `text` (empty for Slack).
+    pub text: String,
     pub at: Instant,
 }
 
@@ -771,6 +773,10 @@ impl Respond for Recorder {
             channel,
             instance,
             delivery_id: delivery_id.clone(),
+            text: serde_json::from_slice::<Value>(&request.body)
+                .ok()
+                .and_then(|body| body["text"].as_str().map(str::to_owned))
+                .unwrap_or_default(),
             at: Instant::now(),
         });
         ResponseTemplate::new(200).set_body_json(json!({ "messageId": delivery_id }))

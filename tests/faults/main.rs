@@ -12,6 +12,7 @@
 //! needs only the test stack.
 
 mod broker_reset;
+mod digest;
 mod harness;
 mod hostile;
 mod instances;
