@@ -400,6 +400,71 @@ mod tests {
     }
 
     #[test]
+    fn timing_settings_parse_and_bad_ones_are_refused_with_the_reason() {
+        let base = r#"
+            default_locale = "en"
+            default_timezone = "Europe/London"
+            operator_channels = ["SLACK"]
+            critical_event_types = ["PAYMENT_FAILED"]
+            [[route]]
+            domain = "payment"
+            event_type = "PAYMENT_FAILED"
+            channels = ["EMAIL", "SLACK"]
+            [[route]]
+            domain = "order"
+            event_type = "ORDER_SHIPPED"
+            channels = ["EMAIL", "PUSH"]
+            quiet_hours = [{ from = "22:00", to = "08:00", channels = ["PUSH"] }]
+            when_capped = "skip"
+            digest = { window_minutes = 10, key = "merchantId" }
+            [[frequency_cap]]
+            channel = "PUSH"
+            limit = 5
+            per_minutes = 60
+        "#;
+        let table = RoutingTable::parse(base).unwrap();
+        let shipped = table.policy(&event("ORDER_SHIPPED"));
+        assert!(!shipped.critical);
+        assert_eq!(shipped.when_capped, WhenCapped::Skip);
+        assert_eq!(shipped.digest.as_ref().unwrap().window_minutes, 10);
+        assert!(table.policy(&event("PAYMENT_FAILED")).critical);
+        assert!(table.has_digests());
+        assert_eq!(table.frequency_caps().len(), 1);
+        assert_eq!(table.default_timezone(), chrono_tz::Europe::London);
+        // A critical type has no quiet hours whatever the user set.
+        let mut night = Preferences::default();
+        night.quiet_hours = Some(shipped.quiet_hours.clone());
+        let critical = SendWindows::for_user(&table, &event("PAYMENT_FAILED"), &night, None);
+        assert!(critical.quiet_hours.is_empty());
+
+        for (from, to, reason) in [
+            (
+                r#"critical_event_types = ["PAYMENT_FAILED"]"#,
+                r#"critical_event_types = ["NOPE"]"#,
+                "no route",
+            ),
+            (
+                "window_minutes = 10",
+                "window_minutes = 0",
+                "window_minutes",
+            ),
+            ("limit = 5", "limit = 0", "at least 1"),
+            (r#"to = "08:00""#, r#"to = "22:00""#, "empty"),
+            (r#"to = "08:00""#, r#"to = "8am""#, "HH:MM"),
+            (r#""Europe/London""#, r#""Mars/Olympus""#, "IANA"),
+            (
+                r#"when_capped = "skip""#,
+                r#"when_capped = "drop""#,
+                "when_capped",
+            ),
+        ] {
+            let text = base.replace(from, to);
+            let error = format!("{:#}", RoutingTable::parse(&text).unwrap_err());
+            assert!(error.contains(reason), "{to}: {error}");
+        }
+    }
+
+    #[test]
     fn a_duplicate_route_is_refused() {
         let text = r#"
             default_locale = "en"

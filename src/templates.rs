@@ -610,6 +610,49 @@ mod tests {
     }
 
     #[test]
+    fn digest_templates_list_every_event_in_both_languages() {
+        let templates = Templates::load(&manifest("templates")).unwrap();
+        let mut context = context(json!({ "orderId": "o-1" }));
+        let events: Vec<Value> = (1..=3)
+            .map(|i| {
+                json!({
+                    "event_id": format!("e-{i}"),
+                    "occurred_at": "2026-11-21T09:30:00Z",
+                    "data": { "orderId": format!("o-{i}"), "carrier": "CJ", "trackingNumber": format!("T-{i}") },
+                })
+            })
+            .collect();
+        context.insert("count", &3);
+        context.insert("events", &events);
+        let folder = format!("ORDER_SHIPPED{DIGEST_SUFFIX}");
+        for locale in [Locale::Ko, Locale::En] {
+            let email = templates.email(locale, &folder, &context).unwrap();
+            let short = templates.short(locale, &folder, &context).unwrap();
+            let slack = templates
+                .slack(locale, &folder, &context)
+                .unwrap()
+                .to_string();
+            assert!(email.subject.contains('3'), "{}", email.subject);
+            assert!(short.title.contains('3'), "{}", short.title);
+            for i in 1..=3 {
+                let order = format!("o-{i}");
+                for (part, text) in [
+                    ("text", &email.text),
+                    ("html", &email.html),
+                    ("short", &short.body),
+                    ("slack", &slack),
+                ] {
+                    assert!(
+                        text.contains(&order),
+                        "{locale} {part} lacks {order}: {text}"
+                    );
+                }
+                assert!(email.text.contains(&format!("T-{i}")), "{}", email.text);
+            }
+        }
+    }
+
+    #[test]
     fn line_breaks_in_data_cannot_make_a_multi_line_subject_and_markup_is_escaped_in_html() {
         let templates = Templates::load(&manifest("templates")).unwrap();
         let context = context(json!({
