@@ -117,7 +117,10 @@ async fn send_p99(
 
 async fn pending(conn: &mut PgConnection, s: &AlertSettings) -> anyhow::Result<Reading> {
     let pending: i64 = sqlx::query_scalar(
-        "SELECT count(*) FROM (SELECT 1 FROM deliveries WHERE status = 'PENDING' LIMIT $1) p",
+        // Due ones only: a delivery held for later (quiet hours overnight, a digest's
+        // window, scheduledAt) is no backlog.
+        "SELECT count(*) FROM (SELECT 1 FROM deliveries WHERE status = 'PENDING' \
+             AND next_attempt_at <= now() LIMIT $1) p",
     )
     .bind(s.pending_max.saturating_mul(10).saturating_add(1))
     .fetch_one(conn)

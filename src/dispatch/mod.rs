@@ -236,15 +236,26 @@ async fn listen(dispatcher: Arc<Dispatcher>, wake: Arc<Notify>, shutdown: Cancel
     }
 }
 
-/// Exports the number of deliveries by status every few seconds.
+/// Exports the number of deliveries by status every few seconds. PENDING counts the
+/// deliveries that are due (the backlog an alert watches); HELD, the PENDING ones due
+/// later (scheduled, quiet hours, a digest's window, a deferral), which are no backlog.
 async fn sample_queue(dispatcher: Arc<Dispatcher>, shutdown: CancellationToken) {
     loop {
-        let counts: Result<Vec<(String, i64)>, _> =
-            sqlx::query_as("SELECT status, count(*) FROM deliveries GROUP BY status")
-                .fetch_all(&dispatcher.db)
-                .await;
+        let counts: Result<Vec<(String, i64)>, _> = sqlx::query_as(
+            "SELECT CASE WHEN status = 'PENDING' AND next_attempt_at > now() THEN 'HELD' \
+                 ELSE status END, count(*) FROM deliveries GROUP BY 1",
+        )
+        .fetch_all(&dispatcher.db)
+        .await;
         if let Ok(counts) = counts {
-            for status in ["PENDING", "PROCESSING", "SUCCESS", "FAILED", "SKIPPED"] {
+            for status in [
+                "PENDING",
+                "HELD",
+                "PROCESSING",
+                "SUCCESS",
+                "FAILED",
+                "SKIPPED",
+            ] {
                 let n = counts
                     .iter()
                     .find(|(s, _)| s == status)
