@@ -465,6 +465,23 @@ mod tests {
     }
 
     #[test]
+    fn the_example_timing_file_parses_with_its_digest_caps_and_quiet_hours() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/routing-timing.toml");
+        let table = RoutingTable::load(&path).unwrap();
+        assert!(table.policy(&event("ORDER_SHIPPED")).digest.is_some());
+        assert_eq!(
+            table.policy(&event("ORDER_CANCELLED")).when_capped,
+            WhenCapped::Skip
+        );
+        assert_eq!(
+            table.policy(&event("PAYMENT_COMPLETED")).quiet_hours.len(),
+            1
+        );
+        assert_eq!(table.frequency_caps().len(), 1);
+        assert_eq!(table.event_types().len(), 10);
+    }
+
+    #[test]
     fn a_duplicate_route_is_refused() {
         let text = r#"
             default_locale = "en"

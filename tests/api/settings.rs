@@ -53,7 +53,7 @@ async fn a_put_invalidates_the_cached_settings() {
     assert_eq!(cached["channels"]["EMAIL"], false);
     let mut redis = app.redis.clone();
     let in_cache: Option<String> = redis::cmd("GET")
-        .arg(format!("{}prefs:v1:12", app.settings.redis.key_prefix))
+        .arg(format!("{}prefs:v2:12", app.settings.redis.key_prefix))
         .query_async(&mut redis)
         .await
         .unwrap();

@@ -339,7 +339,8 @@ async function timelinePage(id) {
       events.push({ at: a.startedAt, text: `${d.channel}: attempt ${a.attempt}${a.channel !== d.channel ? ` (as ${a.channel})` : ""}: ${a.outcome}${a.error ? `: ${a.error}` : ""} (${a.latencyMs} ms)` });
     }
     if (d.lastError && !(d.attemptLog || []).length) events.push({ at: d.updatedAt, text: `${d.channel}: ${d.lastError}` });
-    if (d.status === "PENDING" && d.nextAttemptAt) events.push({ at: d.nextAttemptAt, text: `${d.channel}: next attempt due` });
+    if (d.status === "PENDING" && d.nextAttemptAt) events.push({ at: d.nextAttemptAt, text: `${d.channel}: next attempt due${d.holdReason ? ` (held: ${d.holdReason.replace(/_/g, " ")})` : ""}` });
+    if (d.digestId) events.push({ at: d.createdAt, text: `${d.channel}: in digest ${d.digestId}` });
     if (d.completedAt) events.push({ at: d.completedAt, text: `${d.channel}: ${d.status}${d.skipReason ? ` (${d.skipReason})` : ""} after ${d.attempts} attempt(s)${d.sentVia && d.sentVia !== d.channel ? ` via ${d.sentVia}` : ""}` });
     if (d.receipt) events.push({ at: d.receipt.at, text: `${d.channel}: provider says ${d.receipt.status}${d.receipt.reason ? `: ${d.receipt.reason}` : ""}` });
   }
