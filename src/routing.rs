@@ -432,8 +432,10 @@ mod tests {
         assert_eq!(table.frequency_caps().len(), 1);
         assert_eq!(table.default_timezone(), chrono_tz::Europe::London);
         // A critical type has no quiet hours whatever the user set.
-        let mut night = Preferences::default();
-        night.quiet_hours = Some(shipped.quiet_hours.clone());
+        let night = Preferences {
+            quiet_hours: Some(shipped.quiet_hours.clone()),
+            ..Default::default()
+        };
         let critical = SendWindows::for_user(&table, &event("PAYMENT_FAILED"), &night, None);
         assert!(critical.quiet_hours.is_empty());
 

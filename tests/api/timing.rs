@@ -90,6 +90,23 @@ async fn make_due(app: &TestApp, notifications: &[&str]) {
     .unwrap();
 }
 
+/// A user's history entries (the read model) of one event type.
+async fn history_of(app: &TestApp, user: i64, event_type: &str) -> Vec<Value> {
+    let page: Value = app
+        .get(&format!("/api/v1/notifications?userId={user}"))
+        .await
+        .json()
+        .await
+        .unwrap();
+    page["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|i| i["eventType"] == event_type)
+        .cloned()
+        .collect()
+}
+
 /// The notification made of a Kafka event, once it is taken in.
 async fn notification_of(app: &TestApp, event_id: &str) -> String {
     let find = || async {
@@ -262,14 +279,10 @@ async fn an_event_inside_quiet_hours_waits_for_their_end_and_then_goes_while_a_c
         assert_eq!(due, ends, "{channel}");
     }
     // The history (the read model) shows why, and until when.
-    let history_path = "/api/v1/notifications?userId=1802";
     wait_until(30, "the history shows the held deliveries", || async {
-        let page: Value = app.get(history_path).await.json().await.unwrap();
-        page["items"]
-            .as_array()
-            .unwrap()
+        history_of(&app, 1802, "PAYMENT_COMPLETED")
+            .await
             .iter()
-            .filter(|i| i["eventType"] == "PAYMENT_COMPLETED")
             .filter(|i| i["holdReason"] == "quiet_hours")
             .filter(|i| {
                 i["holdUntil"]
@@ -295,12 +308,9 @@ async fn an_event_inside_quiet_hours_waits_for_their_end_and_then_goes_while_a_c
         30,
         "the history shows them sent, no longer held",
         || async {
-            let page: Value = app.get(history_path).await.json().await.unwrap();
-            page["items"]
-                .as_array()
-                .unwrap()
+            history_of(&app, 1802, "PAYMENT_COMPLETED")
+                .await
                 .iter()
-                .filter(|i| i["eventType"] == "PAYMENT_COMPLETED")
                 .all(|i| i["status"] == "SUCCESS" && i.get("holdReason").is_none())
         },
     )
