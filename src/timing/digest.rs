@@ -161,3 +161,40 @@ pub async fn join(
     metrics::counter!("herald_digest_joins_total").increment(requests.len() as u64);
     Ok(joined)
 }
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    #[test]
+    fn the_key_field_splits_a_users_digests_and_its_absence_makes_one() {
+        let by_merchant = DigestRule {
+            window_minutes: 10,
+            key: Some("merchantId".to_owned()),
+        };
+        let data = |v: Value| v.as_object().unwrap().clone();
+        assert_eq!(
+            by_merchant.key_of(&data(json!({ "merchantId": "m-1" }))),
+            "m-1"
+        );
+        assert_eq!(by_merchant.key_of(&data(json!({ "merchantId": 7 }))), "7");
+        assert_eq!(by_merchant.key_of(&data(json!({ "merchantId": null }))), "");
+        assert_eq!(by_merchant.key_of(&data(json!({}))), "");
+        let per_user = DigestRule {
+            window_minutes: 10,
+            key: None,
+        };
+        assert_eq!(per_user.key_of(&data(json!({ "merchantId": "m-1" }))), "");
+        assert!(per_user.validate().is_ok());
+        assert!(
+            DigestRule {
+                window_minutes: 0,
+                key: None
+            }
+            .validate()
+            .is_err()
+        );
+    }
+}
