@@ -49,7 +49,8 @@ pub enum Outcome {
     Deferred,
     /// Another worker owns the delivery now (our lease ran out); nothing recorded.
     LeaseLost,
-    /// SKIPPED without an attempt: its address is suppressed.
+    /// SKIPPED without an attempt: its address is suppressed, or it is over a frequency
+    /// cap of an event type whose capped sends are dropped.
     Skipped,
 }
 
