@@ -14,6 +14,13 @@ use axum::{
     response::{IntoResponse, Response},
 };
 use serde::Serialize;
+use utoipa::{
+    ToSchema,
+    openapi::{
+        ContentBuilder, HeaderBuilder, ObjectBuilder, Ref, RefOr, ResponseBuilder, Type,
+        response::Response as Documented,
+    },
+};
 
 use crate::event_schemas::{Problem, SchemaViolation};
 
@@ -73,15 +80,21 @@ pub enum ApiError {
 }
 
 /// The JSON error body.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
+#[schema(as = Error)]
 pub struct ErrorBody {
     pub error: ErrorDetail,
 }
 
 /// The `error` member of [`ErrorBody`].
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 pub struct ErrorDetail {
+    /// Machine-readable: `invalid_request`, `schema_violation`, `unauthorized`, `forbidden`,
+    /// `not_found`, `conflict`, `payload_too_large`, `unsupported_media_type`,
+    /// `idempotency_key_reused`, `template_invalid`, `too_many_requests`, `unavailable`,
+    /// `overloaded`, `timeout`, `internal`, ...
     pub code: &'static str,
+    /// For a person.
     pub message: String,
     /// Each problem with its path, when the error is about fields of the request.
     #[serde(skip_serializing_if = "Vec::is_empty")]
@@ -99,6 +112,62 @@ impl ErrorBody {
             },
         }
     }
+}
+
+/// Declares the reusable error responses of the OpenAPI document (`components.responses`):
+/// each is the JSON error body and, where the answer carries one, a header.
+macro_rules! documented_errors {
+    ($($name:ident $([$header:literal: $header_doc:literal])? => $description:literal;)*) => {$(
+        #[doc = $description]
+        pub struct $name;
+
+        impl<'r> utoipa::ToResponse<'r> for $name {
+            fn response() -> (&'r str, RefOr<Documented>) {
+                let json = ContentBuilder::new()
+                    .schema(Some(Ref::from_schema_name("Error")))
+                    .build();
+                let response = ResponseBuilder::new()
+                    .description($description)
+                    .content("application/json", json);
+                $(
+                    let response = response.header(
+                        $header,
+                        HeaderBuilder::new()
+                            .schema(Some(ObjectBuilder::new().schema_type(Type::String)))
+                            .description(Some($header_doc))
+                            .build(),
+                    );
+                )?
+                (stringify!($name), response.build().into())
+            }
+        }
+    )*};
+}
+
+documented_errors! {
+    BadRequest => "`invalid_request`: the body, a path or query parameter (unknown query \
+        parameters included) or a value is not acceptable; `message` says which. \
+        `schema_violation`: `data` breaks the event type's schema; `details` names each path.";
+    Unauthorized ["WWW-Authenticate": "`Bearer realm=\"herald\"`"] => "`unauthorized`: no \
+        valid credential (missing, malformed, unknown, revoked, forged or expired).";
+    Forbidden => "`forbidden`: a valid credential without the operation's scope, or a user \
+        token on another user's route.";
+    NotFound => "`not_found`: there is no such resource.";
+    Conflict => "`conflict`: the resource is not in a state that allows the action.";
+    PayloadTooLarge => "`payload_too_large`: the body is over 256 KiB.";
+    UnsupportedMediaType => "`unsupported_media_type`: the body is not sent as \
+        `Content-Type: application/json`.";
+    Unprocessable => "Well-formed but not acceptable as sent, with its own `code` \
+        (`idempotency_key_reused`: an Idempotency-Key reused with another body).";
+    TooManyRequests ["Retry-After": "Seconds to wait before trying again."] =>
+        "`too_many_requests`: this caller holds as much as it may (its share of in-app \
+        streams).";
+    Unavailable ["Retry-After": "Seconds to wait (`overloaded`, `timeout`)."] =>
+        "`overloaded` or `timeout`: the instance is at a capacity bound or the request took \
+        too long; `unavailable`: a dependency needed to answer is down, or the feature is \
+        switched off.";
+    Internal => "`internal`: something the client cannot fix (PostgreSQL unreachable, say). \
+        The cause is in the server logs, never in the body.";
 }
 
 impl IntoResponse for ApiError {
