@@ -47,8 +47,8 @@ use crate::{
     auth::{Principal, Scope},
     dlq::{
         admin::{
-            self as dlq, AdminError, Counts, DeadLetterView, Find, ListFilter, Page, RetryAllReport,
-            RetryKind,
+            self as dlq, AdminError, Counts, DeadLetterView, Find, ListFilter, Page,
+            RetryAllReport, RetryKind,
         },
         edit::{self, Correction, EditError},
         replay::{self, DryRun, MAX_RATE, Replay},

@@ -145,9 +145,12 @@ pub fn operations_mut(item: &mut PathItem) -> impl Iterator<Item = &mut Operatio
 /// The documentation routes.
 pub fn router() -> OpenApiRouter<AppState> {
     // `/docs` redirects to `/docs/`, which serves the page and its assets.
-    let page: Router<AppState> =
-        SwaggerUi::new("/docs").config(Config::from("/api-docs/openapi.json")).into();
-    OpenApiRouter::new().routes(routes!(openapi)).merge(page.into())
+    let page: Router<AppState> = SwaggerUi::new("/docs")
+        .config(Config::from("/api-docs/openapi.json"))
+        .into();
+    OpenApiRouter::new()
+        .routes(routes!(openapi))
+        .merge(page.into())
 }
 
 /// The Swagger UI page: `/docs` redirects to `/docs/`, which renders this document.
@@ -157,7 +160,10 @@ pub fn router() -> OpenApiRouter<AppState> {
     tag = "operations",
     responses((status = 303, description = "To `/docs/`, the page (HTML) and its assets."))
 )]
-#[expect(dead_code, reason = "served by Swagger UI's router; declared for the document")]
+#[expect(
+    dead_code,
+    reason = "served by Swagger UI's router; declared for the document"
+)]
 fn docs_page() {}
 
 /// The document as derived from the code, once per process.

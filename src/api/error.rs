@@ -86,7 +86,7 @@ pub struct ErrorBody {
     pub error: ErrorDetail,
 }
 
-/// The `error` member of [`ErrorBody`].
+/// The `error` member of the error body.
 #[derive(Debug, Serialize, ToSchema)]
 pub struct ErrorDetail {
     /// Machine-readable: `invalid_request`, `schema_violation`, `unauthorized`, `forbidden`,

@@ -94,7 +94,10 @@ struct MarkedRead {
 /// The stream's `?token=`, as documented.
 #[derive(IntoParams)]
 #[into_params(parameter_in = Query)]
-#[expect(dead_code, reason = "read by auth::authenticate; declared for the document")]
+#[expect(
+    dead_code,
+    reason = "read by auth::authenticate; declared for the document"
+)]
 struct StreamQuery {
     /// The user token, for a browser's EventSource, which cannot set headers (never
     /// logged). `Authorization: Bearer` works too.

@@ -252,7 +252,10 @@ pub(super) fn accepted_response(location: &str, body: Value, replayed: bool) -> 
 /// The `Idempotency-Key` header, as documented.
 #[derive(utoipa::IntoParams)]
 #[into_params(parameter_in = Header)]
-#[expect(dead_code, reason = "read by idempotency_key from the headers; declared for the document")]
+#[expect(
+    dead_code,
+    reason = "read by idempotency_key from the headers; declared for the document"
+)]
 pub(super) struct IdempotencyKey {
     /// Makes the request safe to repeat: the same key and body answer the first response
     /// again (with `Idempotency-Replayed: true`) and create nothing; the same key with

@@ -136,7 +136,12 @@ struct ImportLine;
 impl PartialSchema for ImportLine {
     fn schema() -> RefOr<Schema> {
         let user_id = ObjectBuilder::new()
-            .property("userId", ObjectBuilder::new().schema_type(Type::Integer).minimum(Some(1)))
+            .property(
+                "userId",
+                ObjectBuilder::new()
+                    .schema_type(Type::Integer)
+                    .minimum(Some(1)),
+            )
             .required("userId");
         AllOfBuilder::new()
             .item(Ref::from_schema_name(ContactBody::name()))

@@ -76,7 +76,19 @@ impl PhoneNumber {
 }
 
 /// A language Herald has templates for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, utoipa::ToSchema)]
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Hash,
+    PartialOrd,
+    Ord,
+    Serialize,
+    Deserialize,
+    utoipa::ToSchema,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum Locale {
     Ko,
@@ -139,7 +151,9 @@ impl Timezone {
 
 /// A targeting tag on a user (`vip`, `beta-tester`, `region:seoul`): 1 to 64 characters of
 /// letters, digits and `-_.:`, kept in lower case so that `VIP` and `vip` are one tag.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, utoipa::ToSchema)]
+#[derive(
+    Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, utoipa::ToSchema,
+)]
 #[serde(try_from = "String")]
 pub struct Tag(String);
 

@@ -1,15 +1,17 @@
-//! The OpenAPI document and the docs page: the document is served, names every route, and
-//! names no route the app does not serve.
+//! The OpenAPI document and the docs page: the document is derived from the code, names
+//! exactly the public routes and no route the app does not serve, passes
+//! openapi-spec-validator, and describes what the app really answers.
 
 use std::{collections::BTreeSet, time::Duration};
 
 use reqwest::Method;
-use serde_json::Value;
+use serde_json::{Map, Value, json};
 use uuid::Uuid;
 
-use crate::helpers::{TestApp, spawn_app};
+use crate::helpers::{TestApp, envelope, spawn_app, wait_until};
 
-/// Every route of the app (method, path template), which the document must name.
+/// Every route of the app (method, path template): the public contract, which the document
+/// (derived from the routes themselves) must name exactly.
 const ROUTES: &[(&str, &str)] = &[
     ("POST", "/api/v1/notifications"),
     ("GET", "/api/v1/notifications"),
@@ -176,6 +178,127 @@ async fn the_openapi_document_is_json_in_openapi_3_1_naming_every_route() {
     assert!(
         unlisted.is_empty(),
         "documented but not in ROUTES: {unlisted:?}"
+    );
+}
+
+/// DESIGN §5a in the document: every `/api/v1` operation names the credential it needs (API
+/// key scopes, the user token on a user's own routes, the signature on receipts) and the
+/// 401 and 403 it answers; health, metrics, docs and the console name none.
+#[tokio::test]
+async fn every_api_operation_names_its_credentials_and_the_open_routes_none() {
+    let app = spawn_app().await;
+    let doc = openapi(&app).await;
+    let schemes = doc["components"]["securitySchemes"].as_object().unwrap();
+    assert_eq!(schemes["apiKey"]["scheme"], "bearer");
+    assert_eq!(schemes["userToken"]["bearerFormat"], "JWT");
+
+    for (method, path) in operations(&doc) {
+        let operation = &doc["paths"][&path][method.to_lowercase()];
+        let security = operation["security"].as_array();
+        if !path.starts_with("/api/") {
+            assert!(security.is_none(), "{method} {path} is open: {security:?}");
+            continue;
+        }
+        let security = security.unwrap_or_else(|| panic!("{method} {path} names no credential"));
+        assert!(!security.is_empty(), "{method} {path}");
+        for requirement in security {
+            let (scheme, scopes) = requirement.as_object().unwrap().iter().next().unwrap();
+            assert!(schemes.contains_key(scheme), "{method} {path}: {scheme}");
+            if scheme == "apiKey" {
+                let scope = scopes[0].as_str().unwrap();
+                assert!(
+                    scope.parse::<herald::auth::Scope>().is_ok(),
+                    "{method} {path}: {scope} is not a scope"
+                );
+            }
+        }
+        assert!(
+            operation["responses"].get("401").is_some(),
+            "{method} {path}"
+        );
+        if !path.starts_with("/api/v1/receipts/") {
+            assert!(
+                operation["responses"].get("403").is_some(),
+                "{method} {path}"
+            );
+        }
+    }
+    let own = |method: &str, path: &str| {
+        doc["paths"][path][method]["security"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|r| r.get("userToken").is_some())
+    };
+    for (method, path) in [
+        ("get", "/api/v1/notifications"),
+        ("get", "/api/v1/notifications/settings"),
+        ("put", "/api/v1/notifications/settings"),
+        ("get", "/api/v1/users/{id}/inbox"),
+        ("get", "/api/v1/users/{id}/inbox/unread-count"),
+        ("post", "/api/v1/users/{id}/inbox/read-all"),
+        ("post", "/api/v1/users/{id}/inbox/{delivery}/read"),
+        ("get", "/api/v1/users/{id}/inbox/stream"),
+    ] {
+        assert!(own(method, path), "a user token opens {method} {path}");
+    }
+    assert!(!own("post", "/api/v1/notifications"));
+    assert!(!own("get", "/api/v1/admin/dlq"));
+}
+
+/// The document follows the types: each response schema below names exactly the fields a
+/// value of its type serializes to, so a field added to (or removed from) a type is in the
+/// document without anyone editing it.
+#[test]
+fn a_response_schema_names_exactly_the_fields_its_type_serializes() {
+    let doc = serde_json::to_value(herald::api::openapi()).unwrap();
+    let schemas = &doc["components"]["schemas"];
+    let fields = |name: &str| -> BTreeSet<String> {
+        schemas[name]["properties"]
+            .as_object()
+            .unwrap_or_else(|| panic!("{name} has properties"))
+            .keys()
+            .cloned()
+            .collect()
+    };
+    let keys =
+        |value: Value| -> BTreeSet<String> { value.as_object().unwrap().keys().cloned().collect() };
+
+    let error = herald::api::error::ErrorBody::new("conflict", "no");
+    assert_eq!(fields("Error"), keys(serde_json::to_value(&error).unwrap()));
+    let mut detail = serde_json::to_value(&error.error).unwrap();
+    // `details` is left out when empty: the schema names it, not as required.
+    detail["details"] = json!([]);
+    assert_eq!(fields("ErrorDetail"), keys(detail));
+    assert_eq!(
+        schemas["ErrorDetail"]["required"],
+        json!(["code", "message"])
+    );
+
+    let totals = herald::broadcast::Totals::default();
+    assert_eq!(
+        fields("BroadcastTotals"),
+        keys(serde_json::to_value(&totals).unwrap())
+    );
+    let report = herald::dlq::admin::RetryAllReport::default();
+    assert_eq!(
+        fields("RetryAllReport"),
+        keys(serde_json::to_value(&report).unwrap())
+    );
+    let dry_run = herald::dlq::replay::DryRun::default();
+    assert_eq!(
+        fields("ReplayDryRun"),
+        keys(serde_json::to_value(&dry_run).unwrap())
+    );
+    let segment = herald::broadcast::Segment {
+        age_min: Some(20),
+        age_max: Some(30),
+        locale: Some(herald::domain::Locale::Ko),
+        tags: vec![herald::domain::Tag::parse("vip").unwrap()],
+    };
+    assert_eq!(
+        fields("Segment"),
+        keys(serde_json::to_value(&segment).unwrap())
     );
 }
 
@@ -347,4 +470,372 @@ fn tempfile_dir() -> std::path::PathBuf {
     let dir = std::env::temp_dir().join(format!("herald-chromium-{}", Uuid::new_v4()));
     std::fs::create_dir_all(&dir).unwrap();
     dir
+}
+
+/// The document as a contract for real answers: each body must validate against the schema
+/// the document declares for its operation and status, and carry no property that schema
+/// does not name.
+struct Contract {
+    doc: Value,
+}
+
+impl Contract {
+    /// The JSON schema of a response, `$ref`s left to resolve against the components.
+    fn schema(&self, method: &Method, template: &str, status: u16) -> Value {
+        let operation = &self.doc["paths"][template][method.as_str().to_lowercase()];
+        assert!(operation.is_object(), "{method} {template} is documented");
+        let response = resolve(&self.doc, &operation["responses"][status.to_string()]);
+        let schema = &response["content"]["application/json"]["schema"];
+        assert!(
+            schema.is_object(),
+            "{method} {template} documents a JSON {status} answer: {response}"
+        );
+        schema.clone()
+    }
+
+    /// A schema that can be checked on its own: the document's components next to it.
+    fn standalone(&self, schema: &Value) -> jsonschema::Validator {
+        let root = json!({
+            "$schema": "https://json-schema.org/draft/2020-12/schema",
+            "components": self.doc["components"],
+            "allOf": [schema],
+        });
+        jsonschema::validator_for(&root).unwrap_or_else(|e| panic!("{schema} compiles: {e}"))
+    }
+
+    /// Sends a request and checks the answer against the document; the answer's status and
+    /// body.
+    async fn call(
+        &self,
+        app: &TestApp,
+        method: Method,
+        template: &str,
+        path: &str,
+        body: Option<Value>,
+    ) -> (u16, Value) {
+        let mut request = app
+            .http
+            .request(method.clone(), format!("{}{path}", app.address));
+        if let Some(body) = body {
+            request = request.json(&body);
+        }
+        let response = request.send().await.unwrap();
+        let status = response.status().as_u16();
+        let body: Value = response.json().await.unwrap_or(Value::Null);
+        self.check(&method, template, status, &body);
+        (status, body)
+    }
+
+    /// Checks one answer against the document.
+    fn check(&self, method: &Method, template: &str, status: u16, body: &Value) {
+        let schema = self.schema(method, template, status);
+        let errors: Vec<String> = self
+            .standalone(&schema)
+            .iter_errors(body)
+            .map(|e| format!("{}: {e}", e.instance_path()))
+            .collect();
+        assert!(
+            errors.is_empty(),
+            "{method} {template} {status} breaks its schema: {errors:#?}\n{body:#}"
+        );
+        let mut undocumented = Vec::new();
+        self.undocumented(&schema, body, "", &mut undocumented);
+        assert!(
+            undocumented.is_empty(),
+            "{method} {template} {status} answers properties its schema does not name: \
+             {undocumented:?}\n{body:#}"
+        );
+    }
+
+    /// Collects the paths of properties in `value` that `schema` does not name.
+    fn undocumented(&self, schema: &Value, value: &Value, at: &str, out: &mut Vec<String>) {
+        let schema = resolve(&self.doc, schema);
+        for choice in ["oneOf", "anyOf"] {
+            if let Some(branches) = schema[choice].as_array() {
+                if let Some(branch) = branches.iter().find(|b| self.standalone(b).is_valid(value)) {
+                    self.undocumented(branch, value, at, out);
+                }
+                return;
+            }
+        }
+        match value {
+            Value::Object(fields) => {
+                let (properties, others) = self.properties(schema);
+                for (name, field) in fields {
+                    let at = format!("{at}/{name}");
+                    match properties.get(name).or(others.as_ref()) {
+                        Some(schema) => self.undocumented(schema, field, &at, out),
+                        None => out.push(at),
+                    }
+                }
+            }
+            Value::Array(items) => {
+                if let Some(schema) = schema.get("items") {
+                    for (i, item) in items.iter().enumerate() {
+                        self.undocumented(schema, item, &format!("{at}/{i}"), out);
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// The properties an object schema names (through `allOf`), and the schema of any other
+    /// property it allows: its `additionalProperties`, or anything for a free-form object.
+    fn properties(&self, schema: &Value) -> (Map<String, Value>, Option<Value>) {
+        let schema = resolve(&self.doc, schema);
+        let mut properties = schema["properties"]
+            .as_object()
+            .cloned()
+            .unwrap_or_default();
+        let mut others = match schema.get("additionalProperties") {
+            None | Some(Value::Bool(false)) => None,
+            Some(Value::Bool(true)) => Some(json!({})),
+            Some(other) => Some(other.clone()),
+        };
+        for member in schema["allOf"].as_array().into_iter().flatten() {
+            let (more, other) = self.properties(member);
+            properties.extend(more);
+            others = others.or(other);
+        }
+        if properties.is_empty() && schema.get("additionalProperties").is_none() {
+            others = Some(json!({}));
+        }
+        (properties, others)
+    }
+}
+
+/// Real answers of the main operations, each checked against the schema the document
+/// declares for its status: what the document says is what the app sends.
+#[tokio::test]
+async fn real_answers_match_the_schemas_the_document_declares_for_them() {
+    let app = spawn_app().await;
+    let api = Contract {
+        doc: openapi(&app).await,
+    };
+    let (get, post, put, delete) = (Method::GET, Method::POST, Method::PUT, Method::DELETE);
+
+    api.call(&app, get.clone(), "/health/live", "/health/live", None)
+        .await;
+    api.call(&app, get.clone(), "/health/ready", "/health/ready", None)
+        .await;
+
+    // A poison message, to have a dead letter by the time the rest is done.
+    app.publish("fluxpay.order.events", "7", b"{\"this is\": not json")
+        .await;
+
+    let user = 7;
+    let intake = json!({
+        "userId": user,
+        "recipient": { "email": "buyer@example.com", "locale": "ko" },
+        "channels": ["EMAIL", "IN_APP", "SMS"],
+        "eventType": "ORDER_SHIPPED",
+        "data": { "orderId": "o-77", "carrier": "CJ" }
+    });
+    let notifications = "/api/v1/notifications";
+    let (status, accepted) = api
+        .call(
+            &app,
+            post.clone(),
+            notifications,
+            notifications,
+            Some(intake),
+        )
+        .await;
+    assert_eq!(status, 202, "{accepted}");
+    let id = accepted["notificationId"].as_str().unwrap();
+    let one = "/api/v1/notifications/{id}";
+    let (status, _) = api
+        .call(
+            &app,
+            get.clone(),
+            one,
+            &format!("{notifications}/{id}"),
+            None,
+        )
+        .await;
+    assert_eq!(status, 200);
+    let (status, _) = api
+        .call(
+            &app,
+            get.clone(),
+            one,
+            &format!("{notifications}/{}", Uuid::new_v4()),
+            None,
+        )
+        .await;
+    assert_eq!(status, 404);
+    let history = format!("{notifications}?userId={user}");
+    wait_until(30, "the history shows the notification", || async {
+        let page: Value = app.get(&history).await.json().await.unwrap();
+        page["items"]
+            .as_array()
+            .is_some_and(|items| !items.is_empty())
+    })
+    .await;
+    let (status, _) = api
+        .call(&app, get.clone(), notifications, &history, None)
+        .await;
+    assert_eq!(status, 200);
+    let (status, _) = api
+        .call(
+            &app,
+            get.clone(),
+            notifications,
+            &format!("{notifications}?userId=0"),
+            None,
+        )
+        .await;
+    assert_eq!(status, 400);
+
+    let settings = "/api/v1/notifications/settings";
+    let at = format!("{settings}?userId={user}");
+    let change = json!({ "channels": { "EMAIL": false }, "eventTypes": { "ORDER_SHIPPED": { "IN_APP": false } } });
+    assert_eq!(
+        api.call(&app, put.clone(), settings, &at, Some(change))
+            .await
+            .0,
+        200
+    );
+    assert_eq!(
+        api.call(&app, get.clone(), settings, &at, None).await.0,
+        200
+    );
+
+    let contact = "/api/v1/users/{id}/contact";
+    let at = format!("/api/v1/users/{user}/contact");
+    let entry = json!({ "email": "u7@example.com", "locale": "en", "timezone": "Asia/Seoul", "birthYear": 1990, "tags": ["vip"] });
+    assert_eq!(
+        api.call(&app, put.clone(), contact, &at, Some(entry))
+            .await
+            .0,
+        200
+    );
+    assert_eq!(api.call(&app, get.clone(), contact, &at, None).await.0, 200);
+    let import = "/api/v1/users:import";
+    let users = json!([{ "userId": 8, "email": "u8@example.com" }, { "userId": 0 }]);
+    let (status, report) = api
+        .call(&app, post.clone(), import, import, Some(users))
+        .await;
+    assert_eq!((status, &report["rejected"]), (200, &json!(1)), "{report}");
+
+    for path in [
+        "/api/v1/users/{id}/inbox",
+        "/api/v1/users/{id}/inbox/unread-count",
+    ] {
+        let at = path.replace("{id}", &user.to_string());
+        assert_eq!(api.call(&app, get.clone(), path, &at, None).await.0, 200);
+    }
+    let read_all = "/api/v1/users/{id}/inbox/read-all";
+    let at = read_all.replace("{id}", &user.to_string());
+    assert_eq!(
+        api.call(&app, post.clone(), read_all, &at, None).await.0,
+        200
+    );
+
+    for path in [
+        "/api/v1/dashboard/delivery",
+        "/api/v1/dashboard/delivery/channels",
+        "/api/v1/dashboard/delivery/failures",
+        "/api/v1/admin/alerts",
+        "/api/v1/admin/suppressions",
+        "/api/v1/webhooks",
+        "/api/v1/event-types",
+        "/api/v1/admin/dlq/replays",
+    ] {
+        assert_eq!(
+            api.call(&app, get.clone(), path, path, None).await.0,
+            200,
+            "{path}"
+        );
+    }
+    let event_type = "/api/v1/event-types/{eventType}";
+    let at = "/api/v1/event-types/ORDER_SHIPPED";
+    assert_eq!(
+        api.call(&app, get.clone(), event_type, at, None).await.0,
+        200
+    );
+    let template = "/api/v1/templates/{eventType}/{locale}/{part}";
+    let at = "/api/v1/templates/ORDER_SHIPPED/ko/email_subject";
+    assert_eq!(api.call(&app, get.clone(), template, at, None).await.0, 200);
+    let preview = "/api/v1/templates/{eventType}/preview";
+    let at = "/api/v1/templates/ORDER_SHIPPED/preview";
+    let sample = json!({ "data": envelope("ORDER_SHIPPED", user, json!({}))["data"] });
+    assert_eq!(
+        api.call(&app, post.clone(), preview, at, Some(sample))
+            .await
+            .0,
+        200
+    );
+
+    let keys = "/api/v1/admin/keys";
+    let new_key = json!({ "name": "docs", "scopes": ["dashboard:read"] });
+    assert_eq!(
+        api.call(&app, post.clone(), keys, keys, Some(new_key))
+            .await
+            .0,
+        201
+    );
+    assert_eq!(api.call(&app, get.clone(), keys, keys, None).await.0, 200);
+
+    let broadcasts = "/api/v1/broadcasts";
+    let message = json!({
+        "name": "notice",
+        "audience": { "userIds": [user, 8] },
+        "channels": ["IN_APP"],
+        "subject": "Service notice",
+        "body": "Maintenance on Sunday.",
+    });
+    let (status, created) = api
+        .call(&app, post.clone(), broadcasts, broadcasts, Some(message))
+        .await;
+    assert_eq!(status, 202, "{created}");
+    assert_eq!(
+        api.call(&app, get.clone(), broadcasts, broadcasts, None)
+            .await
+            .0,
+        200
+    );
+    let at = format!("{broadcasts}/{}", created["broadcastId"].as_str().unwrap());
+    let one = "/api/v1/broadcasts/{id}";
+    assert_eq!(api.call(&app, get.clone(), one, &at, None).await.0, 200);
+
+    let dlq = "/api/v1/admin/dlq";
+    wait_until(30, "the poison message is dead-lettered", || async {
+        let page: Value = app.get(dlq).await.json().await.unwrap();
+        page["items"]
+            .as_array()
+            .is_some_and(|items| !items.is_empty())
+    })
+    .await;
+    let (status, page) = api.call(&app, get.clone(), dlq, dlq, None).await;
+    assert_eq!(status, 200);
+    let letter = page["items"][0]["id"].as_str().unwrap();
+    let counts = "/api/v1/admin/dlq/counts";
+    assert_eq!(
+        api.call(&app, get.clone(), counts, counts, None).await.0,
+        200
+    );
+    let replay = "/api/v1/admin/dlq/replay";
+    let dry_run = json!({ "dryRun": true });
+    assert_eq!(
+        api.call(&app, post.clone(), replay, replay, Some(dry_run))
+            .await
+            .0,
+        200
+    );
+    let one = "/api/v1/admin/dlq/{id}";
+    let at = format!("{dlq}/{letter}");
+    assert_eq!(api.call(&app, get.clone(), one, &at, None).await.0, 200);
+    assert_eq!(api.call(&app, delete.clone(), one, &at, None).await.0, 200);
+
+    // Refusals carry the error body the document names.
+    let response = app
+        .anonymous
+        .get(format!("{}{dlq}", app.address))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 401);
+    api.check(&get, dlq, 401, &response.json().await.unwrap());
 }
