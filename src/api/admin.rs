@@ -209,6 +209,7 @@ fn find(query: &FindQuery) -> Result<Find, ApiError> {
 #[utoipa::path(
     get,
     path = "/api/v1/admin/dlq",
+    operation_id = "listDeadLetters",
     tag = "admin",
     params(FindQuery),
     responses(
@@ -241,6 +242,7 @@ async fn list(
 #[utoipa::path(
     get,
     path = "/api/v1/admin/dlq/counts",
+    operation_id = "countDeadLetters",
     tag = "admin",
     params(FindQuery),
     responses(
@@ -269,6 +271,7 @@ fn id(raw: &str) -> Result<Uuid, ApiError> {
 #[utoipa::path(
     get,
     path = "/api/v1/admin/dlq/{id}",
+    operation_id = "getDeadLetter",
     tag = "admin",
     params(("id" = Uuid, Path, description = "The dead letter id.")),
     responses(
@@ -305,6 +308,7 @@ pub struct CorrectionBody {
 #[utoipa::path(
     patch,
     path = "/api/v1/admin/dlq/{id}",
+    operation_id = "correctDeadLetter",
     tag = "admin",
     params(("id" = Uuid, Path, description = "The dead letter id.")),
     request_body = CorrectionBody,
@@ -371,6 +375,7 @@ struct Retried {
 #[utoipa::path(
     post,
     path = "/api/v1/admin/dlq/{id}/retry",
+    operation_id = "retryDeadLetter",
     tag = "admin",
     params(("id" = Uuid, Path, description = "The dead letter id."), RetryQuery),
     responses(
@@ -410,6 +415,7 @@ pub struct RetryAllQuery {
 #[utoipa::path(
     post,
     path = "/api/v1/admin/dlq/retry-all",
+    operation_id = "retryAllDeadLetters",
     tag = "admin",
     params(RetryAllQuery),
     responses(
@@ -457,6 +463,7 @@ pub struct ReplayBody {
 #[utoipa::path(
     post,
     path = "/api/v1/admin/dlq/replay",
+    operation_id = "replayDeadLetters",
     tag = "admin",
     request_body = ReplayBody,
     responses(
@@ -544,6 +551,7 @@ struct Replays {
 #[utoipa::path(
     get,
     path = "/api/v1/admin/dlq/replays",
+    operation_id = "listReplays",
     tag = "admin",
     params(ReplaysQuery),
     responses(
@@ -569,6 +577,7 @@ fn replay_id(raw: &str) -> Result<Uuid, ApiError> {
 #[utoipa::path(
     get,
     path = "/api/v1/admin/dlq/replays/{id}",
+    operation_id = "getReplay",
     tag = "admin",
     params(("id" = Uuid, Path, description = "The replay id.")),
     responses(
@@ -592,6 +601,7 @@ async fn read_replay(
 #[utoipa::path(
     post,
     path = "/api/v1/admin/dlq/replays/{id}/cancel",
+    operation_id = "cancelReplay",
     tag = "admin",
     params(("id" = Uuid, Path, description = "The replay id.")),
     responses(
@@ -617,6 +627,7 @@ async fn cancel_replay(
 #[utoipa::path(
     delete,
     path = "/api/v1/admin/dlq/{id}",
+    operation_id = "discardDeadLetter",
     tag = "admin",
     params(("id" = Uuid, Path, description = "The dead letter id.")),
     responses(

@@ -54,6 +54,7 @@ pub struct RuleView {
 #[utoipa::path(
     get,
     path = "/api/v1/admin/alerts",
+    operation_id = "listAlerts",
     tag = "admin",
     responses((status = 200, description = "The rules and the alerts.", body = AlertsReport))
 )]

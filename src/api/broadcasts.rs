@@ -141,6 +141,7 @@ struct ListView {
 #[utoipa::path(
     post,
     path = "/api/v1/broadcasts",
+    operation_id = "createBroadcast",
     tag = "broadcasts",
     params(IdempotencyKey),
     request_body = BroadcastRequest,
@@ -258,6 +259,7 @@ fn validate(
 #[utoipa::path(
     get,
     path = "/api/v1/broadcasts/{id}",
+    operation_id = "getBroadcast",
     tag = "broadcasts",
     params(("id" = Uuid, Path, description = "The broadcast id.")),
     responses(
@@ -280,6 +282,7 @@ async fn read(
 #[utoipa::path(
     get,
     path = "/api/v1/broadcasts",
+    operation_id = "listBroadcasts",
     tag = "broadcasts",
     params(ListQuery),
     responses(
@@ -306,6 +309,7 @@ async fn list(
 #[utoipa::path(
     post,
     path = "/api/v1/broadcasts/{id}/cancel",
+    operation_id = "cancelBroadcast",
     tag = "broadcasts",
     params(("id" = Uuid, Path, description = "The broadcast id.")),
     responses(

@@ -44,6 +44,7 @@ pub fn router() -> OpenApiRouter<AppState> {
 #[utoipa::path(
     get,
     path = "/console",
+    operation_id = "console",
     tag = "operations",
     responses((status = 200, description = "The page (HTML).", body = String, content_type = "text/html"))
 )]

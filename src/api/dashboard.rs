@@ -109,6 +109,7 @@ fn range(
 #[utoipa::path(
     get,
     path = "/api/v1/dashboard/delivery",
+    operation_id = "getDailyDelivery",
     tag = "dashboard",
     params(Range),
     responses(
@@ -129,6 +130,7 @@ async fn daily(
 #[utoipa::path(
     get,
     path = "/api/v1/dashboard/delivery/channels",
+    operation_id = "getChannelDelivery",
     tag = "dashboard",
     params(Range),
     responses(
@@ -173,6 +175,7 @@ pub struct FailuresQuery {
 #[utoipa::path(
     get,
     path = "/api/v1/dashboard/delivery/failures",
+    operation_id = "getRecentFailures",
     tag = "dashboard",
     params(FailuresQuery),
     responses(

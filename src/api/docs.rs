@@ -157,6 +157,7 @@ pub fn router() -> OpenApiRouter<AppState> {
 #[utoipa::path(
     get,
     path = "/docs",
+    operation_id = "getDocs",
     tag = "operations",
     responses((status = 303, description = "To `/docs/`, the page (HTML) and its assets."))
 )]
@@ -176,6 +177,7 @@ static DOCUMENT: LazyLock<Value> = LazyLock::new(|| {
 #[utoipa::path(
     get,
     path = "/api-docs/openapi.json",
+    operation_id = "getOpenApi",
     tag = "operations",
     responses((status = 200, description = "The OpenAPI document.", body = Object))
 )]

@@ -89,6 +89,7 @@ struct List {
 #[utoipa::path(
     get,
     path = "/api/v1/event-types",
+    operation_id = "listEventTypes",
     tag = "event-types",
     responses((status = 200, description = "The event types.", body = List))
 )]
@@ -113,6 +114,7 @@ async fn list(State(state): State<AppState>) -> Json<List> {
 #[utoipa::path(
     get,
     path = "/api/v1/event-types/{eventType}",
+    operation_id = "getEventType",
     tag = "event-types",
     params(("eventType" = String, Path, description = "The event type, such as `PAYMENT_COMPLETED`.")),
     responses(

@@ -53,6 +53,7 @@ struct Liveness {
 #[utoipa::path(
     get,
     path = "/health/live",
+    operation_id = "getLiveness",
     tag = "operations",
     responses((status = 200, description = "The instance is live.", body = Liveness))
 )]
@@ -91,6 +92,7 @@ struct Readiness {
 #[utoipa::path(
     get,
     path = "/health/ready",
+    operation_id = "getReadiness",
     tag = "operations",
     responses(
         (status = 200, description = "Ready.", body = Readiness),

@@ -63,6 +63,7 @@ pub fn cursor(raw: Option<&str>) -> Result<Option<(DateTime<Utc>, uuid::Uuid)>, 
 #[utoipa::path(
     get,
     path = "/api/v1/notifications",
+    operation_id = "listNotifications",
     tag = "notifications",
     params(HistoryQuery),
     responses(

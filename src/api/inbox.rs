@@ -108,6 +108,7 @@ struct StreamQuery {
 #[utoipa::path(
     get,
     path = "/api/v1/users/{id}/inbox",
+    operation_id = "listInbox",
     tag = "inbox",
     params(("id" = i64, Path, description = "The user, a positive integer.", minimum = 1), InboxQuery),
     responses(
@@ -141,6 +142,7 @@ async fn list(
 #[utoipa::path(
     get,
     path = "/api/v1/users/{id}/inbox/unread-count",
+    operation_id = "getUnreadCount",
     tag = "inbox",
     params(("id" = i64, Path, description = "The user, a positive integer.", minimum = 1)),
     responses(
@@ -164,6 +166,7 @@ async fn unread(
 #[utoipa::path(
     post,
     path = "/api/v1/users/{id}/inbox/{delivery}/read",
+    operation_id = "markRead",
     tag = "inbox",
     params(
         ("id" = i64, Path, description = "The user, a positive integer.", minimum = 1),
@@ -207,6 +210,7 @@ async fn read_one(
 #[utoipa::path(
     post,
     path = "/api/v1/users/{id}/inbox/read-all",
+    operation_id = "markAllRead",
     tag = "inbox",
     params(("id" = i64, Path, description = "The user, a positive integer.", minimum = 1)),
     responses(
@@ -254,6 +258,7 @@ impl From<Refusal> for ApiError {
 #[utoipa::path(
     get,
     path = "/api/v1/users/{id}/inbox/stream",
+    operation_id = "streamInbox",
     tag = "inbox",
     params(("id" = i64, Path, description = "The user, a positive integer.", minimum = 1), StreamQuery),
     responses(

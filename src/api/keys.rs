@@ -80,6 +80,7 @@ struct KeyList {
 #[utoipa::path(
     post,
     path = "/api/v1/admin/keys",
+    operation_id = "createApiKey",
     tag = "admin",
     request_body = CreateRequest,
     responses(
@@ -126,6 +127,7 @@ async fn create(
 #[utoipa::path(
     get,
     path = "/api/v1/admin/keys",
+    operation_id = "listApiKeys",
     tag = "admin",
     responses((status = 200, description = "The keys.", body = KeyList))
 )]
@@ -139,6 +141,7 @@ async fn list(State(state): State<AppState>) -> Result<Json<KeyList>, ApiError> 
 #[utoipa::path(
     delete,
     path = "/api/v1/admin/keys/{id}",
+    operation_id = "revokeApiKey",
     tag = "admin",
     params(("id" = Uuid, Path, description = "The key id.")),
     responses(

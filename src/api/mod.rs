@@ -137,9 +137,13 @@ pub fn openapi() -> utoipa::openapi::OpenApi {
         .merge(metrics)
         .merge(resources)
         .into_openapi();
-    // What the layers of `router` answer on every API route, whatever its handler does.
+    // What the layers of `router` answer on every API route, whatever its handler does;
+    // the other routes are open (an empty security list says so).
     for (path, item) in &mut openapi.paths.paths {
         if !path.starts_with("/api/") {
+            for operation in docs::operations_mut(item) {
+                operation.security = Some(Vec::new());
+            }
             continue;
         }
         for operation in docs::operations_mut(item) {

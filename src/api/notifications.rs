@@ -113,6 +113,7 @@ struct AcceptedDelivery {
 #[utoipa::path(
     post,
     path = "/api/v1/notifications",
+    operation_id = "createNotification",
     tag = "notifications",
     params(IdempotencyKey),
     request_body = IntakeRequest,
@@ -645,6 +646,7 @@ struct AttemptView {
 #[utoipa::path(
     get,
     path = "/api/v1/notifications/{id}",
+    operation_id = "getNotification",
     tag = "notifications",
     params(("id" = Uuid, Path, description = "The notification id.")),
     responses(

@@ -109,6 +109,7 @@ struct Superseded {
 #[utoipa::path(
     post,
     path = "/api/v1/receipts/{channel}",
+    operation_id = "postReceipt",
     tag = "receipts",
     params(("channel" = String, Path, description = "`sms`, `kakaotalk`, `push` or `email`.")),
     request_body(content(

@@ -78,6 +78,7 @@ pub struct SettingsView {
 #[utoipa::path(
     get,
     path = "/api/v1/notifications/settings",
+    operation_id = "getSettings",
     tag = "preferences",
     params(UserQuery),
     responses(
@@ -105,6 +106,7 @@ async fn read(
 #[utoipa::path(
     put,
     path = "/api/v1/notifications/settings",
+    operation_id = "putSettings",
     tag = "preferences",
     params(UserQuery),
     request_body = SettingsBody,

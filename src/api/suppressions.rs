@@ -69,6 +69,7 @@ struct Page {
 #[utoipa::path(
     get,
     path = "/api/v1/admin/suppressions",
+    operation_id = "listSuppressions",
     tag = "receipts",
     params(ListQuery),
     responses(
@@ -106,6 +107,7 @@ async fn list(
 #[utoipa::path(
     delete,
     path = "/api/v1/admin/suppressions/{id}",
+    operation_id = "liftSuppression",
     tag = "receipts",
     params(("id" = Uuid, Path, description = "The suppression id.")),
     responses(

@@ -29,7 +29,7 @@ use axum::{
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value, json};
-use utoipa::ToSchema;
+use utoipa::{IntoParams, ToSchema};
 use utoipa_axum::{router::OpenApiRouter, routes};
 
 use super::{
@@ -124,6 +124,20 @@ fn key(
     })
 }
 
+/// What names a template in its path, as documented (the handlers read it as a tuple for
+/// [`key`], which answers 404 for a name that is not a template's).
+#[derive(IntoParams)]
+#[into_params(parameter_in = Path)]
+#[expect(dead_code, reason = "declared for the document")]
+struct TemplatePath {
+    /// A routed event type, or `_adhoc`.
+    #[param(rename = "eventType")]
+    event_type: String,
+    locale: Locale,
+    /// `email_subject`, `email_text`, `email_html`, `slack`, `in_app_title` or `in_app_body`.
+    part: String,
+}
+
 /// One version in a listing; version 0 is the file.
 #[derive(Debug, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
@@ -215,12 +229,9 @@ async fn listing(state: &AppState, key: &TemplateKey) -> Result<Listing, ApiErro
 #[utoipa::path(
     get,
     path = "/api/v1/templates/{eventType}/{locale}/{part}",
+    operation_id = "listTemplateVersions",
     tag = "templates",
-    params(
-        ("eventType" = String, Path, description = "A routed event type, or `_adhoc`."),
-        ("locale" = Locale, Path),
-        ("part" = String, Path, description = "`email_subject`, `email_text`, `email_html`, `slack`, `in_app_title` or `in_app_body`."),
-    ),
+    params(TemplatePath),
     responses(
         (status = 200, description = "The template.", body = Listing),
         (status = 404, response = NotFound),
@@ -259,12 +270,9 @@ struct Stored {
 #[utoipa::path(
     put,
     path = "/api/v1/templates/{eventType}/{locale}/{part}",
+    operation_id = "storeTemplateVersion",
     tag = "templates",
-    params(
-        ("eventType" = String, Path, description = "A routed event type, or `_adhoc`."),
-        ("locale" = Locale, Path),
-        ("part" = String, Path, description = "`email_subject`, `email_text`, `email_html`, `slack`, `in_app_title` or `in_app_body`."),
-    ),
+    params(TemplatePath),
     request_body = NewVersion,
     responses(
         (status = 201, description = "Stored and in effect.", body = Stored,
@@ -346,11 +354,10 @@ async fn apply_now(state: &AppState) {
 #[utoipa::path(
     post,
     path = "/api/v1/templates/{eventType}/{locale}/{part}/versions/{version}/activate",
+    operation_id = "activateTemplateVersion",
     tag = "templates",
     params(
-        ("eventType" = String, Path, description = "A routed event type, or `_adhoc`."),
-        ("locale" = Locale, Path),
-        ("part" = String, Path, description = "`email_subject`, `email_text`, `email_html`, `slack`, `in_app_title` or `in_app_body`."),
+        TemplatePath,
         ("version" = i32, Path, description = "The version; 0 is the file.", minimum = 0),
     ),
     responses(
@@ -424,6 +431,7 @@ struct Preview {
 #[utoipa::path(
     post,
     path = "/api/v1/templates/{eventType}/preview",
+    operation_id = "previewTemplates",
     tag = "templates",
     params(("eventType" = String, Path, description = "A routed event type, or `_adhoc`.")),
     request_body = PreviewRequest,

@@ -186,6 +186,7 @@ pub fn user_id(raw: i64) -> Result<UserId, ApiError> {
 #[utoipa::path(
     put,
     path = "/api/v1/users/{id}/contact",
+    operation_id = "putContact",
     tag = "users",
     params(("id" = i64, Path, description = "The user, a positive integer.", minimum = 1)),
     request_body = ContactBody,
@@ -213,6 +214,7 @@ async fn write(
 #[utoipa::path(
     get,
     path = "/api/v1/users/{id}/contact",
+    operation_id = "getContact",
     tag = "users",
     params(("id" = i64, Path, description = "The user, a positive integer.", minimum = 1)),
     responses(
@@ -243,6 +245,7 @@ async fn read(
 #[utoipa::path(
     post,
     path = "/api/v1/users:import",
+    operation_id = "importUsers",
     tag = "users",
     request_body(
         description = "Up to 200,000 users (32 MiB): one JSON object per line, or a JSON array.",

@@ -92,6 +92,7 @@ struct CallPage {
 #[utoipa::path(
     post,
     path = "/api/v1/webhooks",
+    operation_id = "createWebhook",
     tag = "webhooks",
     request_body = CreateRequest,
     responses(
@@ -150,6 +151,7 @@ async fn create(
 #[utoipa::path(
     get,
     path = "/api/v1/webhooks",
+    operation_id = "listWebhooks",
     tag = "webhooks",
     responses((status = 200, description = "The endpoints.", body = List))
 )]
@@ -172,6 +174,7 @@ fn not_found(id: Uuid) -> ApiError {
 #[utoipa::path(
     get,
     path = "/api/v1/webhooks/{id}",
+    operation_id = "getWebhook",
     tag = "webhooks",
     params(("id" = Uuid, Path, description = "The endpoint id.")),
     responses(
@@ -196,6 +199,7 @@ async fn read(
 #[utoipa::path(
     delete,
     path = "/api/v1/webhooks/{id}",
+    operation_id = "deleteWebhook",
     tag = "webhooks",
     params(("id" = Uuid, Path, description = "The endpoint id.")),
     responses(
@@ -221,6 +225,7 @@ async fn delete(
 #[utoipa::path(
     post,
     path = "/api/v1/webhooks/{id}/enable",
+    operation_id = "enableWebhook",
     tag = "webhooks",
     params(("id" = Uuid, Path, description = "The endpoint id.")),
     responses(
@@ -260,6 +265,7 @@ struct CallsQuery {
 #[utoipa::path(
     get,
     path = "/api/v1/webhooks/{id}/deliveries",
+    operation_id = "listWebhookCalls",
     tag = "webhooks",
     params(("id" = Uuid, Path, description = "The endpoint id."), CallsQuery),
     responses(
