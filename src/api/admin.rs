@@ -293,7 +293,7 @@ async fn read(
 /// `PATCH /api/v1/admin/dlq/{id}` body: one of the two corrections.
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
-#[schema(as = DeadLetterEdit)]
+#[schema(as = DeadLetterCorrection)]
 pub struct CorrectionBody {
     /// A poison message's whole event, checked as a new event would be.
     payload: Option<Value>,

@@ -32,7 +32,8 @@ use super::{
 use crate::{
     auth::{Principal, Scope},
     broadcast::{
-        self, Audience, BroadcastRow, BroadcastStatus, Cancelled, Created, NewBroadcast, Totals,
+        self, Audience, BroadcastRow, BroadcastStatus, Cancelled, Created, NewBroadcast, Segment,
+        Totals,
     },
     domain::Channel,
 };
@@ -86,8 +87,7 @@ pub struct BroadcastView {
     broadcast_id: Uuid,
     name: Option<String>,
     status: BroadcastStatus,
-    #[schema(value_type = Audience)]
-    audience: Value,
+    audience: AudienceShown,
     channels: Vec<String>,
     event_type: String,
     totals: Totals,
@@ -102,6 +102,16 @@ pub struct BroadcastView {
     /// The name of the credential that cancelled it.
     #[serde(skip_serializing_if = "Option::is_none")]
     cancelled_by: Option<String>,
+}
+
+/// A broadcast's audience as shown: the segment as given, or the size of an explicit list
+/// (which can be 100,000 ids).
+#[derive(Debug, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase")]
+#[schema(as = BroadcastAudience)]
+enum AudienceShown {
+    Segment(Segment),
+    UserCount(i64),
 }
 
 #[derive(Debug, Serialize, utoipa::ToSchema)]
@@ -367,7 +377,8 @@ async fn view(state: &AppState, row: BroadcastRow) -> Result<BroadcastView, ApiE
         broadcast_id: row.id,
         status: row.status(),
         name: row.name,
-        audience: row.audience,
+        audience: serde_json::from_value(row.audience)
+            .context("Failed to read a broadcast's audience")?,
         channels: channel_names,
         event_type: row.event_type,
         totals,
