@@ -8,9 +8,11 @@
 //! Only the prose (descriptions, tags) is written by hand, in the attributes. At serve time
 //! the data schema of each event type (`schemas/`) is added to its components as
 //! `EventData_{EVENT_TYPE}`, so the document shows the schemas this instance enforces.
-//! `tests/api/docs.rs` checks the document against the public route list, calls every
-//! operation, validates it with openapi-spec-validator and checks real responses against
-//! the schemas it declares.
+//! The shared error responses carry examples built the way the handlers build the bodies
+//! (`error.rs`). `tests/api/docs.rs` checks the document against the public route list,
+//! calls every operation, validates it with openapi-spec-validator, checks real answers of
+//! the main operations against the schemas it declares (no property it does not name), and
+//! compares error examples with real answers.
 //!
 //! Swagger UI's page, script and stylesheet are Herald's own: `utoipa-swagger-ui` with its
 //! `vendored` feature embeds a pinned Swagger UI (5.32.6, from the

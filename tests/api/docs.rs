@@ -186,7 +186,7 @@ async fn the_openapi_document_is_json_in_openapi_3_1_naming_every_route() {
 /// 401 and 403 it answers; health, metrics, docs and the console are open (`security: []`).
 /// (`access.rs` calls every operation with and without what the document names.)
 #[tokio::test]
-async fn every_api_operation_names_its_credentials_and_the_open_routes_none() {
+async fn every_api_operation_names_its_credentials_and_every_other_is_open() {
     let app = spawn_app().await;
     let doc = openapi(&app).await;
     let schemes = doc["components"]["securitySchemes"].as_object().unwrap();
@@ -532,22 +532,31 @@ impl Contract {
     /// Checks one answer against the document.
     fn check(&self, method: &Method, template: &str, status: u16, body: &Value) {
         let schema = self.schema(method, template, status);
+        self.conform(&schema, body, &format!("{method} {template} {status}"));
+    }
+
+    /// Checks a value against a schema: valid, and no property the schema does not name.
+    fn conform(&self, schema: &Value, value: &Value, what: &str) {
         let errors: Vec<String> = self
-            .standalone(&schema)
-            .iter_errors(body)
+            .standalone(schema)
+            .iter_errors(value)
             .map(|e| format!("{}: {e}", e.instance_path()))
             .collect();
         assert!(
             errors.is_empty(),
-            "{method} {template} {status} breaks its schema: {errors:#?}\n{body:#}"
+            "{what} breaks its schema: {errors:#?}\n{value:#}"
         );
         let mut undocumented = Vec::new();
-        self.undocumented(&schema, body, "", &mut undocumented);
+        self.undocumented(schema, value, "", &mut undocumented);
         assert!(
             undocumented.is_empty(),
-            "{method} {template} {status} answers properties its schema does not name: \
-             {undocumented:?}\n{body:#}"
+            "{what} has properties its schema does not name: {undocumented:?}\n{value:#}"
         );
+    }
+
+    /// The example of a shared error response.
+    fn error_example(&self, response: &str) -> &Value {
+        &self.doc["components"]["responses"][response]["content"]["application/json"]["example"]
     }
 
     /// Collects the paths of properties in `value` that `schema` does not name.
@@ -672,8 +681,6 @@ async fn real_answers_match_the_schemas_the_document_declares_for_them() {
     api.expect(&app, get(notifications), &history, None, 200)
         .await;
     let nobody = format!("{notifications}?userId=0");
-    api.expect(&app, get(notifications), &nobody, None, 400)
-        .await;
 
     let settings = "/api/v1/notifications/settings";
     let at = format!("{settings}?userId={user}");
@@ -768,7 +775,7 @@ async fn real_answers_match_the_schemas_the_document_declares_for_them() {
     api.expect(&app, get(one), &at, None, 200).await;
     api.expect(&app, delete(one), &at, None, 200).await;
 
-    // Refusals carry the error body the document names.
+    // Refusals carry the error body the document names, and its examples are real answers.
     let refused = app
         .anonymous
         .get(format!("{}{dlq}", app.address))
@@ -776,5 +783,28 @@ async fn real_answers_match_the_schemas_the_document_declares_for_them() {
         .await
         .unwrap();
     assert_eq!(refused.status(), 401);
-    api.check(&Method::GET, dlq, 401, &refused.json().await.unwrap());
+    let refused: Value = refused.json().await.unwrap();
+    api.check(&Method::GET, dlq, 401, &refused);
+    assert_eq!(&refused, api.error_example("Unauthorized"));
+    let bad = api
+        .expect(&app, get(notifications), &nobody, None, 400)
+        .await;
+    assert_eq!(&bad, api.error_example("BadRequest"));
+    let url = format!("{}{notifications}", app.address);
+    let as_text = app.http.post(&url).body("{}").send().await.unwrap();
+    assert_eq!(as_text.status(), 415);
+    let as_text: Value = as_text.json().await.unwrap();
+    api.check(&Method::POST, notifications, 415, &as_text);
+    assert_eq!(&as_text, api.error_example("UnsupportedMediaType"));
+    let huge = json!({ "userId": user, "subject": "big", "body": "x".repeat(300 * 1024) });
+    let huge = app.http.post(&url).json(&huge).send().await.unwrap();
+    assert_eq!(huge.status(), 413);
+    let huge: Value = huge.json().await.unwrap();
+    api.check(&Method::POST, notifications, 413, &huge);
+    assert_eq!(&huge, api.error_example("PayloadTooLarge"));
+    // Every shared error response's example has the error body's shape.
+    let error = json!({ "$ref": "#/components/schemas/Error" });
+    for (name, _) in api.doc["components"]["responses"].as_object().unwrap() {
+        api.conform(&error, api.error_example(name), name);
+    }
 }
