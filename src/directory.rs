@@ -13,8 +13,9 @@ use sqlx::{PgConnection, PgPool};
 use crate::domain::{BirthYear, EmailAddress, Locale, PhoneNumber, Tag, Timezone, UserId};
 
 /// One user's entry.
-#[derive(Debug, Clone, Default, Serialize)]
+#[derive(Debug, Clone, Default, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
+#[schema(as = ContactEntry)]
 pub struct Contact {
     pub email: Option<EmailAddress>,
     pub phone: Option<PhoneNumber>,

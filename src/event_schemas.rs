@@ -35,7 +35,8 @@ pub const HOSTILE_TEXT: &str = "Quote \" back\\slash\nnew line <!channel> <b>bol
 const MAX_REPORTED: usize = 5;
 
 /// One thing wrong with an event's `data`.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, utoipa::ToSchema)]
+#[schema(as = SchemaProblem)]
 pub struct Problem {
     /// Where, as a path from the envelope: `data.amount`, `data.items[0].sku`.
     pub path: String,

@@ -103,10 +103,13 @@ impl NewDelivery {
     pub fn schedule(&self, n: &NewNotification) -> (DateTime<Utc>, Option<Hold>) {
         let mut due = n.created_at;
         let mut hold = None;
+        if self.skip_reason.is_some() {
+            return (due, hold);
+        }
         if let Some(at) = n.draft.scheduled_at.filter(|at| *at > n.created_at) {
             (due, hold) = (at, Some(Hold::Scheduled));
         }
-        if !self.timed || self.skip_reason.is_some() {
+        if !self.timed {
             return (due, hold);
         }
         if let Some(digest) = n.digest {

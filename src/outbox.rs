@@ -86,7 +86,7 @@ pub struct DeliveryEvent {
 }
 
 /// Why a PENDING delivery waits, and until when.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct HoldInfo {
     pub reason: crate::timing::Hold,

@@ -6,7 +6,9 @@ use clap::ValueEnum;
 use serde::Serialize;
 
 /// One share of Herald's work.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, ValueEnum, Serialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, ValueEnum, Serialize, utoipa::ToSchema,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum Role {
     /// The HTTP API under /api/v1 (intake, history, settings, dashboard, admin).

@@ -221,7 +221,7 @@ impl Application {
         spawn_workers(&state, &tasks, &failure)?;
         if let Some(metrics_listener) = metrics_listener {
             tracing::info!(addr = %metrics_listener.local_addr()?, "metrics are served here");
-            let metrics = api::metrics::router().with_state(state.clone());
+            let metrics = axum::Router::from(api::metrics::router()).with_state(state.clone());
             tasks.spawn(
                 axum::serve(metrics_listener, metrics)
                     .with_graceful_shutdown(shutdown.clone().cancelled_owned())

@@ -17,7 +17,7 @@ use crate::domain::Channel;
 pub const SKIP_REASON: &str = "suppressed";
 
 /// One suppression, as the admin API shows it.
-#[derive(Debug, Clone, Serialize, sqlx::FromRow)]
+#[derive(Debug, Clone, Serialize, sqlx::FromRow, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Suppression {
     pub id: Uuid,

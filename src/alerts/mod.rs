@@ -411,8 +411,9 @@ async fn save(
 }
 
 /// One alert as `GET /api/v1/admin/alerts` shows it.
-#[derive(Debug, Clone, Serialize, sqlx::FromRow)]
+#[derive(Debug, Clone, Serialize, sqlx::FromRow, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
+#[schema(as = Alert)]
 pub struct AlertView {
     pub alert: String,
     pub subject: String,

@@ -23,58 +23,61 @@
 //! chooses).
 
 use axum::{
-    Json, Router,
+    Json,
     extract::State,
     http::{Method, StatusCode, header},
-    middleware::from_fn_with_state,
     response::{IntoResponse, Response},
-    routing::{get, post},
 };
 use chrono::{DateTime, Utc};
-use serde::Deserialize;
-use serde_json::{Value, json};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use utoipa::{IntoParams, ToSchema};
+use utoipa_axum::{router::OpenApiRouter, routes};
 use uuid::Uuid;
 
 use super::{
     AppState,
-    auth::{Need, Rules, authorize},
-    error::{ApiError, ApiJson, ApiPath, ApiQuery},
+    auth::{Need, Rules, guarded},
+    error::{
+        ApiError, ApiJson, ApiPath, ApiQuery, BadRequest, Conflict, NotFound, Unprocessable,
+        UnsupportedMediaType,
+    },
 };
 use crate::{
     auth::{Principal, Scope},
     dlq::{
         admin::{
-            self as dlq, AdminError, Counts, DeadLetterView, Find, ListFilter, Page, RetryAllReport,
+            self as dlq, AdminError, Counts, DeadLetterView, Find, ListFilter, Page,
+            RetryAllReport, RetryKind,
         },
         edit::{self, Correction, EditError},
-        replay::{self, MAX_RATE, Replay},
+        replay::{self, DryRun, MAX_RATE, Replay},
     },
     domain::{Channel, Domain},
     read_model::queries::decode_cursor,
 };
 
 /// The dead-letter routes, each needing `dlq:admin`.
-pub fn router() -> Router<AppState> {
+pub fn router() -> OpenApiRouter<AppState> {
     const RULES: Rules = &[
         (Method::GET, Need::Scope(Scope::DlqAdmin)),
         (Method::POST, Need::Scope(Scope::DlqAdmin)),
         (Method::DELETE, Need::Scope(Scope::DlqAdmin)),
         (Method::PATCH, Need::Scope(Scope::DlqAdmin)),
     ];
-    Router::new()
-        .route("/api/v1/admin/dlq", get(list))
-        .route("/api/v1/admin/dlq/retry-all", post(retry_all))
-        .route("/api/v1/admin/dlq/counts", get(counts))
-        .route("/api/v1/admin/dlq/replay", post(start_replay))
-        .route("/api/v1/admin/dlq/replays", get(replays))
-        .route("/api/v1/admin/dlq/replays/{id}", get(read_replay))
-        .route("/api/v1/admin/dlq/replays/{id}/cancel", post(cancel_replay))
-        .route(
-            "/api/v1/admin/dlq/{id}",
-            get(read).delete(discard).patch(correct),
-        )
-        .route("/api/v1/admin/dlq/{id}/retry", post(retry))
-        .route_layer(from_fn_with_state(RULES, authorize))
+    guarded(
+        OpenApiRouter::new()
+            .routes(routes!(list))
+            .routes(routes!(retry_all))
+            .routes(routes!(counts))
+            .routes(routes!(start_replay))
+            .routes(routes!(replays))
+            .routes(routes!(read_replay))
+            .routes(routes!(cancel_replay))
+            .routes(routes!(read, discard, correct))
+            .routes(routes!(retry)),
+        RULES,
+    )
 }
 
 impl From<AdminError> for ApiError {
@@ -102,13 +105,24 @@ impl From<EditError> for ApiError {
 
 /// The query of `GET /api/v1/admin/dlq` and `.../dlq/counts`: what finds dead letters, and
 /// (for the list) the page.
-#[derive(Debug, Default, Deserialize, serde::Serialize)]
+#[derive(Debug, Default, Deserialize, Serialize, IntoParams, ToSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+#[schema(as = DeadLetterFilter)]
 pub struct FindQuery {
+    /// Only dead letters of this domain.
+    #[param(value_type = Option<Domain>)]
+    #[schema(value_type = Option<Domain>)]
     domain: Option<String>,
+    /// PENDING, RETRIED or DISCARDED (DISCARDED ones are listed only when asked for).
     status: Option<String>,
+    /// The error class (`X-Error-Class`), such as `schema_violation`.
     error_class: Option<String>,
+    /// The channel of a failed delivery.
+    #[param(value_type = Option<Channel>)]
+    #[schema(value_type = Option<Channel>)]
     failed_channel: Option<String>,
+    /// The payload's eventType.
     event_type: Option<String>,
     /// Failed at or after (RFC 3339).
     from: Option<String>,
@@ -116,8 +130,12 @@ pub struct FindQuery {
     to: Option<String>,
     /// Text the error message contains.
     q: Option<String>,
+    /// A fingerprint from the counts: letters with one cause.
     fingerprint: Option<String>,
+    /// Page size (the list only).
+    #[param(minimum = 1, maximum = 500, default = 50)]
     limit: Option<i64>,
+    /// The `nextCursor` of the previous page (the list only).
     cursor: Option<String>,
 }
 
@@ -187,6 +205,18 @@ fn find(query: &FindQuery) -> Result<Find, ApiError> {
     })
 }
 
+/// Dead letters, newest first; DISCARDED ones only with `status=DISCARDED`.
+#[utoipa::path(
+    get,
+    path = "/api/v1/admin/dlq",
+    operation_id = "listDeadLetters",
+    tag = "admin",
+    params(FindQuery),
+    responses(
+        (status = 200, description = "One page of dead letters.", body = Page),
+        (status = 400, response = BadRequest),
+    )
+)]
 async fn list(
     State(state): State<AppState>,
     ApiQuery(query): ApiQuery<FindQuery>,
@@ -207,8 +237,19 @@ async fn list(
     Ok(Json(dlq::list(&state.db, &filter).await?))
 }
 
-/// `GET /api/v1/admin/dlq/counts`: how many letters a find matches, by error class and by
-/// fingerprint.
+/// How many letters the filters find, by error class and by fingerprint (the class and
+/// message with ids and numbers normalised). No `limit` or `cursor`.
+#[utoipa::path(
+    get,
+    path = "/api/v1/admin/dlq/counts",
+    operation_id = "countDeadLetters",
+    tag = "admin",
+    params(FindQuery),
+    responses(
+        (status = 200, description = "The counts.", body = Counts),
+        (status = 400, response = BadRequest),
+    )
+)]
 async fn counts(
     State(state): State<AppState>,
     ApiQuery(query): ApiQuery<FindQuery>,
@@ -226,6 +267,19 @@ fn id(raw: &str) -> Result<Uuid, ApiError> {
         .map_err(|_| ApiError::BadRequest(format!("{raw:?} is not a dead letter id")))
 }
 
+/// One dead letter, with its corrections.
+#[utoipa::path(
+    get,
+    path = "/api/v1/admin/dlq/{id}",
+    operation_id = "getDeadLetter",
+    tag = "admin",
+    params(("id" = Uuid, Path, description = "The dead letter id.")),
+    responses(
+        (status = 200, description = "The dead letter.", body = DeadLetterView),
+        (status = 400, response = BadRequest),
+        (status = 404, response = NotFound),
+    )
+)]
 async fn read(
     State(state): State<AppState>,
     ApiPath(raw): ApiPath<String>,
@@ -237,14 +291,36 @@ async fn read(
 }
 
 /// `PATCH /api/v1/admin/dlq/{id}` body: one of the two corrections.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
+#[schema(as = DeadLetterCorrection)]
 pub struct CorrectionBody {
+    /// A poison message's whole event, checked as a new event would be.
     payload: Option<Value>,
+    /// A failed delivery's data.
     data: Option<serde_json::Map<String, Value>>,
+    /// A failed delivery's address.
     address: Option<String>,
 }
 
+/// Corrects a PENDING letter before its retry: `payload` (a poison message's whole event)
+/// or `data` and/or `address` (a failed delivery's). Audited; the original is kept.
+#[utoipa::path(
+    patch,
+    path = "/api/v1/admin/dlq/{id}",
+    operation_id = "correctDeadLetter",
+    tag = "admin",
+    params(("id" = Uuid, Path, description = "The dead letter id.")),
+    request_body = CorrectionBody,
+    responses(
+        (status = 200, description = "The corrected dead letter.", body = DeadLetterView),
+        (status = 400, response = BadRequest),
+        (status = 404, response = NotFound),
+        (status = 409, response = Conflict),
+        (status = 415, response = UnsupportedMediaType),
+        (status = 422, response = Unprocessable),
+    )
+)]
 async fn correct(
     State(state): State<AppState>,
     principal: Principal,
@@ -276,35 +352,77 @@ async fn correct(
 }
 
 /// `POST /api/v1/admin/dlq/{id}/retry` query.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 pub struct RetryQuery {
     /// Replay beyond the replay cap.
     #[serde(default)]
     force: bool,
 }
 
+/// What a retry did, and the letter after it.
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+#[schema(as = RetryResult)]
+struct Retried {
+    retry: RetryKind,
+    dead_letter: DeadLetterView,
+}
+
+/// Retries one dead letter: a failed delivery is re-queued (other channels are not sent
+/// again), a poison message re-ingested. Beyond the replay cap only with `force`.
+#[utoipa::path(
+    post,
+    path = "/api/v1/admin/dlq/{id}/retry",
+    operation_id = "retryDeadLetter",
+    tag = "admin",
+    params(("id" = Uuid, Path, description = "The dead letter id."), RetryQuery),
+    responses(
+        (status = 200, description = "Retried.", body = Retried),
+        (status = 400, response = BadRequest),
+        (status = 404, response = NotFound),
+        (status = 409, response = Conflict),
+    )
+)]
 async fn retry(
     State(state): State<AppState>,
     principal: Principal,
     ApiPath(raw): ApiPath<String>,
     ApiQuery(query): ApiQuery<RetryQuery>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<Retried>, ApiError> {
     let id = id(&raw)?;
     let cap = state.settings.dlq.replay_cap;
-    let kind = dlq::retry(&state.ingestor, id, &principal.name(), query.force, cap).await?;
-    let letter = dlq::get(&state.db, id).await?;
-    Ok(Json(json!({ "retry": kind, "deadLetter": letter })))
+    let retry = dlq::retry(&state.ingestor, id, &principal.name(), query.force, cap).await?;
+    let dead_letter = dlq::get(&state.db, id).await?;
+    Ok(Json(Retried { retry, dead_letter }))
 }
 
 /// `POST /api/v1/admin/dlq/retry-all` query.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 pub struct RetryAllQuery {
+    /// Only dead letters of this domain.
+    #[param(value_type = Option<Domain>)]
     domain: Option<String>,
+    /// How many at most, oldest first.
+    #[param(minimum = 1, maximum = 1000, default = 100)]
     limit: Option<i64>,
 }
 
+/// Retries up to `limit` PENDING dead letters at once and reports the counts.
+#[utoipa::path(
+    post,
+    path = "/api/v1/admin/dlq/retry-all",
+    operation_id = "retryAllDeadLetters",
+    tag = "admin",
+    params(RetryAllQuery),
+    responses(
+        (status = 200, description = "What was retried.", body = RetryAllReport),
+        (status = 400, response = BadRequest),
+    )
+)]
 async fn retry_all(
     State(state): State<AppState>,
     principal: Principal,
@@ -324,8 +442,9 @@ async fn retry_all(
 }
 
 /// `POST /api/v1/admin/dlq/replay` body.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[schema(as = ReplayRequest)]
 pub struct ReplayBody {
     /// The list's filters; every PENDING letter when absent.
     filter: Option<FindQuery>,
@@ -339,6 +458,22 @@ pub struct ReplayBody {
     dry_run: bool,
 }
 
+/// Replays the PENDING letters a filter finds, at a bounded rate, in the background; a dry
+/// run answers what would happen and changes nothing.
+#[utoipa::path(
+    post,
+    path = "/api/v1/admin/dlq/replay",
+    operation_id = "replayDeadLetters",
+    tag = "admin",
+    request_body = ReplayBody,
+    responses(
+        (status = 200, description = "The dry run's findings (`dryRun: true`).", body = DryRun),
+        (status = 202, description = "The replay, started.", body = Replay,
+            headers(("Location" = String, description = "The replay's URL."))),
+        (status = 400, response = BadRequest),
+        (status = 415, response = UnsupportedMediaType),
+    )
+)]
 async fn start_replay(
     State(state): State<AppState>,
     principal: Principal,
@@ -396,26 +531,61 @@ async fn start_replay(
 }
 
 /// `GET /api/v1/admin/dlq/replays` query.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 pub struct ReplaysQuery {
+    /// How many, newest first.
+    #[param(minimum = 1, maximum = 100, default = 20)]
     limit: Option<i64>,
 }
 
+/// The most recent replays.
+#[derive(Debug, Serialize, ToSchema)]
+#[schema(as = ReplayPage)]
+struct Replays {
+    items: Vec<Replay>,
+}
+
+/// The most recent replays, newest first.
+#[utoipa::path(
+    get,
+    path = "/api/v1/admin/dlq/replays",
+    operation_id = "listReplays",
+    tag = "admin",
+    params(ReplaysQuery),
+    responses(
+        (status = 200, description = "The replays.", body = Replays),
+        (status = 400, response = BadRequest),
+    )
+)]
 async fn replays(
     State(state): State<AppState>,
     ApiQuery(query): ApiQuery<ReplaysQuery>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<Replays>, ApiError> {
     let limit = super::error::page_limit(query.limit, 20, 100)?;
-    Ok(Json(
-        json!({ "items": replay::list(&state.db, limit).await? }),
-    ))
+    Ok(Json(Replays {
+        items: replay::list(&state.db, limit).await?,
+    }))
 }
 
 fn replay_id(raw: &str) -> Result<Uuid, ApiError> {
     Uuid::parse_str(raw).map_err(|_| ApiError::BadRequest(format!("{raw:?} is not a replay id")))
 }
 
+/// One replay and how far it got.
+#[utoipa::path(
+    get,
+    path = "/api/v1/admin/dlq/replays/{id}",
+    operation_id = "getReplay",
+    tag = "admin",
+    params(("id" = Uuid, Path, description = "The replay id.")),
+    responses(
+        (status = 200, description = "The replay.", body = Replay),
+        (status = 400, response = BadRequest),
+        (status = 404, response = NotFound),
+    )
+)]
 async fn read_replay(
     State(state): State<AppState>,
     ApiPath(raw): ApiPath<String>,
@@ -427,6 +597,20 @@ async fn read_replay(
         .ok_or_else(|| ApiError::NotFound(format!("no replay {id}")))
 }
 
+/// Stops a running replay; letters not reached yet stay PENDING.
+#[utoipa::path(
+    post,
+    path = "/api/v1/admin/dlq/replays/{id}/cancel",
+    operation_id = "cancelReplay",
+    tag = "admin",
+    params(("id" = Uuid, Path, description = "The replay id.")),
+    responses(
+        (status = 200, description = "The replay, cancelled.", body = Replay),
+        (status = 400, response = BadRequest),
+        (status = 404, response = NotFound),
+        (status = 409, response = Conflict),
+    )
+)]
 async fn cancel_replay(
     State(state): State<AppState>,
     principal: Principal,
@@ -439,6 +623,20 @@ async fn cancel_replay(
     }
 }
 
+/// Discards a dead letter: a soft delete, kept for audit.
+#[utoipa::path(
+    delete,
+    path = "/api/v1/admin/dlq/{id}",
+    operation_id = "discardDeadLetter",
+    tag = "admin",
+    params(("id" = Uuid, Path, description = "The dead letter id.")),
+    responses(
+        (status = 200, description = "The discarded dead letter.", body = DeadLetterView),
+        (status = 400, response = BadRequest),
+        (status = 404, response = NotFound),
+        (status = 409, response = Conflict),
+    )
+)]
 async fn discard(
     State(state): State<AppState>,
     principal: Principal,

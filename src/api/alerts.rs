@@ -3,14 +3,13 @@
 //! when, and what the ops Slack was last told. For operators (`dlq:admin`) and analysts
 //! (`dashboard:read`).
 
-use axum::{
-    Json, Router, extract::State, http::Method, middleware::from_fn_with_state, routing::get,
-};
+use axum::{Json, extract::State, http::Method};
 use serde::Serialize;
+use utoipa_axum::{router::OpenApiRouter, routes};
 
 use super::{
     AppState,
-    auth::{Need, Rules, authorize},
+    auth::{Need, Rules, guarded},
     error::ApiError,
 };
 use crate::{
@@ -19,18 +18,16 @@ use crate::{
 };
 
 /// The alerts route, needing `dashboard:read` or `dlq:admin`.
-pub fn router() -> Router<AppState> {
+pub fn router() -> OpenApiRouter<AppState> {
     const RULES: Rules = &[(
         Method::GET,
         Need::AnyScope(&[Scope::DashboardRead, Scope::DlqAdmin]),
     )];
-    Router::new()
-        .route("/api/v1/admin/alerts", get(list))
-        .route_layer(from_fn_with_state(RULES, authorize))
+    guarded(OpenApiRouter::new().routes(routes!(list)), RULES)
 }
 
 /// The answer: the rules as configured, and every alert as last evaluated.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct AlertsReport {
     enabled: bool,
@@ -40,8 +37,9 @@ pub struct AlertsReport {
 }
 
 /// One rule as configured.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
+#[schema(as = AlertRule)]
 pub struct RuleView {
     alert: &'static str,
     severity: &'static str,
@@ -51,6 +49,15 @@ pub struct RuleView {
     resolve_after_seconds: f64,
 }
 
+/// The delivery-health alerts Herald evaluates itself, each with its state (ok, pending,
+/// firing), value, threshold, since when, and what the ops Slack was last told.
+#[utoipa::path(
+    get,
+    path = "/api/v1/admin/alerts",
+    operation_id = "listAlerts",
+    tag = "admin",
+    responses((status = 200, description = "The rules and the alerts.", body = AlertsReport))
+)]
 async fn list(State(state): State<AppState>) -> Result<Json<AlertsReport>, ApiError> {
     let settings = &state.settings.alerts;
     let rules = Rule::ALL

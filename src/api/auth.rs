@@ -13,11 +13,17 @@
 use axum::{
     extract::{FromRequestParts, RawPathParams, Request, State},
     http::{HeaderMap, Method, header, request::Parts},
-    middleware::Next,
+    middleware::{Next, from_fn_with_state},
     response::{IntoResponse, Response},
 };
+use utoipa::openapi::{PathItem, path::Operation, security::SecurityRequirement};
+use utoipa_axum::router::OpenApiRouter;
 
-use super::{AppState, error::ApiError};
+use super::{
+    AppState,
+    docs::{self, API_KEY, USER_TOKEN},
+    error::ApiError,
+};
 use crate::auth::{AuthFailure, Principal, Scope};
 
 /// What one method of a route needs.
@@ -42,6 +48,47 @@ pub enum UserIn {
 
 /// A route's rules: what each method it serves needs.
 pub type Rules = &'static [(Method, Need)];
+
+/// Serves `routes` behind `rules` ([`authorize`]) and writes the same rules into their
+/// operations' `security`, with the 401 and 403 they answer: the document says what is
+/// enforced because it is read from the same rules.
+pub fn guarded(mut routes: OpenApiRouter<AppState>, rules: Rules) -> OpenApiRouter<AppState> {
+    for item in routes.get_openapi_mut().paths.paths.values_mut() {
+        for (method, need) in rules {
+            if let Some(operation) = operation_mut(item, method) {
+                operation.security = Some(requirements(*need));
+                docs::respond(operation, 401, "Unauthorized");
+                docs::respond(operation, 403, "Forbidden");
+            }
+        }
+    }
+    routes.route_layer(from_fn_with_state(rules, authorize))
+}
+
+/// The operation of a path item for an HTTP method.
+fn operation_mut<'a>(item: &'a mut PathItem, method: &Method) -> Option<&'a mut Operation> {
+    match *method {
+        Method::GET => item.get.as_mut(),
+        Method::POST => item.post.as_mut(),
+        Method::PUT => item.put.as_mut(),
+        Method::PATCH => item.patch.as_mut(),
+        Method::DELETE => item.delete.as_mut(),
+        _ => None,
+    }
+}
+
+/// What a [`Need`] asks of a caller, as OpenAPI security requirements (any one will do).
+fn requirements(need: Need) -> Vec<SecurityRequirement> {
+    let key = |scope: Scope| SecurityRequirement::new(API_KEY, [scope.as_str()]);
+    match need {
+        Need::Scope(scope) => vec![key(scope)],
+        Need::ScopeOrOwner(scope, _) => vec![
+            key(scope),
+            SecurityRequirement::new(USER_TOKEN, Vec::<String>::new()),
+        ],
+        Need::AnyScope(scopes) => scopes.iter().copied().map(key).collect(),
+    }
+}
 
 /// Authenticates requests under `/api/` (see the module docs).
 pub async fn authenticate(

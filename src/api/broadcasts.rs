@@ -4,32 +4,36 @@
 
 use anyhow::Context;
 use axum::{
-    Json, Router,
+    Json,
     body::Bytes,
     extract::{DefaultBodyLimit, State, rejection::BytesRejection},
     http::{HeaderMap, Method},
-    middleware::from_fn_with_state,
     response::Response,
-    routing::{get, post},
 };
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
+use utoipa::IntoParams;
+use utoipa_axum::{router::OpenApiRouter, routes};
 use uuid::Uuid;
 
 use super::{
     AppState,
-    auth::{Need, Rules, authorize},
-    error::{ApiError, ApiPath, ApiQuery},
+    auth::{Need, Rules, guarded},
+    error::{
+        ApiError, ApiPath, ApiQuery, BadRequest, Conflict, NotFound, Unprocessable,
+        UnsupportedMediaType,
+    },
     notifications::{
-        Content, accepted_response, bad, check_schedule, idempotency_key, parse_channels,
-        read_request,
+        Content, IdempotencyKey, accepted_response, bad, check_schedule, idempotency_key,
+        parse_channels, read_request,
     },
 };
 use crate::{
     auth::{Principal, Scope},
     broadcast::{
-        self, Audience, BroadcastRow, BroadcastStatus, Cancelled, Created, NewBroadcast, Totals,
+        self, Audience, BroadcastRow, BroadcastStatus, Cancelled, Created, NewBroadcast, Segment,
+        Totals,
     },
     domain::Channel,
 };
@@ -43,25 +47,25 @@ const MAX_NAME_CHARS: usize = 200;
 const MAX_DATA_BYTES: usize = 64 * 1024;
 
 /// The broadcast routes: `broadcasts:write` to create and cancel, `broadcasts:read` to read.
-pub fn router() -> Router<AppState> {
+pub fn router() -> OpenApiRouter<AppState> {
     const RULES: Rules = &[
         (Method::GET, Need::Scope(Scope::BroadcastsRead)),
         (Method::POST, Need::Scope(Scope::BroadcastsWrite)),
     ];
-    Router::new()
-        .route(
-            "/api/v1/broadcasts",
-            post(create)
-                .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
-                .get(list),
-        )
-        .route("/api/v1/broadcasts/{id}", get(read))
-        .route("/api/v1/broadcasts/{id}/cancel", post(cancel))
-        .route_layer(from_fn_with_state(RULES, authorize))
+    let (schemas, paths, create) = routes!(create);
+    let create = create.layer(DefaultBodyLimit::max(MAX_BODY_BYTES));
+    guarded(
+        OpenApiRouter::new()
+            .routes((schemas, paths, create))
+            .routes(routes!(list))
+            .routes(routes!(read))
+            .routes(routes!(cancel)),
+        RULES,
+    )
 }
 
 /// The creation request.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 struct BroadcastRequest {
     name: Option<String>,
@@ -76,13 +80,14 @@ struct BroadcastRequest {
 }
 
 /// A broadcast as the API shows it.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
+#[schema(as = Broadcast)]
 pub struct BroadcastView {
     broadcast_id: Uuid,
     name: Option<String>,
     status: BroadcastStatus,
-    audience: Value,
+    audience: AudienceShown,
     channels: Vec<String>,
     event_type: String,
     totals: Totals,
@@ -99,8 +104,19 @@ pub struct BroadcastView {
     cancelled_by: Option<String>,
 }
 
-#[derive(Debug, Serialize)]
+/// A broadcast's audience as shown: the segment as given, or the size of an explicit list
+/// (which can be 100,000 ids).
+#[derive(Debug, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
+#[schema(as = BroadcastAudience)]
+enum AudienceShown {
+    Segment(Segment),
+    UserCount(i64),
+}
+
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase")]
+#[schema(as = BroadcastTimings)]
 struct Timings {
     created_at: DateTime<Utc>,
     scheduled_at: DateTime<Utc>,
@@ -115,17 +131,42 @@ struct Timings {
     recipients_per_second: Option<f64>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 struct ListQuery {
+    /// How many, newest first.
+    #[param(minimum = 1, maximum = 100, default = 20)]
     limit: Option<i64>,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+#[schema(as = BroadcastPage)]
 struct ListView {
     items: Vec<BroadcastView>,
 }
 
+/// One message to an audience (user ids or a segment of the directory), fanned out in the
+/// background through the ordinary delivery pipeline.
+#[utoipa::path(
+    post,
+    path = "/api/v1/broadcasts",
+    operation_id = "createBroadcast",
+    tag = "broadcasts",
+    params(IdempotencyKey),
+    request_body = BroadcastRequest,
+    responses(
+        (status = 202, description = "Accepted: the broadcast is stored and scheduled.",
+            body = BroadcastView,
+            headers(
+                ("Location" = String, description = "The broadcast's URL."),
+                ("Idempotency-Replayed" = String, description = "`true` when this is the stored answer to an earlier request with the same Idempotency-Key."),
+            )),
+        (status = 400, response = BadRequest),
+        (status = 415, response = UnsupportedMediaType),
+        (status = 422, response = Unprocessable),
+    )
+)]
 async fn create(
     State(state): State<AppState>,
     principal: Principal,
@@ -224,6 +265,19 @@ fn validate(
     })
 }
 
+/// One broadcast: status, totals, progress and timings.
+#[utoipa::path(
+    get,
+    path = "/api/v1/broadcasts/{id}",
+    operation_id = "getBroadcast",
+    tag = "broadcasts",
+    params(("id" = Uuid, Path, description = "The broadcast id.")),
+    responses(
+        (status = 200, description = "The broadcast.", body = BroadcastView),
+        (status = 400, response = BadRequest),
+        (status = 404, response = NotFound),
+    )
+)]
 async fn read(
     State(state): State<AppState>,
     ApiPath(id): ApiPath<Uuid>,
@@ -234,6 +288,18 @@ async fn read(
     Ok(Json(view(&state, row).await?))
 }
 
+/// The most recent broadcasts, newest first.
+#[utoipa::path(
+    get,
+    path = "/api/v1/broadcasts",
+    operation_id = "listBroadcasts",
+    tag = "broadcasts",
+    params(ListQuery),
+    responses(
+        (status = 200, description = "The broadcasts.", body = ListView),
+        (status = 400, response = BadRequest),
+    )
+)]
 async fn list(
     State(state): State<AppState>,
     ApiQuery(query): ApiQuery<ListQuery>,
@@ -249,6 +315,20 @@ async fn list(
     Ok(Json(ListView { items }))
 }
 
+/// Cancels a broadcast that has not finished.
+#[utoipa::path(
+    post,
+    path = "/api/v1/broadcasts/{id}/cancel",
+    operation_id = "cancelBroadcast",
+    tag = "broadcasts",
+    params(("id" = Uuid, Path, description = "The broadcast id.")),
+    responses(
+        (status = 200, description = "The broadcast, cancelled.", body = BroadcastView),
+        (status = 400, response = BadRequest),
+        (status = 404, response = NotFound),
+        (status = 409, response = Conflict),
+    )
+)]
 async fn cancel(
     State(state): State<AppState>,
     principal: Principal,
@@ -297,7 +377,8 @@ async fn view(state: &AppState, row: BroadcastRow) -> Result<BroadcastView, ApiE
         broadcast_id: row.id,
         status: row.status(),
         name: row.name,
-        audience: row.audience,
+        audience: serde_json::from_value(row.audience)
+            .context("Failed to read a broadcast's audience")?,
         channels: channel_names,
         event_type: row.event_type,
         totals,

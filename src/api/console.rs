@@ -5,35 +5,20 @@
 //! scopes of the routes they call.
 
 use axum::{
-    Router,
     http::{HeaderValue, header},
     response::{IntoResponse, Response},
     routing::get,
 };
+use utoipa_axum::{router::OpenApiRouter, routes};
 
 use super::AppState;
 
-/// The console's routes (open: they hold no data; the API they call checks the key).
-pub fn router() -> Router<AppState> {
-    Router::new()
-        .route(
-            "/console",
-            get(|| {
-                asset(
-                    include_str!("console/index.html"),
-                    "text/html; charset=utf-8",
-                )
-            }),
-        )
-        .route(
-            "/console/",
-            get(|| {
-                asset(
-                    include_str!("console/index.html"),
-                    "text/html; charset=utf-8",
-                )
-            }),
-        )
+/// The console's routes (open: they hold no data; the API they call checks the key). The
+/// page is documented; `/console/` serves it too, and its script and stylesheet are assets.
+pub fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(page))
+        .route("/console/", get(page))
         .route(
             "/console/console.js",
             get(|| {
@@ -54,8 +39,23 @@ pub fn router() -> Router<AppState> {
         )
 }
 
-/// One asset, with headers that keep the page to its own origin: it runs only its own
-/// script, talks only to this Herald, and cannot be framed.
+/// The operators' console: dead letters, broadcasts, delivery statistics and a
+/// notification's timeline, calling this API with an API key.
+#[utoipa::path(
+    get,
+    path = "/console",
+    operation_id = "console",
+    tag = "operations",
+    responses((status = 200, description = "The page (HTML).", body = String, content_type = "text/html"))
+)]
+async fn page() -> Response {
+    asset(
+        include_str!("console/index.html"),
+        "text/html; charset=utf-8",
+    )
+    .await
+}
+
 async fn asset(body: &'static str, content_type: &'static str) -> Response {
     (
         [

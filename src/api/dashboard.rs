@@ -6,16 +6,16 @@
 //! - `GET /api/v1/dashboard/delivery/channels?from=&to=`: per channel (default 30 days).
 //! - `GET /api/v1/dashboard/delivery/failures?limit=`: the most recent failures.
 
-use axum::{
-    Json, Router, extract::State, http::Method, middleware::from_fn_with_state, routing::get,
-};
+use axum::{Json, extract::State, http::Method};
 use chrono::{Datelike, Days, NaiveDate, Utc};
 use serde::{Deserialize, Serialize};
+use utoipa::{IntoParams, ToSchema};
+use utoipa_axum::{router::OpenApiRouter, routes};
 
 use super::{
     AppState,
-    auth::{Need, Rules, authorize},
-    error::{ApiError, ApiQuery},
+    auth::{Need, Rules, guarded},
+    error::{ApiError, ApiQuery, BadRequest},
 };
 use crate::{
     auth::Scope,
@@ -26,29 +26,38 @@ use crate::{
 pub const MAX_RANGE_DAYS: u64 = 366;
 
 /// The dashboard routes, each needing `dashboard:read`.
-pub fn router() -> Router<AppState> {
+pub fn router() -> OpenApiRouter<AppState> {
     const RULES: Rules = &[(Method::GET, Need::Scope(Scope::DashboardRead))];
-    Router::new()
-        .route("/api/v1/dashboard/delivery", get(daily))
-        .route("/api/v1/dashboard/delivery/channels", get(channels))
-        .route("/api/v1/dashboard/delivery/failures", get(failures))
-        .route_layer(from_fn_with_state(RULES, authorize))
+    guarded(
+        OpenApiRouter::new()
+            .routes(routes!(daily))
+            .routes(routes!(channels))
+            .routes(routes!(failures)),
+        RULES,
+    )
 }
 
 /// `?from=&to=`
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 pub struct Range {
+    /// First day of the period (inclusive, `YYYY-MM-DD`), in the reporting time zone.
+    /// Default: the period's length before `to`.
+    #[param(value_type = Option<NaiveDate>)]
     from: Option<String>,
+    /// Last day of the period (inclusive), in the reporting time zone. Default: today.
+    #[param(value_type = Option<NaiveDate>)]
     to: Option<String>,
 }
 
 /// The answer's period and rows.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Report<T> {
     from: NaiveDate,
     to: NaiveDate,
+    /// The reporting time zone (HERALD_REPORTING_TIMEZONE), in which days are counted.
     timezone: String,
     items: Vec<T>,
 }
@@ -96,6 +105,18 @@ fn range(
     Ok((from, to))
 }
 
+/// Terminal outcomes per day and channel (default: the last 7 days; at most 366 days).
+#[utoipa::path(
+    get,
+    path = "/api/v1/dashboard/delivery",
+    operation_id = "getDailyDelivery",
+    tag = "dashboard",
+    params(Range),
+    responses(
+        (status = 200, description = "The period and its rows.", body = Report<DailyStats>),
+        (status = 400, response = BadRequest),
+    )
+)]
 async fn daily(
     State(state): State<AppState>,
     ApiQuery(query): ApiQuery<Range>,
@@ -105,6 +126,18 @@ async fn daily(
     Ok(Json(report(&state, from, to, items)))
 }
 
+/// Totals and success rate per channel (default: the last 30 days; at most 366 days).
+#[utoipa::path(
+    get,
+    path = "/api/v1/dashboard/delivery/channels",
+    operation_id = "getChannelDelivery",
+    tag = "dashboard",
+    params(Range),
+    responses(
+        (status = 200, description = "The period and its rows.", body = Report<ChannelStats>),
+        (status = 400, response = BadRequest),
+    )
+)]
 async fn channels(
     State(state): State<AppState>,
     ApiQuery(query): ApiQuery<Range>,
@@ -129,12 +162,27 @@ fn report<T>(state: &AppState, from: NaiveDate, to: NaiveDate, items: Vec<T>) ->
 }
 
 /// `?limit=`
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 pub struct FailuresQuery {
+    /// How many, newest first.
+    #[param(minimum = 1, maximum = 200, default = 20)]
     limit: Option<i64>,
 }
 
+/// The most recent failures with their reasons, newest first.
+#[utoipa::path(
+    get,
+    path = "/api/v1/dashboard/delivery/failures",
+    operation_id = "getRecentFailures",
+    tag = "dashboard",
+    params(FailuresQuery),
+    responses(
+        (status = 200, description = "The failures.", body = Vec<Failure>),
+        (status = 400, response = BadRequest),
+    )
+)]
 async fn failures(
     State(state): State<AppState>,
     ApiQuery(query): ApiQuery<FailuresQuery>,

@@ -14,8 +14,18 @@ use axum::{
     response::{IntoResponse, Response},
 };
 use serde::Serialize;
+use utoipa::{
+    ToSchema,
+    openapi::{
+        ContentBuilder, HeaderBuilder, ObjectBuilder, Ref, RefOr, ResponseBuilder, Type,
+        response::Response as Documented,
+    },
+};
 
-use crate::event_schemas::{Problem, SchemaViolation};
+use crate::{
+    auth::AuthFailure,
+    event_schemas::{Problem, SchemaViolation},
+};
 
 /// An error an API handler returns.
 #[derive(Debug, thiserror::Error)]
@@ -73,15 +83,21 @@ pub enum ApiError {
 }
 
 /// The JSON error body.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
+#[schema(as = Error)]
 pub struct ErrorBody {
     pub error: ErrorDetail,
 }
 
-/// The `error` member of [`ErrorBody`].
-#[derive(Debug, Serialize)]
+/// The `error` member of the error body.
+#[derive(Debug, Serialize, ToSchema)]
 pub struct ErrorDetail {
+    /// Machine-readable: `invalid_request`, `schema_violation`, `unauthorized`, `forbidden`,
+    /// `not_found`, `conflict`, `payload_too_large`, `unsupported_media_type`,
+    /// `idempotency_key_reused`, `template_invalid`, `too_many_requests`, `unavailable`,
+    /// `overloaded`, `timeout`, `internal`, ...
     pub code: &'static str,
+    /// For a person.
     pub message: String,
     /// Each problem with its path, when the error is about fields of the request.
     #[serde(skip_serializing_if = "Vec::is_empty")]
@@ -100,6 +116,88 @@ impl ErrorBody {
         }
     }
 }
+
+/// Declares the reusable error responses of the OpenAPI document (`components.responses`):
+/// each is the JSON error body with an example of a real answer (built as the handler builds
+/// it; `tests/api/docs.rs` compares some with what the app answers) and, where the answer
+/// carries one, a header.
+macro_rules! documented_errors {
+    ($(
+        $name:ident $([$header:literal: $header_doc:literal])? => $description:literal,
+        example ($code:literal, $message:expr);
+    )*) => {$(
+        #[doc = $description]
+        pub struct $name;
+
+        impl<'r> utoipa::ToResponse<'r> for $name {
+            fn response() -> (&'r str, RefOr<Documented>) {
+                let example = serde_json::to_value(ErrorBody::new($code, $message))
+                    .expect("an error body serializes");
+                let json = ContentBuilder::new()
+                    .schema(Some(Ref::from_schema_name("Error")))
+                    .example(Some(example))
+                    .build();
+                let response = ResponseBuilder::new()
+                    .description($description)
+                    .content("application/json", json);
+                $(
+                    let response = response.header(
+                        $header,
+                        HeaderBuilder::new()
+                            .schema(Some(ObjectBuilder::new().schema_type(Type::String)))
+                            .description(Some($header_doc))
+                            .build(),
+                    );
+                )?
+                (stringify!($name), response.build().into())
+            }
+        }
+    )*};
+}
+
+documented_errors! {
+    BadRequest => "`invalid_request`: the body, a path or query parameter (unknown query \
+        parameters included) or a value is not acceptable; `message` says which. \
+        `schema_violation`: `data` breaks the event type's schema; `details` names each path.",
+        example ("invalid_request", "userId must be a positive integer, got 0");
+    Unauthorized ["WWW-Authenticate": "`Bearer realm=\"herald\"`"] => "`unauthorized`: no \
+        valid credential (missing, malformed, unknown, revoked, forged or expired).",
+        example ("unauthorized", AuthFailure::Missing.message());
+    Forbidden => "`forbidden`: a valid credential without the operation's scope, or a user \
+        token on another user's route.",
+        example ("forbidden", "this credential lacks the scope dlq:admin");
+    NotFound => "`not_found`: there is no such resource.",
+        example ("not_found", "no notification 0193a5f2-6c1e-7b3d-9a0f-3c5e8d2b1a47");
+    Conflict => "`conflict`: the resource is not in a state that allows the action.",
+        example ("conflict", "broadcast 0193a5f2-6c1e-7b3d-9a0f-3c5e8d2b1a47 has already finished (COMPLETED)");
+    PayloadTooLarge => "`payload_too_large`: the body is over 256 KiB.",
+        example ("payload_too_large", TOO_LARGE);
+    UnsupportedMediaType => "`unsupported_media_type`: the body is not sent as \
+        `Content-Type: application/json`.",
+        example ("unsupported_media_type", JSON_ONLY);
+    Unprocessable => "Well-formed but not acceptable as sent, with its own `code` \
+        (`idempotency_key_reused`: an Idempotency-Key reused with another body).",
+        example ("idempotency_key_reused", "this Idempotency-Key was used with a different request body");
+    TooManyRequests ["Retry-After": "Seconds to wait before trying again."] =>
+        "`too_many_requests`: this caller holds as much as it may (its share of in-app \
+        streams).",
+        example ("too_many_requests", "this user has as many open in-app streams as one user may");
+    Unavailable ["Retry-After": "Seconds to wait (`overloaded`, `timeout`)."] =>
+        "`overloaded` or `timeout`: the instance is at a capacity bound or the request took \
+        too long; `unavailable`: a dependency needed to answer is down, or the feature is \
+        switched off.",
+        example ("overloaded", "too many requests in progress on this instance; retry shortly");
+    Internal => "`internal`: something the client cannot fix (PostgreSQL unreachable, say). \
+        The cause is in the server logs, never in the body.",
+        example ("internal", INTERNAL);
+}
+
+/// The message of every 413.
+const TOO_LARGE: &str = "the request body is too large";
+/// The message of a body that is not JSON.
+const JSON_ONLY: &str = "send the body as Content-Type: application/json";
+/// The message of every 500.
+const INTERNAL: &str = "internal error; see the server logs";
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
@@ -142,7 +240,7 @@ impl IntoResponse for ApiError {
             }
             ApiError::Internal(cause) => {
                 tracing::error!(error = format!("{cause:#}"), "request failed");
-                let body = ErrorBody::new("internal", "internal error; see the server logs");
+                let body = ErrorBody::new("internal", INTERNAL);
                 return (StatusCode::INTERNAL_SERVER_ERROR, Json(body)).into_response();
             }
         };
@@ -173,7 +271,7 @@ impl From<JsonRejection> for ApiError {
 impl From<BytesRejection> for ApiError {
     fn from(rejection: BytesRejection) -> Self {
         if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
-            ApiError::PayloadTooLarge("the request body is too large".to_owned())
+            ApiError::PayloadTooLarge(TOO_LARGE.to_owned())
         } else {
             ApiError::BadRequest(rejection.body_text())
         }
@@ -212,7 +310,7 @@ pub fn media_type(headers: &HeaderMap) -> Option<String> {
 }
 
 fn json_only() -> ApiError {
-    ApiError::UnsupportedMediaType("send the body as Content-Type: application/json".into())
+    ApiError::UnsupportedMediaType(JSON_ONLY.into())
 }
 
 /// `axum::Json` with rejections in the JSON error body.

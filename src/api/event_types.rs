@@ -11,16 +11,15 @@
 
 use std::collections::BTreeMap;
 
-use axum::{
-    Json, Router, extract::State, http::Method, middleware::from_fn_with_state, routing::get,
-};
+use axum::{Json, extract::State, http::Method};
 use serde::Serialize;
 use serde_json::Value;
+use utoipa_axum::{router::OpenApiRouter, routes};
 
 use super::{
     AppState,
-    auth::{Need, Rules, authorize},
-    error::{ApiError, ApiPath},
+    auth::{Need, Rules, guarded},
+    error::{ApiError, ApiPath, NotFound},
 };
 use crate::{
     auth::Scope,
@@ -30,18 +29,21 @@ use crate::{
 };
 
 /// The event-type routes.
-pub fn router() -> Router<AppState> {
+pub fn router() -> OpenApiRouter<AppState> {
     const READERS: &[Scope] = &[Scope::NotificationsRead, Scope::NotificationsWrite];
     const RULES: Rules = &[(Method::GET, Need::AnyScope(READERS))];
-    Router::new()
-        .route("/api/v1/event-types", get(list))
-        .route("/api/v1/event-types/{event_type}", get(read))
-        .route_layer(from_fn_with_state(RULES, authorize))
+    guarded(
+        OpenApiRouter::new()
+            .routes(routes!(list))
+            .routes(routes!(read)),
+        RULES,
+    )
 }
 
 /// One event type in the list.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
+#[schema(as = EventTypeSummary)]
 struct Summary {
     event_type: String,
     description: String,
@@ -58,8 +60,9 @@ struct Summary {
 }
 
 /// One event type in full.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
+#[schema(as = EventTypeDetail)]
 struct Detail {
     #[serde(flatten)]
     summary: Summary,
@@ -75,11 +78,21 @@ struct Detail {
     default_locale: Locale,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+#[schema(as = EventTypeList)]
 struct List {
     items: Vec<Summary>,
 }
 
+/// Every event type Herald takes, with its domain, topic, default channels and required
+/// fields.
+#[utoipa::path(
+    get,
+    path = "/api/v1/event-types",
+    operation_id = "listEventTypes",
+    tag = "event-types",
+    responses((status = 200, description = "The event types.", body = List))
+)]
 async fn list(State(state): State<AppState>) -> Json<List> {
     let mut items: Vec<Summary> = state
         .routing
@@ -96,6 +109,19 @@ async fn list(State(state): State<AppState>) -> Json<List> {
     Json(List { items })
 }
 
+/// One event type with its JSON Schema (draft 2020-12), an example, and the locales its
+/// templates exist in.
+#[utoipa::path(
+    get,
+    path = "/api/v1/event-types/{eventType}",
+    operation_id = "getEventType",
+    tag = "event-types",
+    params(("eventType" = String, Path, description = "The event type, such as `PAYMENT_COMPLETED`.")),
+    responses(
+        (status = 200, description = "The event type.", body = Detail),
+        (status = 404, response = NotFound),
+    )
+)]
 async fn read(
     State(state): State<AppState>,
     ApiPath(name): ApiPath<String>,

@@ -12,37 +12,62 @@
 
 use std::{collections::BTreeMap, future::Future, time::Instant};
 
+use std::sync::Arc;
+
 use axum::{
-    Json, Router,
+    Json,
     extract::State,
     http::{HeaderMap, StatusCode},
-    routing::get,
 };
 use serde::Serialize;
-use serde_json::json;
 use tokio::time::{Duration, timeout};
+use utoipa::ToSchema;
+use utoipa_axum::{router::OpenApiRouter, routes};
 
 use super::{AppState, error::ErrorBody};
 use crate::auth::Principal;
 use crate::kafka::watchdog::ConsumerReport;
+use crate::roles::Role;
 
 /// How long one dependency may take to answer before it counts as down.
 pub const CHECK_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// The health routes.
-pub fn router() -> Router<AppState> {
-    Router::new()
-        .route("/health/live", get(live))
-        .route("/health/ready", get(ready))
+pub fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(live))
+        .routes(routes!(ready))
 }
 
-async fn live(State(state): State<AppState>) -> Json<serde_json::Value> {
-    Json(json!({ "status": "live", "roles": state.roles }))
+/// The liveness answer.
+#[derive(Debug, Serialize, ToSchema)]
+struct Liveness {
+    /// Always `live`.
+    status: &'static str,
+    /// The roles this instance runs.
+    #[schema(value_type = Vec<Role>)]
+    roles: Arc<[Role]>,
+}
+
+/// Liveness: the process serves requests.
+#[utoipa::path(
+    get,
+    path = "/health/live",
+    operation_id = "getLiveness",
+    tag = "operations",
+    responses((status = 200, description = "The instance is live.", body = Liveness))
+)]
+async fn live(State(state): State<AppState>) -> Json<Liveness> {
+    Json(Liveness {
+        status: "live",
+        roles: state.roles,
+    })
 }
 
 /// One dependency's state in the readiness body.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
+#[schema(as = DependencyCheck)]
 struct Check {
     status: &'static str,
     latency_ms: u128,
@@ -51,7 +76,7 @@ struct Check {
 }
 
 /// The readiness body: `status` is `ready` or `unavailable`; `error` names what is down.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 struct Readiness {
     status: &'static str,
     checks: BTreeMap<&'static str, Check>,
@@ -61,6 +86,20 @@ struct Readiness {
     error: Option<crate::api::error::ErrorDetail>,
 }
 
+/// Readiness: PostgreSQL, Redis and Kafka answer and every consumer group has its
+/// partitions. Each dependency's error text is shown only to a caller with an API key or the
+/// admin token.
+#[utoipa::path(
+    get,
+    path = "/health/ready",
+    operation_id = "getReadiness",
+    tag = "operations",
+    responses(
+        (status = 200, description = "Ready.", body = Readiness),
+        (status = 503, description = "Not ready: `error.code` is `not_ready` and `error.message` \
+            names what is down (or `shutting down`).", body = Readiness),
+    )
+)]
 async fn ready(State(state): State<AppState>, headers: HeaderMap) -> (StatusCode, Json<Readiness>) {
     let (postgres, redis, kafka) = tokio::join!(
         check(async {

@@ -4,10 +4,11 @@
 use axum::{Json, extract::State};
 use chrono::{DateTime, Utc};
 use serde::Deserialize;
+use utoipa::IntoParams;
 
 use super::{
     AppState,
-    error::{ApiError, ApiQuery},
+    error::{ApiError, ApiQuery, BadRequest},
     users::user_id,
 };
 use crate::{
@@ -20,15 +21,26 @@ pub const DEFAULT_LIMIT: i64 = 50;
 pub const MAX_LIMIT: i64 = 200;
 
 /// The query string.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, IntoParams)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 pub struct HistoryQuery {
+    /// The user, a positive integer.
     user_id: i64,
+    /// Only deliveries on this channel.
+    #[param(value_type = Option<Channel>)]
     channel: Option<String>,
+    /// Only deliveries in this status.
+    #[param(value_type = Option<DeliveryStatus>)]
     status: Option<String>,
+    /// Only deliveries created at or after this time.
     from: Option<DateTime<Utc>>,
+    /// Only deliveries created at or before this time.
     to: Option<DateTime<Utc>>,
+    /// The `nextCursor` of the previous page.
     cursor: Option<String>,
+    /// Page size.
+    #[param(minimum = 1, maximum = 200, default = 50)]
     limit: Option<i64>,
 }
 
@@ -46,7 +58,19 @@ pub fn cursor(raw: Option<&str>) -> Result<Option<(DateTime<Utc>, uuid::Uuid)>, 
     .transpose()
 }
 
-/// The handler.
+/// A user's history from the read model, newest first, with cursor pagination and
+/// filters.
+#[utoipa::path(
+    get,
+    path = "/api/v1/notifications",
+    operation_id = "listNotifications",
+    tag = "notifications",
+    params(HistoryQuery),
+    responses(
+        (status = 200, description = "One page of the user's deliveries.", body = HistoryPage),
+        (status = 400, response = BadRequest),
+    )
+)]
 pub async fn list(
     State(state): State<AppState>,
     ApiQuery(query): ApiQuery<HistoryQuery>,

@@ -10,34 +10,34 @@
 use std::convert::Infallible;
 
 use axum::{
-    Json, Router,
+    Json,
     extract::State,
     http::Method,
-    middleware::from_fn_with_state,
     response::sse::{Event, KeepAlive, Sse},
-    routing::{get, post},
 };
 use futures_util::{Stream, StreamExt};
-use serde::Deserialize;
-use serde_json::{Value, json};
+use serde::{Deserialize, Serialize};
+use utoipa::{IntoParams, ToSchema};
+use utoipa_axum::{router::OpenApiRouter, routes};
 use uuid::Uuid;
 
 use super::{
     AppState,
-    auth::{Need, Rules, UserIn, authorize},
-    error::{ApiError, ApiPath, ApiQuery},
+    auth::{Need, Rules, UserIn, guarded},
+    error::{ApiError, ApiPath, ApiQuery, BadRequest, NotFound, TooManyRequests},
     history::{cursor, page_limit},
     users::user_id,
 };
 use crate::{
     auth::Scope,
     channels::in_app_hub::Refusal,
+    domain::UserId,
     read_model::queries::{self, HistoryFilter, HistoryPage},
 };
 
 /// The inbox routes: a user token for its own user, or `notifications:read` to read any
 /// user's inbox and `users:write` to mark messages read on a user's behalf.
-pub fn router() -> Router<AppState> {
+pub fn router() -> OpenApiRouter<AppState> {
     const RULES: Rules = &[
         (
             Method::GET,
@@ -48,25 +48,74 @@ pub fn router() -> Router<AppState> {
             Need::ScopeOrOwner(Scope::UsersWrite, UserIn::Path),
         ),
     ];
-    Router::new()
-        .route("/api/v1/users/{id}/inbox", get(list))
-        .route("/api/v1/users/{id}/inbox/unread-count", get(unread))
-        .route("/api/v1/users/{id}/inbox/read-all", post(read_all))
-        .route("/api/v1/users/{id}/inbox/{delivery}/read", post(read_one))
-        .route("/api/v1/users/{id}/inbox/stream", get(stream))
-        .route_layer(from_fn_with_state(RULES, authorize))
+    guarded(
+        OpenApiRouter::new()
+            .routes(routes!(list))
+            .routes(routes!(unread))
+            .routes(routes!(read_all))
+            .routes(routes!(read_one))
+            .routes(routes!(stream)),
+        RULES,
+    )
 }
 
 /// The inbox query string.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, IntoParams)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 pub struct InboxQuery {
+    /// Only messages not read yet.
     #[serde(default)]
     unread_only: bool,
+    /// The `nextCursor` of the previous page.
     cursor: Option<String>,
+    /// Page size.
+    #[param(minimum = 1, maximum = 200, default = 50)]
     limit: Option<i64>,
 }
 
+/// How many in-app messages a user has not read.
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+struct UnreadCount {
+    user_id: UserId,
+    unread: i64,
+}
+
+/// How many messages a read mark changed.
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+struct MarkedRead {
+    user_id: UserId,
+    /// Messages newly marked read (0 for one already read).
+    marked: u64,
+}
+
+/// The stream's `?token=`, as documented.
+#[derive(IntoParams)]
+#[into_params(parameter_in = Query)]
+#[expect(
+    dead_code,
+    reason = "read by auth::authenticate; declared for the document"
+)]
+struct StreamQuery {
+    /// The user token, for a browser's EventSource, which cannot set headers (never
+    /// logged). `Authorization: Bearer` works too.
+    token: Option<String>,
+}
+
+/// A user's in-app messages, newest first, with cursor pagination.
+#[utoipa::path(
+    get,
+    path = "/api/v1/users/{id}/inbox",
+    operation_id = "listInbox",
+    tag = "inbox",
+    params(("id" = i64, Path, description = "The user, a positive integer.", minimum = 1), InboxQuery),
+    responses(
+        (status = 200, description = "One page of the inbox.", body = HistoryPage),
+        (status = 400, response = BadRequest),
+    )
+)]
 async fn list(
     State(state): State<AppState>,
     ApiPath(id): ApiPath<i64>,
@@ -89,19 +138,50 @@ async fn list(
     Ok(Json(page))
 }
 
+/// How many in-app messages the user has not read.
+#[utoipa::path(
+    get,
+    path = "/api/v1/users/{id}/inbox/unread-count",
+    operation_id = "getUnreadCount",
+    tag = "inbox",
+    params(("id" = i64, Path, description = "The user, a positive integer.", minimum = 1)),
+    responses(
+        (status = 200, description = "The count.", body = UnreadCount),
+        (status = 400, response = BadRequest),
+    )
+)]
 async fn unread(
     State(state): State<AppState>,
     ApiPath(id): ApiPath<i64>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<UnreadCount>, ApiError> {
     let user = user_id(id)?;
-    let count = queries::unread_count(&state.db, user.get()).await?;
-    Ok(Json(json!({ "userId": user, "unread": count })))
+    let unread = queries::unread_count(&state.db, user.get()).await?;
+    Ok(Json(UnreadCount {
+        user_id: user,
+        unread,
+    }))
 }
 
+/// Marks one in-app message read.
+#[utoipa::path(
+    post,
+    path = "/api/v1/users/{id}/inbox/{delivery}/read",
+    operation_id = "markRead",
+    tag = "inbox",
+    params(
+        ("id" = i64, Path, description = "The user, a positive integer.", minimum = 1),
+        ("delivery" = Uuid, Path, description = "The message's delivery id."),
+    ),
+    responses(
+        (status = 200, description = "Marked.", body = MarkedRead),
+        (status = 400, response = BadRequest),
+        (status = 404, response = NotFound),
+    )
+)]
 async fn read_one(
     State(state): State<AppState>,
     ApiPath((id, delivery)): ApiPath<(i64, String)>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<MarkedRead>, ApiError> {
     let user = user_id(id)?;
     let delivery = Uuid::parse_str(&delivery)
         .map_err(|_| ApiError::BadRequest(format!("{delivery:?} is not a delivery id")))?;
@@ -120,16 +200,34 @@ async fn read_one(
             "user {user} has no in-app message {delivery}"
         )));
     }
-    Ok(Json(json!({ "userId": user, "marked": marked })))
+    Ok(Json(MarkedRead {
+        user_id: user,
+        marked,
+    }))
 }
 
+/// Marks every in-app message of the user read.
+#[utoipa::path(
+    post,
+    path = "/api/v1/users/{id}/inbox/read-all",
+    operation_id = "markAllRead",
+    tag = "inbox",
+    params(("id" = i64, Path, description = "The user, a positive integer.", minimum = 1)),
+    responses(
+        (status = 200, description = "Marked.", body = MarkedRead),
+        (status = 400, response = BadRequest),
+    )
+)]
 async fn read_all(
     State(state): State<AppState>,
     ApiPath(id): ApiPath<i64>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<MarkedRead>, ApiError> {
     let user = user_id(id)?;
     let marked = crate::deliveries::mark_read(&state.db, user.get(), None).await?;
-    Ok(Json(json!({ "userId": user, "marked": marked })))
+    Ok(Json(MarkedRead {
+        user_id: user,
+        marked,
+    }))
 }
 
 /// What a refused stream is told to wait before trying again.
@@ -154,13 +252,27 @@ impl From<Refusal> for ApiError {
     }
 }
 
-/// The messages come from this instance's shared subscription
-/// ([`crate::channels::in_app_hub::StreamHub`]).
+/// Server-Sent Events relaying the user's in-app messages as they are published (event
+/// `notification`, data the message JSON). It ends when Herald shuts down; clients
+/// reconnect and catch up from the inbox.
+#[utoipa::path(
+    get,
+    path = "/api/v1/users/{id}/inbox/stream",
+    operation_id = "streamInbox",
+    tag = "inbox",
+    params(("id" = i64, Path, description = "The user, a positive integer.", minimum = 1), StreamQuery),
+    responses(
+        (status = 200, description = "The event stream.", body = String, content_type = "text/event-stream"),
+        (status = 400, response = BadRequest),
+        (status = 429, response = TooManyRequests),
+    )
+)]
 async fn stream(
     State(state): State<AppState>,
     ApiPath(id): ApiPath<i64>,
 ) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, ApiError> {
     let user = user_id(id)?;
+    // From this instance's shared subscription (crate::channels::in_app_hub::StreamHub).
     let events = state
         .streams
         .subscribe(user.get())

@@ -10,21 +10,20 @@
 //! with more power than its holder.
 
 use axum::{
-    Json, Router,
+    Json,
     extract::State,
     http::{Method, StatusCode, header},
-    middleware::from_fn_with_state,
     response::{IntoResponse, Response},
-    routing::{delete, get},
 };
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
+use utoipa_axum::{router::OpenApiRouter, routes};
 use uuid::Uuid;
 
 use super::{
     AppState,
-    auth::{Need, Rules, authorize},
-    error::{ApiError, ApiJson, ApiPath},
+    auth::{Need, Rules, guarded},
+    error::{ApiError, ApiJson, ApiPath, BadRequest, NotFound, UnsupportedMediaType},
 };
 use crate::auth::{
     Principal, Scope,
@@ -32,42 +31,65 @@ use crate::auth::{
 };
 
 /// The key routes.
-pub fn router() -> Router<AppState> {
+pub fn router() -> OpenApiRouter<AppState> {
     const RULES: Rules = &[
         (Method::GET, Need::Scope(Scope::KeysAdmin)),
         (Method::POST, Need::Scope(Scope::KeysAdmin)),
         (Method::DELETE, Need::Scope(Scope::KeysAdmin)),
     ];
-    Router::new()
-        .route("/api/v1/admin/keys", get(list).post(create))
-        .route("/api/v1/admin/keys/{id}", delete(revoke))
-        .route_layer(from_fn_with_state(RULES, authorize))
+    guarded(
+        OpenApiRouter::new()
+            .routes(routes!(list, create))
+            .routes(routes!(revoke)),
+        RULES,
+    )
 }
 
 /// The creation request.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
+#[schema(as = NewApiKey)]
 struct CreateRequest {
+    /// Who holds the key, for people and audit fields.
     name: String,
+    /// What it may do; only scopes the creating credential holds.
+    #[schema(value_type = Vec<Scope>)]
     scopes: Vec<String>,
 }
 
 /// The 201 answer.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
+#[schema(as = CreatedApiKey)]
 struct Created {
     id: Uuid,
     name: String,
     scopes: Vec<Scope>,
+    /// The key itself: shown this once, stored only as a hash.
     key: String,
     created_at: DateTime<Utc>,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+#[schema(as = ApiKeyList)]
 struct KeyList {
     items: Vec<ApiKey>,
 }
 
+/// Creates an API key and shows it, the only time it is shown.
+#[utoipa::path(
+    post,
+    path = "/api/v1/admin/keys",
+    operation_id = "createApiKey",
+    tag = "admin",
+    request_body = CreateRequest,
+    responses(
+        (status = 201, description = "Created.", body = Created,
+            headers(("Location" = String, description = "The key's URL."))),
+        (status = 400, response = BadRequest),
+        (status = 415, response = UnsupportedMediaType),
+    )
+)]
 async fn create(
     State(state): State<AppState>,
     principal: Principal,
@@ -101,12 +123,33 @@ async fn create(
         .into_response())
 }
 
+/// Every API key, newest first, without the keys themselves.
+#[utoipa::path(
+    get,
+    path = "/api/v1/admin/keys",
+    operation_id = "listApiKeys",
+    tag = "admin",
+    responses((status = 200, description = "The keys.", body = KeyList))
+)]
 async fn list(State(state): State<AppState>) -> Result<Json<KeyList>, ApiError> {
     Ok(Json(KeyList {
         items: keys::list(&state.db).await?,
     }))
 }
 
+/// Revokes an API key: at once on this instance, on every other within 5 s.
+#[utoipa::path(
+    delete,
+    path = "/api/v1/admin/keys/{id}",
+    operation_id = "revokeApiKey",
+    tag = "admin",
+    params(("id" = Uuid, Path, description = "The key id.")),
+    responses(
+        (status = 204, description = "Revoked."),
+        (status = 400, response = BadRequest),
+        (status = 404, response = NotFound),
+    )
+)]
 async fn revoke(
     State(state): State<AppState>,
     principal: Principal,

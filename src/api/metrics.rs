@@ -3,21 +3,33 @@
 use std::time::Instant;
 
 use axum::{
-    Router,
     extract::{MatchedPath, Request, State},
     http::{Method, header},
     middleware::Next,
     response::{IntoResponse, Response},
-    routing::get,
 };
+use utoipa_axum::{router::OpenApiRouter, routes};
 
 use super::AppState;
 
 /// The `/metrics` route.
-pub fn router() -> Router<AppState> {
-    Router::new().route("/metrics", get(render))
+pub fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new().routes(routes!(render))
 }
 
+/// Prometheus metrics, in the text exposition format.
+#[utoipa::path(
+    get,
+    path = "/metrics",
+    operation_id = "getMetrics",
+    tag = "operations",
+    responses((
+        status = 200,
+        description = "The metrics (`text/plain; version=0.0.4`).",
+        body = String,
+        content_type = "text/plain"
+    ))
+)]
 async fn render(State(state): State<AppState>) -> impl IntoResponse {
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],

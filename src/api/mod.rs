@@ -37,6 +37,8 @@ use sqlx::PgPool;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tower_http::cors::{AllowOrigin, CorsLayer};
+use utoipa::OpenApi;
+use utoipa_axum::router::OpenApiRouter;
 
 use crate::{
     auth::Authenticator,
@@ -89,21 +91,23 @@ pub struct AppState {
 /// Largest request body the API reads.
 const MAX_BODY_BYTES: usize = 256 * 1024;
 
-/// The whole router. Health and docs are served whatever the roles, and metrics unless
-/// they have a listener of their own (HERALD_METRICS_ADDR); the resource routes only where
-/// the `api` role runs. Every request under `/api/` is authenticated first (`auth`), and
-/// API requests are bounded in number and time.
-pub fn router(state: AppState) -> Router {
-    let mut router = Router::new()
-        .merge(health::router())
-        .merge(docs::router())
-        .merge(console::router());
-    if state.settings.http.metrics_addr.is_none() {
-        router = router.merge(metrics::router());
-    }
-    if state.roles.contains(&Role::Api) {
-        router = router
-            .merge(notifications::router())
+/// Every documented route, in the sets that are served under different conditions.
+struct Routes {
+    /// Served by every instance: health, docs, console.
+    open: OpenApiRouter<AppState>,
+    /// Prometheus metrics, unless they have a listener of their own.
+    metrics: OpenApiRouter<AppState>,
+    /// The resource routes, where the `api` role runs.
+    resources: OpenApiRouter<AppState>,
+}
+
+fn routes() -> Routes {
+    Routes {
+        open: health::router()
+            .merge(docs::router())
+            .merge(console::router()),
+        metrics: metrics::router(),
+        resources: notifications::router()
             .merge(settings::router())
             .merge(users::router())
             .merge(broadcasts::router())
@@ -116,8 +120,61 @@ pub fn router(state: AppState) -> Router {
             .merge(templates::router())
             .merge(receipts::router())
             .merge(suppressions::router())
-            .merge(webhooks::router());
+            .merge(webhooks::router()),
     }
+}
+
+/// The OpenAPI document of every route an instance may serve, derived from the routes
+/// themselves (see [`docs`]).
+pub fn openapi() -> utoipa::openapi::OpenApi {
+    let Routes {
+        open,
+        metrics,
+        resources,
+    } = routes();
+    let mut openapi = OpenApiRouter::with_openapi(docs::ApiDoc::openapi())
+        .merge(open)
+        .merge(metrics)
+        .merge(resources)
+        .into_openapi();
+    // What the layers of `router` answer on every API route, whatever its handler does;
+    // the other routes are open (an empty security list says so).
+    for (path, item) in &mut openapi.paths.paths {
+        if !path.starts_with("/api/") {
+            for operation in docs::operations_mut(item) {
+                operation.security = Some(Vec::new());
+            }
+            continue;
+        }
+        for operation in docs::operations_mut(item) {
+            if operation.request_body.is_some() {
+                docs::respond(operation, 413, "PayloadTooLarge");
+            }
+            docs::respond(operation, 500, "Internal");
+            docs::respond(operation, 503, "Unavailable");
+        }
+    }
+    openapi
+}
+
+/// The whole router. Health and docs are served whatever the roles, and metrics unless
+/// they have a listener of their own (HERALD_METRICS_ADDR); the resource routes only where
+/// the `api` role runs. Every request under `/api/` is authenticated first (`auth`), and
+/// API requests are bounded in number and time.
+pub fn router(state: AppState) -> Router {
+    let Routes {
+        open,
+        metrics,
+        resources,
+    } = routes();
+    let mut router = open;
+    if state.settings.http.metrics_addr.is_none() {
+        router = router.merge(metrics);
+    }
+    if state.roles.contains(&Role::Api) {
+        router = router.merge(resources);
+    }
+    let router = Router::from(router);
     let limits = Limits {
         permits: Arc::new(Semaphore::new(state.settings.http.max_concurrent_requests)),
         timeout: state.settings.http.request_timeout,

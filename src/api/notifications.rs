@@ -9,13 +9,11 @@ use std::collections::BTreeSet;
 
 use anyhow::Context;
 use axum::{
-    Json, Router,
+    Json,
     body::Bytes,
     extract::{State, rejection::BytesRejection},
     http::{HeaderMap, HeaderValue, Method, StatusCode, header},
-    middleware::from_fn_with_state,
     response::{IntoResponse, Response},
-    routing::{get, post},
 };
 use chrono::{DateTime, Duration, Utc};
 use serde::{Deserialize, Serialize};
@@ -23,10 +21,12 @@ use serde_json::{Map, Value};
 use sha2::{Digest, Sha256};
 use uuid::Uuid;
 
+use utoipa_axum::{router::OpenApiRouter, routes};
+
 use super::{
     AppState,
-    auth::{Need, Rules, UserIn, authorize},
-    error::{ApiError, ApiPath},
+    auth::{Need, Rules, UserIn, guarded},
+    error::{ApiError, ApiPath, BadRequest, NotFound, Unprocessable, UnsupportedMediaType},
 };
 use crate::{
     auth::{Principal, Scope},
@@ -51,7 +51,7 @@ const MAX_BODY_CHARS: usize = 10_000;
 
 /// The notification routes: the intake needs `notifications:write`; reading needs
 /// `notifications:read`, or a user token for the user's own history.
-pub fn router() -> Router<AppState> {
+pub fn router() -> OpenApiRouter<AppState> {
     const NOTIFICATIONS: Rules = &[
         (Method::POST, Need::Scope(Scope::NotificationsWrite)),
         (
@@ -60,21 +60,15 @@ pub fn router() -> Router<AppState> {
         ),
     ];
     const ONE: Rules = &[(Method::GET, Need::Scope(Scope::NotificationsRead))];
-    Router::new()
-        .route(
-            "/api/v1/notifications",
-            post(create)
-                .get(super::history::list)
-                .route_layer(from_fn_with_state(NOTIFICATIONS, authorize)),
-        )
-        .route(
-            "/api/v1/notifications/{id}",
-            get(read).route_layer(from_fn_with_state(ONE, authorize)),
-        )
+    guarded(
+        OpenApiRouter::new().routes(routes!(create, super::history::list)),
+        NOTIFICATIONS,
+    )
+    .merge(guarded(OpenApiRouter::new().routes(routes!(read)), ONE))
 }
 
 /// The intake request.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 struct IntakeRequest {
     user_id: Option<i64>,
@@ -87,8 +81,9 @@ struct IntakeRequest {
     scheduled_at: Option<DateTime<Utc>>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
+#[schema(as = Recipient)]
 struct RecipientBody {
     email: Option<String>,
     phone: Option<String>,
@@ -96,7 +91,7 @@ struct RecipientBody {
 }
 
 /// The 202 answer.
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 struct Accepted {
     notification_id: Uuid,
@@ -104,7 +99,7 @@ struct Accepted {
     deliveries: Vec<AcceptedDelivery>,
 }
 
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 struct AcceptedDelivery {
     id: Uuid,
@@ -117,6 +112,27 @@ struct AcceptedDelivery {
     hold: Option<HoldInfo>,
 }
 
+/// The direct intake: one notification on the channels it names (or its event type's
+/// defaults), with one delivery per channel, sent in the background.
+#[utoipa::path(
+    post,
+    path = "/api/v1/notifications",
+    operation_id = "createNotification",
+    tag = "notifications",
+    params(IdempotencyKey),
+    request_body = IntakeRequest,
+    responses(
+        (status = 202, description = "Accepted: the notification and its deliveries are stored.",
+            body = Accepted,
+            headers(
+                ("Location" = String, description = "The notification's URL."),
+                ("Idempotency-Replayed" = String, description = "`true` when this is the stored answer to an earlier request with the same Idempotency-Key."),
+            )),
+        (status = 400, response = BadRequest),
+        (status = 415, response = UnsupportedMediaType),
+        (status = 422, response = Unprocessable),
+    )
+)]
 async fn create(
     State(state): State<AppState>,
     principal: Principal,
@@ -241,6 +257,22 @@ pub(super) fn accepted_response(location: &str, body: Value, replayed: bool) -> 
         headers.insert("idempotency-replayed", HeaderValue::from_static("true"));
     }
     response
+}
+
+/// The `Idempotency-Key` header, as documented.
+#[derive(utoipa::IntoParams)]
+#[into_params(parameter_in = Header)]
+#[expect(
+    dead_code,
+    reason = "read by idempotency_key from the headers; declared for the document"
+)]
+pub(super) struct IdempotencyKey {
+    /// Makes the request safe to repeat: the same key and body answer the first response
+    /// again (with `Idempotency-Replayed: true`) and create nothing; the same key with
+    /// another body is 422. 1 to 255 visible ASCII characters, scoped to the credential and
+    /// remembered for `HERALD_IDEMPOTENCY_TTL` (24 h).
+    #[param(rename = "Idempotency-Key", min_length = 1, max_length = 255)]
+    idempotency_key: Option<String>,
 }
 
 pub(super) fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
@@ -549,8 +581,9 @@ pub(super) fn check_schedule(
 }
 
 /// One notification as `GET /api/v1/notifications/{id}` shows it.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
+#[schema(as = Notification)]
 struct NotificationView {
     #[serde(flatten)]
     notification: NotificationRow,
@@ -558,7 +591,7 @@ struct NotificationView {
     deliveries: Vec<DeliveryView>,
 }
 
-#[derive(Debug, Serialize, sqlx::FromRow)]
+#[derive(Debug, Serialize, sqlx::FromRow, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 struct NotificationRow {
     id: Uuid,
@@ -574,8 +607,9 @@ struct NotificationRow {
     scheduled_at: Option<DateTime<Utc>>,
 }
 
-#[derive(Debug, Serialize, sqlx::FromRow)]
+#[derive(Debug, Serialize, sqlx::FromRow, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
+#[schema(as = Delivery)]
 struct DeliveryView {
     id: Uuid,
     channel: Channel,
@@ -599,6 +633,7 @@ struct DeliveryView {
     digest_id: Option<Uuid>,
     /// What the provider said became of the message, once it said so.
     #[sqlx(flatten)]
+    #[schema(value_type = Option<crate::receipts::ReceiptState>)]
     receipt: crate::receipts::ReceiptColumns,
     /// Every attempt to send it, oldest first.
     #[sqlx(skip)]
@@ -606,8 +641,9 @@ struct DeliveryView {
 }
 
 /// One attempt to send a delivery.
-#[derive(Debug, Serialize, sqlx::FromRow)]
+#[derive(Debug, Serialize, sqlx::FromRow, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
+#[schema(as = Attempt)]
 struct AttemptView {
     #[serde(skip)]
     delivery_id: Uuid,
@@ -621,6 +657,20 @@ struct AttemptView {
     error: Option<String>,
 }
 
+/// One notification with its deliveries (each with its attempts and receipt) and the
+/// status derived from them.
+#[utoipa::path(
+    get,
+    path = "/api/v1/notifications/{id}",
+    operation_id = "getNotification",
+    tag = "notifications",
+    params(("id" = Uuid, Path, description = "The notification id.")),
+    responses(
+        (status = 200, description = "The notification.", body = NotificationView),
+        (status = 400, response = BadRequest),
+        (status = 404, response = NotFound),
+    )
+)]
 async fn read(
     State(state): State<AppState>,
     ApiPath(id): ApiPath<String>,

@@ -19,21 +19,22 @@
 //! status notification (RFC 3464) as `multipart/report` or `message/delivery-status` text.
 
 use axum::{
-    Json, Router,
+    Json,
     body::Bytes,
     extract::State,
     http::{HeaderMap, StatusCode, header},
     response::{IntoResponse, Response},
-    routing::post,
 };
 use chrono::{DateTime, Utc};
 use secrecy::ExposeSecret;
-use serde::Deserialize;
-use serde_json::json;
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+use utoipa_axum::{router::OpenApiRouter, routes};
+use uuid::Uuid;
 
 use super::{
     AppState,
-    error::{ApiError, ApiPath},
+    error::{ApiError, ApiPath, BadRequest, Conflict, ErrorBody, Unauthorized},
 };
 use crate::{
     domain::{Channel, ReceiptStatus},
@@ -50,14 +51,15 @@ pub fn is_receipt_route(method: &axum::http::Method, path: &str) -> bool {
 }
 
 /// The receipt route.
-pub fn router() -> Router<AppState> {
-    Router::new().route("/api/v1/receipts/{channel}", post(receive))
+pub fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new().routes(routes!(receive))
 }
 
 /// A gateway's receipt, or an email provider's bounce notification, as JSON. Fields it does
 /// not know are ignored: providers add their own, and refusing them would lose the receipt.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
+#[schema(as = Receipt)]
 struct Body {
     message_id: String,
     status: Option<String>,
@@ -68,6 +70,62 @@ struct Body {
     occurred_at: Option<DateTime<Utc>>,
 }
 
+/// What became of a receipt.
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(untagged)]
+#[schema(as = ReceiptResult)]
+enum Answer {
+    Applied(Applied),
+    Superseded(Superseded),
+}
+
+/// The receipt was applied to its delivery.
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+#[schema(as = ReceiptApplied)]
+struct Applied {
+    delivery_id: Uuid,
+    /// Always true.
+    applied: bool,
+    /// The receipt suppressed the address.
+    suppressed: bool,
+    receipt: ReceiptState,
+}
+
+/// A receipt with a later provider time was applied to the delivery already.
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+#[schema(as = ReceiptSuperseded)]
+struct Superseded {
+    delivery_id: Uuid,
+    /// Always false.
+    applied: bool,
+    reason: &'static str,
+}
+
+/// A provider's receipt (delivered, undelivered, bounced), signed the Standard Webhooks
+/// way with the channel's receipt secret. For email, also a delivery status notification
+/// (RFC 3464) as `multipart/report` or `message/delivery-status` text.
+#[utoipa::path(
+    post,
+    path = "/api/v1/receipts/{channel}",
+    operation_id = "postReceipt",
+    tag = "receipts",
+    params(("channel" = String, Path, description = "`sms`, `kakaotalk`, `push` or `email`.")),
+    request_body(content(
+        (Body = "application/json"),
+        (String = "multipart/report"),
+        (String = "message/delivery-status"),
+    )),
+    security(("receiptSignature" = [])),
+    responses(
+        (status = 200, description = "Applied, or superseded by a later receipt.", body = Answer),
+        (status = 400, response = BadRequest),
+        (status = 401, response = Unauthorized),
+        (status = 404, description = "`unknown_message`: no delivery has the message id (kept 10 minutes and applied if the send is recorded meanwhile).", body = ErrorBody),
+        (status = 409, response = Conflict),
+    )
+)]
 async fn receive(
     State(state): State<AppState>,
     ApiPath(channel): ApiPath<String>,
@@ -106,17 +164,17 @@ async fn receive(
         Accepted::Applied {
             delivery_id,
             suppressed,
-        } => Json(json!({
-            "deliveryId": delivery_id,
-            "applied": true,
-            "suppressed": suppressed,
-            "receipt": receipt.state,
+        } => Json(Answer::Applied(Applied {
+            delivery_id,
+            applied: true,
+            suppressed,
+            receipt: receipt.state,
         }))
         .into_response(),
-        Accepted::Superseded { delivery_id } => Json(json!({
-            "deliveryId": delivery_id,
-            "applied": false,
-            "reason": "a receipt with a later time was applied to this delivery already",
+        Accepted::Superseded { delivery_id } => Json(Answer::Superseded(Superseded {
+            delivery_id,
+            applied: false,
+            reason: "a receipt with a later time was applied to this delivery already",
         }))
         .into_response(),
         Accepted::Unmatched => error(
@@ -136,12 +194,8 @@ async fn receive(
     })
 }
 
-fn error(status: StatusCode, code: &str, message: String) -> Response {
-    (
-        status,
-        Json(json!({ "error": { "code": code, "message": message } })),
-    )
-        .into_response()
+fn error(status: StatusCode, code: &'static str, message: String) -> Response {
+    (status, Json(ErrorBody::new(code, message))).into_response()
 }
 
 /// Checks the Standard Webhooks signature with the channel's secret; the channel when it

@@ -10,15 +10,15 @@
 
 use std::collections::BTreeMap;
 
-use axum::{
-    Json, Router, extract::State, http::Method, middleware::from_fn_with_state, routing::get,
-};
+use axum::{Json, extract::State, http::Method};
 use serde::{Deserialize, Serialize};
+use utoipa::{IntoParams, ToSchema};
+use utoipa_axum::{router::OpenApiRouter, routes};
 
 use super::{
     AppState,
-    auth::{Need, Rules, UserIn, authorize},
-    error::{ApiError, ApiJson, ApiQuery},
+    auth::{Need, Rules, UserIn, guarded},
+    error::{ApiError, ApiJson, ApiQuery, BadRequest, UnsupportedMediaType},
     users::user_id,
 };
 use crate::{
@@ -32,7 +32,7 @@ use crate::{
 pub const MAX_QUIET_WINDOWS: usize = 8;
 
 /// The settings routes: `users:read` / `users:write`, or a user token for its own user.
-pub fn router() -> Router<AppState> {
+pub fn router() -> OpenApiRouter<AppState> {
     const RULES: Rules = &[
         (
             Method::GET,
@@ -43,27 +43,28 @@ pub fn router() -> Router<AppState> {
             Need::ScopeOrOwner(Scope::UsersWrite, UserIn::Query),
         ),
     ];
-    Router::new().route(
-        "/api/v1/notifications/settings",
-        get(read)
-            .put(write)
-            .route_layer(from_fn_with_state(RULES, authorize)),
-    )
+    guarded(OpenApiRouter::new().routes(routes!(read, write)), RULES)
 }
 
 /// `?userId=`
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, IntoParams)]
 #[serde(rename_all = "camelCase")]
+#[into_params(parameter_in = Query)]
 pub struct UserQuery {
+    /// The user, a positive integer.
     user_id: i64,
 }
 
 /// The PUT body: channel names as keys, booleans as values.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[schema(as = SettingsUpdate)]
 pub struct SettingsBody {
+    /// Channel names (`EMAIL`, `SLACK`, `IN_APP`, `SMS`, ...) and whether the user wants
+    /// them; a channel left out is on.
     #[serde(default)]
     channels: BTreeMap<String, bool>,
+    /// Per event type (`PAYMENT_COMPLETED`), channel overrides.
     #[serde(default)]
     event_types: BTreeMap<String, BTreeMap<String, bool>>,
     #[serde(default)]
@@ -72,8 +73,9 @@ pub struct SettingsBody {
 
 /// What GET and PUT answer: every user channel with its effective setting, and the
 /// per-event-type overrides.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
+#[schema(as = Settings)]
 pub struct SettingsView {
     user_id: UserId,
     channels: BTreeMap<Channel, bool>,
@@ -82,6 +84,19 @@ pub struct SettingsView {
     quiet_hours: Option<Vec<QuietWindow>>,
 }
 
+/// A user's channel preferences: every user channel with its effective setting, and the
+/// per-event-type overrides.
+#[utoipa::path(
+    get,
+    path = "/api/v1/notifications/settings",
+    operation_id = "getSettings",
+    tag = "preferences",
+    params(UserQuery),
+    responses(
+        (status = 200, description = "The user's preferences.", body = SettingsView),
+        (status = 400, response = BadRequest),
+    )
+)]
 async fn read(
     State(state): State<AppState>,
     ApiQuery(query): ApiQuery<UserQuery>,
@@ -97,6 +112,21 @@ async fn read(
     Ok(Json(view(&state, user, stored)))
 }
 
+/// Replaces a user's channel preferences as a whole. Operator channels (the ops Slack)
+/// cannot be set.
+#[utoipa::path(
+    put,
+    path = "/api/v1/notifications/settings",
+    operation_id = "putSettings",
+    tag = "preferences",
+    params(UserQuery),
+    request_body = SettingsBody,
+    responses(
+        (status = 200, description = "The user's preferences as stored.", body = SettingsView),
+        (status = 400, response = BadRequest),
+        (status = 415, response = UnsupportedMediaType),
+    )
+)]
 async fn write(
     State(state): State<AppState>,
     ApiQuery(query): ApiQuery<UserQuery>,

@@ -20,21 +20,24 @@
 //! HERALD_TEMPLATES_REFRESH_MS plus one reload on every other (`templates::store`).
 
 use axum::{
-    Json, Router,
+    Json,
     extract::State,
     http::{Method, StatusCode, header},
-    middleware::from_fn_with_state,
     response::{IntoResponse, Response},
-    routing::{get, post},
 };
+
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value, json};
+use utoipa::{IntoParams, ToSchema};
+use utoipa_axum::{router::OpenApiRouter, routes};
 
 use super::{
     AppState,
-    auth::{Need, Rules, authorize},
-    error::{ApiError, ApiJson, ApiPath},
+    auth::{Need, Rules, guarded},
+    error::{
+        ApiError, ApiJson, ApiPath, BadRequest, NotFound, Unprocessable, UnsupportedMediaType,
+    },
     notifications::parse_channels,
 };
 use crate::{
@@ -52,7 +55,7 @@ const ACTIVATIONS_SHOWN: i64 = 20;
 
 /// The template routes: reading and previewing need `templates:read` (or
 /// `templates:write`), storing and activating `templates:write`.
-pub fn router() -> Router<AppState> {
+pub fn router() -> OpenApiRouter<AppState> {
     // Whoever may change a template may also read and preview what they change.
     const READERS: &[Scope] = &[Scope::TemplatesRead, Scope::TemplatesWrite];
     const EDIT: Rules = &[
@@ -61,20 +64,13 @@ pub fn router() -> Router<AppState> {
         (Method::POST, Need::Scope(Scope::TemplatesWrite)),
     ];
     const PREVIEW: Rules = &[(Method::POST, Need::AnyScope(READERS))];
-    let edit = Router::new()
-        .route(
-            "/api/v1/templates/{eventType}/{locale}/{part}",
-            get(list).put(store_version),
-        )
-        .route(
-            "/api/v1/templates/{eventType}/{locale}/{part}/versions/{version}/activate",
-            post(activate),
-        )
-        .route_layer(from_fn_with_state(EDIT, authorize));
-    let preview = Router::new()
-        .route("/api/v1/templates/{eventType}/preview", post(preview))
-        .route_layer(from_fn_with_state(PREVIEW, authorize));
-    edit.merge(preview)
+    let edit = OpenApiRouter::new()
+        .routes(routes!(list, store_version))
+        .routes(routes!(activate));
+    guarded(edit, EDIT).merge(guarded(
+        OpenApiRouter::new().routes(routes!(preview)),
+        PREVIEW,
+    ))
 }
 
 impl From<Refusal> for ApiError {
@@ -128,9 +124,24 @@ fn key(
     })
 }
 
+/// What names a template in its path, as documented (the handlers read it as a tuple for
+/// [`key`], which answers 404 for a name that is not a template's).
+#[derive(IntoParams)]
+#[into_params(parameter_in = Path)]
+#[expect(dead_code, reason = "declared for the document")]
+struct TemplatePath {
+    /// A routed event type, or `_adhoc`.
+    #[param(rename = "eventType")]
+    event_type: String,
+    locale: Locale,
+    /// `email_subject`, `email_text`, `email_html`, `slack`, `in_app_title` or `in_app_body`.
+    part: String,
+}
+
 /// One version in a listing; version 0 is the file.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
+#[schema(as = TemplateVersion)]
 struct VersionView {
     version: i32,
     /// `api` or `file`.
@@ -142,16 +153,18 @@ struct VersionView {
     source: Option<String>,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
+#[schema(as = TemplateActivation)]
 struct ActivationView {
     version: i32,
     activated_by: String,
     activated_at: DateTime<Utc>,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
+#[schema(as = TemplateVersions)]
 struct Listing {
     event_type: String,
     locale: Locale,
@@ -211,6 +224,19 @@ async fn listing(state: &AppState, key: &TemplateKey) -> Result<Listing, ApiErro
     })
 }
 
+/// A template's versions, newest first (the file as version 0), which one is in effect,
+/// and the latest activations.
+#[utoipa::path(
+    get,
+    path = "/api/v1/templates/{eventType}/{locale}/{part}",
+    operation_id = "listTemplateVersions",
+    tag = "templates",
+    params(TemplatePath),
+    responses(
+        (status = 200, description = "The template.", body = Listing),
+        (status = 404, response = NotFound),
+    )
+)]
 async fn list(
     State(state): State<AppState>,
     ApiPath(path): ApiPath<(String, String, String)>,
@@ -220,15 +246,17 @@ async fn list(
 }
 
 /// A new version.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
+#[schema(as = NewTemplateVersion)]
 struct NewVersion {
     source: String,
 }
 
 /// The 201 answer.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
+#[schema(as = StoredTemplateVersion)]
 struct Stored {
     template: String,
     version: i32,
@@ -237,6 +265,24 @@ struct Stored {
     active: bool,
 }
 
+/// Stores a template version and puts it in effect, only if it reads no field its event
+/// type's schema does not declare and renders with the schema's minimal and full payloads.
+#[utoipa::path(
+    put,
+    path = "/api/v1/templates/{eventType}/{locale}/{part}",
+    operation_id = "storeTemplateVersion",
+    tag = "templates",
+    params(TemplatePath),
+    request_body = NewVersion,
+    responses(
+        (status = 201, description = "Stored and in effect.", body = Stored,
+            headers(("Location" = String, description = "The template's URL."))),
+        (status = 400, response = BadRequest),
+        (status = 404, response = NotFound),
+        (status = 415, response = UnsupportedMediaType),
+        (status = 422, response = Unprocessable),
+    )
+)]
 async fn store_version(
     State(state): State<AppState>,
     principal: Principal,
@@ -303,6 +349,24 @@ async fn apply_now(state: &AppState) {
     }
 }
 
+/// Puts a stored version (or the file, version 0) in effect again: a rollback or
+/// roll-forward.
+#[utoipa::path(
+    post,
+    path = "/api/v1/templates/{eventType}/{locale}/{part}/versions/{version}/activate",
+    operation_id = "activateTemplateVersion",
+    tag = "templates",
+    params(
+        TemplatePath,
+        ("version" = i32, Path, description = "The version; 0 is the file.", minimum = 0),
+    ),
+    responses(
+        (status = 200, description = "The template.", body = Listing),
+        (status = 400, response = BadRequest),
+        (status = 404, response = NotFound),
+        (status = 422, response = Unprocessable),
+    )
+)]
 async fn activate(
     State(state): State<AppState>,
     principal: Principal,
@@ -333,8 +397,9 @@ async fn activate(
 }
 
 /// A preview request.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
+#[schema(as = TemplatePreviewRequest)]
 struct PreviewRequest {
     /// `ko` or `en`; the default locale when absent.
     locale: Option<String>,
@@ -348,11 +413,41 @@ struct PreviewRequest {
     body: Option<String>,
 }
 
+/// Every part of a notification as rendered, nothing sent.
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+#[schema(as = TemplatePreview)]
+struct Preview {
+    event_type: String,
+    locale: Locale,
+    /// By channel: EMAIL `{subject, text, html}`; SLACK the Block Kit message; IN_APP, SMS,
+    /// KAKAOTALK, PUSH `{title, body}`.
+    #[schema(value_type = BTreeMap<String, Object>)]
+    channels: Map<String, Value>,
+}
+
+/// Renders every part of each channel with the templates in effect, nothing sent; `data`
+/// is checked against the event type's schema.
+#[utoipa::path(
+    post,
+    path = "/api/v1/templates/{eventType}/preview",
+    operation_id = "previewTemplates",
+    tag = "templates",
+    params(("eventType" = String, Path, description = "A routed event type, or `_adhoc`.")),
+    request_body = PreviewRequest,
+    responses(
+        (status = 200, description = "The rendered parts.", body = Preview),
+        (status = 400, response = BadRequest),
+        (status = 404, response = NotFound),
+        (status = 415, response = UnsupportedMediaType),
+        (status = 422, response = Unprocessable),
+    )
+)]
 async fn preview(
     State(state): State<AppState>,
     ApiPath(event_type): ApiPath<String>,
     ApiJson(request): ApiJson<PreviewRequest>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<Preview>, ApiError> {
     let folder = folder(&state, &event_type)?;
     let locale = match &request.locale {
         Some(text) => text.parse::<Locale>().map_err(ApiError::BadRequest)?,
@@ -405,9 +500,9 @@ async fn preview(
         };
         rendered.insert(channel.to_string(), content);
     }
-    Ok(Json(json!({
-        "eventType": folder,
-        "locale": locale,
-        "channels": rendered,
-    })))
+    Ok(Json(Preview {
+        event_type: folder,
+        locale,
+        channels: rendered,
+    }))
 }

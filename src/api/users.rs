@@ -3,20 +3,23 @@
 
 use anyhow::Context;
 use axum::{
-    Json, Router,
+    Json,
     body::Bytes,
     extract::{DefaultBodyLimit, FromRequest, Request, State},
     http::{HeaderMap, Method},
-    middleware::from_fn_with_state,
-    routing::{get, post},
 };
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, value::RawValue};
+use utoipa::{
+    PartialSchema, ToSchema,
+    openapi::{AllOfBuilder, ObjectBuilder, Ref, RefOr, Schema, Type},
+};
+use utoipa_axum::{router::OpenApiRouter, routes};
 
 use super::{
     AppState,
-    auth::{Need, Rules, authorize},
-    error::{ApiError, ApiJson, ApiPath},
+    auth::{Need, Rules, guarded},
+    error::{ApiError, ApiJson, ApiPath, BadRequest, NotFound, UnsupportedMediaType},
 };
 use crate::{
     auth::Scope,
@@ -39,25 +42,27 @@ const IMPORT_RETRY_AFTER_SECS: u64 = 5;
 const MAX_TAGS: usize = 32;
 
 /// The user routes: `users:read` to read the directory, `users:write` to change it.
-pub fn router() -> Router<AppState> {
+pub fn router() -> OpenApiRouter<AppState> {
     const RULES: Rules = &[
         (Method::GET, Need::Scope(Scope::UsersRead)),
         (Method::PUT, Need::Scope(Scope::UsersWrite)),
         (Method::POST, Need::Scope(Scope::UsersWrite)),
     ];
-    Router::new()
-        .route("/api/v1/users/{id}/contact", get(read).put(write))
-        .route(
-            "/api/v1/users:import",
-            post(import).layer(DefaultBodyLimit::max(MAX_IMPORT_BYTES)),
-        )
-        .route_layer(from_fn_with_state(RULES, authorize))
+    let (schemas, paths, import) = routes!(import);
+    let import = import.layer(DefaultBodyLimit::max(MAX_IMPORT_BYTES));
+    guarded(
+        OpenApiRouter::new()
+            .routes(routes!(read, write))
+            .routes((schemas, paths, import)),
+        RULES,
+    )
 }
 
 /// The body of `PUT /api/v1/users/{id}/contact`. Every field is optional; an absent or null
 /// field clears what was stored.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[schema(as = ContactUpdate)]
 pub struct ContactBody {
     email: Option<String>,
     phone: Option<String>,
@@ -115,16 +120,44 @@ impl ContactBody {
 }
 
 /// A user's directory entry as the API shows it.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
+#[schema(as = Contact)]
 pub struct ContactView {
     user_id: UserId,
     #[serde(flatten)]
     contact: Contact,
 }
 
+/// One user of an import: the body of `PUT /api/v1/users/{id}/contact` plus its `userId`
+/// (see [`import_line`]).
+struct ImportLine;
+
+impl PartialSchema for ImportLine {
+    fn schema() -> RefOr<Schema> {
+        let user_id = ObjectBuilder::new()
+            .property(
+                "userId",
+                ObjectBuilder::new()
+                    .schema_type(Type::Integer)
+                    .minimum(Some(1)),
+            )
+            .required("userId");
+        AllOfBuilder::new()
+            .item(Ref::from_schema_name(ContactBody::name()))
+            .item(user_id)
+            .into()
+    }
+}
+
+impl ToSchema for ImportLine {
+    fn schemas(schemas: &mut Vec<(String, RefOr<Schema>)>) {
+        schemas.push((ContactBody::name().into(), ContactBody::schema()));
+    }
+}
+
 /// What an import did.
-#[derive(Debug, Default, Serialize)]
+#[derive(Debug, Default, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 struct ImportReport {
     /// Lines (or array items) read, blank lines aside.
@@ -137,7 +170,7 @@ struct ImportReport {
     rejections: Vec<Rejection>,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 struct Rejection {
     line: usize,
     error: String,
@@ -148,6 +181,21 @@ pub fn user_id(raw: i64) -> Result<UserId, ApiError> {
     UserId::new(raw).map_err(ApiError::BadRequest)
 }
 
+/// Stores where to reach a user (replacing the entry): every field is optional, and an
+/// absent or null one clears what was stored.
+#[utoipa::path(
+    put,
+    path = "/api/v1/users/{id}/contact",
+    operation_id = "putContact",
+    tag = "users",
+    params(("id" = i64, Path, description = "The user, a positive integer.", minimum = 1)),
+    request_body = ContactBody,
+    responses(
+        (status = 200, description = "The entry as stored.", body = ContactView),
+        (status = 400, response = BadRequest),
+        (status = 415, response = UnsupportedMediaType),
+    )
+)]
 async fn write(
     State(state): State<AppState>,
     ApiPath(id): ApiPath<i64>,
@@ -162,6 +210,19 @@ async fn write(
     }))
 }
 
+/// A user's directory entry.
+#[utoipa::path(
+    get,
+    path = "/api/v1/users/{id}/contact",
+    operation_id = "getContact",
+    tag = "users",
+    params(("id" = i64, Path, description = "The user, a positive integer.", minimum = 1)),
+    responses(
+        (status = 200, description = "The entry.", body = ContactView),
+        (status = 400, response = BadRequest),
+        (status = 404, response = NotFound),
+    )
+)]
 async fn read(
     State(state): State<AppState>,
     ApiPath(id): ApiPath<i64>,
@@ -181,6 +242,24 @@ async fn read(
 /// in one transaction; bad lines are reported and skipped. 400 only when the body as a
 /// whole is unreadable (not UTF-8, or not an array when sent as JSON). 503 with Retry-After
 /// while this instance already runs as many imports as it allows.
+#[utoipa::path(
+    post,
+    path = "/api/v1/users:import",
+    operation_id = "importUsers",
+    tag = "users",
+    request_body(
+        description = "Up to 200,000 users (32 MiB): one JSON object per line, or a JSON array.",
+        content(
+            (String = "application/x-ndjson"),
+            (Vec<ImportLine> = "application/json"),
+        )
+    ),
+    responses(
+        (status = 200, description = "What the import did.", body = ImportReport),
+        (status = 400, response = BadRequest),
+        (status = 415, response = UnsupportedMediaType),
+    )
+)]
 async fn import(
     State(state): State<AppState>,
     request: Request,

@@ -9,52 +9,98 @@
 //! - `GET /api/v1/webhooks/{id}/deliveries?status=&limit=&cursor=`: its calls, newest first.
 
 use axum::{
-    Json, Router,
+    Json,
     extract::State,
     http::{Method, StatusCode},
-    middleware::from_fn_with_state,
     response::{IntoResponse, Response},
-    routing::{get, post},
 };
-use serde::Deserialize;
-use serde_json::{Value, json};
+use serde::{Deserialize, Serialize};
+use utoipa::{IntoParams, ToSchema};
+use utoipa_axum::{router::OpenApiRouter, routes};
 use uuid::Uuid;
 
 use super::{
     AppState,
-    auth::{Need, Rules, authorize},
-    error::{ApiError, ApiJson, ApiPath, ApiQuery},
+    auth::{Need, Rules, guarded},
+    error::{ApiError, ApiJson, ApiPath, ApiQuery, BadRequest, NotFound, UnsupportedMediaType},
 };
 use crate::{
     auth::{Principal, Scope},
-    webhooks::{self, Endpoint, Kind},
+    webhooks::{self, Call, Endpoint, Kind},
 };
 
 /// The webhook routes, each needing `webhooks:admin`.
-pub fn router() -> Router<AppState> {
+pub fn router() -> OpenApiRouter<AppState> {
     const RULES: Rules = &[
         (Method::GET, Need::Scope(Scope::WebhooksAdmin)),
         (Method::POST, Need::Scope(Scope::WebhooksAdmin)),
         (Method::DELETE, Need::Scope(Scope::WebhooksAdmin)),
     ];
-    Router::new()
-        .route("/api/v1/webhooks", post(create).get(list))
-        .route("/api/v1/webhooks/{id}", get(read).delete(delete))
-        .route("/api/v1/webhooks/{id}/enable", post(enable))
-        .route("/api/v1/webhooks/{id}/deliveries", get(deliveries))
-        .route_layer(from_fn_with_state(RULES, authorize))
+    guarded(
+        OpenApiRouter::new()
+            .routes(routes!(create, list))
+            .routes(routes!(read, delete))
+            .routes(routes!(enable))
+            .routes(routes!(deliveries)),
+        RULES,
+    )
 }
 
 /// `POST /api/v1/webhooks` body.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
+#[schema(as = WebhookRequest)]
 struct CreateRequest {
+    /// Where to POST the calls; a non-public address is refused unless configuration
+    /// allows it.
     url: String,
     /// Default: every kind.
+    #[schema(value_type = Option<Vec<Kind>>)]
     kinds: Option<Vec<String>>,
+    /// For people, at most 500 characters.
     description: Option<String>,
 }
 
+/// A new endpoint, with the secret its calls are signed with: shown this once.
+#[derive(Debug, Serialize, ToSchema)]
+#[schema(as = CreatedWebhookEndpoint)]
+struct Created {
+    #[serde(flatten)]
+    endpoint: Endpoint,
+    /// `whsec_<base64>`: verify each call's `webhook-signature` with it.
+    secret: String,
+}
+
+/// The endpoints.
+#[derive(Debug, Serialize, ToSchema)]
+#[schema(as = WebhookEndpointList)]
+struct List {
+    items: Vec<Endpoint>,
+}
+
+/// A page of an endpoint's calls.
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+#[schema(as = WebhookCallPage)]
+struct CallPage {
+    items: Vec<Call>,
+    /// Pass as `cursor` for the next page; null on the last page.
+    next_cursor: Option<String>,
+}
+
+/// Adds an endpoint for signed outbound webhooks.
+#[utoipa::path(
+    post,
+    path = "/api/v1/webhooks",
+    operation_id = "createWebhook",
+    tag = "webhooks",
+    request_body = CreateRequest,
+    responses(
+        (status = 201, description = "Created.", body = Created),
+        (status = 400, response = BadRequest),
+        (status = 415, response = UnsupportedMediaType),
+    )
+)]
 async fn create(
     State(state): State<AppState>,
     principal: Principal,
@@ -98,13 +144,21 @@ async fn create(
     )
     .await?;
     tracing::info!(endpoint = %endpoint.id, by = %principal.name(), "webhook endpoint created");
-    let mut body = serde_json::to_value(&endpoint).map_err(anyhow::Error::from)?;
-    body["secret"] = Value::String(secret);
-    Ok((StatusCode::CREATED, Json(body)).into_response())
+    Ok((StatusCode::CREATED, Json(Created { endpoint, secret })).into_response())
 }
 
-async fn list(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
-    Ok(Json(json!({ "items": webhooks::list(&state.db).await? })))
+/// Every endpoint.
+#[utoipa::path(
+    get,
+    path = "/api/v1/webhooks",
+    operation_id = "listWebhooks",
+    tag = "webhooks",
+    responses((status = 200, description = "The endpoints.", body = List))
+)]
+async fn list(State(state): State<AppState>) -> Result<Json<List>, ApiError> {
+    Ok(Json(List {
+        items: webhooks::list(&state.db).await?,
+    }))
 }
 
 fn id(raw: &str) -> Result<Uuid, ApiError> {
@@ -116,6 +170,19 @@ fn not_found(id: Uuid) -> ApiError {
     ApiError::NotFound(format!("no webhook endpoint {id}"))
 }
 
+/// One endpoint.
+#[utoipa::path(
+    get,
+    path = "/api/v1/webhooks/{id}",
+    operation_id = "getWebhook",
+    tag = "webhooks",
+    params(("id" = Uuid, Path, description = "The endpoint id.")),
+    responses(
+        (status = 200, description = "The endpoint.", body = Endpoint),
+        (status = 400, response = BadRequest),
+        (status = 404, response = NotFound),
+    )
+)]
 async fn read(
     State(state): State<AppState>,
     ApiPath(raw): ApiPath<String>,
@@ -128,6 +195,19 @@ async fn read(
     ))
 }
 
+/// Deletes an endpoint (kept for audit); its waiting calls are dropped.
+#[utoipa::path(
+    delete,
+    path = "/api/v1/webhooks/{id}",
+    operation_id = "deleteWebhook",
+    tag = "webhooks",
+    params(("id" = Uuid, Path, description = "The endpoint id.")),
+    responses(
+        (status = 204, description = "Deleted."),
+        (status = 400, response = BadRequest),
+        (status = 404, response = NotFound),
+    )
+)]
 async fn delete(
     State(state): State<AppState>,
     principal: Principal,
@@ -141,6 +221,19 @@ async fn delete(
     Ok(StatusCode::NO_CONTENT)
 }
 
+/// Enables an endpoint again after it was disabled for failing.
+#[utoipa::path(
+    post,
+    path = "/api/v1/webhooks/{id}/enable",
+    operation_id = "enableWebhook",
+    tag = "webhooks",
+    params(("id" = Uuid, Path, description = "The endpoint id.")),
+    responses(
+        (status = 200, description = "The endpoint.", body = Endpoint),
+        (status = 400, response = BadRequest),
+        (status = 404, response = NotFound),
+    )
+)]
 async fn enable(
     State(state): State<AppState>,
     principal: Principal,
@@ -155,19 +248,37 @@ async fn enable(
 }
 
 /// `GET /api/v1/webhooks/{id}/deliveries` query.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 struct CallsQuery {
+    /// PENDING, SUCCESS or FAILED.
     status: Option<String>,
+    /// Page size.
+    #[param(minimum = 1, maximum = 500, default = 50)]
     limit: Option<i64>,
+    /// The `nextCursor` of the previous page.
     cursor: Option<String>,
 }
 
+/// An endpoint's calls, newest first.
+#[utoipa::path(
+    get,
+    path = "/api/v1/webhooks/{id}/deliveries",
+    operation_id = "listWebhookCalls",
+    tag = "webhooks",
+    params(("id" = Uuid, Path, description = "The endpoint id."), CallsQuery),
+    responses(
+        (status = 200, description = "One page of calls.", body = CallPage),
+        (status = 400, response = BadRequest),
+        (status = 404, response = NotFound),
+    )
+)]
 async fn deliveries(
     State(state): State<AppState>,
     ApiPath(raw): ApiPath<String>,
     ApiQuery(query): ApiQuery<CallsQuery>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<CallPage>, ApiError> {
     let id = id(&raw)?;
     if webhooks::get(&state.db, id).await?.is_none() {
         return Err(not_found(id));
@@ -184,8 +295,8 @@ async fn deliveries(
     let limit = super::error::page_limit(query.limit, 50, 500)?;
     let before = super::error::id_cursor(query.cursor.as_deref())?;
     let items = webhooks::calls(&state.db, id, status, before, limit).await?;
-    let next = (items.len() as i64 == limit)
+    let next_cursor = (items.len() as i64 == limit)
         .then(|| items.last().map(|c| c.id.to_string()))
         .flatten();
-    Ok(Json(json!({ "items": items, "nextCursor": next })))
+    Ok(Json(CallPage { items, next_cursor }))
 }

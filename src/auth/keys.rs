@@ -34,7 +34,7 @@ const LAST_USED_EVERY: chrono::TimeDelta = chrono::TimeDelta::minutes(1);
 const SHOWN_PREFIX_CHARS: usize = KEY_PREFIX.len() + 8;
 
 /// A stored key, as the API shows it (never the key itself).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct ApiKey {
     pub id: Uuid,

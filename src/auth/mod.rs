@@ -22,7 +22,19 @@ use sha2::{Digest, Sha256};
 use sqlx::PgPool;
 
 /// What a credential may do. Each route needs one (`api::auth`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    PartialOrd,
+    Ord,
+    Hash,
+    Serialize,
+    Deserialize,
+    utoipa::ToSchema,
+)]
 pub enum Scope {
     /// Send notifications (the HTTP intake).
     #[serde(rename = "notifications:write")]

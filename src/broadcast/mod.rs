@@ -34,7 +34,7 @@ pub const BROADCAST_EVENTS_TOPIC: &str = "notification.broadcast.events";
 pub const CANCELLED_REASON: &str = "broadcast cancelled";
 
 /// Who a broadcast goes to.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub enum Audience {
     /// These users (with or without a directory entry).
@@ -45,7 +45,7 @@ pub enum Audience {
 
 /// A slice of the user directory; every given criterion must hold. Age is this year minus
 /// the birth year; users without a birth year match no age criterion.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Segment {
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -75,7 +75,7 @@ impl Segment {
 }
 
 /// A broadcast's state.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "SCREAMING_SNAKE_CASE")]
 pub enum BroadcastStatus {
     Scheduled,
@@ -181,8 +181,9 @@ const ROW: &str = "SELECT id, name, status, \
      cancelled_by FROM broadcasts";
 
 /// Deliveries of one channel (or all) by outcome.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
+#[schema(as = BroadcastCounts)]
 pub struct Counts {
     pub sent: i64,
     pub failed: i64,
@@ -207,8 +208,9 @@ impl Counts {
 }
 
 /// Where a broadcast stands: recipients and deliveries.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
+#[schema(as = BroadcastTotals)]
 pub struct Totals {
     /// Recipients in the frozen audience (0 until the fan-out starts).
     pub audience: i64,

@@ -30,8 +30,9 @@ pub enum AdminError {
 }
 
 /// A dead letter as operators see it.
-#[derive(Debug, Clone, Serialize, sqlx::FromRow)]
+#[derive(Debug, Clone, Serialize, sqlx::FromRow, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
+#[schema(as = DeadLetter)]
 pub struct DeadLetterView {
     pub id: Uuid,
     /// The identity the letter was made with (`X-Dead-Letter-Id`, or one derived from the
@@ -167,7 +168,7 @@ impl Find {
 }
 
 /// Letters with one cause, counted.
-#[derive(Debug, Clone, Serialize, sqlx::FromRow)]
+#[derive(Debug, Clone, Serialize, sqlx::FromRow, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct FingerprintCount {
     pub fingerprint: String,
@@ -181,7 +182,7 @@ pub struct FingerprintCount {
 }
 
 /// Letters of one error class, counted.
-#[derive(Debug, Clone, Serialize, sqlx::FromRow)]
+#[derive(Debug, Clone, Serialize, sqlx::FromRow, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct ClassCount {
     pub error_class: Option<String>,
@@ -189,8 +190,9 @@ pub struct ClassCount {
 }
 
 /// How many letters a find matches, by error class and by fingerprint (the 100 largest).
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
+#[schema(as = DeadLetterCounts)]
 pub struct Counts {
     pub total: i64,
     pub by_class: Vec<ClassCount>,
@@ -227,8 +229,9 @@ pub async fn counts(db: &PgPool, find: &Find) -> anyhow::Result<Counts> {
 }
 
 /// A page of dead letters.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
+#[schema(as = DeadLetterPage)]
 pub struct Page {
     pub items: Vec<DeadLetterView>,
     pub next_cursor: Option<String>,
@@ -284,7 +287,7 @@ fn with_text(letter: &mut DeadLetterView) {
 }
 
 /// What a retry did.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "SCREAMING_SNAKE_CASE")]
 pub enum RetryKind {
     /// The failed delivery (or webhook call) is PENDING again.
@@ -592,7 +595,7 @@ async fn mark(
 }
 
 /// What retry-all did.
-#[derive(Debug, Clone, Default, Serialize)]
+#[derive(Debug, Clone, Default, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct RetryAllReport {
     pub requeued: usize,

@@ -25,8 +25,9 @@ use crate::{
 };
 
 /// One correction of a dead letter.
-#[derive(Debug, Clone, Serialize, sqlx::FromRow)]
+#[derive(Debug, Clone, Serialize, sqlx::FromRow, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
+#[schema(as = DeadLetterEdit)]
 pub struct Edit {
     pub id: Uuid,
     /// `payload` (a poison message's event) or `delivery` (a failed delivery's data and

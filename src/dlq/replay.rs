@@ -38,8 +38,9 @@ pub const MAX_RATE: u32 = 1000;
 const LEASE: Duration = Duration::from_secs(30);
 
 /// What a dry run found.
-#[derive(Debug, Clone, Default, Serialize)]
+#[derive(Debug, Clone, Default, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
+#[schema(as = ReplayDryRun)]
 pub struct DryRun {
     pub dry_run: bool,
     /// PENDING letters the find matches.
@@ -96,7 +97,7 @@ pub async fn dry_run(
 }
 
 /// A replay and how far it got.
-#[derive(Debug, Clone, Serialize, sqlx::FromRow)]
+#[derive(Debug, Clone, Serialize, sqlx::FromRow, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Replay {
     pub id: Uuid,

@@ -5,7 +5,7 @@ use serde::{Deserialize, Serialize};
 /// An email address, checked for shape (one `@`, a non-empty local part, a dotted or
 /// single-label domain, no spaces or control characters, at most 254 bytes). Deliverability
 /// is the mail server's business.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct EmailAddress(String);
 
 impl EmailAddress {
@@ -46,7 +46,7 @@ impl fmt::Display for EmailAddress {
 }
 
 /// A phone number in E.164 form: `+`, then 8 to 15 digits. Spaces and dashes are removed.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct PhoneNumber(String);
 
 impl PhoneNumber {
@@ -76,7 +76,19 @@ impl PhoneNumber {
 }
 
 /// A language Herald has templates for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Hash,
+    PartialOrd,
+    Ord,
+    Serialize,
+    Deserialize,
+    utoipa::ToSchema,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum Locale {
     Ko,
@@ -119,7 +131,7 @@ impl fmt::Display for Locale {
 }
 
 /// An IANA time zone name such as `Asia/Seoul`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct Timezone(String);
 
 impl Timezone {
@@ -139,7 +151,9 @@ impl Timezone {
 
 /// A targeting tag on a user (`vip`, `beta-tester`, `region:seoul`): 1 to 64 characters of
 /// letters, digits and `-_.:`, kept in lower case so that `VIP` and `vip` are one tag.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[derive(
+    Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, utoipa::ToSchema,
+)]
 #[serde(try_from = "String")]
 pub struct Tag(String);
 
@@ -174,7 +188,7 @@ impl Tag {
 }
 
 /// The year a user was born, for age segments: from 1900 to this year.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct BirthYear(i32);
 
 impl BirthYear {

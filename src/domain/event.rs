@@ -8,7 +8,19 @@ use super::{EmailAddress, Locale, PhoneNumber};
 
 /// The business area an event comes from. Picks the upstream topic, the consumer group
 /// and the dead-letter topic.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Hash,
+    PartialOrd,
+    Ord,
+    Serialize,
+    Deserialize,
+    utoipa::ToSchema,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum Domain {
     Payment,
@@ -81,7 +93,7 @@ impl FromStr for Domain {
 
 /// The producer's unique id of an event: the idempotency key. 1 to 128 printable
 /// characters.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, utoipa::ToSchema)]
 pub struct EventId(String);
 
 impl EventId {
@@ -102,7 +114,9 @@ impl EventId {
 
 /// An event type name such as `PAYMENT_FAILED`: upper-case letters, digits and `_`. Whether
 /// Herald knows it is the routing table's call.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(
+    Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, utoipa::ToSchema,
+)]
 #[serde(try_from = "String")]
 pub struct EventType(String);
 
@@ -143,7 +157,19 @@ impl fmt::Display for EventType {
 }
 
 /// A user of the upstream services: a positive integer.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Hash,
+    PartialOrd,
+    Ord,
+    Serialize,
+    Deserialize,
+    utoipa::ToSchema,
+)]
 #[serde(try_from = "i64")]
 pub struct UserId(i64);
 

@@ -3,7 +3,7 @@ use std::{fmt, str::FromStr};
 use serde::{Deserialize, Serialize};
 
 /// Where one delivery stands.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "SCREAMING_SNAKE_CASE")]
 pub enum DeliveryStatus {
     /// Waiting for a dispatcher (now, or at `next_attempt_at`).
@@ -71,7 +71,7 @@ impl FromStr for DeliveryStatus {
 
 /// What a provider says became of a message after accepting it (issue 15); kept beside the
 /// delivery status, which it does not change.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "SCREAMING_SNAKE_CASE")]
 pub enum ReceiptStatus {
     /// It reached the phone, device or mailbox.
@@ -113,7 +113,7 @@ impl FromStr for ReceiptStatus {
 
 /// A notification's overall status, derived from its deliveries whenever it is read
 /// (DESIGN §3), never stored.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "SCREAMING_SNAKE_CASE")]
 pub enum NotificationStatus {
     /// Nothing has been attempted yet.

@@ -77,7 +77,7 @@ struct WatchState {
 }
 
 /// A consumer's state in the readiness body.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct ConsumerReport {
     /// `assigned`, `rebalancing` (no assignment, within the bound) or `stuck`.

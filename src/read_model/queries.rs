@@ -9,7 +9,7 @@ use uuid::Uuid;
 use crate::receipts::ReceiptColumns;
 
 /// One delivery in a user's history.
-#[derive(Debug, Clone, Serialize, sqlx::FromRow)]
+#[derive(Debug, Clone, Serialize, sqlx::FromRow, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct HistoryEntry {
     pub delivery_id: Uuid,
@@ -35,11 +35,12 @@ pub struct HistoryEntry {
     pub digest_id: Option<Uuid>,
     /// What the provider said became of the message; null until a receipt.
     #[sqlx(flatten)]
+    #[schema(value_type = Option<crate::receipts::ReceiptState>)]
     pub receipt: ReceiptColumns,
 }
 
 /// A page of history, newest first.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct HistoryPage {
     pub items: Vec<HistoryEntry>,
@@ -133,7 +134,7 @@ pub async fn unread_count(db: &PgPool, user_id: i64) -> anyhow::Result<i64> {
 }
 
 /// Terminal outcomes of one day on one channel.
-#[derive(Debug, Clone, Serialize, sqlx::FromRow)]
+#[derive(Debug, Clone, Serialize, sqlx::FromRow, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct DailyStats {
     pub day: NaiveDate,
@@ -151,7 +152,7 @@ pub struct DailyStats {
 }
 
 /// What providers reported of the sends they accepted (issue 15).
-#[derive(Debug, Clone, Serialize, sqlx::FromRow)]
+#[derive(Debug, Clone, Serialize, sqlx::FromRow, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct ReceiptCounts {
     /// Sends a provider reported DELIVERED.
@@ -181,7 +182,7 @@ pub async fn daily(db: &PgPool, from: NaiveDate, to: NaiveDate) -> anyhow::Resul
 }
 
 /// Totals of one channel over a period.
-#[derive(Debug, Clone, Serialize, sqlx::FromRow)]
+#[derive(Debug, Clone, Serialize, sqlx::FromRow, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct ChannelStats {
     pub channel: String,
@@ -219,7 +220,7 @@ pub async fn channels(
 }
 
 /// A recent failure.
-#[derive(Debug, Clone, Serialize, sqlx::FromRow)]
+#[derive(Debug, Clone, Serialize, sqlx::FromRow, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Failure {
     pub delivery_id: Uuid,

@@ -43,7 +43,7 @@ pub const UNMATCHED_FOR: Duration = Duration::from_secs(600);
 pub const SWEEP_EVERY: Duration = Duration::from_secs(2);
 
 /// A delivery's receipt state, as the API, delivery events and the read model show it.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, sqlx::FromRow)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, sqlx::FromRow, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct ReceiptState {
     pub status: ReceiptStatus,

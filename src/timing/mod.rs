@@ -20,7 +20,7 @@ pub mod quiet_hours;
 use serde::{Deserialize, Serialize};
 
 /// Why a PENDING delivery waits past its creation.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum Hold {
     /// The caller asked for later (`scheduledAt`).

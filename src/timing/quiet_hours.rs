@@ -16,7 +16,7 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 use crate::domain::Channel;
 
-/// A wall-clock time of day, minutes precision, written `HH:MM`.
+/// A wall-clock time of day, minutes precision, written `HH:MM` (24-hour).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub struct ClockTime(NaiveTime);
 
@@ -49,11 +49,16 @@ impl<'de> Deserialize<'de> for ClockTime {
     }
 }
 
-/// One quiet period of every day, for some channels or all of them.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// One quiet period of every day, in the user's time zone, for some channels or all of
+/// them; `from` later than `to` spans midnight.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct QuietWindow {
+    /// When the quiet period starts, `HH:MM` (24-hour).
+    #[schema(value_type = String, pattern = "^([01][0-9]|2[0-3]):[0-5][0-9]$", example = "22:00")]
     pub from: ClockTime,
+    /// When it ends, `HH:MM` (24-hour).
+    #[schema(value_type = String, pattern = "^([01][0-9]|2[0-3]):[0-5][0-9]$", example = "08:00")]
     pub to: ClockTime,
     /// The channels it holds back; absent means every channel.
     #[serde(default, skip_serializing_if = "Option::is_none")]

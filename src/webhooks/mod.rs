@@ -39,8 +39,9 @@ use crate::{
 };
 
 /// What an endpoint may subscribe to.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
+#[schema(as = WebhookKind)]
 pub enum Kind {
     /// Every delivery state change (and receipt).
     Delivery,
@@ -92,11 +93,13 @@ impl std::str::FromStr for Kind {
 }
 
 /// An endpoint as the API shows it (never with its secret after it was made).
-#[derive(Debug, Clone, Serialize, sqlx::FromRow)]
+#[derive(Debug, Clone, Serialize, sqlx::FromRow, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
+#[schema(as = WebhookEndpoint)]
 pub struct Endpoint {
     pub id: Uuid,
     pub url: String,
+    #[schema(value_type = Vec<Kind>)]
     pub kinds: Vec<String>,
     pub description: Option<String>,
     /// The name of the credential that made it.
@@ -326,8 +329,9 @@ pub async fn enable(
 }
 
 /// One call of an endpoint, as its delivery log shows it.
-#[derive(Debug, Clone, Serialize, sqlx::FromRow)]
+#[derive(Debug, Clone, Serialize, sqlx::FromRow, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
+#[schema(as = WebhookCall)]
 pub struct Call {
     /// Also the `webhook-id` it is sent with (`msg_` and this id without dashes).
     pub id: Uuid,

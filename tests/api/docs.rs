@@ -1,15 +1,17 @@
-//! The OpenAPI document and the docs page: the document is served, names every route, and
-//! names no route the app does not serve.
+//! The OpenAPI document and the docs page: the document is derived from the code, names
+//! exactly the public routes and no route the app does not serve, passes
+//! openapi-spec-validator, and describes what the app really answers.
 
 use std::{collections::BTreeSet, time::Duration};
 
 use reqwest::Method;
-use serde_json::Value;
+use serde_json::{Map, Value, json};
 use uuid::Uuid;
 
-use crate::helpers::{TestApp, spawn_app};
+use crate::helpers::{TestApp, envelope, spawn_app, wait_until};
 
-/// Every route of the app (method, path template), which the document must name.
+/// Every route of the app (method, path template): the public contract, which the document
+/// (derived from the routes themselves) must name exactly.
 const ROUTES: &[(&str, &str)] = &[
     ("POST", "/api/v1/notifications"),
     ("GET", "/api/v1/notifications"),
@@ -176,6 +178,129 @@ async fn the_openapi_document_is_json_in_openapi_3_1_naming_every_route() {
     assert!(
         unlisted.is_empty(),
         "documented but not in ROUTES: {unlisted:?}"
+    );
+}
+
+/// DESIGN §5a in the document: every `/api/v1` operation names the credential it needs (API
+/// key scopes, the user token on a user's own routes, the signature on receipts) and the
+/// 401 and 403 it answers; health, metrics, docs and the console are open (`security: []`).
+/// (`access.rs` calls every operation with and without what the document names.)
+#[tokio::test]
+async fn every_api_operation_names_its_credentials_and_every_other_is_open() {
+    let app = spawn_app().await;
+    let doc = openapi(&app).await;
+    let schemes = doc["components"]["securitySchemes"].as_object().unwrap();
+    assert_eq!(schemes["apiKey"]["scheme"], "bearer");
+    assert_eq!(schemes["userToken"]["bearerFormat"], "JWT");
+
+    for (method, path) in operations(&doc) {
+        let operation = &doc["paths"][&path][method.to_lowercase()];
+        let security = operation["security"]
+            .as_array()
+            .unwrap_or_else(|| panic!("{method} {path} declares its security"));
+        if !path.starts_with("/api/") {
+            assert!(security.is_empty(), "{method} {path} is open: {security:?}");
+            continue;
+        }
+        assert!(!security.is_empty(), "{method} {path} names no credential");
+        for requirement in security {
+            let (scheme, scopes) = requirement.as_object().unwrap().iter().next().unwrap();
+            assert!(schemes.contains_key(scheme), "{method} {path}: {scheme}");
+            if scheme == "apiKey" {
+                let scope = scopes[0].as_str().unwrap();
+                assert!(
+                    scope.parse::<herald::auth::Scope>().is_ok(),
+                    "{method} {path}: {scope} is not a scope"
+                );
+            }
+        }
+        assert!(
+            operation["responses"].get("401").is_some(),
+            "{method} {path}"
+        );
+        if !path.starts_with("/api/v1/receipts/") {
+            assert!(
+                operation["responses"].get("403").is_some(),
+                "{method} {path}"
+            );
+        }
+    }
+    let own = |method: &str, path: &str| {
+        doc["paths"][path][method]["security"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|r| r.get("userToken").is_some())
+    };
+    for (method, path) in [
+        ("get", "/api/v1/notifications"),
+        ("get", "/api/v1/notifications/settings"),
+        ("put", "/api/v1/notifications/settings"),
+        ("get", "/api/v1/users/{id}/inbox"),
+        ("get", "/api/v1/users/{id}/inbox/unread-count"),
+        ("post", "/api/v1/users/{id}/inbox/read-all"),
+        ("post", "/api/v1/users/{id}/inbox/{delivery}/read"),
+        ("get", "/api/v1/users/{id}/inbox/stream"),
+    ] {
+        assert!(own(method, path), "a user token opens {method} {path}");
+    }
+    assert!(!own("post", "/api/v1/notifications"));
+    assert!(!own("get", "/api/v1/admin/dlq"));
+}
+
+/// The document follows the types: each response schema below names exactly the fields a
+/// value of its type serializes to, so a field added to (or removed from) a type is in the
+/// document without anyone editing it.
+#[test]
+fn a_response_schema_names_exactly_the_fields_its_type_serializes() {
+    let doc = serde_json::to_value(herald::api::openapi()).unwrap();
+    let schemas = &doc["components"]["schemas"];
+    let fields = |name: &str| -> BTreeSet<String> {
+        schemas[name]["properties"]
+            .as_object()
+            .unwrap_or_else(|| panic!("{name} has properties"))
+            .keys()
+            .cloned()
+            .collect()
+    };
+    let keys =
+        |value: Value| -> BTreeSet<String> { value.as_object().unwrap().keys().cloned().collect() };
+
+    let error = herald::api::error::ErrorBody::new("conflict", "no");
+    assert_eq!(fields("Error"), keys(serde_json::to_value(&error).unwrap()));
+    let mut detail = serde_json::to_value(&error.error).unwrap();
+    // `details` is left out when empty: the schema names it, not as required.
+    detail["details"] = json!([]);
+    assert_eq!(fields("ErrorDetail"), keys(detail));
+    assert_eq!(
+        schemas["ErrorDetail"]["required"],
+        json!(["code", "message"])
+    );
+
+    let totals = herald::broadcast::Totals::default();
+    assert_eq!(
+        fields("BroadcastTotals"),
+        keys(serde_json::to_value(&totals).unwrap())
+    );
+    let report = herald::dlq::admin::RetryAllReport::default();
+    assert_eq!(
+        fields("RetryAllReport"),
+        keys(serde_json::to_value(&report).unwrap())
+    );
+    let dry_run = herald::dlq::replay::DryRun::default();
+    assert_eq!(
+        fields("ReplayDryRun"),
+        keys(serde_json::to_value(&dry_run).unwrap())
+    );
+    let segment = herald::broadcast::Segment {
+        age_min: Some(20),
+        age_max: Some(30),
+        locale: Some(herald::domain::Locale::Ko),
+        tags: vec![herald::domain::Tag::parse("vip").unwrap()],
+    };
+    assert_eq!(
+        fields("Segment"),
+        keys(serde_json::to_value(&segment).unwrap())
     );
 }
 
@@ -347,4 +472,360 @@ fn tempfile_dir() -> std::path::PathBuf {
     let dir = std::env::temp_dir().join(format!("herald-chromium-{}", Uuid::new_v4()));
     std::fs::create_dir_all(&dir).unwrap();
     dir
+}
+
+/// The document as a contract for real answers: each body must validate against the schema
+/// the document declares for its operation and status, and carry no property that schema
+/// does not name.
+struct Contract {
+    doc: Value,
+}
+
+impl Contract {
+    /// The JSON schema of a response, `$ref`s left to resolve against the components.
+    fn schema(&self, method: &Method, template: &str, status: u16) -> Value {
+        let operation = &self.doc["paths"][template][method.as_str().to_lowercase()];
+        assert!(operation.is_object(), "{method} {template} is documented");
+        let response = resolve(&self.doc, &operation["responses"][status.to_string()]);
+        let schema = &response["content"]["application/json"]["schema"];
+        assert!(
+            schema.is_object(),
+            "{method} {template} documents a JSON {status} answer: {response}"
+        );
+        schema.clone()
+    }
+
+    /// A schema that can be checked on its own: the document's components next to it.
+    fn standalone(&self, schema: &Value) -> jsonschema::Validator {
+        let root = json!({
+            "$schema": "https://json-schema.org/draft/2020-12/schema",
+            "components": self.doc["components"],
+            "allOf": [schema],
+        });
+        jsonschema::validator_for(&root).unwrap_or_else(|e| panic!("{schema} compiles: {e}"))
+    }
+
+    /// Sends a request, expects `status` and checks the answer against the document; the
+    /// answer's body.
+    async fn expect(
+        &self,
+        app: &TestApp,
+        (method, template): (Method, &str),
+        path: &str,
+        body: Option<Value>,
+        status: u16,
+    ) -> Value {
+        let mut request = app
+            .http
+            .request(method.clone(), format!("{}{path}", app.address));
+        if let Some(body) = body {
+            request = request.json(&body);
+        }
+        let response = request.send().await.unwrap();
+        let answered = response.status().as_u16();
+        let body: Value = response.json().await.unwrap_or(Value::Null);
+        assert_eq!(answered, status, "{method} {path}: {body}");
+        self.check(&method, template, status, &body);
+        body
+    }
+
+    /// Checks one answer against the document.
+    fn check(&self, method: &Method, template: &str, status: u16, body: &Value) {
+        let schema = self.schema(method, template, status);
+        self.conform(&schema, body, &format!("{method} {template} {status}"));
+    }
+
+    /// Checks a value against a schema: valid, and no property the schema does not name.
+    fn conform(&self, schema: &Value, value: &Value, what: &str) {
+        let errors: Vec<String> = self
+            .standalone(schema)
+            .iter_errors(value)
+            .map(|e| format!("{}: {e}", e.instance_path()))
+            .collect();
+        assert!(
+            errors.is_empty(),
+            "{what} breaks its schema: {errors:#?}\n{value:#}"
+        );
+        let mut undocumented = Vec::new();
+        self.undocumented(schema, value, "", &mut undocumented);
+        assert!(
+            undocumented.is_empty(),
+            "{what} has properties its schema does not name: {undocumented:?}\n{value:#}"
+        );
+    }
+
+    /// The example of a shared error response.
+    fn error_example(&self, response: &str) -> &Value {
+        &self.doc["components"]["responses"][response]["content"]["application/json"]["example"]
+    }
+
+    /// Collects the paths of properties in `value` that `schema` does not name.
+    fn undocumented(&self, schema: &Value, value: &Value, at: &str, out: &mut Vec<String>) {
+        let schema = resolve(&self.doc, schema);
+        for choice in ["oneOf", "anyOf"] {
+            if let Some(branches) = schema[choice].as_array() {
+                if let Some(branch) = branches.iter().find(|b| self.standalone(b).is_valid(value)) {
+                    self.undocumented(branch, value, at, out);
+                }
+                return;
+            }
+        }
+        match value {
+            Value::Object(fields) => {
+                let (properties, others) = self.properties(schema);
+                for (name, field) in fields {
+                    let at = format!("{at}/{name}");
+                    match properties.get(name).or(others.as_ref()) {
+                        Some(schema) => self.undocumented(schema, field, &at, out),
+                        None => out.push(at),
+                    }
+                }
+            }
+            Value::Array(items) => {
+                if let Some(schema) = schema.get("items") {
+                    for (i, item) in items.iter().enumerate() {
+                        self.undocumented(schema, item, &format!("{at}/{i}"), out);
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// The properties an object schema names (through `allOf`), and the schema of any other
+    /// property it allows: its `additionalProperties`, or anything for a free-form object.
+    fn properties(&self, schema: &Value) -> (Map<String, Value>, Option<Value>) {
+        let schema = resolve(&self.doc, schema);
+        let mut properties = schema["properties"]
+            .as_object()
+            .cloned()
+            .unwrap_or_default();
+        let mut others = match schema.get("additionalProperties") {
+            None | Some(Value::Bool(false)) => None,
+            Some(Value::Bool(true)) => Some(json!({})),
+            Some(other) => Some(other.clone()),
+        };
+        for member in schema["allOf"].as_array().into_iter().flatten() {
+            let (more, other) = self.properties(member);
+            properties.extend(more);
+            others = others.or(other);
+        }
+        if properties.is_empty() && schema.get("additionalProperties").is_none() {
+            others = Some(json!({}));
+        }
+        (properties, others)
+    }
+}
+
+/// Real answers of the main operations, each checked against the schema the document
+/// declares for its status: what the document says is what the app sends.
+#[tokio::test]
+async fn real_answers_match_the_schemas_the_document_declares_for_them() {
+    let app = spawn_app().await;
+    let api = Contract {
+        doc: openapi(&app).await,
+    };
+    let get = |template| (Method::GET, template);
+    let post = |template| (Method::POST, template);
+    let put = |template| (Method::PUT, template);
+    let delete = |template| (Method::DELETE, template);
+    // Operations whose path is their template, with what they answer to a plain GET.
+    for (template, status) in [
+        ("/health/live", 200),
+        ("/api/v1/dashboard/delivery", 200),
+        ("/api/v1/dashboard/delivery/channels", 200),
+        ("/api/v1/dashboard/delivery/failures", 200),
+        ("/api/v1/admin/alerts", 200),
+        ("/api/v1/admin/suppressions", 200),
+        ("/api/v1/admin/dlq/replays", 200),
+        ("/api/v1/webhooks", 200),
+        ("/api/v1/event-types", 200),
+    ] {
+        api.expect(&app, get(template), template, None, status)
+            .await;
+    }
+    let ready = app.get("/health/ready").await.status().as_u16();
+    api.expect(&app, get("/health/ready"), "/health/ready", None, ready)
+        .await;
+
+    // A poison message, to have a dead letter by the time the rest is done.
+    app.publish("fluxpay.order.events", "7", b"{\"this is\": not json")
+        .await;
+
+    let user = 7;
+    let intake = json!({
+        "userId": user,
+        "recipient": { "email": "buyer@example.com", "locale": "ko" },
+        "channels": ["EMAIL", "IN_APP", "SMS"],
+        "eventType": "ORDER_SHIPPED",
+        "data": { "orderId": "o-77", "carrier": "CJ" }
+    });
+    let notifications = "/api/v1/notifications";
+    let accepted = api
+        .expect(&app, post(notifications), notifications, Some(intake), 202)
+        .await;
+    let one = "/api/v1/notifications/{id}";
+    let id = accepted["notificationId"].as_str().unwrap();
+    api.expect(&app, get(one), &format!("{notifications}/{id}"), None, 200)
+        .await;
+    let unknown = format!("{notifications}/{}", Uuid::new_v4());
+    api.expect(&app, get(one), &unknown, None, 404).await;
+    // A delivery held for later answers with its hold, and reads back with its reason.
+    let tomorrow = (chrono::Utc::now() + chrono::Duration::days(1)).to_rfc3339();
+    let later = json!({
+        "userId": user, "channels": ["EMAIL"], "eventType": "ORDER_SHIPPED",
+        "recipient": { "email": "buyer@example.com" },
+        "data": { "orderId": "o-78" }, "scheduledAt": tomorrow
+    });
+    let held = api
+        .expect(&app, post(notifications), notifications, Some(later), 202)
+        .await;
+    assert_eq!(
+        held["deliveries"][0]["hold"]["reason"], "scheduled",
+        "{held}"
+    );
+    let held = format!(
+        "{notifications}/{}",
+        held["notificationId"].as_str().unwrap()
+    );
+    let view = api.expect(&app, get(one), &held, None, 200).await;
+    assert_eq!(view["deliveries"][0]["holdReason"], "scheduled", "{view}");
+    let history = format!("{notifications}?userId={user}");
+    wait_until(30, "the history shows the notification", || async {
+        let page: Value = app.get(&history).await.json().await.unwrap();
+        page["items"]
+            .as_array()
+            .is_some_and(|items| !items.is_empty())
+    })
+    .await;
+    api.expect(&app, get(notifications), &history, None, 200)
+        .await;
+    let nobody = format!("{notifications}?userId=0");
+
+    let settings = "/api/v1/notifications/settings";
+    let at = format!("{settings}?userId={user}");
+    let change = json!({
+        "channels": { "EMAIL": false },
+        "eventTypes": { "ORDER_SHIPPED": { "IN_APP": false } },
+        "quietHours": [{ "from": "22:00", "to": "08:00", "channels": ["PUSH"] }]
+    });
+    api.expect(&app, put(settings), &at, Some(change), 200)
+        .await;
+    api.expect(&app, get(settings), &at, None, 200).await;
+
+    let contact = "/api/v1/users/{id}/contact";
+    let at = format!("/api/v1/users/{user}/contact");
+    let entry = json!({
+        "email": "u7@example.com", "locale": "en", "timezone": "Asia/Seoul",
+        "birthYear": 1990, "tags": ["vip"]
+    });
+    api.expect(&app, put(contact), &at, Some(entry), 200).await;
+    api.expect(&app, get(contact), &at, None, 200).await;
+    let import = "/api/v1/users:import";
+    let users = json!([{ "userId": 8, "email": "u8@example.com" }, { "userId": 0 }]);
+    let report = api
+        .expect(&app, post(import), import, Some(users), 200)
+        .await;
+    assert_eq!(report["rejected"], 1, "{report}");
+
+    for (operation, path) in [
+        (get("/api/v1/users/{id}/inbox"), "/api/v1/users/7/inbox"),
+        (
+            get("/api/v1/users/{id}/inbox/unread-count"),
+            "/api/v1/users/7/inbox/unread-count",
+        ),
+        (
+            post("/api/v1/users/{id}/inbox/read-all"),
+            "/api/v1/users/7/inbox/read-all",
+        ),
+        (
+            get("/api/v1/event-types/{eventType}"),
+            "/api/v1/event-types/ORDER_SHIPPED",
+        ),
+        (
+            get("/api/v1/templates/{eventType}/{locale}/{part}"),
+            "/api/v1/templates/ORDER_SHIPPED/ko/email_subject",
+        ),
+    ] {
+        api.expect(&app, operation, path, None, 200).await;
+    }
+    let preview = "/api/v1/templates/{eventType}/preview";
+    let sample = json!({ "data": envelope("ORDER_SHIPPED", user, json!({}))["data"] });
+    let at = "/api/v1/templates/ORDER_SHIPPED/preview";
+    api.expect(&app, post(preview), at, Some(sample), 200).await;
+
+    let keys = "/api/v1/admin/keys";
+    let new_key = json!({ "name": "docs", "scopes": ["dashboard:read"] });
+    api.expect(&app, post(keys), keys, Some(new_key), 201).await;
+    api.expect(&app, get(keys), keys, None, 200).await;
+
+    let broadcasts = "/api/v1/broadcasts";
+    let message = json!({
+        "name": "notice",
+        "audience": { "userIds": [user, 8] },
+        "channels": ["IN_APP"],
+        "subject": "Service notice",
+        "body": "Maintenance on Sunday.",
+    });
+    let created = api
+        .expect(&app, post(broadcasts), broadcasts, Some(message), 202)
+        .await;
+    api.expect(&app, get(broadcasts), broadcasts, None, 200)
+        .await;
+    let at = format!("{broadcasts}/{}", created["broadcastId"].as_str().unwrap());
+    api.expect(&app, get("/api/v1/broadcasts/{id}"), &at, None, 200)
+        .await;
+
+    let dlq = "/api/v1/admin/dlq";
+    wait_until(30, "the poison message is dead-lettered", || async {
+        let page: Value = app.get(dlq).await.json().await.unwrap();
+        page["items"]
+            .as_array()
+            .is_some_and(|items| !items.is_empty())
+    })
+    .await;
+    let page = api.expect(&app, get(dlq), dlq, None, 200).await;
+    let counts = "/api/v1/admin/dlq/counts";
+    api.expect(&app, get(counts), counts, None, 200).await;
+    let replay = "/api/v1/admin/dlq/replay";
+    let dry_run = json!({ "dryRun": true });
+    api.expect(&app, post(replay), replay, Some(dry_run), 200)
+        .await;
+    let one = "/api/v1/admin/dlq/{id}";
+    let at = format!("{dlq}/{}", page["items"][0]["id"].as_str().unwrap());
+    api.expect(&app, get(one), &at, None, 200).await;
+    api.expect(&app, delete(one), &at, None, 200).await;
+
+    // Refusals carry the error body the document names, and its examples are real answers.
+    let refused = app
+        .anonymous
+        .get(format!("{}{dlq}", app.address))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refused.status(), 401);
+    let refused: Value = refused.json().await.unwrap();
+    api.check(&Method::GET, dlq, 401, &refused);
+    assert_eq!(&refused, api.error_example("Unauthorized"));
+    let bad = api
+        .expect(&app, get(notifications), &nobody, None, 400)
+        .await;
+    assert_eq!(&bad, api.error_example("BadRequest"));
+    let url = format!("{}{notifications}", app.address);
+    let as_text = app.http.post(&url).body("{}").send().await.unwrap();
+    assert_eq!(as_text.status(), 415);
+    let as_text: Value = as_text.json().await.unwrap();
+    api.check(&Method::POST, notifications, 415, &as_text);
+    assert_eq!(&as_text, api.error_example("UnsupportedMediaType"));
+    let huge = json!({ "userId": user, "subject": "big", "body": "x".repeat(300 * 1024) });
+    let huge = app.http.post(&url).json(&huge).send().await.unwrap();
+    assert_eq!(huge.status(), 413);
+    let huge: Value = huge.json().await.unwrap();
+    api.check(&Method::POST, notifications, 413, &huge);
+    assert_eq!(&huge, api.error_example("PayloadTooLarge"));
+    // Every shared error response's example has the error body's shape.
+    let error = json!({ "$ref": "#/components/schemas/Error" });
+    for (name, _) in api.doc["components"]["responses"].as_object().unwrap() {
+        api.conform(&error, api.error_example(name), name);
+    }
 }
