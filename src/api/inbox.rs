@@ -26,7 +26,7 @@ use super::{
     auth::{Need, Rules, UserIn, guarded},
     error::{ApiError, ApiPath, ApiQuery, BadRequest, NotFound, TooManyRequests},
     history::{cursor, page_limit},
-    users::user_id,
+    users::{UserPath, user_id},
 };
 use crate::{
     auth::Scope,
@@ -110,7 +110,7 @@ struct StreamQuery {
     path = "/api/v1/users/{id}/inbox",
     operation_id = "listInbox",
     tag = "inbox",
-    params(("id" = i64, Path, description = "The user, a positive integer.", minimum = 1), InboxQuery),
+    params(UserPath, InboxQuery),
     responses(
         (status = 200, description = "One page of the inbox.", body = HistoryPage),
         (status = 400, response = BadRequest),
@@ -144,7 +144,7 @@ async fn list(
     path = "/api/v1/users/{id}/inbox/unread-count",
     operation_id = "getUnreadCount",
     tag = "inbox",
-    params(("id" = i64, Path, description = "The user, a positive integer.", minimum = 1)),
+    params(UserPath),
     responses(
         (status = 200, description = "The count.", body = UnreadCount),
         (status = 400, response = BadRequest),
@@ -169,7 +169,7 @@ async fn unread(
     operation_id = "markRead",
     tag = "inbox",
     params(
-        ("id" = i64, Path, description = "The user, a positive integer.", minimum = 1),
+        UserPath,
         ("delivery" = Uuid, Path, description = "The message's delivery id."),
     ),
     responses(
@@ -212,7 +212,7 @@ async fn read_one(
     path = "/api/v1/users/{id}/inbox/read-all",
     operation_id = "markAllRead",
     tag = "inbox",
-    params(("id" = i64, Path, description = "The user, a positive integer.", minimum = 1)),
+    params(UserPath),
     responses(
         (status = 200, description = "Marked.", body = MarkedRead),
         (status = 400, response = BadRequest),
@@ -260,7 +260,7 @@ impl From<Refusal> for ApiError {
     path = "/api/v1/users/{id}/inbox/stream",
     operation_id = "streamInbox",
     tag = "inbox",
-    params(("id" = i64, Path, description = "The user, a positive integer.", minimum = 1), StreamQuery),
+    params(UserPath, StreamQuery),
     responses(
         (status = 200, description = "The event stream.", body = String, content_type = "text/event-stream"),
         (status = 400, response = BadRequest),

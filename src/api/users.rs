@@ -188,7 +188,7 @@ pub fn user_id(raw: i64) -> Result<UserId, ApiError> {
     path = "/api/v1/users/{id}/contact",
     operation_id = "putContact",
     tag = "users",
-    params(("id" = i64, Path, description = "The user, a positive integer.", minimum = 1)),
+    params(UserPath),
     request_body = ContactBody,
     responses(
         (status = 200, description = "The entry as stored.", body = ContactView),
@@ -210,13 +210,23 @@ async fn write(
     }))
 }
 
+/// The user a route is about (`{id}`), as the document declares it.
+#[derive(utoipa::IntoParams)]
+#[into_params(parameter_in = Path)]
+#[expect(dead_code, reason = "read by ApiPath; declared for the document")]
+pub(super) struct UserPath {
+    /// The user, a positive integer.
+    #[param(minimum = 1)]
+    id: i64,
+}
+
 /// A user's directory entry.
 #[utoipa::path(
     get,
     path = "/api/v1/users/{id}/contact",
     operation_id = "getContact",
     tag = "users",
-    params(("id" = i64, Path, description = "The user, a positive integer.", minimum = 1)),
+    params(UserPath),
     responses(
         (status = 200, description = "The entry.", body = ContactView),
         (status = 400, response = BadRequest),
