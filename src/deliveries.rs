@@ -184,16 +184,16 @@ pub async fn insert(conn: &mut PgConnection, n: &[&NewNotification]) -> anyhow::
 /// an expired lease) and marks them PROCESSING under a fresh lease of `lease`.
 ///
 /// Transactional deliveries come first; broadcast deliveries (reclaims included) fill
-/// what they leave, up to `broadcast_limit`. Jobs come back transactional first. With
-/// `digests`, up to `limit` due digests are claimed too, each as one job whose `members`
-/// are the others ([`claim_digests`]).
+/// what they leave, up to `broadcast_limit`. Jobs come back transactional first. Up to
+/// `limit` due digests are claimed too, each as one job whose `members` are the others
+/// ([`claim_digests`]; always, so that members held under a routing file that digested
+/// their type still go out after it stopped doing so).
 pub async fn claim(
     db: &PgPool,
     channel: Channel,
     limit: usize,
     broadcast_limit: usize,
     lease: Duration,
-    digests: bool,
 ) -> anyhow::Result<Vec<Job>> {
     let mut tx = db.begin().await.context("Failed to begin a claim")?;
     // A claim is redone if lost: should PostgreSQL crash before this commit reaches
@@ -241,9 +241,7 @@ pub async fn claim(
     .await
     .context("Failed to claim deliveries")?;
     let mut ids = ids;
-    if digests {
-        ids.extend(claim_digests(&mut tx, channel, limit, lease).await?);
-    }
+    ids.extend(claim_digests(&mut tx, channel, limit, lease).await?);
     if ids.is_empty() {
         return Ok(Vec::new());
     }
@@ -269,8 +267,10 @@ pub async fn claim(
     Ok(gather_digests(jobs))
 }
 
-/// Claims every due member on `channel` of up to `limit` due digests, in the claim's
-/// transaction, and closes those digests: no event joins them any more. The digest row is
+/// Claims every open member on `channel` of up to `limit` due digests (one due member
+/// makes the digest due: its members go out in one message even if a member's own due
+/// time came out later), in the claim's transaction, and closes those digests: no event
+/// joins them any more. The digest row is
 /// locked first and the members read after, by a statement of their own, so that every
 /// event that joined before the lock is among them and every later one opens the next
 /// digest ([`crate::timing::digest`]). A digest another claim holds is left for the next
@@ -306,8 +306,7 @@ async fn claim_digests(
              attempts = d.attempts + CASE WHEN d.status = 'PROCESSING' THEN 1 ELSE 0 END, \
              updated_at = now(), version = d.version + 1 \
          FROM (SELECT id FROM deliveries WHERE digest_id = ANY($2) AND channel = $1 \
-                 AND ((status = 'PENDING' AND next_attempt_at <= now()) \
-                     OR (status = 'PROCESSING' AND lease_until < now())) \
+                 AND (status = 'PENDING' OR (status = 'PROCESSING' AND lease_until < now())) \
                  FOR UPDATE SKIP LOCKED) m \
          WHERE d.id = m.id RETURNING d.id",
     )
@@ -395,10 +394,15 @@ pub async fn defer(
 /// Records finished sends in one transaction: the deliveries' new states (only where the
 /// claim's lease still holds, with a first-time success's timing), the other records'
 /// attempts and their outbox messages.
+///
+/// With `together`, the records stand or fall as one: if any lease no longer holds,
+/// nothing is written and every record is [`Written::LeaseLost`] (a digest's members,
+/// one message: another worker that took some of them over sends them all again).
 pub async fn record(
     db: &PgPool,
     topic_prefix: &str,
     records: &[Finished],
+    together: bool,
 ) -> anyhow::Result<Vec<Written>> {
     let ids: Vec<Uuid> = records.iter().map(|r| r.event.delivery_id).collect();
     let leases: Vec<DateTime<Utc>> = records.iter().map(|r| r.lease_until).collect();
@@ -461,6 +465,10 @@ pub async fn record(
     .await
     .context("Failed to record sends")?;
 
+    if together && rows.len() < records.len() {
+        // Dropping the transaction rolls the partial record back.
+        return Ok(vec![Written::LeaseLost; records.len()]);
+    }
     let mut written = vec![Written::LeaseLost; records.len()];
     let mut messages = Vec::with_capacity(rows.len() * 2);
     let mut attempts = Vec::with_capacity(rows.len());

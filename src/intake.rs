@@ -194,8 +194,13 @@ pub fn prepare(
     let digest_rule = policy
         .digest
         .as_ref()
+        // An event scheduled for later goes at its own time, not in a window that would
+        // have to wait for it.
         .filter(|_| {
-            draft.user_id.is_some() && draft.broadcast_id.is_none() && draft.subject.is_none()
+            draft.user_id.is_some()
+                && draft.broadcast_id.is_none()
+                && draft.subject.is_none()
+                && draft.scheduled_at.is_none_or(|at| at <= Utc::now())
         })
         .map(|rule| (rule.key_of(&draft.data), rule.window_minutes));
     let deliveries = routing::plan(

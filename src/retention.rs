@@ -56,7 +56,7 @@ pub struct Purged {
     pub receipts: u64,
     /// Finished webhook calls made before the cutoff.
     pub webhook_calls: u64,
-    /// Closed digests opened before the cutoff.
+    /// Digests opened before the cutoff with no member left to send.
     pub digests: u64,
     /// Dead letters discarded or retried successfully before the dead-letter cutoff.
     pub dead_letters: u64,
@@ -162,13 +162,17 @@ async fn purge_locked(db: &PgPool, cutoffs: Cutoffs, reporting_tz: Tz) -> anyhow
     )
     .await
     .context("Failed to purge webhook calls")?;
-    // A digest's members are deliveries: a closed digest older than the history has none
-    // left that could be claimed.
+    // A digest older than the history goes unless a member may still be sent (PENDING,
+    // PROCESSING, or FAILED and so retryable): the claim finds members through their
+    // digest's row. Digests no member ever joined (an event the intake found stored
+    // already) go too.
     let digests = delete_in_batches(
         db,
         "DELETE FROM digests WHERE id IN ( \
-                 SELECT id FROM digests WHERE id < $1 AND closed_at IS NOT NULL \
-                 ORDER BY id LIMIT $2)",
+                 SELECT g.id FROM digests g WHERE g.id < $1 AND NOT EXISTS ( \
+                     SELECT 1 FROM deliveries d WHERE d.digest_id = g.id \
+                         AND d.status IN ('PENDING', 'PROCESSING', 'FAILED')) \
+                 ORDER BY g.id LIMIT $2)",
         below,
     )
     .await

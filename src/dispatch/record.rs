@@ -149,15 +149,16 @@ impl Recorder {
         }
     }
 
-    /// Writes `records` in one transaction of their own, outside the batches: records
-    /// that must stand or fall together (a digest's members).
+    /// Writes `records` in one transaction of their own, outside the batches, all or none
+    /// (none when any lease no longer holds): records that must stand or fall together (a
+    /// digest's members).
     pub async fn record_together(
         &self,
         db: &PgPool,
         topic_prefix: &str,
         records: &[Finished],
     ) -> anyhow::Result<Vec<Written>> {
-        write_retrying(db, topic_prefix, records).await
+        write_retrying(db, topic_prefix, records, true).await
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Vec<(Finished, Reply)>> {
@@ -170,7 +171,7 @@ impl Recorder {
 async fn write_and_answer(db: &PgPool, topic_prefix: &str, batch: Vec<(Finished, Reply)>) {
     let (records, replies): (Vec<Finished>, Vec<Reply>) = batch.into_iter().unzip();
     metrics::histogram!("herald_dispatch_record_batch_size").record(records.len() as f64);
-    match write_retrying(db, topic_prefix, &records).await {
+    match write_retrying(db, topic_prefix, &records, false).await {
         Ok(written) => {
             for (reply, written) in replies.into_iter().zip(written) {
                 let _ = reply.send(Ok(written));
@@ -185,7 +186,8 @@ async fn write_and_answer(db: &PgPool, topic_prefix: &str, batch: Vec<(Finished,
                 "a batch of send records was refused; writing them one by one"
             );
             for (record, reply) in records.iter().zip(replies) {
-                let result = write_retrying(db, topic_prefix, std::slice::from_ref(record)).await;
+                let result =
+                    write_retrying(db, topic_prefix, std::slice::from_ref(record), false).await;
                 let _ = reply.send(
                     result
                         .map(|written| written[0])
@@ -210,11 +212,12 @@ async fn write_retrying(
     db: &PgPool,
     topic_prefix: &str,
     records: &[Finished],
+    together: bool,
 ) -> anyhow::Result<Vec<Written>> {
     let mut tries = 0;
     loop {
         tries += 1;
-        match crate::deliveries::record(db, topic_prefix, records).await {
+        match crate::deliveries::record(db, topic_prefix, records, together).await {
             Err(error) if tries < 3 && is_lost_race(&error) => {
                 tracing::debug!(
                     error = format!("{error:#}"),

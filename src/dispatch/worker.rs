@@ -136,7 +136,6 @@ impl Dispatcher {
             limit,
             broadcast_limit,
             self.settings.lease,
-            self.routing.has_digests(),
         )
         .await
     }
@@ -162,6 +161,14 @@ impl Dispatcher {
             // Recorded as the lost attempt itself, not as one more.
             let lost = Job {
                 attempts: job.attempts - 1,
+                members: job
+                    .members
+                    .iter()
+                    .map(|m| Job {
+                        attempts: m.attempts - 1,
+                        ..m.clone()
+                    })
+                    .collect(),
                 ..job.clone()
             };
             let outcome = self

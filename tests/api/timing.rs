@@ -582,7 +582,9 @@ async fn seven_orders_shipped_in_a_digest_window_make_one_email_listing_seven() 
         .await
         .unwrap();
     let refs: Vec<&str> = ids.iter().map(String::as_str).collect();
-    make_due(&app, &refs).await;
+    // Six are due; the seventh is due later (as if its quiet hours had moved it): one due
+    // member makes the digest due, and all seven go out in its one message.
+    make_due(&app, &refs[..6]).await;
     for id in &ids {
         wait_for_status(&app, id, "SUCCESS").await;
     }
