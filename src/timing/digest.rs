@@ -104,6 +104,23 @@ pub async fn join(
     let keys: Vec<&str> = digests.keys().map(|k| k.2).collect();
     let windows: Vec<i32> = digests.values().map(|w| *w as i32).collect();
     let ids: Vec<Uuid> = digests.keys().map(|_| Uuid::now_v7()).collect();
+    // The open digests that exist are locked first, in key order: the close below and the
+    // join after it then only take locks this transaction holds or rows it inserts (in
+    // the same order), so two transactions joining one user's digests cannot deadlock.
+    sqlx::query(
+        "SELECT g.id FROM digests g \
+         JOIN UNNEST($1::int8[], $2::text[], $3::text[]) AS t(user_id, event_type, digest_key) \
+             ON g.user_id = t.user_id AND g.event_type = t.event_type \
+                 AND g.digest_key = t.digest_key \
+         WHERE g.closed_at IS NULL \
+         ORDER BY g.user_id, g.event_type, g.digest_key FOR UPDATE OF g",
+    )
+    .bind(&users)
+    .bind(&types)
+    .bind(&keys)
+    .execute(&mut *conn)
+    .await
+    .context("Failed to lock open digests")?;
     // A digest whose window has passed but which no dispatcher closed yet (its deliveries
     // all skipped, or the dispatchers are behind) takes no new members: it is closed here,
     // under the same lock a dispatcher's claim takes, and its due members still go out.
