@@ -115,9 +115,12 @@ impl NewDelivery {
         if let Some(digest) = n.digest {
             (due, hold) = (due.max(digest.closes_at), Some(Hold::Digest));
         }
-        if let Some(tz) = n.windows.timezone
-            && let Some(at) = quiet_hours::opening(&n.windows.quiet_hours, self.channel, tz, due)
-        {
+        if let Some(at) = quiet_hours::opening(
+            &n.windows.quiet_hours,
+            self.channel,
+            n.windows.timezone,
+            due,
+        ) {
             (due, hold) = (at, Some(Hold::QuietHours));
         }
         (due, hold)

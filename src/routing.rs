@@ -9,19 +9,13 @@ use std::{
 };
 
 use anyhow::Context;
-use chrono::{DateTime, Utc};
 use chrono_tz::Tz;
 use serde::Deserialize;
 
 use crate::{
     domain::{Channel, Domain, EmailAddress, EventType, Locale, PhoneNumber, UserId},
     preferences::Preferences,
-    timing::{
-        Hold,
-        digest::DigestRule,
-        frequency_cap::FrequencyCap,
-        quiet_hours::{self, QuietWindow},
-    },
+    timing::{digest::DigestRule, frequency_cap::FrequencyCap, quiet_hours::QuietWindow},
 };
 
 /// The routing rules.
@@ -180,11 +174,6 @@ impl RoutingTable {
             .unwrap_or_else(|| NONE.get_or_init(Policy::default))
     }
 
-    /// Whether any event type is digested.
-    pub fn has_digests(&self) -> bool {
-        self.policies.values().any(|p| p.digest.is_some())
-    }
-
     /// The frequency caps (`[[frequency_cap]]`).
     pub fn frequency_caps(&self) -> &[FrequencyCap] {
         &self.frequency_caps
@@ -267,10 +256,10 @@ pub struct PlannedDelivery {
 
 /// When a user's deliveries may go out: their quiet hours (their own, else the event
 /// type's default) in their time zone.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SendWindows {
     pub quiet_hours: Vec<QuietWindow>,
-    pub timezone: Option<Tz>,
+    pub timezone: Tz,
 }
 
 impl SendWindows {
@@ -293,23 +282,8 @@ impl SendWindows {
         };
         SendWindows {
             quiet_hours,
-            timezone: Some(timezone.unwrap_or(table.default_timezone())),
+            timezone: timezone.unwrap_or(table.default_timezone()),
         }
-    }
-
-    /// When a delivery of `channel` due at `due` may go out, and why it waits if it does:
-    /// `None` to go at `due` as planned. Operator channels have no quiet hours.
-    pub fn hold(
-        &self,
-        table: &RoutingTable,
-        channel: Channel,
-        due: DateTime<Utc>,
-    ) -> Option<(DateTime<Utc>, Hold)> {
-        if self.quiet_hours.is_empty() || table.is_operator_channel(channel) {
-            return None;
-        }
-        let tz = self.timezone.unwrap_or(table.default_timezone());
-        quiet_hours::opening(&self.quiet_hours, channel, tz, due).map(|at| (at, Hold::QuietHours))
     }
 }
 
@@ -428,7 +402,6 @@ mod tests {
         assert_eq!(shipped.when_capped, WhenCapped::Skip);
         assert_eq!(shipped.digest.as_ref().unwrap().window_minutes, 10);
         assert!(table.policy(&event("PAYMENT_FAILED")).critical);
-        assert!(table.has_digests());
         assert_eq!(table.frequency_caps().len(), 1);
         assert_eq!(table.default_timezone(), chrono_tz::Europe::London);
         // A critical type has no quiet hours whatever the user set.

@@ -344,11 +344,12 @@ impl Dispatcher {
     /// Renders the content for the channel it goes out on, and finds the address there.
     fn prepare(&self, job: &Job, channel: Channel, via: Channel) -> Result<Outgoing, SendError> {
         let locale = job.locale;
-        let digest_folder = format!("{}{DIGEST_SUFFIX}", job.event_type);
+        let digest_folder;
         let folder = if job.subject.is_some() {
             ADHOC
         } else if !job.members.is_empty() {
             // A digest of one reads like the event's own message; of more, it lists them.
+            digest_folder = format!("{}{DIGEST_SUFFIX}", job.event_type);
             digest_folder.as_str()
         } else {
             job.event_type.as_str()

@@ -48,18 +48,4 @@ impl Hold {
             Hold::CircuitOpen => "circuit_open",
         }
     }
-
-    /// Reads a stored reason; an unknown one (a newer version's) is `None`.
-    pub fn parse(text: &str) -> Option<Self> {
-        [
-            Hold::Scheduled,
-            Hold::QuietHours,
-            Hold::FrequencyCapped,
-            Hold::Digest,
-            Hold::RateLimited,
-            Hold::CircuitOpen,
-        ]
-        .into_iter()
-        .find(|h| h.as_str() == text)
-    }
 }
