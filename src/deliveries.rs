@@ -39,8 +39,10 @@ pub struct Job {
     pub attempts: i32,
     /// Attempts made before the current retry budget began (an operator's retry).
     pub retry_base: i32,
-    pub lease_until: DateTime<Utc>,
-    /// The version and time of the claim (the PROCESSING state).
+    /// The claim's lease; `None` for a delivery still PENDING whose row the sending
+    /// transaction holds locked ([`lock_due`]).
+    pub lease_until: Option<DateTime<Utc>>,
+    /// The version and time of the claim (the PROCESSING state), or of the PENDING row.
     pub version: i64,
     pub updated_at: DateTime<Utc>,
     pub created_at: DateTime<Utc>,
@@ -180,6 +182,77 @@ pub async fn insert(conn: &mut PgConnection, n: &[&NewNotification]) -> anyhow::
     Ok(())
 }
 
+/// What a [`Job`] reads, from `deliveries d` joined to `notifications n`.
+macro_rules! job_columns {
+    () => {
+        "d.id AS delivery_id, d.notification_id, d.broadcast_id, d.channel, \
+     d.address, d.attempts, d.retry_base, d.lease_until, d.version, d.updated_at, d.created_at, \
+     n.domain, n.event_id, n.event_type, n.user_id, n.locale, n.data, n.subject, n.body, \
+     n.recipient, n.raw_event, n.source_topic, n.source_partition, n.source_offset, \
+     n.occurred_at, \
+     EXISTS (SELECT 1 FROM suppressions s WHERE s.channel = d.channel \
+         AND s.address = d.address AND s.lifted_at IS NULL) AS suppressed, \
+     d.replay_of, d.replay_count, d.digest_id"
+    };
+}
+
+/// Locks up to `limit` due transactional deliveries of `channel` in `tx`, oldest first,
+/// and returns them with what sending them needs, in one statement, without claiming them:
+/// they stay PENDING, with no lease, while `tx` holds their rows, and the caller sends them
+/// and records the outcomes ([`record_in`]) before it commits. That saves the claim's row
+/// version and its commit per delivery (issue 14); it is only for sends that take
+/// milliseconds (see [`crate::dispatch::worker::Dispatcher::sends_in_claim`]). Should the
+/// process die before the commit, the locks go with its connection and the deliveries are
+/// due again at once: at least once, as with a lost lease. Suppressed addresses, broadcasts
+/// and digests are left to [`claim`].
+pub async fn lock_due(
+    tx: &mut PgConnection,
+    channel: Channel,
+    limit: usize,
+) -> anyhow::Result<Vec<Job>> {
+    sqlx::query_as(concat!(
+        "WITH due AS (SELECT id FROM deliveries d WHERE channel = $1 \
+                  AND status = 'PENDING' AND broadcast_id IS NULL AND digest_id IS NULL \
+                  AND next_attempt_at <= now() \
+                  AND NOT EXISTS (SELECT 1 FROM suppressions s WHERE s.channel = d.channel \
+                      AND s.address = d.address AND s.lifted_at IS NULL) \
+                  ORDER BY next_attempt_at LIMIT $2 FOR UPDATE SKIP LOCKED) \
+         SELECT ",
+        job_columns!(),
+        " FROM due JOIN deliveries d ON d.id = due.id \
+             JOIN notifications n ON n.id = d.notification_id \
+         ORDER BY d.next_attempt_at, d.id"
+    ))
+    .bind(channel.as_str())
+    .bind(limit as i64)
+    .fetch_all(&mut *tx)
+    .await
+    .context("Failed to lock due deliveries")
+}
+
+/// Puts locked deliveries whose record could not be written under a lease, as a claim
+/// would: they were sent, so they must not be due again at once; when the lease runs out
+/// they are claimed again, and a delivery that keeps coming back that way is dead-lettered
+/// ([`crate::dispatch::worker::Dispatcher::admit`]).
+pub async fn lease_locked(
+    tx: &mut PgConnection,
+    ids: &[Uuid],
+    lease: Duration,
+) -> anyhow::Result<()> {
+    sqlx::query(
+        "UPDATE deliveries SET status = 'PROCESSING', \
+             lease_until = now() + $2 * interval '1 millisecond', \
+             updated_at = now(), version = version + 1 \
+         WHERE id = ANY($1) AND status = 'PENDING'",
+    )
+    .bind(ids)
+    .bind(lease.as_millis() as i64)
+    .execute(&mut *tx)
+    .await
+    .context("Failed to lease deliveries")?;
+    Ok(())
+}
+
 /// Claims up to `limit` due deliveries of `channel` (PENDING and due, or PROCESSING with
 /// an expired lease) and marks them PROCESSING under a fresh lease of `lease`.
 ///
@@ -187,13 +260,16 @@ pub async fn insert(conn: &mut PgConnection, n: &[&NewNotification]) -> anyhow::
 /// what they leave, up to `broadcast_limit`. Jobs come back transactional first. Up to
 /// `limit` due digests are claimed too, each as one job whose `members` are the others
 /// ([`claim_digests`]; always, so that members held under a routing file that digested
-/// their type still go out after it stopped doing so).
+/// their type still go out after it stopped doing so). With `locking`, the channel's due
+/// transactional deliveries go through [`lock_due`], and the claim takes only those it
+/// leaves (suppressed addresses).
 pub async fn claim(
     db: &PgPool,
     channel: Channel,
     limit: usize,
     broadcast_limit: usize,
     lease: Duration,
+    locking: bool,
 ) -> anyhow::Result<Vec<Job>> {
     let mut tx = db.begin().await.context("Failed to begin a claim")?;
     // A claim is redone if lost: should PostgreSQL crash before this commit reaches
@@ -205,9 +281,12 @@ pub async fn claim(
         .await
         .context("Failed to set up a claim")?;
     let ids: Vec<Uuid> = sqlx::query_scalar(
-        "WITH pending AS (SELECT id FROM deliveries WHERE channel = $1 \
+        "WITH pending AS (SELECT id FROM deliveries d WHERE channel = $1 \
                   AND status = 'PENDING' AND broadcast_id IS NULL AND digest_id IS NULL \
                   AND next_attempt_at <= now() \
+                  AND (NOT $5 OR EXISTS (SELECT 1 FROM suppressions s \
+                      WHERE s.channel = d.channel AND s.address = d.address \
+                          AND s.lifted_at IS NULL)) \
                   ORDER BY next_attempt_at LIMIT $2 FOR UPDATE SKIP LOCKED), \
               bulk AS (SELECT id FROM deliveries WHERE channel = $1 \
                   AND status = 'PENDING' AND broadcast_id IS NOT NULL \
@@ -237,6 +316,7 @@ pub async fn claim(
     .bind(limit as i64)
     .bind(lease.as_millis() as i64)
     .bind(broadcast_limit as i64)
+    .bind(locking)
     .fetch_all(&mut *tx)
     .await
     .context("Failed to claim deliveries")?;
@@ -245,17 +325,12 @@ pub async fn claim(
     if ids.is_empty() {
         return Ok(Vec::new());
     }
-    let jobs: Vec<Job> = sqlx::query_as(
-        "SELECT d.id AS delivery_id, d.notification_id, d.broadcast_id, d.channel, d.address, d.attempts, \
-             d.retry_base, d.lease_until, d.version, d.updated_at, d.created_at, n.domain, n.event_id, n.event_type, n.user_id, \
-             n.locale, n.data, n.subject, n.body, n.recipient, n.raw_event, n.source_topic, \
-             n.source_partition, n.source_offset, n.occurred_at, \
-             EXISTS (SELECT 1 FROM suppressions s WHERE s.channel = d.channel \
-                 AND s.address = d.address AND s.lifted_at IS NULL) AS suppressed, \
-             d.replay_of, d.replay_count, d.digest_id \
-         FROM deliveries d JOIN notifications n ON n.id = d.notification_id \
-         WHERE d.id = ANY($1) ORDER BY d.broadcast_id IS NOT NULL, d.next_attempt_at, d.id",
-    )
+    let jobs: Vec<Job> = sqlx::query_as(concat!(
+        "SELECT ",
+        job_columns!(),
+        " FROM deliveries d JOIN notifications n ON n.id = d.notification_id \
+         WHERE d.id = ANY($1) ORDER BY d.broadcast_id IS NOT NULL, d.next_attempt_at, d.id"
+    ))
     .bind(&ids)
     .fetch_all(&mut *tx)
     .await
@@ -404,8 +479,26 @@ pub async fn record(
     records: &[Finished],
     together: bool,
 ) -> anyhow::Result<Vec<Written>> {
+    let mut tx = db.begin().await.context("Failed to begin")?;
+    let written = record_in(&mut tx, topic_prefix, records).await?;
+    if together && written.contains(&Written::LeaseLost) {
+        // Dropping the transaction rolls the partial record back.
+        return Ok(vec![Written::LeaseLost; records.len()]);
+    }
+    tx.commit().await.context("Failed to commit send records")?;
+    Ok(written)
+}
+
+/// [`record`] in the caller's transaction, which commits it. A record without a lease
+/// (`lease_until` is `None`) is of a delivery the transaction holds locked, still PENDING
+/// ([`lock_due`]).
+pub async fn record_in(
+    tx: &mut PgConnection,
+    topic_prefix: &str,
+    records: &[Finished],
+) -> anyhow::Result<Vec<Written>> {
     let ids: Vec<Uuid> = records.iter().map(|r| r.event.delivery_id).collect();
-    let leases: Vec<DateTime<Utc>> = records.iter().map(|r| r.lease_until).collect();
+    let leases: Vec<Option<DateTime<Utc>>> = records.iter().map(|r| r.lease_until).collect();
     let statuses: Vec<&str> = records.iter().map(|r| r.event.status.as_str()).collect();
     let attempts: Vec<i32> = records.iter().map(|r| r.event.attempts).collect();
     let retry_ms: Vec<Option<i64>> = records.iter().map(|r| r.retry_in_ms).collect();
@@ -426,7 +519,6 @@ pub async fn record(
         .map(|r| r.is_first_time_success().then_some(r.latency_ms))
         .collect();
 
-    let mut tx = db.begin().await.context("Failed to begin")?;
     // `n` says which record a row answers: the same delivery can be queued twice when a
     // record waited past its lease and the delivery was claimed again; only the record
     // holding the current lease matches.
@@ -447,7 +539,8 @@ pub async fn record(
              WITH ORDINALITY \
              AS t(id, lease_until, status, attempt, retry_ms, error, class, sent_via, provider_ref, \
                  first_started, first_latency, n) \
-         WHERE d.id = t.id AND d.status = 'PROCESSING' AND d.lease_until = t.lease_until \
+         WHERE d.id = t.id AND CASE WHEN t.lease_until IS NULL THEN d.status = 'PENDING' \
+             ELSE d.status = 'PROCESSING' AND d.lease_until = t.lease_until END \
          RETURNING t.n, d.version, d.updated_at",
     )
     .bind(&ids)
@@ -465,10 +558,6 @@ pub async fn record(
     .await
     .context("Failed to record sends")?;
 
-    if together && rows.len() < records.len() {
-        // Dropping the transaction rolls the partial record back.
-        return Ok(vec![Written::LeaseLost; records.len()]);
-    }
     let mut written = vec![Written::LeaseLost; records.len()];
     let mut messages = Vec::with_capacity(rows.len() * 2);
     let mut attempts = Vec::with_capacity(rows.len());
@@ -504,11 +593,10 @@ pub async fn record(
             });
         }
     }
-    messages.extend(status_events::changes(&mut tx, &changed, topic_prefix).await?);
-    insert_attempts(&mut tx, &attempts).await?;
-    insert_polls(&mut tx, &polls).await?;
-    outbox::insert(&mut tx, &messages).await?;
-    tx.commit().await.context("Failed to commit send records")?;
+    messages.extend(status_events::changes(&mut *tx, &changed, topic_prefix).await?);
+    insert_attempts(&mut *tx, &attempts).await?;
+    insert_polls(&mut *tx, &polls).await?;
+    outbox::insert(&mut *tx, &messages).await?;
     Ok(written)
 }
 

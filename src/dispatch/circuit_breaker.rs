@@ -59,6 +59,14 @@ impl CircuitBreaker {
         }
     }
 
+    /// Whether the breaker is closed: every send goes through, and none is a probe.
+    pub fn is_closed(&self) -> bool {
+        matches!(
+            *self.state.lock().unwrap_or_else(|e| e.into_inner()),
+            State::Closed { .. }
+        )
+    }
+
     /// Asks to send.
     pub fn permit(&self) -> Permit {
         let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());

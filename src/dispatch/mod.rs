@@ -15,6 +15,8 @@ pub mod worker;
 
 use std::{sync::Arc, time::Duration};
 
+use tokio::time::Instant;
+
 use chrono::Utc;
 use sqlx::postgres::PgListener;
 use tokio::sync::{Notify, Semaphore};
@@ -65,6 +67,7 @@ async fn channel_loop(
     // each handful on its own costs a transaction per handful; waiting a moment for half
     // of them makes claims (and the records after them) several times larger.
     let gather = (concurrency.min(dispatcher.settings.claim_batch) / 2).max(1);
+    let mut last_claim = Instant::now();
     while !shutdown.is_cancelled() {
         let mut free = slots.available_permits();
         if free == 0 {
@@ -113,8 +116,43 @@ async fn channel_loop(
             }
             continue;
         }
+        // Sends that can go out inside the transaction that finds them do so first; the
+        // claim below then takes what they leave (suppressed addresses, broadcasts,
+        // digests, expired leases), at least once a sweep even while they fill every batch.
+        let mut locked = 0;
+        let locking = dispatcher.sends_in_claim(channel);
+        if locking {
+            match dispatcher.lock_due(channel, room).await {
+                Ok(Some((tx, jobs))) => {
+                    locked = jobs.len();
+                    let Ok(permits) = slots.clone().acquire_many_owned(locked as u32).await else {
+                        break;
+                    };
+                    let dispatcher = dispatcher.clone();
+                    in_flight.spawn(async move {
+                        if let Err(error) = dispatcher.send_locked(tx, jobs).await {
+                            // Nothing was recorded; the deliveries are still PENDING and due.
+                            tracing::error!(%channel, error = format!("{error:#}"), "cannot record in-transaction sends");
+                        }
+                        drop(permits);
+                    });
+                    if locked == room && last_claim.elapsed() < SWEEP {
+                        continue;
+                    }
+                }
+                Ok(None) => {}
+                Err(error) => {
+                    tracing::warn!(%channel, error = format!("{error:#}"), "cannot lock due deliveries");
+                }
+            }
+        }
+        let room = room.saturating_sub(locked).max(1);
         let broadcast_room = broadcast_room.min(room);
-        match dispatcher.claim(channel, room, broadcast_room).await {
+        last_claim = Instant::now();
+        match dispatcher
+            .claim(channel, room, broadcast_room, locking)
+            .await
+        {
             Ok(jobs) if !jobs.is_empty() => {
                 for job in jobs {
                     let admitted = match dispatcher.admit(&job).await {
@@ -145,6 +183,7 @@ async fn channel_loop(
                     });
                 }
             }
+            Ok(_) if locked > 0 => {}
             Ok(_) => {
                 // Due broadcast deliveries that could not be claimed wait for a broadcast
                 // slot (or, past the rate-limit reserve, for the next sweep), not for their

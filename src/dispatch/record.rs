@@ -50,8 +50,10 @@ pub struct Finished {
     /// The delivery's new state (id, status, attempts, error) as it will be published;
     /// its version and time are set from the row when written.
     pub event: DeliveryEvent,
-    /// The lease of the claim: the record is written only while it still holds.
-    pub lease_until: DateTime<Utc>,
+    /// The lease of the claim: the record is written only while it still holds. `None`
+    /// when the recording transaction holds the delivery's row locked, still PENDING
+    /// ([`crate::deliveries::lock_due`]).
+    pub lease_until: Option<DateTime<Utc>>,
     /// Set when the delivery goes back to PENDING for a retry.
     pub retry_in_ms: Option<i64>,
     pub error_class: Option<String>,

@@ -4,10 +4,11 @@
 
 use std::{collections::HashMap, sync::Arc, time::Duration};
 
+use anyhow::Context;
 use chrono::{DateTime, Utc};
 use redis::aio::ConnectionManager;
 use serde_json::json;
-use sqlx::PgPool;
+use sqlx::{Acquire, PgPool, Postgres, Transaction};
 use tokio::time::Instant;
 use uuid::Uuid;
 
@@ -20,6 +21,7 @@ pub use crate::deliveries::Job;
 use crate::{
     channels::{Content, Outgoing, Retry, SendError, Senders},
     config::DispatchSettings,
+    db::is_data_error,
     deliveries,
     domain::{Channel, DeliveryStatus, EventType, UserId},
     outbox::{DeadLetter, OutboxMessage},
@@ -123,12 +125,14 @@ impl Dispatcher {
             .collect()
     }
 
-    /// Claims up to `limit` due deliveries of `channel` (see [`deliveries::claim`]).
+    /// Claims up to `limit` due deliveries of `channel` (see [`deliveries::claim`]); with
+    /// `locking`, only those [`Self::lock_due`] leaves.
     pub async fn claim(
         &self,
         channel: Channel,
         limit: usize,
         broadcast_limit: usize,
+        locking: bool,
     ) -> anyhow::Result<Vec<Job>> {
         deliveries::claim(
             &self.db,
@@ -136,6 +140,7 @@ impl Dispatcher {
             limit,
             broadcast_limit,
             self.settings.lease,
+            locking,
         )
         .await
     }
@@ -255,6 +260,119 @@ impl Dispatcher {
 
     /// Sends an admitted delivery and records the outcome.
     pub async fn send(&self, job: &Job, admitted: Admitted) -> anyhow::Result<Outcome> {
+        let (result, started_at, latency) = self.attempt(job, admitted).await;
+        self.finish(
+            job,
+            admitted.channel,
+            admitted.via,
+            result,
+            started_at,
+            latency,
+        )
+        .await
+    }
+
+    /// Whether `channel`'s due deliveries go out inside the transaction that finds them
+    /// ([`Self::send_locked`]) rather than under a claim's lease: only IN_APP, whose send
+    /// is one Redis PUBLISH, so the transaction stays open for milliseconds; and only while
+    /// nothing may stop a send (no rate limit or frequency cap on the channel, its breaker
+    /// closed), since a deferral writes in a transaction of its own.
+    pub fn sends_in_claim(&self, channel: Channel) -> bool {
+        channel == Channel::InApp
+            && !self.settings.rate_limits.contains_key(&channel)
+            && !self.caps.covers(channel)
+            && self.breakers[&channel].is_closed()
+    }
+
+    /// Locks up to `limit` due deliveries of `channel` for [`Self::send_locked`]; `None`
+    /// when none is due.
+    pub async fn lock_due(
+        &self,
+        channel: Channel,
+        limit: usize,
+    ) -> anyhow::Result<Option<(Transaction<'static, Postgres>, Vec<Job>)>> {
+        let mut tx = self.db.begin().await.context("Failed to begin")?;
+        let jobs = deliveries::lock_due(&mut tx, channel, limit).await?;
+        Ok((!jobs.is_empty()).then_some((tx, jobs)))
+    }
+
+    /// Sends deliveries [`Self::lock_due`] locked, all at once, and records their outcomes
+    /// in the transaction that holds them, which then commits: one row version and one
+    /// commit per delivery fewer than a claim, a send and a record (issue 14). The record
+    /// is a batch; should PostgreSQL refuse a value in it, each record is written on its
+    /// own, and a delivery whose record cannot be written is put under a lease instead, as
+    /// if its send's worker had died, so that it is not sent again at once.
+    pub async fn send_locked(
+        &self,
+        mut tx: Transaction<'static, Postgres>,
+        jobs: Vec<Job>,
+    ) -> anyhow::Result<()> {
+        let attempts = futures_util::future::join_all(jobs.iter().map(|job| {
+            self.attempt(
+                job,
+                Admitted {
+                    channel: job.channel,
+                    via: job.channel,
+                    probing: false,
+                },
+            )
+        }))
+        .await;
+        let records: Vec<Finished> = jobs
+            .iter()
+            .zip(attempts)
+            .map(|(job, (result, started_at, latency))| {
+                self.finished(job, job.channel, job.channel, result, started_at, latency)
+            })
+            .collect();
+        let statuses: Vec<DeliveryStatus> = records.iter().map(|r| r.event.status).collect();
+        let written = match record_locked(&mut tx, &self.topic_prefix, &records).await {
+            Err(error) if records.len() > 1 && is_data_error(&error) => {
+                tracing::warn!(
+                    records = records.len(),
+                    error = format!("{error:#}"),
+                    "a batch of send records was refused; writing them one by one"
+                );
+                let mut written = Vec::with_capacity(records.len());
+                for record in &records {
+                    match record_locked(&mut tx, &self.topic_prefix, std::slice::from_ref(record))
+                        .await
+                    {
+                        Ok(one) => written.push(one[0]),
+                        Err(error) if is_data_error(&error) => {
+                            tracing::error!(delivery = %record.event.delivery_id, error = format!("{error:#}"), "cannot record a delivery");
+                            deliveries::lease_locked(
+                                &mut tx,
+                                &[record.event.delivery_id],
+                                self.settings.lease,
+                            )
+                            .await?;
+                            written.push(Written::LeaseLost);
+                        }
+                        Err(error) => return Err(error),
+                    }
+                }
+                written
+            }
+            other => other?,
+        };
+        tx.commit().await.context("Failed to commit send records")?;
+        for ((job, status), written) in jobs.iter().zip(statuses).zip(written) {
+            self.count(job, job.channel, status, written);
+        }
+        Ok(())
+    }
+
+    /// Sends an admitted delivery: the result, when it started and how long it took.
+    async fn attempt(
+        &self,
+        job: &Job,
+        admitted: Admitted,
+    ) -> (
+        Result<crate::channels::Receipt, SendError>,
+        DateTime<Utc>,
+        Duration,
+    ) {
         let Admitted {
             channel,
             via,
@@ -293,8 +411,7 @@ impl Dispatcher {
         }
         metrics::gauge!("herald_circuit_state", "channel" => via.as_str())
             .set(self.breakers[&via].gauge());
-        self.finish(job, channel, via, result, started_at, latency)
-            .await
+        (result, started_at, latency)
     }
 
     /// True when the channel's deliveries can go out elsewhere while its breaker is open.
@@ -454,6 +571,23 @@ impl Dispatcher {
         started_at: DateTime<Utc>,
         latency: Duration,
     ) -> anyhow::Result<Outcome> {
+        let finished = self.finished(job, channel, via, result, started_at, latency);
+        let status = finished.event.status;
+        let written = self.write(job, finished).await?;
+        Ok(self.count(job, channel, status, written))
+    }
+
+    /// The record of an attempt: the delivery's next state (SUCCESS, PENDING for a retry
+    /// with its backoff, or FAILED with its dead letter), its event and the attempt.
+    fn finished(
+        &self,
+        job: &Job,
+        channel: Channel,
+        via: Channel,
+        result: Result<crate::channels::Receipt, SendError>,
+        started_at: DateTime<Utc>,
+        latency: Duration,
+    ) -> Finished {
         let attempt = job.attempts + 1;
         let retries_made = attempt - 1 - job.retry_base;
         let (outcome_label, status) = match &result {
@@ -495,7 +629,7 @@ impl Dispatcher {
             }
             _ => None,
         };
-        let finished = Finished {
+        Finished {
             event: job.event(status, attempt, message, job.version, started_at),
             lease_until: job.lease_until,
             retry_in_ms,
@@ -508,15 +642,23 @@ impl Dispatcher {
             latency_ms: latency.as_millis().min(i32::MAX as u128) as i32,
             outcome: outcome_label,
             dead_letter,
-        };
-        let written = self.write(job, finished).await?;
+        }
+    }
+
+    /// Counts a written record of an attempt in the metrics, and says what became of it.
+    fn count(
+        &self,
+        job: &Job,
+        channel: Channel,
+        status: DeliveryStatus,
+        written: Written,
+    ) -> Outcome {
         if written == Written::LeaseLost {
             metrics::counter!("herald_lease_lost_total", "channel" => channel.as_str())
                 .increment(1);
             tracing::warn!(delivery = %job.delivery_id, "lease expired during the send; another worker owns the delivery");
-            return Ok(Outcome::LeaseLost);
+            return Outcome::LeaseLost;
         }
-
         let outcome = match status {
             DeliveryStatus::Success => Outcome::Sent,
             DeliveryStatus::Pending => Outcome::Retrying,
@@ -534,7 +676,7 @@ impl Dispatcher {
             metrics::histogram!("herald_delivery_latency_seconds", "channel" => channel.as_str())
                 .record(since);
         }
-        Ok(outcome)
+        outcome
     }
 
     /// SKIPs a delivery without an attempt, with `reason` (counted under `label`).
@@ -720,4 +862,20 @@ impl Dispatcher {
             announcer(text);
         }
     }
+}
+
+/// Records sends of locked deliveries in a savepoint of `tx`, so that a batch PostgreSQL
+/// refuses leaves the transaction (and its locks) usable for writing them one by one.
+async fn record_locked(
+    tx: &mut Transaction<'static, Postgres>,
+    topic_prefix: &str,
+    records: &[Finished],
+) -> anyhow::Result<Vec<Written>> {
+    let mut savepoint = tx.begin().await.context("Failed to begin a savepoint")?;
+    let written = deliveries::record_in(&mut savepoint, topic_prefix, records).await?;
+    savepoint
+        .commit()
+        .await
+        .context("Failed to release a savepoint")?;
+    Ok(written)
 }

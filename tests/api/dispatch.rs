@@ -137,6 +137,97 @@ async fn an_in_app_message_reaches_a_redis_subscriber() {
     assert!(payload["body"].as_str().unwrap().contains("o-77"));
 }
 
+#[tokio::test]
+async fn in_app_deliveries_are_sent_and_recorded_in_the_transaction_that_locks_them_without_a_claim()
+ {
+    let app = spawn_app_with(|_| {}).await;
+    let client = redis::Client::open(std::env::var("HERALD_REDIS_URL").unwrap()).unwrap();
+    let mut pubsub = client.get_async_pubsub().await.unwrap();
+    pubsub
+        .psubscribe(format!("{}inapp:user:*", app.settings.redis.key_prefix))
+        .await
+        .unwrap();
+
+    let mut ids = Vec::new();
+    for user in 1..=30 {
+        let deliveries = notify(
+            &app,
+            json!({ "userId": user, "channels": ["IN_APP"], "eventType": "ORDER_SHIPPED", "data": { "orderId": format!("o-{user}") } }),
+        )
+        .await;
+        ids.push(deliveries[0].1);
+    }
+    for id in &ids {
+        wait_for_delivery(&app, *id, "SUCCESS", 20).await;
+    }
+
+    // Created at version 1, recorded at version 2: no PROCESSING version and no lease in
+    // between, and one Redis message each.
+    let rows: Vec<(i64, Option<DateTime<Utc>>, i32)> =
+        sqlx::query_as("SELECT version, lease_until, attempts FROM deliveries WHERE id = ANY($1)")
+            .bind(&ids)
+            .fetch_all(&app.db)
+            .await
+            .unwrap();
+    assert_eq!(rows.len(), 30);
+    assert!(rows.iter().all(|r| *r == (2, None, 1)), "{rows:?}");
+    let mut messages = pubsub.on_message();
+    let mut received = Vec::new();
+    while let Ok(Some(message)) =
+        tokio::time::timeout(Duration::from_secs(2), messages.next()).await
+    {
+        let payload: Value =
+            serde_json::from_str(&message.get_payload::<String>().unwrap()).unwrap();
+        received.push(
+            payload["deliveryId"]
+                .as_str()
+                .unwrap()
+                .parse::<Uuid>()
+                .unwrap(),
+        );
+    }
+    received.sort();
+    ids.sort();
+    assert_eq!(received, ids);
+    // Their delivery events say PENDING (1) then SUCCESS (2), and nothing else.
+    let events = delivery_events_of(&app, &ids).await;
+    for id in &ids {
+        let of: Vec<(i64, &str)> = events
+            .iter()
+            .filter(|e| e["deliveryId"] == id.to_string())
+            .map(|e| {
+                (
+                    e["version"].as_i64().unwrap(),
+                    e["status"].as_str().unwrap(),
+                )
+            })
+            .collect();
+        assert_eq!(of, [(1, "PENDING"), (2, "SUCCESS")], "{id}");
+    }
+}
+
+/// The delivery events published for `deliveries` (each SUCCESS one awaited), in the
+/// order they were published.
+async fn delivery_events_of(app: &TestApp, deliveries: &[Uuid]) -> Vec<Value> {
+    let wanted: Vec<String> = deliveries.iter().map(Uuid::to_string).collect();
+    let events_of = |records: &[crate::helpers::Record]| -> Vec<Value> {
+        records
+            .iter()
+            .filter_map(|r| serde_json::from_slice::<Value>(&r.payload).ok())
+            .filter(|e| wanted.iter().any(|id| e["deliveryId"] == *id))
+            .collect()
+    };
+    let records = read_topic(&app.settings, "notification.delivery.events", 20, |r| {
+        events_of(r)
+            .iter()
+            .filter(|e| e["status"] == "SUCCESS")
+            .count()
+            >= deliveries.len()
+    })
+    .await;
+    events_of(&records)
+}
+
 /// The `delivery_attempts` rows of `delivery` alone.
 async fn attempt_rows_of(app: &TestApp, delivery: Uuid) -> i64 {
     sqlx::query_scalar("SELECT count(*) FROM delivery_attempts WHERE delivery_id = $1")
