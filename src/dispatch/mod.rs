@@ -175,7 +175,9 @@ async fn channel_loop(
                     };
                     let dispatcher = dispatcher.clone();
                     in_flight.spawn(async move {
-                        if let Err(error) = dispatcher.send(&job, admitted).await {
+                        // Boxed: the send's future is large, and spawning moves it
+                        // otherwise (memmove was 7 % of Herald's CPU in a profile).
+                        if let Err(error) = Box::pin(dispatcher.send(&job, admitted)).await {
                             // The send is recorded by the lease: it will be claimed again.
                             tracing::error!(delivery = %job.delivery_id, error = format!("{error:#}"), "cannot record a delivery");
                         }
