@@ -28,6 +28,10 @@ pub use worker::{Dispatcher, Job, Outcome};
 /// The longest a loop sleeps without looking for due deliveries.
 const SWEEP: Duration = Duration::from_secs(1);
 
+/// The most transactions one channel loop keeps open while sending inside them
+/// ([`Dispatcher::send_locked`]): a bound on the connections they hold.
+const SENDING_TRANSACTIONS: usize = 4;
+
 /// The longest a busy loop waits for more free slots before claiming (see `gather`).
 const GATHER: Duration = Duration::from_millis(5);
 
@@ -68,6 +72,9 @@ async fn channel_loop(
     // of them makes claims (and the records after them) several times larger.
     let gather = (concurrency.min(dispatcher.settings.claim_batch) / 2).max(1);
     let mut last_claim = Instant::now();
+    // Transactions sending inside themselves (IN_APP) at once: each holds a connection
+    // for its sends' length, which a hanging Redis stretches to the send timeout.
+    let transactions = Arc::new(Semaphore::new(SENDING_TRANSACTIONS));
     while !shutdown.is_cancelled() {
         let mut free = slots.available_permits();
         if free == 0 {
@@ -122,6 +129,12 @@ async fn channel_loop(
         let mut locked = 0;
         let locking = dispatcher.sends_in_claim(channel);
         if locking {
+            let Some(open) = (tokio::select! {
+                permit = transactions.clone().acquire_owned() => permit.ok(),
+                () = shutdown.cancelled() => None,
+            }) else {
+                break;
+            };
             match dispatcher.lock_due(channel, room).await {
                 Ok(Some((tx, jobs))) => {
                     locked = jobs.len();
@@ -134,7 +147,7 @@ async fn channel_loop(
                             // Nothing was recorded; the deliveries are still PENDING and due.
                             tracing::error!(%channel, error = format!("{error:#}"), "cannot record in-transaction sends");
                         }
-                        drop(permits);
+                        drop((permits, open));
                     });
                     if locked == room && last_claim.elapsed() < SWEEP {
                         continue;
