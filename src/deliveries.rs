@@ -1,6 +1,7 @@
 //! The `deliveries` table: every statement that changes a delivery, one function per
 //! transition of its life (DESIGN §3): [`insert`] (created PENDING or SKIPPED), [`claim`]
-//! (PROCESSING under a lease), [`defer`] (PENDING again, no attempt counted), [`record`] (a
+//! (PROCESSING under a lease), [`lock_due`] (held by the transaction that sends it and
+//! records its outcome, for IN_APP), [`defer`] (PENDING again, no attempt counted), [`record`] (a
 //! send's outcome: SUCCESS, PENDING for a retry, FAILED with its dead letter), [`requeue_failed`]
 //! (an operator's retry), [`skip_broadcast`] (a cancelled broadcast), [`record_receipt`] (a
 //! provider's receipt) and [`mark_read`] (the inbox). Each state change bumps `version` and writes its delivery event to the outbox in
@@ -203,8 +204,8 @@ macro_rules! job_columns {
 /// version and its commit per delivery (issue 14); it is only for sends that take
 /// milliseconds (see [`crate::dispatch::worker::Dispatcher::sends_in_claim`]). Should the
 /// process die before the commit, the locks go with its connection and the deliveries are
-/// due again at once: at least once, as with a lost lease. Suppressed addresses, broadcasts
-/// and digests are left to [`claim`].
+/// due again at once: at least once, as with a lost lease. Broadcasts and digests are left
+/// to [`claim`].
 pub async fn lock_due(
     tx: &mut PgConnection,
     channel: Channel,
@@ -214,8 +215,6 @@ pub async fn lock_due(
         "WITH due AS (SELECT id FROM deliveries d WHERE channel = $1 \
                   AND status = 'PENDING' AND broadcast_id IS NULL AND digest_id IS NULL \
                   AND next_attempt_at <= now() \
-                  AND NOT EXISTS (SELECT 1 FROM suppressions s WHERE s.channel = d.channel \
-                      AND s.address = d.address AND s.lifted_at IS NULL) \
                   ORDER BY next_attempt_at LIMIT $2 FOR UPDATE SKIP LOCKED) \
          SELECT ",
         job_columns!(),
@@ -261,8 +260,7 @@ pub async fn lease_locked(
 /// `limit` due digests are claimed too, each as one job whose `members` are the others
 /// ([`claim_digests`]; always, so that members held under a routing file that digested
 /// their type still go out after it stopped doing so). With `locking`, the channel's due
-/// transactional deliveries go through [`lock_due`], and the claim takes only those it
-/// leaves (suppressed addresses).
+/// transactional deliveries are left to [`lock_due`].
 pub async fn claim(
     db: &PgPool,
     channel: Channel,
@@ -281,12 +279,9 @@ pub async fn claim(
         .await
         .context("Failed to set up a claim")?;
     let ids: Vec<Uuid> = sqlx::query_scalar(
-        "WITH pending AS (SELECT id FROM deliveries d WHERE channel = $1 \
+        "WITH pending AS (SELECT id FROM deliveries WHERE channel = $1 \
                   AND status = 'PENDING' AND broadcast_id IS NULL AND digest_id IS NULL \
-                  AND next_attempt_at <= now() \
-                  AND (NOT $5 OR EXISTS (SELECT 1 FROM suppressions s \
-                      WHERE s.channel = d.channel AND s.address = d.address \
-                          AND s.lifted_at IS NULL)) \
+                  AND next_attempt_at <= now() AND NOT $5 \
                   ORDER BY next_attempt_at LIMIT $2 FOR UPDATE SKIP LOCKED), \
               bulk AS (SELECT id FROM deliveries WHERE channel = $1 \
                   AND status = 'PENDING' AND broadcast_id IS NOT NULL \
@@ -479,6 +474,12 @@ pub async fn record(
     records: &[Finished],
     together: bool,
 ) -> anyhow::Result<Vec<Written>> {
+    // Without its lease a record would match any PENDING row: that is for the transaction
+    // holding the row locked alone.
+    anyhow::ensure!(
+        records.iter().all(|r| r.lease_until.is_some()),
+        "a send record without its claim's lease outside the transaction that locked it"
+    );
     let mut tx = db.begin().await.context("Failed to begin")?;
     let written = record_in(&mut tx, topic_prefix, records).await?;
     if together && written.contains(&Written::LeaseLost) {
@@ -519,21 +520,23 @@ pub async fn record_in(
         .map(|r| r.is_first_time_success().then_some(r.latency_ms))
         .collect();
 
+    // The times are the statement's, not the transaction's (`now()`): a transaction that
+    // locked its deliveries before sending them began before the sends did.
     // `n` says which record a row answers: the same delivery can be queued twice when a
     // record waited past its lease and the delivery was claimed again; only the record
     // holding the current lease matches.
     let rows: Vec<(i64, i64, DateTime<Utc>)> = sqlx::query_as(
         "UPDATE deliveries d SET status = t.status, attempts = t.attempt, lease_until = NULL, \
-             next_attempt_at = COALESCE(now() + t.retry_ms * interval '1 millisecond', d.next_attempt_at), \
+             next_attempt_at = COALESCE(statement_timestamp() + t.retry_ms * interval '1 millisecond', d.next_attempt_at), \
              last_error = CASE WHEN t.status = 'SKIPPED' THEN d.last_error ELSE t.error END, \
              skip_reason = CASE WHEN t.status = 'SKIPPED' THEN t.error ELSE d.skip_reason END, \
              error_class = t.class, sent_via = t.sent_via, \
              provider_ref = CASE WHEN t.status = 'SUCCESS' THEN t.provider_ref ELSE d.provider_ref END, \
-             completed_at = CASE WHEN t.status = 'PENDING' THEN d.completed_at ELSE now() END, \
+             completed_at = CASE WHEN t.status = 'PENDING' THEN d.completed_at ELSE statement_timestamp() END, \
              hold_reason = NULL, \
              first_attempt_started_at = COALESCE(t.first_started, d.first_attempt_started_at), \
              first_attempt_latency_ms = COALESCE(t.first_latency, d.first_attempt_latency_ms), \
-             updated_at = now(), version = d.version + 1 \
+             updated_at = statement_timestamp(), version = d.version + 1 \
          FROM UNNEST($1::uuid[], $2::timestamptz[], $3::text[], $4::int[], $5::bigint[], \
                  $6::text[], $7::text[], $8::text[], $9::text[], $10::timestamptz[], $11::int[]) \
              WITH ORDINALITY \

@@ -75,6 +75,8 @@ async fn channel_loop(
     // Transactions sending inside themselves (IN_APP) at once: each holds a connection
     // for its sends' length, which a hanging Redis stretches to the send timeout.
     let transactions = Arc::new(Semaphore::new(SENDING_TRANSACTIONS));
+    // Told when one of them ends.
+    let sent = Arc::new(Notify::new());
     while !shutdown.is_cancelled() {
         let mut free = slots.available_permits();
         if free == 0 {
@@ -123,12 +125,14 @@ async fn channel_loop(
             }
             continue;
         }
-        // Sends that can go out inside the transaction that finds them do so first; the
-        // claim below then takes what they leave (suppressed addresses, broadcasts,
-        // digests, expired leases), at least once a sweep even while they fill every batch.
+        // A channel that sends inside the transaction that finds its due deliveries
+        // ([`Dispatcher::send_locked`]) sends its transactional ones that way; the claim
+        // below takes the rest (broadcasts, digests, expired leases), and has the whole room
+        // once a sweep, so that none of those waits long behind a backlog.
         let mut locked = 0;
-        let locking = dispatcher.sends_in_claim(channel);
-        if locking {
+        let mut locking = dispatcher.sends_in_claim(channel);
+        let sweeping = locking && last_claim.elapsed() >= SWEEP;
+        if locking && !sweeping {
             let Some(open) = (tokio::select! {
                 permit = transactions.clone().acquire_owned() => permit.ok(),
                 () = shutdown.cancelled() => None,
@@ -141,27 +145,30 @@ async fn channel_loop(
                     let Ok(permits) = slots.clone().acquire_many_owned(locked as u32).await else {
                         break;
                     };
-                    let dispatcher = dispatcher.clone();
+                    let (dispatcher, sent) = (dispatcher.clone(), sent.clone());
                     in_flight.spawn(async move {
                         if let Err(error) = dispatcher.send_locked(tx, jobs).await {
-                            // Nothing was recorded; the deliveries are still PENDING and due.
                             tracing::error!(%channel, error = format!("{error:#}"), "cannot record in-transaction sends");
                         }
                         drop((permits, open));
+                        sent.notify_one();
                     });
-                    if locked == room && last_claim.elapsed() < SWEEP {
+                    if locked == room {
                         continue;
                     }
                 }
                 Ok(None) => {}
                 Err(error) => {
-                    tracing::warn!(%channel, error = format!("{error:#}"), "cannot lock due deliveries");
+                    tracing::warn!(%channel, error = format!("{error:#}"), "cannot lock due deliveries; claiming them");
+                    locking = false;
                 }
             }
         }
-        let room = room.saturating_sub(locked).max(1);
+        let room = room - locked;
         let broadcast_room = broadcast_room.min(room);
-        last_claim = Instant::now();
+        if sweeping || locked == 0 {
+            last_claim = Instant::now();
+        }
         match dispatcher
             .claim(channel, room, broadcast_room, locking)
             .await
@@ -198,16 +205,25 @@ async fn channel_loop(
                     });
                 }
             }
-            Ok(_) if locked > 0 => {}
+            // More may be due: look again at once.
+            Ok(_) if locked > 0 || sweeping => {}
             Ok(_) => {
                 // Due broadcast deliveries that could not be claimed wait for a broadcast
                 // slot (or, past the rate-limit reserve, for the next sweep), not for their
                 // due time, which has passed.
                 let broadcast_full = broadcast_slots.available_permits() == 0;
-                let wait = next_due(&dispatcher, channel, broadcast_room > 0).await;
+                // Deliveries this loop's transactions are sending are still PENDING and
+                // due: while any is open, wait for it to end rather than poll for them.
+                let sending = transactions.available_permits() < SENDING_TRANSACTIONS;
+                let wait = if sending {
+                    SWEEP
+                } else {
+                    next_due(&dispatcher, channel, broadcast_room > 0).await
+                };
                 tokio::select! {
                     () = notified => {}
                     () = tokio::time::sleep(wait) => {}
+                    () = sent.notified(), if sending => {}
                     permit = broadcast_slots.acquire(), if broadcast_full => drop(permit),
                     () = shutdown.cancelled() => break,
                 }

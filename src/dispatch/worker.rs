@@ -21,7 +21,7 @@ pub use crate::deliveries::Job;
 use crate::{
     channels::{Content, Outgoing, Retry, SendError, Senders},
     config::DispatchSettings,
-    db::is_data_error,
+    db::{is_data_error, is_lost_race},
     deliveries,
     domain::{Channel, DeliveryStatus, EventType, UserId},
     outbox::{DeadLetter, OutboxMessage},
@@ -260,7 +260,9 @@ impl Dispatcher {
 
     /// Sends an admitted delivery and records the outcome.
     pub async fn send(&self, job: &Job, admitted: Admitted) -> anyhow::Result<Outcome> {
-        let (result, started_at, latency) = self.attempt(job, admitted).await;
+        let (result, started_at, latency) = self
+            .attempt(job, admitted, self.settings.send_timeout)
+            .await;
         self.finish(
             job,
             admitted.channel,
@@ -298,36 +300,73 @@ impl Dispatcher {
 
     /// Sends deliveries [`Self::lock_due`] locked, all at once, and records their outcomes
     /// in the transaction that holds them, which then commits: one row version and one
-    /// commit per delivery fewer than a claim, a send and a record (issue 14). The record
-    /// is a batch; should PostgreSQL refuse a value in it, each record is written on its
-    /// own, and a delivery whose record cannot be written is put under a lease instead, as
-    /// if its send's worker had died, so that it is not sent again at once.
+    /// commit per delivery fewer than a claim, a send and a record (issue 14). A delivery
+    /// to a suppressed address is SKIPPED in the same record.
+    ///
+    /// Should the record fail for good, the deliveries were sent but are still PENDING and
+    /// due: they are put under a lease instead, in a transaction of their own, as if their
+    /// worker had died, so that they are not sent again at once and one that keeps failing
+    /// ends in the DLQ ([`Self::admit`]).
     pub async fn send_locked(
         &self,
-        mut tx: Transaction<'static, Postgres>,
+        tx: Transaction<'static, Postgres>,
         jobs: Vec<Job>,
     ) -> anyhow::Result<()> {
-        let attempts = futures_util::future::join_all(jobs.iter().map(|job| {
-            self.attempt(
-                job,
-                Admitted {
-                    channel: job.channel,
-                    via: job.channel,
-                    probing: false,
-                },
-            )
+        let (records, written) = match self.send_and_record_locked(tx, &jobs).await {
+            Ok(done) => done,
+            Err(error) => {
+                let ids: Vec<Uuid> = jobs.iter().map(|j| j.delivery_id).collect();
+                let mut conn = self.db.acquire().await.context("Failed to connect")?;
+                deliveries::lease_locked(&mut conn, &ids, self.settings.lease).await?;
+                return Err(error);
+            }
+        };
+        for ((job, record), written) in jobs.iter().zip(records).zip(written) {
+            if job.suppressed {
+                if written == Written::Recorded {
+                    metrics::counter!("herald_deliveries_total", "channel" => job.channel.as_str().to_owned(), "outcome" => "suppressed")
+                        .increment(1);
+                }
+            } else {
+                self.count(job, job.channel, record.event.status, written);
+            }
+        }
+        Ok(())
+    }
+
+    /// [`Self::send_locked`]'s sends and record; the transaction is rolled back (and its
+    /// locks gone) when this fails.
+    async fn send_and_record_locked(
+        &self,
+        mut tx: Transaction<'static, Postgres>,
+        jobs: &[Job],
+    ) -> anyhow::Result<(Vec<Finished>, Vec<Written>)> {
+        let attempts = futures_util::future::join_all(jobs.iter().map(|job| async move {
+            if job.suppressed {
+                return None;
+            }
+            let admitted = Admitted {
+                channel: job.channel,
+                via: job.channel,
+                probing: false,
+            };
+            Some(self.attempt(job, admitted, LOCKED_SEND_TIMEOUT).await)
         }))
         .await;
         let records: Vec<Finished> = jobs
             .iter()
             .zip(attempts)
-            .map(|(job, (result, started_at, latency))| {
-                self.finished(job, job.channel, job.channel, result, started_at, latency)
+            .map(|(job, attempt)| match attempt {
+                Some((result, started_at, latency)) => {
+                    self.finished(job, job.channel, job.channel, result, started_at, latency)
+                }
+                None => skipped(job, suppressions::SKIP_REASON),
             })
             .collect();
-        let statuses: Vec<DeliveryStatus> = records.iter().map(|r| r.event.status).collect();
         let written = match record_locked(&mut tx, &self.topic_prefix, &records).await {
-            Err(error) if records.len() > 1 && is_data_error(&error) => {
+            // A value PostgreSQL refuses sinks the batch: each record on its own, so that
+            // only its own delivery goes under a lease.
+            Err(error) if is_data_error(&error) => {
                 tracing::warn!(
                     records = records.len(),
                     error = format!("{error:#}"),
@@ -335,9 +374,8 @@ impl Dispatcher {
                 );
                 let mut written = Vec::with_capacity(records.len());
                 for record in &records {
-                    match record_locked(&mut tx, &self.topic_prefix, std::slice::from_ref(record))
-                        .await
-                    {
+                    let one = std::slice::from_ref(record);
+                    match record_locked(&mut tx, &self.topic_prefix, one).await {
                         Ok(one) => written.push(one[0]),
                         Err(error) if is_data_error(&error) => {
                             tracing::error!(delivery = %record.event.delivery_id, error = format!("{error:#}"), "cannot record a delivery");
@@ -349,18 +387,16 @@ impl Dispatcher {
                             .await?;
                             written.push(Written::LeaseLost);
                         }
-                        Err(error) => return Err(error),
+                        Err(error) => return Err(rolled_back(tx, error).await),
                     }
                 }
                 written
             }
-            other => other?,
+            Err(error) => return Err(rolled_back(tx, error).await),
+            Ok(written) => written,
         };
         tx.commit().await.context("Failed to commit send records")?;
-        for ((job, status), written) in jobs.iter().zip(statuses).zip(written) {
-            self.count(job, job.channel, status, written);
-        }
-        Ok(())
+        Ok((records, written))
     }
 
     /// Sends an admitted delivery: the result, when it started and how long it took.
@@ -368,6 +404,7 @@ impl Dispatcher {
         &self,
         job: &Job,
         admitted: Admitted,
+        timeout: Duration,
     ) -> (
         Result<crate::channels::Receipt, SendError>,
         DateTime<Utc>,
@@ -385,12 +422,11 @@ impl Dispatcher {
             Ok(message) => {
                 contacted = true;
                 let sender = &self.senders[&via];
-                match tokio::time::timeout(self.settings.send_timeout, sender.send(&message)).await
-                {
+                match tokio::time::timeout(timeout, sender.send(&message)).await {
                     Ok(result) => result,
                     Err(_) => Err(SendError::retryable(
                         "timeout",
-                        format!("no answer within {:?}", self.settings.send_timeout),
+                        format!("no answer within {timeout:?}"),
                     )),
                 }
             }
@@ -681,27 +717,7 @@ impl Dispatcher {
 
     /// SKIPs a delivery without an attempt, with `reason` (counted under `label`).
     async fn skip(&self, job: &Job, reason: &str, label: &'static str) -> anyhow::Result<Outcome> {
-        let now = Utc::now();
-        let finished = Finished {
-            event: job.event(
-                DeliveryStatus::Skipped,
-                job.attempts,
-                Some(reason.to_owned()),
-                job.version,
-                now,
-            ),
-            lease_until: job.lease_until,
-            retry_in_ms: None,
-            error_class: None,
-            sent_via: None,
-            provider_ref: None,
-            poll: None,
-            via: job.channel,
-            started_at: now,
-            latency_ms: 0,
-            outcome: record::SKIPPED,
-            dead_letter: None,
-        };
+        let finished = skipped(job, reason);
         if self.write(job, finished).await? == Written::LeaseLost {
             return Ok(Outcome::LeaseLost);
         }
@@ -864,18 +880,74 @@ impl Dispatcher {
     }
 }
 
+/// The longest an in-transaction send (a Redis PUBLISH) may take: its transaction holds
+/// the deliveries' rows and a connection meanwhile.
+const LOCKED_SEND_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// The record of a delivery SKIPPED without an attempt, with `reason`.
+fn skipped(job: &Job, reason: &str) -> Finished {
+    let now = Utc::now();
+    Finished {
+        event: job.event(
+            DeliveryStatus::Skipped,
+            job.attempts,
+            Some(reason.to_owned()),
+            job.version,
+            now,
+        ),
+        lease_until: job.lease_until,
+        retry_in_ms: None,
+        error_class: None,
+        sent_via: None,
+        provider_ref: None,
+        poll: None,
+        via: job.channel,
+        started_at: now,
+        latency_ms: 0,
+        outcome: record::SKIPPED,
+        dead_letter: None,
+    }
+}
+
 /// Records sends of locked deliveries in a savepoint of `tx`, so that a batch PostgreSQL
-/// refuses leaves the transaction (and its locks) usable for writing them one by one.
+/// refuses, or a deadlock, leaves the transaction (and its locks) usable: a deadlock is
+/// tried again, a refused batch written one by one.
 async fn record_locked(
     tx: &mut Transaction<'static, Postgres>,
     topic_prefix: &str,
     records: &[Finished],
 ) -> anyhow::Result<Vec<Written>> {
-    let mut savepoint = tx.begin().await.context("Failed to begin a savepoint")?;
-    let written = deliveries::record_in(&mut savepoint, topic_prefix, records).await?;
-    savepoint
-        .commit()
-        .await
-        .context("Failed to release a savepoint")?;
-    Ok(written)
+    let mut tries = 0;
+    loop {
+        tries += 1;
+        let mut savepoint = tx.begin().await.context("Failed to begin a savepoint")?;
+        match deliveries::record_in(&mut savepoint, topic_prefix, records).await {
+            Ok(written) => {
+                savepoint
+                    .commit()
+                    .await
+                    .context("Failed to release a savepoint")?;
+                return Ok(written);
+            }
+            Err(error) if tries < 3 && is_lost_race(&error) => {
+                savepoint.rollback().await.context("Failed to roll back")?;
+                tracing::debug!(
+                    error = format!("{error:#}"),
+                    "send records lost a race; again"
+                );
+            }
+            Err(error) => {
+                // Back to before the batch, so that the transaction stays usable.
+                let _ = savepoint.rollback().await;
+                return Err(error);
+            }
+        }
+    }
+}
+
+/// Rolls `tx` back at once (its locks must be gone before the deliveries are leased on
+/// another connection) and hands back `error`.
+async fn rolled_back(tx: Transaction<'static, Postgres>, error: anyhow::Error) -> anyhow::Error {
+    let _ = tx.rollback().await;
+    error
 }

@@ -204,6 +204,107 @@ async fn in_app_deliveries_are_sent_and_recorded_in_the_transaction_that_locks_t
             .collect();
         assert_eq!(of, [(1, "PENDING"), (2, "SUCCESS")], "{id}");
     }
+
+    // An address suppressed on IN_APP is SKIPPED in the same way, and not published.
+    sqlx::query(
+        "INSERT INTO suppressions (id, channel, address, reason) VALUES ($1, 'IN_APP', 'user:31', 'test')",
+    )
+    .bind(Uuid::new_v4())
+    .execute(&app.db)
+    .await
+    .unwrap();
+    let suppressed = notify(
+        &app,
+        json!({ "userId": 31, "channels": ["IN_APP"], "eventType": "ORDER_SHIPPED", "data": { "orderId": "o-31" } }),
+    )
+    .await[0]
+        .1;
+    wait_for_delivery(&app, suppressed, "SKIPPED", 20).await;
+    let (version, reason): (i64, String) =
+        sqlx::query_as("SELECT version, skip_reason FROM deliveries WHERE id = $1")
+            .bind(suppressed)
+            .fetch_one(&app.db)
+            .await
+            .unwrap();
+    assert_eq!((version, reason.as_str()), (2, "suppressed"));
+    assert!(
+        tokio::time::timeout(Duration::from_secs(1), messages.next())
+            .await
+            .is_err(),
+        "a suppressed address got a message"
+    );
+}
+
+#[tokio::test]
+async fn an_in_app_send_whose_record_is_refused_goes_under_a_lease_instead_of_out_again() {
+    let app = spawn_app_with(|_| {}).await;
+    // PostgreSQL refuses to record an outcome for user 666's in-app delivery.
+    sqlx::query(
+        "ALTER TABLE deliveries ADD CONSTRAINT refuse_666 \
+         CHECK (status IN ('PENDING', 'PROCESSING') OR address <> 'user:666')",
+    )
+    .execute(&app.db)
+    .await
+    .unwrap();
+    let client = redis::Client::open(std::env::var("HERALD_REDIS_URL").unwrap()).unwrap();
+    let mut pubsub = client.get_async_pubsub().await.unwrap();
+    pubsub
+        .psubscribe(format!("{}inapp:user:*", app.settings.redis.key_prefix))
+        .await
+        .unwrap();
+
+    let mut others = Vec::new();
+    let mut refused = None;
+    for user in [665, 666, 667] {
+        let id = notify(
+            &app,
+            json!({ "userId": user, "channels": ["IN_APP"], "eventType": "ORDER_SHIPPED", "data": { "orderId": "o-1" } }),
+        )
+        .await[0]
+            .1;
+        if user == 666 {
+            refused = Some(id);
+        } else {
+            others.push(id);
+        }
+    }
+    let refused = refused.unwrap();
+    for id in &others {
+        wait_for_delivery(&app, *id, "SUCCESS", 20).await;
+    }
+    wait_for_delivery(&app, refused, "PROCESSING", 20).await;
+
+    // It was sent once and waits for its lease, as if its worker had died; it is not sent
+    // again and again meanwhile.
+    let mut messages = pubsub.on_message();
+    let mut received = Vec::new();
+    while let Ok(Some(message)) =
+        tokio::time::timeout(Duration::from_secs(3), messages.next()).await
+    {
+        let payload: Value =
+            serde_json::from_str(&message.get_payload::<String>().unwrap()).unwrap();
+        received.push(payload["deliveryId"].as_str().unwrap().to_owned());
+    }
+    assert_eq!(
+        received
+            .iter()
+            .filter(|d| **d == refused.to_string())
+            .count(),
+        1,
+        "{received:?}"
+    );
+    assert_eq!(received.len(), 3, "{received:?}");
+    let lease: Option<DateTime<Utc>> =
+        sqlx::query_scalar("SELECT lease_until FROM deliveries WHERE id = $1")
+            .bind(refused)
+            .fetch_one(&app.db)
+            .await
+            .unwrap();
+    let lease = lease.expect("a lease");
+    assert!(
+        lease > Utc::now() + chrono::Duration::seconds(30),
+        "{lease}"
+    );
 }
 
 /// The delivery events published for `deliveries` (each SUCCESS one awaited), in the
