@@ -56,6 +56,13 @@ pub enum Outcome {
     Skipped,
 }
 
+/// One send to a provider: its result, when it started and how long it took.
+struct Attempt {
+    result: Result<crate::channels::Receipt, SendError>,
+    started_at: DateTime<Utc>,
+    latency: Duration,
+}
+
 /// A delivery cleared to go out now.
 #[derive(Debug, Clone, Copy)]
 pub struct Admitted {
@@ -181,9 +188,11 @@ impl Dispatcher {
                     &lost,
                     channel,
                     channel,
-                    Err(error),
-                    Utc::now(),
-                    Duration::ZERO,
+                    Attempt {
+                        result: Err(error),
+                        started_at: Utc::now(),
+                        latency: Duration::ZERO,
+                    },
                 )
                 .await?;
             return Ok(Err(outcome));
@@ -260,18 +269,11 @@ impl Dispatcher {
 
     /// Sends an admitted delivery and records the outcome.
     pub async fn send(&self, job: &Job, admitted: Admitted) -> anyhow::Result<Outcome> {
-        let (result, started_at, latency) = self
+        let attempt = self
             .attempt(job, admitted, self.settings.send_timeout)
             .await;
-        self.finish(
-            job,
-            admitted.channel,
-            admitted.via,
-            result,
-            started_at,
-            latency,
-        )
-        .await
+        self.finish(job, admitted.channel, admitted.via, attempt)
+            .await
     }
 
     /// Whether `channel`'s due deliveries go out inside the transaction that finds them
@@ -357,9 +359,7 @@ impl Dispatcher {
             .iter()
             .zip(attempts)
             .map(|(job, attempt)| match attempt {
-                Some((result, started_at, latency)) => {
-                    self.finished(job, job.channel, job.channel, result, started_at, latency)
-                }
+                Some(attempt) => self.finished(job, job.channel, job.channel, attempt),
                 None => skipped(job, suppressions::SKIP_REASON),
             })
             .collect();
@@ -399,17 +399,8 @@ impl Dispatcher {
         Ok((records, written))
     }
 
-    /// Sends an admitted delivery: the result, when it started and how long it took.
-    async fn attempt(
-        &self,
-        job: &Job,
-        admitted: Admitted,
-        timeout: Duration,
-    ) -> (
-        Result<crate::channels::Receipt, SendError>,
-        DateTime<Utc>,
-        Duration,
-    ) {
+    /// Sends an admitted delivery, giving up after `timeout`.
+    async fn attempt(&self, job: &Job, admitted: Admitted, timeout: Duration) -> Attempt {
         let Admitted {
             channel,
             via,
@@ -447,7 +438,11 @@ impl Dispatcher {
         }
         metrics::gauge!("herald_circuit_state", "channel" => via.as_str())
             .set(self.breakers[&via].gauge());
-        (result, started_at, latency)
+        Attempt {
+            result,
+            started_at,
+            latency,
+        }
     }
 
     /// True when the channel's deliveries can go out elsewhere while its breaker is open.
@@ -603,11 +598,9 @@ impl Dispatcher {
         job: &Job,
         channel: Channel,
         via: Channel,
-        result: Result<crate::channels::Receipt, SendError>,
-        started_at: DateTime<Utc>,
-        latency: Duration,
+        attempt: Attempt,
     ) -> anyhow::Result<Outcome> {
-        let finished = self.finished(job, channel, via, result, started_at, latency);
+        let finished = self.finished(job, channel, via, attempt);
         let status = finished.event.status;
         let written = self.write(job, finished).await?;
         Ok(self.count(job, channel, status, written))
@@ -615,15 +608,12 @@ impl Dispatcher {
 
     /// The record of an attempt: the delivery's next state (SUCCESS, PENDING for a retry
     /// with its backoff, or FAILED with its dead letter), its event and the attempt.
-    fn finished(
-        &self,
-        job: &Job,
-        channel: Channel,
-        via: Channel,
-        result: Result<crate::channels::Receipt, SendError>,
-        started_at: DateTime<Utc>,
-        latency: Duration,
-    ) -> Finished {
+    fn finished(&self, job: &Job, channel: Channel, via: Channel, attempt: Attempt) -> Finished {
+        let Attempt {
+            result,
+            started_at,
+            latency,
+        } = attempt;
         let attempt = job.attempts + 1;
         let retries_made = attempt - 1 - job.retry_base;
         let (outcome_label, status) = match &result {

@@ -141,12 +141,7 @@ async fn an_in_app_message_reaches_a_redis_subscriber() {
 async fn in_app_deliveries_are_sent_and_recorded_in_the_transaction_that_locks_them_without_a_claim()
  {
     let app = spawn_app_with(|_| {}).await;
-    let client = redis::Client::open(std::env::var("HERALD_REDIS_URL").unwrap()).unwrap();
-    let mut pubsub = client.get_async_pubsub().await.unwrap();
-    pubsub
-        .psubscribe(format!("{}inapp:user:*", app.settings.redis.key_prefix))
-        .await
-        .unwrap();
+    let mut pubsub = in_app_subscriber(&app).await;
 
     let mut ids = Vec::new();
     for user in 1..=30 {
@@ -172,20 +167,7 @@ async fn in_app_deliveries_are_sent_and_recorded_in_the_transaction_that_locks_t
     assert_eq!(rows.len(), 30);
     assert!(rows.iter().all(|r| *r == (2, None, 1)), "{rows:?}");
     let mut messages = pubsub.on_message();
-    let mut received = Vec::new();
-    while let Ok(Some(message)) =
-        tokio::time::timeout(Duration::from_secs(2), messages.next()).await
-    {
-        let payload: Value =
-            serde_json::from_str(&message.get_payload::<String>().unwrap()).unwrap();
-        received.push(
-            payload["deliveryId"]
-                .as_str()
-                .unwrap()
-                .parse::<Uuid>()
-                .unwrap(),
-        );
-    }
+    let mut received = in_app_received(&mut messages, 2).await;
     received.sort();
     ids.sort();
     assert_eq!(received, ids);
@@ -246,12 +228,7 @@ async fn an_in_app_send_whose_record_is_refused_goes_under_a_lease_instead_of_ou
     .execute(&app.db)
     .await
     .unwrap();
-    let client = redis::Client::open(std::env::var("HERALD_REDIS_URL").unwrap()).unwrap();
-    let mut pubsub = client.get_async_pubsub().await.unwrap();
-    pubsub
-        .psubscribe(format!("{}inapp:user:*", app.settings.redis.key_prefix))
-        .await
-        .unwrap();
+    let mut pubsub = in_app_subscriber(&app).await;
 
     let mut others = Vec::new();
     let mut refused = None;
@@ -277,19 +254,9 @@ async fn an_in_app_send_whose_record_is_refused_goes_under_a_lease_instead_of_ou
     // It was sent once and waits for its lease, as if its worker had died; it is not sent
     // again and again meanwhile.
     let mut messages = pubsub.on_message();
-    let mut received = Vec::new();
-    while let Ok(Some(message)) =
-        tokio::time::timeout(Duration::from_secs(3), messages.next()).await
-    {
-        let payload: Value =
-            serde_json::from_str(&message.get_payload::<String>().unwrap()).unwrap();
-        received.push(payload["deliveryId"].as_str().unwrap().to_owned());
-    }
+    let received = in_app_received(&mut messages, 3).await;
     assert_eq!(
-        received
-            .iter()
-            .filter(|d| **d == refused.to_string())
-            .count(),
+        received.iter().filter(|d| **d == refused).count(),
         1,
         "{received:?}"
     );
@@ -305,6 +272,33 @@ async fn an_in_app_send_whose_record_is_refused_goes_under_a_lease_instead_of_ou
         lease > Utc::now() + chrono::Duration::seconds(30),
         "{lease}"
     );
+}
+
+/// A subscriber to every user's in-app messages of `app`.
+async fn in_app_subscriber(app: &TestApp) -> redis::aio::PubSub {
+    let client = redis::Client::open(std::env::var("HERALD_REDIS_URL").unwrap()).unwrap();
+    let mut pubsub = client.get_async_pubsub().await.unwrap();
+    pubsub
+        .psubscribe(format!("{}inapp:user:*", app.settings.redis.key_prefix))
+        .await
+        .unwrap();
+    pubsub
+}
+
+/// The delivery ids of the in-app messages received until none came for `quiet` seconds.
+async fn in_app_received(
+    messages: &mut (impl futures_util::Stream<Item = redis::Msg> + Unpin),
+    quiet: u64,
+) -> Vec<Uuid> {
+    let mut received = Vec::new();
+    while let Ok(Some(message)) =
+        tokio::time::timeout(Duration::from_secs(quiet), messages.next()).await
+    {
+        let payload: Value =
+            serde_json::from_str(&message.get_payload::<String>().unwrap()).unwrap();
+        received.push(payload["deliveryId"].as_str().unwrap().parse().unwrap());
+    }
+    received
 }
 
 /// The delivery events published for `deliveries` (each SUCCESS one awaited), in the
