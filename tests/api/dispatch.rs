@@ -274,6 +274,41 @@ async fn an_in_app_send_whose_record_is_refused_goes_under_a_lease_instead_of_ou
     );
 }
 
+#[tokio::test]
+async fn two_instances_sending_in_app_messages_inside_their_transactions_send_each_once() {
+    let first = spawn_app_with(|_| {}).await;
+    let second = spawn_app_on(first.settings.clone(), &[Role::Dispatch]).await;
+    let mut pubsub = in_app_subscriber(&first).await;
+
+    let requests = (1..=200).map(|user| {
+        notify(
+            &first,
+            json!({ "userId": user, "channels": ["IN_APP"], "eventType": "ORDER_SHIPPED", "data": { "orderId": format!("o-{user}") } }),
+        )
+    });
+    let mut ids: Vec<Uuid> = futures_util::future::join_all(requests)
+        .await
+        .into_iter()
+        .map(|d| d[0].1)
+        .collect();
+    wait_until(30, "every in-app message is sent", || async {
+        let sent: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM deliveries WHERE status = 'SUCCESS' AND version = 2",
+        )
+        .fetch_one(&second.db)
+        .await
+        .unwrap();
+        sent == 200
+    })
+    .await;
+
+    let mut messages = pubsub.on_message();
+    let mut received = in_app_received(&mut messages, 2).await;
+    received.sort();
+    ids.sort();
+    assert_eq!(received, ids, "each message exactly once");
+}
+
 /// A subscriber to every user's in-app messages of `app`.
 async fn in_app_subscriber(app: &TestApp) -> redis::aio::PubSub {
     let client = redis::Client::open(std::env::var("HERALD_REDIS_URL").unwrap()).unwrap();
