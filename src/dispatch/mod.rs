@@ -15,11 +15,12 @@ pub mod worker;
 
 use std::{sync::Arc, time::Duration};
 
-use tokio::time::Instant;
-
 use chrono::Utc;
 use sqlx::postgres::PgListener;
-use tokio::sync::{Notify, Semaphore};
+use tokio::{
+    sync::{Notify, Semaphore},
+    time::Instant,
+};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::domain::Channel;
