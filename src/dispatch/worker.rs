@@ -187,7 +187,6 @@ impl Dispatcher {
                 .finish(
                     &lost,
                     channel,
-                    channel,
                     Attempt {
                         result: Err(error),
                         started_at: Utc::now(),
@@ -272,8 +271,7 @@ impl Dispatcher {
         let attempt = self
             .attempt(job, admitted, self.settings.send_timeout)
             .await;
-        self.finish(job, admitted.channel, admitted.via, attempt)
-            .await
+        self.finish(job, admitted.via, attempt).await
     }
 
     /// Whether `channel`'s due deliveries go out inside the transaction that finds them
@@ -325,12 +323,9 @@ impl Dispatcher {
         };
         for ((job, record), written) in jobs.iter().zip(records).zip(written) {
             if job.suppressed {
-                if written == Written::Recorded {
-                    metrics::counter!("herald_deliveries_total", "channel" => job.channel.as_str().to_owned(), "outcome" => "suppressed")
-                        .increment(1);
-                }
+                count_skip(job, "suppressed", written);
             } else {
-                self.count(job, job.channel, record.event.status, written);
+                self.count(job, record.event.status, written);
             }
         }
         Ok(())
@@ -359,7 +354,7 @@ impl Dispatcher {
             .iter()
             .zip(attempts)
             .map(|(job, attempt)| match attempt {
-                Some(attempt) => self.finished(job, job.channel, job.channel, attempt),
+                Some(attempt) => self.finished(job, job.channel, attempt),
                 None => skipped(job, suppressions::SKIP_REASON),
             })
             .collect();
@@ -593,22 +588,18 @@ impl Dispatcher {
     /// Records an attempt and moves the delivery to SUCCESS, back to PENDING for a retry, or
     /// to FAILED with a dead letter, all in one transaction (shared with other sends'
     /// records: see [`super::record`]).
-    async fn finish(
-        &self,
-        job: &Job,
-        channel: Channel,
-        via: Channel,
-        attempt: Attempt,
-    ) -> anyhow::Result<Outcome> {
-        let finished = self.finished(job, channel, via, attempt);
+    async fn finish(&self, job: &Job, via: Channel, attempt: Attempt) -> anyhow::Result<Outcome> {
+        let finished = self.finished(job, via, attempt);
         let status = finished.event.status;
         let written = self.write(job, finished).await?;
-        Ok(self.count(job, channel, status, written))
+        Ok(self.count(job, status, written))
     }
 
     /// The record of an attempt: the delivery's next state (SUCCESS, PENDING for a retry
-    /// with its backoff, or FAILED with its dead letter), its event and the attempt.
-    fn finished(&self, job: &Job, channel: Channel, via: Channel, attempt: Attempt) -> Finished {
+    /// with its backoff, or FAILED with its dead letter), its event and the attempt, sent
+    /// on `via` (the delivery's own channel, or its fallback).
+    fn finished(&self, job: &Job, via: Channel, attempt: Attempt) -> Finished {
+        let channel = job.channel;
         let Attempt {
             result,
             started_at,
@@ -672,13 +663,8 @@ impl Dispatcher {
     }
 
     /// Counts a written record of an attempt in the metrics, and says what became of it.
-    fn count(
-        &self,
-        job: &Job,
-        channel: Channel,
-        status: DeliveryStatus,
-        written: Written,
-    ) -> Outcome {
+    fn count(&self, job: &Job, status: DeliveryStatus, written: Written) -> Outcome {
+        let channel = job.channel;
         if written == Written::LeaseLost {
             metrics::counter!("herald_lease_lost_total", "channel" => channel.as_str())
                 .increment(1);
@@ -707,13 +693,8 @@ impl Dispatcher {
 
     /// SKIPs a delivery without an attempt, with `reason` (counted under `label`).
     async fn skip(&self, job: &Job, reason: &str, label: &'static str) -> anyhow::Result<Outcome> {
-        let finished = skipped(job, reason);
-        if self.write(job, finished).await? == Written::LeaseLost {
-            return Ok(Outcome::LeaseLost);
-        }
-        metrics::counter!("herald_deliveries_total", "channel" => job.channel.as_str().to_owned(), "outcome" => label)
-            .increment(1);
-        Ok(Outcome::Skipped)
+        let written = self.write(job, skipped(job, reason)).await?;
+        Ok(count_skip(job, label, written))
     }
 
     /// Writes a finished send. A digest's record is written with the same outcome for
@@ -897,6 +878,16 @@ fn skipped(job: &Job, reason: &str) -> Finished {
         outcome: record::SKIPPED,
         dead_letter: None,
     }
+}
+
+/// Counts a written SKIP under `label`, and says what became of the delivery.
+fn count_skip(job: &Job, label: &'static str, written: Written) -> Outcome {
+    if written == Written::LeaseLost {
+        return Outcome::LeaseLost;
+    }
+    metrics::counter!("herald_deliveries_total", "channel" => job.channel.as_str().to_owned(), "outcome" => label)
+        .increment(1);
+    Outcome::Skipped
 }
 
 /// Records sends of locked deliveries in a savepoint of `tx`, so that a batch PostgreSQL
