@@ -30,7 +30,7 @@ use crate::{
     domain::{Channel, Domain},
     event_schemas::EventSchemas,
     ingest::{self, Ingestor},
-    intake,
+    intake::{self, writer::IntakeWriter},
     kafka::{
         KafkaAdmin,
         consumer::{self, BatchLimits, ConsumerSpec},
@@ -156,6 +156,11 @@ impl Application {
             shutdown.clone(),
         );
         let imports = Arc::new(Semaphore::new(settings.limits.concurrent_imports));
+        let intake = IntakeWriter::start(
+            db.clone(),
+            settings.kafka.topic_prefix.clone(),
+            ingestor.wakeup.clone(),
+        );
         let state = AppState {
             settings: Arc::new(settings),
             db,
@@ -173,6 +178,7 @@ impl Application {
             streams,
             imports,
             ingestor,
+            intake,
             consumers: Watchdogs::default(),
         };
         Ok(Application {

@@ -47,6 +47,7 @@ use crate::{
     domain::Channel,
     event_schemas::EventSchemas,
     ingest::Ingestor,
+    intake::writer::IntakeWriter,
     kafka::{KafkaAdmin, watchdog::Watchdogs},
     roles::Role,
     routing::RoutingTable,
@@ -84,6 +85,8 @@ pub struct AppState {
     pub imports: Arc<Semaphore>,
     /// The ingestion step, also used to re-ingest poison messages.
     pub ingestor: Ingestor,
+    /// Stores `POST /api/v1/notifications` requests, several to a transaction.
+    pub intake: IntakeWriter,
     /// The group membership of this instance's Kafka consumers, for readiness.
     pub consumers: Watchdogs,
 }

@@ -35,7 +35,7 @@ use crate::{
         Channel, DeliveryStatus, Domain, EmailAddress, EventType, NotificationStatus, PhoneNumber,
         Recipient, UserId,
     },
-    intake::{self, Draft, Source},
+    intake::{self, Draft, NewNotification, Source},
     outbox::HoldInfo,
     preferences,
     templates::ADHOC,
@@ -171,6 +171,11 @@ async fn create(
         &prefs,
         &*state.channel_enabled,
     );
+    let Some(key) = key else {
+        // Without a key, the request shares a transaction with those arriving with it.
+        let notification = state.intake.store(notification).await?;
+        return Ok(created(notification.id, accepted_body(&notification)?));
+    };
     let mut tx = state
         .db
         .begin()
@@ -184,7 +189,51 @@ async fn create(
         )
         .await?,
     );
-    // Answered after the insert: the digest it joined sets its deliveries' due time.
+    let response_body = accepted_body(&notification)?;
+
+    // An expired row for the key is replaced: past the TTL the key is new again.
+    let stored = sqlx::query(
+        "INSERT INTO idempotency_keys (credential, idempotency_key, request_hash, response_status, response_body) \
+         VALUES ($1, $2, $3, 202, $4) \
+         ON CONFLICT (credential, idempotency_key) DO UPDATE SET request_hash = EXCLUDED.request_hash, \
+             response_status = EXCLUDED.response_status, response_body = EXCLUDED.response_body, \
+             created_at = now() \
+         WHERE idempotency_keys.created_at <= now() - $5",
+    )
+    .bind(&credential)
+    .bind(&key)
+    .bind(&request_hash)
+    .bind(&response_body)
+    .bind(state.settings.access.idempotency_ttl)
+    .execute(&mut *tx)
+    .await
+    .context("Failed to store the idempotency key")?;
+    if stored.rows_affected() == 0 {
+        // A concurrent request with the same key committed first: answer as it did.
+        tx.rollback().await.context("Failed to roll back")?;
+        return stored_response(&state, &credential, &key, &request_hash)
+            .await?
+            .context("an idempotency key vanished")
+            .map_err(ApiError::Internal);
+    }
+    tx.commit()
+        .await
+        .context("Failed to commit the notification")?;
+    if sends {
+        state.ingestor.wakeup.wake();
+    }
+    Ok(created(notification.id, response_body))
+}
+
+/// The 202 for a notification just stored, counted.
+fn created(id: Uuid, body: Value) -> Response {
+    metrics::counter!("herald_intake_notifications_total").increment(1);
+    accepted_response(&format!("/api/v1/notifications/{id}"), body, false)
+}
+
+/// The answer to a stored notification. Built after the insert: a digest it joined sets
+/// its deliveries' due time.
+fn accepted_body(notification: &NewNotification) -> Result<Value, ApiError> {
     let accepted = Accepted {
         notification_id: notification.id,
         status: NotificationStatus::derive(notification.deliveries.iter().map(|d| d.status())),
@@ -192,7 +241,7 @@ async fn create(
             .deliveries
             .iter()
             .map(|d| {
-                let (due, hold) = d.schedule(&notification);
+                let (due, hold) = d.schedule(notification);
                 AcceptedDelivery {
                     id: d.id,
                     channel: d.channel,
@@ -203,47 +252,7 @@ async fn create(
             })
             .collect(),
     };
-    let response_body = serde_json::to_value(&accepted).context("Failed to encode the answer")?;
-
-    if let Some(key) = &key {
-        // An expired row for the key is replaced: past the TTL the key is new again.
-        let stored = sqlx::query(
-            "INSERT INTO idempotency_keys (credential, idempotency_key, request_hash, response_status, response_body) \
-             VALUES ($1, $2, $3, 202, $4) \
-             ON CONFLICT (credential, idempotency_key) DO UPDATE SET request_hash = EXCLUDED.request_hash, \
-                 response_status = EXCLUDED.response_status, response_body = EXCLUDED.response_body, \
-                 created_at = now() \
-             WHERE idempotency_keys.created_at <= now() - $5",
-        )
-        .bind(&credential)
-        .bind(key)
-        .bind(&request_hash)
-        .bind(&response_body)
-        .bind(state.settings.access.idempotency_ttl)
-        .execute(&mut *tx)
-        .await
-        .context("Failed to store the idempotency key")?;
-        if stored.rows_affected() == 0 {
-            // A concurrent request with the same key committed first: answer as it did.
-            tx.rollback().await.context("Failed to roll back")?;
-            return stored_response(&state, &credential, key, &request_hash)
-                .await?
-                .context("an idempotency key vanished")
-                .map_err(ApiError::Internal);
-        }
-    }
-    tx.commit()
-        .await
-        .context("Failed to commit the notification")?;
-    if sends {
-        state.ingestor.wakeup.wake();
-    }
-    metrics::counter!("herald_intake_notifications_total").increment(1);
-    Ok(accepted_response(
-        &format!("/api/v1/notifications/{}", notification.id),
-        response_body,
-        false,
-    ))
+    Ok(serde_json::to_value(&accepted).context("Failed to encode the answer")?)
 }
 
 /// A 202 with `Location` and, for a replayed idempotent request, `Idempotency-Replayed`.

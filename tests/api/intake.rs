@@ -230,3 +230,63 @@ async fn reading_an_unknown_or_malformed_id_gives_404_or_400() {
     let body: Value = malformed.json().await.unwrap();
     assert_eq!(body["error"]["code"], "invalid_request");
 }
+
+#[tokio::test]
+async fn concurrent_requests_share_transactions_and_one_that_postgres_refuses_fails_alone() {
+    let app = spawn_front_half(|_| {}).await;
+    // PostgreSQL refuses user 666's notification; the others must not notice.
+    sqlx::query("ALTER TABLE notifications ADD CONSTRAINT refuse_666 CHECK (user_id <> 666)")
+        .execute(&app.db)
+        .await
+        .unwrap();
+    // Hold the outbox so that the writers' first transactions wait and the rest queue up.
+    let mut holder = app.db.begin().await.unwrap();
+    sqlx::query("LOCK TABLE outbox IN EXCLUSIVE MODE")
+        .execute(&mut *holder)
+        .await
+        .unwrap();
+    let users: Vec<i64> = (1..=40).map(|n| if n == 20 { 666 } else { 100 + n }).collect();
+    let requests = futures_util::future::join_all(users.iter().map(|&user| {
+        let app = &app;
+        async move {
+            let response = app
+                .post_json("/api/v1/notifications", &order_shipped(user), &[])
+                .await;
+            let status = response.status().as_u16();
+            (user, status, response.json::<Value>().await.unwrap())
+        }
+    }));
+    let release = async {
+        tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+        holder.commit().await.unwrap();
+    };
+    let (answers, ()) = tokio::join!(requests, release);
+
+    for (user, status, body) in &answers {
+        if *user == 666 {
+            assert_eq!(status, &500, "{body}");
+            assert_eq!(body["error"]["code"], "internal", "{body}");
+        } else {
+            assert_eq!(status, &202, "user {user}: {body}");
+            let read: Value = app
+                .get(&format!("/api/v1/notifications/{}", body["notificationId"].as_str().unwrap()))
+                .await
+                .json()
+                .await
+                .unwrap();
+            assert_eq!(read["userId"], *user, "each request is answered with its own notification");
+        }
+    }
+    let (stored, transactions, refused): (i64, i64, i64) = sqlx::query_as(
+        "SELECT count(*), count(DISTINCT xmin::text), count(*) FILTER (WHERE user_id = 666) \
+         FROM notifications",
+    )
+    .fetch_one(&app.db)
+    .await
+    .unwrap();
+    assert_eq!((stored, refused), (39, 0));
+    assert!(
+        transactions <= 12,
+        "39 requests queued behind a held outbox took {transactions} transactions"
+    );
+}

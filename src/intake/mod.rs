@@ -4,6 +4,8 @@
 //! A PENDING delivery is due at once, or later with the reason ([`Hold`]): the caller's
 //! `scheduledAt`, the user's quiet hours, or its digest's window ([`crate::timing`]).
 
+pub mod writer;
+
 use std::collections::HashSet;
 
 use chrono::{DateTime, Utc};
