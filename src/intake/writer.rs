@@ -106,10 +106,16 @@ impl Writer {
     /// Stores a batch and answers each of its requests; a batch that fails is written
     /// again one request at a time, so that only a bad one fails.
     async fn write(&self, batch: Vec<Job>) {
+        // A request abandoned while it waited (its client went away, or the API's request
+        // timeout answered 503) is not stored: nobody was told it was accepted.
         let (mut notifications, answers): (Vec<NewNotification>, Vec<_>) = batch
             .into_iter()
+            .filter(|job| !job.answer.is_closed())
             .map(|job| (job.notification, job.answer))
             .unzip();
+        if notifications.is_empty() {
+            return;
+        }
         match self.commit(&mut notifications).await {
             Ok(()) => {
                 for (notification, answer) in notifications.into_iter().zip(answers) {
@@ -117,7 +123,9 @@ impl Writer {
                 }
             }
             Err(error) if notifications.len() == 1 => {
-                let _ = answers.into_iter().next().map(|a| a.send(Err(error)));
+                if let Some(answer) = answers.into_iter().next() {
+                    let _ = answer.send(Err(error));
+                }
             }
             Err(error) => {
                 tracing::warn!(

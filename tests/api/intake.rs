@@ -245,7 +245,9 @@ async fn concurrent_requests_share_transactions_and_one_that_postgres_refuses_fa
         .execute(&mut *holder)
         .await
         .unwrap();
-    let users: Vec<i64> = (1..=40).map(|n| if n == 20 { 666 } else { 100 + n }).collect();
+    let users: Vec<i64> = (1..=40)
+        .map(|n| if n == 20 { 666 } else { 100 + n })
+        .collect();
     let requests = futures_util::future::join_all(users.iter().map(|&user| {
         let app = &app;
         async move {
@@ -269,12 +271,18 @@ async fn concurrent_requests_share_transactions_and_one_that_postgres_refuses_fa
         } else {
             assert_eq!(status, &202, "user {user}: {body}");
             let read: Value = app
-                .get(&format!("/api/v1/notifications/{}", body["notificationId"].as_str().unwrap()))
+                .get(&format!(
+                    "/api/v1/notifications/{}",
+                    body["notificationId"].as_str().unwrap()
+                ))
                 .await
                 .json()
                 .await
                 .unwrap();
-            assert_eq!(read["userId"], *user, "each request is answered with its own notification");
+            assert_eq!(
+                read["userId"], *user,
+                "each request is answered with its own notification"
+            );
         }
     }
     let (stored, transactions, refused): (i64, i64, i64) = sqlx::query_as(
