@@ -298,3 +298,54 @@ async fn concurrent_requests_share_transactions_and_one_that_postgres_refuses_fa
         "39 requests queued behind a held outbox took {transactions} transactions"
     );
 }
+
+#[tokio::test]
+async fn a_request_abandoned_while_it_waited_for_a_writer_is_not_stored() {
+    let app =
+        spawn_front_half(|s| s.http.request_timeout = std::time::Duration::from_secs(1)).await;
+    let mut holder = app.db.begin().await.unwrap();
+    sqlx::query("LOCK TABLE outbox IN EXCLUSIVE MODE")
+        .execute(&mut *holder)
+        .await
+        .unwrap();
+    // Four requests, one after another, each taken by one of the four writers, which then
+    // wait on the held outbox; the fifth waits in the queue until the API's timeout.
+    let writers_busy = futures_util::future::join_all((1..=4).map(|n| {
+        let app = &app;
+        async move {
+            tokio::time::sleep(std::time::Duration::from_millis(150 * n)).await;
+            app.post_json("/api/v1/notifications", &order_shipped(200 + n as i64), &[])
+                .await
+                .status()
+                .as_u16()
+        }
+    }));
+    let abandoned = async {
+        tokio::time::sleep(std::time::Duration::from_millis(800)).await;
+        let status = app
+            .post_json("/api/v1/notifications", &order_shipped(299), &[])
+            .await
+            .status()
+            .as_u16();
+        holder.commit().await.unwrap();
+        status
+    };
+    let (busy, abandoned) = tokio::join!(writers_busy, abandoned);
+    assert_eq!(
+        abandoned, 503,
+        "the API's timeout answers the waiting request"
+    );
+    // The four that were being written when their timeout came are committed anyway, as a
+    // request whose commit was under way always could be.
+    assert!(busy.iter().all(|s| [202, 503].contains(s)), "{busy:?}");
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    let stored: Vec<i64> = sqlx::query_scalar("SELECT user_id FROM notifications ORDER BY user_id")
+        .fetch_all(&app.db)
+        .await
+        .unwrap();
+    assert_eq!(
+        stored,
+        [201, 202, 203, 204],
+        "the abandoned request is not stored"
+    );
+}
