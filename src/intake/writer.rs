@@ -103,8 +103,11 @@ impl Writer {
         }
     }
 
-    /// Stores a batch and answers each of its requests; a batch that fails is written
-    /// again one request at a time, so that only a bad one fails.
+    /// Stores a batch and answers each of its requests. A batch whose statements
+    /// PostgreSQL refuses is written again one request at a time, so that only a bad one
+    /// fails. A batch that could not begin or commit fails whole: no request in it is to
+    /// blame, and after a failed COMMIT nobody knows whether the batch was stored, so
+    /// writing it again could store it twice.
     async fn write(&self, batch: Vec<Job>) {
         // A request abandoned while it waited (its client went away, or the API's request
         // timeout answered 503) is not stored: nobody was told it was accepted.
@@ -122,41 +125,69 @@ impl Writer {
                     let _ = answer.send(Ok(notification));
                 }
             }
-            Err(error) if notifications.len() == 1 => {
-                if let Some(answer) = answers.into_iter().next() {
-                    let _ = answer.send(Err(error));
-                }
-            }
-            Err(error) => {
+            Err(Failed {
+                error,
+                refused: true,
+            }) if notifications.len() > 1 => {
                 tracing::warn!(
                     error = format!("{error:#}"),
                     requests = notifications.len(),
-                    "an intake batch failed; writing its requests one at a time"
+                    "PostgreSQL refused an intake batch; writing its requests one at a time"
                 );
                 for (notification, answer) in notifications.into_iter().zip(answers) {
                     let mut one = [notification];
-                    let result = self.commit(&mut one).await;
+                    let result = self.commit(&mut one).await.map_err(|failed| failed.error);
                     let [notification] = one;
                     let _ = answer.send(result.map(|()| notification));
+                }
+            }
+            Err(Failed { error, .. }) => {
+                let message = format!("{error:#}");
+                for answer in answers {
+                    let _ = answer.send(Err(anyhow::anyhow!("{message}")));
                 }
             }
         }
     }
 
     /// One transaction for `notifications`; wakes the dispatchers when it stored a send.
-    async fn commit(&self, notifications: &mut [NewNotification]) -> anyhow::Result<()> {
+    async fn commit(&self, notifications: &mut [NewNotification]) -> Result<(), Failed> {
         let mut tx = self
             .db
             .begin()
             .await
-            .context("Failed to begin a transaction")?;
-        let sends = has_sends(&insert(&mut tx, notifications, &self.topic_prefix).await?);
+            .context("Failed to begin a transaction")
+            .map_err(Failed::not_refused)?;
+        let stored = insert(&mut tx, notifications, &self.topic_prefix)
+            .await
+            .map_err(|error| Failed {
+                error,
+                refused: true,
+            })?;
         tx.commit()
             .await
-            .context("Failed to commit the notification")?;
-        if sends {
+            .context("Failed to commit the notification")
+            .map_err(Failed::not_refused)?;
+        if has_sends(&stored) {
             self.wakeup.wake();
         }
         Ok(())
+    }
+}
+
+/// Why a batch was not stored.
+struct Failed {
+    error: anyhow::Error,
+    /// PostgreSQL refused a statement of the batch (one request may be to blame), as
+    /// opposed to a transaction that could not begin or commit.
+    refused: bool,
+}
+
+impl Failed {
+    fn not_refused(error: anyhow::Error) -> Self {
+        Failed {
+            error,
+            refused: false,
+        }
     }
 }
