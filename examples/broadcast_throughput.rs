@@ -39,11 +39,19 @@ async fn main() -> anyhow::Result<()> {
         .await?
         .settings;
     settings.http.addr = "127.0.0.1:0".parse()?;
+    // Every /api/v1 route needs a credential: this run's own admin token.
+    let token = format!("bcast-{}", uuid::Uuid::new_v4().simple());
+    settings.admin.token = Some(token.clone().into());
     let app = Application::build(settings, &[Role::Api, Role::Dispatch, Role::Relay]).await?;
     let api = format!("http://{}", app.local_addr());
     let shutdown = app.shutdown_token();
     let server = tokio::spawn(app.run_until_stopped());
-    let http = reqwest::Client::new();
+    let http = reqwest::Client::builder()
+        .default_headers(reqwest::header::HeaderMap::from_iter([(
+            reqwest::header::AUTHORIZATION,
+            format!("Bearer {token}").parse()?,
+        )]))
+        .build()?;
 
     let started = Instant::now();
     let ids: Vec<usize> = (1..=users).collect();

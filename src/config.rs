@@ -1976,12 +1976,16 @@ mod tests {
     fn a_channel_can_have_its_own_concurrency() {
         let settings = load(&[
             ("HERALD_DISPATCH_CONCURRENCY", "8"),
-            ("HERALD_DISPATCH_CONCURRENCY_IN_APP", "128"),
+            ("HERALD_DISPATCH_CONCURRENCY_IN_APP", "64"),
             ("HERALD_KAFKA_FETCH_WAIT_MS", "5"),
         ])
         .unwrap();
-        assert_eq!(settings.dispatch.concurrency_of(Channel::InApp), 128);
+        assert_eq!(settings.dispatch.concurrency_of(Channel::InApp), 64);
         assert_eq!(settings.dispatch.concurrency_of(Channel::Email), 8);
+        // The file's own: IN_APP above the rest, which follow HERALD_DISPATCH_CONCURRENCY.
+        let defaults = load(&[("HERALD_DISPATCH_CONCURRENCY", "8")]).unwrap();
+        assert_eq!(defaults.dispatch.concurrency_of(Channel::InApp), 128);
+        assert_eq!(defaults.dispatch.concurrency_of(Channel::Slack), 8);
         assert_eq!(settings.kafka.fetch_wait_ms, 5);
         let message = error_of(&[("HERALD_DISPATCH_CONCURRENCY_SLACK", "0")]);
         assert!(

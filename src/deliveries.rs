@@ -204,26 +204,35 @@ macro_rules! job_columns {
 /// version and its commit per delivery (issue 14); it is only for sends that take
 /// milliseconds (see [`crate::dispatch::worker::Dispatcher::sends_in_claim`]). Should the
 /// process die before the commit, the locks go with its connection and the deliveries are
-/// due again at once: at least once, as with a lost lease. Broadcasts and digests are left
-/// to [`claim`].
+/// due again at once: at least once, as with a lost lease. Due broadcast deliveries fill
+/// what the transactional ones leave, up to `broadcast_limit`, as in [`claim`]; jobs come
+/// back transactional first. Digests and expired leases are left to [`claim`].
 pub async fn lock_due(
     tx: &mut PgConnection,
     channel: Channel,
     limit: usize,
+    broadcast_limit: usize,
 ) -> anyhow::Result<Vec<Job>> {
     sqlx::query_as(concat!(
-        "WITH due AS (SELECT id FROM deliveries d WHERE channel = $1 \
+        "WITH pending AS (SELECT id FROM deliveries WHERE channel = $1 \
                   AND status = 'PENDING' AND broadcast_id IS NULL AND digest_id IS NULL \
                   AND next_attempt_at <= now() \
-                  ORDER BY next_attempt_at LIMIT $2 FOR UPDATE SKIP LOCKED) \
+                  ORDER BY next_attempt_at LIMIT $2 FOR UPDATE SKIP LOCKED), \
+              bulk AS (SELECT id FROM deliveries WHERE channel = $1 \
+                  AND status = 'PENDING' AND broadcast_id IS NOT NULL \
+                  AND next_attempt_at <= now() ORDER BY next_attempt_at \
+                  LIMIT GREATEST(LEAST($3, $2 - (SELECT count(*) FROM pending)), 0) \
+                  FOR UPDATE SKIP LOCKED), \
+              due AS (SELECT id FROM pending UNION ALL SELECT id FROM bulk) \
          SELECT ",
         job_columns!(),
         " FROM due JOIN deliveries d ON d.id = due.id \
              JOIN notifications n ON n.id = d.notification_id \
-         ORDER BY d.next_attempt_at, d.id"
+         ORDER BY d.broadcast_id IS NOT NULL, d.next_attempt_at, d.id"
     ))
     .bind(channel.as_str())
     .bind(limit as i64)
+    .bind(broadcast_limit as i64)
     .fetch_all(&mut *tx)
     .await
     .context("Failed to lock due deliveries")
@@ -260,7 +269,7 @@ pub async fn lease_locked(
 /// `limit` due digests are claimed too, each as one job whose `members` are the others
 /// ([`claim_digests`]; always, so that members held under a routing file that digested
 /// their type still go out after it stopped doing so). With `locking`, the channel's due
-/// transactional deliveries are left to [`lock_due`].
+/// PENDING deliveries other than digests are left to [`lock_due`].
 pub async fn claim(
     db: &PgPool,
     channel: Channel,
@@ -285,7 +294,7 @@ pub async fn claim(
                   ORDER BY next_attempt_at LIMIT $2 FOR UPDATE SKIP LOCKED), \
               bulk AS (SELECT id FROM deliveries WHERE channel = $1 \
                   AND status = 'PENDING' AND broadcast_id IS NOT NULL \
-                  AND next_attempt_at <= now() ORDER BY next_attempt_at \
+                  AND next_attempt_at <= now() AND NOT $5 ORDER BY next_attempt_at \
                   LIMIT GREATEST(LEAST($4, $2 - (SELECT count(*) FROM pending)), 0) \
                   FOR UPDATE SKIP LOCKED), \
               expired AS (SELECT id FROM deliveries WHERE channel = $1 \

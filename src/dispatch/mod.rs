@@ -107,6 +107,9 @@ async fn channel_loop(
             hold = Some(wait);
         }
         let mut broadcast_room = broadcast_slots.available_permits();
+        // Whether the rate limit's window leaves broadcasts any room (it keeps a reserve
+        // for transactional sends).
+        let mut broadcast_window = true;
         if hold.is_none()
             && let Some(limit) = dispatcher.settings.rate_limits.get(&channel).copied()
             && let Some((open, wait)) = dispatcher.limiter.room(channel, limit).await
@@ -117,7 +120,9 @@ async fn channel_loop(
             room = room.min(open as usize);
             // Broadcasts leave the transactional reserve of each window untouched.
             let reserve = (f64::from(limit.limit) * (1.0 - dispatcher.broadcast_share)).ceil();
-            broadcast_room = broadcast_room.min(open.saturating_sub(reserve as u32) as usize);
+            let window_room = open.saturating_sub(reserve as u32) as usize;
+            broadcast_window = window_room > 0;
+            broadcast_room = broadcast_room.min(window_room);
         }
         if let Some(wait) = hold {
             tokio::select! {
@@ -127,9 +132,9 @@ async fn channel_loop(
             continue;
         }
         // A channel that sends inside the transaction that finds its due deliveries
-        // ([`Dispatcher::send_locked`]) sends its transactional ones that way; the claim
-        // below takes the rest (broadcasts, digests, expired leases), and has the whole room
-        // once a sweep, so that none of those waits long behind a backlog.
+        // ([`Dispatcher::send_locked`]) sends its transactional and broadcast ones that
+        // way; the claim below takes the rest (digests, expired leases), and has the whole
+        // room once a sweep, so that neither waits long behind a backlog.
         let mut locked = 0;
         let mut locking = dispatcher.sends_in_claim(channel);
         let sweeping = locking && last_claim.elapsed() >= SWEEP;
@@ -140,18 +145,28 @@ async fn channel_loop(
             }) else {
                 break;
             };
-            match dispatcher.lock_due(channel, room).await {
+            match dispatcher.lock_due(channel, room, broadcast_room).await {
                 Ok(Some((tx, jobs))) => {
                     locked = jobs.len();
-                    let Ok(permits) = slots.clone().acquire_many_owned(locked as u32).await else {
+                    let bulk = jobs.iter().filter(|j| j.broadcast_id.is_some()).count();
+                    // At most `broadcast_room` were locked, which this loop alone takes
+                    // from the broadcast slots: both acquisitions are immediate.
+                    let (Ok(permits), Ok(broadcast_permits)) = (
+                        slots.clone().acquire_many_owned(locked as u32).await,
+                        broadcast_slots
+                            .clone()
+                            .acquire_many_owned(bulk as u32)
+                            .await,
+                    ) else {
                         break;
                     };
+                    broadcast_room -= bulk;
                     let (dispatcher, sent) = (dispatcher.clone(), sent.clone());
                     in_flight.spawn(async move {
                         if let Err(error) = dispatcher.send_locked(tx, jobs).await {
                             tracing::error!(%channel, error = format!("{error:#}"), "cannot record in-transaction sends");
                         }
-                        drop((permits, open));
+                        drop((permits, broadcast_permits, open));
                         sent.notify_one();
                     });
                     if locked == room {
@@ -219,7 +234,11 @@ async fn channel_loop(
                 let wait = if sending {
                     SWEEP
                 } else {
-                    next_due(&dispatcher, channel, broadcast_room > 0).await
+                    // Broadcast slots counted now, not at the top of the loop: sends that
+                    // ended meanwhile freed theirs, and their due deliveries must not
+                    // wait for the sweep.
+                    let broadcasts = broadcast_window && broadcast_slots.available_permits() > 0;
+                    next_due(&dispatcher, channel, broadcasts).await
                 };
                 tokio::select! {
                     () = notified => {}

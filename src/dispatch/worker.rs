@@ -286,15 +286,16 @@ impl Dispatcher {
             && self.breakers[&channel].is_closed()
     }
 
-    /// Locks up to `limit` due deliveries of `channel` for [`Self::send_locked`]; `None`
-    /// when none is due.
+    /// Locks up to `limit` due deliveries of `channel` (of which at most `broadcast_limit`
+    /// of broadcasts) for [`Self::send_locked`]; `None` when none is due.
     pub async fn lock_due(
         &self,
         channel: Channel,
         limit: usize,
+        broadcast_limit: usize,
     ) -> anyhow::Result<Option<(Transaction<'static, Postgres>, Vec<Job>)>> {
         let mut tx = self.db.begin().await.context("Failed to begin")?;
-        let jobs = deliveries::lock_due(&mut tx, channel, limit).await?;
+        let jobs = deliveries::lock_due(&mut tx, channel, limit, broadcast_limit).await?;
         Ok((!jobs.is_empty()).then_some((tx, jobs)))
     }
 

@@ -665,3 +665,78 @@ async fn on_a_rate_limited_channel_a_broadcast_leaves_the_window_reserve_to_tran
     crate::helpers::wait_for_delivery(&app, delivery, "SUCCESS", 10).await;
     assert_eq!(broadcast(&app, &id).await["totals"]["sent"], 5);
 }
+
+#[tokio::test]
+async fn an_in_app_broadcast_is_sent_inside_the_transactions_that_lock_it_and_leaves_room_for_a_transactional_message()
+ {
+    // 4 IN_APP slots: the broadcast may hold 2, a transactional message finds the others.
+    let app = crate::helpers::spawn_app_with(|s| {
+        s.dispatch
+            .channel_concurrency
+            .insert(herald::domain::Channel::InApp, 4);
+    })
+    .await;
+    let (_, report) = import(
+        &app,
+        users_ndjson(1, 2000, "inapp.example.com"),
+        "application/x-ndjson",
+    )
+    .await;
+    assert_eq!(report["imported"], 2000);
+    let (status, created) = create(
+        &app,
+        &json!({"audience": {"segment": {"tags": ["imported"]}}, "channels": ["IN_APP"],
+                "subject": "Notice", "body": "A broadcast to everyone."}),
+        &[],
+    )
+    .await;
+    assert_eq!(status, 202, "{created}");
+    let id: Uuid = created["broadcastId"].as_str().unwrap().parse().unwrap();
+    let count = |filter: &'static str| {
+        let db = app.db.clone();
+        async move {
+            sqlx::query_scalar::<_, i64>(sqlx::AssertSqlSafe(format!(
+                "SELECT count(*) FROM deliveries WHERE broadcast_id = $1 AND {filter}"
+            )))
+            .bind(id)
+            .fetch_one(&db)
+            .await
+            .unwrap()
+        }
+    };
+    wait_until(30, "the broadcast is being sent", || async {
+        count("status = 'SUCCESS'").await > 0
+    })
+    .await;
+
+    let response = app
+        .post_json(
+            "/api/v1/notifications",
+            &json!({"userId": 1, "channels": ["IN_APP"], "subject": "s", "body": "urgent"}),
+            &[],
+        )
+        .await;
+    assert_eq!(response.status(), 202);
+    let accepted: Value = response.json().await.unwrap();
+    let notification = accepted["notificationId"].as_str().unwrap().to_owned();
+    wait_until(10, "the transactional message is sent", || async {
+        let view: Value = app
+            .get(&format!("/api/v1/notifications/{notification}"))
+            .await
+            .json()
+            .await
+            .unwrap();
+        view["deliveries"][0]["status"] == "SUCCESS"
+    })
+    .await;
+    let unsent = count("status <> 'SUCCESS'").await;
+    assert!(
+        unsent > 0,
+        "the broadcast was still going when the message went out"
+    );
+
+    let done = wait_for_status(&app, &id.to_string(), "COMPLETED", 120).await;
+    assert_eq!(done["totals"]["sent"], 2000, "{done}");
+    // Inserted, then recorded in the transaction that locked it: no claim, no lease.
+    assert_eq!(count("version = 2 AND lease_until IS NULL").await, 2000);
+}

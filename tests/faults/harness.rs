@@ -204,6 +204,12 @@ impl Scenario {
             ("HERALD_BREAKER_COOLDOWN_SECS", "2".into()),
             ("HERALD_SHUTDOWN_GRACE_PERIOD_SECS", "10".into()),
             ("HERALD_DISPATCH_CONCURRENCY", CONCURRENCY.to_string()),
+            // Every channel at the same bound (the file raises IN_APP's), which the
+            // duplicate-send audits rely on.
+            (
+                "HERALD_DISPATCH_CONCURRENCY_IN_APP",
+                CONCURRENCY.to_string(),
+            ),
             // No limits unless a scenario sets one: the load must not wait a minute.
             ("HERALD_RATE_LIMIT_SMS", String::new()),
             ("HERALD_RATE_LIMIT_KAKAOTALK", String::new()),
