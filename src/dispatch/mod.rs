@@ -78,6 +78,9 @@ async fn channel_loop(
     let transactions = Arc::new(Semaphore::new(SENDING_TRANSACTIONS));
     // Told when one of them ends.
     let sent = Arc::new(Notify::new());
+    // Where the next lock looks for due broadcast deliveries (see `deliveries::lock_due`);
+    // dropped at each sweep.
+    let mut broadcast_floor = None;
     while !shutdown.is_cancelled() {
         let mut free = slots.available_permits();
         if free == 0 {
@@ -138,6 +141,9 @@ async fn channel_loop(
         let mut locked = 0;
         let mut locking = dispatcher.sends_in_claim(channel);
         let sweeping = locking && last_claim.elapsed() >= SWEEP;
+        if sweeping {
+            broadcast_floor = None;
+        }
         if locking && !sweeping {
             let Some(open) = (tokio::select! {
                 permit = transactions.clone().acquire_owned() => permit.ok(),
@@ -145,7 +151,10 @@ async fn channel_loop(
             }) else {
                 break;
             };
-            match dispatcher.lock_due(channel, room, broadcast_room).await {
+            match dispatcher
+                .lock_due(channel, room, broadcast_room, &mut broadcast_floor)
+                .await
+            {
                 Ok(Some((tx, jobs))) => {
                     locked = jobs.len();
                     let bulk = jobs.iter().filter(|j| j.broadcast_id.is_some()).count();

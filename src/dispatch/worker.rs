@@ -287,15 +287,24 @@ impl Dispatcher {
     }
 
     /// Locks up to `limit` due deliveries of `channel` (of which at most `broadcast_limit`
-    /// of broadcasts) for [`Self::send_locked`]; `None` when none is due.
+    /// of broadcasts) for [`Self::send_locked`]; `None` when none is due. Broadcast ones
+    /// are looked for from `broadcast_floor` on, which moves to the earliest of those
+    /// locked, and goes back to the start when none was found
+    /// ([`deliveries::lock_due`]).
     pub async fn lock_due(
         &self,
         channel: Channel,
         limit: usize,
         broadcast_limit: usize,
+        broadcast_floor: &mut Option<DateTime<Utc>>,
     ) -> anyhow::Result<Option<(Transaction<'static, Postgres>, Vec<Job>)>> {
         let mut tx = self.db.begin().await.context("Failed to begin")?;
-        let jobs = deliveries::lock_due(&mut tx, channel, limit, broadcast_limit).await?;
+        let (jobs, floor) =
+            deliveries::lock_due(&mut tx, channel, limit, broadcast_limit, *broadcast_floor)
+                .await?;
+        if floor.is_some() || broadcast_limit > 0 {
+            *broadcast_floor = floor;
+        }
         Ok((!jobs.is_empty()).then_some((tx, jobs)))
     }
 
