@@ -740,3 +740,60 @@ async fn an_in_app_broadcast_is_sent_inside_the_transactions_that_lock_it_and_le
     // Inserted, then recorded in the transaction that locked it: no claim, no lease.
     assert_eq!(count("version = 2 AND lease_until IS NULL").await, 2000);
 }
+
+#[tokio::test]
+async fn a_broadcast_delivery_due_before_the_ones_being_sent_is_still_sent() {
+    // 2 broadcast slots: the broadcast takes a few seconds, and each lock starts where
+    // the previous one did (`deliveries::lock_due`'s floor).
+    let app = crate::helpers::spawn_app_with(|s| {
+        s.dispatch
+            .channel_concurrency
+            .insert(herald::domain::Channel::InApp, 4);
+    })
+    .await;
+    let (_, report) = import(
+        &app,
+        users_ndjson(1, 1000, "floor.example.com"),
+        "application/x-ndjson",
+    )
+    .await;
+    assert_eq!(report["imported"], 1000);
+    let (status, created) = create(
+        &app,
+        &json!({"audience": {"segment": {"tags": ["imported"]}}, "channels": ["IN_APP"],
+                "subject": "Notice", "body": "Behind the floor."}),
+        &[],
+    )
+    .await;
+    assert_eq!(status, 202, "{created}");
+    let id: Uuid = created["broadcastId"].as_str().unwrap().parse().unwrap();
+    let behind: Uuid = loop {
+        // Once sending has begun, one unsent delivery becomes due an hour before the rest.
+        let moved: Option<Uuid> = sqlx::query_scalar(
+            "UPDATE deliveries SET next_attempt_at = now() - interval '1 hour' \
+             WHERE id = (SELECT id FROM deliveries WHERE broadcast_id = $1 \
+                 AND status = 'PENDING' ORDER BY next_attempt_at DESC LIMIT 1 \
+                 FOR UPDATE SKIP LOCKED) \
+               AND EXISTS (SELECT 1 FROM deliveries WHERE broadcast_id = $1 \
+                 AND status = 'SUCCESS') \
+             RETURNING id",
+        )
+        .bind(id)
+        .fetch_optional(&app.db)
+        .await
+        .unwrap();
+        if let Some(moved) = moved {
+            break moved;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+
+    let done = wait_for_status(&app, &id.to_string(), "COMPLETED", 120).await;
+    assert_eq!(done["totals"]["sent"], 1000, "{done}");
+    let status: String = sqlx::query_scalar("SELECT status FROM deliveries WHERE id = $1")
+        .bind(behind)
+        .fetch_one(&app.db)
+        .await
+        .unwrap();
+    assert_eq!(status, "SUCCESS");
+}
