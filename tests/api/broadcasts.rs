@@ -670,28 +670,7 @@ async fn on_a_rate_limited_channel_a_broadcast_leaves_the_window_reserve_to_tran
 async fn an_in_app_broadcast_is_sent_inside_the_transactions_that_lock_it_and_leaves_room_for_a_transactional_message()
  {
     // 4 IN_APP slots: the broadcast may hold 2, a transactional message finds the others.
-    let app = crate::helpers::spawn_app_with(|s| {
-        s.dispatch
-            .channel_concurrency
-            .insert(herald::domain::Channel::InApp, 4);
-    })
-    .await;
-    let (_, report) = import(
-        &app,
-        users_ndjson(1, 2000, "inapp.example.com"),
-        "application/x-ndjson",
-    )
-    .await;
-    assert_eq!(report["imported"], 2000);
-    let (status, created) = create(
-        &app,
-        &json!({"audience": {"segment": {"tags": ["imported"]}}, "channels": ["IN_APP"],
-                "subject": "Notice", "body": "A broadcast to everyone."}),
-        &[],
-    )
-    .await;
-    assert_eq!(status, 202, "{created}");
-    let id: Uuid = created["broadcastId"].as_str().unwrap().parse().unwrap();
+    let (app, id) = in_app_broadcast_on_four_slots(2000).await;
     let count = |filter: &'static str| {
         let db = app.db.clone();
         async move {
@@ -745,28 +724,7 @@ async fn an_in_app_broadcast_is_sent_inside_the_transactions_that_lock_it_and_le
 async fn a_broadcast_delivery_due_before_the_ones_being_sent_is_still_sent() {
     // 2 broadcast slots: the broadcast takes a few seconds, and each lock starts where
     // the previous one did (`deliveries::lock_due`'s floor).
-    let app = crate::helpers::spawn_app_with(|s| {
-        s.dispatch
-            .channel_concurrency
-            .insert(herald::domain::Channel::InApp, 4);
-    })
-    .await;
-    let (_, report) = import(
-        &app,
-        users_ndjson(1, 1000, "floor.example.com"),
-        "application/x-ndjson",
-    )
-    .await;
-    assert_eq!(report["imported"], 1000);
-    let (status, created) = create(
-        &app,
-        &json!({"audience": {"segment": {"tags": ["imported"]}}, "channels": ["IN_APP"],
-                "subject": "Notice", "body": "Behind the floor."}),
-        &[],
-    )
-    .await;
-    assert_eq!(status, 202, "{created}");
-    let id: Uuid = created["broadcastId"].as_str().unwrap().parse().unwrap();
+    let (app, id) = in_app_broadcast_on_four_slots(1000).await;
     let behind: Uuid = loop {
         // Once sending has begun, one unsent delivery becomes due an hour before the rest.
         let moved: Option<Uuid> = sqlx::query_scalar(
@@ -796,4 +754,32 @@ async fn a_broadcast_delivery_due_before_the_ones_being_sent_is_still_sent() {
         .await
         .unwrap();
     assert_eq!(status, "SUCCESS");
+}
+
+/// An app with 4 IN_APP slots (2 for broadcasts) and a running IN_APP broadcast to
+/// `users` imported users.
+async fn in_app_broadcast_on_four_slots(users: i64) -> (TestApp, Uuid) {
+    let app = crate::helpers::spawn_app_with(|s| {
+        s.dispatch
+            .channel_concurrency
+            .insert(herald::domain::Channel::InApp, 4);
+    })
+    .await;
+    let (_, report) = import(
+        &app,
+        users_ndjson(1, users, "inapp.example.com"),
+        "application/x-ndjson",
+    )
+    .await;
+    assert_eq!(report["imported"], users);
+    let (status, created) = create(
+        &app,
+        &json!({"audience": {"segment": {"tags": ["imported"]}}, "channels": ["IN_APP"],
+                "subject": "Notice", "body": "A broadcast to everyone."}),
+        &[],
+    )
+    .await;
+    assert_eq!(status, 202, "{created}");
+    let id = created["broadcastId"].as_str().unwrap().parse().unwrap();
+    (app, id)
 }
