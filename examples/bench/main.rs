@@ -17,6 +17,7 @@
 //! ```
 
 mod ceilings;
+mod cpu;
 mod load;
 mod process;
 mod run;
@@ -40,7 +41,13 @@ use sqlx::PgPool;
 
 use herald::{config::Settings, routing::RoutingTable};
 
-use self::{process::Herald, run::Run, sink::Sink, writes::Writes};
+use self::{
+    cpu::{Cpu, Pids},
+    process::Herald,
+    run::Run,
+    sink::Sink,
+    writes::Writes,
+};
 
 /// One HTTP intake phase with `credential`: p50 and p99 latency (ms) and failed requests.
 async fn intake_percentiles(
@@ -129,6 +136,11 @@ impl Report {
         self.figure(key, per_event.json(), per_event.line(phase));
         Ok(())
     }
+
+    /// Records the CPU each process spent per event in a phase.
+    fn cpu(&mut self, key: &'static str, per_event: cpu::PerEvent, phase: &str) {
+        self.figure(key, per_event.json(), per_event.line(phase));
+    }
 }
 
 /// Partitions of the upstream topics the generator fills (kafka/topics.toml).
@@ -182,6 +194,8 @@ async fn main() -> anyhow::Result<()> {
     let ingest_before = Writes::read(&a_pool).await?;
     let herald = Herald::start(&a, "ingest", &env, &logs.join("herald-ingest.log")).await?;
     let pool = a_pool;
+    let pids = Pids::find(herald.pid(), &pool, &base.kafka.brokers).await?;
+    let ingest_cpu = Cpu::read(&pids);
     let group = format!("{}notif-payment", a.settings.kafka.topic_prefix);
     let offsets = Offsets::new(&a, &group, &topic)?;
     let (first, done) = loop {
@@ -196,10 +210,12 @@ async fn main() -> anyhow::Result<()> {
         tokio::time::sleep(Duration::from_millis(25)).await;
     };
     let ingest = n as f64 / seconds(done - first);
+    let ingest_cpu = Cpu::read(&pids).per_event_since(&ingest_cpu, n);
     let rss_ingest = herald.stop().await?;
     report
         .writes("ingest_writes", &pool, &ingest_before, n, "ingest")
         .await?;
+    report.cpu("ingest_cpu_ms_per_event", ingest_cpu, "ingest");
     report.figure(
         "ingest_events_per_s",
         ingest.round(),
@@ -261,11 +277,14 @@ async fn main() -> anyhow::Result<()> {
     let pool = b.migrated_pool().await?;
     let e2e_before = Writes::read(&pool).await?;
     let herald = Herald::start(&b, ALL_ROLES, &env, &logs.join("herald-all.log")).await?;
+    let pids = Pids::find(herald.pid(), &pool, &base.kafka.brokers).await?;
+    let e2e_cpu = Cpu::read(&pids);
     let CaughtUp {
         ingested,
         dispatched,
         done,
     } = wait_caught_up(&pool, e, Duration::from_secs(1800)).await?;
+    let e2e_cpu = Cpu::read(&pids).per_event_since(&e2e_cpu, e);
     let first: DateTime<Utc> = sqlx::query_scalar("SELECT min(created_at) FROM notifications")
         .fetch_one(&pool)
         .await?;
@@ -304,6 +323,7 @@ async fn main() -> anyhow::Result<()> {
             "end to end (2 deliveries per event, both SUCCESS first time)",
         )
         .await?;
+    report.cpu("end_to_end_cpu_ms_per_event", e2e_cpu, "end to end");
     // What deleting that history costs when its retention runs out: the purge with a
     // cutoff of now, per notification it deletes.
     let purge_before = Writes::settled(&pool).await?;
@@ -343,6 +363,7 @@ async fn main() -> anyhow::Result<()> {
     let lat_duration = Duration::from_secs(args.seconds);
     let fast = load::producer(&base.kafka, 0)?;
     let steady_before = Writes::settled(&pool).await?;
+    let steady_cpu = Cpu::read(&pids);
     let offered = load::open_loop(
         &fast,
         &topic,
@@ -355,6 +376,7 @@ async fn main() -> anyhow::Result<()> {
     // The next phase then measures an idle Herald, not its relay and projector still
     // draining this phase's events.
     wait_caught_up(&pool, kept + offered, Duration::from_secs(600)).await?;
+    let steady_cpu = Cpu::read(&pids).per_event_since(&steady_cpu, offered);
     // The same writes under a steady load below capacity, where a delivery is created and
     // finished within the projector's linger (the backlog above is the worst case for it).
     report
@@ -366,6 +388,11 @@ async fn main() -> anyhow::Result<()> {
             &format!("at {} events/s (2 deliveries per event)", args.rate),
         )
         .await?;
+    report.cpu(
+        "steady_cpu_ms_per_event",
+        steady_cpu,
+        &format!("at {} events/s", args.rate),
+    );
     // Each SUCCESS delivery's occurredAt -> completed_at, and the same time split at two
     // stamps: the notification's created_at (set as ingest prepares it) and the start of
     // the successful attempt. One pass over the phase's deliveries.

@@ -84,6 +84,10 @@ impl Herald {
         Ok(kib * 1024)
     }
 
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// SIGTERM, then waits for a clean exit; returns the peak RSS it reached.
     pub async fn stop(mut self) -> anyhow::Result<u64> {
         let peak = self.peak_rss()?;
