@@ -197,8 +197,8 @@ macro_rules! job_columns {
     };
 }
 
-/// Locks up to `limit` due transactional deliveries of `channel` in `tx`, oldest first,
-/// and returns them with what sending them needs, in one statement, without claiming them:
+/// Locks up to `limit` due deliveries of `channel` in `tx`, oldest first, and returns them
+/// with what sending them needs, in one statement, without claiming them:
 /// they stay PENDING, with no lease, while `tx` holds their rows, and the caller sends them
 /// and records the outcomes ([`record_in`]) before it commits. That saves the claim's row
 /// version and its commit per delivery (issue 14); it is only for sends that take
