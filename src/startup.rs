@@ -160,6 +160,7 @@ impl Application {
             db.clone(),
             settings.kafka.topic_prefix.clone(),
             ingestor.wakeup.clone(),
+            settings.access.idempotency_ttl,
         );
         let state = AppState {
             settings: Arc::new(settings),

@@ -114,13 +114,15 @@ pub struct IntakeResult {
 
 /// POSTs `rate` notifications per second to `/api/v1/notifications` for `duration`. Each
 /// request is timed from its scheduled send time, not from when it actually left, so that
-/// a stalled server cannot hide its queue (no coordinated omission).
+/// a stalled server cannot hide its queue (no coordinated omission). With `keyed`, each
+/// request carries an `Idempotency-Key` of its own, as an upstream that retries safely sends.
 pub async fn intake(
     base: &str,
     credential: &str,
     tag: &str,
     rate: u32,
     duration: Duration,
+    keyed: bool,
 ) -> anyhow::Result<IntakeResult> {
     let client = reqwest::Client::builder()
         .pool_max_idle_per_host(256)
@@ -135,19 +137,20 @@ pub async fn intake(
         let scheduled = start + interval * i as u32;
         tokio::time::sleep_until(scheduled).await;
         let (client, url, bearer) = (client.clone(), url.clone(), credential.to_owned());
+        let order = format!("{tag}-http-{i}");
+        let key = keyed.then(|| order.clone());
         let body = serde_json::json!({
             "userId": i % USERS + 1,
             "channels": ["IN_APP"],
             "eventType": "ORDER_SHIPPED",
-            "data": { "orderId": format!("{tag}-http-{i}") }
+            "data": { "orderId": order }
         });
         requests.spawn(async move {
-            let response = client
-                .post(&url)
-                .bearer_auth(bearer)
-                .json(&body)
-                .send()
-                .await;
+            let mut request = client.post(&url).bearer_auth(bearer).json(&body);
+            if let Some(key) = key {
+                request = request.header("Idempotency-Key", key);
+            }
+            let response = request.send().await;
             let ok = response.is_ok_and(|r| r.status() == reqwest::StatusCode::ACCEPTED);
             (ok, scheduled.elapsed())
         });

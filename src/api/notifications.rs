@@ -35,7 +35,10 @@ use crate::{
         Channel, DeliveryStatus, Domain, EmailAddress, EventType, NotificationStatus, PhoneNumber,
         Recipient, UserId,
     },
-    intake::{self, Draft, NewNotification, Source},
+    intake::{
+        self, Draft, NewNotification, Source,
+        writer::{KeyClaim, Stored},
+    },
     outbox::HoldInfo,
     preferences,
     templates::ADHOC,
@@ -163,7 +166,7 @@ async fn create(
         )?,
         None => (None, Default::default()),
     };
-    let mut notification = intake::prepare(
+    let notification = intake::prepare(
         &state.routing,
         draft,
         &channels,
@@ -171,58 +174,29 @@ async fn create(
         &prefs,
         &*state.channel_enabled,
     );
-    let Some(key) = key else {
-        // Without a key, the request shares a transaction with those arriving with it.
-        let notification = state.intake.store(notification).await?;
-        return Ok(created(notification.id, accepted_body(&notification)?));
-    };
-    let mut tx = state
-        .db
-        .begin()
-        .await
-        .context("Failed to begin a transaction")?;
-    let sends = intake::has_sends(
-        &intake::insert(
-            &mut tx,
-            std::slice::from_mut(&mut notification),
-            &state.settings.kafka.topic_prefix,
-        )
-        .await?,
-    );
-    let response_body = accepted_body(&notification)?;
-
-    // An expired row for the key is replaced: past the TTL the key is new again.
-    let stored = sqlx::query(
-        "INSERT INTO idempotency_keys (credential, idempotency_key, request_hash, response_status, response_body) \
-         VALUES ($1, $2, $3, 202, $4) \
-         ON CONFLICT (credential, idempotency_key) DO UPDATE SET request_hash = EXCLUDED.request_hash, \
-             response_status = EXCLUDED.response_status, response_body = EXCLUDED.response_body, \
-             created_at = now() \
-         WHERE idempotency_keys.created_at <= now() - $5",
-    )
-    .bind(&credential)
-    .bind(&key)
-    .bind(&request_hash)
-    .bind(&response_body)
-    .bind(state.settings.access.idempotency_ttl)
-    .execute(&mut *tx)
-    .await
-    .context("Failed to store the idempotency key")?;
-    if stored.rows_affected() == 0 {
-        // A concurrent request with the same key committed first: answer as it did.
-        tx.rollback().await.context("Failed to roll back")?;
-        return stored_response(&state, &credential, &key, &request_hash)
-            .await?
-            .context("an idempotency key vanished")
-            .map_err(ApiError::Internal);
+    // The request shares a transaction with those arriving with it; its Idempotency-Key,
+    // if any, is stored in the same transaction with the answer it replays.
+    let claim = key.clone().map(|key| KeyClaim {
+        credential: credential.clone(),
+        key,
+        request_hash: request_hash.clone(),
+        answer: accepted_body,
+    });
+    match state.intake.store(notification, claim).await? {
+        Stored::New(notification) => Ok(created(notification.id, accepted_body(&notification)?)),
+        Stored::KeyTaken => {
+            // Another request with the key was stored first: answer as it was answered.
+            let key = key.context("a request without a key was refused for its key")?;
+            stored_response(&state, &credential, &key, &request_hash)
+                .await?
+                .ok_or_else(|| {
+                    ApiError::Conflict(
+                        "another request with this Idempotency-Key was not stored; send it again"
+                            .to_owned(),
+                    )
+                })
+        }
     }
-    tx.commit()
-        .await
-        .context("Failed to commit the notification")?;
-    if sends {
-        state.ingestor.wakeup.wake();
-    }
-    Ok(created(notification.id, response_body))
 }
 
 /// The 202 for a notification just stored, counted.
@@ -233,7 +207,7 @@ fn created(id: Uuid, body: Value) -> Response {
 
 /// The answer to a stored notification. Built after the insert: a digest it joined sets
 /// its deliveries' due time.
-fn accepted_body(notification: &NewNotification) -> Result<Value, ApiError> {
+fn accepted_body(notification: &NewNotification) -> anyhow::Result<Value> {
     let accepted = Accepted {
         notification_id: notification.id,
         status: NotificationStatus::derive(notification.deliveries.iter().map(|d| d.status())),
@@ -252,7 +226,7 @@ fn accepted_body(notification: &NewNotification) -> Result<Value, ApiError> {
             })
             .collect(),
     };
-    Ok(serde_json::to_value(&accepted).context("Failed to encode the answer")?)
+    serde_json::to_value(&accepted).context("Failed to encode the answer")
 }
 
 /// A 202 with `Location` and, for a replayed idempotent request, `Idempotency-Replayed`.

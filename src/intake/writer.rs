@@ -13,13 +13,21 @@
 //!
 //! A request is answered only after the commit that stored it, as before. A batch
 //! PostgreSQL refuses is written again one request per transaction, so a bad one fails
-//! alone. A request with an Idempotency-Key does not come here: its key is stored in its
-//! own transaction, which rolls back when another request with the key committed first.
+//! alone.
+//!
+//! A request with an Idempotency-Key stores the key and its answer in the same
+//! transaction as its notification ([`KeyClaim`]), so that a key exists exactly when its
+//! notification does. When another request with the same key is stored first (in the same
+//! batch, in another writer's transaction, or on another instance), nothing of this one is
+//! stored and it is answered [`Stored::KeyTaken`]: the caller replays the other's answer.
+//! A batch where that happens is rolled back and written again without the request; keys
+//! are inserted in one order in every transaction, so two writers cannot deadlock on them.
 
-use std::sync::Arc;
+use std::{collections::HashSet, sync::Arc, time::Duration};
 
 use anyhow::Context;
-use sqlx::PgPool;
+use serde_json::Value;
+use sqlx::{PgConnection, PgPool};
 use tokio::sync::{Mutex, mpsc, oneshot};
 
 use super::{NewNotification, has_sends, insert};
@@ -34,10 +42,33 @@ const WRITERS: usize = 4;
 /// Requests queued for the writers before a request waits for room.
 const QUEUE: usize = 4096;
 
+/// An Idempotency-Key to store with a request's notification.
+pub struct KeyClaim {
+    /// The name of the credential the key is scoped to.
+    pub credential: String,
+    pub key: String,
+    /// The digest of the request body, compared when the key comes again.
+    pub request_hash: String,
+    /// The 202 body kept with the key, built from the notification as stored.
+    pub answer: fn(&NewNotification) -> anyhow::Result<Value>,
+}
+
+/// What became of a request handed to [`IntakeWriter::store`].
+#[derive(Debug)]
+pub enum Stored {
+    /// Committed: the notification as stored (a digest it joined sets its deliveries'
+    /// due time).
+    New(Box<NewNotification>),
+    /// Nothing was stored: another request with the same Idempotency-Key was stored
+    /// first, and its answer is the one to give.
+    KeyTaken,
+}
+
 /// A request waiting to be stored.
 struct Job {
     notification: NewNotification,
-    answer: oneshot::Sender<anyhow::Result<NewNotification>>,
+    key: Option<KeyClaim>,
+    answer: oneshot::Sender<anyhow::Result<Stored>>,
 }
 
 /// Hands notifications to the intake's writers (cheap to clone).
@@ -48,8 +79,9 @@ pub struct IntakeWriter {
 
 impl IntakeWriter {
     /// Starts the writers on `db`; they stop once every handle is dropped and the queue is
-    /// empty.
-    pub fn start(db: PgPool, topic_prefix: String, wakeup: Wakeup) -> Self {
+    /// empty. A stored Idempotency-Key older than `key_ttl` is replaced by a new request
+    /// with the same key.
+    pub fn start(db: PgPool, topic_prefix: String, wakeup: Wakeup, key_ttl: Duration) -> Self {
         let (queue, jobs) = mpsc::channel(QUEUE);
         let jobs = Arc::new(Mutex::new(jobs));
         for _ in 0..WRITERS {
@@ -57,6 +89,7 @@ impl IntakeWriter {
                 db: db.clone(),
                 topic_prefix: topic_prefix.clone(),
                 wakeup: wakeup.clone(),
+                key_ttl,
                 jobs: jobs.clone(),
             };
             tokio::spawn(writer.run());
@@ -64,13 +97,18 @@ impl IntakeWriter {
         IntakeWriter { queue }
     }
 
-    /// Stores a notification, its deliveries and their events; returns it as stored (a
-    /// digest it joined sets its deliveries' due time) once its transaction committed.
-    pub async fn store(&self, notification: NewNotification) -> anyhow::Result<NewNotification> {
+    /// Stores a notification, its deliveries and their events, and `key` with its answer
+    /// when given; answers once the transaction committed.
+    pub async fn store(
+        &self,
+        notification: NewNotification,
+        key: Option<KeyClaim>,
+    ) -> anyhow::Result<Stored> {
         let (answer, answered) = oneshot::channel();
         self.queue
             .send(Job {
                 notification,
+                key,
                 answer,
             })
             .await
@@ -86,7 +124,52 @@ struct Writer {
     db: PgPool,
     topic_prefix: String,
     wakeup: Wakeup,
+    key_ttl: Duration,
     jobs: Arc<Mutex<mpsc::Receiver<Job>>>,
+}
+
+/// The requests of one transaction, in parallel vectors (the statements take a slice of
+/// notifications).
+#[derive(Default)]
+struct Batch {
+    notifications: Vec<NewNotification>,
+    keys: Vec<Option<KeyClaim>>,
+    answers: Vec<oneshot::Sender<anyhow::Result<Stored>>>,
+}
+
+impl Batch {
+    fn push(&mut self, job: Job) {
+        self.notifications.push(job.notification);
+        self.keys.push(job.key);
+        self.answers.push(job.answer);
+    }
+
+    fn len(&self) -> usize {
+        self.notifications.len()
+    }
+
+    fn is_empty(&self) -> bool {
+        self.notifications.is_empty()
+    }
+
+    /// Takes out the requests at `indices` (ascending) and answers them `KeyTaken`.
+    fn answer_taken(&mut self, indices: &[usize]) {
+        for &i in indices.iter().rev() {
+            self.notifications.remove(i);
+            self.keys.remove(i);
+            let _ = self.answers.remove(i).send(Ok(Stored::KeyTaken));
+        }
+    }
+
+    /// Answers every request: stored, or failed with `error`.
+    fn answer_all(self, error: Option<&str>) {
+        for (notification, answer) in self.notifications.into_iter().zip(self.answers) {
+            let _ = answer.send(match error {
+                None => Ok(Stored::New(Box::new(notification))),
+                Some(error) => Err(anyhow::anyhow!("{error}")),
+            });
+        }
+    }
 }
 
 impl Writer {
@@ -108,71 +191,176 @@ impl Writer {
     /// fails. A batch that could not begin or commit fails whole: no request in it is to
     /// blame, and after a failed COMMIT nobody knows whether the batch was stored, so
     /// writing it again could store it twice.
-    async fn write(&self, batch: Vec<Job>) {
+    async fn write(&self, jobs: Vec<Job>) {
         // A request abandoned while it waited (its client went away, or the API's request
         // timeout answered 503) is not stored: nobody was told it was accepted.
-        let (mut notifications, answers): (Vec<NewNotification>, Vec<_>) = batch
-            .into_iter()
-            .filter(|job| !job.answer.is_closed())
-            .map(|job| (job.notification, job.answer))
-            .unzip();
-        if notifications.is_empty() {
-            return;
-        }
-        match self.commit(&mut notifications).await {
-            Ok(()) => {
-                for (notification, answer) in notifications.into_iter().zip(answers) {
-                    let _ = answer.send(Ok(notification));
+        let mut batch = Batch::default();
+        // A second request with a key already in the batch waits for the first's fate.
+        let mut repeated = Vec::new();
+        let mut keys = HashSet::new();
+        for job in jobs.into_iter().filter(|job| !job.answer.is_closed()) {
+            match &job.key {
+                Some(k) if !keys.insert((k.credential.clone(), k.key.clone())) => {
+                    repeated.push(job.answer)
                 }
+                _ => batch.push(job),
             }
+        }
+        if !batch.is_empty() {
+            self.write_batch(batch).await;
+        }
+        for answer in repeated {
+            let _ = answer.send(Ok(Stored::KeyTaken));
+        }
+    }
+
+    /// [`Self::write`] for a batch without repeated keys.
+    async fn write_batch(&self, mut batch: Batch) {
+        match self.commit_until_stored(&mut batch).await {
+            Ok(()) => batch.answer_all(None),
             Err(Failed {
                 error,
                 refused: true,
-            }) if notifications.len() > 1 => {
+            }) if batch.len() > 1 => {
                 tracing::warn!(
                     error = format!("{error:#}"),
-                    requests = notifications.len(),
+                    requests = batch.len(),
                     "PostgreSQL refused an intake batch; writing its requests one at a time"
                 );
-                for (notification, answer) in notifications.into_iter().zip(answers) {
-                    let mut one = [notification];
-                    let result = self.commit(&mut one).await.map_err(|failed| failed.error);
-                    let [notification] = one;
-                    let _ = answer.send(result.map(|()| notification));
+                let Batch {
+                    notifications,
+                    keys,
+                    answers,
+                } = batch;
+                for ((notification, key), answer) in
+                    notifications.into_iter().zip(keys).zip(answers)
+                {
+                    let mut one = Batch::default();
+                    one.push(Job {
+                        notification,
+                        key,
+                        answer,
+                    });
+                    match self.commit_until_stored(&mut one).await {
+                        Ok(()) => one.answer_all(None),
+                        Err(failed) => one.answer_all(Some(&format!("{:#}", failed.error))),
+                    }
                 }
             }
             Err(Failed { error, .. }) => {
-                let message = format!("{error:#}");
-                for answer in answers {
-                    let _ = answer.send(Err(anyhow::anyhow!("{message}")));
-                }
+                batch.answer_all(Some(&format!("{error:#}")));
             }
         }
     }
 
-    /// One transaction for `notifications`; wakes the dispatchers when it stored a send.
-    async fn commit(&self, notifications: &mut [NewNotification]) -> Result<(), Failed> {
+    /// Commits the batch, first taking out (and answering) the requests whose key another
+    /// request holds. Ends with the batch stored, or empty.
+    async fn commit_until_stored(&self, batch: &mut Batch) -> Result<(), Failed> {
+        while !batch.is_empty() {
+            let taken = self.commit(batch).await?;
+            if taken.is_empty() {
+                return Ok(());
+            }
+            tracing::debug!(
+                requests = taken.len(),
+                "another request stored these requests' Idempotency-Keys first; writing the batch without them"
+            );
+            batch.answer_taken(&taken);
+        }
+        Ok(())
+    }
+
+    /// One transaction for the batch; wakes the dispatchers when it stored a send. Returns
+    /// the indices of requests whose key was already stored, after rolling back, or none
+    /// once committed.
+    async fn commit(&self, batch: &mut Batch) -> Result<Vec<usize>, Failed> {
         let mut tx = self
             .db
             .begin()
             .await
             .context("Failed to begin a transaction")
             .map_err(Failed::not_refused)?;
-        let stored = insert(&mut tx, notifications, &self.topic_prefix)
+        let sends = has_sends(
+            &insert(&mut tx, &mut batch.notifications, &self.topic_prefix)
+                .await
+                .map_err(Failed::refused)?,
+        );
+        let taken = store_keys(&mut tx, &batch.notifications, &batch.keys, self.key_ttl)
             .await
-            .map_err(|error| Failed {
-                error,
-                refused: true,
-            })?;
+            .map_err(Failed::refused)?;
+        if !taken.is_empty() {
+            tx.rollback()
+                .await
+                .context("Failed to roll back")
+                .map_err(Failed::not_refused)?;
+            return Ok(taken);
+        }
         tx.commit()
             .await
             .context("Failed to commit the notification")
             .map_err(Failed::not_refused)?;
-        if has_sends(&stored) {
+        if sends {
             self.wakeup.wake();
         }
-        Ok(())
+        Ok(Vec::new())
     }
+}
+
+/// Stores the batch's Idempotency-Keys with their answers; returns the indices of those
+/// another request holds (unexpired), which were not stored. A key another transaction
+/// holds uncommitted makes this wait for it; keys are inserted in (credential, key) order
+/// so that two transactions wait in the same order and cannot deadlock.
+async fn store_keys(
+    conn: &mut PgConnection,
+    notifications: &[NewNotification],
+    keys: &[Option<KeyClaim>],
+    ttl: Duration,
+) -> anyhow::Result<Vec<usize>> {
+    let mut claims: Vec<(usize, &KeyClaim)> = keys
+        .iter()
+        .enumerate()
+        .filter_map(|(i, k)| Some((i, k.as_ref()?)))
+        .collect();
+    if claims.is_empty() {
+        return Ok(Vec::new());
+    }
+    claims.sort_by(|(_, a), (_, b)| (&a.credential, &a.key).cmp(&(&b.credential, &b.key)));
+    let mut answers = Vec::with_capacity(claims.len());
+    for (i, claim) in &claims {
+        answers.push((claim.answer)(&notifications[*i])?.to_string());
+    }
+    let column =
+        |f: fn(&KeyClaim) -> &str| -> Vec<&str> { claims.iter().map(|(_, k)| f(k)).collect() };
+    // An expired row for the key is replaced: past the TTL the key is new again.
+    let stored: Vec<(String, String)> = sqlx::query_as(
+        "INSERT INTO idempotency_keys (credential, idempotency_key, request_hash, response_status, response_body) \
+         SELECT c, k, h, 202, b::jsonb FROM unnest($1::text[], $2::text[], $3::text[], $4::text[]) \
+             WITH ORDINALITY AS t(c, k, h, b, n) ORDER BY n \
+         ON CONFLICT (credential, idempotency_key) DO UPDATE SET request_hash = EXCLUDED.request_hash, \
+             response_status = EXCLUDED.response_status, response_body = EXCLUDED.response_body, \
+             created_at = now() \
+         WHERE idempotency_keys.created_at <= now() - $5 \
+         RETURNING credential, idempotency_key",
+    )
+    .bind(column(|k| &k.credential))
+    .bind(column(|k| &k.key))
+    .bind(column(|k| &k.request_hash))
+    .bind(&answers)
+    .bind(ttl)
+    .fetch_all(conn)
+    .await
+    .context("Failed to store the idempotency keys")?;
+    let stored: HashSet<(&str, &str)> = stored
+        .iter()
+        .map(|(c, k)| (c.as_str(), k.as_str()))
+        .collect();
+    let mut taken: Vec<usize> = claims
+        .iter()
+        .filter(|(_, k)| !stored.contains(&(k.credential.as_str(), k.key.as_str())))
+        .map(|(i, _)| *i)
+        .collect();
+    taken.sort_unstable();
+    Ok(taken)
 }
 
 /// Why a batch was not stored.
@@ -184,6 +372,13 @@ struct Failed {
 }
 
 impl Failed {
+    fn refused(error: anyhow::Error) -> Self {
+        Failed {
+            error,
+            refused: true,
+        }
+    }
+
     fn not_refused(error: anyhow::Error) -> Self {
         Failed {
             error,

@@ -233,25 +233,123 @@ async fn reading_an_unknown_or_malformed_id_gives_404_or_400() {
 
 /// Sends a request per user at once and returns (user, status, body) for each.
 async fn post_all(app: &crate::helpers::TestApp, users: &[i64]) -> Vec<(i64, u16, Value)> {
-    futures_util::future::join_all(users.iter().map(|&user| async move {
-        let response = app
-            .post_json("/api/v1/notifications", &order_shipped(user), &[])
-            .await;
-        let status = response.status().as_u16();
-        (user, status, response.json::<Value>().await.unwrap())
+    post_all_keyed(app, users, |_| None).await
+}
+
+/// [`post_all`] with the Idempotency-Key `key` gives each user's request.
+async fn post_all_keyed(
+    app: &crate::helpers::TestApp,
+    users: &[i64],
+    key: impl Fn(i64) -> Option<String>,
+) -> Vec<(i64, u16, Value)> {
+    futures_util::future::join_all(users.iter().map(|&user| {
+        let key = key(user);
+        async move {
+            let header: Vec<(&str, &str)> = key
+                .iter()
+                .map(|k| ("Idempotency-Key", k.as_str()))
+                .collect();
+            let response = app
+                .post_json("/api/v1/notifications", &order_shipped(user), &header)
+                .await;
+            let status = response.status().as_u16();
+            (user, status, response.json::<Value>().await.unwrap())
+        }
     }))
     .await
+}
+
+/// Locks the outbox so that the intake's writers wait on it and requests queue up behind
+/// them, until the returned transaction ends.
+async fn hold_the_outbox(
+    app: &crate::helpers::TestApp,
+) -> sqlx::Transaction<'static, sqlx::Postgres> {
+    let mut holder = app.db.begin().await.unwrap();
+    sqlx::query("LOCK TABLE outbox IN EXCLUSIVE MODE")
+        .execute(&mut *holder)
+        .await
+        .unwrap();
+    holder
+}
+
+#[tokio::test]
+async fn concurrent_requests_with_idempotency_keys_share_transactions_and_keep_their_keys() {
+    let app = spawn_front_half(|_| {}).await;
+    let holder = hold_the_outbox(&app).await;
+    let users: Vec<i64> = (101..=140).collect();
+    let release = async {
+        tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+        holder.commit().await.unwrap();
+    };
+    let key = |user: i64| Some(format!("order-{user}"));
+    let (answers, ()) = tokio::join!(post_all_keyed(&app, &users, key), release);
+
+    for (user, status, _) in &answers {
+        assert_eq!(*status, 202, "user {user}");
+    }
+    let (stored, transactions, keys): (i64, i64, i64) = sqlx::query_as(
+        "SELECT count(*), count(DISTINCT xmin::text),                 (SELECT count(*) FROM idempotency_keys)          FROM notifications",
+    )
+    .fetch_one(&app.db)
+    .await
+    .unwrap();
+    assert_eq!((stored, keys), (40, 40));
+    assert!(
+        transactions <= 20,
+        "40 keyed requests queued behind a held outbox took {transactions} transactions"
+    );
+    // Each key replays its own request's answer.
+    let (user, _, first) = &answers[17];
+    let again = app
+        .post_json(
+            "/api/v1/notifications",
+            &order_shipped(*user),
+            &[("Idempotency-Key", &format!("order-{user}"))],
+        )
+        .await;
+    assert_eq!(again.headers()["idempotency-replayed"], "true");
+    assert_eq!(&again.json::<Value>().await.unwrap(), first);
+    assert_eq!(app.notification_count().await, 40);
+}
+
+#[tokio::test]
+async fn concurrent_requests_with_one_key_store_one_notification_and_all_get_its_answer() {
+    let app = spawn_front_half(|_| {}).await;
+    let holder = hold_the_outbox(&app).await;
+    // Twelve copies of one request; the first ones occupy the writers (and collide on the
+    // key in the database), the rest queue and collide in a batch. One with another body
+    // reuses the key.
+    let mut users = vec![71; 12];
+    users.push(72);
+    let release = async {
+        tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+        holder.commit().await.unwrap();
+    };
+    let key = |_| Some("order-71-shipped".to_owned());
+    let (answers, ()) = tokio::join!(post_all_keyed(&app, &users, key), release);
+
+    let stored: Vec<(uuid::Uuid, i64)> = sqlx::query_as("SELECT id, user_id FROM notifications")
+        .fetch_all(&app.db)
+        .await
+        .unwrap();
+    assert_eq!(stored.len(), 1, "one notification for one key: {stored:?}");
+    let (id, user) = stored[0];
+    for (sent_for, status, body) in &answers {
+        if *sent_for == user {
+            assert_eq!(*status, 202, "{body}");
+            assert_eq!(body["notificationId"], id.to_string(), "{body}");
+        } else {
+            assert_eq!(*status, 422, "{body}");
+            assert_eq!(body["error"]["code"], "idempotency_key_reused", "{body}");
+        }
+    }
 }
 
 #[tokio::test]
 async fn concurrent_requests_share_transactions() {
     let app = spawn_front_half(|_| {}).await;
     // Hold the outbox so that the writers' first transactions wait and the rest queue up.
-    let mut holder = app.db.begin().await.unwrap();
-    sqlx::query("LOCK TABLE outbox IN EXCLUSIVE MODE")
-        .execute(&mut *holder)
-        .await
-        .unwrap();
+    let holder = hold_the_outbox(&app).await;
     let users: Vec<i64> = (101..=140).collect();
     let release = async {
         tokio::time::sleep(std::time::Duration::from_secs(2)).await;
@@ -296,11 +394,7 @@ async fn a_request_postgres_refuses_fails_alone_and_the_others_of_its_batch_are_
         .execute(&app.db)
         .await
         .unwrap();
-    let mut holder = app.db.begin().await.unwrap();
-    sqlx::query("LOCK TABLE outbox IN EXCLUSIVE MODE")
-        .execute(&mut *holder)
-        .await
-        .unwrap();
+    let holder = hold_the_outbox(&app).await;
     let users: Vec<i64> = (1..=40)
         .map(|n| if n == 20 { 666 } else { 100 + n })
         .collect();
@@ -330,11 +424,7 @@ async fn a_request_postgres_refuses_fails_alone_and_the_others_of_its_batch_are_
 async fn a_request_abandoned_while_it_waited_for_a_writer_is_not_stored() {
     let app =
         spawn_front_half(|s| s.http.request_timeout = std::time::Duration::from_secs(1)).await;
-    let mut holder = app.db.begin().await.unwrap();
-    sqlx::query("LOCK TABLE outbox IN EXCLUSIVE MODE")
-        .execute(&mut *holder)
-        .await
-        .unwrap();
+    let holder = hold_the_outbox(&app).await;
     // Four requests, each sent once the one before is seen waiting on the held outbox, so
     // that each occupies one of the four writers.
     let mut busy = tokio::task::JoinSet::new();
