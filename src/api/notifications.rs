@@ -26,7 +26,9 @@ use utoipa_axum::{router::OpenApiRouter, routes};
 use super::{
     AppState,
     auth::{Need, Rules, UserIn, guarded},
-    error::{ApiError, ApiPath, BadRequest, NotFound, Unprocessable, UnsupportedMediaType},
+    error::{
+        ApiError, ApiPath, BadRequest, Conflict, NotFound, Unprocessable, UnsupportedMediaType,
+    },
 };
 use crate::{
     auth::{Principal, Scope},
@@ -132,6 +134,7 @@ struct AcceptedDelivery {
                 ("Idempotency-Replayed" = String, description = "`true` when this is the stored answer to an earlier request with the same Idempotency-Key."),
             )),
         (status = 400, response = BadRequest),
+        (status = 409, response = Conflict),
         (status = 415, response = UnsupportedMediaType),
         (status = 422, response = Unprocessable),
     )
