@@ -44,6 +44,17 @@ async fn migrations_apply_twice_without_error_and_create_the_core_schema() {
         !tables.iter().any(|t| t == "processed_events"),
         "{tables:?}"
     );
+    // The tables every event changes are vacuumed and analysed early (migration 0021).
+    let options: Option<Vec<String>> =
+        sqlx::query_scalar("SELECT reloptions FROM pg_class WHERE oid = 'deliveries'::regclass")
+            .fetch_one(&app.db)
+            .await
+            .unwrap();
+    let options = options.unwrap_or_default();
+    assert!(
+        options.contains(&"autovacuum_vacuum_scale_factor=0.01".to_owned()),
+        "{options:?}"
+    );
 }
 
 #[tokio::test]
