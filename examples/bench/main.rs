@@ -395,6 +395,11 @@ async fn main() -> anyhow::Result<()> {
         steady_cpu,
         &format!("at {} events/s", args.rate),
     );
+    // The phase's rows can be newer than the tables' statistics, and a plan made without
+    // them once ran this query as a nested loop over every delivery for minutes.
+    sqlx::query("ANALYZE notifications, deliveries, delivery_attempts")
+        .execute(&pool)
+        .await?;
     // Each SUCCESS delivery's occurredAt -> completed_at, and the same time split at two
     // stamps: the notification's created_at (set as ingest prepares it) and the start of
     // the successful attempt. One pass over the phase's deliveries.
