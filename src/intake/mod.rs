@@ -453,11 +453,18 @@ pub async fn prune_idempotency_keys(
     db: &sqlx::PgPool,
     ttl: std::time::Duration,
 ) -> anyhow::Result<u64> {
-    let intake = sqlx::query("DELETE FROM idempotency_keys WHERE created_at <= now() - $1")
-        .bind(ttl)
-        .execute(db)
-        .await
-        .context("Failed to prune idempotency keys")?;
+    // Locked in the order the intake's writers store keys in (bytewise), so that a batch
+    // reusing expired keys and this delete cannot deadlock.
+    let intake = sqlx::query(
+        "DELETE FROM idempotency_keys WHERE (credential, idempotency_key) IN ( \
+             SELECT credential, idempotency_key FROM idempotency_keys \
+             WHERE created_at <= now() - $1 \
+             ORDER BY credential COLLATE \"C\", idempotency_key COLLATE \"C\" FOR UPDATE)",
+    )
+    .bind(ttl)
+    .execute(db)
+    .await
+    .context("Failed to prune idempotency keys")?;
     let broadcasts = sqlx::query(
         "UPDATE broadcasts SET idempotency_key = NULL, idempotency_credential = NULL \
          WHERE idempotency_key IS NOT NULL AND created_at <= now() - $1",

@@ -21,7 +21,12 @@
 //! batch, in another writer's transaction, or on another instance), nothing of this one is
 //! stored and it is answered [`Stored::KeyTaken`]: the caller replays the other's answer.
 //! A batch where that happens is rolled back and written again without the request; keys
-//! are inserted in one order in every transaction, so two writers cannot deadlock on them.
+//! are inserted in one order in every transaction (and pruned in the same order), so two
+//! transactions cannot deadlock on them. Keys go in after the notifications because their
+//! answers name what was stored; the price is that a batch meeting a key stored first is
+//! written twice, which only concurrent copies of one request cause. Every notification of
+//! a batch is stored (an API request has no eventId for `insert` to find already stored),
+//! so every key in it names a stored notification.
 
 use std::{collections::HashSet, sync::Arc, time::Duration};
 
@@ -46,6 +51,7 @@ const QUEUE: usize = 4096;
 pub struct KeyClaim {
     /// The name of the credential the key is scoped to.
     pub credential: String,
+    /// The Idempotency-Key header's value.
     pub key: String,
     /// The digest of the request body, compared when the key comes again.
     pub request_hash: String,
@@ -152,6 +158,19 @@ impl Batch {
         self.notifications.is_empty()
     }
 
+    /// Takes out the requests whose caller stopped waiting (its client went away, or the
+    /// API's request timeout answered 503): nobody was told they were accepted, so they are
+    /// not stored.
+    fn drop_abandoned(&mut self) {
+        for i in (0..self.len()).rev() {
+            if self.answers[i].is_closed() {
+                self.notifications.remove(i);
+                self.keys.remove(i);
+                self.answers.remove(i);
+            }
+        }
+    }
+
     /// Takes out the requests at `indices` (ascending) and answers them `KeyTaken`.
     fn answer_taken(&mut self, indices: &[usize]) {
         for &i in indices.iter().rev() {
@@ -192,12 +211,12 @@ impl Writer {
     /// blame, and after a failed COMMIT nobody knows whether the batch was stored, so
     /// writing it again could store it twice.
     async fn write(&self, jobs: Vec<Job>) {
-        // A request abandoned while it waited (its client went away, or the API's request
-        // timeout answered 503) is not stored: nobody was told it was accepted.
         let mut batch = Batch::default();
         // A second request with a key already in the batch waits for the first's fate.
         let mut repeated = Vec::new();
         let mut keys = HashSet::new();
+        // A request abandoned while it waited (its client went away, or the API's request
+        // timeout answered 503) is not stored: nobody was told it was accepted.
         for job in jobs.into_iter().filter(|job| !job.answer.is_closed()) {
             match &job.key {
                 Some(k) if !keys.insert((k.credential.clone(), k.key.clone())) => {
@@ -256,7 +275,13 @@ impl Writer {
     /// Commits the batch, first taking out (and answering) the requests whose key another
     /// request holds. Ends with the batch stored, or empty.
     async fn commit_until_stored(&self, batch: &mut Batch) -> Result<(), Failed> {
-        while !batch.is_empty() {
+        loop {
+            // Checked again before every pass: a pass rolled back for a taken key may have
+            // waited on that key for as long as its holder took to commit.
+            batch.drop_abandoned();
+            if batch.is_empty() {
+                return Ok(());
+            }
             let taken = self.commit(batch).await?;
             if taken.is_empty() {
                 return Ok(());
@@ -267,7 +292,6 @@ impl Writer {
             );
             batch.answer_taken(&taken);
         }
-        Ok(())
     }
 
     /// One transaction for the batch; wakes the dispatchers when it stored a send. Returns

@@ -273,79 +273,6 @@ async fn hold_the_outbox(
 }
 
 #[tokio::test]
-async fn concurrent_requests_with_idempotency_keys_share_transactions_and_keep_their_keys() {
-    let app = spawn_front_half(|_| {}).await;
-    let holder = hold_the_outbox(&app).await;
-    let users: Vec<i64> = (101..=140).collect();
-    let release = async {
-        tokio::time::sleep(std::time::Duration::from_secs(2)).await;
-        holder.commit().await.unwrap();
-    };
-    let key = |user: i64| Some(format!("order-{user}"));
-    let (answers, ()) = tokio::join!(post_all_keyed(&app, &users, key), release);
-
-    for (user, status, _) in &answers {
-        assert_eq!(*status, 202, "user {user}");
-    }
-    let (stored, transactions, keys): (i64, i64, i64) = sqlx::query_as(
-        "SELECT count(*), count(DISTINCT xmin::text),                 (SELECT count(*) FROM idempotency_keys)          FROM notifications",
-    )
-    .fetch_one(&app.db)
-    .await
-    .unwrap();
-    assert_eq!((stored, keys), (40, 40));
-    assert!(
-        transactions <= 20,
-        "40 keyed requests queued behind a held outbox took {transactions} transactions"
-    );
-    // Each key replays its own request's answer.
-    let (user, _, first) = &answers[17];
-    let again = app
-        .post_json(
-            "/api/v1/notifications",
-            &order_shipped(*user),
-            &[("Idempotency-Key", &format!("order-{user}"))],
-        )
-        .await;
-    assert_eq!(again.headers()["idempotency-replayed"], "true");
-    assert_eq!(&again.json::<Value>().await.unwrap(), first);
-    assert_eq!(app.notification_count().await, 40);
-}
-
-#[tokio::test]
-async fn concurrent_requests_with_one_key_store_one_notification_and_all_get_its_answer() {
-    let app = spawn_front_half(|_| {}).await;
-    let holder = hold_the_outbox(&app).await;
-    // Twelve copies of one request; the first ones occupy the writers (and collide on the
-    // key in the database), the rest queue and collide in a batch. One with another body
-    // reuses the key.
-    let mut users = vec![71; 12];
-    users.push(72);
-    let release = async {
-        tokio::time::sleep(std::time::Duration::from_secs(2)).await;
-        holder.commit().await.unwrap();
-    };
-    let key = |_| Some("order-71-shipped".to_owned());
-    let (answers, ()) = tokio::join!(post_all_keyed(&app, &users, key), release);
-
-    let stored: Vec<(uuid::Uuid, i64)> = sqlx::query_as("SELECT id, user_id FROM notifications")
-        .fetch_all(&app.db)
-        .await
-        .unwrap();
-    assert_eq!(stored.len(), 1, "one notification for one key: {stored:?}");
-    let (id, user) = stored[0];
-    for (sent_for, status, body) in &answers {
-        if *sent_for == user {
-            assert_eq!(*status, 202, "{body}");
-            assert_eq!(body["notificationId"], id.to_string(), "{body}");
-        } else {
-            assert_eq!(*status, 422, "{body}");
-            assert_eq!(body["error"]["code"], "idempotency_key_reused", "{body}");
-        }
-    }
-}
-
-#[tokio::test]
 async fn concurrent_requests_share_transactions() {
     let app = spawn_front_half(|_| {}).await;
     // Hold the outbox so that the writers' first transactions wait and the rest queue up.
@@ -385,6 +312,108 @@ async fn concurrent_requests_share_transactions() {
         transactions <= 20,
         "40 requests queued behind a held outbox took {transactions} transactions"
     );
+}
+
+#[tokio::test]
+async fn concurrent_requests_with_idempotency_keys_share_transactions_and_keep_their_keys() {
+    let app = spawn_front_half(|_| {}).await;
+    let holder = hold_the_outbox(&app).await;
+    let users: Vec<i64> = (101..=140).collect();
+    let release = async {
+        tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+        holder.commit().await.unwrap();
+    };
+    // Keys that sort in the opposite order to the users, so that a writer pairing a key
+    // with another request's answer after sorting the keys would show.
+    let key = |user: i64| Some(format!("order-{}", 1000 - user));
+    let (answers, ()) = tokio::join!(post_all_keyed(&app, &users, key), release);
+
+    for (user, status, _) in &answers {
+        assert_eq!(*status, 202, "user {user}");
+    }
+    let (stored, transactions): (i64, i64) =
+        sqlx::query_as("SELECT count(*), count(DISTINCT xmin::text) FROM notifications")
+            .fetch_one(&app.db)
+            .await
+            .unwrap();
+    assert_eq!(stored, 40);
+    assert!(
+        transactions <= 20,
+        "40 keyed requests queued behind a held outbox took {transactions} transactions"
+    );
+    // Every key's stored answer names its own request's notification.
+    let (keys, matching): (i64, i64) = sqlx::query_as(
+        "SELECT count(*), \
+                count(*) FILTER (WHERE k.idempotency_key = 'order-' || (1000 - n.user_id)) \
+         FROM idempotency_keys k \
+         LEFT JOIN notifications n ON n.id = (k.response_body->>'notificationId')::uuid",
+    )
+    .fetch_one(&app.db)
+    .await
+    .unwrap();
+    assert_eq!((keys, matching), (40, 40));
+    let (user, _, first) = &answers[17];
+    let again = app
+        .post_json(
+            "/api/v1/notifications",
+            &order_shipped(*user),
+            &[("Idempotency-Key", &format!("order-{}", 1000 - user))],
+        )
+        .await;
+    assert_eq!(again.headers()["idempotency-replayed"], "true");
+    assert_eq!(&again.json::<Value>().await.unwrap(), first);
+    assert_eq!(app.notification_count().await, 40);
+}
+
+#[tokio::test]
+async fn concurrent_requests_with_one_key_store_one_notification_and_all_get_its_answer() {
+    let app = spawn_front_half(|_| {}).await;
+    let holder = hold_the_outbox(&app).await;
+    let key = [("Idempotency-Key", "order-71-shipped")];
+    let send = |user: i64| {
+        let (app, key) = (&app, &key);
+        async move {
+            let response = app
+                .post_json("/api/v1/notifications", &order_shipped(user), key)
+                .await;
+            let replayed = response.headers().contains_key("idempotency-replayed");
+            let status = response.status().as_u16();
+            (status, replayed, response.json::<Value>().await.unwrap())
+        }
+    };
+    // Twelve copies of one request, queued behind the held outbox and spread over the
+    // writers' transactions and batches: they collide on the key both in the database and
+    // within a batch.
+    let release = async {
+        tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+        holder.commit().await.unwrap();
+    };
+    let (copies, ()) = tokio::join!(
+        futures_util::future::join_all((0..12).map(|_| send(71))),
+        release
+    );
+
+    let stored: Vec<(uuid::Uuid, i64)> = sqlx::query_as("SELECT id, user_id FROM notifications")
+        .fetch_all(&app.db)
+        .await
+        .unwrap();
+    assert_eq!(stored.len(), 1, "one notification for one key: {stored:?}");
+    let (id, user) = stored[0];
+    assert_eq!(user, 71);
+    for (status, _, body) in &copies {
+        assert_eq!(*status, 202, "{body}");
+        assert_eq!(body["notificationId"], id.to_string(), "{body}");
+    }
+    let replayed = copies.iter().filter(|(_, replayed, _)| *replayed).count();
+    assert_eq!(
+        replayed, 11,
+        "one copy stored, the other eleven replay its answer"
+    );
+    // The key now belongs to that request: another body is refused.
+    let (status, _, body) = send(72).await;
+    assert_eq!(status, 422, "{body}");
+    assert_eq!(body["error"]["code"], "idempotency_key_reused", "{body}");
+    assert_eq!(app.notification_count().await, 1);
 }
 
 #[tokio::test]
