@@ -23,7 +23,7 @@ use tokio::{
 };
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
-use crate::domain::Channel;
+use crate::{deliveries, domain::Channel};
 pub use worker::{Dispatcher, Job, Outcome};
 
 /// The longest a loop sleeps without looking for due deliveries.
@@ -335,32 +335,24 @@ async fn listen(dispatcher: Arc<Dispatcher>, wake: Arc<Notify>, shutdown: Cancel
     }
 }
 
-/// Exports the number of deliveries by status every few seconds. PENDING counts the
-/// deliveries that are due (the backlog an alert watches); HELD, the PENDING ones due
-/// later (scheduled, quiet hours, a digest's window, a deferral), which are no backlog.
+/// Exports the dispatch queue every few seconds ([`deliveries::queue_depth`]): PENDING
+/// counts the deliveries that are due (the backlog an alert watches); HELD, the PENDING ones
+/// due later, which are no backlog; PROCESSING, those being sent. Terminal deliveries are
+/// history, not queue: `herald_deliveries_total` counts the outcomes.
 async fn sample_queue(dispatcher: Arc<Dispatcher>, shutdown: CancellationToken) {
     loop {
-        let counts: Result<Vec<(String, i64)>, _> = sqlx::query_as(
-            "SELECT CASE WHEN status = 'PENDING' AND next_attempt_at > now() THEN 'HELD' \
-                 ELSE status END, count(*) FROM deliveries GROUP BY 1",
-        )
-        .fetch_all(&dispatcher.db)
-        .await;
-        if let Ok(counts) = counts {
-            for status in [
-                "PENDING",
-                "HELD",
-                "PROCESSING",
-                "SUCCESS",
-                "FAILED",
-                "SKIPPED",
-            ] {
-                let n = counts
-                    .iter()
-                    .find(|(s, _)| s == status)
-                    .map_or(0, |(_, n)| *n);
-                metrics::gauge!("herald_delivery_queue_depth", "status" => status).set(n as f64);
+        match deliveries::queue_depth(&dispatcher.db).await {
+            Ok(depth) => {
+                for (status, n) in [
+                    ("PENDING", depth.pending),
+                    ("HELD", depth.held),
+                    ("PROCESSING", depth.processing),
+                ] {
+                    metrics::gauge!("herald_delivery_queue_depth", "status" => status)
+                        .set(n as f64);
+                }
             }
+            Err(error) => tracing::debug!(error = format!("{error:#}"), "cannot count the queue"),
         }
         tokio::select! {
             () = tokio::time::sleep(Duration::from_secs(5)) => {}

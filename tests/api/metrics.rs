@@ -56,3 +56,45 @@ async fn metrics_export_delivery_outcomes_send_latency_queue_depth_and_outbox_la
     )
     .await;
 }
+
+#[tokio::test]
+async fn the_queue_depth_counts_due_held_and_processing_deliveries_and_not_the_history() {
+    let app = crate::helpers::spawn_front_half(|_| {}).await;
+    let send = |body: serde_json::Value| {
+        let app = &app;
+        async move {
+            let response = app.post_json("/api/v1/notifications", &body, &[]).await;
+            assert_eq!(response.status(), 202);
+        }
+    };
+    let adhoc = |user: i64| serde_json::json!({ "userId": user, "channels": ["IN_APP"], "subject": "s", "body": "b" });
+    for user in 1..=4 {
+        send(adhoc(user)).await;
+    }
+    let mut later = adhoc(5);
+    later["scheduledAt"] = (chrono::Utc::now() + chrono::Duration::hours(1))
+        .to_rfc3339()
+        .into();
+    send(later).await;
+    // Of the four due ones, one is being sent and one was sent: history, not queue.
+    sqlx::query(
+        "UPDATE deliveries d SET status = s.status, \
+             lease_until = CASE WHEN s.status = 'PROCESSING' THEN now() + interval '1 minute' END \
+         FROM notifications n, (VALUES (1, 'PROCESSING'), (2, 'SUCCESS')) AS s(user_id, status) \
+         WHERE n.id = d.notification_id AND n.user_id = s.user_id",
+    )
+    .execute(&app.db)
+    .await
+    .unwrap();
+
+    let depth = herald::deliveries::queue_depth(&app.db).await.unwrap();
+
+    assert_eq!(
+        depth,
+        herald::deliveries::QueueDepth {
+            pending: 2,
+            held: 1,
+            processing: 1
+        }
+    );
+}
