@@ -272,16 +272,27 @@ async fn hold_the_outbox(
     holder
 }
 
+/// Ends the transaction holding the outbox after `seconds`.
+async fn release_after(holder: sqlx::Transaction<'static, sqlx::Postgres>, seconds: u64) {
+    tokio::time::sleep(std::time::Duration::from_secs(seconds)).await;
+    holder.commit().await.unwrap();
+}
+
+/// How many notifications are stored, and by how many transactions.
+async fn stored_and_transactions(app: &crate::helpers::TestApp) -> (i64, i64) {
+    sqlx::query_as("SELECT count(*), count(DISTINCT xmin::text) FROM notifications")
+        .fetch_one(&app.db)
+        .await
+        .unwrap()
+}
+
 #[tokio::test]
 async fn concurrent_requests_share_transactions() {
     let app = spawn_front_half(|_| {}).await;
     // Hold the outbox so that the writers' first transactions wait and the rest queue up.
     let holder = hold_the_outbox(&app).await;
     let users: Vec<i64> = (101..=140).collect();
-    let release = async {
-        tokio::time::sleep(std::time::Duration::from_secs(2)).await;
-        holder.commit().await.unwrap();
-    };
+    let release = release_after(holder, 2);
     let (answers, ()) = tokio::join!(post_all(&app, &users), release);
 
     for (user, status, body) in &answers {
@@ -300,11 +311,7 @@ async fn concurrent_requests_share_transactions() {
             "each request is answered with its own notification"
         );
     }
-    let (stored, transactions): (i64, i64) =
-        sqlx::query_as("SELECT count(*), count(DISTINCT xmin::text) FROM notifications")
-            .fetch_one(&app.db)
-            .await
-            .unwrap();
+    let (stored, transactions) = stored_and_transactions(&app).await;
     assert_eq!(stored, 40);
     // 4 writers hold one request each while the outbox is locked; what queued meanwhile is
     // taken in batches once they commit (about 6 transactions when the machine is quiet).
@@ -319,10 +326,7 @@ async fn concurrent_requests_with_idempotency_keys_share_transactions_and_keep_t
     let app = spawn_front_half(|_| {}).await;
     let holder = hold_the_outbox(&app).await;
     let users: Vec<i64> = (101..=140).collect();
-    let release = async {
-        tokio::time::sleep(std::time::Duration::from_secs(2)).await;
-        holder.commit().await.unwrap();
-    };
+    let release = release_after(holder, 2);
     // Keys that sort in the opposite order to the users, so that a writer pairing a key
     // with another request's answer after sorting the keys would show.
     let key = |user: i64| Some(format!("order-{}", 1000 - user));
@@ -331,11 +335,7 @@ async fn concurrent_requests_with_idempotency_keys_share_transactions_and_keep_t
     for (user, status, _) in &answers {
         assert_eq!(*status, 202, "user {user}");
     }
-    let (stored, transactions): (i64, i64) =
-        sqlx::query_as("SELECT count(*), count(DISTINCT xmin::text) FROM notifications")
-            .fetch_one(&app.db)
-            .await
-            .unwrap();
+    let (stored, transactions) = stored_and_transactions(&app).await;
     assert_eq!(stored, 40);
     assert!(
         transactions <= 20,
@@ -384,10 +384,7 @@ async fn concurrent_requests_with_one_key_store_one_notification_and_all_get_its
     // Twelve copies of one request, queued behind the held outbox and spread over the
     // writers' transactions and batches: they collide on the key both in the database and
     // within a batch.
-    let release = async {
-        tokio::time::sleep(std::time::Duration::from_secs(2)).await;
-        holder.commit().await.unwrap();
-    };
+    let release = release_after(holder, 2);
     let (copies, ()) = tokio::join!(
         futures_util::future::join_all((0..12).map(|_| send(71))),
         release
@@ -427,10 +424,7 @@ async fn a_request_postgres_refuses_fails_alone_and_the_others_of_its_batch_are_
     let users: Vec<i64> = (1..=40)
         .map(|n| if n == 20 { 666 } else { 100 + n })
         .collect();
-    let release = async {
-        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
-        holder.commit().await.unwrap();
-    };
+    let release = release_after(holder, 1);
     let (answers, ()) = tokio::join!(post_all(&app, &users), release);
 
     for (user, status, body) in &answers {
