@@ -110,6 +110,8 @@ pub async fn open_loop(
 pub struct IntakeResult {
     pub latencies_ms: Vec<f64>,
     pub failures: usize,
+    /// Failures by kind: the status Herald answered, or how the request failed without one.
+    pub failure_kinds: std::collections::BTreeMap<String, usize>,
 }
 
 /// POSTs `rate` notifications per second to `/api/v1/notifications` for `duration`. Each
@@ -150,21 +152,28 @@ pub async fn intake(
             if let Some(key) = key {
                 request = request.header("Idempotency-Key", key);
             }
-            let response = request.send().await;
-            let ok = response.is_ok_and(|r| r.status() == reqwest::StatusCode::ACCEPTED);
-            (ok, scheduled.elapsed())
+            let failure = match request.send().await {
+                Ok(r) if r.status() == reqwest::StatusCode::ACCEPTED => None,
+                Ok(r) => Some(r.status().as_u16().to_string()),
+                Err(e) if e.is_timeout() => Some("timeout".to_owned()),
+                Err(e) if e.is_connect() => Some("connect".to_owned()),
+                Err(_) => Some("other".to_owned()),
+            };
+            (failure, scheduled.elapsed())
         });
     }
     let mut result = IntakeResult {
         latencies_ms: Vec::with_capacity(total),
         failures: 0,
+        failure_kinds: Default::default(),
     };
     while let Some(done) = requests.join_next().await {
-        let (ok, took) = done?;
-        if ok {
-            result.latencies_ms.push(took.as_secs_f64() * 1000.0);
-        } else {
-            result.failures += 1;
+        match done? {
+            (None, took) => result.latencies_ms.push(took.as_secs_f64() * 1000.0),
+            (Some(kind), _) => {
+                result.failures += 1;
+                *result.failure_kinds.entry(kind).or_default() += 1;
+            }
         }
     }
     Ok(result)

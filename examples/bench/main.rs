@@ -50,7 +50,8 @@ use self::{
 };
 
 /// One HTTP intake phase with `credential` (and an Idempotency-Key per request when
-/// `keyed`): p50 and p99 latency (ms) and failed requests.
+/// `keyed`): p50 and p99 latency (ms), and the failed requests ("3 failed (503: 2,
+/// connect: 1)").
 async fn intake_percentiles(
     base: &str,
     credential: &str,
@@ -58,12 +59,21 @@ async fn intake_percentiles(
     rate: u32,
     duration: Duration,
     keyed: bool,
-) -> anyhow::Result<(f64, f64, usize)> {
+) -> anyhow::Result<(f64, f64, String)> {
     let mut intake = load::intake(base, credential, tag, rate, duration, keyed).await?;
+    let mut failed = format!("{} failed", intake.failures);
+    if !intake.failure_kinds.is_empty() {
+        let kinds: Vec<String> = intake
+            .failure_kinds
+            .iter()
+            .map(|(kind, n)| format!("{kind}: {n}"))
+            .collect();
+        failed.push_str(&format!(" ({})", kinds.join(", ")));
+    }
     Ok((
         load::quantile(&mut intake.latencies_ms, 0.5),
         load::quantile(&mut intake.latencies_ms, 0.99),
-        intake.failures,
+        failed,
     ))
 }
 
@@ -468,7 +478,7 @@ async fn main() -> anyhow::Result<()> {
         "intake_p99_ms",
         i99,
         format!(
-            "HTTP intake with an API key at {} requests/s open loop for {} s: p50 {i50:.1} ms, p99 {i99:.1} ms, {failed} failed (target p99 <= 10)",
+            "HTTP intake with an API key at {} requests/s open loop for {} s: p50 {i50:.1} ms, p99 {i99:.1} ms, {failed} (target p99 <= 10)",
             args.intake_rate, args.seconds
         ),
     );
@@ -480,7 +490,7 @@ async fn main() -> anyhow::Result<()> {
         "intake_idempotency_key_p99_ms",
         k99,
         format!(
-            "HTTP intake with an Idempotency-Key on each request, same load: p50 {k50:.1} ms, p99 {k99:.1} ms, {failed} failed"
+            "HTTP intake with an Idempotency-Key on each request, same load: p50 {k50:.1} ms, p99 {k99:.1} ms, {failed}"
         ),
     );
     report.figure("intake_idempotency_key_p50_ms", k50, String::new());
