@@ -6,9 +6,16 @@
 -- deliveries carries two million dead versions before it is vacuumed, and its indexes and
 -- heap grow with them. Statistics that lag a fast-growing table gave the planner plans that
 -- only an empty table deserves: the status events' hash join over whole tables and the
--- relay's window run once per row (BENCHMARKS.md, 2026-12-02). These settings vacuum and
--- analyse after about 1-5 % of a table changed; autovacuum still visits a table at most
--- once per `autovacuum_naptime` (1 minute by default), which bounds what they cost.
+-- relay's window run once per row (BENCHMARKS.md, 2026-12-02). These settings vacuum once
+-- 1-2 % of a table's rows are dead (5 % inserted), and analyse once 2 % changed; autovacuum
+-- still starts on a database at most once per `autovacuum_naptime` (1 minute by default),
+-- and its cost limit paces the work.
+--
+-- Setting these options takes a SHARE UPDATE EXCLUSIVE lock (reads and writes go on), which
+-- waits behind a running VACUUM, ANALYZE or CREATE INDEX CONCURRENTLY on the table: give up
+-- after 30 s (the migration fails and runs again at the next start) rather than hold every
+-- starting instance behind it.
+SET LOCAL lock_timeout = '30s';
 ALTER TABLE deliveries SET (
     autovacuum_vacuum_scale_factor = 0.01,
     autovacuum_vacuum_insert_scale_factor = 0.05,

@@ -38,23 +38,24 @@ pub struct QueueDepth {
 }
 
 /// Counts the dispatch queue. Each branch's predicate is one of the dispatcher's partial
-/// indexes (`deliveries_due`, `_due_broadcast`, `_due_digest`, `_leased`), so the count
-/// reads the queue and not the history: counting every delivery by status, as the queue
+/// indexes (`deliveries_due`, `_due_broadcast`, `_due_digest`, `_leased`), and each
+/// reads only the index's own columns (index-only where the visibility map allows), so the
+/// count reads the queue and not the history: counting every delivery by status, as the queue
 /// gauge did, read the whole table every 5 s on every instance (41 ms for 60,000 rows on a
 /// quiet bench database, 0.13 ms this way), and held back the horizon below which vacuum
 /// and index scans may drop dead versions for as long as it ran.
 pub async fn queue_depth(db: &PgPool) -> anyhow::Result<QueueDepth> {
     sqlx::query_as(
-        "SELECT count(*) FILTER (WHERE status = 'PENDING' AND next_attempt_at <= now()) AS pending, \
-                count(*) FILTER (WHERE status = 'PENDING' AND next_attempt_at > now()) AS held, \
-                count(*) FILTER (WHERE status = 'PROCESSING') AS processing \
-         FROM (SELECT status, next_attempt_at FROM deliveries \
+        "SELECT count(*) FILTER (WHERE queued AND next_attempt_at <= now()) AS pending, \
+                count(*) FILTER (WHERE queued AND next_attempt_at > now()) AS held, \
+                count(*) FILTER (WHERE NOT queued) AS processing \
+         FROM (SELECT true AS queued, next_attempt_at FROM deliveries \
                    WHERE status = 'PENDING' AND broadcast_id IS NULL AND digest_id IS NULL \
-               UNION ALL SELECT status, next_attempt_at FROM deliveries \
+               UNION ALL SELECT true, next_attempt_at FROM deliveries \
                    WHERE status = 'PENDING' AND broadcast_id IS NOT NULL \
-               UNION ALL SELECT status, next_attempt_at FROM deliveries \
+               UNION ALL SELECT true, next_attempt_at FROM deliveries \
                    WHERE status = 'PENDING' AND digest_id IS NOT NULL AND broadcast_id IS NULL \
-               UNION ALL SELECT status, next_attempt_at FROM deliveries \
+               UNION ALL SELECT false, NULL FROM deliveries \
                    WHERE status = 'PROCESSING') queue",
     )
     .fetch_one(db)
