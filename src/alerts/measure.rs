@@ -28,7 +28,7 @@ use chrono::{DateTime, Utc};
 use sqlx::PgConnection;
 
 use super::{Reading, Rule};
-use crate::{config::AlertSettings, retention::first_id_at};
+use crate::{config::AlertSettings, deliveries, retention::first_id_at};
 
 /// Every rule's readings at `now`.
 pub async fn all(
@@ -118,23 +118,10 @@ async fn send_p99(
 }
 
 async fn pending(conn: &mut PgConnection, s: &AlertSettings) -> anyhow::Result<Reading> {
-    let pending: i64 = sqlx::query_scalar(
-        // Due ones only: a delivery held for later (quiet hours overnight, a digest's
-        // window, scheduledAt) is no backlog.
-        // Each branch's predicate is one of the dispatcher's partial indexes (see
-        // `deliveries::queue_depth`); `status = 'PENDING'` alone matches none of them.
-        "SELECT count(*) FROM (SELECT 1 FROM deliveries WHERE status = 'PENDING' \
-                 AND broadcast_id IS NULL AND digest_id IS NULL AND next_attempt_at <= now() \
-             UNION ALL SELECT 1 FROM deliveries WHERE status = 'PENDING' \
-                 AND broadcast_id IS NOT NULL AND next_attempt_at <= now() \
-             UNION ALL SELECT 1 FROM deliveries WHERE status = 'PENDING' \
-                 AND digest_id IS NOT NULL AND broadcast_id IS NULL AND next_attempt_at <= now() \
-             LIMIT $1) p",
-    )
-    .bind(s.pending_max.saturating_mul(10).saturating_add(1))
-    .fetch_one(conn)
-    .await
-    .context("Failed to count the pending deliveries")?;
+    // Due ones only: a delivery held for later (quiet hours overnight, a digest's window,
+    // scheduledAt) is no backlog.
+    let pending =
+        deliveries::count_due(conn, s.pending_max.saturating_mul(10).saturating_add(1)).await?;
     Ok(Reading {
         rule: Rule::PendingDeliveriesHigh,
         subject: String::new(),
