@@ -254,6 +254,85 @@ macro_rules! job_columns {
     };
 }
 
+/// Where a channel loop's next [`lock_due`] or [`claim`] looks for due deliveries.
+///
+/// A delivery sent and recorded leaves its PENDING version's entry at the head of the
+/// queue's partial index (ordered by due time) until no snapshot can still see it. Any
+/// transaction or statement running on the database (an analyst's report, a slow
+/// statement of Herald's own, an `ANALYZE`) keeps those entries alive for as long as it
+/// runs, and a scan from the head of the index walks every one of them, fetching its heap
+/// row to find it dead: on the bench, one 20-second snapshot held elsewhere took the lock of
+/// due IN_APP deliveries from 2 to 36 ms a call and the claim from 0.17 to 3.9 ms, which
+/// slowed every send, which held more entries alive (BENCHMARKS.md, "A held snapshot").
+/// So a loop remembers how far it has taken the queue, and looks from there.
+///
+/// - Transactional deliveries are looked for from [`FLOOR_MARGIN`] before the latest due
+///   time the loop locked or claimed: every due delivery before that which was visible
+///   then was taken (the index is read in due order). One that was not visible yet (its
+///   transaction committed later, more than the margin after the due time it wrote) or
+///   that another worker held and then let go, is found by the next sweep.
+/// - Broadcast deliveries are looked for from the earliest due time of those locked or
+///   claimed last, and from the start when none was found ([`lock_due`]).
+/// - A sweep ([`Cursor::sweep`], every second) looks from the start of every index and
+///   claims expired leases, which a claim between sweeps leaves alone: their index has
+///   the same dead entries at its head.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Cursor {
+    transactional: Option<DateTime<Utc>>,
+    broadcast: Option<DateTime<Utc>>,
+    sweeping: bool,
+}
+
+/// How far before the latest due time taken a loop looks again for transactional
+/// deliveries: more than a healthy transaction takes from stamping a due time (a
+/// request's or an event's arrival) to its commit, and than the clocks of two instances
+/// differ.
+pub const FLOOR_MARGIN: chrono::TimeDelta = chrono::TimeDelta::seconds(1);
+
+impl Cursor {
+    /// Starts a sweep: the next lock and claim look from the start of every index, and the
+    /// claim takes expired leases too, until [`Cursor::swept`].
+    pub fn sweep(&mut self) {
+        *self = Cursor {
+            sweeping: true,
+            ..Cursor::default()
+        };
+    }
+
+    /// Ends the sweep [`Cursor::sweep`] started.
+    pub fn swept(&mut self) {
+        self.sweeping = false;
+    }
+
+    /// Whether this round is a sweep.
+    pub fn sweeping(&self) -> bool {
+        self.sweeping
+    }
+
+    /// The due time from which transactional deliveries are looked for.
+    pub fn transactional_floor(&self) -> Option<DateTime<Utc>> {
+        self.transactional
+    }
+
+    /// Moves the broadcast floor to the earliest due time among the broadcast deliveries
+    /// just taken, or back to the start when none was found where up to `limit` were looked
+    /// for.
+    fn took_broadcast(&mut self, earliest: Option<DateTime<Utc>>, limit: usize) {
+        if earliest.is_some() || limit > 0 {
+            self.broadcast = earliest;
+        }
+    }
+
+    /// Moves the transactional floor after transactional deliveries due up to `latest`
+    /// were taken; it never moves back but at a sweep.
+    fn took_transactional(&mut self, latest: Option<DateTime<Utc>>) {
+        if let Some(latest) = latest {
+            let floor = latest - FLOOR_MARGIN;
+            self.transactional = Some(self.transactional.map_or(floor, |f| f.max(floor)));
+        }
+    }
+}
+
 /// Locks up to `limit` due deliveries of `channel` in `tx`, oldest first, and returns them
 /// with what sending them needs, in one statement, without claiming them:
 /// they stay PENDING, with no lease, while `tx` holds their rows, and the caller sends them
@@ -265,22 +344,21 @@ macro_rules! job_columns {
 /// what the transactional ones leave, up to `broadcast_limit`, as in [`claim`]; jobs come
 /// back transactional first. Digests and expired leases are left to [`claim`].
 ///
-/// Broadcast deliveries are looked for from `broadcast_floor` on (their due time), and the
-/// earliest due time among those locked comes back as the next floor. A broadcast's sent
-/// deliveries leave dead entries at the head of the partial index that finds them, which
-/// only a VACUUM removes; scanned from its head, the index cost a lock 12 ms and more as a
-/// 100,000-recipient broadcast went on. The caller drops the floor now and then, so a row
-/// left behind it (a rolled-back send) is found again.
+/// Both kinds are looked for from where `cursor` says and move it on ([`Cursor`]): a
+/// broadcast's sent deliveries, like any others, leave dead entries at the head of the
+/// partial index that finds them; scanned from its head, the index cost a lock 12 ms and
+/// more as a 100,000-recipient broadcast went on.
 pub async fn lock_due(
     tx: &mut PgConnection,
     channel: Channel,
     limit: usize,
     broadcast_limit: usize,
-    broadcast_floor: Option<DateTime<Utc>>,
-) -> anyhow::Result<(Vec<Job>, Option<DateTime<Utc>>)> {
+    cursor: &mut Cursor,
+) -> anyhow::Result<Vec<Job>> {
     let rows = sqlx::query(concat!(
         "WITH pending AS (SELECT id FROM deliveries WHERE channel = $1 \
                   AND status = 'PENDING' AND broadcast_id IS NULL AND digest_id IS NULL \
+                  AND next_attempt_at >= COALESCE($5, '-infinity'::timestamptz) \
                   AND next_attempt_at <= now() \
                   ORDER BY next_attempt_at LIMIT $2 FOR UPDATE SKIP LOCKED), \
               bulk AS (SELECT id FROM deliveries WHERE channel = $1 \
@@ -300,21 +378,28 @@ pub async fn lock_due(
     .bind(channel.as_str())
     .bind(limit as i64)
     .bind(broadcast_limit as i64)
-    .bind(broadcast_floor)
+    .bind(cursor.broadcast)
+    .bind(cursor.transactional)
     .fetch_all(&mut *tx)
     .await
     .context("Failed to lock due deliveries")?;
-    let mut floor = None;
+    let (mut earliest_broadcast, mut latest_transactional) = (None, None);
     let mut jobs = Vec::with_capacity(rows.len());
     for row in &rows {
         let job = Job::from_row(row).context("Failed to read a locked delivery")?;
+        let due: DateTime<Utc> = row.try_get("due_at").context("Failed to read a due time")?;
         if job.broadcast_id.is_some() {
-            let due: DateTime<Utc> = row.try_get("due_at").context("Failed to read a due time")?;
-            floor = Some(floor.map_or(due, |f: DateTime<Utc>| f.min(due)));
+            earliest_broadcast =
+                Some(earliest_broadcast.map_or(due, |f: DateTime<Utc>| f.min(due)));
+        } else {
+            latest_transactional =
+                Some(latest_transactional.map_or(due, |l: DateTime<Utc>| l.max(due)));
         }
         jobs.push(job);
     }
-    Ok((jobs, floor))
+    cursor.took_broadcast(earliest_broadcast, broadcast_limit);
+    cursor.took_transactional(latest_transactional);
+    Ok(jobs)
 }
 
 /// Puts locked deliveries whose record could not be written under a lease, as a claim
@@ -352,10 +437,10 @@ pub async fn lease_locked(
 pub async fn claim(
     db: &PgPool,
     channel: Channel,
-    limit: usize,
-    broadcast_limit: usize,
+    (limit, broadcast_limit): (usize, usize),
     lease: Duration,
     locking: bool,
+    cursor: &mut Cursor,
 ) -> anyhow::Result<Vec<Job>> {
     let mut tx = db.begin().await.context("Failed to begin a claim")?;
     // A claim is redone if lost: should PostgreSQL crash before this commit reaches
@@ -366,44 +451,63 @@ pub async fn claim(
         .execute(&mut *tx)
         .await
         .context("Failed to set up a claim")?;
-    let ids: Vec<Uuid> = sqlx::query_scalar(
-        "WITH pending AS (SELECT id FROM deliveries WHERE channel = $1 \
+    // `due` carries the due time of each PENDING delivery claimed, and whether it is a
+    // broadcast's, for the cursor.
+    let claimed: Vec<(Uuid, Option<DateTime<Utc>>, bool)> = sqlx::query_as(
+        "WITH pending AS (SELECT id, next_attempt_at FROM deliveries WHERE channel = $1 \
                   AND status = 'PENDING' AND broadcast_id IS NULL AND digest_id IS NULL \
+                  AND next_attempt_at >= COALESCE($6, '-infinity'::timestamptz) \
                   AND next_attempt_at <= now() AND NOT $5 \
                   ORDER BY next_attempt_at LIMIT $2 FOR UPDATE SKIP LOCKED), \
-              bulk AS (SELECT id FROM deliveries WHERE channel = $1 \
+              bulk AS (SELECT id, next_attempt_at FROM deliveries WHERE channel = $1 \
                   AND status = 'PENDING' AND broadcast_id IS NOT NULL \
+                  AND next_attempt_at >= COALESCE($8, '-infinity'::timestamptz) \
                   AND next_attempt_at <= now() AND NOT $5 ORDER BY next_attempt_at \
                   LIMIT GREATEST(LEAST($4, $2 - (SELECT count(*) FROM pending)), 0) \
                   FOR UPDATE SKIP LOCKED), \
-              expired AS (SELECT id FROM deliveries WHERE channel = $1 \
+              expired AS (SELECT id FROM deliveries WHERE channel = $1 AND $7 \
                   AND status = 'PROCESSING' AND lease_until < now() \
                   AND broadcast_id IS NULL AND digest_id IS NULL \
                   LIMIT $2 FOR UPDATE SKIP LOCKED), \
-              bulk_expired AS (SELECT id FROM deliveries WHERE channel = $1 \
+              bulk_expired AS (SELECT id FROM deliveries WHERE channel = $1 AND $7 \
                   AND status = 'PROCESSING' AND lease_until < now() \
                   AND broadcast_id IS NOT NULL \
                   LIMIT GREATEST(LEAST($4, $2 - (SELECT count(*) FROM pending)) \
                       - (SELECT count(*) FROM bulk), 0) \
                   FOR UPDATE SKIP LOCKED), \
-              due AS (SELECT id FROM pending UNION ALL SELECT id FROM bulk \
-                  UNION ALL SELECT id FROM expired UNION ALL SELECT id FROM bulk_expired) \
+              due AS (SELECT id, next_attempt_at AS due, false AS bulk FROM pending \
+                  UNION ALL SELECT id, next_attempt_at, true FROM bulk \
+                  UNION ALL SELECT id, NULL, false FROM expired \
+                  UNION ALL SELECT id, NULL, true FROM bulk_expired) \
          UPDATE deliveries d SET status = 'PROCESSING', \
              lease_until = now() + $3 * interval '1 millisecond', \
              attempts = d.attempts + CASE WHEN d.status = 'PROCESSING' THEN 1 ELSE 0 END, \
              updated_at = now(), version = d.version + 1 \
          FROM due WHERE d.id = due.id \
-         RETURNING d.id",
+         RETURNING d.id, due.due, due.bulk",
     )
     .bind(channel.as_str())
     .bind(limit as i64)
     .bind(lease.as_millis() as i64)
     .bind(broadcast_limit as i64)
     .bind(locking)
+    .bind(cursor.transactional)
+    .bind(cursor.sweeping)
+    .bind(cursor.broadcast)
     .fetch_all(&mut *tx)
     .await
     .context("Failed to claim deliveries")?;
-    let mut ids = ids;
+    let due = |bulk: bool| {
+        claimed
+            .iter()
+            .filter(move |c| c.2 == bulk)
+            .filter_map(|c| c.1)
+    };
+    if !locking {
+        cursor.took_broadcast(due(true).min(), broadcast_limit);
+    }
+    cursor.took_transactional(due(false).max());
+    let mut ids: Vec<Uuid> = claimed.into_iter().map(|(id, ..)| id).collect();
     ids.extend(claim_digests(&mut tx, channel, limit, lease).await?);
     if ids.is_empty() {
         return Ok(Vec::new());
@@ -966,4 +1070,41 @@ pub async fn mark_read(db: &PgPool, user_id: i64, delivery: Option<Uuid>) -> any
     .context("Failed to mark messages read")?;
     tx.commit().await?;
     Ok(marked)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_cursor_floor_trails_the_latest_due_time_taken_and_goes_back_only_at_a_sweep() {
+        let t = |s: i64| DateTime::<Utc>::from_timestamp(1_800_000_000 + s, 0).unwrap();
+        let mut cursor = Cursor::default();
+        assert_eq!(cursor.transactional_floor(), None);
+        // Nothing taken: nothing learnt.
+        cursor.took_transactional(None);
+        assert_eq!(cursor.transactional_floor(), None);
+        cursor.took_transactional(Some(t(10)));
+        assert_eq!(cursor.transactional_floor(), Some(t(10) - FLOOR_MARGIN));
+        // Taking older deliveries (found after a sweep, or due early) never moves it back.
+        cursor.took_transactional(Some(t(5)));
+        assert_eq!(cursor.transactional_floor(), Some(t(10) - FLOOR_MARGIN));
+        cursor.took_transactional(Some(t(20)));
+        assert_eq!(cursor.transactional_floor(), Some(t(20) - FLOOR_MARGIN));
+
+        // Broadcasts: the earliest taken, and the start again when none was found.
+        cursor.took_broadcast(Some(t(3)), 10);
+        assert_eq!(cursor.broadcast, Some(t(3)));
+        cursor.took_broadcast(None, 0);
+        assert_eq!(cursor.broadcast, Some(t(3)), "not looked for: kept");
+        cursor.took_broadcast(None, 10);
+        assert_eq!(cursor.broadcast, None);
+
+        cursor.took_broadcast(Some(t(3)), 10);
+        cursor.sweep();
+        assert!(cursor.sweeping());
+        assert_eq!((cursor.transactional, cursor.broadcast), (None, None));
+        cursor.swept();
+        assert!(!cursor.sweeping());
+    }
 }

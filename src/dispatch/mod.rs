@@ -72,15 +72,15 @@ async fn channel_loop(
     // each handful on its own costs a transaction per handful; waiting a moment for half
     // of them makes claims (and the records after them) several times larger.
     let gather = (concurrency.min(dispatcher.settings.claim_batch) / 2).max(1);
-    let mut last_claim = Instant::now();
+    // Where the next lock or claim looks for due deliveries, and when the last sweep was
+    // (`deliveries::Cursor`).
+    let mut cursor = deliveries::Cursor::default();
+    let mut last_sweep = Instant::now();
     // Transactions sending inside themselves (IN_APP) at once: each holds a connection
     // for its sends' length, which a hanging Redis stretches to the send timeout.
     let transactions = Arc::new(Semaphore::new(SENDING_TRANSACTIONS));
     // Told when one of them ends.
     let sent = Arc::new(Notify::new());
-    // Where the next lock looks for due broadcast deliveries (see `deliveries::lock_due`);
-    // dropped at each sweep.
-    let mut broadcast_floor = None;
     while !shutdown.is_cancelled() {
         let mut free = slots.available_permits();
         if free == 0 {
@@ -134,17 +134,19 @@ async fn channel_loop(
             }
             continue;
         }
+        // Once a second, a sweep looks from the start of the queue's indexes and takes
+        // expired leases (`deliveries::Cursor`).
+        if last_sweep.elapsed() >= SWEEP {
+            cursor.sweep();
+            last_sweep = Instant::now();
+        }
         // A channel that sends inside the transaction that finds its due deliveries
         // ([`Dispatcher::send_locked`]) sends its transactional and broadcast ones that
         // way; the claim below takes the rest (digests, expired leases), and has the whole
-        // room once a sweep, so that neither waits long behind a backlog.
+        // room at a sweep, so that neither waits long behind a backlog.
         let mut locked = 0;
         let mut locking = dispatcher.sends_in_claim(channel);
-        let sweeping = locking && last_claim.elapsed() >= SWEEP;
-        if sweeping {
-            broadcast_floor = None;
-        }
-        if locking && !sweeping {
+        if locking && !cursor.sweeping() {
             let Some(open) = (tokio::select! {
                 permit = transactions.clone().acquire_owned() => permit.ok(),
                 () = shutdown.cancelled() => None,
@@ -152,7 +154,7 @@ async fn channel_loop(
                 break;
             };
             match dispatcher
-                .lock_due(channel, room, broadcast_room, &mut broadcast_floor)
+                .lock_due(channel, (room, broadcast_room), &mut cursor)
                 .await
             {
                 Ok(Some((tx, jobs))) => {
@@ -191,13 +193,12 @@ async fn channel_loop(
         }
         let room = room - locked;
         let broadcast_room = broadcast_room.min(room);
-        if sweeping || locked == 0 {
-            last_claim = Instant::now();
-        }
-        match dispatcher
-            .claim(channel, room, broadcast_room, locking)
-            .await
-        {
+        let claimed = dispatcher
+            .claim(channel, (room, broadcast_room), locking, &mut cursor)
+            .await;
+        let swept = cursor.sweeping();
+        cursor.swept();
+        match claimed {
             Ok(jobs) if !jobs.is_empty() => {
                 for job in jobs {
                     let admitted = match dispatcher.admit(&job).await {
@@ -231,7 +232,7 @@ async fn channel_loop(
                 }
             }
             // More may be due: look again at once.
-            Ok(_) if locked > 0 || sweeping => {}
+            Ok(_) if locked > 0 || swept => {}
             Ok(_) => {
                 // Due broadcast deliveries that could not be claimed wait for a broadcast
                 // slot (or, past the rate-limit reserve, for the next sweep), not for their
@@ -247,7 +248,7 @@ async fn channel_loop(
                     // ended meanwhile freed theirs, and their due deliveries must not
                     // wait for the sweep.
                     let broadcasts = broadcast_window && broadcast_slots.available_permits() > 0;
-                    next_due(&dispatcher, channel, broadcasts).await
+                    next_due(&dispatcher, channel, broadcasts, &cursor).await
                 };
                 tokio::select! {
                     () = notified => {}
@@ -274,11 +275,19 @@ async fn channel_loop(
 /// How long until the channel's next scheduled or retried delivery (broadcast ones too
 /// when `broadcasts`), at least 5 ms and at most [`SWEEP`]. One that is already due but
 /// was not claimed is locked by another worker's claim, which is over within milliseconds.
-async fn next_due(dispatcher: &Dispatcher, channel: Channel, broadcasts: bool) -> Duration {
+/// Transactional deliveries are looked for from the cursor's floor, past the dead index
+/// entries before it.
+async fn next_due(
+    dispatcher: &Dispatcher,
+    channel: Channel,
+    broadcasts: bool,
+    cursor: &deliveries::Cursor,
+) -> Duration {
     // Three minima, one per partial index (transactional, broadcast and digest deliveries).
     let next: Option<chrono::DateTime<Utc>> = sqlx::query_scalar(
         "SELECT LEAST((SELECT min(next_attempt_at) FROM deliveries WHERE channel = $1 \
-                 AND status = 'PENDING' AND broadcast_id IS NULL AND digest_id IS NULL), \
+                 AND status = 'PENDING' AND broadcast_id IS NULL AND digest_id IS NULL \
+                 AND next_attempt_at >= COALESCE($3, '-infinity'::timestamptz)), \
              (SELECT min(next_attempt_at) FROM deliveries WHERE channel = $1 AND $2 \
                  AND status = 'PENDING' AND broadcast_id IS NOT NULL), \
              (SELECT min(next_attempt_at) FROM deliveries WHERE channel = $1 \
@@ -286,6 +295,7 @@ async fn next_due(dispatcher: &Dispatcher, channel: Channel, broadcasts: bool) -
     )
     .bind(channel.as_str())
     .bind(broadcasts)
+    .bind(cursor.transactional_floor())
     .fetch_one(&dispatcher.db)
     .await
     .unwrap_or(None);

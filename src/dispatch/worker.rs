@@ -132,22 +132,22 @@ impl Dispatcher {
             .collect()
     }
 
-    /// Claims up to `limit` due deliveries of `channel` (see [`deliveries::claim`]); with
-    /// `locking`, only those [`Self::lock_due`] leaves.
+    /// Claims up to `limit` due deliveries of `channel` (see [`deliveries::claim`]), from
+    /// where `cursor` says; with `locking`, only those [`Self::lock_due`] leaves.
     pub async fn claim(
         &self,
         channel: Channel,
-        limit: usize,
-        broadcast_limit: usize,
+        (limit, broadcast_limit): (usize, usize),
         locking: bool,
+        cursor: &mut deliveries::Cursor,
     ) -> anyhow::Result<Vec<Job>> {
         deliveries::claim(
             &self.db,
             channel,
-            limit,
-            broadcast_limit,
+            (limit, broadcast_limit),
             self.settings.lease,
             locking,
+            cursor,
         )
         .await
     }
@@ -287,24 +287,16 @@ impl Dispatcher {
     }
 
     /// Locks up to `limit` due deliveries of `channel` (of which at most `broadcast_limit`
-    /// of broadcasts) for [`Self::send_locked`]; `None` when none is due. Broadcast ones
-    /// are looked for from `broadcast_floor` on, which moves to the earliest of those
-    /// locked, and goes back to the start when none was found
-    /// ([`deliveries::lock_due`]).
+    /// of broadcasts) for [`Self::send_locked`], from where `cursor` says; `None` when none
+    /// is due ([`deliveries::lock_due`]).
     pub async fn lock_due(
         &self,
         channel: Channel,
-        limit: usize,
-        broadcast_limit: usize,
-        broadcast_floor: &mut Option<DateTime<Utc>>,
+        (limit, broadcast_limit): (usize, usize),
+        cursor: &mut deliveries::Cursor,
     ) -> anyhow::Result<Option<(Transaction<'static, Postgres>, Vec<Job>)>> {
         let mut tx = self.db.begin().await.context("Failed to begin")?;
-        let (jobs, floor) =
-            deliveries::lock_due(&mut tx, channel, limit, broadcast_limit, *broadcast_floor)
-                .await?;
-        if floor.is_some() || broadcast_limit > 0 {
-            *broadcast_floor = floor;
-        }
+        let jobs = deliveries::lock_due(&mut tx, channel, limit, broadcast_limit, cursor).await?;
         Ok((!jobs.is_empty()).then_some((tx, jobs)))
     }
 

@@ -966,3 +966,54 @@ async fn a_burst_of_wakes_wakes_local_loops_each_time_and_sends_one_notify_outsi
         "100 wakes in a burst sent {notifies} NOTIFYs"
     );
 }
+
+#[tokio::test]
+async fn a_delivery_that_becomes_due_behind_where_the_loops_look_is_still_sent_at_the_sweep() {
+    // SLACK is claimed and IN_APP locked: both look for due deliveries from a floor
+    // (`deliveries::Cursor`), past the deliveries they took already.
+    let slack = slack_mock(&[(200, None)]).await;
+    let app = spawn_app_with(with_slack(&slack)).await;
+    let in_app = |order: &str| {
+        json!({ "userId": 7, "channels": ["IN_APP"], "eventType": "ORDER_SHIPPED",
+                "data": { "orderId": order } })
+    };
+    let later = (Utc::now() + chrono::Duration::hours(1)).to_rfc3339();
+    let mut scheduled_incident = incident();
+    scheduled_incident["scheduledAt"] = json!(later);
+    let mut scheduled_in_app = in_app("o-late");
+    scheduled_in_app["scheduledAt"] = json!(later);
+    let behind = [
+        notify(&app, scheduled_incident).await[0].1,
+        notify(&app, scheduled_in_app).await[0].1,
+    ];
+    // Deliveries sent now move each loop's floor up to a second before their due times.
+    for round in 0..3 {
+        for delivery in [
+            notify(&app, incident()).await[0].1,
+            notify(&app, in_app(&format!("o-{round}"))).await[0].1,
+        ] {
+            wait_for_delivery(&app, delivery, "SUCCESS", 20).await;
+        }
+        tokio::time::sleep(Duration::from_millis(700)).await;
+    }
+
+    // The scheduled ones become due an hour ago, far behind both floors, as a delivery
+    // whose transaction stamped its due time and committed late would be.
+    sqlx::query(
+        "UPDATE deliveries SET next_attempt_at = now() - interval '1 hour' WHERE id = ANY($1)",
+    )
+    .bind(behind)
+    .execute(&app.db)
+    .await
+    .unwrap();
+    let moved = Instant::now();
+    for delivery in behind {
+        wait_for_delivery(&app, delivery, "SUCCESS", 10).await;
+    }
+    // A sweep a second reads each index from its start.
+    assert!(
+        moved.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        moved.elapsed()
+    );
+}

@@ -25,6 +25,7 @@ mod migrations;
 mod outbound;
 mod read_model;
 mod receipts;
+mod relay;
 mod replays;
 mod retention;
 mod settings;
