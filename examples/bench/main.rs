@@ -117,6 +117,11 @@ struct Args {
     /// Where the figures go as JSON.
     #[arg(long)]
     out: Option<PathBuf>,
+    /// Hold a snapshot open on the phase's database through the end-to-end and steady
+    /// phases, as a long report or a forgotten transaction on the primary would: what
+    /// Herald's queue reads cost while nothing they leave behind can be cleaned up.
+    #[arg(long)]
+    hold_snapshot: bool,
 }
 
 /// The figures of one run, printed as they come and written as JSON at the end.
@@ -287,6 +292,10 @@ async fn main() -> anyhow::Result<()> {
     )
     .await?;
     let pool = b.migrated_pool().await?;
+    let held = match args.hold_snapshot {
+        true => Some(hold_snapshot(&pool).await?),
+        false => None,
+    };
     let e2e_before = Writes::read(&pool).await?;
     let herald = Herald::start(&b, ALL_ROLES, &env, &logs.join("herald-all.log")).await?;
     let pids = Pids::find(herald.pid(), &pool, &base.kafka.brokers).await?;
@@ -405,6 +414,17 @@ async fn main() -> anyhow::Result<()> {
         steady_cpu,
         &format!("at {} events/s", args.rate),
     );
+    if let Some((snapshot, since)) = held {
+        snapshot.rollback().await?;
+        let since = since.elapsed().as_secs_f64();
+        report.figure(
+            "snapshot_held_s",
+            since.round(),
+            format!(
+                "a snapshot was held on the database for {since:.0} s, through the end-to-end and steady phases (--hold-snapshot)"
+            ),
+        );
+    }
     // The phase's rows can be newer than the tables' statistics, and a plan made without
     // them once ran this query as a nested loop over every delivery for minutes.
     sqlx::query("ANALYZE notifications, deliveries, delivery_attempts")
@@ -581,6 +601,24 @@ fn seconds(d: chrono::TimeDelta) -> f64 {
 
 fn ratio(a: f64, b: f64) -> f64 {
     (a / b * 1000.0).round() / 1000.0
+}
+
+/// Opens a transaction that holds its snapshot until it ends (`--hold-snapshot`): while
+/// it lasts, no row version it might see can be pruned, nor its index entries dropped.
+async fn hold_snapshot(
+    pool: &PgPool,
+) -> anyhow::Result<(
+    sqlx::Transaction<'static, sqlx::Postgres>,
+    std::time::Instant,
+)> {
+    let mut snapshot = pool.begin().await?;
+    sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+        .execute(&mut *snapshot)
+        .await?;
+    sqlx::query("SELECT count(*) FROM pg_class")
+        .execute(&mut *snapshot)
+        .await?;
+    Ok((snapshot, std::time::Instant::now()))
 }
 
 async fn count(pool: &PgPool, sql: &'static str) -> anyhow::Result<i64> {
