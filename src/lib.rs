@@ -29,6 +29,7 @@
 //! - [`status_events`]: a notification's overall status on notification.status.events.
 //! - [`alerts`]: the delivery-health alerts evaluated in process and announced on the ops Slack.
 //! - [`retention`]: history past `HERALD_RETENTION` deleted from every table together.
+//! - [`statistics`]: the planner's statistics of young, fast-growing tables kept up to date.
 //! - [`api`]: the HTTP surface, one module per resource.
 //! - [`auth`]: credentials: the admin token, API keys with scopes, end-user tokens.
 //! - [`db`]: the PostgreSQL pool and embedded migrations (`migrations/`).
@@ -64,6 +65,7 @@ pub mod retention;
 pub mod roles;
 pub mod routing;
 pub mod startup;
+pub mod statistics;
 pub mod status_events;
 pub mod suppressions;
 pub mod telemetry;

@@ -409,6 +409,12 @@ fn spawn_workers(
     // one follows the template versions activated through the API on any instance.
     // On the API's pool: the workers' pool can be saturated by dispatch, and this is one
     // primary-key read a second.
+    // Every instance's workers prepare statements whose cached plans a table that outgrew
+    // its statistics would spoil (crate::statistics).
+    tasks.spawn(crate::statistics::run(
+        state.work_db.clone(),
+        state.shutdown.clone(),
+    ));
     tasks.spawn(templates::store::watch(
         state.db.clone(),
         state.templates.clone(),

@@ -29,6 +29,7 @@ mod relay;
 mod replays;
 mod retention;
 mod settings;
+mod statistics;
 mod status_events;
 mod templates;
 mod timing;

@@ -1,0 +1,45 @@
+//! The planner's statistics of young tables kept up to date (`herald::statistics`).
+
+use crate::helpers::{spawn_front_half, wait_until};
+
+/// (reltuples, analysed by hand or by Herald) of `table`.
+async fn stats_of(db: &sqlx::PgPool, table: &str) -> (f32, bool) {
+    sqlx::query_as(
+        "SELECT c.reltuples, s.last_analyze IS NOT NULL FROM pg_class c \
+         JOIN pg_stat_user_tables s ON s.relid = c.oid \
+         WHERE c.relname = $1 AND s.schemaname = current_schema()",
+    )
+    .bind(table)
+    .fetch_one(db)
+    .await
+    .unwrap()
+}
+
+#[tokio::test]
+async fn a_table_that_outgrew_its_statistics_is_analysed_and_a_quiet_one_is_left_alone() {
+    let app = spawn_front_half(|_| {}).await;
+    assert!(!stats_of(&app.db, "idempotency_keys").await.1);
+
+    sqlx::query(
+        "INSERT INTO idempotency_keys (credential, idempotency_key, request_hash, \
+             response_status, response_body) \
+         SELECT 'key', 'k-' || n, 'h', 202, '{}' FROM generate_series(1, 3000) n",
+    )
+    .execute(&app.db)
+    .await
+    .unwrap();
+    app.outbox_row("delivery_event", "quiet", &[b"one"]).await;
+
+    wait_until(20, "Herald analysed the table that grew", || async {
+        stats_of(&app.db, "idempotency_keys").await.1
+    })
+    .await;
+    assert_eq!(stats_of(&app.db, "idempotency_keys").await.0, 3000.0);
+    // One row is no reason to analyse.
+    assert_eq!(stats_of(&app.db, "outbox").await.1, false);
+    // Nor is anything once the statistics are up to date.
+    assert_eq!(
+        herald::statistics::analyze_outgrown(&app.db).await.unwrap(),
+        Vec::<String>::new()
+    );
+}
