@@ -36,7 +36,7 @@ async fn a_table_that_outgrew_its_statistics_is_analysed_and_a_quiet_one_is_left
     .await;
     assert_eq!(stats_of(&app.db, "idempotency_keys").await.0, 3000.0);
     // One row is no reason to analyse.
-    assert_eq!(stats_of(&app.db, "outbox").await.1, false);
+    assert!(!stats_of(&app.db, "outbox").await.1);
     // Nor is anything once the statistics are up to date.
     assert_eq!(
         herald::statistics::analyze_outgrown(&app.db).await.unwrap(),
