@@ -314,21 +314,31 @@ impl Cursor {
         self.transactional
     }
 
-    /// Moves the broadcast floor to the earliest due time among the broadcast deliveries
-    /// just taken, or back to the start when none was found where up to `limit` were looked
-    /// for.
-    fn took_broadcast(&mut self, earliest: Option<DateTime<Utc>>, limit: usize) {
-        if earliest.is_some() || limit > 0 {
-            self.broadcast = earliest;
+    /// Moves the cursor past the PENDING deliveries just taken, each with its due time and
+    /// whether it is a broadcast's: the broadcast floor to the earliest of those (or back to
+    /// the start when none was found where up to `broadcast_limit` were looked for), the
+    /// transactional floor to [`FLOOR_MARGIN`] before the latest of the others, never back
+    /// but at a sweep.
+    fn took(
+        &mut self,
+        taken: impl IntoIterator<Item = (DateTime<Utc>, bool)>,
+        broadcast_limit: usize,
+    ) {
+        let (mut earliest_broadcast, mut latest_transactional) = (None, None);
+        for (due, broadcast) in taken {
+            if broadcast {
+                earliest_broadcast =
+                    Some(earliest_broadcast.map_or(due, |e: DateTime<Utc>| e.min(due)));
+            } else {
+                latest_transactional = latest_transactional.max(Some(due));
+            }
         }
-    }
-
-    /// Moves the transactional floor after transactional deliveries due up to `latest`
-    /// were taken; it never moves back but at a sweep.
-    fn took_transactional(&mut self, latest: Option<DateTime<Utc>>) {
-        if let Some(latest) = latest {
+        if earliest_broadcast.is_some() || broadcast_limit > 0 {
+            self.broadcast = earliest_broadcast;
+        }
+        if let Some(latest) = latest_transactional {
             let floor = latest - FLOOR_MARGIN;
-            self.transactional = Some(self.transactional.map_or(floor, |f| f.max(floor)));
+            self.transactional = self.transactional.max(Some(floor));
         }
     }
 }
@@ -383,22 +393,15 @@ pub async fn lock_due(
     .fetch_all(&mut *tx)
     .await
     .context("Failed to lock due deliveries")?;
-    let (mut earliest_broadcast, mut latest_transactional) = (None, None);
     let mut jobs = Vec::with_capacity(rows.len());
+    let mut taken = Vec::with_capacity(rows.len());
     for row in &rows {
         let job = Job::from_row(row).context("Failed to read a locked delivery")?;
         let due: DateTime<Utc> = row.try_get("due_at").context("Failed to read a due time")?;
-        if job.broadcast_id.is_some() {
-            earliest_broadcast =
-                Some(earliest_broadcast.map_or(due, |f: DateTime<Utc>| f.min(due)));
-        } else {
-            latest_transactional =
-                Some(latest_transactional.map_or(due, |l: DateTime<Utc>| l.max(due)));
-        }
+        taken.push((due, job.broadcast_id.is_some()));
         jobs.push(job);
     }
-    cursor.took_broadcast(earliest_broadcast, broadcast_limit);
-    cursor.took_transactional(latest_transactional);
+    cursor.took(taken, broadcast_limit);
     Ok(jobs)
 }
 
@@ -497,16 +500,13 @@ pub async fn claim(
     .fetch_all(&mut *tx)
     .await
     .context("Failed to claim deliveries")?;
-    let due = |bulk: bool| {
+    // With `locking` no broadcast delivery was looked for: its floor stays.
+    cursor.took(
         claimed
             .iter()
-            .filter(move |c| c.2 == bulk)
-            .filter_map(|c| c.1)
-    };
-    if !locking {
-        cursor.took_broadcast(due(true).min(), broadcast_limit);
-    }
-    cursor.took_transactional(due(false).max());
+            .filter_map(|&(_, due, bulk)| Some((due?, bulk))),
+        if locking { 0 } else { broadcast_limit },
+    );
     let mut ids: Vec<Uuid> = claimed.into_iter().map(|(id, ..)| id).collect();
     ids.extend(claim_digests(&mut tx, channel, limit, lease).await?);
     if ids.is_empty() {
@@ -1082,25 +1082,27 @@ mod tests {
         let mut cursor = Cursor::default();
         assert_eq!(cursor.transactional_floor(), None);
         // Nothing taken: nothing learnt.
-        cursor.took_transactional(None);
+        cursor.took([], 0);
         assert_eq!(cursor.transactional_floor(), None);
-        cursor.took_transactional(Some(t(10)));
+        cursor.took([(t(7), false), (t(10), false)], 0);
         assert_eq!(cursor.transactional_floor(), Some(t(10) - FLOOR_MARGIN));
         // Taking older deliveries (found after a sweep, or due early) never moves it back.
-        cursor.took_transactional(Some(t(5)));
+        cursor.took([(t(5), false)], 0);
         assert_eq!(cursor.transactional_floor(), Some(t(10) - FLOOR_MARGIN));
-        cursor.took_transactional(Some(t(20)));
+        cursor.took([(t(20), false)], 0);
         assert_eq!(cursor.transactional_floor(), Some(t(20) - FLOOR_MARGIN));
 
-        // Broadcasts: the earliest taken, and the start again when none was found.
-        cursor.took_broadcast(Some(t(3)), 10);
+        // Broadcasts: the earliest taken, and the start again when none was found; they
+        // leave the transactional floor alone.
+        cursor.took([(t(4), true), (t(3), true)], 10);
         assert_eq!(cursor.broadcast, Some(t(3)));
-        cursor.took_broadcast(None, 0);
+        assert_eq!(cursor.transactional_floor(), Some(t(20) - FLOOR_MARGIN));
+        cursor.took([], 0);
         assert_eq!(cursor.broadcast, Some(t(3)), "not looked for: kept");
-        cursor.took_broadcast(None, 10);
+        cursor.took([], 10);
         assert_eq!(cursor.broadcast, None);
 
-        cursor.took_broadcast(Some(t(3)), 10);
+        cursor.took([(t(3), true)], 10);
         cursor.sweep();
         assert!(cursor.sweeping());
         assert_eq!((cursor.transactional, cursor.broadcast), (None, None));

@@ -61,7 +61,8 @@ async fn intake_percentiles(
     keyed: bool,
 ) -> anyhow::Result<(f64, f64, String)> {
     let mut intake = load::intake(base, credential, tag, rate, duration, keyed).await?;
-    let mut failed = format!("{} failed", intake.failures);
+    let failures: usize = intake.failure_kinds.values().sum();
+    let mut failed = format!("{failures} failed");
     if !intake.failure_kinds.is_empty() {
         let kinds: Vec<String> = intake
             .failure_kinds
@@ -292,9 +293,10 @@ async fn main() -> anyhow::Result<()> {
     )
     .await?;
     let pool = b.migrated_pool().await?;
-    let held = match args.hold_snapshot {
-        true => Some(hold_snapshot(&pool).await?),
-        false => None,
+    let held = if args.hold_snapshot {
+        Some(hold_snapshot(&pool).await?)
+    } else {
+        None
     };
     let e2e_before = Writes::read(&pool).await?;
     let herald = Herald::start(&b, ALL_ROLES, &env, &logs.join("herald-all.log")).await?;
