@@ -9,6 +9,10 @@ use herald::{
     telemetry::{self, LogFormat},
 };
 
+/// mimalloc instead of glibc's malloc: see Cargo.toml and BENCHMARKS.md.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
