@@ -14,7 +14,7 @@ pub mod check;
 pub mod store;
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::{BTreeMap, HashMap, HashSet},
     path::{Path, PathBuf},
     sync::RwLock,
     time::{Duration, Instant, SystemTime},
@@ -124,6 +124,9 @@ struct Loaded {
     overlay: Overlay,
     /// `files` with `overlay` in place: what renders.
     tera: Tera,
+    /// The names of `tera`'s templates: a render looks its template up here, where tera's
+    /// own list is only an iterator (a scan of every name, for each part rendered).
+    names: HashSet<String>,
     stamp: Stamp,
     checked_at: Instant,
 }
@@ -163,6 +166,7 @@ impl Templates {
             dir: dir.to_owned(),
             default_locale: Locale::En,
             loaded: RwLock::new(Loaded {
+                names: names_of(&files),
                 tera: files.clone(),
                 files,
                 overlay: Overlay::default(),
@@ -203,7 +207,8 @@ impl Templates {
         if overlay.revision <= loaded.overlay.revision {
             return;
         }
-        loaded.tera = overlaid(&loaded.files, &overlay);
+        let tera = overlaid(&loaded.files, &overlay);
+        loaded.set_tera(tera);
         tracing::info!(
             revision = overlay.revision,
             versions = overlay.sources.len(),
@@ -250,11 +255,17 @@ impl Templates {
     }
 
     /// The template that renders `part` for `locale`: its own, else the default locale's.
-    fn resolve(&self, tera: &Tera, locale: Locale, event_type: &str, part: Part) -> Option<String> {
+    fn resolve(
+        &self,
+        loaded: &Loaded,
+        locale: Locale,
+        event_type: &str,
+        part: Part,
+    ) -> Option<String> {
         [locale, self.default_locale]
             .into_iter()
             .map(|l| template_name(l, event_type, part))
-            .find(|name| tera.get_template_names().any(|n| n == name))
+            .find(|name| loaded.names.contains(name))
     }
 
     /// Renders one part, and says which template did (the locale's or the default one).
@@ -267,7 +278,7 @@ impl Templates {
     ) -> Result<(String, String), RenderError> {
         self.reload_if_changed();
         let loaded = self.read();
-        let Some(name) = self.resolve(&loaded.tera, locale, event_type, part) else {
+        let Some(name) = self.resolve(&loaded, locale, event_type, part) else {
             return Err(RenderError {
                 template: template_name(locale, event_type, part),
                 reason: "no such template".to_owned(),
@@ -333,8 +344,9 @@ impl Templates {
 
     /// True when `locale` has its own template for this part (no fallback).
     pub fn has_own(&self, locale: Locale, event_type: &str, part: Part) -> bool {
-        let name = format!("{locale}/{event_type}/{}", part.file());
-        self.read().tera.get_template_names().any(|n| n == name)
+        self.read()
+            .names
+            .contains(&template_name(locale, event_type, part))
     }
 
     /// True when both locales can render every part `channel` needs for `event_type`,
@@ -342,10 +354,9 @@ impl Templates {
     pub fn covers(&self, event_type: &str, channel: Channel) -> bool {
         let loaded = self.read();
         [Locale::Ko, Locale::En].into_iter().all(|locale| {
-            Part::for_channel(channel).iter().all(|part| {
-                self.resolve(&loaded.tera, locale, event_type, *part)
-                    .is_some()
-            })
+            Part::for_channel(channel)
+                .iter()
+                .all(|part| self.resolve(&loaded, locale, event_type, *part).is_some())
         })
     }
 
@@ -367,7 +378,8 @@ impl Templates {
         }
         match parse_dir(&self.dir) {
             Ok(files) => {
-                loaded.tera = overlaid(&files, &loaded.overlay);
+                let tera = overlaid(&files, &loaded.overlay);
+                loaded.set_tera(tera);
                 loaded.files = files;
                 loaded.stamp = now;
                 tracing::info!(dir = %self.dir.display(), "templates reloaded");
@@ -418,6 +430,17 @@ fn slack_message(name: &str, text: &str) -> Result<Value, RenderError> {
     Ok(message)
 }
 
+impl Loaded {
+    fn set_tera(&mut self, tera: Tera) {
+        self.names = names_of(&tera);
+        self.tera = tera;
+    }
+}
+
+fn names_of(tera: &Tera) -> HashSet<String> {
+    tera.get_template_names().map(str::to_owned).collect()
+}
+
 /// `files` with each version of `overlay` in place of the file of its name.
 fn overlaid(files: &Tera, overlay: &Overlay) -> Tera {
     let mut all = files.clone();
@@ -450,6 +473,8 @@ fn parse_dir(dir: &Path) -> Result<Tera, String> {
         )
     })?;
     tera.register_filter("number", number_filter);
+    tera.register_filter("mrkdwn", mrkdwn_filter);
+    tera.register_filter("money", money_filter);
     // tera's built-in `get_env` reads the process environment: a template stored through
     // the API could put HERALD_ADMIN_TOKEN or the database password into a preview or an
     // email. No template needs it, so it fails like an unknown function would.
@@ -548,18 +573,79 @@ fn number_filter(value: &Value, _: &HashMap<String, Value>) -> tera::Result<Valu
         },
         // The value itself is not repeated: the error reaches last_error and DLQ headers.
         other => {
-            let kind = match other {
-                Value::String(_) => "a string that is not a decimal number",
-                Value::Null => "null",
-                Value::Bool(_) => "a boolean",
-                Value::Array(_) => "an array",
-                Value::Object(_) => "an object",
-                Value::Number(_) => "a number it cannot format",
-            };
-            return Err(tera::Error::msg(format!("number: the value is {kind}")));
+            return Err(tera::Error::msg(format!(
+                "number: the value is {}",
+                kind_of(other)
+            )));
         }
     };
     Ok(Value::String(formatted))
+}
+
+/// `{{ data.amount | money(currency=data.currency, locale="ko") }}`: the amount with
+/// thousands separators (the `number` filter) and its currency, as a reader of `locale`
+/// expects it: `12,000원` for won in Korean, `12,000 KRW` or `19.99 USD` otherwise.
+fn money_filter(value: &Value, args: &HashMap<String, Value>) -> tera::Result<Value> {
+    let Value::String(amount) = number_filter(value, args)? else {
+        unreachable!("number_filter gives a string");
+    };
+    let currency = match args.get("currency") {
+        Some(Value::String(currency)) => currency,
+        Some(other) => {
+            return Err(tera::Error::msg(format!(
+                "money: the currency is {}",
+                kind_of(other)
+            )));
+        }
+        None => return Err(tera::Error::msg("money: currency is required")),
+    };
+    let korean = args.get("locale").and_then(Value::as_str) == Some("ko");
+    Ok(Value::String(if korean && currency == "KRW" {
+        format!("{amount}원")
+    } else {
+        format!("{amount} {currency}")
+    }))
+}
+
+/// `{{ data.reason | mrkdwn }}`: the value as Slack mrkdwn text, with `&`, `<` and `>`
+/// escaped so that it cannot add a link or a mention such as `<!channel>`. Strings and
+/// numbers; the result still goes through `json_encode()` in a Block Kit template.
+fn mrkdwn_filter(value: &Value, _: &HashMap<String, Value>) -> tera::Result<Value> {
+    let text = match value {
+        Value::String(s) => s.as_str(),
+        Value::Number(n) => return Ok(Value::String(n.to_string())),
+        Value::Bool(b) => return Ok(Value::String(b.to_string())),
+        Value::Null => "",
+        other => {
+            return Err(tera::Error::msg(format!(
+                "mrkdwn: the value is {}",
+                kind_of(other)
+            )));
+        }
+    };
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        match c {
+            '&' => out.push_str("&amp;"),
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            c => out.push(c),
+        }
+    }
+    Ok(Value::String(out))
+}
+
+/// What a filter was given that it cannot take, named without repeating the value (the
+/// error reaches last_error and DLQ headers).
+fn kind_of(value: &Value) -> &'static str {
+    match value {
+        Value::String(_) => "a string that is not a decimal number",
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+        Value::Number(_) => "a number it cannot format",
+    }
 }
 
 /// `-?digits(.digits)?`: no exponent, no `inf`/`NaN`, no separators already in place.
@@ -813,6 +899,53 @@ mod tests {
         assert_eq!(render((-1234567).into()), "-1,234,567");
         assert_eq!(render(1234.5.into()), "1,234.50");
         assert!(number_filter(&Value::Bool(true), &HashMap::new()).is_err());
+    }
+
+    #[test]
+    fn the_money_and_mrkdwn_filters_render_as_the_macros_they_replace_do() {
+        let mut tera = parse_dir(&manifest("templates")).unwrap();
+        tera.add_raw_templates([
+            (
+                "filters",
+                "{{ data.amount | money(currency=data.currency, locale=locale) }}|\
+                 {{ data.reason | mrkdwn }}|{{ data.count | mrkdwn }}",
+            ),
+            (
+                "macros",
+                "{%- import \"_macros/money.txt\" as money -%}\
+                 {%- import \"_macros/slack.txt\" as slack -%}\
+                 {{ money::format(amount=data.amount, currency=data.currency, locale=locale) }}|\
+                 {{ slack::escape(text=data.reason) }}|{{ slack::escape(text=data.count) }}",
+            ),
+        ])
+        .unwrap();
+        let cases = [
+            ("ko", json!(12000), "KRW", "12,000원"),
+            ("en", json!(12000), "KRW", "12,000 KRW"),
+            ("ko", json!("19.99"), "USD", "19.99 USD"),
+            ("en", json!(1234.5), "USD", "1,234.50 USD"),
+        ];
+        for (locale, amount, currency, money) in cases {
+            let mut context = context(json!({
+                "amount": amount, "currency": currency,
+                "reason": "<!channel> & <https://x.test|click>", "count": 3,
+            }));
+            context.insert("locale", locale);
+            let expected = format!("{money}|&lt;!channel&gt; &amp; &lt;https://x.test|click&gt;|3");
+            for name in ["filters", "macros"] {
+                assert_eq!(tera.render(name, &context).unwrap(), expected, "{name}");
+            }
+        }
+        let mut context = context(json!({ "amount": 5, "currency": 7, "reason": [1] }));
+        context.insert("locale", "en");
+        let error = tera.render("filters", &context).unwrap_err();
+        assert!(
+            error_chain(&error).contains("money: the currency is"),
+            "{error:?}"
+        );
+        let only = tera::Tera::one_off("{{ v | mrkdwn }}", &context, false);
+        assert!(only.is_err(), "the filter is Herald's, not tera's");
+        assert!(mrkdwn_filter(&json!([1]), &HashMap::new()).is_err());
     }
 
     #[test]
