@@ -123,6 +123,14 @@ async fn a_channel_failing_a_fifth_of_its_sends_fires_once_on_the_ops_slack_and_
         count(&slack_texts(&slack).await, "FIRING") > 0
     })
     .await;
+    // A round posts before it commits (it records the announcement in its transaction), so
+    // the state is read once that round's transaction is visible.
+    wait_until(10, "the round that announced it committed", || async {
+        alert_of(&app, "HeraldChannelSuccessRateLow", "SMS")
+            .await
+            .is_some_and(|alert| alert["lastAnnounced"] == "firing")
+    })
+    .await;
     let alert = alert_of(&app, "HeraldChannelSuccessRateLow", "SMS")
         .await
         .expect("the SMS success rate is listed");
