@@ -572,6 +572,11 @@ fn number_filter(value: &Value, _: &HashMap<String, Value>) -> tera::Result<Valu
             None => group_thousands(s),
         },
         // The value itself is not repeated: the error reaches last_error and DLQ headers.
+        Value::String(_) => {
+            return Err(tera::Error::msg(
+                "number: the value is a string that is not a decimal number",
+            ));
+        }
         other => {
             return Err(tera::Error::msg(format!(
                 "number: the value is {}",
@@ -639,12 +644,12 @@ fn mrkdwn_filter(value: &Value, _: &HashMap<String, Value>) -> tera::Result<Valu
 /// error reaches last_error and DLQ headers).
 fn kind_of(value: &Value) -> &'static str {
     match value {
-        Value::String(_) => "a string that is not a decimal number",
+        Value::String(_) => "a string",
         Value::Null => "null",
         Value::Bool(_) => "a boolean",
         Value::Array(_) => "an array",
         Value::Object(_) => "an object",
-        Value::Number(_) => "a number it cannot format",
+        Value::Number(_) => "a number",
     }
 }
 
@@ -940,7 +945,7 @@ mod tests {
         context.insert("locale", "en");
         let error = tera.render("filters", &context).unwrap_err();
         assert!(
-            error_chain(&error).contains("money: the currency is"),
+            error_chain(&error).contains("money: the currency is a number"),
             "{error:?}"
         );
         let only = tera::Tera::one_off("{{ v | mrkdwn }}", &context, false);
