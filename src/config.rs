@@ -525,8 +525,11 @@ pub struct KafkaSettings {
     pub topic_prefix: String,
     /// Consumer group session timeout.
     pub session_timeout_ms: u32,
-    /// The longest a consumer's fetch waits at the broker for new messages.
+    /// The longest an ingest consumer's fetch waits at the broker for new messages.
     pub fetch_wait_ms: u32,
+    /// The same for the consumers of Herald's own topics (read model, webhooks, dead
+    /// letters), which no event's latency waits on.
+    pub internal_fetch_wait_ms: u32,
     /// Path of the topic catalogue (partition counts, replication factor).
     pub topics_file: PathBuf,
     /// librdkafka properties for every client (TLS, SASL...), as Vector's
@@ -759,6 +762,11 @@ impl Settings {
             "HERALD_KAFKA_FETCH_WAIT_MS",
             "kafka.fetch_wait_ms",
             raw.kafka.fetch_wait_ms.map(|n| n.to_string()),
+        )?;
+        let internal_fetch_wait = layers.required(
+            "HERALD_KAFKA_INTERNAL_FETCH_WAIT_MS",
+            "kafka.internal_fetch_wait_ms",
+            raw.kafka.internal_fetch_wait_ms.map(|n| n.to_string()),
         )?;
         let topics_file = layers.required(
             "HERALD_KAFKA_TOPICS_FILE",
@@ -1022,6 +1030,10 @@ impl Settings {
                 topic_prefix: topic_prefix.topic_prefix()?,
                 session_timeout_ms,
                 fetch_wait_ms: fetch_wait.u32_in(
+                    1..=300_000,
+                    "a whole number of milliseconds from 1 to 300000",
+                )?,
+                internal_fetch_wait_ms: internal_fetch_wait.u32_in(
                     1..=300_000,
                     "a whole number of milliseconds from 1 to 300000",
                 )?,
@@ -1340,6 +1352,7 @@ struct RawKafka {
     topic_prefix: Option<String>,
     session_timeout_ms: Option<u32>,
     fetch_wait_ms: Option<u32>,
+    internal_fetch_wait_ms: Option<u32>,
     topics_file: Option<String>,
     librdkafka_options: BTreeMap<String, toml::Value>,
     consumer: RawConsumer,
@@ -1978,6 +1991,7 @@ mod tests {
             ("HERALD_DISPATCH_CONCURRENCY", "8"),
             ("HERALD_DISPATCH_CONCURRENCY_IN_APP", "64"),
             ("HERALD_KAFKA_FETCH_WAIT_MS", "5"),
+            ("HERALD_KAFKA_INTERNAL_FETCH_WAIT_MS", "400"),
         ])
         .unwrap();
         assert_eq!(settings.dispatch.concurrency_of(Channel::InApp), 64);
@@ -1987,6 +2001,8 @@ mod tests {
         assert_eq!(defaults.dispatch.concurrency_of(Channel::InApp), 128);
         assert_eq!(defaults.dispatch.concurrency_of(Channel::Slack), 8);
         assert_eq!(settings.kafka.fetch_wait_ms, 5);
+        assert_eq!(settings.kafka.internal_fetch_wait_ms, 400);
+        assert_eq!(defaults.kafka.internal_fetch_wait_ms, 250);
         let message = error_of(&[("HERALD_DISPATCH_CONCURRENCY_SLACK", "0")]);
         assert!(
             message.starts_with("invalid HERALD_DISPATCH_CONCURRENCY_SLACK"),
@@ -2044,6 +2060,7 @@ mod tests {
             ("HERALD_TOPIC_PREFIX", "has space"),
             ("HERALD_DATABASE_MAX_CONNECTIONS", "0"),
             ("HERALD_KAFKA_FETCH_WAIT_MS", "300001"),
+            ("HERALD_KAFKA_INTERNAL_FETCH_WAIT_MS", "0"),
             ("HERALD_SHUTDOWN_GRACE_PERIOD_SECS", "soon"),
         ] {
             let message = error_of(&[(var, bad)]);

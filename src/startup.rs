@@ -370,6 +370,7 @@ fn spawn_webhooks(
             max_messages: 2000,
             max_wait: Duration::from_millis(20),
         },
+        fetch_wait_ms: state.settings.kafka.internal_fetch_wait_ms,
     };
     let (db, shutdown, watchdogs) = (
         state.work_db.clone(),
@@ -492,6 +493,7 @@ fn spawn_workers(
                 max_messages: settings.read_model.projector_batch_max_messages,
                 max_wait: settings.read_model.projector_linger,
             },
+            fetch_wait_ms: settings.kafka.internal_fetch_wait_ms,
         };
         let (shutdown, watchdogs) = (state.shutdown.clone(), state.consumers.clone());
         let failure = failure.clone();
@@ -546,6 +548,7 @@ fn spawn_workers(
                 max_messages: 200,
                 max_wait: Duration::from_millis(20),
             },
+            fetch_wait_ms: settings.kafka.internal_fetch_wait_ms,
         };
         let (shutdown, watchdogs) = (state.shutdown.clone(), state.consumers.clone());
         let failure = failure.clone();

@@ -2,7 +2,9 @@
 //! table of the phase's database, from `pg_stat_user_tables`) and WAL bytes (from
 //! `pg_current_wal_lsn()`, cluster-wide: the bench stack serves nothing else). Divided by
 //! the phase's events they do not depend on the machine's speed, so they are the figures
-//! to compare across runs (issue 14).
+//! to compare across runs (issue 14). Beside them, the transactions committed in the
+//! phase's database and the WAL flushes the cluster made: each durable commit waits for a
+//! flush (several share one when they meet), and both cost CPU that row counts do not show.
 
 use std::{collections::BTreeMap, time::Duration};
 
@@ -19,6 +21,10 @@ pub struct Writes {
     updates: i64,
     /// The WAL position, in bytes.
     wal: i64,
+    /// Transactions committed or rolled back in this database.
+    transactions: i64,
+    /// WAL flushes to disk (`pg_stat_wal.wal_sync`), cluster-wide.
+    wal_syncs: i64,
 }
 
 impl Writes {
@@ -35,7 +41,16 @@ impl Writes {
             sqlx::query_scalar("SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), '0/0')::bigint")
                 .fetch_one(pool)
                 .await?;
+        let (transactions, wal_syncs): (i64, i64) = sqlx::query_as(
+            "SELECT (xact_commit + xact_rollback)::bigint, \
+                 (SELECT wal_sync FROM pg_stat_wal)::bigint \
+             FROM pg_stat_database WHERE datname = current_database()",
+        )
+        .fetch_one(pool)
+        .await?;
         Ok(Writes {
+            transactions,
+            wal_syncs,
             updates: rows.iter().map(|r| r.2).sum(),
             hot: rows.iter().map(|r| r.3).sum(),
             tables: rows.into_iter().map(|r| (r.0, r.1)).collect(),
@@ -80,6 +95,8 @@ impl Writes {
         PerEvent {
             rows: (self.rows() - before.rows()) as f64 / events,
             wal_bytes: (self.wal - before.wal) as f64 / events,
+            transactions: (self.transactions - before.transactions) as f64 / events,
+            wal_syncs: (self.wal_syncs - before.wal_syncs) as f64 / events,
             hot_share: if updates > 0 {
                 (self.hot - before.hot) as f64 / updates as f64
             } else {
@@ -95,6 +112,10 @@ impl Writes {
 pub struct PerEvent {
     pub rows: f64,
     pub wal_bytes: f64,
+    /// Transactions in the database (the bench's own few readings included).
+    pub transactions: f64,
+    /// WAL flushes, cluster-wide.
+    pub wal_syncs: f64,
     /// Share of updates that were HOT.
     pub hot_share: f64,
     /// Row versions per event by table, largest first.
@@ -110,11 +131,13 @@ impl PerEvent {
             .map(|(name, n)| format!("{name} {n:.2}"))
             .collect();
         format!(
-            "writes, {phase}: {:.1} row versions and {:.1} KB of WAL per event ({}; {:.0} % of updates HOT)",
+            "writes, {phase}: {:.1} row versions and {:.1} KB of WAL per event ({}; {:.0} % of updates HOT); {:.3} transactions and {:.3} WAL flushes per event",
             self.rows,
             self.wal_bytes / 1000.0,
             tables.join(", "),
-            self.hot_share * 100.0
+            self.hot_share * 100.0,
+            self.transactions,
+            self.wal_syncs
         )
     }
 
@@ -124,6 +147,8 @@ impl PerEvent {
             "row_versions_per_event": (self.rows * 100.0).round() / 100.0,
             "wal_bytes_per_event": self.wal_bytes.round(),
             "hot_update_share": (self.hot_share * 1000.0).round() / 1000.0,
+            "transactions_per_event": (self.transactions * 1000.0).round() / 1000.0,
+            "wal_syncs_per_event": (self.wal_syncs * 1000.0).round() / 1000.0,
             "by_table": self.tables.iter().map(|(n, v)| (n.clone(), (v * 100.0).round() / 100.0)).collect::<BTreeMap<_, _>>(),
         })
     }

@@ -209,7 +209,7 @@ impl Fanout {
             .await
             .context("Failed to commit a broadcast step")?;
         if step == Step::Continue {
-            self.wakeup.wake();
+            self.wakeup.wake_all();
         }
         Ok(step)
     }

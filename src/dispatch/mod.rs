@@ -38,9 +38,8 @@ const GATHER: Duration = Duration::from_millis(5);
 
 /// Runs the channel loops until `shutdown`, then waits for the sends in flight.
 pub async fn run(dispatcher: Arc<Dispatcher>, shutdown: CancellationToken) {
-    let wake = dispatcher.wakeup.local();
     let tasks = TaskTracker::new();
-    tasks.spawn(listen(dispatcher.clone(), wake.clone(), shutdown.clone()));
+    tasks.spawn(listen(dispatcher.clone(), shutdown.clone()));
     tasks.spawn(sample_queue(dispatcher.clone(), shutdown.clone()));
     let mut channels: Vec<Channel> = dispatcher.senders.keys().copied().collect();
     channels.sort();
@@ -48,7 +47,7 @@ pub async fn run(dispatcher: Arc<Dispatcher>, shutdown: CancellationToken) {
         tasks.spawn(channel_loop(
             dispatcher.clone(),
             channel,
-            wake.clone(),
+            dispatcher.wakeup.local(channel),
             shutdown.clone(),
         ));
     }
@@ -193,9 +192,18 @@ async fn channel_loop(
         }
         let room = room - locked;
         let broadcast_room = broadcast_room.min(room);
-        let claimed = dispatcher
-            .claim(channel, (room, broadcast_room), locking, &mut cursor)
-            .await;
+        // A lock that took fewer than it had room for took everything due: the loop waits
+        // for the next wake rather than looking again at once. Its claim would look only
+        // for digests (expired leases wait for the sweep), so they wait for the sweep too,
+        // a second at most: at a steady load, an empty lock and an empty claim after each
+        // lock were a third of the dispatcher's transactions.
+        let claimed = if locked > 0 {
+            Ok(Vec::new())
+        } else {
+            dispatcher
+                .claim(channel, (room, broadcast_room), locking, &mut cursor)
+                .await
+        };
         let swept = cursor.sweeping();
         cursor.swept();
         match claimed {
@@ -232,7 +240,7 @@ async fn channel_loop(
                 }
             }
             // More may be due: look again at once.
-            Ok(_) if locked > 0 || swept => {}
+            Ok(_) if swept => {}
             Ok(_) => {
                 // Due broadcast deliveries that could not be claimed wait for a broadcast
                 // slot (or, past the rate-limit reserve, for the next sweep), not for their
@@ -308,9 +316,9 @@ async fn next_due(
     .max(Duration::from_millis(5))
 }
 
-/// Wakes every loop on each `NOTIFY herald_deliveries`; reconnects when the connection
+/// Wakes the loops each `NOTIFY herald_deliveries` names (another instance's wakes); reconnects when the connection
 /// drops (the loops' periodic sweep covers the gap).
-async fn listen(dispatcher: Arc<Dispatcher>, wake: Arc<Notify>, shutdown: CancellationToken) {
+async fn listen(dispatcher: Arc<Dispatcher>, shutdown: CancellationToken) {
     while !shutdown.is_cancelled() {
         let mut listener = match PgListener::connect_with(&dispatcher.db).await {
             Ok(listener) => listener,
@@ -322,7 +330,7 @@ async fn listen(dispatcher: Arc<Dispatcher>, wake: Arc<Notify>, shutdown: Cancel
                 }
             }
         };
-        if let Err(error) = listener.listen("herald_deliveries").await {
+        if let Err(error) = listener.listen(wakeup::NOTIFY_CHANNEL).await {
             tracing::warn!(%error, "LISTEN failed");
             continue;
         }
@@ -330,9 +338,9 @@ async fn listen(dispatcher: Arc<Dispatcher>, wake: Arc<Notify>, shutdown: Cancel
         loop {
             tokio::select! {
                 received = listener.recv() => match received {
-                    Ok(_) => {
-                        tracing::trace!("new deliveries announced");
-                        wake.notify_waiters();
+                    Ok(notification) => {
+                        tracing::trace!(payload = notification.payload(), "new deliveries announced");
+                        dispatcher.wakeup.received(notification.payload());
                     }
                     Err(error) => {
                         tracing::warn!(%error, "lost the LISTEN connection");

@@ -487,7 +487,7 @@ async fn requeue(
     }
     mark(&mut tx, letter.id, actor, None, item, RetryKind::Requeued).await?;
     tx.commit().await.context("Failed to commit the retry")?;
-    ingestor.wakeup.wake();
+    ingestor.wakeup.wake_all();
     Ok(RetryKind::Requeued)
 }
 

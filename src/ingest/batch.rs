@@ -215,14 +215,12 @@ impl Ingestor {
         // An event some earlier batch or another instance stored is left out here: the
         // notification's unique key on its topic and eventId is the idempotency record.
         let stored = intake::insert(&mut tx, &mut drafts, &self.topic_prefix).await?;
-        let (accepted, sends) = (stored.len(), intake::has_sends(&stored));
+        let (accepted, due) = (stored.len(), intake::due_channels(&stored));
         outbox::insert(&mut tx, &letters).await?;
         tx.commit()
             .await
             .context("Failed to commit an ingest batch")?;
-        if sends {
-            self.wakeup.wake();
-        }
+        self.wakeup.wake(due);
 
         outcome.duplicates += drafts.len() - accepted;
         outcome.accepted = accepted;

@@ -34,6 +34,7 @@ pub async fn run(
         group: group.clone(),
         topics: vec![format!("{prefix}{topic}")],
         limits,
+        fetch_wait_ms: settings.kafka.fetch_wait_ms,
     };
     // Lanes of the current batch already committed (by their first message), so that a
     // retry of the batch after one lane failed stores only the others: their events would

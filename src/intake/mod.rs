@@ -325,13 +325,15 @@ async fn join_digests(
     Ok(())
 }
 
-/// True when the stored notifications have a delivery to send: the caller then wakes the
-/// dispatchers once its transaction commits ([`crate::dispatch::wakeup`]).
-pub fn has_sends(stored: &[&NewNotification]) -> bool {
+/// The channels the stored notifications have a delivery to send on: the caller wakes
+/// their dispatchers once its transaction commits ([`crate::dispatch::wakeup`]).
+pub fn due_channels(stored: &[&NewNotification]) -> std::collections::BTreeSet<Channel> {
     stored
         .iter()
         .flat_map(|x| &x.deliveries)
-        .any(|d| d.skip_reason.is_none())
+        .filter(|d| d.skip_reason.is_none())
+        .map(|d| d.channel)
+        .collect()
 }
 
 /// Stores the notification and delivery rows alone (no delivery events): the part of

@@ -35,7 +35,7 @@ use serde_json::Value;
 use sqlx::{PgConnection, PgPool};
 use tokio::sync::{Mutex, mpsc, oneshot};
 
-use super::{NewNotification, has_sends, insert};
+use super::{NewNotification, due_channels, insert};
 use crate::dispatch::wakeup::Wakeup;
 
 /// Requests one transaction stores at most.
@@ -304,7 +304,7 @@ impl Writer {
             .await
             .context("Failed to begin a transaction")
             .map_err(Failed::not_refused)?;
-        let sends = has_sends(
+        let due = due_channels(
             &insert(&mut tx, &mut batch.notifications, &self.topic_prefix)
                 .await
                 .map_err(Failed::refused)?,
@@ -323,9 +323,7 @@ impl Writer {
             .await
             .context("Failed to commit the notification")
             .map_err(Failed::not_refused)?;
-        if sends {
-            self.wakeup.wake();
-        }
+        self.wakeup.wake(due);
         Ok(Vec::new())
     }
 }

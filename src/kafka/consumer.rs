@@ -91,6 +91,10 @@ pub struct ConsumerSpec {
     /// Full topic names, prefix included.
     pub topics: Vec<String>,
     pub limits: BatchLimits,
+    /// librdkafka's `fetch.wait.max.ms` for this consumer: `KafkaSettings::fetch_wait_ms`
+    /// for ingest, whose events someone waits on, `internal_fetch_wait_ms` for the
+    /// consumers of Herald's own topics.
+    pub fetch_wait_ms: u32,
 }
 
 /// How often an idle consumer looks at its watchdog.
@@ -347,7 +351,7 @@ fn create(
             "max.poll.interval.ms",
             settings.consumer.max_poll_interval.as_millis().to_string(),
         )
-        .set("fetch.wait.max.ms", settings.fetch_wait_ms.to_string())
+        .set("fetch.wait.max.ms", spec.fetch_wait_ms.to_string())
         .set("statistics.interval.ms", "5000")
         // A subscribed topic that does not exist (yet, or again after a broker lost its
         // data) is looked for at each metadata refresh: every 5 s rather than librdkafka's

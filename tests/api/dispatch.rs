@@ -934,37 +934,81 @@ async fn an_open_breaker_does_not_fall_back_to_a_channel_the_user_opted_out_of()
     assert_eq!(kakao.received_requests().await.unwrap().len(), 1);
 }
 
+/// Whether `notified` completes within `wait`.
+async fn woken(
+    notified: std::pin::Pin<&mut tokio::sync::futures::Notified<'_>>,
+    wait: Duration,
+) -> bool {
+    tokio::time::timeout(wait, notified).await.is_ok()
+}
+
 #[tokio::test]
-async fn a_burst_of_wakes_wakes_local_loops_each_time_and_sends_one_notify_outside_any_transaction()
-{
+async fn a_burst_of_wakes_wakes_the_named_loops_and_sends_one_notify_naming_their_channels() {
+    use herald::{dispatch::wakeup::Wakeup, domain::Channel};
     let app = spawn_front_half(|_| {}).await;
     let mut listener = sqlx::postgres::PgListener::connect_with(&app.db)
         .await
         .unwrap();
     listener.listen("herald_deliveries").await.unwrap();
-    let wakeup = herald::dispatch::wakeup::Wakeup::new(app.db.clone());
-    let local = wakeup.local();
-
-    let woken = local.notified();
-    tokio::pin!(woken);
-    woken.as_mut().enable();
-    for _ in 0..100 {
-        wakeup.wake();
-    }
-    tokio::time::timeout(Duration::from_millis(100), woken)
-        .await
-        .expect("the local loops are woken at once");
-
-    let mut notifies = 0;
-    while let Ok(received) = tokio::time::timeout(Duration::from_millis(500), listener.recv()).await
-    {
-        received.unwrap();
-        notifies += 1;
+    let wakeup = Wakeup::new(app.db.clone());
+    let (email, slack) = (wakeup.local(Channel::Email), wakeup.local(Channel::Slack));
+    let (email_woken, slack_woken) = (email.notified(), slack.notified());
+    tokio::pin!(email_woken, slack_woken);
+    email_woken.as_mut().enable();
+    slack_woken.as_mut().enable();
+    for i in 0..100 {
+        wakeup.wake([if i % 2 == 0 {
+            Channel::Email
+        } else {
+            Channel::InApp
+        }]);
     }
     assert!(
-        (1..=2).contains(&notifies),
-        "100 wakes in a burst sent {notifies} NOTIFYs"
+        woken(email_woken, Duration::from_millis(100)).await,
+        "the EMAIL loop is woken at once"
     );
+    assert!(
+        !woken(slack_woken, Duration::from_millis(100)).await,
+        "the SLACK loop had nothing new and slept on"
+    );
+
+    let mut payloads = Vec::new();
+    while let Ok(received) = tokio::time::timeout(Duration::from_millis(500), listener.recv()).await
+    {
+        payloads.push(received.unwrap().payload().to_owned());
+    }
+    assert!(
+        (1..=2).contains(&payloads.len()),
+        "100 wakes in a burst sent {} NOTIFYs",
+        payloads.len()
+    );
+    let named: std::collections::BTreeSet<&str> = payloads
+        .iter()
+        .flat_map(|p| p.split_once(' ').unwrap().1.split(','))
+        .collect();
+    assert_eq!(named, ["EMAIL", "IN_APP"].into());
+
+    // Another instance wakes the loops the NOTIFY names and no other; the instance that
+    // sent it wakes none (its loops were woken in process); a payload that names nothing
+    // (an older instance's, an operator's NOTIFY) wakes every loop.
+    let other = Wakeup::new(app.db.clone());
+    let (in_app, other_slack) = (other.local(Channel::InApp), other.local(Channel::Slack));
+    let (in_app_woken, other_slack_woken) = (in_app.notified(), other_slack.notified());
+    tokio::pin!(in_app_woken, other_slack_woken);
+    in_app_woken.as_mut().enable();
+    other_slack_woken.as_mut().enable();
+    let own_email_woken = email.notified();
+    tokio::pin!(own_email_woken);
+    own_email_woken.as_mut().enable();
+    for payload in &payloads {
+        other.received(payload);
+        wakeup.received(payload);
+    }
+    assert!(woken(in_app_woken, Duration::from_millis(100)).await);
+    assert!(!woken(own_email_woken, Duration::from_millis(100)).await);
+    assert!(!woken(other_slack_woken.as_mut(), Duration::from_millis(100)).await);
+    other.received("");
+    assert!(woken(other_slack_woken, Duration::from_millis(100)).await);
 }
 
 #[tokio::test]
