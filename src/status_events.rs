@@ -162,8 +162,9 @@ pub async fn changes(
     ids.sort_unstable();
     ids.dedup();
     let notifications: Vec<Locked> = sqlx::query_as(
-        "WITH locked AS MATERIALIZED (SELECT count(pg_advisory_xact_lock(hashtextextended(id::text, $2))) \
-                 FROM (SELECT id FROM UNNEST($1::uuid[]) AS id ORDER BY id) ordered) \
+        "WITH locked AS MATERIALIZED ( \
+             SELECT count(pg_advisory_xact_lock(hashtextextended(id::text, $2))) \
+             FROM (SELECT id FROM UNNEST($1::uuid[]) AS id ORDER BY id) ordered) \
          SELECT n.id, n.event_id, n.event_type, n.domain, n.user_id \
          FROM locked, notifications n WHERE n.id = ANY($1)",
     )

@@ -1,11 +1,11 @@
 //! The dispatcher: one loop per enabled channel claims due deliveries and sends them, at
 //! most `concurrency` at a time, so a slow or hanging channel never holds up another.
 //!
-//! Loops wake within milliseconds of new work: in process when this instance's intakes
-//! commit it, through PostgreSQL `LISTEN herald_deliveries` when another instance's do
-//! ([`wakeup`]), and otherwise when the next
-//! scheduled or retried delivery falls due (checked at least every second), which also
-//! catches deliveries whose worker died and whose lease ran out.
+//! A channel's loop wakes within milliseconds of new work on its channel: in process when
+//! this instance's intakes commit it, through PostgreSQL `LISTEN herald_deliveries` when
+//! another instance's do ([`wakeup`]), and otherwise when the next scheduled or retried
+//! delivery falls due (checked at least every second), which also catches deliveries whose
+//! worker died and whose lease ran out.
 
 pub mod circuit_breaker;
 pub mod rate_limit;
@@ -316,8 +316,8 @@ async fn next_due(
     .max(Duration::from_millis(5))
 }
 
-/// Wakes the loops each `NOTIFY herald_deliveries` names (another instance's wakes); reconnects when the connection
-/// drops (the loops' periodic sweep covers the gap).
+/// Wakes the loops each `NOTIFY herald_deliveries` names (another instance's wakes);
+/// reconnects when the connection drops (the loops' periodic sweep covers the gap).
 async fn listen(dispatcher: Arc<Dispatcher>, shutdown: CancellationToken) {
     while !shutdown.is_cancelled() {
         let mut listener = match PgListener::connect_with(&dispatcher.db).await {
