@@ -37,12 +37,9 @@ impl Writes {
         )
         .fetch_all(pool)
         .await?;
-        let wal: i64 =
-            sqlx::query_scalar("SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), '0/0')::bigint")
-                .fetch_one(pool)
-                .await?;
-        let (transactions, wal_syncs): (i64, i64) = sqlx::query_as(
-            "SELECT (xact_commit + xact_rollback)::bigint, \
+        let (wal, transactions, wal_syncs): (i64, i64, i64) = sqlx::query_as(
+            "SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), '0/0')::bigint, \
+                 (xact_commit + xact_rollback)::bigint, \
                  (SELECT wal_sync FROM pg_stat_wal)::bigint \
              FROM pg_stat_database WHERE datname = current_database()",
         )

@@ -86,15 +86,14 @@ impl Wakeup {
     /// Says that deliveries of `channels` became due: call it after the commit that made
     /// them.
     pub fn wake(&self, channels: impl IntoIterator<Item = Channel>) {
-        let mut pending = lock(&self.pending);
-        for channel in channels {
-            self.local[&channel].notify_waiters();
-            pending.insert(channel);
+        let channels: BTreeSet<Channel> = channels.into_iter().collect();
+        if channels.is_empty() {
+            return;
         }
-        if !pending.is_empty() {
-            // Full: a NOTIFY is already pending, and this wake joins it.
-            let _ = self.remote.try_send(());
-        }
+        self.wake_here(channels.iter().copied());
+        lock(&self.pending).extend(channels);
+        // Full: a NOTIFY is already pending, and this wake joins it.
+        let _ = self.remote.try_send(());
     }
 
     /// Says that deliveries of any channel may have become due.
@@ -111,16 +110,15 @@ impl Wakeup {
     pub fn received(&self, payload: &str) {
         match parse(payload) {
             Some((instance, _)) if instance == self.instance => {}
-            Some((_, channels)) => {
-                for channel in channels {
-                    self.local[&channel].notify_waiters();
-                }
-            }
-            None => {
-                for notify in self.local.values() {
-                    notify.notify_waiters();
-                }
-            }
+            Some((_, channels)) => self.wake_here(channels),
+            None => self.wake_here(Channel::ALL),
+        }
+    }
+
+    /// Wakes this instance's loops of `channels`.
+    fn wake_here(&self, channels: impl IntoIterator<Item = Channel>) {
+        for channel in channels {
+            self.local[&channel].notify_waiters();
         }
     }
 }

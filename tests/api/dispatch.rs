@@ -934,17 +934,24 @@ async fn an_open_breaker_does_not_fall_back_to_a_channel_the_user_opted_out_of()
     assert_eq!(kakao.received_requests().await.unwrap().len(), 1);
 }
 
+/// A wait on a `Notify` that counts from when it was armed.
+type Armed<'a> = std::pin::Pin<Box<tokio::sync::futures::Notified<'a>>>;
+
+/// A wait on `notify` that counts from now: a `notify_waiters` after this call completes it.
+fn armed(notify: &tokio::sync::Notify) -> Armed<'_> {
+    let mut notified = Box::pin(notify.notified());
+    notified.as_mut().enable();
+    notified
+}
+
 /// Whether `notified` completes within `wait`.
-async fn woken(
-    notified: std::pin::Pin<&mut tokio::sync::futures::Notified<'_>>,
-    wait: Duration,
-) -> bool {
-    tokio::time::timeout(wait, notified).await.is_ok()
+async fn woken(notified: &mut Armed<'_>, wait: Duration) -> bool {
+    tokio::time::timeout(wait, notified.as_mut()).await.is_ok()
 }
 
 #[tokio::test]
 async fn a_burst_of_wakes_wakes_the_named_loops_and_sends_one_notify_naming_their_channels() {
-    use herald::{dispatch::wakeup::Wakeup, domain::Channel};
+    use herald::dispatch::wakeup::Wakeup;
     let app = spawn_front_half(|_| {}).await;
     let mut listener = sqlx::postgres::PgListener::connect_with(&app.db)
         .await
@@ -952,10 +959,7 @@ async fn a_burst_of_wakes_wakes_the_named_loops_and_sends_one_notify_naming_thei
     listener.listen("herald_deliveries").await.unwrap();
     let wakeup = Wakeup::new(app.db.clone());
     let (email, slack) = (wakeup.local(Channel::Email), wakeup.local(Channel::Slack));
-    let (email_woken, slack_woken) = (email.notified(), slack.notified());
-    tokio::pin!(email_woken, slack_woken);
-    email_woken.as_mut().enable();
-    slack_woken.as_mut().enable();
+    let (mut email_woken, mut slack_woken) = (armed(&email), armed(&slack));
     for i in 0..100 {
         wakeup.wake([if i % 2 == 0 {
             Channel::Email
@@ -964,11 +968,11 @@ async fn a_burst_of_wakes_wakes_the_named_loops_and_sends_one_notify_naming_thei
         }]);
     }
     assert!(
-        woken(email_woken, Duration::from_millis(100)).await,
+        woken(&mut email_woken, Duration::from_millis(100)).await,
         "the EMAIL loop is woken at once"
     );
     assert!(
-        !woken(slack_woken, Duration::from_millis(100)).await,
+        !woken(&mut slack_woken, Duration::from_millis(100)).await,
         "the SLACK loop had nothing new and slept on"
     );
 
@@ -993,22 +997,17 @@ async fn a_burst_of_wakes_wakes_the_named_loops_and_sends_one_notify_naming_thei
     // (an older instance's, an operator's NOTIFY) wakes every loop.
     let other = Wakeup::new(app.db.clone());
     let (in_app, other_slack) = (other.local(Channel::InApp), other.local(Channel::Slack));
-    let (in_app_woken, other_slack_woken) = (in_app.notified(), other_slack.notified());
-    tokio::pin!(in_app_woken, other_slack_woken);
-    in_app_woken.as_mut().enable();
-    other_slack_woken.as_mut().enable();
-    let own_email_woken = email.notified();
-    tokio::pin!(own_email_woken);
-    own_email_woken.as_mut().enable();
+    let (mut in_app_woken, mut other_slack_woken) = (armed(&in_app), armed(&other_slack));
+    let mut own_email_woken = armed(&email);
     for payload in &payloads {
         other.received(payload);
         wakeup.received(payload);
     }
-    assert!(woken(in_app_woken, Duration::from_millis(100)).await);
-    assert!(!woken(own_email_woken, Duration::from_millis(100)).await);
-    assert!(!woken(other_slack_woken.as_mut(), Duration::from_millis(100)).await);
+    assert!(woken(&mut in_app_woken, Duration::from_millis(100)).await);
+    assert!(!woken(&mut own_email_woken, Duration::from_millis(100)).await);
+    assert!(!woken(&mut other_slack_woken, Duration::from_millis(100)).await);
     other.received("");
-    assert!(woken(other_slack_woken, Duration::from_millis(100)).await);
+    assert!(woken(&mut other_slack_woken, Duration::from_millis(100)).await);
 }
 
 #[tokio::test]
