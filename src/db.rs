@@ -42,6 +42,11 @@ pub async fn migrate(pool: &PgPool) -> anyhow::Result<()> {
     )
 }
 
+/// A statement with its parameters bound so far: statements built from parts (see
+/// [`crate::intake::insert_rows`]) bind each part's columns with a function taking and
+/// returning one.
+pub type PgQuery<'q> = sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments>;
+
 /// True when PostgreSQL refused the data itself: SQLSTATE class 22 (data exception, such as
 /// a bad encoding) or 23 (integrity constraint). Anything else (unreachable, shutting down,
 /// refusing connections) is the infrastructure's fault and is retried.
@@ -53,6 +58,17 @@ pub fn is_data_error(error: &anyhow::Error) -> bool {
 /// (a deadlock or a serialization failure).
 pub fn is_lost_race(error: &anyhow::Error) -> bool {
     sqlstate_class(error, &["40"])
+}
+
+/// True when PostgreSQL answered the statement with an error, so that it had no effect (as
+/// opposed to a connection that failed, after which nobody knows).
+pub fn is_refusal(error: &anyhow::Error) -> bool {
+    error.chain().any(|cause| {
+        matches!(
+            cause.downcast_ref::<sqlx::Error>(),
+            Some(sqlx::Error::Database(_))
+        )
+    })
 }
 
 fn sqlstate_class(error: &anyhow::Error, classes: &[&str]) -> bool {

@@ -1,5 +1,5 @@
 //! The `deliveries` table: every statement that changes a delivery, one function per
-//! transition of its life (DESIGN §3): [`insert`] (created PENDING or SKIPPED), [`claim`]
+//! transition of its life (DESIGN §3): [`insert_sql`] (created PENDING or SKIPPED), [`claim`]
 //! (PROCESSING under a lease), [`lock_due`] (held by the transaction that sends it and
 //! records its outcome, for IN_APP), [`defer`] (PENDING again, no attempt counted), [`record`] (a
 //! send's outcome: SUCCESS, PENDING for a retry, FAILED with its dead letter), [`requeue_failed`]
@@ -19,6 +19,7 @@ use sqlx::{FromRow, PgConnection, PgPool, Row};
 use uuid::Uuid;
 
 use crate::{
+    db::PgQuery,
     dispatch::record::{Finished, Written},
     domain::{Channel, DeliveryStatus, Domain, Locale},
     intake::NewNotification,
@@ -169,75 +170,126 @@ impl Job {
     }
 }
 
-/// Creates the deliveries of stored notifications, PENDING (due at the notification's
-/// `scheduledAt`, or now) or SKIPPED with their reason, at version 1. Their creation events
-/// are the notifications' ([`NewNotification::delivery_events`]).
-pub async fn insert(conn: &mut PgConnection, n: &[&NewNotification]) -> anyhow::Result<()> {
-    let mut d_ids = Vec::new();
-    let mut d_notifications = Vec::new();
-    let mut d_channels = Vec::new();
-    let mut d_statuses = Vec::new();
-    let mut d_addresses = Vec::new();
-    let mut d_reasons = Vec::new();
-    let mut d_due = Vec::new();
-    let mut d_created = Vec::new();
-    let mut d_broadcasts = Vec::new();
-    let mut d_replay_of = Vec::new();
-    let mut d_replay_count = Vec::new();
-    let mut d_holds = Vec::new();
-    let mut d_digests = Vec::new();
-    for x in n {
-        for d in &x.deliveries {
-            let (due, hold) = d.schedule(x);
-            d_ids.push(d.id);
-            d_notifications.push(x.id);
-            d_channels.push(d.channel.as_str());
-            d_statuses.push(d.status().as_str());
-            d_addresses.push(d.address.as_deref());
-            d_reasons.push(d.skip_reason.as_deref());
-            if let Some(hold) = hold {
-                metrics::counter!("herald_deliveries_held_total", "channel" => d.channel.as_str(), "reason" => hold.as_str())
-                    .increment(1);
-            }
-            d_due.push(due);
-            d_holds.push(hold.map(Hold::as_str));
-            d_digests.push(d.digest(x));
-            d_created.push(x.created_at);
-            d_broadcasts.push(x.draft.broadcast_id);
-            d_replay_of.push(x.draft.replay.map(|r| r.dead_letter_id));
-            d_replay_count.push(x.draft.replay.map(|r| r.replay_count));
-        }
-    }
-    sqlx::query(
+/// The INSERT that creates notifications' deliveries, PENDING (due at the notification's
+/// `scheduledAt`, a hold's end, or now) or SKIPPED with their reason, at version 1, with its
+/// parameters numbered from `$first` in the order [`NewRows::bind`] binds them: a part of
+/// [`crate::intake::insert_rows`]'s statement, which writes only the deliveries of the
+/// notifications in `owners` (the name of its CTE of stored notification ids). Their
+/// creation events are the notifications' ([`NewNotification::delivery_events`]).
+pub(crate) fn insert_sql(first: usize, owners: &str) -> String {
+    let p: [usize; NewRows::PARAMS] = std::array::from_fn(|i| first + i);
+    format!(
         "INSERT INTO deliveries (id, notification_id, channel, status, address, skip_reason, \
              next_attempt_at, created_at, updated_at, completed_at, broadcast_id, replay_of, \
              replay_count, hold_reason, digest_id) \
          SELECT id, notification_id, channel, status, address, skip_reason, due, created, \
              created, CASE WHEN status = 'SKIPPED' THEN created END, broadcast_id, replay_of, \
              replay_count, hold_reason, digest_id \
-         FROM UNNEST($1::uuid[], $2::uuid[], $3::text[], $4::text[], $5::text[], $6::text[], \
-             $7::timestamptz[], $8::timestamptz[], $9::uuid[], $10::uuid[], $11::int4[], \
-             $12::text[], $13::uuid[]) \
+         FROM UNNEST(${}::uuid[], ${}::uuid[], ${}::text[], ${}::text[], ${}::text[], \
+             ${}::text[], ${}::timestamptz[], ${}::timestamptz[], ${}::uuid[], ${}::uuid[], \
+             ${}::int4[], ${}::text[], ${}::uuid[]) \
          AS t(id, notification_id, channel, status, address, skip_reason, due, created, \
-             broadcast_id, replay_of, replay_count, hold_reason, digest_id)",
+             broadcast_id, replay_of, replay_count, hold_reason, digest_id) \
+         WHERE notification_id IN (SELECT id FROM {owners})",
+        p[0], p[1], p[2], p[3], p[4], p[5], p[6], p[7], p[8], p[9], p[10], p[11], p[12]
     )
-    .bind(&d_ids)
-    .bind(&d_notifications)
-    .bind(&d_channels)
-    .bind(&d_statuses)
-    .bind(&d_addresses)
-    .bind(&d_reasons)
-    .bind(&d_due)
-    .bind(&d_created)
-    .bind(&d_broadcasts)
-    .bind(&d_replay_of)
-    .bind(&d_replay_count)
-    .bind(&d_holds)
-    .bind(&d_digests)
-    .execute(&mut *conn)
-    .await
-    .context("Failed to store deliveries")?;
-    Ok(())
+}
+
+/// The deliveries of new notifications as the parameters of [`insert_sql`].
+pub(crate) struct NewRows<'a> {
+    ids: Vec<Uuid>,
+    notifications: Vec<Uuid>,
+    channels: Vec<&'static str>,
+    statuses: Vec<&'static str>,
+    addresses: Vec<Option<&'a str>>,
+    reasons: Vec<Option<&'a str>>,
+    due: Vec<DateTime<Utc>>,
+    created: Vec<DateTime<Utc>>,
+    broadcasts: Vec<Option<Uuid>>,
+    replay_of: Vec<Option<Uuid>>,
+    replay_count: Vec<Option<i32>>,
+    holds: Vec<Option<&'static str>>,
+    digests: Vec<Option<Uuid>>,
+}
+
+impl<'a> NewRows<'a> {
+    /// Parameters [`Self::bind`] binds.
+    pub(crate) const PARAMS: usize = 13;
+
+    /// Every delivery of `n`, counting the held ones by reason.
+    pub(crate) fn new(n: &'a [NewNotification]) -> Self {
+        let mut rows = NewRows {
+            ids: Vec::new(),
+            notifications: Vec::new(),
+            channels: Vec::new(),
+            statuses: Vec::new(),
+            addresses: Vec::new(),
+            reasons: Vec::new(),
+            due: Vec::new(),
+            created: Vec::new(),
+            broadcasts: Vec::new(),
+            replay_of: Vec::new(),
+            replay_count: Vec::new(),
+            holds: Vec::new(),
+            digests: Vec::new(),
+        };
+        for x in n {
+            for d in &x.deliveries {
+                let (due, hold) = d.schedule(x);
+                rows.ids.push(d.id);
+                rows.notifications.push(x.id);
+                rows.channels.push(d.channel.as_str());
+                rows.statuses.push(d.status().as_str());
+                rows.addresses.push(d.address.as_deref());
+                rows.reasons.push(d.skip_reason.as_deref());
+                rows.due.push(due);
+                rows.holds.push(hold.map(Hold::as_str));
+                rows.digests.push(d.digest(x));
+                rows.created.push(x.created_at);
+                rows.broadcasts.push(x.draft.broadcast_id);
+                rows.replay_of
+                    .push(x.draft.replay.map(|r| r.dead_letter_id));
+                rows.replay_count
+                    .push(x.draft.replay.map(|r| r.replay_count));
+            }
+        }
+        rows
+    }
+
+    /// Binds the columns, in the order of [`insert_sql`]'s parameters.
+    pub(crate) fn bind<'q>(&'q self, query: PgQuery<'q>) -> PgQuery<'q> {
+        query
+            .bind(&self.ids)
+            .bind(&self.notifications)
+            .bind(&self.channels)
+            .bind(&self.statuses)
+            .bind(&self.addresses)
+            .bind(&self.reasons)
+            .bind(&self.due)
+            .bind(&self.created)
+            .bind(&self.broadcasts)
+            .bind(&self.replay_of)
+            .bind(&self.replay_count)
+            .bind(&self.holds)
+            .bind(&self.digests)
+    }
+
+    /// Counts the deliveries held for later, by channel and reason, once they are stored.
+    pub(crate) fn count_held(&self, stored: &std::collections::HashSet<Uuid>) {
+        for ((notification, channel), hold) in self
+            .notifications
+            .iter()
+            .zip(&self.channels)
+            .zip(&self.holds)
+        {
+            if let Some(hold) = hold
+                && stored.contains(notification)
+            {
+                metrics::counter!("herald_deliveries_held_total", "channel" => *channel, "reason" => *hold)
+                    .increment(1);
+            }
+        }
+    }
 }
 
 /// What a [`Job`] reads, from `deliveries d` joined to `notifications n`.

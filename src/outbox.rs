@@ -2,7 +2,7 @@
 //! the state they describe, so that "committed" and "will be published" are one fact. The
 //! relay publishes them afterwards, at least once.
 
-use std::collections::BTreeMap;
+use std::{collections::BTreeMap, sync::LazyLock};
 
 use anyhow::Context;
 use chrono::{DateTime, Utc};
@@ -11,6 +11,7 @@ use sqlx::PgConnection;
 use uuid::Uuid;
 
 use crate::{
+    db::PgQuery,
     domain::{Channel, DeliveryStatus, Domain},
     receipts::ReceiptState,
 };
@@ -251,29 +252,81 @@ pub async fn insert(conn: &mut PgConnection, messages: &[OutboxMessage]) -> anyh
     if messages.is_empty() {
         return Ok(());
     }
-    let kinds: Vec<&str> = messages.iter().map(|m| m.kind.as_str()).collect();
-    let topics: Vec<&str> = messages.iter().map(|m| m.topic.as_str()).collect();
-    let keys: Vec<Option<&[u8]>> = messages.iter().map(|m| m.key.as_deref()).collect();
-    let payloads: Vec<&[u8]> = messages.iter().map(|m| m.payload.as_slice()).collect();
-    let headers: Vec<String> = messages
-        .iter()
-        .map(|m| serde_json::to_string(&m.headers).expect("string headers serialize"))
-        .collect();
-    sqlx::query(
+    static INSERT: LazyLock<String> = LazyLock::new(|| insert_sql(1, None));
+    Columns::new(messages)
+        .bind(sqlx::query(sqlx::AssertSqlSafe(INSERT.as_str())))
+        .execute(conn)
+        .await
+        .context("Failed to write to the outbox")?;
+    Ok(())
+}
+
+/// The statement of [`insert`] with its parameters numbered from `$first`, in the order
+/// [`Columns::bind`] binds them, so that it can be a part of a larger statement. With
+/// `owners`, the name of a relation of notification ids (a CTE of that statement), one
+/// more parameter follows: each message's notification id, and only the messages whose
+/// notification is in `owners` are written.
+pub(crate) fn insert_sql(first: usize, owners: Option<&str>) -> String {
+    let (owner_param, owner_column, filter) = match owners {
+        Some(owners) => (
+            format!(", ${}::uuid[]", first + Columns::PARAMS),
+            ", notification_id",
+            format!(" WHERE notification_id IN (SELECT id FROM {owners})"),
+        ),
+        None => (String::new(), "", String::new()),
+    };
+    let [kinds, topics, keys, payloads, headers] = std::array::from_fn(|i| first + i);
+    format!(
         "INSERT INTO outbox (kind, topic, message_keys, payloads, headers) \
          SELECT kind, topic, array_agg(message_key ORDER BY n), array_agg(payload ORDER BY n), \
              jsonb_agg(headers::jsonb ORDER BY n) \
-         FROM UNNEST($1::text[], $2::text[], $3::bytea[], $4::bytea[], $5::text[]) \
-             WITH ORDINALITY AS t(kind, topic, message_key, payload, headers, n) \
-         GROUP BY kind, topic ORDER BY min(n)",
+         FROM UNNEST(${kinds}::text[], ${topics}::text[], ${keys}::bytea[], ${payloads}::bytea[], \
+             ${headers}::text[]{owner_param}) \
+             WITH ORDINALITY AS t(kind, topic, message_key, payload, headers{owner_column}, n)\
+         {filter} GROUP BY kind, topic ORDER BY min(n)"
     )
-    .bind(&kinds)
-    .bind(&topics)
-    .bind(&keys)
-    .bind(&payloads)
-    .bind(&headers)
-    .execute(conn)
-    .await
-    .context("Failed to write to the outbox")?;
-    Ok(())
+}
+
+/// Messages as the parameters of [`insert_sql`].
+pub(crate) struct Columns<'a> {
+    kinds: Vec<&'static str>,
+    topics: Vec<&'a str>,
+    keys: Vec<Option<&'a [u8]>>,
+    payloads: Vec<&'a [u8]>,
+    headers: Vec<String>,
+}
+
+impl<'a> Columns<'a> {
+    /// Parameters [`Self::bind`] binds.
+    pub(crate) const PARAMS: usize = 5;
+
+    pub(crate) fn new(messages: impl IntoIterator<Item = &'a OutboxMessage>) -> Self {
+        let mut columns = Columns {
+            kinds: Vec::new(),
+            topics: Vec::new(),
+            keys: Vec::new(),
+            payloads: Vec::new(),
+            headers: Vec::new(),
+        };
+        for m in messages {
+            columns.kinds.push(m.kind.as_str());
+            columns.topics.push(&m.topic);
+            columns.keys.push(m.key.as_deref());
+            columns.payloads.push(&m.payload);
+            columns
+                .headers
+                .push(serde_json::to_string(&m.headers).expect("string headers serialize"));
+        }
+        columns
+    }
+
+    /// Binds the columns, in the order of [`insert_sql`]'s parameters.
+    pub(crate) fn bind<'q>(&'q self, query: PgQuery<'q>) -> PgQuery<'q> {
+        query
+            .bind(&self.kinds)
+            .bind(&self.topics)
+            .bind(&self.keys)
+            .bind(&self.payloads)
+            .bind(&self.headers)
+    }
 }

@@ -110,7 +110,7 @@ pub async fn bare_insert(
     let started = Instant::now();
     for chunk in notifications.chunks(batch) {
         let mut tx = sqlx::Connection::begin(&mut *conn).await?;
-        intake::insert_rows(&mut tx, chunk).await?;
+        intake::insert_rows(&mut tx, chunk, &[]).await?;
         tx.commit().await?;
     }
     let took = started.elapsed().as_secs_f64();

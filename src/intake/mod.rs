@@ -6,11 +6,11 @@
 
 pub mod writer;
 
-use std::collections::HashSet;
+use std::{collections::HashSet, sync::LazyLock};
 
 use chrono::{DateTime, Utc};
 use serde_json::{Map, Value, json};
-use sqlx::PgConnection;
+use sqlx::{PgConnection, Row};
 use uuid::Uuid;
 
 use anyhow::Context;
@@ -271,26 +271,46 @@ impl NewNotification {
 }
 
 /// Stores notifications, their deliveries, their delivery events and their first status
-/// events inside the caller's transaction, in three statements whatever the batch size. Returns the notifications
-/// stored: a Kafka event already stored is left out (see [`insert_rows`]).
+/// events inside the caller's transaction: one statement ([`insert_rows`]), after a second
+/// one that joins digests when the batch has a digested event type ([`joins_digest`]).
+/// Returns the notifications stored: a Kafka event already stored is left out (see
+/// [`insert_rows`]).
 pub async fn insert<'a>(
     conn: &mut PgConnection,
     notifications: &'a mut [NewNotification],
     topic_prefix: &str,
 ) -> anyhow::Result<Vec<&'a NewNotification>> {
     join_digests(conn, notifications).await?;
-    let stored = insert_rows(conn, notifications).await?;
-    let events: Vec<OutboxMessage> = stored
+    let notifications = &*notifications;
+    // Delivery events first, then status events, as each topic's messages keep this order.
+    let mut events: Vec<(Uuid, OutboxMessage)> = notifications
         .iter()
-        .flat_map(|x| x.delivery_events(topic_prefix))
-        .chain(
-            stored
-                .iter()
-                .map(|x| crate::status_events::created(x, topic_prefix)),
-        )
+        .flat_map(|x| {
+            x.delivery_events(topic_prefix)
+                .into_iter()
+                .map(|m| (x.id, m))
+        })
         .collect();
-    outbox::insert(&mut *conn, &events).await?;
-    Ok(stored)
+    events.extend(
+        notifications
+            .iter()
+            .map(|x| (x.id, crate::status_events::created(x, topic_prefix))),
+    );
+    insert_rows(conn, notifications, &events).await
+}
+
+/// True when storing `notifications` joins a digest ([`insert`]'s first statement): with
+/// none, [`insert`] is a single statement, atomic without a transaction of its own.
+pub fn joins_digest(notifications: &[NewNotification]) -> bool {
+    notifications.iter().any(joins_its_digest)
+}
+
+fn joins_its_digest(n: &NewNotification) -> bool {
+    n.digest_rule.is_some()
+        && n.draft.user_id.is_some()
+        && n.deliveries
+            .iter()
+            .any(|d| d.timed && d.skip_reason.is_none())
 }
 
 /// Puts each notification of a digested event type with a delivery to send into its
@@ -302,11 +322,7 @@ async fn join_digests(
 ) -> anyhow::Result<()> {
     let requests: Vec<JoinRequest> = notifications
         .iter()
-        .filter(|n| {
-            n.deliveries
-                .iter()
-                .any(|d| d.timed && d.skip_reason.is_none())
-        })
+        .filter(|n| joins_its_digest(n))
         .filter_map(|n| {
             let (key, window_minutes) = n.digest_rule.clone()?;
             Some(JoinRequest {
@@ -336,9 +352,10 @@ pub fn due_channels(stored: &[&NewNotification]) -> std::collections::BTreeSet<C
         .collect()
 }
 
-/// Stores the notification and delivery rows alone (no delivery events): the part of
-/// [`insert`] the benchmark's bare-INSERT ceiling measures on its own. Returns the
-/// notifications stored.
+/// Stores the notification rows, their deliveries and `messages` (each with the id of the
+/// notification it belongs to) in one statement, so that storing a batch costs one round
+/// trip to PostgreSQL however many tables it writes, and is atomic on its own. Returns the
+/// notifications stored. The benchmark's bare-INSERT ceiling calls it without messages.
 ///
 /// A Kafka event whose notification is already stored (the same eventId read from the same
 /// topic, by an earlier batch or another instance) is left out with its deliveries: the
@@ -346,10 +363,12 @@ pub fn due_channels(stored: &[&NewNotification]) -> std::collections::BTreeSet<C
 /// §3), where a `processed_events` row per event used to be (migration 0009). A
 /// transaction inserting an eventId another one holds uncommitted waits for it, then skips
 /// the event if it committed; callers insert in eventId order so that two such
-/// transactions cannot deadlock.
+/// transactions cannot deadlock. The deliveries and messages of an event left out are left
+/// out with it.
 pub async fn insert_rows<'a>(
     conn: &mut PgConnection,
     notifications: &'a [NewNotification],
+    messages: &[(Uuid, OutboxMessage)],
 ) -> anyhow::Result<Vec<&'a NewNotification>> {
     if notifications.is_empty() {
         return Ok(Vec::new());
@@ -395,55 +414,78 @@ pub async fn insert_rows<'a>(
     let scheduled: Vec<Option<DateTime<Utc>>> = n.iter().map(|x| x.draft.scheduled_at).collect();
     let created: Vec<DateTime<Utc>> = n.iter().map(|x| x.created_at).collect();
     let broadcasts: Vec<Option<Uuid>> = n.iter().map(|x| x.draft.broadcast_id).collect();
-    let stored: Vec<Uuid> = sqlx::query_scalar(
-        "INSERT INTO notifications (id, source, domain, event_id, event_type, user_id, \
-             recipient, locale, data, subject, body, raw_event, source_topic, \
-             source_partition, source_offset, occurred_at, scheduled_at, created_at, \
-             broadcast_id) \
-         SELECT id, source, domain, event_id, event_type, user_id, recipient::jsonb, locale, \
-             data::jsonb, subject, body, raw_event, source_topic, source_partition, \
-             source_offset, occurred_at, scheduled_at, created_at, broadcast_id \
-         FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[], $6::int8[], \
-             $7::text[], $8::text[], $9::text[], $10::text[], $11::text[], $12::bytea[], \
-             $13::text[], $14::int4[], $15::int8[], $16::timestamptz[], $17::timestamptz[], \
-             $18::timestamptz[], $19::uuid[]) \
-         AS t(id, source, domain, event_id, event_type, user_id, recipient, locale, data, \
-             subject, body, raw_event, source_topic, source_partition, source_offset, \
-             occurred_at, scheduled_at, created_at, broadcast_id) \
-         ON CONFLICT (source_topic, event_id) WHERE source = 'kafka' DO NOTHING \
-         RETURNING id",
-    )
-    .bind(&ids)
-    .bind(&sources)
-    .bind(&domains)
-    .bind(&event_ids)
-    .bind(&event_types)
-    .bind(&user_ids)
-    .bind(&recipients)
-    .bind(&locales)
-    .bind(&data)
-    .bind(&subjects)
-    .bind(&bodies)
-    .bind(&raw)
-    .bind(&topics)
-    .bind(&partitions)
-    .bind(&offsets)
-    .bind(&occurred)
-    .bind(&scheduled)
-    .bind(&created)
-    .bind(&broadcasts)
-    .fetch_all(&mut *conn)
-    .await
-    .context("Failed to store notifications")?;
-    let stored: HashSet<Uuid> = stored.into_iter().collect();
-    let n: Vec<&NewNotification> = n.iter().filter(|x| stored.contains(&x.id)).collect();
-    if n.is_empty() {
-        return Ok(n);
-    }
-
-    crate::deliveries::insert(&mut *conn, &n).await?;
-    Ok(n)
+    let deliveries = crate::deliveries::NewRows::new(n);
+    let outbox = outbox::Columns::new(messages.iter().map(|(_, m)| m));
+    let owners: Vec<Uuid> = messages.iter().map(|(id, _)| *id).collect();
+    let query = sqlx::query(sqlx::AssertSqlSafe(INSERT_ROWS.as_str()))
+        .bind(&ids)
+        .bind(&sources)
+        .bind(&domains)
+        .bind(&event_ids)
+        .bind(&event_types)
+        .bind(&user_ids)
+        .bind(&recipients)
+        .bind(&locales)
+        .bind(&data)
+        .bind(&subjects)
+        .bind(&bodies)
+        .bind(&raw)
+        .bind(&topics)
+        .bind(&partitions)
+        .bind(&offsets)
+        .bind(&occurred)
+        .bind(&scheduled)
+        .bind(&created)
+        .bind(&broadcasts);
+    let stored = outbox
+        .bind(deliveries.bind(query))
+        .bind(&owners)
+        .fetch_all(&mut *conn)
+        .await
+        .context("Failed to store notifications")?;
+    let stored = stored
+        .iter()
+        .map(|row| row.try_get::<Uuid, _>(0))
+        .collect::<Result<HashSet<Uuid>, _>>()
+        .context("Failed to read the notifications stored")?;
+    deliveries.count_held(&stored);
+    Ok(n.iter().filter(|x| stored.contains(&x.id)).collect())
 }
+
+/// Parameters of the notifications' part of [`INSERT_ROWS`].
+const NOTIFICATION_PARAMS: usize = 19;
+
+/// [`insert_rows`]' statement: the notifications a CTE inserts (`stored`: those not
+/// already stored), then their deliveries and their messages.
+static INSERT_ROWS: LazyLock<String> = LazyLock::new(|| {
+    let deliveries_from = NOTIFICATION_PARAMS + 1;
+    let outbox_from = deliveries_from + crate::deliveries::NewRows::PARAMS;
+    format!(
+        "WITH stored AS ( \
+             INSERT INTO notifications (id, source, domain, event_id, event_type, user_id, \
+                 recipient, locale, data, subject, body, raw_event, source_topic, \
+                 source_partition, source_offset, occurred_at, scheduled_at, created_at, \
+                 broadcast_id) \
+             SELECT id, source, domain, event_id, event_type, user_id, recipient::jsonb, \
+                 locale, data::jsonb, subject, body, raw_event, source_topic, \
+                 source_partition, source_offset, occurred_at, scheduled_at, created_at, \
+                 broadcast_id \
+             FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[], \
+                 $6::int8[], $7::text[], $8::text[], $9::text[], $10::text[], $11::text[], \
+                 $12::bytea[], $13::text[], $14::int4[], $15::int8[], $16::timestamptz[], \
+                 $17::timestamptz[], $18::timestamptz[], $19::uuid[]) \
+             AS t(id, source, domain, event_id, event_type, user_id, recipient, locale, \
+                 data, subject, body, raw_event, source_topic, source_partition, \
+                 source_offset, occurred_at, scheduled_at, created_at, broadcast_id) \
+             ON CONFLICT (source_topic, event_id) WHERE source = 'kafka' DO NOTHING \
+             RETURNING id), \
+         deliveries AS ({}), \
+         messages AS ({}) \
+         SELECT id FROM stored",
+        crate::deliveries::insert_sql(deliveries_from, "stored"),
+        outbox::insert_sql(outbox_from, Some("stored")),
+    )
+});
 
 /// How often expired Idempotency-Keys are pruned.
 pub const IDEMPOTENCY_PRUNE_EVERY: std::time::Duration = std::time::Duration::from_secs(600);

@@ -6,10 +6,12 @@
 //! 500 flushes a second for the intake alone, on the same two cores as everything else. A
 //! request now hands its prepared notification to one of a few writers and waits for the
 //! answer. A writer takes what is queued (at most [`MAX_BATCH`]), stores it with the
-//! statements [`super::insert`] uses for a Kafka batch, commits once and answers each
+//! statement [`super::insert`] uses for a Kafka batch, commits once and answers each
 //! request. It never waits for a batch to fill: an idle instance writes each request at
 //! once, and a busy one writes what arrived while the previous commit was flushing, so
-//! batches grow with the load and the number of commits does not.
+//! batches grow with the load and the number of commits does not. A batch without
+//! Idempotency-Keys or digests is that one statement alone, committed by itself: no BEGIN
+//! and no COMMIT to wait for.
 //!
 //! A request is answered only after the commit that stored it, as before. A batch
 //! PostgreSQL refuses is written again one request per transaction, so a bad one fails
@@ -35,7 +37,7 @@ use serde_json::Value;
 use sqlx::{PgConnection, PgPool};
 use tokio::sync::{Mutex, mpsc, oneshot};
 
-use super::{NewNotification, due_channels, insert};
+use super::{NewNotification, due_channels, insert, joins_digest};
 use crate::dispatch::wakeup::Wakeup;
 
 /// Requests one transaction stores at most.
@@ -298,6 +300,10 @@ impl Writer {
     /// the indices of requests whose key was already stored, after rolling back, or none
     /// once committed.
     async fn commit(&self, batch: &mut Batch) -> Result<Vec<usize>, Failed> {
+        if batch.keys.iter().all(Option::is_none) && !joins_digest(&batch.notifications) {
+            self.store_alone(batch).await?;
+            return Ok(Vec::new());
+        }
         let mut tx = self
             .db
             .begin()
@@ -325,6 +331,35 @@ impl Writer {
             .map_err(Failed::not_refused)?;
         self.wakeup.wake(due);
         Ok(Vec::new())
+    }
+}
+
+impl Writer {
+    /// Stores a batch without Idempotency-Keys or digests: that is [`insert`]'s one
+    /// statement, atomic on its own, so it goes without BEGIN and COMMIT. Under load each
+    /// round trip to PostgreSQL waits for a core, and these were two of the three a request
+    /// paid for (measured in BENCHMARKS.md, "One statement per intake batch").
+    async fn store_alone(&self, batch: &mut Batch) -> Result<(), Failed> {
+        let mut conn = self
+            .db
+            .acquire()
+            .await
+            .context("Failed to reach PostgreSQL")
+            .map_err(Failed::not_refused)?;
+        let stored = insert(&mut conn, &mut batch.notifications, &self.topic_prefix)
+            .await
+            .map_err(|error| {
+                // PostgreSQL's own error means the statement stored nothing. Any other
+                // failure, a connection lost during it, leaves that unknown, as after a
+                // failed COMMIT.
+                if crate::db::is_refusal(&error) {
+                    Failed::refused(error)
+                } else {
+                    Failed::not_refused(error)
+                }
+            })?;
+        self.wakeup.wake(due_channels(&stored));
+        Ok(())
     }
 }
 

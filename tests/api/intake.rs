@@ -462,10 +462,12 @@ async fn a_request_abandoned_while_it_waited_for_a_writer_is_not_stored() {
         });
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
         loop {
+            // A writer's one statement, seen by its start: pg_stat_activity keeps only the
+            // first 1,024 bytes of a query, and the outbox's part comes later.
             let waiting: i64 = sqlx::query_scalar(
                 "SELECT count(*) FROM pg_stat_activity \
                  WHERE datname = current_database() AND wait_event_type = 'Lock' \
-                   AND query LIKE '%INSERT INTO outbox%'",
+                   AND query LIKE '%INSERT INTO notifications%'",
             )
             .fetch_one(&app.db)
             .await
