@@ -332,9 +332,7 @@ impl Writer {
         self.wakeup.wake(due);
         Ok(Vec::new())
     }
-}
 
-impl Writer {
     /// Stores a batch without Idempotency-Keys or digests: that is [`insert`]'s one
     /// statement, atomic on its own, so it goes without BEGIN and COMMIT. Under load each
     /// round trip to PostgreSQL waits for a core, and these were two of the three a request
