@@ -47,6 +47,17 @@ pub async fn migrate(pool: &PgPool) -> anyhow::Result<()> {
 /// returning one.
 pub type PgQuery<'q> = sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments>;
 
+/// A statement that takes a transaction-level advisory lock on each id of `$1` (uuid[]),
+/// keyed by its 64-bit hash with the seed `$2` (bigint), one after another in id order, so
+/// that two transactions locking overlapping ids cannot deadlock. One row: how many.
+macro_rules! lock_ids_in_order {
+    () => {
+        "SELECT count(pg_advisory_xact_lock(hashtextextended(id::text, $2))) \
+         FROM (SELECT id FROM UNNEST($1::uuid[]) AS id ORDER BY id) ordered"
+    };
+}
+pub(crate) use lock_ids_in_order;
+
 /// True when PostgreSQL refused the data itself: SQLSTATE class 22 (data exception, such as
 /// a bad encoding) or 23 (integrity constraint). Anything else (unreachable, shutting down,
 /// refusing connections) is the infrastructure's fault and is retried.
@@ -63,21 +74,24 @@ pub fn is_lost_race(error: &anyhow::Error) -> bool {
 /// True when PostgreSQL answered the statement with an error, so that it had no effect (as
 /// opposed to a connection that failed, after which nobody knows).
 pub fn is_refusal(error: &anyhow::Error) -> bool {
-    error.chain().any(|cause| {
-        matches!(
-            cause.downcast_ref::<sqlx::Error>(),
-            Some(sqlx::Error::Database(_))
-        )
-    })
+    database_errors(error).next().is_some()
 }
 
 fn sqlstate_class(error: &anyhow::Error, classes: &[&str]) -> bool {
+    database_errors(error).any(|db| {
+        db.code()
+            .is_some_and(|code| classes.iter().any(|class| code.starts_with(class)))
+    })
+}
+
+/// PostgreSQL's own errors among `error`'s causes.
+fn database_errors(
+    error: &anyhow::Error,
+) -> impl Iterator<Item = &(dyn sqlx::error::DatabaseError + 'static)> {
     error
         .chain()
-        .any(|cause| match cause.downcast_ref::<sqlx::Error>() {
-            Some(sqlx::Error::Database(db)) => db
-                .code()
-                .is_some_and(|code| classes.iter().any(|class| code.starts_with(class))),
-            _ => false,
+        .filter_map(|cause| match cause.downcast_ref::<sqlx::Error>() {
+            Some(sqlx::Error::Database(db)) => Some(&**db),
+            _ => None,
         })
 }

@@ -34,7 +34,7 @@ use crate::{
 };
 
 /// The seed of the advisory lock key of a notification's status transitions (the
-/// projector's per-delivery locks use 0).
+/// projector's per-delivery locks use [`crate::read_model::projector::LOCK_SEED`]).
 const LOCK_SEED: i64 = 0x5747;
 
 /// The status topic, without prefix.
@@ -161,13 +161,12 @@ pub async fn changes(
     let mut ids: Vec<Uuid> = changed.iter().map(|c| c.notification_id).collect();
     ids.sort_unstable();
     ids.dedup();
-    let notifications: Vec<Locked> = sqlx::query_as(
-        "WITH locked AS MATERIALIZED ( \
-             SELECT count(pg_advisory_xact_lock(hashtextextended(id::text, $2))) \
-             FROM (SELECT id FROM UNNEST($1::uuid[]) AS id ORDER BY id) ordered) \
-         SELECT n.id, n.event_id, n.event_type, n.domain, n.user_id \
-         FROM locked, notifications n WHERE n.id = ANY($1)",
-    )
+    let notifications: Vec<Locked> = sqlx::query_as(concat!(
+        "WITH locked AS MATERIALIZED (",
+        crate::db::lock_ids_in_order!(),
+        ") SELECT n.id, n.event_id, n.event_type, n.domain, n.user_id \
+             FROM locked, notifications n WHERE n.id = ANY($1)"
+    ))
     .bind(&ids)
     .bind(LOCK_SEED)
     .fetch_all(&mut *conn)

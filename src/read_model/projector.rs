@@ -156,14 +156,12 @@ impl Projector {
         // Serialises appliers of one delivery even before its row exists, so the version
         // guard and the count-once rule hold; taken in one order (the ids') by every
         // applier, so two of them on overlapping batches cannot deadlock.
-        sqlx::query(
-            "SELECT count(pg_advisory_xact_lock(hashtextextended(id::text, 0))) \
-             FROM (SELECT id FROM UNNEST($1::uuid[]) AS id ORDER BY id) ordered",
-        )
-        .bind(&ids)
-        .execute(&mut *tx)
-        .await
-        .context("Failed to lock the deliveries")?;
+        sqlx::query(crate::db::lock_ids_in_order!())
+            .bind(&ids)
+            .bind(LOCK_SEED)
+            .execute(&mut *tx)
+            .await
+            .context("Failed to lock the deliveries")?;
         let rows: Vec<LogRow> = sqlx::query_as(
             "SELECT delivery_id, version, counted_status, counted_day, receipt_status \
              FROM notification_log WHERE delivery_id = ANY($1)",
@@ -252,6 +250,10 @@ impl Projector {
 /// `max_connections` locks for every session together (6,400 by default): a batch of
 /// lingering events can name more deliveries than that.
 const DELIVERIES_PER_TRANSACTION: usize = 2000;
+
+/// The seed of the advisory lock key of a delivery's log row ([`crate::db::lock_ids_in_order`]):
+/// notifications' status transitions lock theirs with another one.
+pub(crate) const LOCK_SEED: i64 = 0;
 
 fn is_terminal(status: &str) -> bool {
     matches!(status, "SUCCESS" | "FAILED" | "SKIPPED")
