@@ -6,7 +6,7 @@
 
 pub mod writer;
 
-use std::{collections::HashSet, sync::LazyLock};
+use std::{collections::HashSet, sync::LazyLock, time::Duration};
 
 use chrono::{DateTime, Utc};
 use serde_json::{Map, Value, json};
@@ -15,6 +15,7 @@ use uuid::Uuid;
 
 use anyhow::Context;
 
+use self::writer::{Claims, KeyClaim};
 use crate::{
     config::Settings,
     directory::Contact,
@@ -280,6 +281,21 @@ pub async fn insert<'a>(
     notifications: &'a mut [NewNotification],
     topic_prefix: &str,
 ) -> anyhow::Result<Vec<&'a NewNotification>> {
+    insert_claiming(conn, notifications, &[], Duration::ZERO, topic_prefix).await
+}
+
+/// [`insert`], claiming the HTTP intake's Idempotency-Keys in the same statement: `keys[i]`
+/// is `notifications[i]`'s, if it has one, stored with the answer it replays (built from
+/// the notification once its digest is joined). A notification whose key another request
+/// holds, unexpired (stored before, or by a transaction this one waited for), is left out
+/// with its deliveries and messages, and is missing from what this returns.
+pub async fn insert_claiming<'a>(
+    conn: &mut PgConnection,
+    notifications: &'a mut [NewNotification],
+    keys: &[Option<KeyClaim>],
+    key_ttl: Duration,
+    topic_prefix: &str,
+) -> anyhow::Result<Vec<&'a NewNotification>> {
     join_digests(conn, notifications).await?;
     let notifications = &*notifications;
     // Delivery events first, then status events, as each topic's messages keep this order.
@@ -296,7 +312,8 @@ pub async fn insert<'a>(
             .iter()
             .map(|x| (x.id, crate::status_events::created(x, topic_prefix))),
     );
-    insert_rows(conn, notifications, &events).await
+    let claims = Claims::new(notifications, keys, key_ttl)?;
+    store_rows(conn, notifications, &events, claims.as_ref()).await
 }
 
 /// True when storing `notifications` joins a digest ([`insert`]'s first statement): with
@@ -370,6 +387,16 @@ pub async fn insert_rows<'a>(
     notifications: &'a [NewNotification],
     messages: &[(Uuid, OutboxMessage)],
 ) -> anyhow::Result<Vec<&'a NewNotification>> {
+    store_rows(conn, notifications, messages, None).await
+}
+
+/// [`insert_rows`], with `claims` claimed in the same statement ([`insert_claiming`]).
+async fn store_rows<'a>(
+    conn: &mut PgConnection,
+    notifications: &'a [NewNotification],
+    messages: &[(Uuid, OutboxMessage)],
+    claims: Option<&Claims<'_>>,
+) -> anyhow::Result<Vec<&'a NewNotification>> {
     if notifications.is_empty() {
         return Ok(Vec::new());
     }
@@ -417,7 +444,11 @@ pub async fn insert_rows<'a>(
     let deliveries = crate::deliveries::NewRows::new(n);
     let outbox = outbox::Columns::new(messages.iter().map(|(_, m)| m));
     let owners: Vec<Uuid> = messages.iter().map(|(id, _)| *id).collect();
-    let query = sqlx::query(sqlx::AssertSqlSafe(INSERT_ROWS.as_str()))
+    let sql = match claims {
+        None => INSERT_ROWS.as_str(),
+        Some(_) => INSERT_ROWS_CLAIMING.as_str(),
+    };
+    let query = sqlx::query(sqlx::AssertSqlSafe(sql))
         .bind(&ids)
         .bind(&sources)
         .bind(&domains)
@@ -437,9 +468,12 @@ pub async fn insert_rows<'a>(
         .bind(&scheduled)
         .bind(&created)
         .bind(&broadcasts);
-    let stored = outbox
-        .bind(deliveries.bind(query))
-        .bind(&owners)
+    let query = outbox.bind(deliveries.bind(query)).bind(&owners);
+    let query = match claims {
+        None => query,
+        Some(claims) => claims.bind(query),
+    };
+    let stored = query
         .fetch_all(&mut *conn)
         .await
         .context("Failed to store notifications")?;
@@ -457,11 +491,27 @@ const NOTIFICATION_PARAMS: usize = 19;
 
 /// [`insert_rows`]' statement: the notifications a CTE inserts (`stored`: those not
 /// already stored), then their deliveries and their messages.
-static INSERT_ROWS: LazyLock<String> = LazyLock::new(|| {
+static INSERT_ROWS: LazyLock<String> = LazyLock::new(|| insert_rows_sql(false));
+
+/// [`INSERT_ROWS`] claiming Idempotency-Keys first ([`writer::claim_sql`]): the
+/// notifications whose key is `taken` are not stored.
+static INSERT_ROWS_CLAIMING: LazyLock<String> = LazyLock::new(|| insert_rows_sql(true));
+
+fn insert_rows_sql(claiming: bool) -> String {
     let deliveries_from = NOTIFICATION_PARAMS + 1;
     let outbox_from = deliveries_from + crate::deliveries::NewRows::PARAMS;
+    // The outbox's parameters end with each message's notification id.
+    let claims_from = outbox_from + outbox::Columns::PARAMS + 1;
+    let (claims, unclaimed) = if claiming {
+        (
+            format!("{}, ", writer::claim_sql(claims_from)),
+            " WHERE t.id NOT IN (SELECT id FROM taken)",
+        )
+    } else {
+        (String::new(), "")
+    };
     format!(
-        "WITH stored AS ( \
+        "WITH {claims}stored AS ( \
              INSERT INTO notifications (id, source, domain, event_id, event_type, user_id, \
                  recipient, locale, data, subject, body, raw_event, source_topic, \
                  source_partition, source_offset, occurred_at, scheduled_at, created_at, \
@@ -476,7 +526,7 @@ static INSERT_ROWS: LazyLock<String> = LazyLock::new(|| {
                  $17::timestamptz[], $18::timestamptz[], $19::uuid[]) \
              AS t(id, source, domain, event_id, event_type, user_id, recipient, locale, \
                  data, subject, body, raw_event, source_topic, source_partition, \
-                 source_offset, occurred_at, scheduled_at, created_at, broadcast_id) \
+                 source_offset, occurred_at, scheduled_at, created_at, broadcast_id){unclaimed} \
              ON CONFLICT (source_topic, event_id) WHERE source = 'kafka' DO NOTHING \
              RETURNING id), \
          deliveries AS ({}), \
@@ -485,7 +535,7 @@ static INSERT_ROWS: LazyLock<String> = LazyLock::new(|| {
         crate::deliveries::insert_sql(deliveries_from, "stored"),
         outbox::insert_sql(outbox_from, Some("stored")),
     )
-});
+}
 
 /// How often expired Idempotency-Keys are pruned.
 pub const IDEMPOTENCY_PRUNE_EVERY: std::time::Duration = std::time::Duration::from_secs(600);

@@ -9,26 +9,25 @@
 //! statement [`super::insert`] uses for a Kafka batch, commits once and answers each
 //! request. It never waits for a batch to fill: an idle instance writes each request at
 //! once, and a busy one writes what arrived while the previous commit was flushing, so
-//! batches grow with the load and the number of commits does not. A batch without
-//! Idempotency-Keys or digests is that one statement alone, committed by itself: no BEGIN
-//! and no COMMIT to wait for.
+//! batches grow with the load and the number of commits does not. A batch that joins no
+//! digest is that one statement alone, committed by itself: no BEGIN and no COMMIT to
+//! wait for.
 //!
 //! A request is answered only after the commit that stored it, as before. A batch
 //! PostgreSQL refuses is written again one request per transaction, so a bad one fails
 //! alone.
 //!
-//! A request with an Idempotency-Key stores the key and its answer in the same
-//! transaction as its notification ([`KeyClaim`]), so that a key exists exactly when its
-//! notification does. When another request with the same key is stored first (in the same
-//! batch, in another writer's transaction, or on another instance), nothing of this one is
-//! stored and it is answered [`Stored::KeyTaken`]: the caller replays the other's answer.
-//! A batch where that happens is rolled back and written again without the request; keys
-//! are inserted in one order in every transaction (and pruned in the same order), so two
-//! transactions cannot deadlock on them. Keys go in after the notifications because their
-//! answers name what was stored; the price is that a batch meeting a key stored first is
-//! written twice, which only concurrent copies of one request cause. Every notification of
-//! a batch is stored (an API request has no eventId for `insert` to find already stored),
-//! so every key in it names a stored notification.
+//! A request with an Idempotency-Key claims the key, with its answer, in the statement that
+//! stores its notification ([`KeyClaim`], [`claim_sql`]), so that a key exists exactly when
+//! its notification does. When another request with the same key was stored first (in
+//! another writer's statement, or on another instance), nothing of this one is stored and
+//! it is answered [`Stored::KeyTaken`]: the caller replays the other's answer. The rest of
+//! its batch is stored all the same, in the same statement; a copy of a key already in the
+//! batch waits for the first copy's fate. Keys are inserted in one order in every
+//! statement (and pruned in the same order), so two statements cannot deadlock on them.
+//! A batch that joins a digest is a transaction of two statements (the join, then the
+//! store), and the digests its taken requests joined are not theirs to keep: it is rolled
+//! back and written again without them, which only concurrent copies of one request cause.
 
 use std::{collections::HashSet, sync::Arc, time::Duration};
 
@@ -37,7 +36,10 @@ use serde_json::Value;
 use sqlx::{PgConnection, PgPool};
 use tokio::sync::{Mutex, mpsc, oneshot};
 
-use super::{NewNotification, due_channels, insert, joins_digest};
+use uuid::Uuid;
+
+use super::{NewNotification, due_channels, insert_claiming, joins_digest};
+use crate::db::PgQuery;
 use crate::dispatch::wakeup::Wakeup;
 
 /// Requests one transaction stores at most.
@@ -274,8 +276,8 @@ impl Writer {
         }
     }
 
-    /// Commits the batch, first taking out (and answering) the requests whose key another
-    /// request holds. Ends with the batch stored, or empty.
+    /// Commits the batch, taking out (and answering) the requests whose key another request
+    /// holds. Ends with the batch stored, or empty.
     async fn commit_until_stored(&self, batch: &mut Batch) -> Result<(), Failed> {
         loop {
             // Checked again before every pass: a pass rolled back for a taken key may have
@@ -284,69 +286,32 @@ impl Writer {
             if batch.is_empty() {
                 return Ok(());
             }
-            let taken = self.commit(batch).await?;
-            if taken.is_empty() {
+            let pass = self.commit(batch).await?;
+            batch.answer_taken(&pass.taken);
+            if pass.committed {
                 return Ok(());
             }
             tracing::debug!(
-                requests = taken.len(),
+                requests = pass.taken.len(),
                 "another request stored these requests' Idempotency-Keys first; writing the batch without them"
             );
-            batch.answer_taken(&taken);
         }
     }
 
-    /// One transaction for the batch; wakes the dispatchers when it stored a send. Returns
-    /// the indices of requests whose key was already stored, after rolling back, or none
-    /// once committed.
-    async fn commit(&self, batch: &mut Batch) -> Result<Vec<usize>, Failed> {
-        if batch.keys.iter().all(Option::is_none) && !joins_digest(&batch.notifications) {
-            self.store_alone(batch).await?;
-            return Ok(Vec::new());
-        }
-        let mut tx = self
-            .db
-            .begin()
-            .await
-            .context("Failed to begin a transaction")
-            .map_err(Failed::not_refused)?;
-        let due = due_channels(
-            &insert(&mut tx, &mut batch.notifications, &self.topic_prefix)
+    /// One pass over the batch; wakes the dispatchers when it stored a send. A batch that
+    /// joins no digest is [`insert_claiming`]'s one statement, atomic on its own, so it goes
+    /// without BEGIN and COMMIT: under load each round trip to PostgreSQL waits for a core,
+    /// and these were two of the three a request paid for (BENCHMARKS.md, "One statement
+    /// per intake batch").
+    async fn commit(&self, batch: &mut Batch) -> Result<Pass, Failed> {
+        if !joins_digest(&batch.notifications) {
+            let mut conn = self
+                .db
+                .acquire()
                 .await
-                .map_err(Failed::refused)?,
-        );
-        let taken = store_keys(&mut tx, &batch.notifications, &batch.keys, self.key_ttl)
-            .await
-            .map_err(Failed::refused)?;
-        if !taken.is_empty() {
-            tx.rollback()
-                .await
-                .context("Failed to roll back")
+                .context("Failed to reach PostgreSQL")
                 .map_err(Failed::not_refused)?;
-            return Ok(taken);
-        }
-        tx.commit()
-            .await
-            .context("Failed to commit the notification")
-            .map_err(Failed::not_refused)?;
-        self.wakeup.wake(due);
-        Ok(Vec::new())
-    }
-
-    /// Stores a batch without Idempotency-Keys or digests: that is [`insert`]'s one
-    /// statement, atomic on its own, so it goes without BEGIN and COMMIT. Under load each
-    /// round trip to PostgreSQL waits for a core, and these were two of the three a request
-    /// paid for (measured in BENCHMARKS.md, "One statement per intake batch").
-    async fn store_alone(&self, batch: &mut Batch) -> Result<(), Failed> {
-        let mut conn = self
-            .db
-            .acquire()
-            .await
-            .context("Failed to reach PostgreSQL")
-            .map_err(Failed::not_refused)?;
-        let stored = insert(&mut conn, &mut batch.notifications, &self.topic_prefix)
-            .await
-            .map_err(|error| {
+            let stored = self.store(&mut conn, batch).await.map_err(|error| {
                 // PostgreSQL's own error means the statement stored nothing. Any other
                 // failure, a connection lost during it, leaves that unknown, as after a
                 // failed COMMIT.
@@ -356,66 +321,167 @@ impl Writer {
                     Failed::not_refused(error)
                 }
             })?;
-        self.wakeup.wake(due_channels(&stored));
-        Ok(())
+            self.wakeup.wake(stored.due);
+            return Ok(Pass {
+                taken: stored.taken,
+                committed: true,
+            });
+        }
+        let mut tx = self
+            .db
+            .begin()
+            .await
+            .context("Failed to begin a transaction")
+            .map_err(Failed::not_refused)?;
+        let stored = self.store(&mut tx, batch).await.map_err(Failed::refused)?;
+        if !stored.taken.is_empty() {
+            tx.rollback()
+                .await
+                .context("Failed to roll back")
+                .map_err(Failed::not_refused)?;
+            return Ok(Pass {
+                taken: stored.taken,
+                committed: false,
+            });
+        }
+        tx.commit()
+            .await
+            .context("Failed to commit the notification")
+            .map_err(Failed::not_refused)?;
+        self.wakeup.wake(stored.due);
+        Ok(Pass {
+            taken: Vec::new(),
+            committed: true,
+        })
+    }
+
+    /// Stores the batch with its keys on `conn` ([`insert_claiming`]).
+    async fn store(
+        &self,
+        conn: &mut PgConnection,
+        batch: &mut Batch,
+    ) -> anyhow::Result<StoredBatch> {
+        let stored = insert_claiming(
+            conn,
+            &mut batch.notifications,
+            &batch.keys,
+            self.key_ttl,
+            &self.topic_prefix,
+        )
+        .await?;
+        let due = due_channels(&stored);
+        let stored: HashSet<Uuid> = stored.iter().map(|n| n.id).collect();
+        let taken = (0..batch.len())
+            .filter(|&i| !stored.contains(&batch.notifications[i].id))
+            .collect();
+        Ok(StoredBatch { due, taken })
     }
 }
 
-/// Stores the batch's Idempotency-Keys with their answers; returns the indices of those
-/// another request holds (unexpired), which were not stored. A key another transaction
-/// holds uncommitted makes this wait for it; keys are inserted in (credential, key) order
-/// so that two transactions wait in the same order and cannot deadlock.
-async fn store_keys(
-    conn: &mut PgConnection,
-    notifications: &[NewNotification],
-    keys: &[Option<KeyClaim>],
-    ttl: Duration,
-) -> anyhow::Result<Vec<usize>> {
-    let mut claims: Vec<(usize, &KeyClaim)> = keys
-        .iter()
-        .enumerate()
-        .filter_map(|(i, k)| Some((i, k.as_ref()?)))
-        .collect();
-    if claims.is_empty() {
-        return Ok(Vec::new());
-    }
-    claims.sort_by(|(_, a), (_, b)| (&a.credential, &a.key).cmp(&(&b.credential, &b.key)));
-    let mut answers = Vec::with_capacity(claims.len());
-    for (i, claim) in &claims {
-        answers.push((claim.answer)(&notifications[*i])?.to_string());
-    }
-    let column =
-        |f: fn(&KeyClaim) -> &str| -> Vec<&str> { claims.iter().map(|(_, k)| f(k)).collect() };
-    // An expired row for the key is replaced: past the TTL the key is new again.
-    let stored: Vec<(String, String)> = sqlx::query_as(
-        "INSERT INTO idempotency_keys (credential, idempotency_key, request_hash, response_status, response_body) \
-         SELECT c, k, h, 202, b::jsonb FROM unnest($1::text[], $2::text[], $3::text[], $4::text[]) \
-             WITH ORDINALITY AS t(c, k, h, b, n) ORDER BY n \
-         ON CONFLICT (credential, idempotency_key) DO UPDATE SET request_hash = EXCLUDED.request_hash, \
-             response_status = EXCLUDED.response_status, response_body = EXCLUDED.response_body, \
-             created_at = now() \
-         WHERE idempotency_keys.created_at <= now() - $5 \
-         RETURNING credential, idempotency_key",
+/// What one pass over a batch did.
+struct Pass {
+    /// The requests (indices, ascending) whose Idempotency-Key another request holds: not
+    /// stored.
+    taken: Vec<usize>,
+    /// False when the pass was rolled back: the rest of the batch is to be written again.
+    committed: bool,
+}
+
+/// What storing a batch's statement did, before its commit.
+struct StoredBatch {
+    /// The channels given a delivery to send.
+    due: std::collections::BTreeSet<crate::domain::Channel>,
+    /// The requests (indices, ascending) left out because another request holds their key.
+    taken: Vec<usize>,
+}
+
+/// The CTEs that claim a batch's Idempotency-Keys in [`super::insert_rows`]'s statement,
+/// with their parameters numbered from `$first` in the order [`Claims::bind`] binds them:
+/// `claimed`, the keys stored (new, or in place of an expired one), then `taken`, the ids
+/// of the notifications whose key another request holds, which the statement leaves out.
+/// A key another transaction holds uncommitted makes the statement wait for it; keys are
+/// inserted in (credential, key) order, bytewise, the order pruning locks them in, so two
+/// statements waiting on each other's keys cannot deadlock.
+pub(crate) fn claim_sql(first: usize) -> String {
+    let [ids, credentials, keys, hashes, answers, ttl] = std::array::from_fn(|i| first + i);
+    format!(
+        "claimed AS ( \
+             INSERT INTO idempotency_keys (credential, idempotency_key, request_hash, \
+                 response_status, response_body) \
+             SELECT c, k, h, 202, b::jsonb FROM UNNEST(${credentials}::text[], ${keys}::text[], \
+                 ${hashes}::text[], ${answers}::text[]) WITH ORDINALITY AS t(c, k, h, b, n) \
+             ORDER BY n \
+             ON CONFLICT (credential, idempotency_key) DO UPDATE SET \
+                 request_hash = EXCLUDED.request_hash, \
+                 response_status = EXCLUDED.response_status, \
+                 response_body = EXCLUDED.response_body, created_at = now() \
+             WHERE idempotency_keys.created_at <= now() - ${ttl}::interval \
+             RETURNING credential, idempotency_key), \
+         taken AS ( \
+             SELECT t.id FROM UNNEST(${ids}::uuid[], ${credentials}::text[], ${keys}::text[]) \
+                 AS t(id, c, k) \
+             WHERE (t.c, t.k) NOT IN (SELECT credential, idempotency_key FROM claimed))"
     )
-    .bind(column(|k| &k.credential))
-    .bind(column(|k| &k.key))
-    .bind(column(|k| &k.request_hash))
-    .bind(&answers)
-    .bind(ttl)
-    .fetch_all(conn)
-    .await
-    .context("Failed to store the idempotency keys")?;
-    let stored: HashSet<(&str, &str)> = stored
-        .iter()
-        .map(|(c, k)| (c.as_str(), k.as_str()))
-        .collect();
-    let mut taken: Vec<usize> = claims
-        .iter()
-        .filter(|(_, k)| !stored.contains(&(k.credential.as_str(), k.key.as_str())))
-        .map(|(i, _)| *i)
-        .collect();
-    taken.sort_unstable();
-    Ok(taken)
+}
+
+/// A batch's Idempotency-Keys as the parameters of [`claim_sql`], in (credential, key)
+/// order, each with its notification's id and the answer it replays.
+pub(crate) struct Claims<'a> {
+    ids: Vec<Uuid>,
+    credentials: Vec<&'a str>,
+    keys: Vec<&'a str>,
+    hashes: Vec<&'a str>,
+    answers: Vec<String>,
+    ttl: Duration,
+}
+
+impl<'a> Claims<'a> {
+    /// The claims of `keys` (`keys[i]` is `notifications[i]`'s, if it has one), expiring
+    /// after `ttl`; `None` when no notification has a key.
+    pub(crate) fn new(
+        notifications: &[NewNotification],
+        keys: &'a [Option<KeyClaim>],
+        ttl: Duration,
+    ) -> anyhow::Result<Option<Self>> {
+        let mut claimed: Vec<(&NewNotification, &KeyClaim)> = notifications
+            .iter()
+            .zip(keys)
+            .filter_map(|(n, k)| Some((n, k.as_ref()?)))
+            .collect();
+        if claimed.is_empty() {
+            return Ok(None);
+        }
+        claimed.sort_by(|(_, a), (_, b)| (&a.credential, &a.key).cmp(&(&b.credential, &b.key)));
+        let mut claims = Claims {
+            ids: Vec::with_capacity(claimed.len()),
+            credentials: Vec::with_capacity(claimed.len()),
+            keys: Vec::with_capacity(claimed.len()),
+            hashes: Vec::with_capacity(claimed.len()),
+            answers: Vec::with_capacity(claimed.len()),
+            ttl,
+        };
+        for (notification, claim) in claimed {
+            claims.ids.push(notification.id);
+            claims.credentials.push(&claim.credential);
+            claims.keys.push(&claim.key);
+            claims.hashes.push(&claim.request_hash);
+            claims
+                .answers
+                .push((claim.answer)(notification)?.to_string());
+        }
+        Ok(Some(claims))
+    }
+
+    /// Binds the claims, in the order of [`claim_sql`]'s parameters.
+    pub(crate) fn bind<'q>(&'q self, query: PgQuery<'q>) -> PgQuery<'q> {
+        query
+            .bind(&self.ids)
+            .bind(&self.credentials)
+            .bind(&self.keys)
+            .bind(&self.hashes)
+            .bind(&self.answers)
+            .bind(self.ttl)
+    }
 }
 
 /// Why a batch was not stored.

@@ -414,6 +414,48 @@ async fn concurrent_requests_with_one_key_store_one_notification_and_all_get_its
 }
 
 #[tokio::test]
+async fn a_batch_holding_a_copy_of_a_stored_key_stores_the_rest_and_the_copy_replays() {
+    let app = spawn_front_half(|_| {}).await;
+    let first = app
+        .post_json(
+            "/api/v1/notifications",
+            &order_shipped(150),
+            &[("Idempotency-Key", "order-150")],
+        )
+        .await;
+    assert_eq!(first.status().as_u16(), 202);
+    let first: Value = first.json().await.unwrap();
+    // Queued behind a held outbox, a copy of that request lands in a batch with twenty new
+    // ones: its key is taken inside the statement that stores the others.
+    let holder = hold_the_outbox(&app).await;
+    let users: Vec<i64> = (150..=170).collect();
+    let release = release_after(holder, 2);
+    let key = |user: i64| Some(format!("order-{user}"));
+    let (answers, ()) = tokio::join!(post_all_keyed(&app, &users, key), release);
+
+    for (user, status, body) in &answers {
+        assert_eq!(*status, 202, "user {user}: {body}");
+        if *user == 150 {
+            assert_eq!(body, &first, "the copy is answered as the first was");
+        } else {
+            assert_ne!(body["notificationId"], first["notificationId"]);
+        }
+    }
+    assert_eq!(app.notification_count().await, 21);
+    let (stored, transactions) = stored_and_transactions(&app).await;
+    assert_eq!(stored, 21);
+    assert!(
+        transactions <= 12,
+        "21 keyed requests took {transactions} transactions"
+    );
+    let keys: i64 = sqlx::query_scalar("SELECT count(*) FROM idempotency_keys")
+        .fetch_one(&app.db)
+        .await
+        .unwrap();
+    assert_eq!(keys, 21);
+}
+
+#[tokio::test]
 async fn a_request_postgres_refuses_fails_alone_and_the_others_of_its_batch_are_stored() {
     let app = spawn_front_half(|_| {}).await;
     sqlx::query("ALTER TABLE notifications ADD CONSTRAINT refuse_666 CHECK (user_id <> 666)")
