@@ -148,35 +148,46 @@ async fn create(
     let (request, request_hash): (IntakeRequest, String) = read_request(&headers, body)?;
     let key = idempotency_key(&headers)?;
     let credential = principal.credential();
-    if let Some(key) = &key
-        && let Some(stored) = stored_response(&state, &credential, key, &request_hash).await?
-    {
+    // A stored answer for the key is looked for while the request is prepared: a keyed
+    // request then waits for one round trip to PostgreSQL before its write, as an unkeyed
+    // one does, and only a replay (rare) reads the directory for nothing. The stored answer
+    // still wins over anything preparing finds.
+    let replay = async {
+        match &key {
+            Some(key) => stored_response(&state, &credential, key, &request_hash).await,
+            None => Ok(None),
+        }
+    };
+    let prepare = async {
+        let (draft, channels) = validate(&state, request)?;
+        // The directory (PostgreSQL) and the preferences (Redis, PostgreSQL on a miss) are
+        // read at the same time: one wait instead of two before the transaction.
+        let (contact, prefs) = match draft.user_id {
+            Some(user) => tokio::try_join!(
+                directory::load(&state.db, user),
+                preferences::load(
+                    &state.db,
+                    &state.redis,
+                    &state.settings.redis.key_prefix,
+                    user,
+                ),
+            )?,
+            None => (None, Default::default()),
+        };
+        Ok::<_, ApiError>(intake::prepare(
+            &state.routing,
+            draft,
+            &channels,
+            contact.as_ref(),
+            &prefs,
+            &*state.channel_enabled,
+        ))
+    };
+    let (replay, prepared) = tokio::join!(replay, prepare);
+    if let Some(stored) = replay? {
         return Ok(stored);
     }
-
-    let (draft, channels) = validate(&state, request)?;
-    // The directory (PostgreSQL) and the preferences (Redis, PostgreSQL on a miss) are
-    // read at the same time: one wait instead of two before the transaction.
-    let (contact, prefs) = match draft.user_id {
-        Some(user) => tokio::try_join!(
-            directory::load(&state.db, user),
-            preferences::load(
-                &state.db,
-                &state.redis,
-                &state.settings.redis.key_prefix,
-                user,
-            ),
-        )?,
-        None => (None, Default::default()),
-    };
-    let notification = intake::prepare(
-        &state.routing,
-        draft,
-        &channels,
-        contact.as_ref(),
-        &prefs,
-        &*state.channel_enabled,
-    );
+    let notification = prepared?;
     // The request shares a transaction with those arriving with it; its Idempotency-Key,
     // if any, is stored in the same transaction with the answer it replays.
     let claim = key.clone().map(|key| KeyClaim {
