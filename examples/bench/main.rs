@@ -59,9 +59,10 @@ async fn intake_percentiles(
     rate: u32,
     duration: Duration,
     keyed: bool,
-) -> anyhow::Result<(f64, f64, String)> {
+) -> anyhow::Result<(f64, f64, String, usize)> {
     let mut intake = load::intake(base, credential, tag, rate, duration, keyed).await?;
     let failures: usize = intake.failure_kinds.values().sum();
+    let sent = intake.latencies_ms.len() + failures;
     let mut failed = format!("{failures} failed");
     if !intake.failure_kinds.is_empty() {
         let kinds: Vec<String> = intake
@@ -75,7 +76,22 @@ async fn intake_percentiles(
         load::quantile(&mut intake.latencies_ms, 0.5),
         load::quantile(&mut intake.latencies_ms, 0.99),
         failed,
+        sent,
     ))
+}
+
+/// The CPU each process spent per request since `before`, read once every request stored
+/// so far has been sent and projected: an intake request's cost is also the dispatch,
+/// relay and projector work it brings.
+async fn settled_cpu(
+    pool: &PgPool,
+    pids: &Pids,
+    before: &Cpu,
+    requests: usize,
+) -> anyhow::Result<cpu::PerEvent> {
+    let stored = count(pool, "SELECT count(*) FROM notifications").await?;
+    wait_caught_up(pool, stored as usize, Duration::from_secs(600)).await?;
+    Ok(Cpu::read(pids).per_event_since(before, requests))
 }
 
 /// The cost of checking an API key as the API does on every request: the digest and the
@@ -494,8 +510,10 @@ async fn main() -> anyhow::Result<()> {
     .secret;
     let api_base = format!("http://{}", herald.addr);
     let phase = Duration::from_secs(args.seconds);
-    let (i50, i99, failed) =
+    let intake_cpu = Cpu::read(&pids);
+    let (i50, i99, failed, sent) =
         intake_percentiles(&api_base, &key, &b.tag, args.intake_rate, phase, false).await?;
+    let intake_cpu = settled_cpu(&pool, &pids, &intake_cpu, sent).await?;
     report.figure(
         "intake_p99_ms",
         i99,
@@ -505,9 +523,19 @@ async fn main() -> anyhow::Result<()> {
         ),
     );
     report.figure("intake_p50_ms", i50, String::new());
+    report.cpu(
+        "intake_cpu_ms_per_request",
+        intake_cpu,
+        &format!(
+            "HTTP intake at {} requests/s, per request with its IN_APP send, relay and projection",
+            args.intake_rate
+        ),
+    );
     let keyed_tag = format!("{}-keyed", b.tag);
-    let (k50, k99, failed) =
+    let keyed_cpu = Cpu::read(&pids);
+    let (k50, k99, failed, sent) =
         intake_percentiles(&api_base, &key, &keyed_tag, args.intake_rate, phase, true).await?;
+    let keyed_cpu = settled_cpu(&pool, &pids, &keyed_cpu, sent).await?;
     report.figure(
         "intake_idempotency_key_p99_ms",
         k99,
@@ -516,6 +544,11 @@ async fn main() -> anyhow::Result<()> {
         ),
     );
     report.figure("intake_idempotency_key_p50_ms", k50, String::new());
+    report.cpu(
+        "intake_idempotency_key_cpu_ms_per_request",
+        keyed_cpu,
+        "HTTP intake with an Idempotency-Key, per request with its IN_APP send, relay and projection",
+    );
     let check = key_check_cost(&pool, &key).await?;
     report.figure(
         "key_check_us",
