@@ -297,6 +297,42 @@ pub struct BroadcastSettings {
     pub lease: Duration,
 }
 
+impl BroadcastSettings {
+    fn load(layers: &Layers, raw: RawBroadcast) -> Result<Self, ConfigError> {
+        let batch = layers.required(
+            "HERALD_BROADCAST_BATCH_SIZE",
+            "broadcast.batch_size",
+            raw.batch_size.map(|n| n.to_string()),
+        )?;
+        let share = layers.required(
+            "HERALD_BROADCAST_DISPATCH_SHARE",
+            "broadcast.dispatch_share",
+            raw.dispatch_share.map(|n| n.to_string()),
+        )?;
+        let queued = layers.required(
+            "HERALD_BROADCAST_MAX_QUEUED_DELIVERIES",
+            "broadcast.max_queued_deliveries",
+            raw.max_queued_deliveries.map(|n| n.to_string()),
+        )?;
+        let lease = layers.required(
+            "HERALD_BROADCAST_LEASE_SECS",
+            "broadcast.lease_secs",
+            raw.lease_secs.map(|n| n.to_string()),
+        )?;
+        Ok(BroadcastSettings {
+            batch_size: batch.positive_u32("a whole number above 0")? as usize,
+            dispatch_share: match share.fraction()? {
+                0.0 => return Err(share.invalid("a number above 0, at most 1")),
+                share => share,
+            },
+            max_queued_deliveries: queued.positive_u32("a whole number above 0")? as usize,
+            lease: Duration::from_secs(u64::from(
+                lease.positive_u32("a whole number of seconds above 0")?,
+            )),
+        })
+    }
+}
+
 /// The query side.
 #[derive(Debug, Clone)]
 pub struct ReadModelSettings {
@@ -372,6 +408,102 @@ pub struct DispatchSettings {
 }
 
 impl DispatchSettings {
+    fn load(layers: &Layers, raw: RawDispatch) -> Result<Self, ConfigError> {
+        let concurrency = layers.required(
+            "HERALD_DISPATCH_CONCURRENCY",
+            "dispatch.concurrency",
+            raw.concurrency.map(|n| n.to_string()),
+        )?;
+        let claim_batch = layers.required(
+            "HERALD_DISPATCH_CLAIM_BATCH",
+            "dispatch.claim_batch",
+            raw.claim_batch.map(|n| n.to_string()),
+        )?;
+        let lease = layers.required(
+            "HERALD_DISPATCH_LEASE_SECS",
+            "dispatch.lease_secs",
+            raw.lease_secs.map(|n| n.to_string()),
+        )?;
+        let send_timeout = layers.required(
+            "HERALD_SEND_TIMEOUT_SECS",
+            "dispatch.send_timeout_secs",
+            raw.send_timeout_secs.map(|n| n.to_string()),
+        )?;
+        let max_retries = layers.required(
+            "HERALD_MAX_RETRIES",
+            "dispatch.max_retries",
+            raw.max_retries.map(|n| n.to_string()),
+        )?;
+        let backoff = layers.required(
+            "HERALD_RETRY_BACKOFF_MS",
+            "dispatch.retry_backoff_ms",
+            raw.retry_backoff_ms
+                .map(|v| v.iter().map(u32::to_string).collect::<Vec<_>>().join(",")),
+        )?;
+        let jitter = layers.required(
+            "HERALD_RETRY_JITTER",
+            "dispatch.retry_jitter",
+            raw.retry_jitter.map(|n| n.to_string()),
+        )?;
+        let breaker_threshold = layers.required(
+            "HERALD_BREAKER_FAILURE_THRESHOLD",
+            "dispatch.breaker_failure_threshold",
+            raw.breaker_failure_threshold.map(|n| n.to_string()),
+        )?;
+        let breaker_cooldown = layers.required(
+            "HERALD_BREAKER_COOLDOWN_SECS",
+            "dispatch.breaker_cooldown_secs",
+            raw.breaker_cooldown_secs.map(|n| n.to_string()),
+        )?;
+        let mut rate_limits = BTreeMap::new();
+        for (channel, value) in
+            layers.per_channel("HERALD_RATE_LIMIT", "dispatch.rate_limits", raw.rate_limits)
+        {
+            rate_limits.insert(channel, value.rate_limit()?);
+        }
+        let mut channel_concurrency = BTreeMap::new();
+        for (channel, value) in layers.per_channel(
+            "HERALD_DISPATCH_CONCURRENCY",
+            "dispatch.channel_concurrency",
+            raw.channel_concurrency,
+        ) {
+            let n = value.positive_u32("a whole number above 0")?;
+            channel_concurrency.insert(channel, n as usize);
+        }
+        let mut gateway_keys = BTreeMap::new();
+        for (channel, var) in [
+            (Channel::Sms, "HERALD_SMS_GATEWAY_KEY"),
+            (Channel::Kakaotalk, "HERALD_KAKAOTALK_GATEWAY_KEY"),
+            (Channel::Push, "HERALD_PUSH_GATEWAY_KEY"),
+        ] {
+            if let Some(key) = (layers.env)(var).filter(|k| !k.trim().is_empty()) {
+                gateway_keys.insert(channel, SecretString::from(key));
+            }
+        }
+        Ok(DispatchSettings {
+            concurrency: concurrency.positive_u32("a whole number above 0")? as usize,
+            claim_batch: claim_batch.positive_u32("a whole number above 0")? as usize,
+            lease: Duration::from_secs(u64::from(
+                lease.positive_u32("a whole number of seconds above 0")?,
+            )),
+            send_timeout: Duration::from_secs(u64::from(
+                send_timeout.positive_u32("a whole number of seconds above 0")?,
+            )),
+            max_retries: max_retries.parse_with("a whole number of retries")?,
+            backoff: backoff.millis_list()?,
+            jitter: jitter.fraction()?,
+            breaker_threshold: breaker_threshold
+                .positive_u32("a whole number of failures above 0")?,
+            breaker_cooldown: Duration::from_secs(u64::from(
+                breaker_cooldown.positive_u32("a whole number of seconds above 0")?,
+            )),
+            channel_concurrency,
+            rate_limits,
+            fallbacks: raw.fallbacks,
+            gateway_keys,
+        })
+    }
+
     /// Sends of `channel` in flight at once, per instance.
     pub fn concurrency_of(&self, channel: Channel) -> usize {
         self.channel_concurrency
@@ -401,6 +533,42 @@ pub struct IngestSettings {
     pub max_event_bytes: usize,
 }
 
+impl IngestSettings {
+    fn load(layers: &Layers, raw: RawIngest) -> Result<Self, ConfigError> {
+        let routing_file = layers.required(
+            "HERALD_ROUTING_FILE",
+            "ingest.routing_file",
+            raw.routing_file,
+        )?;
+        let batch_max_messages = layers.required(
+            "HERALD_INGEST_BATCH_MAX_MESSAGES",
+            "ingest.batch_max_messages",
+            raw.batch_max_messages.map(|n| n.to_string()),
+        )?;
+        let batch_max_wait = layers.required(
+            "HERALD_INGEST_BATCH_MAX_WAIT_MS",
+            "ingest.batch_max_wait_ms",
+            raw.batch_max_wait_ms.map(|n| n.to_string()),
+        )?;
+        let max_event_bytes = layers.required(
+            "HERALD_MAX_EVENT_BYTES",
+            "ingest.max_event_bytes",
+            raw.max_event_bytes.map(|n| n.to_string()),
+        )?;
+        Ok(IngestSettings {
+            routing_file: PathBuf::from(routing_file.text),
+            batch_max_messages: batch_max_messages
+                .positive_u32("a whole number of messages above 0")?
+                as usize,
+            batch_max_wait: Duration::from_millis(u64::from(
+                batch_max_wait.positive_u32("a whole number of milliseconds above 0")?,
+            )),
+            max_event_bytes: max_event_bytes.positive_u32("a whole number of bytes above 0")?
+                as usize,
+        })
+    }
+}
+
 /// Notification templates.
 #[derive(Debug, Clone)]
 pub struct TemplateSettings {
@@ -411,6 +579,31 @@ pub struct TemplateSettings {
     /// How often each instance checks PostgreSQL for template versions activated through
     /// the API (on another instance); a change applies within this plus one reload.
     pub refresh: Duration,
+}
+
+impl TemplateSettings {
+    fn load(layers: &Layers, raw: RawTemplates) -> Result<Self, ConfigError> {
+        let dir = layers.required("HERALD_TEMPLATES_DIR", "templates.dir", raw.dir)?;
+        let schemas_dir = layers.required(
+            "HERALD_SCHEMAS_DIR",
+            "templates.schemas_dir",
+            raw.schemas_dir,
+        )?;
+        let refresh = layers.required(
+            "HERALD_TEMPLATES_REFRESH_MS",
+            "templates.refresh_ms",
+            raw.refresh_ms.map(|n| n.to_string()),
+        )?;
+        Ok(TemplateSettings {
+            dir: PathBuf::from(dir.text),
+            schemas_dir: PathBuf::from(schemas_dir.text),
+            // At most 4 s, so that with a reload an edit reaches every instance within the
+            // 5 s the API promises.
+            refresh: Duration::from_millis(u64::from(
+                refresh.u32_in(1..=4000, "whole milliseconds from 1 to 4000")?,
+            )),
+        })
+    }
 }
 
 /// The HTTP listener.
@@ -516,6 +709,32 @@ pub struct DatabaseSettings {
     pub api_max_connections: u32,
 }
 
+impl DatabaseSettings {
+    fn load(layers: &Layers, raw: RawDatabase) -> Result<Self, ConfigError> {
+        let url = layers.required("HERALD_DATABASE_URL", "database.url", raw.url)?;
+        let max_connections = layers.required(
+            "HERALD_DATABASE_MAX_CONNECTIONS",
+            "database.max_connections",
+            raw.max_connections.map(|n| n.to_string()),
+        )?;
+        let api_max_connections = layers.required(
+            "HERALD_DATABASE_API_MAX_CONNECTIONS",
+            "database.api_max_connections",
+            raw.api_max_connections.map(|n| n.to_string()),
+        )?;
+        Ok(DatabaseSettings {
+            url: SecretString::from(
+                url.secret_url(&["postgres", "postgresql"], "a postgres:// URL")?
+                    .to_string(),
+            ),
+            max_connections: max_connections
+                .positive_u32("a whole number of connections above 0")?,
+            api_max_connections: api_max_connections
+                .positive_u32("a whole number of connections above 0")?,
+        })
+    }
+}
+
 /// The Kafka cluster and the topics Herald uses on it.
 #[derive(Debug, Clone)]
 pub struct KafkaSettings {
@@ -540,6 +759,61 @@ pub struct KafkaSettings {
     pub librdkafka_secrets: BTreeMap<&'static str, SecretString>,
     /// How Herald's consumer groups keep and heal their membership.
     pub consumer: ConsumerSettings,
+}
+
+impl KafkaSettings {
+    fn load(layers: &Layers, raw: RawKafka) -> Result<Self, ConfigError> {
+        let brokers = layers.required("HERALD_KAFKA_BROKERS", "kafka.brokers", raw.brokers)?;
+        let topic_prefix = layers
+            .optional(
+                "HERALD_TOPIC_PREFIX",
+                "kafka.topic_prefix",
+                raw.topic_prefix,
+            )
+            .unwrap_or_else(|| Value::defaulted(""));
+        let session_timeout = layers.required(
+            "HERALD_KAFKA_SESSION_TIMEOUT_MS",
+            "kafka.session_timeout_ms",
+            raw.session_timeout_ms.map(|n| n.to_string()),
+        )?;
+        let fetch_wait = layers.required(
+            "HERALD_KAFKA_FETCH_WAIT_MS",
+            "kafka.fetch_wait_ms",
+            raw.fetch_wait_ms.map(|n| n.to_string()),
+        )?;
+        let internal_fetch_wait = layers.required(
+            "HERALD_KAFKA_INTERNAL_FETCH_WAIT_MS",
+            "kafka.internal_fetch_wait_ms",
+            raw.internal_fetch_wait_ms.map(|n| n.to_string()),
+        )?;
+        let topics_file = layers.required(
+            "HERALD_KAFKA_TOPICS_FILE",
+            "kafka.topics_file",
+            raw.topics_file,
+        )?;
+        let session_timeout_ms =
+            session_timeout.positive_u32("a whole number of milliseconds above 0")?;
+        let consumer = ConsumerSettings::load(layers, raw.consumer, session_timeout_ms)?;
+        let (librdkafka_options, librdkafka_secrets) =
+            layers.librdkafka_options(raw.librdkafka_options)?;
+        Ok(KafkaSettings {
+            brokers: brokers.broker_list()?,
+            topic_prefix: topic_prefix.topic_prefix()?,
+            session_timeout_ms,
+            fetch_wait_ms: fetch_wait.u32_in(
+                1..=300_000,
+                "a whole number of milliseconds from 1 to 300000",
+            )?,
+            internal_fetch_wait_ms: internal_fetch_wait.u32_in(
+                1..=300_000,
+                "a whole number of milliseconds from 1 to 300000",
+            )?,
+            topics_file: PathBuf::from(topics_file.text),
+            librdkafka_options,
+            librdkafka_secrets,
+            consumer,
+        })
+    }
 }
 
 /// Consumer group membership: the watchdog's bound and the poll interval librdkafka
@@ -595,6 +869,24 @@ pub struct RedisSettings {
     pub key_prefix: String,
 }
 
+impl RedisSettings {
+    fn load(layers: &Layers, raw: RawRedis) -> Result<Self, ConfigError> {
+        let url = layers.required("HERALD_REDIS_URL", "redis.url", raw.url)?;
+        let key_prefix = layers.required(
+            "HERALD_REDIS_KEY_PREFIX",
+            "redis.key_prefix",
+            raw.key_prefix,
+        )?;
+        Ok(RedisSettings {
+            url: SecretString::from(
+                url.secret_url(&["redis", "rediss"], "a redis:// or rediss:// URL")?
+                    .to_string(),
+            ),
+            key_prefix: key_prefix.key_prefix()?,
+        })
+    }
+}
+
 /// Outgoing email.
 #[derive(Debug, Clone)]
 pub struct SmtpSettings {
@@ -602,6 +894,29 @@ pub struct SmtpSettings {
     pub url: Option<SecretString>,
     /// The From header of every email.
     pub from: String,
+}
+
+impl SmtpSettings {
+    fn load(layers: &Layers, raw: RawSmtp) -> Result<Self, ConfigError> {
+        let url = layers.optional("HERALD_SMTP_URL", "smtp.url", raw.url);
+        let from = layers.required("HERALD_SMTP_FROM", "smtp.from", raw.from)?;
+        let insecure_auth = layers
+            .optional(
+                "HERALD_SMTP_ALLOW_INSECURE_AUTH",
+                "smtp.allow_insecure_auth",
+                raw.allow_insecure_auth.map(|b| b.to_string()),
+            )
+            .map(|v| v.flag())
+            .transpose()?
+            .unwrap_or(false);
+        Ok(SmtpSettings {
+            url: url
+                .filter(Value::is_set)
+                .map(|v| v.smtp_url(insecure_auth))
+                .transpose()?,
+            from: from.mailbox()?,
+        })
+    }
 }
 
 /// Bounds on the API's heavy or long-lived requests.
@@ -637,6 +952,110 @@ pub struct ChannelSettings {
     pub receipt_poll_deadline: Duration,
 }
 
+impl ChannelSettings {
+    fn load(layers: &Layers, raw: RawChannels) -> Result<Self, ConfigError> {
+        let slack = layers.optional(
+            "HERALD_SLACK_WEBHOOK_URL",
+            "channels.slack_webhook_url",
+            raw.slack_webhook_url,
+        );
+        let gateway = |var, key, raw: Option<String>| {
+            layers
+                .optional(var, key, raw)
+                .filter(Value::is_set)
+                .map(Value::http_url)
+                .transpose()
+        };
+        let mut status_urls = BTreeMap::new();
+        for (channel, var, key, raw) in [
+            (
+                Channel::Sms,
+                "HERALD_SMS_STATUS_URL",
+                "channels.sms_status_url",
+                raw.sms_status_url,
+            ),
+            (
+                Channel::Kakaotalk,
+                "HERALD_KAKAOTALK_STATUS_URL",
+                "channels.kakaotalk_status_url",
+                raw.kakaotalk_status_url,
+            ),
+            (
+                Channel::Push,
+                "HERALD_PUSH_STATUS_URL",
+                "channels.push_status_url",
+                raw.push_status_url,
+            ),
+        ] {
+            if let Some(value) = layers.optional(var, key, raw).filter(Value::is_set) {
+                status_urls.insert(channel, value.status_url()?);
+            }
+        }
+        let poll_backoff = layers.required(
+            "HERALD_RECEIPT_POLL_BACKOFF_MS",
+            "channels.receipt_poll_backoff_ms",
+            raw.receipt_poll_backoff_ms
+                .map(|v| v.iter().map(u32::to_string).collect::<Vec<_>>().join(",")),
+        )?;
+        let poll_deadline = layers.required(
+            "HERALD_RECEIPT_POLL_DEADLINE",
+            "channels.receipt_poll_deadline",
+            raw.receipt_poll_deadline,
+        )?;
+        Ok(ChannelSettings {
+            slack_webhook_url: match slack.filter(Value::is_set) {
+                Some(v) => Some(SecretString::from(
+                    v.secret_url(&["http", "https"], "an http(s):// webhook URL")?
+                        .to_string(),
+                )),
+                None => None,
+            },
+            sms_gateway_url: gateway(
+                "HERALD_SMS_GATEWAY_URL",
+                "channels.sms_gateway_url",
+                raw.sms_gateway_url,
+            )?,
+            kakaotalk_gateway_url: gateway(
+                "HERALD_KAKAOTALK_GATEWAY_URL",
+                "channels.kakaotalk_gateway_url",
+                raw.kakaotalk_gateway_url,
+            )?,
+            push_gateway_url: gateway(
+                "HERALD_PUSH_GATEWAY_URL",
+                "channels.push_gateway_url",
+                raw.push_gateway_url,
+            )?,
+            receipt_secrets: receipt_secrets(layers)?,
+            status_urls,
+            receipt_poll_backoff: poll_backoff.millis_list()?,
+            receipt_poll_deadline: poll_deadline.duration()?,
+        })
+    }
+}
+
+/// The receipt endpoints' Standard Webhooks secrets, from the environment only.
+fn receipt_secrets(layers: &Layers) -> Result<BTreeMap<Channel, SecretString>, ConfigError> {
+    let mut secrets = BTreeMap::new();
+    for (channel, var) in [
+        (Channel::Sms, "HERALD_SMS_RECEIPT_SECRET"),
+        (Channel::Kakaotalk, "HERALD_KAKAOTALK_RECEIPT_SECRET"),
+        (Channel::Push, "HERALD_PUSH_RECEIPT_SECRET"),
+        (Channel::Email, "HERALD_EMAIL_BOUNCE_SECRET"),
+    ] {
+        if let Some(secret) = (layers.env)(var).filter(|k| !k.trim().is_empty()) {
+            if standardwebhooks::Webhook::new(secret.trim()).is_err() {
+                return Err(ConfigError::Invalid {
+                    origin: var.to_owned(),
+                    expected: "a Standard Webhooks secret: whsec_ followed by base64",
+                    value: None,
+                });
+            }
+            secrets.insert(channel, SecretString::from(secret.trim().to_owned()));
+        }
+    }
+    Ok(secrets)
+}
+
 /// The admin API.
 #[derive(Debug, Clone)]
 pub struct AdminSettings {
@@ -644,11 +1063,37 @@ pub struct AdminSettings {
     pub token: Option<SecretString>,
 }
 
+impl AdminSettings {
+    fn load(layers: &Layers, raw: RawAdmin) -> Self {
+        let token = layers.optional("HERALD_ADMIN_TOKEN", "admin.token", raw.token);
+        AdminSettings {
+            token: token
+                .filter(Value::is_set)
+                .map(|v| SecretString::from(v.text)),
+        }
+    }
+}
+
 /// Graceful shutdown.
 #[derive(Debug, Clone)]
 pub struct ShutdownSettings {
     /// How long in-flight work may take after a stop signal.
     pub grace_period: Duration,
+}
+
+impl ShutdownSettings {
+    fn load(layers: &Layers, raw: RawShutdown) -> Result<Self, ConfigError> {
+        let grace = layers.required(
+            "HERALD_SHUTDOWN_GRACE_PERIOD_SECS",
+            "shutdown.grace_period_secs",
+            raw.grace_period_secs.map(|n| n.to_string()),
+        )?;
+        Ok(ShutdownSettings {
+            grace_period: Duration::from_secs(u64::from(
+                grace.positive_u32("a whole number of seconds above 0")?,
+            )),
+        })
+    }
 }
 
 /// Why settings could not be loaded. The `Display` form is one line meant for a person.
@@ -725,431 +1170,26 @@ impl Settings {
             message: e.message().to_owned(),
         })?;
         let layers = Layers { file, env };
-
-        let http = HttpSettings::load(&layers, raw.http)?;
-        let access = AccessSettings::load(&layers, raw.access)?;
-        let retention = RetentionSettings::load(&layers, raw.retention)?;
-        let webhooks = WebhookSettings::load(&layers, raw.webhooks)?;
-        let dlq = DlqSettings::load(&layers, raw.dlq)?;
-        let alerts = AlertSettings::load(&layers, raw.alerts)?;
-        let api_max_connections = layers.required(
-            "HERALD_DATABASE_API_MAX_CONNECTIONS",
-            "database.api_max_connections",
-            raw.database.api_max_connections.map(|n| n.to_string()),
-        )?;
-        let database_url =
-            layers.required("HERALD_DATABASE_URL", "database.url", raw.database.url)?;
-        let max_connections = layers.required(
-            "HERALD_DATABASE_MAX_CONNECTIONS",
-            "database.max_connections",
-            raw.database.max_connections.map(|n| n.to_string()),
-        )?;
-        let brokers =
-            layers.required("HERALD_KAFKA_BROKERS", "kafka.brokers", raw.kafka.brokers)?;
-        let topic_prefix = layers
-            .optional(
-                "HERALD_TOPIC_PREFIX",
-                "kafka.topic_prefix",
-                raw.kafka.topic_prefix,
-            )
-            .unwrap_or_else(|| Value::defaulted(""));
-        let session_timeout = layers.required(
-            "HERALD_KAFKA_SESSION_TIMEOUT_MS",
-            "kafka.session_timeout_ms",
-            raw.kafka.session_timeout_ms.map(|n| n.to_string()),
-        )?;
-        let fetch_wait = layers.required(
-            "HERALD_KAFKA_FETCH_WAIT_MS",
-            "kafka.fetch_wait_ms",
-            raw.kafka.fetch_wait_ms.map(|n| n.to_string()),
-        )?;
-        let internal_fetch_wait = layers.required(
-            "HERALD_KAFKA_INTERNAL_FETCH_WAIT_MS",
-            "kafka.internal_fetch_wait_ms",
-            raw.kafka.internal_fetch_wait_ms.map(|n| n.to_string()),
-        )?;
-        let topics_file = layers.required(
-            "HERALD_KAFKA_TOPICS_FILE",
-            "kafka.topics_file",
-            raw.kafka.topics_file,
-        )?;
-        let session_timeout_ms =
-            session_timeout.positive_u32("a whole number of milliseconds above 0")?;
-        let consumer = ConsumerSettings::load(&layers, raw.kafka.consumer, session_timeout_ms)?;
-        let redis_url = layers.required("HERALD_REDIS_URL", "redis.url", raw.redis.url)?;
-        let redis_prefix = layers.required(
-            "HERALD_REDIS_KEY_PREFIX",
-            "redis.key_prefix",
-            raw.redis.key_prefix,
-        )?;
-        let smtp_url = layers.optional("HERALD_SMTP_URL", "smtp.url", raw.smtp.url);
-        let smtp_from = layers.required("HERALD_SMTP_FROM", "smtp.from", raw.smtp.from)?;
-        let smtp_insecure_auth = layers
-            .optional(
-                "HERALD_SMTP_ALLOW_INSECURE_AUTH",
-                "smtp.allow_insecure_auth",
-                raw.smtp.allow_insecure_auth.map(|b| b.to_string()),
-            )
-            .map(|v| v.flag())
-            .transpose()?
-            .unwrap_or(false);
-        let (librdkafka_options, librdkafka_secrets) =
-            layers.librdkafka_options(raw.kafka.librdkafka_options)?;
-        let limits = layers.limits(raw.limits)?;
-        let slack = layers.optional(
-            "HERALD_SLACK_WEBHOOK_URL",
-            "channels.slack_webhook_url",
-            raw.channels.slack_webhook_url,
-        );
-        let sms = layers.optional(
-            "HERALD_SMS_GATEWAY_URL",
-            "channels.sms_gateway_url",
-            raw.channels.sms_gateway_url,
-        );
-        let kakaotalk = layers.optional(
-            "HERALD_KAKAOTALK_GATEWAY_URL",
-            "channels.kakaotalk_gateway_url",
-            raw.channels.kakaotalk_gateway_url,
-        );
-        let push = layers.optional(
-            "HERALD_PUSH_GATEWAY_URL",
-            "channels.push_gateway_url",
-            raw.channels.push_gateway_url,
-        );
-        let mut status_urls = BTreeMap::new();
-        for (channel, value) in [
-            (
-                Channel::Sms,
-                layers.optional(
-                    "HERALD_SMS_STATUS_URL",
-                    "channels.sms_status_url",
-                    raw.channels.sms_status_url,
-                ),
-            ),
-            (
-                Channel::Kakaotalk,
-                layers.optional(
-                    "HERALD_KAKAOTALK_STATUS_URL",
-                    "channels.kakaotalk_status_url",
-                    raw.channels.kakaotalk_status_url,
-                ),
-            ),
-            (
-                Channel::Push,
-                layers.optional(
-                    "HERALD_PUSH_STATUS_URL",
-                    "channels.push_status_url",
-                    raw.channels.push_status_url,
-                ),
-            ),
-        ] {
-            if let Some(value) = value.filter(Value::is_set) {
-                status_urls.insert(channel, value.status_url()?);
-            }
-        }
-        let poll_backoff = layers.required(
-            "HERALD_RECEIPT_POLL_BACKOFF_MS",
-            "channels.receipt_poll_backoff_ms",
-            raw.channels
-                .receipt_poll_backoff_ms
-                .map(|v| v.iter().map(u32::to_string).collect::<Vec<_>>().join(",")),
-        )?;
-        let poll_deadline = layers.required(
-            "HERALD_RECEIPT_POLL_DEADLINE",
-            "channels.receipt_poll_deadline",
-            raw.channels.receipt_poll_deadline,
-        )?;
-        let admin_token = layers.optional("HERALD_ADMIN_TOKEN", "admin.token", raw.admin.token);
-        let routing_file = layers.required(
-            "HERALD_ROUTING_FILE",
-            "ingest.routing_file",
-            raw.ingest.routing_file,
-        )?;
-        let batch_max_messages = layers.required(
-            "HERALD_INGEST_BATCH_MAX_MESSAGES",
-            "ingest.batch_max_messages",
-            raw.ingest.batch_max_messages.map(|n| n.to_string()),
-        )?;
-        let batch_max_wait = layers.required(
-            "HERALD_INGEST_BATCH_MAX_WAIT_MS",
-            "ingest.batch_max_wait_ms",
-            raw.ingest.batch_max_wait_ms.map(|n| n.to_string()),
-        )?;
-        let max_event_bytes = layers.required(
-            "HERALD_MAX_EVENT_BYTES",
-            "ingest.max_event_bytes",
-            raw.ingest.max_event_bytes.map(|n| n.to_string()),
-        )?;
-        let templates_dir =
-            layers.required("HERALD_TEMPLATES_DIR", "templates.dir", raw.templates.dir)?;
-        let schemas_dir = layers.required(
-            "HERALD_SCHEMAS_DIR",
-            "templates.schemas_dir",
-            raw.templates.schemas_dir,
-        )?;
-        let templates_refresh = layers.required(
-            "HERALD_TEMPLATES_REFRESH_MS",
-            "templates.refresh_ms",
-            raw.templates.refresh_ms.map(|n| n.to_string()),
-        )?;
-        let dispatch = raw.dispatch;
-        let concurrency = layers.required(
-            "HERALD_DISPATCH_CONCURRENCY",
-            "dispatch.concurrency",
-            dispatch.concurrency.map(|n| n.to_string()),
-        )?;
-        let claim_batch = layers.required(
-            "HERALD_DISPATCH_CLAIM_BATCH",
-            "dispatch.claim_batch",
-            dispatch.claim_batch.map(|n| n.to_string()),
-        )?;
-        let lease = layers.required(
-            "HERALD_DISPATCH_LEASE_SECS",
-            "dispatch.lease_secs",
-            dispatch.lease_secs.map(|n| n.to_string()),
-        )?;
-        let send_timeout = layers.required(
-            "HERALD_SEND_TIMEOUT_SECS",
-            "dispatch.send_timeout_secs",
-            dispatch.send_timeout_secs.map(|n| n.to_string()),
-        )?;
-        let max_retries = layers.required(
-            "HERALD_MAX_RETRIES",
-            "dispatch.max_retries",
-            dispatch.max_retries.map(|n| n.to_string()),
-        )?;
-        let backoff = layers.required(
-            "HERALD_RETRY_BACKOFF_MS",
-            "dispatch.retry_backoff_ms",
-            dispatch
-                .retry_backoff_ms
-                .map(|v| v.iter().map(u32::to_string).collect::<Vec<_>>().join(",")),
-        )?;
-        let jitter = layers.required(
-            "HERALD_RETRY_JITTER",
-            "dispatch.retry_jitter",
-            dispatch.retry_jitter.map(|n| n.to_string()),
-        )?;
-        let breaker_threshold = layers.required(
-            "HERALD_BREAKER_FAILURE_THRESHOLD",
-            "dispatch.breaker_failure_threshold",
-            dispatch.breaker_failure_threshold.map(|n| n.to_string()),
-        )?;
-        let breaker_cooldown = layers.required(
-            "HERALD_BREAKER_COOLDOWN_SECS",
-            "dispatch.breaker_cooldown_secs",
-            dispatch.breaker_cooldown_secs.map(|n| n.to_string()),
-        )?;
-        let mut rate_limits = BTreeMap::new();
-        for (channel, value) in layers.per_channel(
-            "HERALD_RATE_LIMIT",
-            "dispatch.rate_limits",
-            dispatch.rate_limits,
-        ) {
-            rate_limits.insert(channel, value.rate_limit()?);
-        }
-        let mut channel_concurrency = BTreeMap::new();
-        for (channel, value) in layers.per_channel(
-            "HERALD_DISPATCH_CONCURRENCY",
-            "dispatch.channel_concurrency",
-            dispatch.channel_concurrency,
-        ) {
-            let n = value.positive_u32("a whole number above 0")?;
-            channel_concurrency.insert(channel, n as usize);
-        }
-        let mut gateway_keys = BTreeMap::new();
-        for (channel, var) in [
-            (Channel::Sms, "HERALD_SMS_GATEWAY_KEY"),
-            (Channel::Kakaotalk, "HERALD_KAKAOTALK_GATEWAY_KEY"),
-            (Channel::Push, "HERALD_PUSH_GATEWAY_KEY"),
-        ] {
-            if let Some(key) = (layers.env)(var).filter(|k| !k.trim().is_empty()) {
-                gateway_keys.insert(channel, SecretString::from(key));
-            }
-        }
-        let mut receipt_secrets = BTreeMap::new();
-        for (channel, var) in [
-            (Channel::Sms, "HERALD_SMS_RECEIPT_SECRET"),
-            (Channel::Kakaotalk, "HERALD_KAKAOTALK_RECEIPT_SECRET"),
-            (Channel::Push, "HERALD_PUSH_RECEIPT_SECRET"),
-            (Channel::Email, "HERALD_EMAIL_BOUNCE_SECRET"),
-        ] {
-            if let Some(secret) = (layers.env)(var).filter(|k| !k.trim().is_empty()) {
-                if standardwebhooks::Webhook::new(secret.trim()).is_err() {
-                    return Err(ConfigError::Invalid {
-                        origin: var.to_owned(),
-                        expected: "a Standard Webhooks secret: whsec_ followed by base64",
-                        value: None,
-                    });
-                }
-                receipt_secrets.insert(channel, SecretString::from(secret.trim().to_owned()));
-            }
-        }
-        let read_model = ReadModelSettings::load(&layers, raw.read_model)?;
-        let broadcast_batch = layers.required(
-            "HERALD_BROADCAST_BATCH_SIZE",
-            "broadcast.batch_size",
-            raw.broadcast.batch_size.map(|n| n.to_string()),
-        )?;
-        let broadcast_share = layers.required(
-            "HERALD_BROADCAST_DISPATCH_SHARE",
-            "broadcast.dispatch_share",
-            raw.broadcast.dispatch_share.map(|n| n.to_string()),
-        )?;
-        let broadcast_queued = layers.required(
-            "HERALD_BROADCAST_MAX_QUEUED_DELIVERIES",
-            "broadcast.max_queued_deliveries",
-            raw.broadcast.max_queued_deliveries.map(|n| n.to_string()),
-        )?;
-        let broadcast_lease = layers.required(
-            "HERALD_BROADCAST_LEASE_SECS",
-            "broadcast.lease_secs",
-            raw.broadcast.lease_secs.map(|n| n.to_string()),
-        )?;
-        let grace = layers.required(
-            "HERALD_SHUTDOWN_GRACE_PERIOD_SECS",
-            "shutdown.grace_period_secs",
-            raw.shutdown.grace_period_secs.map(|n| n.to_string()),
-        )?;
-
         Ok(Settings {
-            http,
-            database: DatabaseSettings {
-                url: SecretString::from(
-                    database_url
-                        .secret_url(&["postgres", "postgresql"], "a postgres:// URL")?
-                        .to_string(),
-                ),
-                max_connections: max_connections
-                    .positive_u32("a whole number of connections above 0")?,
-                api_max_connections: api_max_connections
-                    .positive_u32("a whole number of connections above 0")?,
-            },
-            kafka: KafkaSettings {
-                brokers: brokers.broker_list()?,
-                topic_prefix: topic_prefix.topic_prefix()?,
-                session_timeout_ms,
-                fetch_wait_ms: fetch_wait.u32_in(
-                    1..=300_000,
-                    "a whole number of milliseconds from 1 to 300000",
-                )?,
-                internal_fetch_wait_ms: internal_fetch_wait.u32_in(
-                    1..=300_000,
-                    "a whole number of milliseconds from 1 to 300000",
-                )?,
-                topics_file: PathBuf::from(topics_file.text),
-                librdkafka_options,
-                librdkafka_secrets,
-                consumer,
-            },
-            redis: RedisSettings {
-                url: SecretString::from(
-                    redis_url
-                        .secret_url(&["redis", "rediss"], "a redis:// or rediss:// URL")?
-                        .to_string(),
-                ),
-                key_prefix: redis_prefix.key_prefix()?,
-            },
-            smtp: SmtpSettings {
-                url: smtp_url
-                    .filter(Value::is_set)
-                    .map(|v| v.smtp_url(smtp_insecure_auth))
-                    .transpose()?,
-                from: smtp_from.mailbox()?,
-            },
-            limits,
-            channels: ChannelSettings {
-                slack_webhook_url: match slack.filter(Value::is_set) {
-                    Some(v) => Some(SecretString::from(
-                        v.secret_url(&["http", "https"], "an http(s):// webhook URL")?
-                            .to_string(),
-                    )),
-                    None => None,
-                },
-                sms_gateway_url: sms.filter(Value::is_set).map(Value::http_url).transpose()?,
-                kakaotalk_gateway_url: kakaotalk
-                    .filter(Value::is_set)
-                    .map(Value::http_url)
-                    .transpose()?,
-                push_gateway_url: push
-                    .filter(Value::is_set)
-                    .map(Value::http_url)
-                    .transpose()?,
-                receipt_secrets,
-                status_urls,
-                receipt_poll_backoff: poll_backoff.millis_list()?,
-                receipt_poll_deadline: poll_deadline.duration()?,
-            },
-            admin: AdminSettings {
-                token: admin_token
-                    .filter(Value::is_set)
-                    .map(|v| SecretString::from(v.text)),
-            },
-            access,
-            shutdown: ShutdownSettings {
-                grace_period: Duration::from_secs(u64::from(
-                    grace.positive_u32("a whole number of seconds above 0")?,
-                )),
-            },
-            ingest: IngestSettings {
-                routing_file: PathBuf::from(routing_file.text),
-                batch_max_messages: batch_max_messages
-                    .positive_u32("a whole number of messages above 0")?
-                    as usize,
-                batch_max_wait: Duration::from_millis(u64::from(
-                    batch_max_wait.positive_u32("a whole number of milliseconds above 0")?,
-                )),
-                max_event_bytes: max_event_bytes.positive_u32("a whole number of bytes above 0")?
-                    as usize,
-            },
-            templates: TemplateSettings {
-                dir: PathBuf::from(templates_dir.text),
-                schemas_dir: PathBuf::from(schemas_dir.text),
-                // At most 4 s, so that with a reload an edit reaches every instance within
-                // the 5 s the API promises.
-                refresh: Duration::from_millis(u64::from(
-                    templates_refresh.u32_in(1..=4000, "whole milliseconds from 1 to 4000")?,
-                )),
-            },
-            dispatch: DispatchSettings {
-                concurrency: concurrency.positive_u32("a whole number above 0")? as usize,
-                claim_batch: claim_batch.positive_u32("a whole number above 0")? as usize,
-                lease: Duration::from_secs(u64::from(
-                    lease.positive_u32("a whole number of seconds above 0")?,
-                )),
-                send_timeout: Duration::from_secs(u64::from(
-                    send_timeout.positive_u32("a whole number of seconds above 0")?,
-                )),
-                max_retries: max_retries.parse_with("a whole number of retries")?,
-                backoff: backoff.millis_list()?,
-                jitter: jitter.fraction()?,
-                breaker_threshold: breaker_threshold
-                    .positive_u32("a whole number of failures above 0")?,
-                breaker_cooldown: Duration::from_secs(u64::from(
-                    breaker_cooldown.positive_u32("a whole number of seconds above 0")?,
-                )),
-                channel_concurrency,
-                rate_limits,
-                fallbacks: dispatch.fallbacks,
-                gateway_keys,
-            },
-            read_model,
-            broadcast: BroadcastSettings {
-                batch_size: broadcast_batch.positive_u32("a whole number above 0")? as usize,
-                dispatch_share: match broadcast_share.fraction()? {
-                    0.0 => return Err(broadcast_share.invalid("a number above 0, at most 1")),
-                    share => share,
-                },
-                max_queued_deliveries: broadcast_queued.positive_u32("a whole number above 0")?
-                    as usize,
-                lease: Duration::from_secs(u64::from(
-                    broadcast_lease.positive_u32("a whole number of seconds above 0")?,
-                )),
-            },
-            retention,
-            webhooks,
-            dlq,
-            alerts,
+            http: HttpSettings::load(&layers, raw.http)?,
+            database: DatabaseSettings::load(&layers, raw.database)?,
+            kafka: KafkaSettings::load(&layers, raw.kafka)?,
+            redis: RedisSettings::load(&layers, raw.redis)?,
+            smtp: SmtpSettings::load(&layers, raw.smtp)?,
+            limits: layers.limits(raw.limits)?,
+            channels: ChannelSettings::load(&layers, raw.channels)?,
+            admin: AdminSettings::load(&layers, raw.admin),
+            access: AccessSettings::load(&layers, raw.access)?,
+            shutdown: ShutdownSettings::load(&layers, raw.shutdown)?,
+            ingest: IngestSettings::load(&layers, raw.ingest)?,
+            templates: TemplateSettings::load(&layers, raw.templates)?,
+            dispatch: DispatchSettings::load(&layers, raw.dispatch)?,
+            read_model: ReadModelSettings::load(&layers, raw.read_model)?,
+            broadcast: BroadcastSettings::load(&layers, raw.broadcast)?,
+            retention: RetentionSettings::load(&layers, raw.retention)?,
+            webhooks: WebhookSettings::load(&layers, raw.webhooks)?,
+            dlq: DlqSettings::load(&layers, raw.dlq)?,
+            alerts: AlertSettings::load(&layers, raw.alerts)?,
         })
     }
 
