@@ -423,243 +423,287 @@ fn spawn_workers(
         state.shutdown.clone(),
     ));
     if state.roles.contains(&Role::Dispatch) {
-        let settings = &state.settings;
-        let dispatcher = Arc::new(Dispatcher {
-            db: state.work_db.clone(),
-            senders: senders(state)?,
-            templates: state.templates.clone(),
-            limiter: RateLimiter::new(state.redis.clone(), settings.redis.key_prefix.clone()),
-            breakers: Dispatcher::breakers(&settings.dispatch),
-            settings: settings.dispatch.clone(),
-            broadcast_share: settings.broadcast.dispatch_share,
-            topic_prefix: settings.kafka.topic_prefix.clone(),
-            announcer: announcer(state),
-            recorder: Default::default(),
-            redis: state.redis.clone(),
-            redis_prefix: settings.redis.key_prefix.clone(),
-            routing: state.routing.clone(),
-            wakeup: state.ingestor.wakeup.clone(),
-            caps: crate::timing::frequency_cap::FrequencyCaps::new(
-                state.routing.frequency_caps().to_vec(),
-                state.redis.clone(),
-                settings.redis.key_prefix.clone(),
-            ),
-            receipt_polls: dispatch::worker::ReceiptPolls {
-                channels: settings.channels.status_urls.keys().copied().collect(),
-                first_wait: settings.channels.receipt_poll_backoff[0],
-                deadline: settings.channels.receipt_poll_deadline,
-            },
-        });
-        tasks.spawn(dispatch::run(dispatcher, state.shutdown.clone()));
-        if !settings.channels.status_urls.is_empty() {
-            let poller = crate::receipts::poll::Poller::new(
-                state.work_db.clone(),
-                settings.kafka.topic_prefix.clone(),
-                settings.channels.status_urls.clone(),
-                settings.dispatch.gateway_keys.clone(),
-                settings.channels.receipt_poll_backoff.clone(),
-                settings.dispatch.send_timeout,
-            )?;
-            tasks.spawn(poller.run(state.shutdown.clone()));
-        }
-        let fanout = Arc::new(Fanout {
-            db: state.work_db.clone(),
-            redis: state.redis.clone(),
-            settings: settings.broadcast.clone(),
-            redis_prefix: settings.redis.key_prefix.clone(),
-            topic_prefix: settings.kafka.topic_prefix.clone(),
-            routing: state.routing.clone(),
-            channel_enabled: state.channel_enabled.clone(),
-            wakeup: state.ingestor.wakeup.clone(),
-        });
-        tasks.spawn(fanout::run(fanout, state.shutdown.clone()));
+        spawn_dispatch(state, tasks)?;
     }
     if state.roles.contains(&Role::Projector) {
-        let projector = Projector {
-            db: state.work_db.clone(),
-            reporting_tz: state.settings.read_model.reporting_timezone,
-        };
-        let settings = state.settings.clone();
-        let spec = ConsumerSpec {
-            group: format!("{}notif-readmodel", settings.kafka.topic_prefix),
-            topics: vec![format!(
-                "{}{DELIVERY_EVENTS_TOPIC}",
-                settings.kafka.topic_prefix
-            )],
-            // A batch costs the projector a fixed number of statements, so a backlog is
-            // worked off in large ones; lingering lets a delivery's creation and outcome
-            // meet in one batch and its log row be written once (config/default.toml).
-            limits: BatchLimits {
-                max_messages: settings.read_model.projector_batch_max_messages,
-                max_wait: settings.read_model.projector_linger,
-            },
-            fetch_wait_ms: settings.kafka.internal_fetch_wait_ms,
-        };
-        let (shutdown, watchdogs) = (state.shutdown.clone(), state.consumers.clone());
-        let failure = failure.clone();
-        let group = spec.group.clone();
-        tasks.spawn(async move {
-            let result = consumer::run(
-                &settings.kafka,
-                spec,
-                &watchdogs,
-                shutdown.clone(),
-                |batch| {
-                    let (projector, group) = (&projector, &group);
-                    async move { projector.apply_or_park(group, &batch).await.map(drop) }
-                },
-            )
-            .await;
-            fail_on_error(result, "the read-model projector", &failure, &shutdown);
-        });
+        spawn_projector(state, tasks, failure);
     }
     if state.roles.contains(&Role::Dispatch) {
         spawn_webhooks(state, tasks, failure)?;
     }
     if state.roles.contains(&Role::Dlq) {
-        // The DLQ gauges (pending by class, age of the oldest) move with time too, not only
-        // when letters arrive.
-        let (db, shutdown) = (state.work_db.clone(), state.shutdown.clone());
-        tasks.spawn(async move {
-            let mut every = tokio::time::interval(Duration::from_secs(30));
-            loop {
-                tokio::select! {
-                    _ = every.tick() => dlq::store::export_sizes(&db).await,
-                    () = shutdown.cancelled() => return,
-                }
-            }
-        });
-        // Replays by filter, one instance at a time; resumed after a crash.
-        tasks.spawn(dlq::replay::run(
-            state.ingestor.clone(),
-            state.settings.dlq.replay_cap,
-            state.shutdown.clone(),
-        ));
-        let settings = state.settings.clone();
-        let db = state.work_db.clone();
-        let prefix = settings.kafka.topic_prefix.clone();
-        let spec = ConsumerSpec {
-            group: format!("{prefix}notif-dlq"),
-            topics: dlq::store::topics()
-                .into_iter()
-                .map(|t| format!("{prefix}{t}"))
-                .collect(),
-            limits: BatchLimits {
-                max_messages: 200,
-                max_wait: Duration::from_millis(20),
-            },
-            fetch_wait_ms: settings.kafka.internal_fetch_wait_ms,
-        };
-        let (shutdown, watchdogs) = (state.shutdown.clone(), state.consumers.clone());
-        let failure = failure.clone();
-        let group = spec.group.clone();
-        tasks.spawn(async move {
-            let result = consumer::run(
-                &settings.kafka,
-                spec,
-                &watchdogs,
-                shutdown.clone(),
-                |batch| {
-                    let (db, prefix, group) = (&db, &prefix, &group);
-                    async move {
-                        dlq::store::store(db, group, prefix, &batch).await?;
-                        dlq::store::export_sizes(db).await;
-                        Ok(())
-                    }
-                },
-            )
-            .await;
-            fail_on_error(result, "the DLQ consumer", &failure, &shutdown);
-        });
+        spawn_dlq(state, tasks, failure);
     }
     if state.roles.contains(&Role::Api) {
-        let (db, ttl, shutdown) = (
-            state.db.clone(),
-            state.settings.access.idempotency_ttl,
-            state.shutdown.clone(),
-        );
-        tasks.spawn(async move {
-            let mut every = tokio::time::interval(intake::IDEMPOTENCY_PRUNE_EVERY);
-            loop {
-                tokio::select! {
-                    _ = every.tick() => {}
-                    () = shutdown.cancelled() => return,
-                }
-                match intake::prune_idempotency_keys(&db, ttl).await {
-                    Ok(pruned) => tracing::debug!(pruned, "expired idempotency keys pruned"),
-                    Err(error) => tracing::warn!(
-                        error = format!("{error:#}"),
-                        "cannot prune idempotency keys"
-                    ),
-                }
-            }
-        });
-    }
-    if state.roles.contains(&Role::Api) {
-        tasks.spawn(crate::receipts::run(
-            state.db.clone(),
-            state.settings.kafka.topic_prefix.clone(),
-            state.shutdown.clone(),
-        ));
+        spawn_api_upkeep(state, tasks);
     }
     if state.roles.contains(&Role::Relay) {
-        let relay = Relay::new(state.work_db.clone(), &state.settings.kafka)?;
-        tasks.spawn(relay.run(state.shutdown.clone()));
-        // The relay's instances keep the tables trimmed: the outbox (in the relay) and the
-        // history past its retention.
-        tasks.spawn(crate::retention::run(
-            state.work_db.clone(),
-            state.settings.retention.clone(),
-            state.settings.read_model.reporting_timezone,
-            state.shutdown.clone(),
-        ));
-        // And evaluate the delivery-health alerts (one instance at a time, crate::alerts).
-        let slack = match &state.settings.channels.slack_webhook_url {
-            Some(webhook) => Some(SlackSender::new(webhook.clone(), Duration::from_secs(5))?),
-            None => None,
-        };
-        tasks.spawn(crate::alerts::run(
-            state.work_db.clone(),
-            state.settings.alerts.clone(),
-            slack,
-            state.shutdown.clone(),
-        ));
+        spawn_relay(state, tasks)?;
     }
     if state.roles.contains(&Role::Ingest) {
-        let settings = &state.settings;
-        let ingestor = state.ingestor.clone();
-        let limits = BatchLimits {
-            max_messages: settings.ingest.batch_max_messages,
-            max_wait: settings.ingest.batch_max_wait,
-        };
-        for domain in Domain::CONSUMED {
-            let (ingestor, settings, shutdown, failure, watchdogs) = (
-                ingestor.clone(),
-                settings.clone(),
-                state.shutdown.clone(),
-                failure.clone(),
-                state.consumers.clone(),
-            );
-            tasks.spawn(async move {
-                let result = ingest::consumer::run(
-                    ingestor,
-                    &settings,
-                    domain,
-                    limits,
-                    &watchdogs,
-                    shutdown.clone(),
-                )
-                .await;
-                fail_on_error(
-                    result,
-                    &format!("the {domain} consumer"),
-                    &failure,
-                    &shutdown,
-                );
-            });
-        }
+        spawn_ingest(state, tasks, failure);
     }
     Ok(())
+}
+
+/// The dispatcher's channel loops, the receipt poller (when a gateway has a status URL) and
+/// the broadcast fan-out.
+fn spawn_dispatch(state: &AppState, tasks: &TaskTracker) -> anyhow::Result<()> {
+    let settings = &state.settings;
+    let dispatcher = Arc::new(Dispatcher {
+        db: state.work_db.clone(),
+        senders: senders(state)?,
+        templates: state.templates.clone(),
+        limiter: RateLimiter::new(state.redis.clone(), settings.redis.key_prefix.clone()),
+        breakers: Dispatcher::breakers(&settings.dispatch),
+        settings: settings.dispatch.clone(),
+        broadcast_share: settings.broadcast.dispatch_share,
+        topic_prefix: settings.kafka.topic_prefix.clone(),
+        announcer: announcer(state),
+        recorder: Default::default(),
+        redis: state.redis.clone(),
+        redis_prefix: settings.redis.key_prefix.clone(),
+        routing: state.routing.clone(),
+        wakeup: state.ingestor.wakeup.clone(),
+        caps: crate::timing::frequency_cap::FrequencyCaps::new(
+            state.routing.frequency_caps().to_vec(),
+            state.redis.clone(),
+            settings.redis.key_prefix.clone(),
+        ),
+        receipt_polls: dispatch::worker::ReceiptPolls {
+            channels: settings.channels.status_urls.keys().copied().collect(),
+            first_wait: settings.channels.receipt_poll_backoff[0],
+            deadline: settings.channels.receipt_poll_deadline,
+        },
+    });
+    tasks.spawn(dispatch::run(dispatcher, state.shutdown.clone()));
+    if !settings.channels.status_urls.is_empty() {
+        let poller = crate::receipts::poll::Poller::new(
+            state.work_db.clone(),
+            settings.kafka.topic_prefix.clone(),
+            settings.channels.status_urls.clone(),
+            settings.dispatch.gateway_keys.clone(),
+            settings.channels.receipt_poll_backoff.clone(),
+            settings.dispatch.send_timeout,
+        )?;
+        tasks.spawn(poller.run(state.shutdown.clone()));
+    }
+    let fanout = Arc::new(Fanout {
+        db: state.work_db.clone(),
+        redis: state.redis.clone(),
+        settings: settings.broadcast.clone(),
+        redis_prefix: settings.redis.key_prefix.clone(),
+        topic_prefix: settings.kafka.topic_prefix.clone(),
+        routing: state.routing.clone(),
+        channel_enabled: state.channel_enabled.clone(),
+        wakeup: state.ingestor.wakeup.clone(),
+    });
+    tasks.spawn(fanout::run(fanout, state.shutdown.clone()));
+    Ok(())
+}
+
+/// The read-model projector: a consumer of the delivery events.
+fn spawn_projector(
+    state: &AppState,
+    tasks: &TaskTracker,
+    failure: &Arc<std::sync::Mutex<Option<String>>>,
+) {
+    let projector = Projector {
+        db: state.work_db.clone(),
+        reporting_tz: state.settings.read_model.reporting_timezone,
+    };
+    let settings = state.settings.clone();
+    let spec = ConsumerSpec {
+        group: format!("{}notif-readmodel", settings.kafka.topic_prefix),
+        topics: vec![format!(
+            "{}{DELIVERY_EVENTS_TOPIC}",
+            settings.kafka.topic_prefix
+        )],
+        // A batch costs the projector a fixed number of statements, so a backlog is
+        // worked off in large ones; lingering lets a delivery's creation and outcome
+        // meet in one batch and its log row be written once (config/default.toml).
+        limits: BatchLimits {
+            max_messages: settings.read_model.projector_batch_max_messages,
+            max_wait: settings.read_model.projector_linger,
+        },
+        fetch_wait_ms: settings.kafka.internal_fetch_wait_ms,
+    };
+    let (shutdown, watchdogs) = (state.shutdown.clone(), state.consumers.clone());
+    let failure = failure.clone();
+    let group = spec.group.clone();
+    tasks.spawn(async move {
+        let result = consumer::run(
+            &settings.kafka,
+            spec,
+            &watchdogs,
+            shutdown.clone(),
+            |batch| {
+                let (projector, group) = (&projector, &group);
+                async move { projector.apply_or_park(group, &batch).await.map(drop) }
+            },
+        )
+        .await;
+        fail_on_error(result, "the read-model projector", &failure, &shutdown);
+    });
+}
+
+/// The DLQ consumer, its gauges and the replays by filter.
+fn spawn_dlq(
+    state: &AppState,
+    tasks: &TaskTracker,
+    failure: &Arc<std::sync::Mutex<Option<String>>>,
+) {
+    // The DLQ gauges (pending by class, age of the oldest) move with time too, not only
+    // when letters arrive.
+    let (db, shutdown) = (state.work_db.clone(), state.shutdown.clone());
+    tasks.spawn(async move {
+        let mut every = tokio::time::interval(Duration::from_secs(30));
+        loop {
+            tokio::select! {
+                _ = every.tick() => dlq::store::export_sizes(&db).await,
+                () = shutdown.cancelled() => return,
+            }
+        }
+    });
+    // Replays by filter, one instance at a time; resumed after a crash.
+    tasks.spawn(dlq::replay::run(
+        state.ingestor.clone(),
+        state.settings.dlq.replay_cap,
+        state.shutdown.clone(),
+    ));
+    let settings = state.settings.clone();
+    let db = state.work_db.clone();
+    let prefix = settings.kafka.topic_prefix.clone();
+    let spec = ConsumerSpec {
+        group: format!("{prefix}notif-dlq"),
+        topics: dlq::store::topics()
+            .into_iter()
+            .map(|t| format!("{prefix}{t}"))
+            .collect(),
+        limits: BatchLimits {
+            max_messages: 200,
+            max_wait: Duration::from_millis(20),
+        },
+        fetch_wait_ms: settings.kafka.internal_fetch_wait_ms,
+    };
+    let (shutdown, watchdogs) = (state.shutdown.clone(), state.consumers.clone());
+    let failure = failure.clone();
+    let group = spec.group.clone();
+    tasks.spawn(async move {
+        let result = consumer::run(
+            &settings.kafka,
+            spec,
+            &watchdogs,
+            shutdown.clone(),
+            |batch| {
+                let (db, prefix, group) = (&db, &prefix, &group);
+                async move {
+                    dlq::store::store(db, group, prefix, &batch).await?;
+                    dlq::store::export_sizes(db).await;
+                    Ok(())
+                }
+            },
+        )
+        .await;
+        fail_on_error(result, "the DLQ consumer", &failure, &shutdown);
+    });
+}
+
+/// What an API instance keeps up besides its requests: expired Idempotency-Keys pruned, and
+/// receipts matched to their deliveries.
+fn spawn_api_upkeep(state: &AppState, tasks: &TaskTracker) {
+    let (db, ttl, shutdown) = (
+        state.db.clone(),
+        state.settings.access.idempotency_ttl,
+        state.shutdown.clone(),
+    );
+    tasks.spawn(async move {
+        let mut every = tokio::time::interval(intake::IDEMPOTENCY_PRUNE_EVERY);
+        loop {
+            tokio::select! {
+                _ = every.tick() => {}
+                () = shutdown.cancelled() => return,
+            }
+            match intake::prune_idempotency_keys(&db, ttl).await {
+                Ok(pruned) => tracing::debug!(pruned, "expired idempotency keys pruned"),
+                Err(error) => tracing::warn!(
+                    error = format!("{error:#}"),
+                    "cannot prune idempotency keys"
+                ),
+            }
+        }
+    });
+    tasks.spawn(crate::receipts::run(
+        state.db.clone(),
+        state.settings.kafka.topic_prefix.clone(),
+        state.shutdown.clone(),
+    ));
+}
+
+/// The outbox relay, with the retention purge and the alerts that its instances run.
+fn spawn_relay(state: &AppState, tasks: &TaskTracker) -> anyhow::Result<()> {
+    let relay = Relay::new(state.work_db.clone(), &state.settings.kafka)?;
+    tasks.spawn(relay.run(state.shutdown.clone()));
+    // The relay's instances keep the tables trimmed: the outbox (in the relay) and the
+    // history past its retention.
+    tasks.spawn(crate::retention::run(
+        state.work_db.clone(),
+        state.settings.retention.clone(),
+        state.settings.read_model.reporting_timezone,
+        state.shutdown.clone(),
+    ));
+    // And evaluate the delivery-health alerts (one instance at a time, crate::alerts).
+    let slack = match &state.settings.channels.slack_webhook_url {
+        Some(webhook) => Some(SlackSender::new(webhook.clone(), Duration::from_secs(5))?),
+        None => None,
+    };
+    tasks.spawn(crate::alerts::run(
+        state.work_db.clone(),
+        state.settings.alerts.clone(),
+        slack,
+        state.shutdown.clone(),
+    ));
+    Ok(())
+}
+
+/// One consumer per upstream domain.
+fn spawn_ingest(
+    state: &AppState,
+    tasks: &TaskTracker,
+    failure: &Arc<std::sync::Mutex<Option<String>>>,
+) {
+    let settings = &state.settings;
+    let ingestor = state.ingestor.clone();
+    let limits = BatchLimits {
+        max_messages: settings.ingest.batch_max_messages,
+        max_wait: settings.ingest.batch_max_wait,
+    };
+    for domain in Domain::CONSUMED {
+        let (ingestor, settings, shutdown, failure, watchdogs) = (
+            ingestor.clone(),
+            settings.clone(),
+            state.shutdown.clone(),
+            failure.clone(),
+            state.consumers.clone(),
+        );
+        tasks.spawn(async move {
+            let result = ingest::consumer::run(
+                ingestor,
+                &settings,
+                domain,
+                limits,
+                &watchdogs,
+                shutdown.clone(),
+            )
+            .await;
+            fail_on_error(
+                result,
+                &format!("the {domain} consumer"),
+                &failure,
+                &shutdown,
+            );
+        });
+    }
 }
 
 /// A worker that ends in error stops the instance, with the reason as its exit error.
