@@ -99,40 +99,27 @@ async fn channel_loop(
         }
         // Registered before claiming, so a NOTIFY that lands during the claim still wakes us.
         let notified = wake.notified();
-        // Claim only what can go out now: an open breaker without a fallback, or a full
-        // rate-limit window, would otherwise claim and defer the backlog over and over.
-        let mut room = free.min(dispatcher.settings.claim_batch);
-        let mut hold = None;
-        if let Some(wait) = dispatcher.breakers[&channel].refusing_for()
-            && !dispatcher.has_fallback(channel)
+        let Room {
+            all: room,
+            broadcasts: mut broadcast_room,
+            broadcast_window,
+        } = match room_for(
+            &dispatcher,
+            channel,
+            free,
+            broadcast_slots.available_permits(),
+        )
+        .await
         {
-            hold = Some(wait);
-        }
-        let mut broadcast_room = broadcast_slots.available_permits();
-        // Whether the rate limit's window leaves broadcasts any room (it keeps a reserve
-        // for transactional sends).
-        let mut broadcast_window = true;
-        if hold.is_none()
-            && let Some(limit) = dispatcher.settings.rate_limits.get(&channel).copied()
-            && let Some((open, wait)) = dispatcher.limiter.room(channel, limit).await
-        {
-            if open == 0 {
-                hold = Some(wait);
+            Ok(room) => room,
+            Err(wait) => {
+                tokio::select! {
+                    () = tokio::time::sleep(wait.clamp(Duration::from_millis(5), SWEEP)) => {}
+                    () = shutdown.cancelled() => break,
+                }
+                continue;
             }
-            room = room.min(open as usize);
-            // Broadcasts leave the transactional reserve of each window untouched.
-            let reserve = (f64::from(limit.limit) * (1.0 - dispatcher.broadcast_share)).ceil();
-            let window_room = open.saturating_sub(reserve as u32) as usize;
-            broadcast_window = window_room > 0;
-            broadcast_room = broadcast_room.min(window_room);
-        }
-        if let Some(wait) = hold {
-            tokio::select! {
-                () = tokio::time::sleep(wait.clamp(Duration::from_millis(5), SWEEP)) => {}
-                () = shutdown.cancelled() => break,
-            }
-            continue;
-        }
+        };
         // Once a second, a sweep looks from the start of the queue's indexes and takes
         // expired leases (`deliveries::Cursor`).
         if last_sweep.elapsed() >= SWEEP {
@@ -208,36 +195,7 @@ async fn channel_loop(
         cursor.swept();
         match claimed {
             Ok(jobs) if !jobs.is_empty() => {
-                for job in jobs {
-                    let admitted = match dispatcher.admit(&job).await {
-                        Ok(Ok(admitted)) => admitted,
-                        Ok(Err(_deferred)) => continue,
-                        Err(error) => {
-                            tracing::error!(delivery = %job.delivery_id, error = format!("{error:#}"), "cannot admit a delivery");
-                            continue;
-                        }
-                    };
-                    let broadcast_permit = match job.broadcast_id {
-                        Some(_) => match broadcast_slots.clone().acquire_owned().await {
-                            Ok(permit) => Some(permit),
-                            Err(_) => break,
-                        },
-                        None => None,
-                    };
-                    let Ok(permit) = slots.clone().acquire_owned().await else {
-                        break;
-                    };
-                    let dispatcher = dispatcher.clone();
-                    in_flight.spawn(async move {
-                        // Boxed: the send's future is large, and spawning moves it
-                        // otherwise (memmove was 7 % of Herald's CPU in a profile).
-                        if let Err(error) = Box::pin(dispatcher.send(&job, admitted)).await {
-                            // The send is recorded by the lease: it will be claimed again.
-                            tracing::error!(delivery = %job.delivery_id, error = format!("{error:#}"), "cannot record a delivery");
-                        }
-                        drop((permit, broadcast_permit));
-                    });
-                }
+                spawn_sends(&dispatcher, jobs, &slots, &broadcast_slots, &in_flight).await;
             }
             // More may be due: look again at once.
             Ok(_) if swept => {}
@@ -278,6 +236,94 @@ async fn channel_loop(
     in_flight.close();
     in_flight.wait().await;
     tracing::debug!(%channel, "dispatch loop stopped");
+}
+
+/// What one round of a channel loop may take.
+struct Room {
+    /// Deliveries of any kind.
+    all: usize,
+    /// Broadcast deliveries among them.
+    broadcasts: usize,
+    /// Whether the rate limit's window leaves broadcasts any room (it keeps a reserve for
+    /// transactional sends).
+    broadcast_window: bool,
+}
+
+/// How much a round with `free` slots (`broadcast_free` of them for broadcasts) may take,
+/// or how long to wait before looking again. It claims only what can go out now: an open
+/// breaker without a fallback, or a full rate-limit window, would otherwise claim and defer
+/// the backlog over and over.
+async fn room_for(
+    dispatcher: &Dispatcher,
+    channel: Channel,
+    free: usize,
+    broadcast_free: usize,
+) -> Result<Room, Duration> {
+    let mut room = Room {
+        all: free.min(dispatcher.settings.claim_batch),
+        broadcasts: broadcast_free,
+        broadcast_window: true,
+    };
+    if let Some(wait) = dispatcher.breakers[&channel].refusing_for()
+        && !dispatcher.has_fallback(channel)
+    {
+        return Err(wait);
+    }
+    if let Some(limit) = dispatcher.settings.rate_limits.get(&channel).copied()
+        && let Some((open, wait)) = dispatcher.limiter.room(channel, limit).await
+    {
+        if open == 0 {
+            return Err(wait);
+        }
+        room.all = room.all.min(open as usize);
+        // Broadcasts leave the transactional reserve of each window untouched.
+        let reserve = (f64::from(limit.limit) * (1.0 - dispatcher.broadcast_share)).ceil();
+        let window_room = open.saturating_sub(reserve as u32) as usize;
+        room.broadcast_window = window_room > 0;
+        room.broadcasts = room.broadcasts.min(window_room);
+    }
+    Ok(room)
+}
+
+/// Admits each claimed delivery and spawns its send, holding a slot (and a broadcast slot
+/// for a broadcast's) until it is recorded. Stops early only when the slots are closed.
+async fn spawn_sends(
+    dispatcher: &Arc<Dispatcher>,
+    jobs: Vec<Job>,
+    slots: &Arc<Semaphore>,
+    broadcast_slots: &Arc<Semaphore>,
+    in_flight: &TaskTracker,
+) {
+    for job in jobs {
+        let admitted = match dispatcher.admit(&job).await {
+            Ok(Ok(admitted)) => admitted,
+            Ok(Err(_deferred)) => continue,
+            Err(error) => {
+                tracing::error!(delivery = %job.delivery_id, error = format!("{error:#}"), "cannot admit a delivery");
+                continue;
+            }
+        };
+        let broadcast_permit = match job.broadcast_id {
+            Some(_) => match broadcast_slots.clone().acquire_owned().await {
+                Ok(permit) => Some(permit),
+                Err(_) => return,
+            },
+            None => None,
+        };
+        let Ok(permit) = slots.clone().acquire_owned().await else {
+            return;
+        };
+        let dispatcher = dispatcher.clone();
+        in_flight.spawn(async move {
+            // Boxed: the send's future is large, and spawning moves it otherwise (memmove
+            // was 7 % of Herald's CPU in a profile).
+            if let Err(error) = Box::pin(dispatcher.send(&job, admitted)).await {
+                // The send is recorded by the lease: it will be claimed again.
+                tracing::error!(delivery = %job.delivery_id, error = format!("{error:#}"), "cannot record a delivery");
+            }
+            drop((permit, broadcast_permit));
+        });
+    }
 }
 
 /// How long until the channel's next scheduled or retried delivery (broadcast ones too
