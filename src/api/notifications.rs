@@ -188,8 +188,8 @@ async fn create(
         return Ok(stored);
     }
     let notification = prepared?;
-    // The request shares a transaction with those arriving with it; its Idempotency-Key,
-    // if any, is stored in the same transaction with the answer it replays.
+    // The request is stored in one statement with those arriving with it; its
+    // Idempotency-Key, if any, is claimed in that statement with the answer it replays.
     let claim = key.clone().map(|key| KeyClaim {
         credential: credential.clone(),
         key,

@@ -1,5 +1,5 @@
 //! Group commit for the HTTP intake (issue 14): concurrent `POST /api/v1/notifications`
-//! requests share one transaction.
+//! requests share one transaction (one WAL flush), most often a single statement.
 //!
 //! Each request used to take a transaction of its own: BEGIN, three INSERTs and a COMMIT
 //! that waits for its WAL flush, so at 500 requests/s PostgreSQL ran 2,500 statements and
@@ -14,8 +14,7 @@
 //! wait for.
 //!
 //! A request is answered only after the commit that stored it, as before. A batch
-//! PostgreSQL refuses is written again one request per transaction, so a bad one fails
-//! alone.
+//! PostgreSQL refuses is written again one request at a time, so a bad one fails alone.
 //!
 //! A request with an Idempotency-Key claims the key, with its answer, in the statement that
 //! stores its notification ([`KeyClaim`], [`claim_sql`]), so that a key exists exactly when
@@ -42,7 +41,7 @@ use super::{NewNotification, due_channels, insert_claiming, joins_digest};
 use crate::db::PgQuery;
 use crate::dispatch::wakeup::Wakeup;
 
-/// Requests one transaction stores at most.
+/// Requests one batch stores at most.
 pub const MAX_BATCH: usize = 128;
 
 /// Writers per instance: transactions of the intake open at once.
@@ -108,7 +107,7 @@ impl IntakeWriter {
     }
 
     /// Stores a notification, its deliveries and their events, and `key` with its answer
-    /// when given; answers once the transaction committed.
+    /// when given; answers once the batch that stored it committed.
     pub async fn store(
         &self,
         notification: NewNotification,
@@ -437,7 +436,9 @@ pub(crate) struct Claims<'a> {
 
 impl<'a> Claims<'a> {
     /// The claims of `keys` (`keys[i]` is `notifications[i]`'s, if it has one), expiring
-    /// after `ttl`; `None` when no notification has a key.
+    /// after `ttl`; `None` when no notification has a key. A (credential, key) appears at
+    /// most once: `ON CONFLICT` cannot touch one row twice in a statement, so the writer
+    /// keeps a second copy out of the batch until the first's fate is known.
     pub(crate) fn new(
         notifications: &[NewNotification],
         keys: &'a [Option<KeyClaim>],
@@ -452,6 +453,12 @@ impl<'a> Claims<'a> {
             return Ok(None);
         }
         claimed.sort_by(|(_, a), (_, b)| (&a.credential, &a.key).cmp(&(&b.credential, &b.key)));
+        debug_assert!(
+            claimed
+                .windows(2)
+                .all(|w| (&w[0].1.credential, &w[0].1.key) != (&w[1].1.credential, &w[1].1.key)),
+            "a key claimed twice in one statement"
+        );
         let mut claims = Claims {
             ids: Vec::with_capacity(claimed.len()),
             credentials: Vec::with_capacity(claimed.len()),

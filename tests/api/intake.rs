@@ -425,11 +425,30 @@ async fn a_batch_holding_a_copy_of_a_stored_key_stores_the_rest_and_the_copy_rep
         .await;
     assert_eq!(first.status().as_u16(), 202);
     let first: Value = first.json().await.unwrap();
-    // Queued behind a held outbox, a copy of that request lands in a batch with twenty new
-    // ones: its key is taken inside the statement that stores the others.
+    // The key is put back by a transaction still open while the copy is sent: the copy's
+    // look for a stored answer cannot see it, so the copy goes to a writer, and the
+    // statement that claims its key waits for that transaction. Queued behind a held
+    // outbox, the copy lands in a batch with twenty new requests.
+    let row: Value = sqlx::query_scalar("DELETE FROM idempotency_keys k RETURNING to_jsonb(k)")
+        .fetch_one(&app.db)
+        .await
+        .unwrap();
+    let mut key_holder = app.db.begin().await.unwrap();
+    sqlx::query(
+        "INSERT INTO idempotency_keys \
+         SELECT * FROM jsonb_populate_record(NULL::idempotency_keys, $1)",
+    )
+    .bind(&row)
+    .execute(&mut *key_holder)
+    .await
+    .unwrap();
     let holder = hold_the_outbox(&app).await;
     let users: Vec<i64> = (150..=170).collect();
-    let release = release_after(holder, 2);
+    let release = async {
+        release_after(holder, 2).await;
+        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+        key_holder.commit().await.unwrap();
+    };
     let key = |user: i64| Some(format!("order-{user}"));
     let (answers, ()) = tokio::join!(post_all_keyed(&app, &users, key), release);
 
