@@ -429,19 +429,7 @@ async fn a_batch_holding_a_copy_of_a_stored_key_stores_the_rest_and_the_copy_rep
     // look for a stored answer cannot see it, so the copy goes to a writer, and the
     // statement that claims its key waits for that transaction. Queued behind a held
     // outbox, the copy lands in a batch with twenty new requests.
-    let row: Value = sqlx::query_scalar("DELETE FROM idempotency_keys k RETURNING to_jsonb(k)")
-        .fetch_one(&app.db)
-        .await
-        .unwrap();
-    let mut key_holder = app.db.begin().await.unwrap();
-    sqlx::query(
-        "INSERT INTO idempotency_keys \
-         SELECT * FROM jsonb_populate_record(NULL::idempotency_keys, $1)",
-    )
-    .bind(&row)
-    .execute(&mut *key_holder)
-    .await
-    .unwrap();
+    let key_holder = key_held_back(&app).await;
     let holder = hold_the_outbox(&app).await;
     let users: Vec<i64> = (150..=170).collect();
     let release = async {
@@ -467,6 +455,91 @@ async fn a_batch_holding_a_copy_of_a_stored_key_stores_the_rest_and_the_copy_rep
         transactions <= 12,
         "21 keyed requests took {transactions} transactions"
     );
+    let keys: i64 = sqlx::query_scalar("SELECT count(*) FROM idempotency_keys")
+        .fetch_one(&app.db)
+        .await
+        .unwrap();
+    assert_eq!(keys, 21);
+}
+
+/// Puts the key of user 150's stored request back in a transaction left open, so that a copy
+/// sent meanwhile misses it when it looks for a stored answer and reaches a writer, whose
+/// statement then waits for the key; commit the returned transaction to let it go on.
+async fn key_held_back(
+    app: &crate::helpers::TestApp,
+) -> sqlx::Transaction<'static, sqlx::Postgres> {
+    let row: Value = sqlx::query_scalar("DELETE FROM idempotency_keys k RETURNING to_jsonb(k)")
+        .fetch_one(&app.db)
+        .await
+        .unwrap();
+    let mut key_holder = app.db.begin().await.unwrap();
+    sqlx::query(
+        "INSERT INTO idempotency_keys \
+         SELECT * FROM jsonb_populate_record(NULL::idempotency_keys, $1)",
+    )
+    .bind(&row)
+    .execute(&mut *key_holder)
+    .await
+    .unwrap();
+    key_holder
+}
+
+#[tokio::test]
+async fn a_digest_batch_holding_a_copy_of_a_stored_key_is_written_again_without_it() {
+    // ORDER_SHIPPED joins a digest: a batch of them is a transaction (the join, then the
+    // store), and the copy's join is not its to keep.
+    let manifest = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let routing = std::fs::read_to_string(manifest.join("config/routing.toml")).unwrap();
+    let anchor = "event_type = \"ORDER_SHIPPED\"\n";
+    assert!(routing.contains(anchor));
+    let routing = routing.replacen(
+        anchor,
+        &format!("{anchor}digest = {{ window_minutes = 10 }}\n"),
+        1,
+    );
+    let path = std::env::temp_dir().join(format!("herald-routing-{}.toml", uuid::Uuid::new_v4()));
+    std::fs::write(&path, routing).unwrap();
+    let app = spawn_front_half(move |s| s.ingest.routing_file = path).await;
+    let first = app
+        .post_json(
+            "/api/v1/notifications",
+            &order_shipped(150),
+            &[("Idempotency-Key", "order-150")],
+        )
+        .await;
+    assert_eq!(first.status().as_u16(), 202);
+    let first: Value = first.json().await.unwrap();
+    let key_holder = key_held_back(&app).await;
+    let holder = hold_the_outbox(&app).await;
+    let users: Vec<i64> = (150..=170).collect();
+    let release = async {
+        release_after(holder, 2).await;
+        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+        key_holder.commit().await.unwrap();
+    };
+    let key = |user: i64| Some(format!("order-{user}"));
+    let (answers, ()) = tokio::join!(post_all_keyed(&app, &users, key), release);
+
+    for (user, status, body) in &answers {
+        assert_eq!(*status, 202, "user {user}: {body}");
+        if *user == 150 {
+            assert_eq!(body, &first, "the copy is answered as the first was");
+        } else {
+            assert_ne!(body["notificationId"], first["notificationId"]);
+        }
+    }
+    assert_eq!(app.notification_count().await, 21);
+    // Every stored request's deliveries are in its user's digest, and the copy's join was
+    // rolled back: user 150's digest is as its first request left it.
+    let (digests, members, rejoined): (i64, i64, i64) = sqlx::query_as(
+        "SELECT (SELECT count(*) FROM digests), \
+                (SELECT count(DISTINCT notification_id) FROM deliveries WHERE digest_id IS NOT NULL), \
+                (SELECT count(*) FROM digests WHERE user_id = 150 AND last_joined_at IS NOT NULL)",
+    )
+    .fetch_one(&app.db)
+    .await
+    .unwrap();
+    assert_eq!((digests, members, rejoined), (21, 21, 0));
     let keys: i64 = sqlx::query_scalar("SELECT count(*) FROM idempotency_keys")
         .fetch_one(&app.db)
         .await
