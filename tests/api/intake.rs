@@ -416,39 +416,7 @@ async fn concurrent_requests_with_one_key_store_one_notification_and_all_get_its
 #[tokio::test]
 async fn a_batch_holding_a_copy_of_a_stored_key_stores_the_rest_and_the_copy_replays() {
     let app = spawn_front_half(|_| {}).await;
-    let first = app
-        .post_json(
-            "/api/v1/notifications",
-            &order_shipped(150),
-            &[("Idempotency-Key", "order-150")],
-        )
-        .await;
-    assert_eq!(first.status().as_u16(), 202);
-    let first: Value = first.json().await.unwrap();
-    // The key is put back by a transaction still open while the copy is sent: the copy's
-    // look for a stored answer cannot see it, so the copy goes to a writer, and the
-    // statement that claims its key waits for that transaction. Queued behind a held
-    // outbox, the copy lands in a batch with twenty new requests.
-    let key_holder = key_held_back(&app).await;
-    let holder = hold_the_outbox(&app).await;
-    let users: Vec<i64> = (150..=170).collect();
-    let release = async {
-        release_after(holder, 2).await;
-        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
-        key_holder.commit().await.unwrap();
-    };
-    let key = |user: i64| Some(format!("order-{user}"));
-    let (answers, ()) = tokio::join!(post_all_keyed(&app, &users, key), release);
-
-    for (user, status, body) in &answers {
-        assert_eq!(*status, 202, "user {user}: {body}");
-        if *user == 150 {
-            assert_eq!(body, &first, "the copy is answered as the first was");
-        } else {
-            assert_ne!(body["notificationId"], first["notificationId"]);
-        }
-    }
-    assert_eq!(app.notification_count().await, 21);
+    send_a_copy_among_twenty_new(&app).await;
     let (stored, transactions) = stored_and_transactions(&app).await;
     assert_eq!(stored, 21);
     assert!(
@@ -460,6 +428,42 @@ async fn a_batch_holding_a_copy_of_a_stored_key_stores_the_rest_and_the_copy_rep
         .await
         .unwrap();
     assert_eq!(keys, 21);
+}
+
+/// Stores user 150's keyed request, then sends a copy of it (its key held back, see
+/// [`key_held_back`]) among twenty new keyed requests queued behind a held outbox, so that
+/// the copy lands in a batch with them and its key is taken inside their statement. Checks
+/// that the copy is answered as the first request was, and the others stored.
+async fn send_a_copy_among_twenty_new(app: &crate::helpers::TestApp) {
+    let first = app
+        .post_json(
+            "/api/v1/notifications",
+            &order_shipped(150),
+            &[("Idempotency-Key", "order-150")],
+        )
+        .await;
+    assert_eq!(first.status().as_u16(), 202);
+    let first: Value = first.json().await.unwrap();
+    let key_holder = key_held_back(app).await;
+    let holder = hold_the_outbox(app).await;
+    let users: Vec<i64> = (150..=170).collect();
+    let release = async {
+        release_after(holder, 2).await;
+        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+        key_holder.commit().await.unwrap();
+    };
+    let key = |user: i64| Some(format!("order-{user}"));
+    let (answers, ()) = tokio::join!(post_all_keyed(app, &users, key), release);
+
+    for (user, status, body) in &answers {
+        assert_eq!(*status, 202, "user {user}: {body}");
+        if *user == 150 {
+            assert_eq!(body, &first, "the copy is answered as the first was");
+        } else {
+            assert_ne!(body["notificationId"], first["notificationId"]);
+        }
+    }
+    assert_eq!(app.notification_count().await, 21);
 }
 
 /// Puts the key of user 150's stored request back in a transaction left open, so that a copy
@@ -500,35 +504,7 @@ async fn a_digest_batch_holding_a_copy_of_a_stored_key_is_written_again_without_
     let path = std::env::temp_dir().join(format!("herald-routing-{}.toml", uuid::Uuid::new_v4()));
     std::fs::write(&path, routing).unwrap();
     let app = spawn_front_half(move |s| s.ingest.routing_file = path).await;
-    let first = app
-        .post_json(
-            "/api/v1/notifications",
-            &order_shipped(150),
-            &[("Idempotency-Key", "order-150")],
-        )
-        .await;
-    assert_eq!(first.status().as_u16(), 202);
-    let first: Value = first.json().await.unwrap();
-    let key_holder = key_held_back(&app).await;
-    let holder = hold_the_outbox(&app).await;
-    let users: Vec<i64> = (150..=170).collect();
-    let release = async {
-        release_after(holder, 2).await;
-        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
-        key_holder.commit().await.unwrap();
-    };
-    let key = |user: i64| Some(format!("order-{user}"));
-    let (answers, ()) = tokio::join!(post_all_keyed(&app, &users, key), release);
-
-    for (user, status, body) in &answers {
-        assert_eq!(*status, 202, "user {user}: {body}");
-        if *user == 150 {
-            assert_eq!(body, &first, "the copy is answered as the first was");
-        } else {
-            assert_ne!(body["notificationId"], first["notificationId"]);
-        }
-    }
-    assert_eq!(app.notification_count().await, 21);
+    send_a_copy_among_twenty_new(&app).await;
     // Every stored request's deliveries are in its user's digest, and the copy's join was
     // rolled back: user 150's digest is as its first request left it.
     let (digests, members, rejoined): (i64, i64, i64) = sqlx::query_as(
