@@ -372,32 +372,24 @@ fn spawn_webhooks(
         },
         fetch_wait_ms: state.settings.kafka.internal_fetch_wait_ms,
     };
-    let (db, shutdown, watchdogs) = (
-        state.work_db.clone(),
-        state.shutdown.clone(),
-        state.consumers.clone(),
-    );
-    let failure = failure.clone();
-    tasks.spawn(async move {
-        let give_up = settings.webhooks.give_up_after;
-        let result = consumer::run(
-            &settings.kafka,
-            spec,
-            &watchdogs,
-            shutdown.clone(),
-            |batch| {
-                let (db, prefix, wake) = (&db, &prefix, &wake);
-                async move {
-                    if webhooks::fanout::apply(db, prefix, give_up, &batch).await? > 0 {
-                        wake.notify_one();
-                    }
-                    Ok(())
+    let db = state.work_db.clone();
+    let give_up = settings.webhooks.give_up_after;
+    spawn_consumer(
+        state,
+        tasks,
+        failure,
+        spec,
+        "the webhook fan-out",
+        move |batch| {
+            let (db, prefix, wake) = (db.clone(), prefix.clone(), wake.clone());
+            async move {
+                if webhooks::fanout::apply(&db, &prefix, give_up, &batch).await? > 0 {
+                    wake.notify_one();
                 }
-            },
-        )
-        .await;
-        fail_on_error(result, "the webhook fan-out", &failure, &shutdown);
-    });
+                Ok(())
+            }
+        },
+    );
     Ok(())
 }
 
@@ -528,23 +520,18 @@ fn spawn_projector(
         },
         fetch_wait_ms: settings.kafka.internal_fetch_wait_ms,
     };
-    let (shutdown, watchdogs) = (state.shutdown.clone(), state.consumers.clone());
-    let failure = failure.clone();
     let group = spec.group.clone();
-    tasks.spawn(async move {
-        let result = consumer::run(
-            &settings.kafka,
-            spec,
-            &watchdogs,
-            shutdown.clone(),
-            |batch| {
-                let (projector, group) = (&projector, &group);
-                async move { projector.apply_or_park(group, &batch).await.map(drop) }
-            },
-        )
-        .await;
-        fail_on_error(result, "the read-model projector", &failure, &shutdown);
-    });
+    spawn_consumer(
+        state,
+        tasks,
+        failure,
+        spec,
+        "the read-model projector",
+        move |batch| {
+            let (projector, group) = (projector.clone(), group.clone());
+            async move { projector.apply_or_park(&group, &batch).await.map(drop) }
+        },
+    );
 }
 
 /// The DLQ consumer, its gauges and the replays by filter.
@@ -586,27 +573,22 @@ fn spawn_dlq(
         },
         fetch_wait_ms: settings.kafka.internal_fetch_wait_ms,
     };
-    let (shutdown, watchdogs) = (state.shutdown.clone(), state.consumers.clone());
-    let failure = failure.clone();
     let group = spec.group.clone();
-    tasks.spawn(async move {
-        let result = consumer::run(
-            &settings.kafka,
-            spec,
-            &watchdogs,
-            shutdown.clone(),
-            |batch| {
-                let (db, prefix, group) = (&db, &prefix, &group);
-                async move {
-                    dlq::store::store(db, group, prefix, &batch).await?;
-                    dlq::store::export_sizes(db).await;
-                    Ok(())
-                }
-            },
-        )
-        .await;
-        fail_on_error(result, "the DLQ consumer", &failure, &shutdown);
-    });
+    spawn_consumer(
+        state,
+        tasks,
+        failure,
+        spec,
+        "the DLQ consumer",
+        move |batch| {
+            let (db, prefix, group) = (db.clone(), prefix.clone(), group.clone());
+            async move {
+                dlq::store::store(&db, &group, &prefix, &batch).await?;
+                dlq::store::export_sizes(&db).await;
+                Ok(())
+            }
+        },
+    );
 }
 
 /// What an API instance keeps up besides its requests: expired Idempotency-Keys pruned, and
@@ -704,6 +686,32 @@ fn spawn_ingest(
             );
         });
     }
+}
+
+/// Runs a consumer of `spec` with `handle` in a task of its own; one that ends in error
+/// stops the instance, named `what` in the reason.
+fn spawn_consumer<F, Fut>(
+    state: &AppState,
+    tasks: &TaskTracker,
+    failure: &Arc<std::sync::Mutex<Option<String>>>,
+    spec: ConsumerSpec,
+    what: &'static str,
+    handle: F,
+) where
+    F: Fn(Arc<Vec<consumer::IncomingMessage>>) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = anyhow::Result<()>> + Send,
+{
+    let (settings, shutdown, watchdogs, failure) = (
+        state.settings.clone(),
+        state.shutdown.clone(),
+        state.consumers.clone(),
+        failure.clone(),
+    );
+    tasks.spawn(async move {
+        let result =
+            consumer::run(&settings.kafka, spec, &watchdogs, shutdown.clone(), handle).await;
+        fail_on_error(result, what, &failure, &shutdown);
+    });
 }
 
 /// A worker that ends in error stops the instance, with the reason as its exit error.
