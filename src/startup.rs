@@ -16,7 +16,7 @@ use tokio::{net::TcpListener, sync::Semaphore};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::{
-    api::{self, AppState},
+    api::{self, AppState, Shared},
     auth::Authenticator,
     broadcast::fanout::{self, Fanout},
     channels::{
@@ -162,7 +162,7 @@ impl Application {
             ingestor.wakeup.clone(),
             settings.access.idempotency_ttl,
         );
-        let state = AppState {
+        let state = AppState::new(Shared {
             settings: Arc::new(settings),
             db,
             work_db,
@@ -181,7 +181,7 @@ impl Application {
             ingestor,
             intake,
             consumers: Watchdogs::default(),
-        };
+        });
         Ok(Application {
             listener,
             metrics_listener,

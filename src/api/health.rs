@@ -60,7 +60,7 @@ struct Liveness {
 async fn live(State(state): State<AppState>) -> Json<Liveness> {
     Json(Liveness {
         status: "live",
-        roles: state.roles,
+        roles: state.roles.clone(),
     })
 }
 

@@ -55,9 +55,28 @@ use crate::{
 };
 use error::ErrorBody;
 
-/// What every handler can reach. Cheap to clone: every field is a handle.
+/// What every handler can reach, shared: axum clones the state for every request, and one
+/// reference count is cheaper than one per field. Reads as [`Shared`].
 #[derive(Clone)]
-pub struct AppState {
+pub struct AppState(Arc<Shared>);
+
+impl AppState {
+    /// The state of an instance.
+    pub fn new(shared: Shared) -> Self {
+        AppState(Arc::new(shared))
+    }
+}
+
+impl std::ops::Deref for AppState {
+    type Target = Shared;
+
+    fn deref(&self) -> &Shared {
+        &self.0
+    }
+}
+
+/// The handles behind [`AppState`].
+pub struct Shared {
     pub settings: Arc<Settings>,
     /// The API's own pool (HERALD_DATABASE_API_MAX_CONNECTIONS): requests cannot take the
     /// workers' connections.
