@@ -49,18 +49,37 @@ use self::{
     writes::Writes,
 };
 
-/// One HTTP intake phase with `credential` (and an Idempotency-Key per request when
-/// `keyed`): p50 and p99 latency (ms), and the failed requests ("3 failed (503: 2,
-/// connect: 1)").
-async fn intake_percentiles(
-    base: &str,
-    credential: &str,
+/// Where the HTTP intake phases send their requests, and what they read their costs from.
+struct IntakeTarget<'a> {
+    base: &'a str,
+    credential: &'a str,
+    pool: &'a PgPool,
+    pids: &'a Pids,
+}
+
+/// What one HTTP intake phase measured.
+struct IntakePhase {
+    p50: f64,
+    p99: f64,
+    /// The failed requests ("3 failed (503: 2, connect: 1)").
+    failed: String,
+    /// CPU per request, read once every request stored has been sent and projected: an
+    /// intake request's cost is also the dispatch, relay and projector work it brings.
+    cpu: cpu::PerEvent,
+}
+
+/// One HTTP intake phase at `rate` requests/s for `duration` (with an Idempotency-Key per
+/// request when `keyed`).
+async fn intake_phase(
+    target: &IntakeTarget<'_>,
     tag: &str,
     rate: u32,
     duration: Duration,
     keyed: bool,
-) -> anyhow::Result<(f64, f64, String, usize)> {
-    let mut intake = load::intake(base, credential, tag, rate, duration, keyed).await?;
+) -> anyhow::Result<IntakePhase> {
+    let before = Cpu::read(target.pids);
+    let mut intake =
+        load::intake(target.base, target.credential, tag, rate, duration, keyed).await?;
     let failures: usize = intake.failure_kinds.values().sum();
     let sent = intake.latencies_ms.len() + failures;
     let mut failed = format!("{failures} failed");
@@ -72,26 +91,14 @@ async fn intake_percentiles(
             .collect();
         failed.push_str(&format!(" ({})", kinds.join(", ")));
     }
-    Ok((
-        load::quantile(&mut intake.latencies_ms, 0.5),
-        load::quantile(&mut intake.latencies_ms, 0.99),
+    let stored = count(target.pool, "SELECT count(*) FROM notifications").await?;
+    wait_caught_up(target.pool, stored as usize, Duration::from_secs(600)).await?;
+    Ok(IntakePhase {
+        p50: load::quantile(&mut intake.latencies_ms, 0.5),
+        p99: load::quantile(&mut intake.latencies_ms, 0.99),
         failed,
-        sent,
-    ))
-}
-
-/// The CPU each process spent per request since `before`, read once every request stored
-/// so far has been sent and projected: an intake request's cost is also the dispatch,
-/// relay and projector work it brings.
-async fn settled_cpu(
-    pool: &PgPool,
-    pids: &Pids,
-    before: &Cpu,
-    requests: usize,
-) -> anyhow::Result<cpu::PerEvent> {
-    let stored = count(pool, "SELECT count(*) FROM notifications").await?;
-    wait_caught_up(pool, stored as usize, Duration::from_secs(600)).await?;
-    Ok(Cpu::read(pids).per_event_since(before, requests))
+        cpu: Cpu::read(target.pids).per_event_since(&before, sent),
+    })
 }
 
 /// The cost of checking an API key as the API does on every request: the digest and the
@@ -509,44 +516,54 @@ async fn main() -> anyhow::Result<()> {
     .await?
     .secret;
     let api_base = format!("http://{}", herald.addr);
+    let target = IntakeTarget {
+        base: &api_base,
+        credential: &key,
+        pool: &pool,
+        pids: &pids,
+    };
     let phase = Duration::from_secs(args.seconds);
-    let intake_cpu = Cpu::read(&pids);
-    let (i50, i99, failed, sent) =
-        intake_percentiles(&api_base, &key, &b.tag, args.intake_rate, phase, false).await?;
-    let intake_cpu = settled_cpu(&pool, &pids, &intake_cpu, sent).await?;
+    let IntakePhase {
+        p50,
+        p99,
+        failed,
+        cpu,
+    } = intake_phase(&target, &b.tag, args.intake_rate, phase, false).await?;
     report.figure(
         "intake_p99_ms",
-        i99,
+        p99,
         format!(
-            "HTTP intake with an API key at {} requests/s open loop for {} s: p50 {i50:.1} ms, p99 {i99:.1} ms, {failed} (target p99 <= 10)",
+            "HTTP intake with an API key at {} requests/s open loop for {} s: p50 {p50:.1} ms, p99 {p99:.1} ms, {failed} (target p99 <= 10)",
             args.intake_rate, args.seconds
         ),
     );
-    report.figure("intake_p50_ms", i50, String::new());
+    report.figure("intake_p50_ms", p50, String::new());
     report.cpu(
         "intake_cpu_ms_per_request",
-        intake_cpu,
+        cpu,
         &format!(
             "HTTP intake at {} requests/s, per request with its IN_APP send, relay and projection",
             args.intake_rate
         ),
     );
     let keyed_tag = format!("{}-keyed", b.tag);
-    let keyed_cpu = Cpu::read(&pids);
-    let (k50, k99, failed, sent) =
-        intake_percentiles(&api_base, &key, &keyed_tag, args.intake_rate, phase, true).await?;
-    let keyed_cpu = settled_cpu(&pool, &pids, &keyed_cpu, sent).await?;
+    let IntakePhase {
+        p50,
+        p99,
+        failed,
+        cpu,
+    } = intake_phase(&target, &keyed_tag, args.intake_rate, phase, true).await?;
     report.figure(
         "intake_idempotency_key_p99_ms",
-        k99,
+        p99,
         format!(
-            "HTTP intake with an Idempotency-Key on each request, same load: p50 {k50:.1} ms, p99 {k99:.1} ms, {failed}"
+            "HTTP intake with an Idempotency-Key on each request, same load: p50 {p50:.1} ms, p99 {p99:.1} ms, {failed}"
         ),
     );
-    report.figure("intake_idempotency_key_p50_ms", k50, String::new());
+    report.figure("intake_idempotency_key_p50_ms", p50, String::new());
     report.cpu(
         "intake_idempotency_key_cpu_ms_per_request",
-        keyed_cpu,
+        cpu,
         "HTTP intake with an Idempotency-Key, per request with its IN_APP send, relay and projection",
     );
     let check = key_check_cost(&pool, &key).await?;
