@@ -504,7 +504,7 @@ fn spawn_projector(
         db: state.work_db.clone(),
         reporting_tz: state.settings.read_model.reporting_timezone,
     };
-    let settings = state.settings.clone();
+    let settings = &state.settings;
     let spec = ConsumerSpec {
         group: format!("{}notif-readmodel", settings.kafka.topic_prefix),
         topics: vec![format!(
@@ -558,9 +558,8 @@ fn spawn_dlq(
         state.settings.dlq.replay_cap,
         state.shutdown.clone(),
     ));
-    let settings = state.settings.clone();
     let db = state.work_db.clone();
-    let prefix = settings.kafka.topic_prefix.clone();
+    let prefix = state.settings.kafka.topic_prefix.clone();
     let spec = ConsumerSpec {
         group: format!("{prefix}notif-dlq"),
         topics: dlq::store::topics()
@@ -571,7 +570,7 @@ fn spawn_dlq(
             max_messages: 200,
             max_wait: Duration::from_millis(20),
         },
-        fetch_wait_ms: settings.kafka.internal_fetch_wait_ms,
+        fetch_wait_ms: state.settings.kafka.internal_fetch_wait_ms,
     };
     let group = spec.group.clone();
     spawn_consumer(
