@@ -2263,6 +2263,27 @@ mod tests {
     }
 
     #[test]
+    fn consumers_bound_their_prefetch_unless_the_operator_sets_it() {
+        let settings = load(&[]).unwrap();
+        let consumer = crate::kafka::consumer_config(&settings.kafka);
+        assert_eq!(consumer.get("queued.max.messages.kbytes"), Some("4096"));
+        let producer = crate::kafka::client_config(&settings.kafka);
+        assert_eq!(producer.get("queued.max.messages.kbytes"), None);
+
+        let settings = load(&[(
+            "HERALD_KAFKA_LIBRDKAFKA_OPTIONS",
+            "queued.max.messages.kbytes=65536",
+        )])
+        .unwrap();
+        let consumer = crate::kafka::consumer_config(&settings.kafka);
+        assert_eq!(
+            consumer.get("queued.max.messages.kbytes"),
+            Some("65536"),
+            "the operator's option wins"
+        );
+    }
+
+    #[test]
     fn a_bad_librdkafka_option_is_named_in_the_error() {
         for (options, key) in [
             ("no.such.option=1", "no.such.option"),

@@ -334,7 +334,7 @@ fn create(
     spec: &ConsumerSpec,
     watch: Arc<ConsumerWatch>,
 ) -> anyhow::Result<GroupConsumer> {
-    let consumer: GroupConsumer = crate::kafka::client_config(settings)
+    let consumer: GroupConsumer = crate::kafka::consumer_config(settings)
         .set("group.id", &spec.group)
         // Commits are Herald's own (after each batch, on revoke, at shutdown). librdkafka's
         // auto-commit would also commit on every revoke, and after a broker lost its data

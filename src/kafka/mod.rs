@@ -75,12 +75,37 @@ pub enum TopicOutcome {
 /// secrets. What a client sets after this (group ids, commit mode, idempotence) wins, so an
 /// option cannot change how Herald commits offsets.
 pub fn client_config(settings: &KafkaSettings) -> ClientConfig {
+    config_with(settings, &[])
+}
+
+/// [`client_config`] for a consumer: the same, with Herald's defaults for consumers under
+/// the operator's options, which may change them.
+pub fn consumer_config(settings: &KafkaSettings) -> ClientConfig {
+    config_with(settings, CONSUMER_DEFAULTS)
+}
+
+/// librdkafka properties Herald's consumers take unless the operator's options say
+/// otherwise.
+///
+/// `queued.max.messages.kbytes`: librdkafka prefetches up to 64 MiB per consumer by
+/// default, and an instance runs six (three domains, the projector, the webhook fan-out,
+/// the dead letters), so a backlog filled Herald's memory with records it would not reach
+/// for seconds: 198 to 215 MiB at the peak of `make bench`'s 100,000-event backlog, 134
+/// to 142 MiB ingesting alone. At 4 MiB, still eight ingest batches of 500 records, those
+/// runs peaked at 188 to 191 and 104 MiB with no loss of throughput; smaller fetches cost
+/// throughput (BENCHMARKS.md, "Where a backlog's memory goes").
+const CONSUMER_DEFAULTS: &[(&str, &str)] = &[("queued.max.messages.kbytes", "4096")];
+
+fn config_with(settings: &KafkaSettings, defaults: &[(&str, &str)]) -> ClientConfig {
     let mut config = ClientConfig::new();
     config
         .set("bootstrap.servers", &settings.brokers)
         .set("client.id", "herald")
         // Bounds how long a request to an unreachable broker can hang a caller.
         .set("socket.timeout.ms", "10000");
+    for (key, value) in defaults {
+        config.set(*key, *value);
+    }
     for (key, value) in &settings.librdkafka_options {
         config.set(key, value);
     }

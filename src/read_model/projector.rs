@@ -491,7 +491,7 @@ pub struct Rebuilt {
 /// is restored from the deliveries.
 pub async fn rebuild(projector: &Projector, kafka: &KafkaSettings) -> anyhow::Result<Rebuilt> {
     let topic = format!("{}{DELIVERY_EVENTS_TOPIC}", kafka.topic_prefix);
-    let consumer: StreamConsumer = crate::kafka::client_config(kafka)
+    let consumer: StreamConsumer = crate::kafka::consumer_config(kafka)
         .set("group.id", format!("herald-rebuild-{}", Uuid::new_v4()))
         .set("enable.auto.commit", "false")
         .create()
