@@ -35,7 +35,7 @@ use rdkafka::{
     message::{Header, OwnedHeaders},
     producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer},
 };
-use sqlx::PgPool;
+use sqlx::{PgConnection, PgPool};
 use tokio_util::sync::CancellationToken;
 
 use crate::{
@@ -280,43 +280,29 @@ impl Relay {
             .execute(&mut *tx)
             .await
             .context("Failed to set up a relay batch")?;
-        // Rows in id order until the batch holds BATCH messages, counted from the generated
-        // `messages` column so that the arrays are read only for the rows taken. The ids are
-        // gathered into an array first (an InitPlan, run once): as a join, a planner whose
-        // statistics still saw an empty outbox ran the window once per unpublished row, and
-        // a backlog of 1,570 rows took one statement 25 s (quadratic, so the relay fell
-        // further behind the longer it lasted).
-        let stored: Vec<Stored> = sqlx::query_as(
-            "SELECT o.id, o.kind, o.topic, o.message_keys, o.payloads, o.headers, o.done, \
-                 o.created_at \
-             FROM outbox o \
-             WHERE o.id = ANY(ARRAY( \
-                 SELECT id FROM ( \
-                     SELECT id, sum(messages - cardinality(done)) OVER (ORDER BY id) \
-                         - (messages - cardinality(done)) AS before \
-                     FROM (SELECT id, messages, done FROM outbox \
-                           WHERE published_at IS NULL AND topic <> ALL($2) \
-                               AND id >= COALESCE($3, 0) \
-                           ORDER BY id LIMIT $1) c) w \
-                 WHERE before < $1)) \
-               AND o.published_at IS NULL \
-             ORDER BY o.id FOR UPDATE OF o SKIP LOCKED",
-        )
-        .bind(BATCH)
-        .bind(&held)
-        .bind(floor)
-        .fetch_all(&mut *tx)
-        .await
-        .context("Failed to read the outbox")?;
+        let stored = read_batch(&mut tx, &held, floor).await?;
         if stored.is_empty() {
             return Ok(0);
         }
         // What each row holds, to tell a row settled whole from one settled in part.
-        let mut unsettled: BTreeMap<i64, (usize, Vec<i32>)> = stored
+        let unsettled: BTreeMap<i64, (usize, Vec<i32>)> = stored
             .iter()
             .map(|s| (s.id, (s.payloads.len() - s.done.len(), Vec::new())))
             .collect();
         let messages: Vec<Message> = stored.into_iter().flat_map(Stored::pending).collect();
+        let fates = self.send(&messages).await;
+        let next = record_fates(&mut tx, &messages, &fates, unsettled).await?;
+        tx.commit()
+            .await
+            .context("Failed to commit the relay batch")?;
+        self.floor.learn(Instant::now(), next);
+        let published = fates.published.len();
+        self.after_commit(&messages, fates).await?;
+        Ok(published)
+    }
+
+    /// Sends a batch's messages and waits for what Kafka answers to each.
+    async fn send(&mut self, messages: &[Message]) -> Fates {
         let mut fates = Fates::default();
         // Rows the broker refused in company are sent one at a time, each awaited before
         // the next, so that a refusal now is their own.
@@ -324,8 +310,8 @@ impl Relay {
             (0..messages.len()).partition(|&i| self.suspects.contains(&messages[i].message_id()));
         for i in alone {
             match self.enqueue(&messages[i]) {
-                Ok(delivery) => self.settle(&messages, i, delivery, true, &mut fates).await,
-                Err(error) => self.judge(&messages, i, &error, true, &mut fates),
+                Ok(delivery) => self.settle(messages, i, delivery, true, &mut fates).await,
+                Err(error) => self.judge(messages, i, &error, true, &mut fates),
             }
         }
         // Enqueue everything else first (send_result returns at once), then await the acks
@@ -343,40 +329,18 @@ impl Relay {
                 }
                 // librdkafka's own checks (a message over message.max.bytes, a topic it
                 // knows is missing) answer at once, for this message alone.
-                Err(error) => self.judge(&messages, i, &error, true, &mut fates),
+                Err(error) => self.judge(messages, i, &error, true, &mut fates),
             }
         }
         for (i, delivery) in pending {
-            self.settle(&messages, i, delivery, false, &mut fates).await;
+            self.settle(messages, i, delivery, false, &mut fates).await;
         }
+        fates
+    }
 
-        for (i, verdict, error) in &fates.refused {
-            if set_aside(&mut tx, &messages[*i], *verdict, error).await? {
-                let (id, position) = messages[*i].message_id();
-                if let Some((_, settled)) = unsettled.get_mut(&id) {
-                    settled.push(position);
-                }
-            }
-        }
-        for (id, position) in &fates.published {
-            if let Some((_, settled)) = unsettled.get_mut(id) {
-                settled.push(*position);
-            }
-        }
-        // The first row left unpublished, else the one after the last read.
-        let next = unsettled
-            .iter()
-            .find(|(_, (count, settled))| settled.len() < *count)
-            .map_or_else(
-                || unsettled.keys().last().map_or(0, |id| id + 1),
-                |(id, _)| *id,
-            );
-        mark(&mut tx, unsettled).await?;
-        tx.commit()
-            .await
-            .context("Failed to commit the relay batch")?;
-        self.floor.learn(Instant::now(), next);
-
+    /// What follows a committed batch: counters and logs, the suspects and held topics it
+    /// cleared or added, and a new producer when this one can no longer publish.
+    async fn after_commit(&mut self, messages: &[Message], fates: Fates) -> anyhow::Result<()> {
         metrics::counter!("herald_outbox_published_total").increment(fates.published.len() as u64);
         for (i, verdict, error) in &fates.refused {
             self.suspects.remove(&messages[*i].message_id());
@@ -409,7 +373,7 @@ impl Relay {
             );
             self.producer = producer(&self.settings)?;
         }
-        Ok(fates.published.len())
+        Ok(())
     }
 
     fn enqueue(&self, message: &Message) -> Result<DeliveryFuture, KafkaError> {
@@ -599,10 +563,80 @@ fn verdict_of(error: &KafkaError) -> Verdict {
         .map_or(Verdict::Transient, verdict)
 }
 
+/// Locks the next unpublished rows in id order, from `floor`, until they hold [`BATCH`]
+/// messages, leaving out the `held` topics' rows.
+async fn read_batch(
+    tx: &mut PgConnection,
+    held: &[String],
+    floor: Option<i64>,
+) -> anyhow::Result<Vec<Stored>> {
+    // Counted from the generated `messages` column so that the arrays are read only for
+    // the rows taken. The ids are gathered into an array first (an InitPlan, run once): as
+    // a join, a planner whose statistics still saw an empty outbox ran the window once per
+    // unpublished row, and a backlog of 1,570 rows took one statement 25 s (quadratic, so
+    // the relay fell further behind the longer it lasted).
+    sqlx::query_as(
+        "SELECT o.id, o.kind, o.topic, o.message_keys, o.payloads, o.headers, o.done, \
+             o.created_at \
+         FROM outbox o \
+         WHERE o.id = ANY(ARRAY( \
+             SELECT id FROM ( \
+                 SELECT id, sum(messages - cardinality(done)) OVER (ORDER BY id) \
+                     - (messages - cardinality(done)) AS before \
+                 FROM (SELECT id, messages, done FROM outbox \
+                       WHERE published_at IS NULL AND topic <> ALL($2) \
+                           AND id >= COALESCE($3, 0) \
+                       ORDER BY id LIMIT $1) c) w \
+             WHERE before < $1)) \
+           AND o.published_at IS NULL \
+         ORDER BY o.id FOR UPDATE OF o SKIP LOCKED",
+    )
+    .bind(BATCH)
+    .bind(held)
+    .bind(floor)
+    .fetch_all(tx)
+    .await
+    .context("Failed to read the outbox")
+}
+
+/// Records a batch's fates in its transaction: refused messages set aside, and each row's
+/// settled positions marked (`unsettled` holds each row's count of unsettled messages).
+/// Returns the first row left unpublished, else the one after the last read: the floor
+/// the relay learns from this batch.
+async fn record_fates(
+    tx: &mut PgConnection,
+    messages: &[Message],
+    fates: &Fates,
+    mut unsettled: BTreeMap<i64, (usize, Vec<i32>)>,
+) -> anyhow::Result<i64> {
+    for (i, verdict, error) in &fates.refused {
+        if set_aside(&mut *tx, &messages[*i], *verdict, error).await? {
+            let (id, position) = messages[*i].message_id();
+            if let Some((_, settled)) = unsettled.get_mut(&id) {
+                settled.push(position);
+            }
+        }
+    }
+    for (id, position) in &fates.published {
+        if let Some((_, settled)) = unsettled.get_mut(id) {
+            settled.push(*position);
+        }
+    }
+    let next = unsettled
+        .iter()
+        .find(|(_, (count, settled))| settled.len() < *count)
+        .map_or_else(
+            || unsettled.keys().last().map_or(0, |id| id + 1),
+            |(id, _)| *id,
+        );
+    mark(tx, unsettled).await?;
+    Ok(next)
+}
+
 /// Marks the rows whose messages are all settled published, and records the settled
 /// positions of the others (rare: a held topic, a transient failure, a full queue).
 async fn mark(
-    tx: &mut sqlx::PgConnection,
+    tx: &mut PgConnection,
     unsettled: BTreeMap<i64, (usize, Vec<i32>)>,
 ) -> anyhow::Result<()> {
     let mut whole = Vec::new();
@@ -631,7 +665,7 @@ async fn mark(
 /// Truncates a dead letter refused as too large (once), to be published at the next batch,
 /// or parks the message; true when the message is settled (parked).
 async fn set_aside(
-    tx: &mut sqlx::PgConnection,
+    tx: &mut PgConnection,
     message: &Message,
     verdict: Verdict,
     error: &str,
