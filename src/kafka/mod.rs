@@ -91,7 +91,7 @@ pub fn consumer_config(settings: &KafkaSettings) -> ClientConfig {
 /// default, and an instance runs six (three domains, the projector, the webhook fan-out,
 /// the dead letters), so a backlog filled Herald's memory with records it would not reach
 /// for seconds: 198 to 215 MiB at the peak of `make bench`'s 100,000-event backlog, 134
-/// to 142 MiB ingesting alone. At 4 MiB, still eight ingest batches of 500 records, those
+/// to 142 MiB ingesting alone. At 4 MiB, still many ingest batches (100 records each), those
 /// runs peaked at 188 to 191 and 104 MiB with no loss of throughput; smaller fetches cost
 /// throughput (BENCHMARKS.md, "Where a backlog's memory goes").
 const CONSUMER_DEFAULTS: &[(&str, &str)] = &[("queued.max.messages.kbytes", "4096")];
