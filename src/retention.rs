@@ -1,9 +1,11 @@
 //! Retention: history older than `HERALD_RETENTION` (90 days by default) leaves every table
 //! that keeps it, together, so that no table answers for a period the others forgot.
 //!
-//! - `notifications` created before the cutoff go, with their `deliveries` and
-//!   `delivery_attempts` (foreign keys with ON DELETE CASCADE), except a notification with a
-//!   delivery still PENDING or PROCESSING (scheduled far ahead, say): work is never dropped.
+//! - `notifications` created before the cutoff go, with their `deliveries` (in the same
+//!   statement: deliveries have no foreign key to cascade from, migration 0022) and those
+//!   deliveries' `delivery_attempts` (a foreign key with ON DELETE CASCADE), except a
+//!   notification with a delivery still PENDING or PROCESSING (scheduled far ahead, say):
+//!   work is never dropped.
 //! - `notification_log` rows of terminal deliveries made before the cutoff go.
 //! - `delivery_stats` days before the cutoff's day go (in the reporting time zone's days,
 //!   which is what the rows count).
@@ -20,8 +22,8 @@
 //!
 //! Why batched deletes and not time partitions dropped whole: partitioning `deliveries` or
 //! `notifications` by time would put the time in their primary keys and in every lookup by
-//! id (GET /notifications/{id}, the dispatcher's records, the read marks), and the
-//! `deliveries` foreign keys cannot point into a partitioned table without it. A batched
+//! id (GET /notifications/{id}, the dispatcher's records, the read marks), and the foreign
+//! keys into `deliveries` cannot point into a partitioned table without it. A batched
 //! delete costs one small WAL record per row, measured by `make bench` ("retention" line),
 //! against the several row versions each of those rows cost to write.
 
@@ -118,17 +120,9 @@ pub async fn purge(
 async fn purge_locked(db: &PgPool, cutoffs: Cutoffs, reporting_tz: Tz) -> anyhow::Result<Purged> {
     let cutoff = cutoffs.history;
     let below = first_id_at(cutoff);
-    let notifications = delete_in_batches(
-        db,
-        "DELETE FROM notifications WHERE id IN ( \
-                 SELECT n.id FROM notifications n WHERE n.id < $1 \
-                 AND NOT EXISTS (SELECT 1 FROM deliveries d WHERE d.notification_id = n.id \
-                     AND d.status IN ('PENDING', 'PROCESSING')) \
-                 ORDER BY n.id LIMIT $2)",
-        below,
-    )
-    .await
-    .context("Failed to purge notifications")?;
+    let notifications = delete_notifications(db, below)
+        .await
+        .context("Failed to purge notifications")?;
     let log_rows = delete_in_batches(
         db,
         "DELETE FROM notification_log WHERE delivery_id IN ( \
@@ -231,6 +225,36 @@ async fn purge_locked(db: &PgPool, cutoffs: Cutoffs, reporting_tz: Tz) -> anyhow
 
 /// Runs `delete` (rows below the id `$1`, at most `$2` of them) in its own transaction until
 /// it deletes fewer than [`BATCH`] rows; returns how many it deleted in all.
+/// Deletes the notifications made before `below` whose deliveries are all finished, with
+/// their deliveries, in batches: deliveries have no foreign key to cascade from their
+/// notification (migration 0022), so the statement that deletes a notification deletes
+/// them too. Returns how many notifications were deleted.
+async fn delete_notifications(db: &PgPool, below: Uuid) -> Result<u64, sqlx::Error> {
+    let mut deleted = 0;
+    loop {
+        let batch: i64 = sqlx::query_scalar(
+            "WITH gone AS ( \
+                 DELETE FROM notifications WHERE id IN ( \
+                     SELECT n.id FROM notifications n WHERE n.id < $1 \
+                     AND NOT EXISTS (SELECT 1 FROM deliveries d WHERE d.notification_id = n.id \
+                         AND d.status IN ('PENDING', 'PROCESSING')) \
+                     ORDER BY n.id LIMIT $2) \
+                 RETURNING id), \
+             deliveries_gone AS ( \
+                 DELETE FROM deliveries WHERE notification_id IN (SELECT id FROM gone)) \
+             SELECT count(*) FROM gone",
+        )
+        .bind(below)
+        .bind(BATCH)
+        .fetch_one(db)
+        .await?;
+        deleted += batch as u64;
+        if batch < BATCH {
+            return Ok(deleted);
+        }
+    }
+}
+
 async fn delete_in_batches(
     db: &PgPool,
     delete: &'static str,

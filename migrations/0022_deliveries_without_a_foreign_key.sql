@@ -1,0 +1,17 @@
+-- Issue 14: deliveries no longer carry a foreign key to notifications.
+--
+-- The key's check ran once per delivery inserted: a `SELECT 1 FROM notifications ...
+-- FOR KEY SHARE` by trigger, which also locked (and so wrote the WAL of) the notification
+-- row that the same statement had just inserted. Without it, ingesting alone went from
+-- 13,036 to 15,167 events/s and PostgreSQL's CPU per ingested event from 0.057 to 0.050 ms
+-- (BENCHMARKS.md, "Deliveries without a foreign key").
+--
+-- What the key guaranteed still holds, by construction:
+-- - deliveries are inserted in one place only (`deliveries::insert_sql`), inside the
+--   statement that inserts their notification, and only for the notifications that
+--   statement stored (`WHERE notification_id IN (SELECT id FROM stored)`);
+-- - notifications are deleted in one place only (`retention::purge`), in a statement that
+--   deletes their deliveries with them (the key's ON DELETE CASCADE did that before).
+-- The unique key on (notification_id, channel) stays, and with it the index that finds a
+-- notification's deliveries.
+ALTER TABLE deliveries DROP CONSTRAINT deliveries_notification_id_fkey;
