@@ -223,8 +223,6 @@ async fn purge_locked(db: &PgPool, cutoffs: Cutoffs, reporting_tz: Tz) -> anyhow
     Ok(purged)
 }
 
-/// Runs `delete` (rows below the id `$1`, at most `$2` of them) in its own transaction until
-/// it deletes fewer than [`BATCH`] rows; returns how many it deleted in all.
 /// Deletes the notifications made before `below` whose deliveries are all finished, with
 /// their deliveries, in batches: deliveries have no foreign key to cascade from their
 /// notification (migration 0022), so the statement that deletes a notification deletes
@@ -255,6 +253,8 @@ async fn delete_notifications(db: &PgPool, below: Uuid) -> Result<u64, sqlx::Err
     }
 }
 
+/// Runs `delete` (rows below the id `$1`, at most `$2` of them) in its own transaction until
+/// it deletes fewer than [`BATCH`] rows; returns how many it deleted in all.
 async fn delete_in_batches(
     db: &PgPool,
     delete: &'static str,
