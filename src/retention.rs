@@ -120,9 +120,22 @@ pub async fn purge(
 async fn purge_locked(db: &PgPool, cutoffs: Cutoffs, reporting_tz: Tz) -> anyhow::Result<Purged> {
     let cutoff = cutoffs.history;
     let below = first_id_at(cutoff);
-    let notifications = delete_notifications(db, below)
-        .await
-        .context("Failed to purge notifications")?;
+    // Deliveries have no foreign key to cascade from their notification (migration 0022):
+    // the statement that deletes a batch of notifications deletes their deliveries too.
+    let notifications = delete_in_batches(
+        db,
+        "WITH doomed AS ( \
+                 SELECT n.id FROM notifications n WHERE n.id < $1 \
+                 AND NOT EXISTS (SELECT 1 FROM deliveries d WHERE d.notification_id = n.id \
+                     AND d.status IN ('PENDING', 'PROCESSING')) \
+                 ORDER BY n.id LIMIT $2), \
+             deliveries_gone AS ( \
+                 DELETE FROM deliveries WHERE notification_id IN (SELECT id FROM doomed)) \
+         DELETE FROM notifications WHERE id IN (SELECT id FROM doomed)",
+        below,
+    )
+    .await
+    .context("Failed to purge notifications")?;
     let log_rows = delete_in_batches(
         db,
         "DELETE FROM notification_log WHERE delivery_id IN ( \
@@ -221,36 +234,6 @@ async fn purge_locked(db: &PgPool, cutoffs: Cutoffs, reporting_tz: Tz) -> anyhow
         metrics::counter!("herald_retention_deleted_total", "table" => table).increment(n);
     }
     Ok(purged)
-}
-
-/// Deletes the notifications made before `below` whose deliveries are all finished, with
-/// their deliveries, in batches: deliveries have no foreign key to cascade from their
-/// notification (migration 0022), so the statement that deletes a notification deletes
-/// them too. Returns how many notifications were deleted.
-async fn delete_notifications(db: &PgPool, below: Uuid) -> Result<u64, sqlx::Error> {
-    let mut deleted = 0;
-    loop {
-        let batch: i64 = sqlx::query_scalar(
-            "WITH gone AS ( \
-                 DELETE FROM notifications WHERE id IN ( \
-                     SELECT n.id FROM notifications n WHERE n.id < $1 \
-                     AND NOT EXISTS (SELECT 1 FROM deliveries d WHERE d.notification_id = n.id \
-                         AND d.status IN ('PENDING', 'PROCESSING')) \
-                     ORDER BY n.id LIMIT $2) \
-                 RETURNING id), \
-             deliveries_gone AS ( \
-                 DELETE FROM deliveries WHERE notification_id IN (SELECT id FROM gone)) \
-             SELECT count(*) FROM gone",
-        )
-        .bind(below)
-        .bind(BATCH)
-        .fetch_one(db)
-        .await?;
-        deleted += batch as u64;
-        if batch < BATCH {
-            return Ok(deleted);
-        }
-    }
 }
 
 /// Runs `delete` (rows below the id `$1`, at most `$2` of them) in its own transaction until
