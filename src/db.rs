@@ -25,11 +25,28 @@ pub fn api_pool(settings: &DatabaseSettings) -> anyhow::Result<PgPool> {
     pool_of(settings, settings.api_max_connections)
 }
 
+/// A pooled connection idle for longer than this is pinged before it is handed out.
+const PING_WHEN_IDLE_FOR: Duration = Duration::from_secs(1);
+
 fn pool_of(settings: &DatabaseSettings, max_connections: u32) -> anyhow::Result<PgPool> {
     use secrecy::ExposeSecret;
     PgPoolOptions::new()
         .max_connections(max_connections)
         .acquire_timeout(ACQUIRE_TIMEOUT)
+        // sqlx pings every connection it hands out by default: a round trip before every
+        // statement run on the pool, which under load waits for a core on both sides. A
+        // connection back in the pool within the last second was working then; one idle
+        // for longer (after a quiet spell, or while PostgreSQL restarted) is still checked,
+        // and dropped for a new one if the server has gone.
+        .test_before_acquire(false)
+        .before_acquire(|conn, meta| {
+            Box::pin(async move {
+                if meta.idle_for > PING_WHEN_IDLE_FOR {
+                    sqlx::Connection::ping(conn).await?;
+                }
+                Ok(true)
+            })
+        })
         .connect_lazy(settings.url.expose_secret())
         .context("Failed to configure the PostgreSQL pool")
 }
