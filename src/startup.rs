@@ -371,6 +371,7 @@ fn spawn_webhooks(
             max_wait: Duration::from_millis(20),
         },
         fetch_wait_ms: state.settings.kafka.internal_fetch_wait_ms,
+        in_flight: 1,
     };
     let db = state.work_db.clone();
     let give_up = settings.webhooks.give_up_after;
@@ -519,6 +520,7 @@ fn spawn_projector(
             max_wait: settings.read_model.projector_linger,
         },
         fetch_wait_ms: settings.kafka.internal_fetch_wait_ms,
+        in_flight: 1,
     };
     let group = spec.group.clone();
     spawn_consumer(
@@ -571,6 +573,7 @@ fn spawn_dlq(
             max_wait: Duration::from_millis(20),
         },
         fetch_wait_ms: state.settings.kafka.internal_fetch_wait_ms,
+        in_flight: 1,
     };
     let group = spec.group.clone();
     spawn_consumer(

@@ -4,13 +4,14 @@
 use std::{collections::HashSet, sync::Mutex};
 
 use anyhow::Context;
+use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::{
     config::Settings,
     domain::Domain,
-    ingest::Ingestor,
+    ingest::{BatchOutcome, Ingestor},
     kafka::{
         consumer::{self, BatchLimits, ConsumerSpec, IncomingMessage},
         watchdog::Watchdogs,
@@ -36,45 +37,53 @@ pub async fn run(
         topics: vec![format!("{prefix}{topic}")],
         limits,
         fetch_wait_ms: settings.kafka.fetch_wait_ms,
+        // The next batch is gathered, prepared and sent while the last one's statements
+        // wait for their WAL flush: the lanes' workers keep each key's events in order.
+        in_flight: IN_FLIGHT,
     };
-    // Lanes of the current batch already committed (by their first message), so that a
+    let workers: Vec<mpsc::Sender<Part>> = (0..LANES)
+        .map(|_| lane_worker(ingestor.clone(), domain, group.clone()))
+        .collect();
+    // Lanes of a batch in flight already committed (by their first message), so that a
     // retry of the batch after one lane failed stores only the others: their events would
     // be found processed, but their dead letters would be written twice.
     let committed: Mutex<HashSet<(i32, i64)>> = Mutex::new(HashSet::new());
     consumer::run(&settings.kafka, spec, watchdogs, shutdown, |batch| {
-        let (ingestor, group, committed) = (&ingestor, &group, &committed);
+        let (workers, committed) = (&workers, &committed);
         async move {
-            // One transaction per lane, at the same time, each in a task of its own: Herald
-            // prepares the lanes on two threads while PostgreSQL stores them on its own
-            // cores. A key stays in one lane, so a user's events are still stored in order.
             let committed = || committed.lock().unwrap_or_else(|e| e.into_inner());
-            let tasks: Vec<((i32, i64), tokio::task::JoinHandle<_>)> = lanes(&batch)
-                .into_iter()
-                .map(|lane| ((lane[0].partition, lane[0].offset), lane))
-                .filter(|(first, _)| !committed().contains(first))
-                .map(|(first, lane)| {
-                    let (ingestor, group) = (ingestor.clone(), group.clone());
-                    let task = async move { ingestor.process(domain, &group, &lane).await };
-                    (first, tokio::spawn(task.in_current_span()))
-                })
-                .collect();
+            let mut replies = Vec::new();
+            for (lane, messages) in lanes(&batch).into_iter().enumerate() {
+                let Some(first) = messages.first().map(|m| (m.partition, m.offset)) else {
+                    continue;
+                };
+                if committed().contains(&first) {
+                    continue;
+                }
+                let (done, reply) = oneshot::channel();
+                if workers[lane].send(Part { messages, done }).await.is_err() {
+                    panic!("ingest lane {lane} stopped: its worker panicked");
+                }
+                replies.push((lane, first, reply));
+            }
             let mut failed = None;
-            for (first, task) in tasks {
-                match task.await {
+            for (lane, first, reply) in &mut replies {
+                match reply.await {
                     Ok(Ok(outcome)) => {
                         tracing::debug!(?outcome, "lane stored");
-                        committed().insert(first);
+                        committed().insert(*first);
                     }
                     Ok(Err(error)) => failed = Some(error),
-                    Err(panicked) => {
-                        failed = Some(anyhow::anyhow!(panicked).context("An ingest lane panicked"))
-                    }
+                    Err(_) => panic!("ingest lane {lane} stopped: its worker panicked"),
                 }
             }
             match failed {
                 Some(error) => Err(error),
                 None => {
-                    committed().clear();
+                    let mut committed = committed();
+                    for (_, first, _) in &replies {
+                        committed.remove(first);
+                    }
                     Ok(())
                 }
             }
@@ -83,10 +92,37 @@ pub async fn run(
     .await
 }
 
+/// Batches of a domain in flight at once (see [`ConsumerSpec::in_flight`]).
+const IN_FLIGHT: usize = 2;
+
+/// One lane's share of a batch, and where its outcome goes.
+struct Part {
+    messages: Vec<IncomingMessage>,
+    done: oneshot::Sender<anyhow::Result<BatchOutcome>>,
+}
+
+/// Starts the task that stores one lane's parts, one after another in the order they were
+/// sent: each in its own transaction, at the same time as the other lanes', so PostgreSQL
+/// works on them on its own cores while Herald prepares the next. A key stays in one lane,
+/// so a user's events are stored in order even while two batches overlap. The task ends
+/// when the returned sender is dropped.
+fn lane_worker(ingestor: Ingestor, domain: Domain, group: String) -> mpsc::Sender<Part> {
+    let (parts, mut received) = mpsc::channel::<Part>(IN_FLIGHT);
+    let work = async move {
+        while let Some(part) = received.recv().await {
+            let outcome = ingestor.process(domain, &group, &part.messages).await;
+            // The handler waiting for it may be gone (shutdown): nothing else to do.
+            let _ = part.done.send(outcome);
+        }
+    };
+    tokio::spawn(work.in_current_span());
+    parts
+}
+
 /// Transactions one batch is split into.
 const LANES: usize = 2;
 
-/// Splits a batch into [`LANES`] by message key, leaving out empty lanes.
+/// Splits a batch into [`LANES`] by message key (some may be empty).
 ///
 /// By key rather than by partition: in a backlog, librdkafka hands out a partition's
 /// fetched records in a run, so a batch of 100 nearly always holds one partition, and
@@ -99,7 +135,6 @@ fn lanes(batch: &[IncomingMessage]) -> Vec<Vec<IncomingMessage>> {
     for message in batch {
         lanes[lane_of(message)].push(message.clone());
     }
-    lanes.retain(|lane| !lane.is_empty());
     lanes
 }
 

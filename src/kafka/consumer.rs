@@ -45,6 +45,7 @@
 use std::{
     convert::Infallible,
     future::Future,
+    pin::Pin,
     sync::{
         Arc,
         atomic::{AtomicBool, AtomicI64, Ordering},
@@ -53,6 +54,7 @@ use std::{
 };
 
 use anyhow::Context;
+use futures_util::{StreamExt, stream::FuturesOrdered};
 use rdkafka::{
     ClientContext, Message, Statistics, TopicPartitionList,
     consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer},
@@ -95,6 +97,14 @@ pub struct ConsumerSpec {
     /// for ingest, whose events someone waits on, `internal_fetch_wait_ms` for the
     /// consumers of Herald's own topics.
     pub fetch_wait_ms: u32,
+    /// Batches handed to the handler before the oldest of them is stored (at least 1).
+    /// Above 1 the consumer gathers the next batch while the handler still works on the
+    /// last, so the two overlap; offsets are still stored in order, each batch's once it
+    /// and every batch before it are stored. Only for a handler whose effects are
+    /// idempotent and that keeps its own order among overlapping batches: a rebalance can
+    /// then take a partition away while its batch is still in the handler's hands (module
+    /// docs), and its next owner reads that batch again.
+    pub in_flight: usize,
 }
 
 /// How often an idle consumer looks at its watchdog.
@@ -286,24 +296,14 @@ pub async fn run<F, Fut>(
     handle: F,
 ) -> anyhow::Result<()>
 where
-    F: Fn(Arc<Vec<IncomingMessage>>) -> Fut,
-    Fut: Future<Output = anyhow::Result<()>>,
+    F: Fn(Arc<Vec<IncomingMessage>>) -> Fut + Sync,
+    Fut: Future<Output = anyhow::Result<()>> + Send,
 {
     let watch = watchdogs.watch(&spec.group, settings.consumer.assignment_timeout);
-    let mut backoff = Backoff::new();
     loop {
         let consumer = Owned(Some(create(settings, &spec, watch.clone())?));
         watch.created(Instant::now());
-        let ended = consume(
-            &consumer,
-            settings,
-            &spec,
-            &watch,
-            &shutdown,
-            &handle,
-            &mut backoff,
-        )
-        .await;
+        let ended = consume(&consumer, settings, &spec, &watch, &shutdown, &handle).await;
         match ended {
             Ended::Shutdown => {
                 close(consumer.into_inner(), &spec.group, None).await;
@@ -387,29 +387,83 @@ async fn consume<F, Fut>(
     watch: &ConsumerWatch,
     shutdown: &CancellationToken,
     handle: &F,
-    backoff: &mut Backoff,
 ) -> Ended
 where
-    F: Fn(Arc<Vec<IncomingMessage>>) -> Fut,
-    Fut: Future<Output = anyhow::Result<()>>,
+    F: Fn(Arc<Vec<IncomingMessage>>) -> Fut + Sync,
+    Fut: Future<Output = anyhow::Result<()>> + Send,
 {
     // A handler that takes this long is waiting on something (PostgreSQL down): the
     // partitions are paused and polled, well before librdkafka gives up on the member.
     let keep_alive_after = (settings.consumer.max_poll_interval / 3).min(Duration::from_secs(5));
-    // Messages fetched while the partitions were being paused: the next batch starts with
-    // them (their offsets are past the batch being handled).
+    // Messages fetched while the partitions were being paused, or gathered by a
+    // `next_batch` that was cancelled: the next batch starts with them (their offsets are
+    // past the batches being handled).
     let mut carried = Vec::new();
     let topics: Vec<&str> = spec.topics.iter().map(String::as_str).collect();
     let mut rejoined = false;
+    // Batches in the handler's hands, oldest first, each resolving to whether it was stored.
+    let mut in_flight: FuturesOrdered<Pin<Box<dyn Future<Output = Handled> + Send + '_>>> =
+        FuturesOrdered::new();
     loop {
         let now = Instant::now();
         watch.export(now);
         if watch.should_recreate(now) {
+            // Whatever is in flight is finished first: its offsets are stored before the
+            // consumer is closed.
+            while let Some((batch, stored)) = in_flight.next().await {
+                if !stored {
+                    return Ended::Shutdown;
+                }
+                store_offsets(consumer, &batch);
+            }
             return Ended::Stuck;
         }
-        let batch = tokio::select! {
-            () = shutdown.cancelled() => return Ended::Shutdown,
-            batch = next_batch(consumer, spec.limits, &mut carried, watch) => batch,
+        let step = if in_flight.len() < spec.in_flight.max(1) {
+            tokio::select! {
+                () = shutdown.cancelled() => Step::Shutdown,
+                Some((batch, stored)) = in_flight.next(), if !in_flight.is_empty() => Step::Handled(batch, stored),
+                // Cancellation safe: what it gathered so far stays in `carried`.
+                batch = next_batch(consumer, spec.limits, &mut carried, watch) => Step::Fetched(batch),
+            }
+        } else {
+            let mut paused = false;
+            let step = tokio::select! {
+                biased;
+                Some((batch, stored)) = in_flight.next() => Step::Handled(batch, stored),
+                never = keep_membership(consumer, watch, keep_alive_after, &mut carried, &mut paused) => match never {},
+            };
+            if paused {
+                watch.waiting_on_handler(false);
+                match consumer.assignment() {
+                    Ok(assignment) => {
+                        if let Err(error) = consumer.resume(&assignment) {
+                            tracing::warn!(group = %spec.group, %error, "cannot resume partitions");
+                        }
+                    }
+                    Err(error) => {
+                        tracing::warn!(group = %spec.group, %error, "cannot read the assignment")
+                    }
+                }
+                tracing::info!(group = %spec.group, "batch stored; partitions resumed");
+            }
+            step
+        };
+        let batch = match step {
+            Step::Shutdown => {
+                // The batches in flight finish (or give up at their next retry) first.
+                while let Some((batch, stored)) = in_flight.next().await {
+                    if stored {
+                        store_offsets(consumer, &batch);
+                    }
+                }
+                return Ended::Shutdown;
+            }
+            Step::Handled(_, false) => return Ended::Shutdown,
+            Step::Handled(batch, true) => {
+                store_offsets(consumer, &batch);
+                continue;
+            }
+            Step::Fetched(batch) => batch,
         };
         let brokers_down = consumer.context().brokers_down.load(Ordering::Relaxed);
         if brokers_down && !rejoined {
@@ -429,44 +483,41 @@ where
             continue;
         }
         let batch = Arc::new(batch);
-        let mut paused = false;
-        let stored = tokio::select! {
-            biased;
-            stored = handle_until_stored(&spec.group, handle, batch.clone(), backoff, shutdown) => stored,
-            never = keep_membership(consumer, watch, keep_alive_after, &mut carried, &mut paused) => match never {},
-        };
-        if paused {
-            watch.waiting_on_handler(false);
-            match consumer.assignment() {
-                Ok(assignment) => {
-                    if let Err(error) = consumer.resume(&assignment) {
-                        tracing::warn!(group = %spec.group, %error, "cannot resume partitions");
-                    }
-                }
-                Err(error) => {
-                    tracing::warn!(group = %spec.group, %error, "cannot read the assignment")
-                }
-            }
-            tracing::info!(group = %spec.group, "batch stored; partitions resumed");
+        let group = spec.group.as_str();
+        in_flight.push_back(Box::pin(async move {
+            let stored = handle_until_stored(group, handle, batch.clone(), shutdown).await;
+            (batch, stored)
+        }));
+    }
+}
+
+/// A batch the handler is done with, and whether it stored it (false: shutdown began
+/// first).
+type Handled = (Arc<Vec<IncomingMessage>>, bool);
+
+/// What the consumer loop does next.
+enum Step {
+    Shutdown,
+    /// The oldest batch in flight, and whether it was stored (false: shutdown began first).
+    Handled(Arc<Vec<IncomingMessage>>, bool),
+    Fetched(Vec<IncomingMessage>),
+}
+
+/// Stores the offsets of a batch the handler stored, and commits them.
+fn store_offsets(consumer: &GroupConsumer, batch: &[IncomingMessage]) {
+    for message in batch {
+        if let Err(error) = consumer.store_offset(&message.topic, message.partition, message.offset)
+        {
+            // The partition was revoked meanwhile: its next owner reads the message
+            // again and the handler's idempotency absorbs the repeat.
+            tracing::debug!(%error, partition = message.partition, "offset not stored");
         }
-        if !stored {
-            return Ended::Shutdown;
-        }
-        for message in batch.iter() {
-            if let Err(error) =
-                consumer.store_offset(&message.topic, message.partition, message.offset)
-            {
-                // The partition was revoked meanwhile: its next owner reads the message
-                // again and the handler's idempotency absorbs the repeat.
-                tracing::debug!(%error, partition = message.partition, "offset not stored");
-            }
-        }
-        // Committed at once rather than at the next auto-commit: a restart then re-reads
-        // less, and "stored" means "committed" within a round trip. The auto-commit stays
-        // as the backstop for an asynchronous commit that failed.
-        if let Err(error) = consumer.commit_consumer_state(CommitMode::Async) {
-            tracing::debug!(%error, "asynchronous offset commit not sent");
-        }
+    }
+    // Committed at once rather than at the next auto-commit: a restart then re-reads
+    // less, and "stored" means "committed" within a round trip. The auto-commit stays
+    // as the backstop for an asynchronous commit that failed.
+    if let Err(error) = consumer.commit_consumer_state(CommitMode::Async) {
+        tracing::debug!(%error, "asynchronous offset commit not sent");
     }
 }
 
@@ -475,19 +526,16 @@ async fn handle_until_stored<F, Fut>(
     group: &str,
     handle: &F,
     batch: Arc<Vec<IncomingMessage>>,
-    backoff: &mut Backoff,
     shutdown: &CancellationToken,
 ) -> bool
 where
     F: Fn(Arc<Vec<IncomingMessage>>) -> Fut,
     Fut: Future<Output = anyhow::Result<()>>,
 {
+    let mut backoff = Backoff::new();
     loop {
         match handle(batch.clone()).await {
-            Ok(()) => {
-                backoff.reset();
-                return true;
-            }
+            Ok(()) => return true,
             Err(error) => {
                 let wait = backoff.next();
                 metrics::counter!("herald_consumer_stalls_total", "group" => group.to_owned())
@@ -588,24 +636,24 @@ async fn next_batch(
     carried: &mut Vec<IncomingMessage>,
     watch: &ConsumerWatch,
 ) -> Vec<IncomingMessage> {
-    let mut batch = std::mem::take(carried);
-    if batch.is_empty() {
+    // The batch is gathered in `carried` itself, so that a cancelled call loses nothing.
+    if carried.is_empty() {
         // `recv` is cancellation safe: a message is taken only when it is returned.
         match tokio::time::timeout(TICK, consumer.recv()).await {
-            Err(_) => return batch,
-            Ok(Ok(message)) => batch.push(detach(&message)),
+            Err(_) => return Vec::new(),
+            Ok(Ok(message)) => carried.push(detach(&message)),
             Ok(Err(error)) => {
                 note_error(consumer, &error);
                 tokio::time::sleep(Duration::from_millis(500)).await;
-                return batch;
+                return Vec::new();
             }
         }
     }
     watch.fetched();
     let deadline = tokio::time::Instant::now() + limits.max_wait;
-    while batch.len() < limits.max_messages {
+    while carried.len() < limits.max_messages {
         match tokio::time::timeout_at(deadline, consumer.recv()).await {
-            Ok(Ok(message)) => batch.push(detach(&message)),
+            Ok(Ok(message)) => carried.push(detach(&message)),
             Ok(Err(error)) => {
                 note_error(consumer, &error);
                 break;
@@ -613,7 +661,7 @@ async fn next_batch(
             Err(_) => break,
         }
     }
-    batch
+    std::mem::take(carried)
 }
 
 /// Closes a consumer off the runtime's threads, waiting at most `limit` (for ever with
@@ -686,9 +734,5 @@ impl Backoff {
         let wait = self.current;
         self.current = (self.current * 2).min(Self::MAX);
         wait
-    }
-
-    fn reset(&mut self) {
-        self.current = Self::FIRST;
     }
 }
