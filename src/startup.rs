@@ -658,10 +658,13 @@ fn spawn_ingest(
 ) {
     let settings = &state.settings;
     let ingestor = state.ingestor.clone();
-    let limits = BatchLimits {
+    let per_lane = BatchLimits {
         max_messages: settings.ingest.batch_max_messages,
         max_wait: settings.ingest.batch_max_wait,
     };
+    let parallelism =
+        ingest::consumer::Parallelism::for_roles(state.roles.contains(&Role::Dispatch));
+    tracing::info!(?parallelism, "ingest parallelism");
     for domain in Domain::CONSUMED {
         let (ingestor, settings, shutdown, failure, watchdogs) = (
             ingestor.clone(),
@@ -675,7 +678,8 @@ fn spawn_ingest(
                 ingestor,
                 &settings,
                 domain,
-                limits,
+                per_lane,
+                parallelism,
                 &watchdogs,
                 shutdown.clone(),
             )

@@ -158,6 +158,9 @@ async fn channel_loop(
                         break;
                     };
                     broadcast_room -= bulk;
+                    if locked == room {
+                        dispatcher.wakeup.sends_behind();
+                    }
                     let (dispatcher, sent) = (dispatcher.clone(), sent.clone());
                     in_flight.spawn(async move {
                         if let Err(error) = dispatcher.send_locked(tx, jobs).await {
@@ -195,6 +198,9 @@ async fn channel_loop(
         cursor.swept();
         match claimed {
             Ok(jobs) if !jobs.is_empty() => {
+                if jobs.len() >= room {
+                    dispatcher.wakeup.sends_behind();
+                }
                 spawn_sends(&dispatcher, jobs, &slots, &broadcast_slots, &in_flight).await;
             }
             // More may be due: look again at once.

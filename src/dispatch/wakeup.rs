@@ -23,7 +23,7 @@
 use std::{
     collections::{BTreeSet, HashMap},
     sync::{Arc, Mutex},
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use sqlx::PgPool;
@@ -47,6 +47,9 @@ pub struct Wakeup {
     /// The channels the pending NOTIFY will name.
     pending: Arc<Mutex<BTreeSet<Channel>>>,
     remote: mpsc::Sender<()>,
+    /// When a dispatch loop of this instance last found more due deliveries than it had
+    /// room for ([`Wakeup::sends_behind`]).
+    behind_since: Arc<Mutex<Option<Instant>>>,
 }
 
 impl Wakeup {
@@ -80,7 +83,20 @@ impl Wakeup {
             ),
             pending,
             remote,
+            behind_since: Arc::default(),
         }
+    }
+
+    /// Says that a dispatch loop of this instance claimed as many due deliveries as it had
+    /// room for: more are waiting, and its sends are behind.
+    pub fn sends_behind(&self) {
+        *lock(&self.behind_since) = Some(Instant::now());
+    }
+
+    /// Whether a dispatch loop of this instance was behind within the last `window`. Never,
+    /// on an instance that does not dispatch.
+    pub fn sends_behind_within(&self, window: Duration) -> bool {
+        lock(&self.behind_since).is_some_and(|at| at.elapsed() <= window)
     }
 
     /// Says that deliveries of `channels` became due: call it after the commit that made
@@ -123,8 +139,8 @@ impl Wakeup {
     }
 }
 
-fn lock(pending: &Mutex<BTreeSet<Channel>>) -> std::sync::MutexGuard<'_, BTreeSet<Channel>> {
-    pending.lock().unwrap_or_else(|e| e.into_inner())
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 fn payload(instance: Uuid, channels: &BTreeSet<Channel>) -> String {

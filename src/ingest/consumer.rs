@@ -1,7 +1,7 @@
 //! The consumer of one upstream domain: the shared batch consumer with the [`Ingestor`]
 //! as its handler.
 
-use std::{collections::HashSet, sync::Mutex};
+use std::{collections::HashSet, sync::Mutex, time::Duration};
 
 use anyhow::Context;
 use tokio::sync::{mpsc, oneshot};
@@ -18,12 +18,48 @@ use crate::{
     },
 };
 
-/// Consumes one domain's topic until `shutdown`.
+/// How many transactions ingest keeps going at once for one domain.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Parallelism {
+    /// Transactions a batch is split into, by message key.
+    pub lanes: usize,
+    /// Batches in flight ([`ConsumerSpec::in_flight`]).
+    pub in_flight: usize,
+}
+
+impl Parallelism {
+    /// What an instance's roles call for. One that only ingests splits each batch into two
+    /// lanes and keeps two batches in flight, so that PostgreSQL stores on both cores while
+    /// Herald prepares the next batch (about 1.4 times the events per second of one
+    /// transaction at a time, BENCHMARKS.md). One that also dispatches stores one
+    /// transaction at a time: working off a backlog, a faster ingest there only moves the
+    /// backlog from Kafka into PostgreSQL ahead of the sends that share its cores, each
+    /// delivery's creation then reaches the projector apart from its outcome, and its
+    /// `notification_log` row is written twice (measured: 10.1 row versions per event end
+    /// to end against 9.5, and fewer events per second).
+    pub fn for_roles(dispatches: bool) -> Self {
+        if dispatches {
+            Parallelism {
+                lanes: 1,
+                in_flight: 1,
+            }
+        } else {
+            Parallelism {
+                lanes: 2,
+                in_flight: 2,
+            }
+        }
+    }
+}
+
+/// Consumes one domain's topic until `shutdown`. A batch takes up to `per_lane` messages
+/// for each of `parallelism`'s lanes.
 pub async fn run(
     ingestor: Ingestor,
     settings: &Settings,
     domain: Domain,
-    limits: BatchLimits,
+    per_lane: BatchLimits,
+    parallelism: Parallelism,
     watchdogs: &Watchdogs,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
@@ -35,25 +71,32 @@ pub async fn run(
     let spec = ConsumerSpec {
         group: group.clone(),
         topics: vec![format!("{prefix}{topic}")],
-        limits,
+        limits: BatchLimits {
+            max_messages: per_lane.max_messages * parallelism.lanes.max(1),
+            ..per_lane
+        },
         fetch_wait_ms: settings.kafka.fetch_wait_ms,
         // The next batch is gathered, prepared and sent while the last one's statements
         // wait for their WAL flush: the lanes' workers keep each key's events in order.
-        in_flight: IN_FLIGHT,
+        in_flight: parallelism.in_flight,
     };
-    let workers: Vec<mpsc::Sender<Part>> = (0..LANES)
-        .map(|_| lane_worker(ingestor.clone(), domain, group.clone()))
+    let workers: Vec<mpsc::Sender<Part>> = (0..parallelism.lanes.max(1))
+        .map(|_| lane_worker(ingestor.clone(), domain, group.clone(), parallelism))
         .collect();
     // Lanes of a batch in flight already committed (by their first message), so that a
     // retry of the batch after one lane failed stores only the others: their events would
     // be found processed, but their dead letters would be written twice.
     let committed: Mutex<HashSet<(i32, i64)>> = Mutex::new(HashSet::new());
+    let wakeup = ingestor.wakeup.clone();
     consumer::run(&settings.kafka, spec, watchdogs, shutdown, |batch| {
-        let (workers, committed) = (&workers, &committed);
+        let (workers, committed, wakeup) = (&workers, &committed, &wakeup);
         async move {
+            if wakeup.sends_behind_within(BEHIND_WINDOW) {
+                tokio::time::sleep(YIELD_TO_SENDS).await;
+            }
             let committed = || committed.lock().unwrap_or_else(|e| e.into_inner());
             let mut replies = Vec::new();
-            for (lane, messages) in lanes(&batch).into_iter().enumerate() {
+            for (lane, messages) in lanes(&batch, workers.len()).into_iter().enumerate() {
                 let Some(first) = messages.first().map(|m| (m.partition, m.offset)) else {
                     continue;
                 };
@@ -92,8 +135,22 @@ pub async fn run(
     .await
 }
 
-/// Batches of a domain in flight at once (see [`ConsumerSpec::in_flight`]).
-const IN_FLIGHT: usize = 2;
+/// How recently this instance's dispatch loops must have been behind for a batch to
+/// yield to them.
+const BEHIND_WINDOW: Duration = Duration::from_millis(100);
+
+/// How long a batch waits, on an instance whose own dispatch loops are behind, before it
+/// is stored. Working off a backlog, ingest there would otherwise move it from Kafka into
+/// PostgreSQL faster than the sends that share its cores take it out: they get less CPU,
+/// each delivery's creation reaches the projector seconds before its outcome, so its
+/// `notification_log` row is written twice, and a notification sent through the HTTP
+/// intake meanwhile queues behind the whole backlog. The pause keeps ingest just ahead of
+/// the sends instead (measured on a 100,000-event backlog: 9.2 row versions per event
+/// instead of 10.0-10.1 at the same end-to-end rate; longer pauses cut them to 8.2-8.3
+/// but left the sends waiting for ingest, BENCHMARKS.md, "Ingest in lanes by key"). It
+/// adds at most this to a batch's latency, only while the sends are behind; an instance
+/// that does not dispatch never waits.
+const YIELD_TO_SENDS: Duration = Duration::from_millis(5);
 
 /// One lane's share of a batch, and where its outcome goes.
 struct Part {
@@ -106,8 +163,13 @@ struct Part {
 /// works on them on its own cores while Herald prepares the next. A key stays in one lane,
 /// so a user's events are stored in order even while two batches overlap. The task ends
 /// when the returned sender is dropped.
-fn lane_worker(ingestor: Ingestor, domain: Domain, group: String) -> mpsc::Sender<Part> {
-    let (parts, mut received) = mpsc::channel::<Part>(IN_FLIGHT);
+fn lane_worker(
+    ingestor: Ingestor,
+    domain: Domain,
+    group: String,
+    parallelism: Parallelism,
+) -> mpsc::Sender<Part> {
+    let (parts, mut received) = mpsc::channel::<Part>(parallelism.in_flight.max(1));
     let work = async move {
         while let Some(part) = received.recv().await {
             let outcome = ingestor.process(domain, &group, &part.messages).await;
@@ -119,10 +181,7 @@ fn lane_worker(ingestor: Ingestor, domain: Domain, group: String) -> mpsc::Sende
     parts
 }
 
-/// Transactions one batch is split into.
-const LANES: usize = 2;
-
-/// Splits a batch into [`LANES`] by message key (some may be empty).
+/// Splits a batch into `count` lanes by message key (some may be empty).
 ///
 /// By key rather than by partition: in a backlog, librdkafka hands out a partition's
 /// fetched records in a run, so a batch of 100 nearly always holds one partition, and
@@ -130,22 +189,22 @@ const LANES: usize = 2;
 /// of 100 events for 100,000 events). A key stays in one lane, in offset order, which is
 /// the order Kafka promises: per key (the user id, DESIGN §2). Messages without a key
 /// keep their partition's order by going to the lane of their partition.
-fn lanes(batch: &[IncomingMessage]) -> Vec<Vec<IncomingMessage>> {
-    let mut lanes: Vec<Vec<IncomingMessage>> = vec![Vec::new(); LANES];
+fn lanes(batch: &[IncomingMessage], count: usize) -> Vec<Vec<IncomingMessage>> {
+    let mut lanes: Vec<Vec<IncomingMessage>> = vec![Vec::new(); count];
     for message in batch {
-        lanes[lane_of(message)].push(message.clone());
+        lanes[lane_of(message, count)].push(message.clone());
     }
     lanes
 }
 
-fn lane_of(message: &IncomingMessage) -> usize {
+fn lane_of(message: &IncomingMessage, count: usize) -> usize {
     use std::hash::{Hash, Hasher};
     let mut hasher = std::hash::DefaultHasher::new();
     match &message.key {
         Some(key) => key.hash(&mut hasher),
         None => message.partition.hash(&mut hasher),
     }
-    (hasher.finish() % LANES as u64) as usize
+    (hasher.finish() % count as u64) as usize
 }
 
 #[cfg(test)]
@@ -168,10 +227,9 @@ mod tests {
         let batch: Vec<IncomingMessage> = (0..60)
             .map(|i| message(0, i64::from(i), Some(&(i % 7).to_string())))
             .collect();
-        let lanes = lanes(&batch);
-        assert_eq!(
-            lanes.len(),
-            2,
+        let lanes = lanes(&batch, 2);
+        assert!(
+            lanes.iter().all(|lane| !lane.is_empty()),
             "one partition's keys spread over both lanes"
         );
         for key in 0..7 {
@@ -196,7 +254,7 @@ mod tests {
         let batch: Vec<IncomingMessage> = (0..12)
             .map(|i| message(i % 3, i64::from(i), None))
             .collect();
-        let lanes = lanes(&batch);
+        let lanes = lanes(&batch, 2);
         for partition in 0..3 {
             let holding: Vec<&Vec<IncomingMessage>> = lanes
                 .iter()
@@ -211,10 +269,29 @@ mod tests {
             assert!(offsets.windows(2).all(|w| w[0] < w[1]), "{offsets:?}");
         }
         assert_eq!(lanes.iter().map(Vec::len).sum::<usize>(), 12);
+    }
+
+    #[test]
+    fn one_lane_holds_the_whole_batch_in_order() {
+        let batch: Vec<IncomingMessage> = (0..12)
+            .map(|i| message(i % 3, i64::from(i), Some(&(i % 5).to_string())))
+            .collect();
+        let lanes = lanes(&batch, 1);
+        assert_eq!(lanes.len(), 1);
+        let offsets: Vec<i64> = lanes[0].iter().map(|m| m.offset).collect();
+        assert_eq!(offsets, (0..12).collect::<Vec<i64>>());
+    }
+
+    #[test]
+    fn only_an_instance_that_does_not_dispatch_ingests_in_parallel() {
         assert_eq!(
-            super::lanes(&[message(4, 0, None)]).len(),
-            1,
-            "no empty lane"
+            Parallelism::for_roles(true),
+            Parallelism {
+                lanes: 1,
+                in_flight: 1
+            }
         );
+        let alone = Parallelism::for_roles(false);
+        assert!(alone.lanes > 1 && alone.in_flight > 1, "{alone:?}");
     }
 }

@@ -24,7 +24,11 @@
 //! (and their offsets could not be stored). Revocations take effect only while the
 //! consumer polls, and it does not poll while a handler runs (until `keep_membership`
 //! steps in for a handler waiting on a dependency), so what is handed over stays held
-//! until its offsets are stored.
+//! until its offsets are stored. A consumer that keeps more than one batch in flight
+//! ([`ConsumerSpec::in_flight`], ingest on an instance that does not dispatch) polls while
+//! the handler works: a partition revoked then still has its batch stored here, its
+//! offsets are not stored, and its next owner reads the batch again, which the handler's
+//! idempotency absorbs (the notifications' unique key on topic and eventId).
 //!
 //! Group membership is watched ([`super::watchdog`]): every rebalance is recorded, and a
 //! consumer left without an assignment beyond `HERALD_KAFKA_ASSIGNMENT_TIMEOUT_MS` is

@@ -96,6 +96,28 @@ impl TestApp {
         }
     }
 
+    /// Publishes many messages at once, on one producer (in order per partition): a
+    /// backlog, where `publish_all` waits for each message in turn.
+    pub async fn publish_backlog(&self, topic: &str, messages: &[(String, Vec<u8>)]) {
+        let producer: FutureProducer = herald::kafka::client_config(&self.settings.kafka)
+            .set("message.timeout.ms", "10000")
+            .set("enable.idempotence", "true")
+            .create()
+            .unwrap();
+        let topic = format!("{}{topic}", self.settings.kafka.topic_prefix);
+        let sent = messages.iter().map(|(key, payload)| {
+            producer.send(
+                FutureRecord::to(&topic).key(key).payload(payload),
+                Duration::from_secs(10),
+            )
+        });
+        for result in futures_util::future::join_all(sent).await {
+            result
+                .map_err(|(e, _)| e)
+                .expect("the test broker takes the message");
+        }
+    }
+
     /// Makes an API key with `scopes` through the API and returns it.
     pub async fn api_key(&self, name: &str, scopes: &[&str]) -> String {
         let response = self

@@ -538,3 +538,59 @@ fn ingestor_of(app: &TestApp) -> Ingestor {
         wakeup: herald::dispatch::wakeup::Wakeup::new(app.db.clone()),
     }
 }
+
+/// An instance that only ingests splits each batch into lanes by key and keeps two batches
+/// in flight; each user's events are still stored in the order of their offsets: an event's
+/// transaction (its row's xmin) is never older than the one of an event before it.
+#[tokio::test]
+async fn an_ingest_only_instance_stores_each_users_events_in_the_order_of_their_offsets() {
+    let app = spawn_front_half(|_| {}).await;
+    let events: Vec<(String, Vec<u8>)> = (0..3000)
+        .map(|i| {
+            let user = 1 + i % 40;
+            let event = envelope("PAYMENT_COMPLETED", user, json!({}));
+            (user.to_string(), event.to_string().into_bytes())
+        })
+        .collect();
+    app.publish_backlog("fluxpay.payment.events", &events).await;
+    wait_until(60, "every event is stored", || async {
+        app.notification_count().await == 3000
+    })
+    .await;
+
+    let rows: Vec<(i64, i64, i64)> = sqlx::query_as(
+        "SELECT user_id, source_offset, xmin::text::bigint FROM notifications \
+         ORDER BY user_id, source_partition, source_offset",
+    )
+    .fetch_all(&app.db)
+    .await
+    .unwrap();
+    assert_eq!(rows.len(), 3000);
+    for pair in rows.windows(2) {
+        let [(user, offset, tx), (next_user, next_offset, next_tx)] = pair else {
+            unreachable!()
+        };
+        if user == next_user {
+            assert!(
+                tx <= next_tx,
+                "user {user}: offset {next_offset} was stored in transaction {next_tx}, before offset {offset} in {tx}"
+            );
+        }
+    }
+    // The lanes did split the batches: some partition's events went to more transactions
+    // at once than one lane a batch would make.
+    let split: bool = sqlx::query_scalar(
+        "WITH r AS (SELECT xmin::text::bigint AS tx, source_partition AS p, user_id \
+                    FROM notifications) \
+         SELECT bool_or(users < total) \
+         FROM (SELECT tx, p, count(DISTINCT user_id) AS users FROM r GROUP BY tx, p) t \
+         JOIN (SELECT p, count(DISTINCT user_id) AS total FROM r GROUP BY p) a USING (p)",
+    )
+    .fetch_one(&app.db)
+    .await
+    .unwrap();
+    assert!(
+        split,
+        "no transaction held fewer than all of its partition's users"
+    );
+}
