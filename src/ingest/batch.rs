@@ -57,9 +57,11 @@ enum Decoded {
 }
 
 impl Ingestor {
-    /// Processes a batch in one transaction. An `Err` means nothing was stored and the same
-    /// batch should be retried later (the database or the cache backend failed); a message
-    /// is never the cause of an `Err`.
+    /// Processes a batch in one transaction (or one statement). An `Err` means the database
+    /// or the cache backend failed and the same batch should be stored again later: nothing
+    /// was stored, or, when the connection was lost during the commit, perhaps all of it,
+    /// which storing it again absorbs (the notifications' unique key). A message is never
+    /// the cause of an `Err`.
     pub async fn process(
         &self,
         domain: Domain,

@@ -1,7 +1,7 @@
 //! The consumer of one upstream domain: the shared batch consumer with the [`Ingestor`]
 //! as its handler.
 
-use std::{collections::HashSet, sync::Mutex, time::Duration};
+use std::time::Duration;
 
 use anyhow::Context;
 use tokio::sync::{mpsc, oneshot};
@@ -53,7 +53,7 @@ impl Parallelism {
 }
 
 /// Consumes one domain's topic until `shutdown`. A batch takes up to `per_lane` messages
-/// for each of `parallelism`'s lanes.
+/// times `parallelism`'s lanes, split by key (so a lane's share varies around `per_lane`).
 pub async fn run(
     ingestor: Ingestor,
     settings: &Settings,
@@ -81,57 +81,39 @@ pub async fn run(
         in_flight: parallelism.in_flight,
     };
     let workers: Vec<mpsc::UnboundedSender<Part>> = (0..parallelism.lanes.max(1))
-        .map(|_| lane_worker(ingestor.clone(), domain, group.clone()))
+        .map(|_| lane_worker(ingestor.clone(), domain, group.clone(), shutdown.clone()))
         .collect();
-    // Lanes of a batch in flight already committed (by their first message), so that a
-    // retry of the batch after one lane failed stores only the others: their events would
-    // be found processed, but their dead letters would be written twice.
-    let committed: Mutex<HashSet<(i32, i64)>> = Mutex::new(HashSet::new());
     let wakeup = ingestor.wakeup.clone();
     consumer::run(&settings.kafka, spec, watchdogs, shutdown, |batch| {
-        let (workers, committed, wakeup) = (&workers, &committed, &wakeup);
+        let (workers, wakeup) = (&workers, &wakeup);
         async move {
+            // Only on an instance that dispatches, which keeps one batch in flight: a
+            // wait here never lets a later batch hand its parts over first.
             if wakeup.sends_behind_within(BEHIND_WINDOW) {
                 tokio::time::sleep(YIELD_TO_SENDS).await;
             }
-            let committed = || committed.lock().unwrap_or_else(|e| e.into_inner());
+            // Sent without waiting, so a batch hands every lane its part before the next
+            // batch (whose handler is first polled after this one's) can hand over any.
             let mut replies = Vec::new();
             for (lane, messages) in lanes(&batch, workers.len()).into_iter().enumerate() {
-                let Some(first) = messages.first().map(|m| (m.partition, m.offset)) else {
-                    continue;
-                };
-                if committed().contains(&first) {
+                if messages.is_empty() {
                     continue;
                 }
-                // Sent without waiting, so a batch hands every lane its part before the
-                // next batch can hand over any.
                 let (done, reply) = oneshot::channel();
                 if workers[lane].send(Part { messages, done }).is_err() {
                     panic!("ingest lane {lane} stopped: its worker panicked");
                 }
-                replies.push((lane, first, reply));
+                replies.push((lane, reply));
             }
             let mut failed = None;
-            for (lane, first, reply) in &mut replies {
+            for (lane, reply) in replies {
                 match reply.await {
-                    Ok(Ok(outcome)) => {
-                        tracing::debug!(?outcome, "lane stored");
-                        committed().insert(*first);
-                    }
+                    Ok(Ok(outcome)) => tracing::debug!(?outcome, "lane stored"),
                     Ok(Err(error)) => failed = Some(error),
                     Err(_) => panic!("ingest lane {lane} stopped: its worker panicked"),
                 }
             }
-            match failed {
-                Some(error) => Err(error),
-                None => {
-                    let mut committed = committed();
-                    for (_, first, _) in &replies {
-                        committed.remove(first);
-                    }
-                    Ok(())
-                }
-            }
+            failed.map_or(Ok(()), Err)
         }
     })
     .await
@@ -162,17 +144,24 @@ struct Part {
 
 /// Starts the task that stores one lane's parts, one after another in the order they were
 /// sent: each in its own transaction, at the same time as the other lanes', so PostgreSQL
-/// works on them on its own cores while Herald prepares the next. A key stays in one lane,
-/// so a user's events are stored in order even while two batches overlap. One exception:
-/// when a lane's part fails (PostgreSQL unreachable) and the next batch's part in the same
-/// lane succeeds right after (PostgreSQL back within those milliseconds), the failed part
-/// is stored on its retry, after the later events. The queue holds at most a part per
-/// batch in flight. The task ends when the returned sender is dropped.
-fn lane_worker(ingestor: Ingestor, domain: Domain, group: String) -> mpsc::UnboundedSender<Part> {
+/// works on them on its own cores while Herald prepares the next. A part that cannot be
+/// stored (PostgreSQL unreachable) is retried here, with backoff, before the next part is
+/// taken: a key stays in one lane, so a user's events are stored in order even while two
+/// batches overlap and one of them fails. Its batch's handler waits meanwhile, so no
+/// offset moves, and the consumer pauses its partitions and keeps its membership as for
+/// any handler waiting on a dependency. A part is given up only when shutdown begins (its
+/// batch is then read again). The queue holds at most a part per batch in flight. The task
+/// ends when the returned sender is dropped.
+fn lane_worker(
+    ingestor: Ingestor,
+    domain: Domain,
+    group: String,
+    shutdown: CancellationToken,
+) -> mpsc::UnboundedSender<Part> {
     let (parts, mut received) = mpsc::unbounded_channel::<Part>();
     let work = async move {
         while let Some(part) = received.recv().await {
-            let outcome = ingestor.process(domain, &group, &part.messages).await;
+            let outcome = store_part(&ingestor, domain, &group, &part.messages, &shutdown).await;
             // The handler waiting for it may be gone (shutdown): nothing else to do.
             let _ = part.done.send(outcome);
         }
@@ -180,6 +169,43 @@ fn lane_worker(ingestor: Ingestor, domain: Domain, group: String) -> mpsc::Unbou
     tokio::spawn(work.in_current_span());
     parts
 }
+
+/// Stores one lane's part, retrying with backoff until it is stored or shutdown begins.
+async fn store_part(
+    ingestor: &Ingestor,
+    domain: Domain,
+    group: &str,
+    messages: &[IncomingMessage],
+    shutdown: &CancellationToken,
+) -> anyhow::Result<BatchOutcome> {
+    let mut wait = RETRY_FIRST;
+    loop {
+        match ingestor.process(domain, group, messages).await {
+            Ok(outcome) => return Ok(outcome),
+            Err(error) => {
+                metrics::counter!("herald_consumer_stalls_total", "group" => group.to_owned())
+                    .increment(1);
+                tracing::warn!(
+                    group,
+                    error = format!("{error:#}"),
+                    retry_in = ?wait,
+                    "cannot store an ingest batch; consumer paused"
+                );
+                tokio::select! {
+                    () = shutdown.cancelled() => return Err(error.context("Shutting down")),
+                    () = tokio::time::sleep(wait) => {}
+                }
+                wait = (wait * 2).min(RETRY_MAX);
+            }
+        }
+    }
+}
+
+/// The first wait before a part that failed is stored again; it doubles each time.
+const RETRY_FIRST: Duration = Duration::from_millis(100);
+
+/// The longest wait between two tries of a part.
+const RETRY_MAX: Duration = Duration::from_secs(30);
 
 /// Splits a batch into `count` lanes by message key (some may be empty).
 ///

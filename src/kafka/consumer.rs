@@ -26,8 +26,9 @@
 //! steps in for a handler waiting on a dependency), so what is handed over stays held
 //! until its offsets are stored. A consumer that keeps more than one batch in flight
 //! ([`ConsumerSpec::in_flight`], ingest on an instance that does not dispatch) polls while
-//! the handler works: a partition revoked then still has its batch stored here, its
-//! offsets are not stored, and its next owner reads the batch again, which the handler's
+//! the handler works: a partition revoked then still has its batch stored here, and its
+//! next owner (this member again, after a rebalance that gives it back) reads from the
+//! last committed offset, so the batch may be read and stored twice, which the handler's
 //! idempotency absorbs (the notifications' unique key on topic and eventId).
 //!
 //! Group membership is watched ([`super::watchdog`]): every rebalance is recorded, and a
@@ -411,15 +412,9 @@ where
     loop {
         let now = Instant::now();
         watch.export(now);
-        if watch.should_recreate(now) {
-            // Whatever is in flight is finished first: its offsets are stored before the
-            // consumer is closed.
-            while let Some((batch, stored)) = in_flight.next().await {
-                if !stored {
-                    return Ended::Shutdown;
-                }
-                store_offsets(consumer, &batch);
-            }
+        // Looked at only with no batch in flight, as before batches could overlap: a batch
+        // being handled finishes (and stores its offsets) first.
+        if in_flight.is_empty() && watch.should_recreate(now) {
             return Ended::Stuck;
         }
         let step = if in_flight.len() < spec.in_flight.max(1) {
@@ -454,11 +449,13 @@ where
         };
         let batch = match step {
             Step::Shutdown => {
-                // The batches in flight finish (or give up at their next retry) first.
+                // The batches in flight finish (or give up at their next retry) first; an
+                // offset is stored only while every batch before it was stored.
                 while let Some((batch, stored)) = in_flight.next().await {
-                    if stored {
-                        store_offsets(consumer, &batch);
+                    if !stored {
+                        break;
                     }
+                    store_offsets(consumer, &batch);
                 }
                 return Ended::Shutdown;
             }
