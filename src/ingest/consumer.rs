@@ -161,7 +161,11 @@ fn lane_worker(
     let (parts, mut received) = mpsc::unbounded_channel::<Part>();
     let work = async move {
         while let Some(part) = received.recv().await {
-            let outcome = store_part(&ingestor, domain, &group, &part.messages, &shutdown).await;
+            let outcome = consumer::retry_until_done(&group, &shutdown, || {
+                ingestor.process(domain, &group, &part.messages)
+            })
+            .await
+            .context("Shut down before an ingest lane was stored");
             // The handler waiting for it may be gone (shutdown): nothing else to do.
             let _ = part.done.send(outcome);
         }
@@ -169,43 +173,6 @@ fn lane_worker(
     tokio::spawn(work.in_current_span());
     parts
 }
-
-/// Stores one lane's part, retrying with backoff until it is stored or shutdown begins.
-async fn store_part(
-    ingestor: &Ingestor,
-    domain: Domain,
-    group: &str,
-    messages: &[IncomingMessage],
-    shutdown: &CancellationToken,
-) -> anyhow::Result<BatchOutcome> {
-    let mut wait = RETRY_FIRST;
-    loop {
-        match ingestor.process(domain, group, messages).await {
-            Ok(outcome) => return Ok(outcome),
-            Err(error) => {
-                metrics::counter!("herald_consumer_stalls_total", "group" => group.to_owned())
-                    .increment(1);
-                tracing::warn!(
-                    group,
-                    error = format!("{error:#}"),
-                    retry_in = ?wait,
-                    "cannot store an ingest batch; consumer paused"
-                );
-                tokio::select! {
-                    () = shutdown.cancelled() => return Err(error.context("Shutting down")),
-                    () = tokio::time::sleep(wait) => {}
-                }
-                wait = (wait * 2).min(RETRY_MAX);
-            }
-        }
-    }
-}
-
-/// The first wait before a part that failed is stored again; it doubles each time.
-const RETRY_FIRST: Duration = Duration::from_millis(100);
-
-/// The longest wait between two tries of a part.
-const RETRY_MAX: Duration = Duration::from_secs(30);
 
 /// Splits a batch into `count` lanes by message key (some may be empty).
 ///
@@ -248,6 +215,24 @@ mod tests {
         }
     }
 
+    /// Asserts that the messages `picked` are all in one lane, in offset order.
+    fn in_one_lane_in_order(
+        lanes: &[Vec<IncomingMessage>],
+        picked: impl Fn(&IncomingMessage) -> bool,
+    ) {
+        let holding: Vec<&Vec<IncomingMessage>> = lanes
+            .iter()
+            .filter(|lane| lane.iter().any(&picked))
+            .collect();
+        assert_eq!(holding.len(), 1, "the messages are in one lane");
+        let offsets: Vec<i64> = holding[0]
+            .iter()
+            .filter(|m| picked(m))
+            .map(|m| m.offset)
+            .collect();
+        assert!(offsets.windows(2).all(|w| w[0] < w[1]), "{offsets:?}");
+    }
+
     #[test]
     fn a_key_stays_in_one_lane_in_order() {
         let batch: Vec<IncomingMessage> = (0..60)
@@ -260,17 +245,7 @@ mod tests {
         );
         for key in 0..7 {
             let key = key.to_string().into_bytes();
-            let holding: Vec<&Vec<IncomingMessage>> = lanes
-                .iter()
-                .filter(|lane| lane.iter().any(|m| m.key.as_ref() == Some(&key)))
-                .collect();
-            assert_eq!(holding.len(), 1, "key {key:?} is in one lane");
-            let offsets: Vec<i64> = holding[0]
-                .iter()
-                .filter(|m| m.key.as_ref() == Some(&key))
-                .map(|m| m.offset)
-                .collect();
-            assert!(offsets.windows(2).all(|w| w[0] < w[1]), "{offsets:?}");
+            in_one_lane_in_order(&lanes, |m| m.key.as_ref() == Some(&key));
         }
         assert_eq!(lanes.iter().map(Vec::len).sum::<usize>(), 60);
     }
@@ -282,17 +257,7 @@ mod tests {
             .collect();
         let lanes = lanes(&batch, 2);
         for partition in 0..3 {
-            let holding: Vec<&Vec<IncomingMessage>> = lanes
-                .iter()
-                .filter(|lane| lane.iter().any(|m| m.partition == partition))
-                .collect();
-            assert_eq!(holding.len(), 1, "partition {partition} is in one lane");
-            let offsets: Vec<i64> = holding[0]
-                .iter()
-                .filter(|m| m.partition == partition)
-                .map(|m| m.offset)
-                .collect();
-            assert!(offsets.windows(2).all(|w| w[0] < w[1]), "{offsets:?}");
+            in_one_lane_in_order(&lanes, |m| m.partition == partition);
         }
         assert_eq!(lanes.iter().map(Vec::len).sum::<usize>(), 12);
     }

@@ -486,7 +486,9 @@ where
         let batch = Arc::new(batch);
         let group = spec.group.as_str();
         in_flight.push_back(Box::pin(async move {
-            let stored = handle_until_stored(group, handle, batch.clone(), shutdown).await;
+            let stored = retry_until_done(group, shutdown, || handle(batch.clone()))
+                .await
+                .is_some();
             (batch, stored)
         }));
     }
@@ -522,21 +524,22 @@ fn store_offsets(consumer: &GroupConsumer, batch: &[IncomingMessage]) {
     }
 }
 
-/// Calls `handle` until it succeeds (true) or shutdown begins (false), with backoff.
-async fn handle_until_stored<F, Fut>(
+/// Runs `attempt` until it succeeds (`Some`) or shutdown begins (`None`), with backoff
+/// between tries. A failure is never the messages' fault (handlers dead-letter poison
+/// themselves): each one counts as a stall of `group` and is logged.
+pub async fn retry_until_done<T, F, Fut>(
     group: &str,
-    handle: &F,
-    batch: Arc<Vec<IncomingMessage>>,
     shutdown: &CancellationToken,
-) -> bool
+    mut attempt: F,
+) -> Option<T>
 where
-    F: Fn(Arc<Vec<IncomingMessage>>) -> Fut,
-    Fut: Future<Output = anyhow::Result<()>>,
+    F: FnMut() -> Fut,
+    Fut: Future<Output = anyhow::Result<T>>,
 {
     let mut backoff = Backoff::new();
     loop {
-        match handle(batch.clone()).await {
-            Ok(()) => return true,
+        match attempt().await {
+            Ok(done) => return Some(done),
             Err(error) => {
                 let wait = backoff.next();
                 metrics::counter!("herald_consumer_stalls_total", "group" => group.to_owned())
@@ -548,7 +551,7 @@ where
                     "cannot process a batch; consumer paused"
                 );
                 tokio::select! {
-                    () = shutdown.cancelled() => return false,
+                    () = shutdown.cancelled() => return None,
                     () = tokio::time::sleep(wait) => {}
                 }
             }

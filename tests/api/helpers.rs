@@ -76,14 +76,23 @@ impl TestApp {
             .await;
     }
 
-    /// Publishes several messages in order, on one producer.
-    pub async fn publish_all(&self, topic: &str, messages: &[(String, Vec<u8>)]) {
-        let producer: FutureProducer = herald::kafka::client_config(&self.settings.kafka)
+    /// An idempotent producer, as an upstream service would have, and the prefixed name of
+    /// the upstream `topic`.
+    fn upstream_producer(&self, topic: &str) -> (FutureProducer, String) {
+        let producer = herald::kafka::client_config(&self.settings.kafka)
             .set("message.timeout.ms", "10000")
             .set("enable.idempotence", "true")
             .create()
             .unwrap();
-        let topic = format!("{}{topic}", self.settings.kafka.topic_prefix);
+        (
+            producer,
+            format!("{}{topic}", self.settings.kafka.topic_prefix),
+        )
+    }
+
+    /// Publishes several messages in order, on one producer.
+    pub async fn publish_all(&self, topic: &str, messages: &[(String, Vec<u8>)]) {
+        let (producer, topic) = self.upstream_producer(topic);
         for (key, payload) in messages {
             producer
                 .send(
@@ -99,12 +108,7 @@ impl TestApp {
     /// Publishes many messages at once, on one producer (in order per partition): a
     /// backlog, where `publish_all` waits for each message in turn.
     pub async fn publish_backlog(&self, topic: &str, messages: &[(String, Vec<u8>)]) {
-        let producer: FutureProducer = herald::kafka::client_config(&self.settings.kafka)
-            .set("message.timeout.ms", "10000")
-            .set("enable.idempotence", "true")
-            .create()
-            .unwrap();
-        let topic = format!("{}{topic}", self.settings.kafka.topic_prefix);
+        let (producer, topic) = self.upstream_producer(topic);
         let sent = messages.iter().map(|(key, payload)| {
             producer.send(
                 FutureRecord::to(&topic).key(key).payload(payload),
