@@ -10,7 +10,6 @@
 pub mod circuit_breaker;
 pub mod rate_limit;
 pub mod record;
-pub mod send_speed;
 pub mod wakeup;
 pub mod worker;
 
