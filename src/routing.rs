@@ -174,6 +174,11 @@ impl RoutingTable {
             .unwrap_or_else(|| NONE.get_or_init(Policy::default))
     }
 
+    /// True when some event type's deliveries are gathered into digests.
+    pub fn has_digests(&self) -> bool {
+        self.policies.values().any(|p| p.digest.is_some())
+    }
+
     /// The frequency caps (`[[frequency_cap]]`).
     pub fn frequency_caps(&self) -> &[FrequencyCap] {
         &self.frequency_caps

@@ -146,7 +146,7 @@ impl Dispatcher {
             channel,
             (limit, broadcast_limit),
             self.settings.lease,
-            locking,
+            (locking, self.routing.has_digests()),
             cursor,
         )
         .await
