@@ -11,11 +11,14 @@ use std::{path::PathBuf, time::Duration};
 
 use chrono::{DateTime, Duration as Span, NaiveTime, TimeZone, Timelike, Utc};
 use chrono_tz::Tz;
+use herald::roles::Role;
 use serde_json::{Value, json};
 use uuid::Uuid;
 use wiremock::{Mock, MockServer, ResponseTemplate, matchers::method};
 
-use crate::helpers::{TestApp, envelope, maildev_emails, spawn_app_with, wait_until};
+use crate::helpers::{
+    TestApp, envelope, maildev_emails, spawn_app_as, spawn_app_on, spawn_app_with, wait_until,
+};
 
 /// A routing file for these tests: the default routes, ORDER_SHIPPED and ORDER_CANCELLED
 /// also on PUSH, and `extra` appended (caps) or spliced into a route (by the caller).
@@ -522,6 +525,67 @@ async fn twenty_pushes_in_a_minute_with_a_cap_of_five_an_hour_send_five_and_defe
         (6, 5, 3),
         "{pushes:?}"
     );
+}
+
+#[tokio::test]
+async fn digest_members_held_before_the_routing_stopped_digesting_their_type_still_go_out() {
+    // An instance that digests ORDER_SHIPPED takes the events in and holds them.
+    let path = routing_file(|t| on_route(t, "ORDER_SHIPPED", "digest = { window_minutes = 10 }"));
+    let front = spawn_app_as(&[Role::Api, Role::Ingest], move |s| {
+        s.ingest.routing_file = path
+    })
+    .await;
+    let address = format!("left-{}@example.com", Uuid::new_v4());
+    set_contact(&front, 1830, &address, "Asia/Seoul").await;
+    let mut ids = Vec::new();
+    for i in 1..=3 {
+        let mut event = envelope(
+            "ORDER_SHIPPED",
+            1830,
+            json!({ "orderId": format!("L-{i}"), "carrier": "CJ", "trackingNumber": format!("T{i}") }),
+        );
+        event["recipient"] = json!({ "locale": "en" });
+        front
+            .publish("fluxpay.order.events", "1830", event.to_string().as_bytes())
+            .await;
+        ids.push(notification_of(&front, event["eventId"].as_str().unwrap()).await);
+    }
+    for id in &ids {
+        assert!(
+            deliveries(&front, id)
+                .await
+                .iter()
+                .filter(|d| d.0 != "PUSH")
+                .all(|d| d.3.as_deref() == Some("digest") && d.4.is_some()),
+            "{:?}",
+            deliveries(&front, id).await
+        );
+    }
+
+    // The dispatcher runs with a routing file that digests nothing (the one shipped), so
+    // its claims do not look for digests: its sweeps still find these, once due.
+    let mut settings = front.settings.clone();
+    settings.ingest.routing_file =
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("config/routing.toml");
+    let _dispatcher = spawn_app_on(settings, &[Role::Dispatch]).await;
+    let refs: Vec<&str> = ids.iter().map(String::as_str).collect();
+    make_due(&front, &refs).await;
+    for id in &ids {
+        wait_for_status(&front, id, "SUCCESS").await;
+    }
+    let mine = || async {
+        maildev_emails()
+            .await
+            .into_iter()
+            .filter(|e| e["to"][0]["address"] == address.as_str())
+            .collect::<Vec<_>>()
+    };
+    wait_until(30, "the digest email arrives", || async {
+        !mine().await.is_empty()
+    })
+    .await;
+    let emails = mine().await;
+    assert_eq!(emails.len(), 1, "one digest email: {emails:?}");
 }
 
 #[tokio::test]
