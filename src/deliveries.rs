@@ -563,23 +563,42 @@ pub async fn claim(
     let mut jobs = Vec::with_capacity(rows.len());
     let mut taken = Vec::with_capacity(rows.len());
     for row in &rows {
-        let job = Job::from_row(row).context("Failed to read a claimed delivery")?;
-        let due: Option<DateTime<Utc>> =
-            row.try_get("due_at").context("Failed to read a due time")?;
-        let bulk: bool = row
-            .try_get("bulk")
-            .context("Failed to read a claim's kind")?;
-        if let Some(due) = due {
-            taken.push((due, bulk));
+        // The claim is committed: a row that cannot be read must not take the others'
+        // sends with it. It waits for its lease, as if its worker had died.
+        let read = Job::from_row(row).and_then(|job| {
+            let due: Option<DateTime<Utc>> = row.try_get("due_at")?;
+            let bulk: bool = row.try_get("bulk")?;
+            Ok((job, due, bulk))
+        });
+        match read {
+            Ok((job, due, bulk)) => {
+                if let Some(due) = due {
+                    taken.push((due, bulk));
+                }
+                jobs.push(job);
+            }
+            Err(error) => tracing::error!(
+                delivery = ?row.try_get::<Uuid, _>("delivery_id").ok(),
+                error = %error,
+                "cannot read a claimed delivery; it waits for its lease"
+            ),
         }
-        jobs.push(job);
     }
     // With `locking` no broadcast delivery was looked for: its floor stays.
     cursor.took(taken, if locking { 0 } else { broadcast_limit });
     // Digests only where the routing gathers some, and at every sweep (a digest left from
     // before the routing changed waits a second at most).
     if digests || cursor.sweeping {
-        jobs.extend(claim_digests(db, channel, limit, lease).await?);
+        match claim_digests(db, channel, limit, lease).await {
+            Ok(more) => jobs.extend(more),
+            // The deliveries claimed above are this loop's now: they go out, and the
+            // digests are looked for again at the next round.
+            Err(error) => tracing::warn!(
+                %channel,
+                error = format!("{error:#}"),
+                "cannot claim due digests; looking again at the next round"
+            ),
+        }
     }
     // No delivery event for PROCESSING (DESIGN §1 lets it stay internal; the lease is
     // in the row): it cost an outbox row written, marked and pruned, and a read-model
