@@ -332,21 +332,12 @@ impl Bench {
         let cpu = Cpu::read(&pids);
         let group = format!("{}notif-payment", a.settings.kafka.topic_prefix);
         let offsets = Offsets::new(&a, &group, &topic)?;
-        // The group's committed offsets say when the phase is done: Herald stores an offset
-        // only after the notifications before it are committed. (Counting the growing table
-        // every 25 ms instead, as this loop once did, kept a fifth of a core of PostgreSQL
-        // busy with the bench's own reads while it measured Herald.)
-        let done = loop {
-            if offsets.all_committed(n)? {
-                break Utc::now();
-            }
-            tokio::time::sleep(Duration::from_millis(25)).await;
-        };
-        let stored = count(&pool, "SELECT count(*) FROM notifications").await?;
-        anyhow::ensure!(
-            stored as usize >= n,
-            "the group committed past all {n} events, but {stored} notifications are stored"
-        );
+        // The group's committed offsets say when the phase is done. (Counting the growing
+        // table every 25 ms instead, as this loop once did, kept a fifth of a core of
+        // PostgreSQL busy with the bench's own reads while it measured Herald.)
+        let done = offsets
+            .wait_stored(&pool, n, n, Duration::from_secs(1800))
+            .await?;
         let first = first_created(&pool).await?;
         let ingest = n as f64 / seconds(done - first);
         let cpu = Cpu::read(&pids).per_event_since(&cpu, n);
@@ -879,31 +870,16 @@ async fn wait_caught_up(
         notifications,
     } = stored
     {
-        while !offsets.all_committed(published)? {
-            waited(format!("{published} messages not all committed"))?;
-            tokio::time::sleep(POLL / 10).await;
-        }
-        let rows = count(pool, "SELECT count(*) FROM notifications").await?;
-        anyhow::ensure!(
-            rows as usize >= notifications,
-            "the group committed past all {published} messages, but {rows} of {notifications} notifications are stored"
-        );
+        offsets
+            .wait_stored(pool, published, notifications, timeout)
+            .await?;
     }
     loop {
-        // One probe per partial index that can answer it: `status = 'PENDING'` alone
-        // matches none of the PENDING ones and read the whole table on each poll.
-        let open: bool = sqlx::query_scalar(
-            "SELECT EXISTS (SELECT 1 FROM deliveries WHERE status = 'PENDING' \
-                     AND broadcast_id IS NULL AND digest_id IS NULL) \
-                 OR EXISTS (SELECT 1 FROM deliveries WHERE status = 'PENDING' \
-                     AND broadcast_id IS NOT NULL) \
-                 OR EXISTS (SELECT 1 FROM deliveries WHERE status = 'PENDING' \
-                     AND digest_id IS NOT NULL) \
-                 OR EXISTS (SELECT 1 FROM deliveries WHERE status = 'PROCESSING')",
-        )
-        .fetch_one(pool)
-        .await?;
-        if !open {
+        // Herald's own count of the dispatch queue, through the dispatcher's partial
+        // indexes: `status = 'PENDING'` alone matches none of them and read the whole
+        // table on each poll.
+        let queue = herald::deliveries::queue_depth(pool).await?;
+        if queue.pending + queue.held + queue.processing == 0 {
             break;
         }
         waited("deliveries still open".to_owned())?;
@@ -956,6 +932,35 @@ impl Offsets {
             consumer,
             partitions,
         })
+    }
+
+    /// Waits until the group has committed past all `published` messages (Herald stores an
+    /// offset only after the rows before it are committed), then checks that
+    /// `notifications` rows exist; returns when the offsets were seen committed.
+    async fn wait_stored(
+        &self,
+        pool: &PgPool,
+        published: usize,
+        notifications: usize,
+        timeout: Duration,
+    ) -> anyhow::Result<DateTime<Utc>> {
+        let started = Instant::now();
+        let done = loop {
+            if self.all_committed(published)? {
+                break Utc::now();
+            }
+            anyhow::ensure!(
+                started.elapsed() < timeout,
+                "timed out: {published} messages not all committed"
+            );
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        };
+        let rows = count(pool, "SELECT count(*) FROM notifications").await?;
+        anyhow::ensure!(
+            rows as usize >= notifications,
+            "the group committed past all {published} messages, but {rows} of {notifications} notifications are stored"
+        );
+        Ok(done)
     }
 
     /// True when the group has committed past all `published` messages of the topic. The

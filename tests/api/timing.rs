@@ -52,6 +52,24 @@ async fn set_contact(app: &TestApp, user: i64, email: &str, timezone: &str) {
     assert_eq!(response.status(), 200, "{}", response.text().await.unwrap());
 }
 
+/// The emails to `address` in MailDev.
+async fn emails_to(address: &str) -> Vec<Value> {
+    maildev_emails()
+        .await
+        .into_iter()
+        .filter(|e| e["to"][0]["address"] == address)
+        .collect()
+}
+
+/// The emails to `address` in MailDev, once the first has arrived (within 30 s).
+async fn emails_once_arrived(address: &str) -> Vec<Value> {
+    wait_until(30, "the digest email arrives", || async {
+        !emails_to(address).await.is_empty()
+    })
+    .await;
+    emails_to(address).await
+}
+
 async fn set_quiet_hours(app: &TestApp, user: i64, windows: Value) -> reqwest::Response {
     app.put_json(
         &format!("/api/v1/notifications/settings?userId={user}"),
@@ -573,18 +591,7 @@ async fn digest_members_held_before_the_routing_stopped_digesting_their_type_sti
     for id in &ids {
         wait_for_status(&front, id, "SUCCESS").await;
     }
-    let mine = || async {
-        maildev_emails()
-            .await
-            .into_iter()
-            .filter(|e| e["to"][0]["address"] == address.as_str())
-            .collect::<Vec<_>>()
-    };
-    wait_until(30, "the digest email arrives", || async {
-        !mine().await.is_empty()
-    })
-    .await;
-    let emails = mine().await;
+    let emails = emails_once_arrived(&address).await;
     assert_eq!(emails.len(), 1, "one digest email: {emails:?}");
 }
 
@@ -652,19 +659,9 @@ async fn seven_orders_shipped_in_a_digest_window_make_one_email_listing_seven() 
     for id in &ids {
         wait_for_status(&app, id, "SUCCESS").await;
     }
-    let mine = || async {
-        maildev_emails()
-            .await
-            .into_iter()
-            .filter(|e| e["to"][0]["address"] == address.as_str())
-            .collect::<Vec<_>>()
-    };
-    wait_until(30, "the digest email arrives", || async {
-        !mine().await.is_empty()
-    })
-    .await;
+    emails_once_arrived(&address).await;
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let emails = mine().await;
+    let emails = emails_to(&address).await;
     assert_eq!(emails.len(), 1, "exactly one email");
     assert_eq!(emails[0]["subject"], "7 of your orders have shipped");
     let text = emails[0]["text"].as_str().unwrap();
@@ -714,10 +711,10 @@ async fn seven_orders_shipped_in_a_digest_window_make_one_email_listing_seven() 
     make_due(&app, &[&late_id]).await;
     wait_for_status(&app, &late_id, "SUCCESS").await;
     wait_until(30, "the digest of one arrives", || async {
-        mine().await.len() == 2
+        emails_to(&address).await.len() == 2
     })
     .await;
-    let emails = mine().await;
+    let emails = emails_to(&address).await;
     assert!(
         emails
             .iter()
