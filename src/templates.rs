@@ -240,7 +240,7 @@ impl Templates {
         for context in contexts {
             let text = render_part(&candidate, &name, part, context)?;
             if part == Part::Slack {
-                slack_message(&name, &text)?;
+                check_slack_message(&name, &text)?;
             }
         }
         Ok(())
@@ -323,7 +323,22 @@ impl Templates {
         context: &tera::Context,
     ) -> Result<Value, RenderError> {
         let (name, text) = self.render_named(locale, event_type, Part::Slack, context)?;
-        slack_message(&name, &text)
+        check_slack_message(&name, &text)?;
+        Ok(serde_json::from_str(&text).expect("a checked Slack message is JSON"))
+    }
+
+    /// [`Templates::slack`] as the JSON text the template rendered, checked the same way:
+    /// the body of a webhook request, sent as it is rather than parsed into a tree and
+    /// written out again.
+    pub fn slack_body(
+        &self,
+        locale: Locale,
+        event_type: &str,
+        context: &tera::Context,
+    ) -> Result<String, RenderError> {
+        let (name, text) = self.render_named(locale, event_type, Part::Slack, context)?;
+        check_slack_message(&name, &text)?;
+        Ok(text)
     }
 
     /// Title and text of an in-app message (also SMS, KakaoTalk and push).
@@ -415,19 +430,97 @@ fn render_part(
     })
 }
 
-/// A rendered Slack part, checked to be Block Kit JSON with a fallback `text`.
-fn slack_message(name: &str, text: &str) -> Result<Value, RenderError> {
-    let message: Value = serde_json::from_str(text).map_err(|e| RenderError {
-        template: name.to_owned(),
-        reason: format!("did not render valid JSON: {e}"),
-    })?;
-    if !message["text"].is_string() || !message["blocks"].is_array() {
+/// Checks a rendered Slack part to be Block Kit JSON with a fallback `text`, without
+/// building it as a tree: only the top level's members are looked at, and their values
+/// are skipped over once their kind is known.
+fn check_slack_message(name: &str, text: &str) -> Result<(), RenderError> {
+    use serde::de::{Deserializer as _, IgnoredAny, MapAccess, SeqAccess, Visitor};
+
+    /// The kind of a JSON value, whose contents are skipped.
+    #[derive(PartialEq)]
+    enum Kind {
+        String,
+        Array,
+        Object { text: bool, blocks: bool },
+        Other,
+    }
+    /// Reads a value's kind; `top` also reads an object's `text` and `blocks` kinds.
+    struct KindOf {
+        top: bool,
+    }
+    impl<'de> serde::de::DeserializeSeed<'de> for KindOf {
+        type Value = Kind;
+        fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<Kind, D::Error> {
+            d.deserialize_any(self)
+        }
+    }
+    impl<'de> Visitor<'de> for KindOf {
+        type Value = Kind;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("a JSON value")
+        }
+        fn visit_str<E>(self, _: &str) -> Result<Kind, E> {
+            Ok(Kind::String)
+        }
+        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Kind, A::Error> {
+            while seq.next_element::<IgnoredAny>()?.is_some() {}
+            Ok(Kind::Array)
+        }
+        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Kind, A::Error> {
+            let (mut text, mut blocks) = (false, false);
+            while let Some(key) = map.next_key::<std::borrow::Cow<'de, str>>()? {
+                // A repeated member counts with its last value, as in a parsed tree.
+                match (self.top, key.as_ref()) {
+                    (true, "text") => {
+                        text = map.next_value_seed(KindOf { top: false })? == Kind::String
+                    }
+                    (true, "blocks") => {
+                        blocks = map.next_value_seed(KindOf { top: false })? == Kind::Array
+                    }
+                    _ => {
+                        map.next_value::<IgnoredAny>()?;
+                    }
+                }
+            }
+            Ok(Kind::Object { text, blocks })
+        }
+        fn visit_bool<E>(self, _: bool) -> Result<Kind, E> {
+            Ok(Kind::Other)
+        }
+        fn visit_i64<E>(self, _: i64) -> Result<Kind, E> {
+            Ok(Kind::Other)
+        }
+        fn visit_u64<E>(self, _: u64) -> Result<Kind, E> {
+            Ok(Kind::Other)
+        }
+        fn visit_f64<E>(self, _: f64) -> Result<Kind, E> {
+            Ok(Kind::Other)
+        }
+        fn visit_unit<E>(self) -> Result<Kind, E> {
+            Ok(Kind::Other)
+        }
+    }
+
+    let mut reader = serde_json::Deserializer::from_str(text);
+    let kind = reader
+        .deserialize_any(KindOf { top: true })
+        .and_then(|kind| reader.end().map(|()| kind))
+        .map_err(|e| RenderError {
+            template: name.to_owned(),
+            reason: format!("did not render valid JSON: {e}"),
+        })?;
+    if kind
+        != (Kind::Object {
+            text: true,
+            blocks: true,
+        })
+    {
         return Err(RenderError {
             template: name.to_owned(),
             reason: "a Slack message needs a \"text\" string and a \"blocks\" array".to_owned(),
         });
     }
-    Ok(message)
+    Ok(())
 }
 
 impl Loaded {
@@ -740,6 +833,40 @@ mod tests {
                 }
                 assert!(email.text.contains(&format!("T-{i}")), "{}", email.text);
             }
+        }
+    }
+
+    #[test]
+    fn a_slack_message_needs_a_text_string_and_a_blocks_array_at_its_top_level() {
+        let ok = |text: &str| check_slack_message("t", text).is_ok();
+        assert!(ok(
+            r#"{"blocks": [{"text": 1}], "text": "x", "other": {"a": [1, null]}}"#
+        ));
+        assert!(!ok(r#"{"text": 1, "blocks": []}"#));
+        assert!(!ok(r#"{"text": "x", "blocks": {}}"#));
+        assert!(!ok(r#"{"blocks": [{"text": "only a block's"}]}"#));
+        assert!(!ok(r#"[{"text": "x", "blocks": []}]"#));
+        assert!(!ok(r#""text""#));
+        // A repeated member counts with its last value, as Slack's parser reads it.
+        assert!(!ok(r#"{"text": "x", "blocks": [], "text": null}"#));
+        assert!(ok(r#"{"text": null, "blocks": [], "text": "x"}"#));
+        let trailing = check_slack_message("t", r#"{"text": "x", "blocks": []} {}"#);
+        assert!(trailing.unwrap_err().reason.contains("valid JSON"));
+    }
+
+    #[test]
+    fn a_slack_body_is_the_message_as_rendered() {
+        let templates = Templates::load(&manifest("templates")).unwrap();
+        let context = context(json!({ "orderId": "o-1", "amount": 12000, "currency": "KRW" }));
+        for locale in [Locale::Ko, Locale::En] {
+            let body = templates
+                .slack_body(locale, "PAYMENT_COMPLETED", &context)
+                .unwrap();
+            let tree = templates
+                .slack(locale, "PAYMENT_COMPLETED", &context)
+                .unwrap();
+            assert_eq!(serde_json::from_str::<Value>(&body).unwrap(), tree);
+            assert!(body.contains("o-1"), "{body}");
         }
     }
 

@@ -14,7 +14,6 @@ pub mod slack;
 
 use std::{collections::HashMap, future::Future, pin::Pin, sync::Arc, time::Duration};
 
-use serde_json::Value;
 use uuid::Uuid;
 
 use crate::{
@@ -26,7 +25,8 @@ use crate::{
 #[derive(Debug, Clone)]
 pub enum Content {
     Email(EmailContent),
-    Slack(Value),
+    /// Block Kit JSON, as [`crate::templates::Templates::slack_body`] checked it.
+    Slack(String),
     Short(ShortContent),
 }
 

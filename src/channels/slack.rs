@@ -67,7 +67,8 @@ impl Sender for SlackSender {
                 .post(self.webhook.expose_secret())
                 // Slack ignores it; a proxy or test double can dedupe on it.
                 .header("X-Herald-Delivery-Id", message.delivery_id.to_string())
-                .json(body);
+                .header(reqwest::header::CONTENT_TYPE, "application/json")
+                .body(body.clone());
             self.post(request).await.map(|()| Receipt::default())
         })
     }

@@ -539,7 +539,7 @@ impl Dispatcher {
             ),
             Channel::Slack => Content::Slack(
                 self.templates
-                    .slack(locale, folder, &context)
+                    .slack_body(locale, folder, &context)
                     .map_err(template_error)?,
             ),
             _ => Content::Short(
