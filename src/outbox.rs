@@ -2,7 +2,7 @@
 //! the state they describe, so that "committed" and "will be published" are one fact. The
 //! relay publishes them afterwards, at least once.
 
-use std::{collections::BTreeMap, sync::LazyLock};
+use std::collections::BTreeMap;
 
 use anyhow::Context;
 use chrono::{DateTime, Utc};
@@ -252,38 +252,97 @@ pub async fn insert(conn: &mut PgConnection, messages: &[OutboxMessage]) -> anyh
     if messages.is_empty() {
         return Ok(());
     }
-    static INSERT: LazyLock<String> = LazyLock::new(|| insert_sql(1, None));
-    Columns::new(messages)
-        .bind(sqlx::query(sqlx::AssertSqlSafe(INSERT.as_str())))
+    // Gathered here rather than by the statement (as [`insert_sql`] does where only the
+    // statement knows which messages to write): PostgreSQL then reads each row's arrays
+    // and its headers' JSON once, instead of unnesting every message, sorting the messages
+    // three times to aggregate them in order, and parsing each message's headers on its
+    // own. That halved the statement's time in a record's transaction (BENCHMARKS.md).
+    let mut rows: Vec<Row<'_>> = Vec::new();
+    for m in messages {
+        let at = match rows
+            .iter()
+            .position(|r| r.kind == m.kind && r.topic == m.topic)
+        {
+            Some(at) => at,
+            None => {
+                rows.push(Row {
+                    kind: m.kind,
+                    topic: &m.topic,
+                    keys: Vec::new(),
+                    payloads: Vec::new(),
+                    headers: Vec::new(),
+                });
+                rows.len() - 1
+            }
+        };
+        let row = &mut rows[at];
+        row.keys.push(m.key.as_deref());
+        row.payloads.push(&m.payload);
+        row.headers.push(&m.headers);
+    }
+    let headers: Vec<String> = rows
+        .iter()
+        .map(|r| serde_json::to_string(&r.headers).expect("string headers serialize"))
+        .collect();
+    // One VALUES tuple per row, in the order their topics first appear (the rows' ids
+    // follow it, and the relay publishes in id order).
+    let values: Vec<String> = (0..rows.len())
+        .map(|i| {
+            let p = 5 * i;
+            format!(
+                "(${}, ${}, ${}::bytea[], ${}::bytea[], ${}::text::jsonb)",
+                p + 1,
+                p + 2,
+                p + 3,
+                p + 4,
+                p + 5
+            )
+        })
+        .collect();
+    let sql = format!(
+        "INSERT INTO outbox (kind, topic, message_keys, payloads, headers) VALUES {}",
+        values.join(", ")
+    );
+    let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
+    for (row, headers) in rows.iter().zip(&headers) {
+        query = query
+            .bind(row.kind.as_str())
+            .bind(row.topic)
+            .bind(&row.keys)
+            .bind(&row.payloads)
+            .bind(headers);
+    }
+    query
         .execute(conn)
         .await
         .context("Failed to write to the outbox")?;
     Ok(())
 }
 
-/// The statement of [`insert`] with its parameters numbered from `$first`, in the order
-/// [`Columns::bind`] binds them, so that it can be a part of a larger statement. With
-/// `owners`, the name of a relation of notification ids (a CTE of that statement), one
-/// more parameter follows: each message's notification id, and only the messages whose
-/// notification is in `owners` are written.
-pub(crate) fn insert_sql(first: usize, owners: Option<&str>) -> String {
-    let (owner_param, owner_column, filter) = match owners {
-        Some(owners) => (
-            format!(", ${}::uuid[]", first + Columns::PARAMS),
-            ", notification_id",
-            format!(" WHERE notification_id IN (SELECT id FROM {owners})"),
-        ),
-        None => (String::new(), "", String::new()),
-    };
-    let [kinds, topics, keys, payloads, headers] = std::array::from_fn(|i| first + i);
+/// The messages of one outbox row that [`insert`] writes: one kind, one topic.
+struct Row<'a> {
+    kind: OutboxKind,
+    topic: &'a str,
+    keys: Vec<Option<&'a [u8]>>,
+    payloads: Vec<&'a [u8]>,
+    headers: Vec<&'a BTreeMap<String, String>>,
+}
+
+/// A statement that writes messages as [`insert`] does, for a larger statement that
+/// decides which notifications are written: its parameters are numbered from `$first`, in
+/// the order [`Columns::bind`] binds them, then one more, each message's notification id,
+/// and only the messages whose notification is in `owners` (the name of a relation of
+/// notification ids, a CTE of that statement) are written.
+pub(crate) fn insert_sql(first: usize, owners: &str) -> String {
+    let [kinds, topics, keys, payloads, headers, owner_ids] = std::array::from_fn(|i| first + i);
     format!(
         "INSERT INTO outbox (kind, topic, message_keys, payloads, headers) \
          SELECT kind, topic, array_agg(message_key ORDER BY n), array_agg(payload ORDER BY n), \
              jsonb_agg(headers::jsonb ORDER BY n) \
          FROM UNNEST(${kinds}::text[], ${topics}::text[], ${keys}::bytea[], ${payloads}::bytea[], \
-             ${headers}::text[]{owner_param}) \
-             WITH ORDINALITY AS t(kind, topic, message_key, payload, headers{owner_column}, n)\
-         {filter} GROUP BY kind, topic ORDER BY min(n)"
+             ${headers}::text[], ${owner_ids}::uuid[]) \
+             WITH ORDINALITY AS t(kind, topic, message_key, payload, headers, notification_id, n) \
+         WHERE notification_id IN (SELECT id FROM {owners}) GROUP BY kind, topic ORDER BY min(n)"
     )
 }
 

@@ -533,7 +533,7 @@ fn insert_rows_sql(claiming: bool) -> String {
          messages AS ({}) \
          SELECT id FROM stored",
         crate::deliveries::insert_sql(deliveries_from, "stored"),
-        outbox::insert_sql(outbox_from, Some("stored")),
+        outbox::insert_sql(outbox_from, "stored"),
     )
 }
 
