@@ -882,8 +882,7 @@ pub async fn record_in(
         // cannot change: no need to take the notification's lock for it.
         if record.event.status != DeliveryStatus::Pending {
             changed.push(status_events::Changed {
-                notification_id: record.event.notification_id,
-                delivery_id: record.event.delivery_id,
+                event: &record.event,
                 before: DeliveryStatus::Pending,
             });
         }
@@ -1084,15 +1083,12 @@ pub async fn requeue_failed(
     let Some(row) = row else {
         return Ok(false);
     };
+    let event = row.event(DeliveryStatus::Pending, None);
     let reopened = status_events::Changed {
-        notification_id: row.notification_id,
-        delivery_id: row.delivery_id,
+        event: &event,
         before: DeliveryStatus::Failed,
     };
-    let mut messages = vec![
-        row.event(DeliveryStatus::Pending, None)
-            .to_outbox(topic_prefix),
-    ];
+    let mut messages = vec![event.to_outbox(topic_prefix)];
     messages.extend(status_events::changes(conn, &[reopened], topic_prefix).await?);
     outbox::insert(conn, &messages).await?;
     Ok(true)
@@ -1122,23 +1118,21 @@ pub async fn skip_broadcast(
     .await
     .context("Failed to skip a cancelled broadcast's deliveries")?;
     let skipped = rows.len();
-    let changed: Vec<status_events::Changed> = rows
+    let events: Vec<DeliveryEvent> = rows
+        .into_iter()
+        .map(|row| row.event(DeliveryStatus::Skipped, Some(reason.to_owned())))
+        .collect();
+    let changed: Vec<status_events::Changed> = events
         .iter()
-        .map(|row| status_events::Changed {
-            notification_id: row.notification_id,
-            delivery_id: row.delivery_id,
+        .map(|event| status_events::Changed {
+            event,
             before: DeliveryStatus::Pending,
         })
         .collect();
-    let mut events: Vec<OutboxMessage> = rows
-        .into_iter()
-        .map(|row| {
-            row.event(DeliveryStatus::Skipped, Some(reason.to_owned()))
-                .to_outbox(topic_prefix)
-        })
-        .collect();
-    events.extend(status_events::changes(conn, &changed, topic_prefix).await?);
-    outbox::insert(conn, &events).await?;
+    let mut messages: Vec<OutboxMessage> =
+        events.iter().map(|e| e.to_outbox(topic_prefix)).collect();
+    messages.extend(status_events::changes(conn, &changed, topic_prefix).await?);
+    outbox::insert(conn, &messages).await?;
     Ok(skipped)
 }
 

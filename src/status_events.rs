@@ -13,7 +13,7 @@
 //! Nothing is stored for it: each transition of a delivery ([`crate::deliveries`]) compares
 //! the notification's status before and after its own changes, and writes an event through
 //! the outbox in the same transaction when they differ. Transitions of one notification's
-//! deliveries take turns on the notification's row lock ([`changes`]), so two channels that
+//! deliveries take turns on the notification's lock ([`changes`]), so two channels that
 //! finish at the same moment cannot both miss the change, and the events of one
 //! notification reach the outbox, then the topic (keyed by notification id), in order.
 //! `version` grows with every change of any of its deliveries (it is the sum of their
@@ -30,7 +30,7 @@ use uuid::Uuid;
 use crate::{
     domain::{Channel, DeliveryStatus, Domain, NotificationStatus, UserId},
     intake::NewNotification,
-    outbox::{OutboxKind, OutboxMessage},
+    outbox::{DeliveryEvent, OutboxKind, OutboxMessage},
 };
 
 /// The seed of the advisory lock key of a notification's status transitions (the
@@ -108,23 +108,14 @@ pub fn created(n: &NewNotification, topic_prefix: &str) -> OutboxMessage {
     .to_outbox(topic_prefix)
 }
 
-/// A delivery a transaction has just changed, with the state its last delivery event
-/// published (PENDING for a claimed delivery).
+/// A delivery a transaction has just changed: its new delivery event, and the state its
+/// last delivery event published (PENDING for a claimed delivery).
 #[derive(Debug, Clone, Copy)]
-pub struct Changed {
-    pub notification_id: Uuid,
-    pub delivery_id: Uuid,
+pub struct Changed<'a> {
+    /// Its notification's facts (id, eventId, type, domain, user) are the status event's,
+    /// so the notification's row is not read again.
+    pub event: &'a DeliveryEvent,
     pub before: DeliveryStatus,
-}
-
-/// A notification being announced, read as its row is locked.
-#[derive(sqlx::FromRow)]
-struct Locked {
-    id: Uuid,
-    event_id: Option<String>,
-    event_type: String,
-    domain: Domain,
-    user_id: Option<i64>,
 }
 
 /// A delivery of a notification being announced, as the transaction sees it.
@@ -149,29 +140,27 @@ struct Sibling {
 /// The lock is a transaction-level advisory lock on the notification id (seed
 /// [`LOCK_SEED`]), not the row's: a row lock writes the tuple's header and a WAL record,
 /// for every delivery recorded, on a row nothing else updates (issue 14). A collision of
-/// two ids' 64-bit hashes only makes their transitions take turns.
+/// two ids' 64-bit hashes only makes their transitions take turns. The notification's
+/// facts come from the changed deliveries' events, which carry them: its row is not read.
 pub async fn changes(
     conn: &mut PgConnection,
-    changed: &[Changed],
+    changed: &[Changed<'_>],
     topic_prefix: &str,
 ) -> anyhow::Result<Vec<OutboxMessage>> {
     if changed.is_empty() {
         return Ok(Vec::new());
     }
-    let mut ids: Vec<Uuid> = changed.iter().map(|c| c.notification_id).collect();
-    ids.sort_unstable();
-    ids.dedup();
-    let notifications: Vec<Locked> = sqlx::query_as(concat!(
-        "WITH locked AS MATERIALIZED (",
-        crate::db::lock_ids_in_order!(),
-        ") SELECT n.id, n.event_id, n.event_type, n.domain, n.user_id \
-             FROM locked, notifications n WHERE n.id = ANY($1)"
-    ))
-    .bind(&ids)
-    .bind(LOCK_SEED)
-    .fetch_all(&mut *conn)
-    .await
-    .context("Failed to lock notifications for their status")?;
+    let notifications: BTreeMap<Uuid, &DeliveryEvent> = changed
+        .iter()
+        .map(|c| (c.event.notification_id, c.event))
+        .collect();
+    let ids: Vec<Uuid> = notifications.keys().copied().collect();
+    sqlx::query(crate::db::lock_ids_in_order!())
+        .bind(&ids)
+        .bind(LOCK_SEED)
+        .execute(&mut *conn)
+        .await
+        .context("Failed to lock notifications for their status")?;
     // One index lookup per notification. Written as a plain join, the planner chose a hash
     // join over a scan of both tables whenever its statistics lagged a fast-growing table,
     // which made this the most expensive statement of a backlog (11 ms a call against
@@ -192,11 +181,10 @@ pub async fn changes(
     .fetch_all(&mut *conn)
     .await
     .context("Failed to read deliveries for their notification's status")?;
-    let notifications: BTreeMap<Uuid, Locked> =
-        notifications.into_iter().map(|n| (n.id, n)).collect();
-
-    let before: BTreeMap<Uuid, DeliveryStatus> =
-        changed.iter().map(|c| (c.delivery_id, c.before)).collect();
+    let before: BTreeMap<Uuid, DeliveryStatus> = changed
+        .iter()
+        .map(|c| (c.event.delivery_id, c.before))
+        .collect();
     let now = Utc::now();
     let mut events = Vec::new();
     for group in siblings.chunk_by(|a, b| a.notification_id == b.notification_id) {
@@ -213,7 +201,7 @@ pub async fn changes(
             continue;
         };
         let event = StatusEvent {
-            notification_id: notification.id,
+            notification_id: notification.notification_id,
             event_id: notification.event_id.clone(),
             event_type: notification.event_type.clone(),
             domain: notification.domain,

@@ -324,7 +324,10 @@ impl Templates {
     ) -> Result<Value, RenderError> {
         let (name, text) = self.render_named(locale, event_type, Part::Slack, context)?;
         check_slack_message(&name, &text)?;
-        Ok(serde_json::from_str(&text).expect("a checked Slack message is JSON"))
+        serde_json::from_str(&text).map_err(|e| RenderError {
+            template: name,
+            reason: format!("did not render valid JSON: {e}"),
+        })
     }
 
     /// [`Templates::slack`] as the JSON text the template rendered, checked the same way:
@@ -847,7 +850,7 @@ mod tests {
         assert!(!ok(r#"{"blocks": [{"text": "only a block's"}]}"#));
         assert!(!ok(r#"[{"text": "x", "blocks": []}]"#));
         assert!(!ok(r#""text""#));
-        // A repeated member counts with its last value, as Slack's parser reads it.
+        // A repeated member counts with its last value, as in a parsed tree.
         assert!(!ok(r#"{"text": "x", "blocks": [], "text": null}"#));
         assert!(ok(r#"{"text": null, "blocks": [], "text": "x"}"#));
         let trailing = check_slack_message("t", r#"{"text": "x", "blocks": []} {}"#);
