@@ -64,16 +64,24 @@ pub async fn migrate(pool: &PgPool) -> anyhow::Result<()> {
 /// returning one.
 pub type PgQuery<'q> = sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments>;
 
-/// A statement that takes a transaction-level advisory lock on each id of `$1` (uuid[]),
-/// keyed by its 64-bit hash with the seed `$2` (bigint), one after another in id order, so
-/// that two transactions locking overlapping ids cannot deadlock. One row: how many.
-macro_rules! lock_ids_in_order {
-    () => {
+/// Takes a transaction-level advisory lock on each of `ids`, keyed by its 64-bit hash with
+/// `seed`, one after another in id order, so that two transactions locking overlapping
+/// ids cannot deadlock. The locks are held until `conn`'s transaction ends.
+pub async fn lock_ids_in_order(
+    conn: &mut sqlx::PgConnection,
+    ids: &[uuid::Uuid],
+    seed: i64,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
         "SELECT count(pg_advisory_xact_lock(hashtextextended(id::text, $2))) \
-         FROM (SELECT id FROM UNNEST($1::uuid[]) AS id ORDER BY id) ordered"
-    };
+         FROM (SELECT id FROM UNNEST($1::uuid[]) AS id ORDER BY id) ordered",
+    )
+    .bind(ids)
+    .bind(seed)
+    .execute(conn)
+    .await
+    .map(drop)
 }
-pub(crate) use lock_ids_in_order;
 
 /// True when PostgreSQL refused the data itself: SQLSTATE class 22 (data exception, such as
 /// a bad encoding) or 23 (integrity constraint). Anything else (unreachable, shutting down,

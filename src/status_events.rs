@@ -155,10 +155,7 @@ pub async fn changes(
         .map(|c| (c.event.notification_id, c.event))
         .collect();
     let ids: Vec<Uuid> = notifications.keys().copied().collect();
-    sqlx::query(crate::db::lock_ids_in_order!())
-        .bind(&ids)
-        .bind(LOCK_SEED)
-        .execute(&mut *conn)
+    crate::db::lock_ids_in_order(&mut *conn, &ids, LOCK_SEED)
         .await
         .context("Failed to lock notifications for their status")?;
     // One index lookup per notification. Written as a plain join, the planner chose a hash

@@ -322,8 +322,7 @@ impl Templates {
         event_type: &str,
         context: &tera::Context,
     ) -> Result<Value, RenderError> {
-        let (name, text) = self.render_named(locale, event_type, Part::Slack, context)?;
-        check_slack_message(&name, &text)?;
+        let (name, text) = self.render_slack(locale, event_type, context)?;
         serde_json::from_str(&text).map_err(|e| RenderError {
             template: name,
             reason: format!("did not render valid JSON: {e}"),
@@ -339,9 +338,21 @@ impl Templates {
         event_type: &str,
         context: &tera::Context,
     ) -> Result<String, RenderError> {
+        self.render_slack(locale, event_type, context)
+            .map(|(_, text)| text)
+    }
+
+    /// Renders the Slack part and checks it ([`check_slack_message`]); says which
+    /// template did, as [`Templates::render_named`] does.
+    fn render_slack(
+        &self,
+        locale: Locale,
+        event_type: &str,
+        context: &tera::Context,
+    ) -> Result<(String, String), RenderError> {
         let (name, text) = self.render_named(locale, event_type, Part::Slack, context)?;
         check_slack_message(&name, &text)?;
-        Ok(text)
+        Ok((name, text))
     }
 
     /// Title and text of an in-app message (also SMS, KakaoTalk and push).

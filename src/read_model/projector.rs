@@ -156,10 +156,7 @@ impl Projector {
         // Serialises appliers of one delivery even before its row exists, so the version
         // guard and the count-once rule hold; taken in one order (the ids') by every
         // applier, so two of them on overlapping batches cannot deadlock.
-        sqlx::query(crate::db::lock_ids_in_order!())
-            .bind(&ids)
-            .bind(LOCK_SEED)
-            .execute(&mut *tx)
+        crate::db::lock_ids_in_order(&mut tx, &ids, LOCK_SEED)
             .await
             .context("Failed to lock the deliveries")?;
         let rows: Vec<LogRow> = sqlx::query_as(
