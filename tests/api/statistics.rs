@@ -35,6 +35,17 @@ async fn a_table_that_outgrew_its_statistics_is_analysed_and_a_quiet_one_is_left
     })
     .await;
     assert_eq!(stats_of(&app.db, "idempotency_keys").await.0, 3000.0);
+    // With the small sample: 11 histogram bounds for 3,000 distinct keys, where the default
+    // statistics target gives 101.
+    let bounds: i32 = sqlx::query_scalar(
+        "SELECT array_length(histogram_bounds::text::text[], 1) FROM pg_stats \
+         WHERE schemaname = current_schema() AND tablename = 'idempotency_keys' \
+           AND attname = 'idempotency_key'",
+    )
+    .fetch_one(&app.db)
+    .await
+    .unwrap();
+    assert_eq!(bounds, 11);
     // One row is no reason to analyse.
     assert!(!stats_of(&app.db, "outbox").await.1);
     // Nor is anything once the statistics are up to date, however much the rows churn:
