@@ -375,22 +375,50 @@ fn spawn_webhooks(
     };
     let db = state.work_db.clone();
     let give_up = settings.webhooks.give_up_after;
-    spawn_consumer(
-        state,
-        tasks,
-        failure,
-        spec,
-        "the webhook fan-out",
-        move |batch| {
-            let (db, prefix, wake) = (db.clone(), prefix.clone(), wake.clone());
-            async move {
-                if webhooks::fanout::apply(&db, &prefix, give_up, &batch).await? > 0 {
-                    wake.notify_one();
+    let (state, spawner, failure) = (state.clone(), tasks.clone(), failure.clone());
+    // The fan-out joins its group only once an endpoint exists, from that endpoint's
+    // creation on (`fanout::first_endpoint`); then it reads for as long as it runs.
+    tasks.spawn(async move {
+        let shutdown = state.shutdown.clone();
+        let Some(since) = webhooks::fanout::first_endpoint(&db, &shutdown).await else {
+            return;
+        };
+        let (kafka, group, topics) = (
+            state.settings.kafka.clone(),
+            spec.group.clone(),
+            spec.topics.clone(),
+        );
+        let moved = tokio::task::spawn_blocking(move || {
+            consumer::fast_forward(&kafka, &group, &topics, since)
+        })
+        .await;
+        match moved {
+            Ok(Ok(moved)) => tracing::info!(moved, %since, "webhook fan-out starts"),
+            // It then reads from the group's offsets: calls for records published before
+            // the endpoint existed, rather than none for those after.
+            Ok(Err(error)) => tracing::warn!(
+                error = format!("{error:#}"),
+                "cannot move the webhook fan-out's offsets to its first endpoint's creation"
+            ),
+            Err(error) => tracing::warn!(%error, "moving the webhook fan-out's offsets failed"),
+        }
+        spawn_consumer(
+            &state,
+            &spawner,
+            &failure,
+            spec,
+            "the webhook fan-out",
+            move |batch| {
+                let (db, prefix, wake) = (db.clone(), prefix.clone(), wake.clone());
+                async move {
+                    if webhooks::fanout::apply(&db, &prefix, give_up, &batch).await? > 0 {
+                        wake.notify_one();
+                    }
+                    Ok(())
                 }
-                Ok(())
-            }
-        },
-    );
+            },
+        );
+    });
     Ok(())
 }
 

@@ -533,6 +533,7 @@ async fn reingest(
             .clone()
             .unwrap_or_else(|| letter.payload_bytes.clone()),
         headers: origin.headers().to_vec(),
+        timestamp: None,
     };
     let outcome = ingestor.process(domain, &group, &[message]).await?;
     let result = if outcome.accepted > 0 {

@@ -212,6 +212,7 @@ mod tests {
             key: key.map(|k| k.as_bytes().to_vec()),
             payload: Vec::new(),
             headers: Vec::new(),
+            timestamp: None,
         }
     }
 

@@ -81,6 +81,9 @@ pub struct IncomingMessage {
     pub payload: Vec<u8>,
     /// Headers as UTF-8 strings (lossy).
     pub headers: Vec<(String, String)>,
+    /// The record's timestamp (its producer's clock, or the broker's), in milliseconds
+    /// since the epoch, when it has one.
+    pub timestamp: Option<i64>,
 }
 
 /// How one consumer batches.
@@ -716,6 +719,7 @@ pub fn detach(message: &impl Message) -> IncomingMessage {
                     .collect()
             })
             .unwrap_or_default(),
+        timestamp: message.timestamp().to_millis(),
     }
 }
 
@@ -739,4 +743,75 @@ impl Backoff {
         self.current = (self.current * 2).min(Self::MAX);
         wait
     }
+}
+
+/// Moves `group`'s committed offsets on `topics` forward to the first record published at
+/// or after `since`, on each partition where they are behind it or absent (past the last
+/// record where none is that recent); never backwards. For a group that starts consuming
+/// only from some moment on (the webhook fan-out, once a first endpoint exists): without
+/// it, the group would read the records since it last read, or the whole topic. A commit
+/// from outside the group is refused while the group has members; then they read anyway,
+/// and this moves nothing. Tansu 0.6 answers offset 0 for a time later than a partition's
+/// last record (Kafka answers its end), so there the partition is read once from its start:
+/// a reader that must not see older records checks their timestamps too. Blocking
+/// (librdkafka's calls wait for the broker). Returns how many partitions moved.
+pub fn fast_forward(
+    settings: &KafkaSettings,
+    group: &str,
+    topics: &[String],
+    since: chrono::DateTime<chrono::Utc>,
+) -> anyhow::Result<usize> {
+    use rdkafka::{Offset, TopicPartitionList, consumer::BaseConsumer};
+    const WAIT: Duration = Duration::from_secs(10);
+    let consumer: BaseConsumer = crate::kafka::consumer_config(settings)
+        .set("group.id", group)
+        .set("enable.auto.commit", "false")
+        .create()
+        .context("Failed to create a consumer to move the group's offsets")?;
+    let mut at_time = TopicPartitionList::new();
+    let mut partitions = TopicPartitionList::new();
+    for topic in topics {
+        let metadata = consumer
+            .fetch_metadata(Some(topic), WAIT)
+            .with_context(|| format!("Failed to read the metadata of {topic}"))?;
+        for partition in metadata.topics().iter().flat_map(|t| t.partitions()) {
+            at_time.add_partition_offset(
+                topic,
+                partition.id(),
+                Offset::Offset(since.timestamp_millis()),
+            )?;
+            partitions.add_partition(topic, partition.id());
+        }
+    }
+    let found = consumer
+        .offsets_for_times(at_time, WAIT)
+        .context("Failed to find the offsets of that time")?;
+    let committed = consumer
+        .committed_offsets(partitions, WAIT)
+        .context("Failed to read the group's offsets")?;
+    let mut moves = TopicPartitionList::new();
+    for element in found.elements() {
+        let (topic, partition) = (element.topic(), element.partition());
+        let target = match element.offset() {
+            Offset::Offset(offset) => offset,
+            // No record that recent: from the end.
+            _ => consumer.fetch_watermarks(topic, partition, WAIT)?.1,
+        };
+        let behind = match committed
+            .find_partition(topic, partition)
+            .map(|e| e.offset())
+        {
+            Some(Offset::Offset(offset)) => offset < target,
+            _ => true,
+        };
+        if behind {
+            moves.add_partition_offset(topic, partition, Offset::Offset(target))?;
+        }
+    }
+    if moves.count() > 0 {
+        consumer
+            .commit(&moves, CommitMode::Sync)
+            .context("Failed to commit the group's new offsets")?;
+    }
+    Ok(moves.count())
 }

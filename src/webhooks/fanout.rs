@@ -15,6 +15,45 @@ use crate::kafka::consumer::IncomingMessage;
 /// The consumer group's name, without prefix.
 pub const GROUP: &str = "notif-webhooks";
 
+/// How often an instance looks for a first endpoint while it has none.
+const LOOK_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// How far before the first endpoint's creation the fan-out starts reading: records carry
+/// their producer's clock, the creation time PostgreSQL's.
+const CLOCK_MARGIN: chrono::TimeDelta = chrono::TimeDelta::seconds(1);
+
+/// Waits until some endpoint exists (deleted ones aside); returns when the fan-out should
+/// read from: the earliest such endpoint's creation, less [`CLOCK_MARGIN`]. `None` at
+/// `shutdown`. Until then the fan-out reads nothing: with no endpoint, every record it read
+/// would be copied out, looked at and dropped (about 4 % of the CPU per event of the
+/// bench's end-to-end phase, BENCHMARKS.md).
+pub async fn first_endpoint(
+    db: &PgPool,
+    shutdown: &tokio_util::sync::CancellationToken,
+) -> Option<chrono::DateTime<Utc>> {
+    loop {
+        match sqlx::query_scalar::<_, Option<chrono::DateTime<Utc>>>(
+            "SELECT min(created_at) FROM webhook_endpoints WHERE deleted_at IS NULL",
+        )
+        .fetch_one(db)
+        .await
+        {
+            Ok(Some(created)) => return Some(created - CLOCK_MARGIN),
+            Ok(None) => {}
+            Err(error) => {
+                tracing::debug!(
+                    error = format!("{error:#}"),
+                    "cannot look for webhook endpoints"
+                )
+            }
+        }
+        tokio::select! {
+            () = tokio::time::sleep(LOOK_EVERY) => {}
+            () = shutdown.cancelled() => return None,
+        }
+    }
+}
+
 /// The body of a call: `{"type", "timestamp", "data"}` (the Standard Webhooks shape), where
 /// `data` is the event as the topic carries it.
 fn body(kind: Kind, message: &IncomingMessage) -> Option<(String, Vec<u8>)> {
@@ -44,11 +83,12 @@ pub async fn apply(
     give_up_after: std::time::Duration,
     batch: &[IncomingMessage],
 ) -> anyhow::Result<usize> {
-    let endpoints: Vec<(Uuid, Vec<String>)> =
-        sqlx::query_as("SELECT id, kinds FROM webhook_endpoints WHERE deleted_at IS NULL")
-            .fetch_all(db)
-            .await
-            .context("Failed to read webhook endpoints")?;
+    let endpoints: Vec<(Uuid, Vec<String>, chrono::DateTime<Utc>)> = sqlx::query_as(
+        "SELECT id, kinds, created_at FROM webhook_endpoints WHERE deleted_at IS NULL",
+    )
+    .fetch_all(db)
+    .await
+    .context("Failed to read webhook endpoints")?;
     if endpoints.is_empty() {
         return Ok(0);
     }
@@ -68,10 +108,17 @@ pub async fn apply(
         else {
             continue;
         };
+        // An endpoint takes the events from its creation on: a record published before it
+        // existed (read late, or again after the fan-out started) is not its.
         let subscribed: Vec<Uuid> = endpoints
             .iter()
-            .filter(|(_, k)| k.iter().any(|k| k == kind.as_str()))
-            .map(|(id, _)| *id)
+            .filter(|(_, k, created)| {
+                k.iter().any(|k| k == kind.as_str())
+                    && message
+                        .timestamp
+                        .is_none_or(|at| at >= (*created - CLOCK_MARGIN).timestamp_millis())
+            })
+            .map(|(id, _, _)| *id)
             .collect();
         if subscribed.is_empty() {
             continue;

@@ -87,6 +87,7 @@ fn letter(offset: i64, id: Option<Uuid>, payload: &str) -> IncomingMessage {
         key: Some(b"1".to_vec()),
         payload: payload.as_bytes().to_vec(),
         headers,
+        timestamp: None,
     }
 }
 

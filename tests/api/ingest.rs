@@ -138,6 +138,7 @@ async fn a_redelivered_batch_creates_nothing_new() {
         key: Some(b"11".to_vec()),
         payload: event.to_string().into_bytes(),
         headers: Vec::new(),
+        timestamp: None,
     };
 
     let first = ingestor
@@ -176,6 +177,7 @@ fn message_of(topic: &str, offset: i64, event: &Value) -> IncomingMessage {
         key: Some(event["userId"].to_string().into_bytes()),
         payload: event.to_string().into_bytes(),
         headers: Vec::new(),
+        timestamp: None,
     }
 }
 

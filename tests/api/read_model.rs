@@ -196,6 +196,7 @@ async fn replaying_the_delivery_events_or_rebuilding_leaves_the_counts_unchanged
             key: None,
             payload: r.payload.clone(),
             headers: Vec::new(),
+            timestamp: None,
         })
         .collect();
     let projector = Projector {
@@ -592,6 +593,7 @@ async fn a_batch_naming_more_deliveries_than_one_transaction_takes_is_applied_wh
                 key: None,
                 payload: event.to_string().into_bytes(),
                 headers: Vec::new(),
+                timestamp: None,
             });
         }
     }

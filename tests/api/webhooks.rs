@@ -11,7 +11,7 @@ use axum::{Router, body::Bytes, extract::State, http::HeaderMap, routing::post};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 
-use crate::helpers::{TestApp, slack_mock, spawn_app_with, wait_until, with_slack};
+use crate::helpers::{TestApp, read_topic, slack_mock, spawn_app_with, wait_until, with_slack};
 
 /// One call a [`Receiver`] got.
 #[derive(Clone, Debug)]
@@ -207,6 +207,91 @@ async fn an_endpoint_down_for_a_while_receives_every_event_afterwards_each_verif
     // The secret is never shown again.
     let listed: Value = app.get("/api/v1/webhooks").await.json().await.unwrap();
     assert!(listed["items"][0].get("secret").is_none(), "{listed}");
+}
+
+/// Offsets the fan-out's group has committed on the status events topic, summed over its
+/// partitions; `None` when it has committed none.
+async fn fan_out_committed(app: &TestApp) -> Option<i64> {
+    use rdkafka::{
+        Offset, TopicPartitionList,
+        consumer::{BaseConsumer, Consumer},
+    };
+    let prefix = app.settings.kafka.topic_prefix.clone();
+    let consumer: BaseConsumer = herald::kafka::client_config(&app.settings.kafka)
+        .set("group.id", format!("{prefix}notif-webhooks"))
+        .create()
+        .unwrap();
+    let topic = format!("{prefix}notification.status.events");
+    tokio::task::spawn_blocking(move || {
+        let metadata = consumer
+            .fetch_metadata(Some(&topic), Duration::from_secs(10))
+            .unwrap();
+        let mut partitions = TopicPartitionList::new();
+        for partition in metadata.topics()[0].partitions() {
+            partitions.add_partition(&topic, partition.id());
+        }
+        let committed = consumer
+            .committed_offsets(partitions, Duration::from_secs(10))
+            .unwrap();
+        let offsets: Vec<i64> = committed
+            .elements()
+            .iter()
+            .filter_map(|e| match e.offset() {
+                Offset::Offset(n) => Some(n),
+                _ => None,
+            })
+            .collect();
+        (!offsets.is_empty()).then(|| offsets.iter().sum())
+    })
+    .await
+    .unwrap()
+}
+
+#[tokio::test]
+async fn the_fan_out_reads_nothing_until_an_endpoint_exists_and_then_only_what_came_after_it() {
+    let slack = slack_mock(&[(200, None)]).await;
+    let slack = with_slack(&slack);
+    let app = spawn_app_with(|s| {
+        slack(s);
+        s.webhooks.allow_private = true;
+    })
+    .await;
+    let before = incident(&app, "before any endpoint").await;
+    read_topic(&app.settings, "notification.status.events", 30, |records| {
+        records.iter().any(|r| {
+            serde_json::from_slice::<Value>(&r.payload)
+                .is_ok_and(|e| e["notificationId"] == before.as_str() && e["status"] == "COMPLETED")
+        })
+    })
+    .await;
+    // Time enough for a fan-out that read the topics to have read and committed them.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(fan_out_committed(&app).await, None, "nothing read yet");
+
+    let (receiver, url) = receiver().await;
+    let (_, secret) = endpoint(&app, &url, &["notification_status"]).await;
+    *receiver.secret.lock().unwrap() = Some(secret);
+    let after = incident(&app, "after the endpoint").await;
+    wait_until(
+        60,
+        "the second incident's terminal status was called",
+        || async {
+            receiver.calls.lock().unwrap().iter().any(|c| {
+                c.valid
+                    && c.body["data"]["notificationId"] == after.as_str()
+                    && c.body["data"]["status"] == "COMPLETED"
+            })
+        },
+    )
+    .await;
+    let calls = receiver.calls.lock().unwrap().clone();
+    assert!(
+        calls
+            .iter()
+            .all(|c| c.body["data"]["notificationId"] == after.as_str()),
+        "only the events from the endpoint's creation on: {calls:?}"
+    );
+    assert!(fan_out_committed(&app).await.is_some());
 }
 
 #[tokio::test]
