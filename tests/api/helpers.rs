@@ -433,6 +433,44 @@ pub struct Record {
     pub headers: std::collections::BTreeMap<String, String>,
 }
 
+/// The offsets consumer group `group` has committed on `topic` (both unprefixed names),
+/// summed over the partitions that have one; `None` when no partition has one.
+pub async fn committed_offsets(settings: &Settings, group: &str, topic: &str) -> Option<i64> {
+    use rdkafka::{
+        Offset, TopicPartitionList,
+        consumer::{BaseConsumer, Consumer},
+    };
+    let prefix = &settings.kafka.topic_prefix;
+    let consumer: BaseConsumer = herald::kafka::client_config(&settings.kafka)
+        .set("group.id", format!("{prefix}{group}"))
+        .create()
+        .unwrap();
+    let topic = format!("{prefix}{topic}");
+    tokio::task::spawn_blocking(move || {
+        let metadata = consumer
+            .fetch_metadata(Some(&topic), Duration::from_secs(10))
+            .unwrap();
+        let mut partitions = TopicPartitionList::new();
+        for partition in metadata.topics()[0].partitions() {
+            partitions.add_partition(&topic, partition.id());
+        }
+        let committed = consumer
+            .committed_offsets(partitions, Duration::from_secs(10))
+            .unwrap();
+        let offsets: Vec<i64> = committed
+            .elements()
+            .iter()
+            .filter_map(|e| match e.offset() {
+                Offset::Offset(n) => Some(n),
+                _ => None,
+            })
+            .collect();
+        (!offsets.is_empty()).then(|| offsets.iter().sum())
+    })
+    .await
+    .unwrap()
+}
+
 /// Reads a topic (unprefixed name) from the beginning, without a consumer group, until
 /// `predicate` holds for what was read or `seconds` pass.
 pub async fn read_topic(

@@ -7,8 +7,8 @@ use serde_json::{Value, json};
 use wiremock::MockServer;
 
 use crate::helpers::{
-    TestApp, envelope, read_topic, slack_mock, spawn_app_as, spawn_app_on, spawn_app_with,
-    wait_until, with_slack,
+    TestApp, committed_offsets, envelope, read_topic, slack_mock, spawn_app_as, spawn_app_on,
+    spawn_app_with, wait_until, with_slack,
 };
 
 /// Counts per (channel, status) from the write side: what really happened.
@@ -491,35 +491,13 @@ async fn a_delivery_that_finishes_within_the_linger_is_written_to_the_log_once_w
 /// Offsets the projector's group has committed on the delivery events topic, summed over
 /// its partitions (a partition without a committed offset counts 0).
 async fn projector_committed(app: &TestApp) -> i64 {
-    use rdkafka::{
-        Offset, TopicPartitionList,
-        consumer::{BaseConsumer, Consumer},
-    };
-    let prefix = app.settings.kafka.topic_prefix.clone();
-    let consumer: BaseConsumer = herald::kafka::client_config(&app.settings.kafka)
-        .set("group.id", format!("{prefix}notif-readmodel"))
-        .create()
-        .unwrap();
-    let topic = format!("{prefix}notification.delivery.events");
-    let mut partitions = TopicPartitionList::new();
-    for partition in 0..6 {
-        partitions.add_partition(&topic, partition);
-    }
-    tokio::task::spawn_blocking(move || {
-        let committed = consumer
-            .committed_offsets(partitions, Duration::from_secs(10))
-            .unwrap();
-        committed
-            .elements()
-            .iter()
-            .map(|e| match e.offset() {
-                Offset::Offset(n) => n,
-                _ => 0,
-            })
-            .sum()
-    })
+    committed_offsets(
+        &app.settings,
+        "notif-readmodel",
+        "notification.delivery.events",
+    )
     .await
-    .unwrap()
+    .unwrap_or(0)
 }
 
 #[tokio::test]

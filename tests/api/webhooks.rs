@@ -11,7 +11,9 @@ use axum::{Router, body::Bytes, extract::State, http::HeaderMap, routing::post};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 
-use crate::helpers::{TestApp, read_topic, slack_mock, spawn_app_with, wait_until, with_slack};
+use crate::helpers::{
+    TestApp, committed_offsets, read_topic, slack_mock, spawn_app_with, wait_until, with_slack,
+};
 
 /// One call a [`Receiver`] got.
 #[derive(Clone, Debug)]
@@ -209,42 +211,15 @@ async fn an_endpoint_down_for_a_while_receives_every_event_afterwards_each_verif
     assert!(listed["items"][0].get("secret").is_none(), "{listed}");
 }
 
-/// Offsets the fan-out's group has committed on the status events topic, summed over its
-/// partitions; `None` when it has committed none.
+/// Offsets the fan-out's group has committed on the status events topic; `None` when it has
+/// committed none.
 async fn fan_out_committed(app: &TestApp) -> Option<i64> {
-    use rdkafka::{
-        Offset, TopicPartitionList,
-        consumer::{BaseConsumer, Consumer},
-    };
-    let prefix = app.settings.kafka.topic_prefix.clone();
-    let consumer: BaseConsumer = herald::kafka::client_config(&app.settings.kafka)
-        .set("group.id", format!("{prefix}notif-webhooks"))
-        .create()
-        .unwrap();
-    let topic = format!("{prefix}notification.status.events");
-    tokio::task::spawn_blocking(move || {
-        let metadata = consumer
-            .fetch_metadata(Some(&topic), Duration::from_secs(10))
-            .unwrap();
-        let mut partitions = TopicPartitionList::new();
-        for partition in metadata.topics()[0].partitions() {
-            partitions.add_partition(&topic, partition.id());
-        }
-        let committed = consumer
-            .committed_offsets(partitions, Duration::from_secs(10))
-            .unwrap();
-        let offsets: Vec<i64> = committed
-            .elements()
-            .iter()
-            .filter_map(|e| match e.offset() {
-                Offset::Offset(n) => Some(n),
-                _ => None,
-            })
-            .collect();
-        (!offsets.is_empty()).then(|| offsets.iter().sum())
-    })
+    committed_offsets(
+        &app.settings,
+        "notif-webhooks",
+        "notification.status.events",
+    )
     .await
-    .unwrap()
 }
 
 #[tokio::test]
