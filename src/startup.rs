@@ -33,7 +33,7 @@ use crate::{
     intake::{self, writer::IntakeWriter},
     kafka::{
         KafkaAdmin,
-        consumer::{self, BatchLimits, ConsumerSpec},
+        consumer::{self, BatchLimits, ConsumerSpec, Settled},
         watchdog::Watchdogs,
     },
     outbox::DELIVERY_EVENTS_TOPIC,
@@ -369,6 +369,7 @@ fn spawn_webhooks(
         limits: BatchLimits {
             max_messages: 2000,
             max_wait: Duration::from_millis(20),
+            settled: None,
         },
         fetch_wait_ms: state.settings.kafka.internal_fetch_wait_ms,
         in_flight: 1,
@@ -523,6 +524,14 @@ fn spawn_dispatch(state: &AppState, tasks: &TaskTracker) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// How long the delivery events topic must stay quiet before the projector applies a batch
+/// whose deliveries have all reached their outcome, ahead of its linger. Under load the
+/// relay publishes every few milliseconds (its producer lingers 5 ms), so such a gap marks
+/// the end of a burst, and batches are not cut into small ones meanwhile; at the end of a
+/// burst (a quiet topic, a backlog worked off) the read model then trails the last outcome
+/// by this and the apply, not by up to the whole linger.
+const PROJECTOR_QUIET: Duration = Duration::from_millis(50);
+
 /// The read-model projector: a consumer of the delivery events.
 fn spawn_projector(
     state: &AppState,
@@ -542,10 +551,16 @@ fn spawn_projector(
         )],
         // A batch costs the projector a fixed number of statements, so a backlog is
         // worked off in large ones; lingering lets a delivery's creation and outcome
-        // meet in one batch and its log row be written once (config/default.toml).
+        // meet in one batch and its log row be written once (config/default.toml). A
+        // batch whose every delivery has reached its outcome has nothing left to wait
+        // for: it ends once the topic has been quiet for PROJECTOR_QUIET.
         limits: BatchLimits {
             max_messages: settings.read_model.projector_batch_max_messages,
             max_wait: settings.read_model.projector_linger,
+            settled: Some(Settled {
+                quiet: PROJECTOR_QUIET,
+                classify: crate::read_model::projector::delivery_left_open,
+            }),
         },
         fetch_wait_ms: settings.kafka.internal_fetch_wait_ms,
         in_flight: 1,
@@ -599,6 +614,7 @@ fn spawn_dlq(
         limits: BatchLimits {
             max_messages: 200,
             max_wait: Duration::from_millis(20),
+            settled: None,
         },
         fetch_wait_ms: state.settings.kafka.internal_fetch_wait_ms,
         in_flight: 1,
@@ -689,6 +705,7 @@ fn spawn_ingest(
     let per_lane = BatchLimits {
         max_messages: settings.ingest.batch_max_messages,
         max_wait: settings.ingest.batch_max_wait,
+        settled: None,
     };
     let parallelism =
         ingest::consumer::Parallelism::for_roles(state.roles.contains(&Role::Dispatch));

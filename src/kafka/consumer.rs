@@ -48,6 +48,7 @@
 //! `herald_consumer_recreations_total{group}` from the watchdog.
 
 use std::{
+    collections::HashSet,
     convert::Infallible,
     future::Future,
     pin::Pin,
@@ -67,6 +68,7 @@ use rdkafka::{
     types::RDKafkaErrorCode,
 };
 use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
 
 use super::watchdog::{ConsumerWatch, Watchdogs};
 use crate::config::KafkaSettings;
@@ -91,6 +93,52 @@ pub struct IncomingMessage {
 pub struct BatchLimits {
     pub max_messages: usize,
     pub max_wait: Duration,
+    /// Ends a batch before `max_wait` once waiting longer cannot serve its purpose.
+    pub settled: Option<Settled>,
+}
+
+/// For a consumer that lingers so that the messages about one thing (a delivery's creation
+/// and its outcome) meet in one batch: once no message in the batch leaves its thing open,
+/// lingering on would gather only messages about other things, so the batch ends as soon
+/// as the topic has been quiet for `quiet`.
+///
+/// Messages are classified only when the topic falls quiet, each once: under load it
+/// does not, and a busy consumer pays nothing for it.
+#[derive(Debug, Clone, Copy)]
+pub struct Settled {
+    /// How long the topic must stay quiet before the batch is looked at.
+    pub quiet: Duration,
+    /// The thing a message is about and whether it is still open after that message
+    /// (later messages about it are to come); `None` for a message that leaves nothing
+    /// open (or that cannot be read).
+    pub classify: fn(&IncomingMessage) -> Option<(Uuid, bool)>,
+}
+
+/// The things a gathering batch leaves open, by the latest message about each, over its
+/// first `seen` messages.
+struct OpenThings {
+    spec: Settled,
+    open: HashSet<Uuid>,
+    seen: usize,
+}
+
+impl OpenThings {
+    /// Whether nothing in `batch` is open, classifying the messages not seen yet.
+    fn settled(&mut self, batch: &[IncomingMessage]) -> bool {
+        for message in &batch[self.seen..] {
+            match (self.spec.classify)(message) {
+                Some((id, true)) => {
+                    self.open.insert(id);
+                }
+                Some((id, false)) => {
+                    self.open.remove(&id);
+                }
+                None => {}
+            }
+        }
+        self.seen = batch.len();
+        self.open.is_empty()
+    }
 }
 
 /// What a consumer is.
@@ -636,7 +684,8 @@ fn note_error(consumer: &GroupConsumer, error: &KafkaError) {
 }
 
 /// Waits up to [`TICK`] for one message, then takes what else arrives within `max_wait`,
-/// up to `max_messages`; `carried` messages come first. Empty when nothing came.
+/// up to `max_messages`, or until the batch is [`Settled`] and the topic quiet; `carried`
+/// messages come first. Empty when nothing came.
 async fn next_batch(
     consumer: &GroupConsumer,
     limits: BatchLimits,
@@ -658,12 +707,26 @@ async fn next_batch(
     }
     watch.fetched();
     let deadline = tokio::time::Instant::now() + limits.max_wait;
+    let mut open = limits.settled.map(|spec| OpenThings {
+        spec,
+        open: HashSet::new(),
+        seen: 0,
+    });
     while carried.len() < limits.max_messages {
-        match tokio::time::timeout_at(deadline, consumer.recv()).await {
+        let until = match &open {
+            Some(open) => deadline.min(tokio::time::Instant::now() + open.spec.quiet),
+            None => deadline,
+        };
+        match tokio::time::timeout_at(until, consumer.recv()).await {
             Ok(Ok(message)) => carried.push(detach(&message)),
             Ok(Err(error)) => {
                 note_error(consumer, &error);
                 break;
+            }
+            Err(_) if until < deadline => {
+                if open.as_mut().is_some_and(|open| open.settled(carried)) {
+                    break;
+                }
             }
             Err(_) => break,
         }

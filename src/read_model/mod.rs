@@ -9,7 +9,9 @@
 //!
 //! The projector lingers (`HERALD_PROJECTOR_LINGER_MS`) so that a delivery's creation and
 //! outcome usually reach it in one batch: its log row is then inserted once, in its final
-//! state, instead of inserted and updated. An update that remains can be HOT (no index
+//! state, instead of inserted and updated. A batch in which every delivery has reached its
+//! outcome has nothing left to wait for, and is applied as soon as the topic falls quiet
+//! (`crate::kafka::consumer::Settled`). An update that remains can be HOT (no index
 //! entry written): the recent-failures index keys on `failed_at`, generated from the status
 //! and NULL unless the delivery FAILED, so no other outcome changes an indexed column
 //! (migration 0010).

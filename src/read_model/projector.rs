@@ -16,7 +16,7 @@ use uuid::Uuid;
 use crate::{
     config::KafkaSettings,
     db::is_data_error,
-    domain::ReceiptStatus,
+    domain::{DeliveryStatus, ReceiptStatus},
     kafka::{
         consumer::{IncomingMessage, detach},
         parked,
@@ -50,6 +50,21 @@ pub struct DeliveryEventIn {
     /// The digest the delivery is in.
     #[serde(default)]
     pub digest_id: Option<Uuid>,
+}
+
+/// Which delivery a delivery event is about, and whether the delivery is still open after
+/// it (not in a terminal state): the projector's [`crate::kafka::consumer::Settled`]. Reads
+/// only those two fields.
+pub fn delivery_left_open(message: &IncomingMessage) -> Option<(Uuid, bool)> {
+    #[derive(Deserialize)]
+    #[serde(rename_all = "camelCase")]
+    struct Outcome<'a> {
+        delivery_id: Uuid,
+        status: &'a str,
+    }
+    let event: Outcome = serde_json::from_slice(&message.payload).ok()?;
+    let status: DeliveryStatus = event.status.parse().ok()?;
+    Some((event.delivery_id, !status.is_terminal()))
 }
 
 /// What applying a batch did.
@@ -563,4 +578,76 @@ pub async fn rebuild(projector: &Projector, kafka: &KafkaSettings) -> anyhow::Re
         .fetch_one(&projector.db)
         .await?;
     Ok(rebuilt)
+}
+
+#[cfg(test)]
+mod tests {
+    use chrono::Utc;
+    use uuid::Uuid;
+
+    use super::delivery_left_open;
+    use crate::{
+        domain::{Channel, DeliveryStatus, Domain},
+        kafka::consumer::IncomingMessage,
+        outbox::DeliveryEvent,
+    };
+
+    fn message(payload: Vec<u8>) -> IncomingMessage {
+        IncomingMessage {
+            topic: "notification.delivery.events".to_owned(),
+            partition: 0,
+            offset: 0,
+            key: None,
+            payload,
+            headers: Vec::new(),
+            timestamp: None,
+        }
+    }
+
+    fn event(status: DeliveryStatus) -> DeliveryEvent {
+        DeliveryEvent {
+            delivery_id: Uuid::new_v4(),
+            notification_id: Uuid::new_v4(),
+            event_id: Some("e-1".to_owned()),
+            event_type: "PAYMENT_COMPLETED".to_owned(),
+            user_id: Some(7),
+            domain: Domain::Payment,
+            channel: Channel::Slack,
+            status,
+            attempts: 1,
+            error: Some("a \"quoted\" reason".to_owned()),
+            version: 2,
+            created_at: Utc::now(),
+            updated_at: Utc::now(),
+            receipt: None,
+            replay: None,
+            hold: None,
+            digest_id: None,
+        }
+    }
+
+    #[test]
+    fn a_delivery_event_as_published_tells_its_delivery_and_whether_it_is_still_open() {
+        for (status, open) in [
+            (DeliveryStatus::Pending, true),
+            (DeliveryStatus::Success, false),
+            (DeliveryStatus::Failed, false),
+            (DeliveryStatus::Skipped, false),
+        ] {
+            let event = event(status);
+            let published = event.to_outbox("");
+            assert_eq!(
+                delivery_left_open(&message(published.payload)),
+                Some((event.delivery_id, open)),
+                "{status}"
+            );
+        }
+        assert_eq!(delivery_left_open(&message(b"not json".to_vec())), None);
+        assert_eq!(
+            delivery_left_open(&message(
+                br#"{"deliveryId":"x","status":"SUCCESS"}"#.to_vec()
+            )),
+            None
+        );
+    }
 }

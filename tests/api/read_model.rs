@@ -419,16 +419,30 @@ async fn record_log_writes(app: &TestApp) {
 
 /// Posts one IN_APP notification for `user`; returns its delivery id.
 async fn post_in_app(app: &TestApp, user: i64) -> String {
-    let accepted: Value = app
-        .post_json(
-            "/api/v1/notifications",
-            &json!({ "userId": user, "channels": ["IN_APP"], "subject": "s", "body": "b" }),
-            &[],
-        )
-        .await
-        .json()
-        .await
-        .unwrap();
+    post_notification(
+        app,
+        json!({ "userId": user, "channels": ["IN_APP"], "subject": "s", "body": "b" }),
+    )
+    .await
+}
+
+/// Posts one IN_APP notification for `user` scheduled an hour from now: its delivery stays
+/// PENDING, so a projector batch holding its creation has a delivery still open and
+/// lingers. Returns its delivery id.
+async fn post_scheduled_in_app(app: &TestApp, user: i64) -> String {
+    let later = (chrono::Utc::now() + chrono::Duration::hours(1)).to_rfc3339();
+    post_notification(
+        app,
+        json!({ "userId": user, "channels": ["IN_APP"], "subject": "s", "body": "b",
+                "scheduledAt": later }),
+    )
+    .await
+}
+
+async fn post_notification(app: &TestApp, body: Value) -> String {
+    let response = app.post_json("/api/v1/notifications", &body, &[]).await;
+    assert_eq!(response.status(), 202);
+    let accepted: Value = response.json().await.unwrap();
     accepted["deliveries"][0]["id"].as_str().unwrap().to_owned()
 }
 
@@ -450,14 +464,23 @@ async fn log_rows(app: &TestApp) -> i64 {
 #[tokio::test]
 async fn a_delivery_that_finishes_within_the_linger_is_written_to_the_log_once_with_its_read_mark()
 {
-    // Far longer than an IN_APP send takes here, so both events fall in the first batch.
+    // Far longer than an IN_APP send takes here, so both events fall in the first batch,
+    // which a scheduled delivery keeps open (the batch would end once every delivery in
+    // it finished).
     let app = spawn_app_with(|s| s.read_model.projector_linger = Duration::from_secs(5)).await;
     record_log_writes(&app).await;
+    post_scheduled_in_app(&app, 49).await;
     let delivery = post_in_app(&app, 50).await;
     wait_until(30, "the delivery succeeded", || async {
         delivery_status(&app, &delivery).await == "SUCCESS"
     })
     .await;
+    read_topic(&app.settings, "notification.delivery.events", 15, |r| {
+        r.len() >= 3
+    })
+    .await;
+    // Time for a batch that ended early to be applied; well inside the linger.
+    tokio::time::sleep(Duration::from_secs(1)).await;
     assert_eq!(log_rows(&app).await, 0, "the events still linger");
     // The user read it from the live stream before the read model had it.
     let read = app
@@ -470,15 +493,21 @@ async fn a_delivery_that_finishes_within_the_linger_is_written_to_the_log_once_w
     assert_eq!(read.status(), 200);
 
     wait_until(30, "the delivery is projected", || async {
-        log_rows(&app).await == 1
+        log_rows(&app).await == 2
     })
     .await;
     let writes: Vec<(String, String, bool)> =
-        sqlx::query_as("SELECT op, status, read FROM log_writes")
+        sqlx::query_as("SELECT op, status, read FROM log_writes ORDER BY status")
             .fetch_all(&app.db)
             .await
             .unwrap();
-    assert_eq!(writes, [("INSERT".to_owned(), "SUCCESS".to_owned(), true)]);
+    assert_eq!(
+        writes,
+        [
+            ("INSERT".to_owned(), "PENDING".to_owned(), false),
+            ("INSERT".to_owned(), "SUCCESS".to_owned(), true)
+        ]
+    );
     let unread: Value = app
         .get("/api/v1/users/50/inbox/unread-count")
         .await
@@ -511,13 +540,16 @@ async fn events_lingering_when_the_projector_stops_are_neither_committed_nor_los
             .is_some_and(|p| p.len() == 6)
     })
     .await;
+    // The scheduled delivery keeps the batch open: without it, the batch would end once the
+    // other delivery finished.
+    post_scheduled_in_app(&app, 52).await;
     let delivery = post_in_app(&app, 51).await;
     wait_until(30, "the delivery succeeded", || async {
         delivery_status(&app, &delivery).await == "SUCCESS"
     })
     .await;
     read_topic(&app.settings, "notification.delivery.events", 15, |r| {
-        r.len() >= 2
+        r.len() >= 3
     })
     .await;
     // Time for the projector to fetch both into the batch it is gathering.
@@ -544,10 +576,42 @@ async fn events_lingering_when_the_projector_stops_are_neither_committed_nor_los
         },
     )
     .await;
-    wait_until(30, "both offsets are committed", || async {
-        projector_committed(&restarted).await == 2
+    wait_until(30, "the three offsets are committed", || async {
+        projector_committed(&restarted).await == 3
     })
     .await;
+}
+
+#[tokio::test]
+async fn a_batch_whose_deliveries_all_finished_is_applied_without_waiting_out_the_linger() {
+    let app = spawn_app_with(|s| s.read_model.projector_linger = Duration::from_secs(120)).await;
+    record_log_writes(&app).await;
+    let delivery = post_in_app(&app, 53).await;
+    wait_until(
+        30,
+        "the delivery is projected, long before the linger",
+        || async {
+            let status: Option<String> = sqlx::query_scalar(
+                "SELECT status FROM notification_log WHERE delivery_id = $1::uuid",
+            )
+            .bind(&delivery)
+            .fetch_optional(&app.db)
+            .await
+            .unwrap();
+            status.as_deref() == Some("SUCCESS")
+        },
+    )
+    .await;
+    wait_until(30, "both offsets are committed", || async {
+        projector_committed(&app).await == 2
+    })
+    .await;
+    // The batch stayed open until the outcome came: the row was written once.
+    let writes: Vec<(String, String)> = sqlx::query_as("SELECT op, status FROM log_writes")
+        .fetch_all(&app.db)
+        .await
+        .unwrap();
+    assert_eq!(writes, [("INSERT".to_owned(), "SUCCESS".to_owned())]);
 }
 
 #[tokio::test]
