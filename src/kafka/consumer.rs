@@ -102,8 +102,11 @@ pub struct BatchLimits {
 /// lingering on would gather only messages about other things, so the batch ends as soon
 /// as the topic has been quiet for `quiet`.
 ///
-/// Messages are classified only when the topic falls quiet, each once: under load it
-/// does not, and a busy consumer pays nothing for it.
+/// Messages are classified only when the topic falls quiet, each at most once. Against a
+/// broker that holds every fetch for its whole wait (Tansu) the topic falls quiet between
+/// fetches even under load, so nearly every message is classified: for the projector about
+/// half a microsecond each (BENCHMARKS.md, "A projector batch with nothing left to wait
+/// for").
 #[derive(Debug, Clone, Copy)]
 pub struct Settled {
     /// How long the topic must stay quiet before the batch is looked at.
