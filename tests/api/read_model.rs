@@ -454,6 +454,15 @@ async fn delivery_status(app: &TestApp, delivery: &str) -> String {
         .unwrap()
 }
 
+/// The status of `delivery`'s log row, if the projector wrote one.
+async fn log_status(app: &TestApp, delivery: &str) -> Option<String> {
+    sqlx::query_scalar("SELECT status FROM notification_log WHERE delivery_id = $1::uuid")
+        .bind(delivery)
+        .fetch_optional(&app.db)
+        .await
+        .unwrap()
+}
+
 async fn log_rows(app: &TestApp) -> i64 {
     sqlx::query_scalar("SELECT count(*) FROM notification_log")
         .fetch_one(&app.db)
@@ -564,16 +573,7 @@ async fn events_lingering_when_the_projector_stops_are_neither_committed_nor_los
     wait_until(
         60,
         "the delivery is projected after the restart",
-        || async {
-            let status: Option<String> = sqlx::query_scalar(
-                "SELECT status FROM notification_log WHERE delivery_id = $1::uuid",
-            )
-            .bind(&delivery)
-            .fetch_optional(&restarted.db)
-            .await
-            .unwrap();
-            status.as_deref() == Some("SUCCESS")
-        },
+        || async { log_status(&restarted, &delivery).await.as_deref() == Some("SUCCESS") },
     )
     .await;
     wait_until(30, "the three offsets are committed", || async {
@@ -590,16 +590,7 @@ async fn a_batch_whose_deliveries_all_finished_is_applied_without_waiting_out_th
     wait_until(
         30,
         "the delivery is projected, long before the linger",
-        || async {
-            let status: Option<String> = sqlx::query_scalar(
-                "SELECT status FROM notification_log WHERE delivery_id = $1::uuid",
-            )
-            .bind(&delivery)
-            .fetch_optional(&app.db)
-            .await
-            .unwrap();
-            status.as_deref() == Some("SUCCESS")
-        },
+        || async { log_status(&app, &delivery).await.as_deref() == Some("SUCCESS") },
     )
     .await;
     wait_until(30, "both offsets are committed", || async {
