@@ -860,7 +860,7 @@ async fn wait_caught_up(
 ) -> anyhow::Result<CaughtUp> {
     const POLL: Duration = Duration::from_millis(250);
     // Once every delivery is terminal the pipeline is idle but for the relay and the
-    // projector, and only the read model is waited on: a count every 50 ms (about 20 ms
+    // projector, and only the read model is waited on: a count every 50 ms (about 25 ms
     // of one core for 200,000 rows) then puts the end of the phase within 50 ms of when
     // the last row was written, where a poll every 250 ms read it about 125 ms late on
     // average.
