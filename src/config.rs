@@ -387,6 +387,9 @@ pub struct DispatchSettings {
     pub lease: Duration,
     /// Longest one send may take.
     pub send_timeout: Duration,
+    /// A channel whose sends average this or less sends inside the transaction that finds
+    /// its deliveries, without a claim ([`crate::dispatch::send_speed`]); zero never does.
+    pub quick_send: Duration,
     /// Retries after the first attempt.
     pub max_retries: u32,
     /// Delay before retry 1, 2, 3...; the last one repeats if there are more retries.
@@ -428,6 +431,11 @@ impl DispatchSettings {
             "HERALD_SEND_TIMEOUT_SECS",
             "dispatch.send_timeout_secs",
             raw.send_timeout_secs.map(|n| n.to_string()),
+        )?;
+        let quick_send = layers.required(
+            "HERALD_DISPATCH_QUICK_SEND_MS",
+            "dispatch.quick_send_ms",
+            raw.quick_send_ms.map(|n| n.to_string()),
         )?;
         let max_retries = layers.required(
             "HERALD_MAX_RETRIES",
@@ -489,6 +497,11 @@ impl DispatchSettings {
             send_timeout: Duration::from_secs(u64::from(
                 send_timeout.positive_u32("a whole number of seconds above 0")?,
             )),
+            quick_send: Duration::from_millis(
+                quick_send
+                    .u32_in(0..=1000, "a whole number of milliseconds, 0 to 1000")?
+                    .into(),
+            ),
             max_retries: max_retries.parse_with("a whole number of retries")?,
             backoff: backoff.millis_list()?,
             jitter: jitter.fraction()?,
@@ -1315,6 +1328,7 @@ struct RawDispatch {
     claim_batch: Option<u32>,
     lease_secs: Option<u32>,
     send_timeout_secs: Option<u32>,
+    quick_send_ms: Option<u32>,
     max_retries: Option<u32>,
     retry_backoff_ms: Option<Vec<u32>>,
     retry_jitter: Option<f64>,

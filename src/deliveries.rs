@@ -1,7 +1,7 @@
 //! The `deliveries` table: every statement that changes a delivery, one function per
 //! transition of its life (DESIGN §3): [`insert_sql`] (created PENDING or SKIPPED), [`claim`]
 //! (PROCESSING under a lease), [`lock_due`] (held by the transaction that sends it and
-//! records its outcome, for IN_APP), [`defer`] (PENDING again, no attempt counted), [`record`] (a
+//! records its outcome, for IN_APP and channels whose sends are quick), [`defer`] (PENDING again, no attempt counted), [`record`] (a
 //! send's outcome: SUCCESS, PENDING for a retry, FAILED with its dead letter), [`requeue_failed`]
 //! (an operator's retry), [`skip_broadcast`] (a cancelled broadcast), [`record_receipt`] (a
 //! provider's receipt) and [`mark_read`] (the inbox). Each state change bumps `version` and writes its delivery event to the outbox in

@@ -478,6 +478,7 @@ fn spawn_dispatch(state: &AppState, tasks: &TaskTracker) -> anyhow::Result<()> {
         templates: state.templates.clone(),
         limiter: RateLimiter::new(state.redis.clone(), settings.redis.key_prefix.clone()),
         breakers: Dispatcher::breakers(&settings.dispatch),
+        speeds: Dispatcher::speeds(&settings.dispatch),
         settings: settings.dispatch.clone(),
         broadcast_share: settings.broadcast.dispatch_share,
         topic_prefix: settings.kafka.topic_prefix.clone(),

@@ -10,6 +10,7 @@
 pub mod circuit_breaker;
 pub mod rate_limit;
 pub mod record;
+pub mod send_speed;
 pub mod wakeup;
 pub mod worker;
 

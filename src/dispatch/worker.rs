@@ -16,6 +16,7 @@ use super::{
     circuit_breaker::{CircuitBreaker, Permit, Transition},
     rate_limit::{Admission, RateLimiter},
     record::{self, Finished, Recorder, Written},
+    send_speed::{Change, SendSpeed},
 };
 pub use crate::deliveries::Job;
 use crate::{
@@ -81,6 +82,9 @@ pub struct Dispatcher {
     pub templates: Arc<Templates>,
     pub limiter: RateLimiter,
     pub breakers: HashMap<Channel, CircuitBreaker>,
+    /// How long each channel's sends take, which says whether they may go out inside the
+    /// transaction that finds them ([`Self::sends_in_claim`]).
+    pub speeds: HashMap<Channel, SendSpeed>,
     pub settings: DispatchSettings,
     /// Fraction of each channel's concurrency that broadcast deliveries may take.
     pub broadcast_share: f64,
@@ -128,6 +132,21 @@ impl Dispatcher {
                     c,
                     CircuitBreaker::new(settings.breaker_threshold, settings.breaker_cooldown),
                 )
+            })
+            .collect()
+    }
+
+    /// Every channel's send speed, none measured yet.
+    pub fn speeds(settings: &DispatchSettings) -> HashMap<Channel, SendSpeed> {
+        Channel::ALL
+            .into_iter()
+            .map(|c| {
+                let speed = if c == Channel::InApp {
+                    SendSpeed::always()
+                } else {
+                    SendSpeed::new(settings.quick_send)
+                };
+                (c, speed)
             })
             .collect()
     }
@@ -275,12 +294,13 @@ impl Dispatcher {
     }
 
     /// Whether `channel`'s due deliveries go out inside the transaction that finds them
-    /// ([`Self::send_locked`]) rather than under a claim's lease: only IN_APP, whose send
-    /// is one Redis PUBLISH, so the transaction stays open for milliseconds; and only while
-    /// nothing may stop a send (no rate limit or frequency cap on the channel, its breaker
-    /// closed), since a deferral writes in a transaction of its own.
+    /// ([`Self::send_locked`]) rather than under a claim's lease: IN_APP, whose send is one
+    /// Redis PUBLISH, and any other channel while its sends are quick
+    /// ([`super::send_speed`]), so that the transaction stays open for milliseconds; and
+    /// only while nothing may stop a send (no rate limit or frequency cap on the channel,
+    /// its breaker closed), since a deferral writes in a transaction of its own.
     pub fn sends_in_claim(&self, channel: Channel) -> bool {
-        channel == Channel::InApp
+        self.speeds[&channel].is_quick()
             && !self.settings.rate_limits.contains_key(&channel)
             && !self.caps.covers(channel)
             && self.breakers[&channel].is_closed()
@@ -426,6 +446,26 @@ impl Dispatcher {
         // Only sends that reached the provider tell the breaker anything, and only
         // retryable failures say the channel is unwell.
         if contacted {
+            match self.speeds[&via].record(latency) {
+                Some(Change::Quick) => tracing::info!(
+                    channel = %via,
+                    average_ms = self.speeds[&via].average().as_secs_f64() * 1e3,
+                    "the channel's sends are quick: sending them inside the transactions that find them"
+                ),
+                Some(Change::Slow) => tracing::info!(
+                    channel = %via,
+                    average_ms = self.speeds[&via].average().as_secs_f64() * 1e3,
+                    "the channel's sends slowed down: claiming them under a lease again"
+                ),
+                None => {}
+            }
+            metrics::gauge!("herald_dispatch_sends_in_transaction", "channel" => via.as_str()).set(
+                if self.speeds[&via].is_quick() {
+                    1.0
+                } else {
+                    0.0
+                },
+            );
             let unwell = matches!(&result, Err(e) if e.retry == Retry::Retryable);
             if let Some(transition) = self.breakers[&via].record(unwell) {
                 self.announce(via, transition);
@@ -853,8 +893,8 @@ impl Dispatcher {
     }
 }
 
-/// The longest an in-transaction send (a Redis PUBLISH) may take: its transaction holds
-/// the deliveries' rows and a connection meanwhile.
+/// The longest an in-transaction send (a Redis PUBLISH, or a quick channel's send) may
+/// take: its transaction holds the deliveries' rows and a connection meanwhile.
 const LOCKED_SEND_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// The record of a delivery SKIPPED without an attempt, with `reason`.

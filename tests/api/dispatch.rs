@@ -309,6 +309,110 @@ async fn two_instances_sending_in_app_messages_inside_their_transactions_send_ea
     assert_eq!(received, ids, "each message exactly once");
 }
 
+/// A Slack double answering 200 after a delay the test changes as it goes.
+struct Delayed(Arc<Mutex<Duration>>);
+
+impl Respond for Delayed {
+    fn respond(&self, _: &Request) -> ResponseTemplate {
+        ResponseTemplate::new(200).set_delay(*self.0.lock().unwrap())
+    }
+}
+
+/// Posts `n` incidents (one SLACK delivery each), one after another; their delivery ids.
+async fn incidents(app: &TestApp, n: usize) -> Vec<Uuid> {
+    let mut ids = Vec::with_capacity(n);
+    for _ in 0..n {
+        ids.push(notify(app, incident()).await[0].1);
+    }
+    for id in &ids {
+        wait_for_delivery(app, *id, "SUCCESS", 30).await;
+    }
+    ids
+}
+
+/// Each delivery's (version, lease, attempts), in the order of `ids`.
+async fn versions_of(app: &TestApp, ids: &[Uuid]) -> Vec<(i64, Option<DateTime<Utc>>, i32)> {
+    sqlx::query_as(
+        "SELECT d.version, d.lease_until, d.attempts FROM UNNEST($1::uuid[]) WITH ORDINALITY AS i(id, n) \
+         JOIN deliveries d ON d.id = i.id ORDER BY i.n",
+    )
+    .bind(ids)
+    .fetch_all(&app.db)
+    .await
+    .unwrap()
+}
+
+#[tokio::test]
+async fn slack_goes_out_inside_the_transaction_that_locks_it_while_its_sends_are_quick_and_under_claims_once_they_slow_down()
+ {
+    const CLAIMED: i64 = 3; // PENDING, PROCESSING under a lease, SUCCESS
+    const LOCKED: i64 = 2; // PENDING, SUCCESS
+    let delay = Arc::new(Mutex::new(Duration::ZERO));
+    let slack = MockServer::start().await;
+    Mock::given(method("POST"))
+        .respond_with(Delayed(delay.clone()))
+        .mount(&slack)
+        .await;
+    let app = spawn_app_with(with_slack(&slack)).await;
+
+    // The channel starts under claims, and the sends measured there make it quick.
+    let mut quick = incidents(&app, 40).await;
+    let claimed = versions_of(&app, &quick)
+        .await
+        .iter()
+        .filter(|v| v.0 == CLAIMED)
+        .count();
+    assert!(
+        claimed >= herald::dispatch::send_speed::MIN_SAMPLES as usize,
+        "{claimed} claimed before the channel was measured"
+    );
+    let locked = incidents(&app, 10).await;
+    assert!(
+        versions_of(&app, &locked)
+            .await
+            .iter()
+            .all(|v| *v == (LOCKED, None, 1)),
+        "{:?}",
+        versions_of(&app, &locked).await
+    );
+    quick.extend(&locked);
+    let events = delivery_events_of(&app, &locked).await;
+    for id in &locked {
+        let of: Vec<(i64, &str)> = events
+            .iter()
+            .filter(|e| e["deliveryId"] == id.to_string())
+            .map(|e| {
+                (
+                    e["version"].as_i64().unwrap(),
+                    e["status"].as_str().unwrap(),
+                )
+            })
+            .collect();
+        assert_eq!(of, [(1, "PENDING"), (2, "SUCCESS")], "{id}");
+    }
+
+    // Slow answers (still well inside the transaction's two seconds) lift the average past
+    // four times the quick time, and the channel goes back to claims.
+    *delay.lock().unwrap() = Duration::from_millis(400);
+    let slow = incidents(&app, 20).await;
+    let claimed_again = incidents(&app, 5).await;
+    assert!(
+        versions_of(&app, &claimed_again)
+            .await
+            .iter()
+            .all(|v| v.0 == CLAIMED && v.1.is_none() && v.2 == 1),
+        "{:?}",
+        versions_of(&app, &claimed_again).await
+    );
+
+    // Every delivery was sent once, whichever way.
+    let requests = slack.received_requests().await.unwrap();
+    assert_eq!(
+        requests.len(),
+        quick.len() + slow.len() + claimed_again.len()
+    );
+}
+
 /// A subscriber to every user's in-app messages of `app`.
 async fn in_app_subscriber(app: &TestApp) -> redis::aio::PubSub {
     let client = redis::Client::open(std::env::var("HERALD_REDIS_URL").unwrap()).unwrap();
