@@ -480,6 +480,82 @@ pub async fn lease_locked(
     Ok(())
 }
 
+/// Marks `ids`, which a transaction holds locked, as about to be sent, in a row committed on
+/// its own (migration 0023): should that transaction die after the sends, the mark is how
+/// their attempts are still counted ([`count_abandoned_marks`]). The transaction deletes it
+/// with its record ([`unmark_sends`]). Like a claim, the mark is redone if lost, so its
+/// commit does not wait for the flush (issue 14, lever 8; [`claim`] explains the setting).
+pub async fn mark_sends(db: &PgPool, ids: &[Uuid]) -> anyhow::Result<i64> {
+    sqlx::query_scalar(
+        "WITH cfg AS MATERIALIZED (SELECT set_config('synchronous_commit', 'off', true)) \
+         INSERT INTO send_marks (deliveries) SELECT $1 FROM cfg RETURNING id",
+    )
+    .bind(ids)
+    .fetch_one(db)
+    .await
+    .context("Failed to mark deliveries as being sent")
+}
+
+/// Deletes the mark [`mark_sends`] wrote, in the transaction that records the sends.
+pub async fn unmark_sends(conn: &mut PgConnection, mark: i64) -> anyhow::Result<()> {
+    sqlx::query("DELETE FROM send_marks WHERE id = $1")
+        .bind(mark)
+        .execute(&mut *conn)
+        .await
+        .context("Failed to delete a send mark")?;
+    Ok(())
+}
+
+/// Counts an attempt on every delivery that a mark older than `grace` names, once no
+/// transaction holds any of them, and deletes the mark; returns how many marks it counted.
+///
+/// A mark older than its transaction's life is one whose transaction died after (or
+/// while) sending: a live one holds all of its deliveries locked, so its mark is left
+/// alone, and so is a mark whose deliveries a later transaction holds (it is counted once
+/// that one ends, after its own record, which read the attempts before). The attempt is
+/// added whatever the delivery's state now, since a send it may have made is a send the
+/// receiver got. Deliveries gone since (retention) count nothing.
+pub async fn count_abandoned_marks(db: &PgPool, grace: Duration) -> anyhow::Result<usize> {
+    let mut tx = db.begin().await.context("Failed to begin")?;
+    let marks: Vec<(i64, Vec<Uuid>)> = sqlx::query_as(
+        "SELECT id, deliveries FROM send_marks \
+         WHERE marked_at < now() - $1 * interval '1 millisecond' \
+         ORDER BY id LIMIT 100 FOR UPDATE SKIP LOCKED",
+    )
+    .bind(grace.as_millis() as i64)
+    .fetch_all(&mut *tx)
+    .await
+    .context("Failed to read send marks")?;
+    let mut counted = 0;
+    for (mark, ids) in marks {
+        let (free, existing): (i64, i64) = sqlx::query_as(
+            "WITH free AS (SELECT id FROM deliveries WHERE id = ANY($1) FOR UPDATE SKIP LOCKED) \
+             SELECT (SELECT count(*) FROM free), \
+                 (SELECT count(*) FROM deliveries WHERE id = ANY($1))",
+        )
+        .bind(&ids)
+        .fetch_one(&mut *tx)
+        .await
+        .context("Failed to lock marked deliveries")?;
+        if free < existing {
+            continue;
+        }
+        sqlx::query(
+            "UPDATE deliveries SET attempts = attempts + 1, version = version + 1, \
+                 updated_at = now() \
+             WHERE id = ANY($1)",
+        )
+        .bind(&ids)
+        .execute(&mut *tx)
+        .await
+        .context("Failed to count marked attempts")?;
+        unmark_sends(&mut tx, mark).await?;
+        counted += 1;
+    }
+    tx.commit().await.context("Failed to commit counted marks")?;
+    Ok(counted)
+}
+
 /// Claims up to `limit` due deliveries of `channel` (PENDING and due, or PROCESSING with
 /// an expired lease) and marks them PROCESSING under a fresh lease of `lease`.
 ///

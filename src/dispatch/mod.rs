@@ -42,6 +42,7 @@ pub async fn run(dispatcher: Arc<Dispatcher>, shutdown: CancellationToken) {
     let tasks = TaskTracker::new();
     tasks.spawn(listen(dispatcher.clone(), shutdown.clone()));
     tasks.spawn(sample_queue(dispatcher.clone(), shutdown.clone()));
+    tasks.spawn(count_marks(dispatcher.clone(), shutdown.clone()));
     let mut channels: Vec<Channel> = dispatcher.senders.keys().copied().collect();
     channels.sort();
     for channel in channels {
@@ -402,6 +403,34 @@ async fn listen(dispatcher: Arc<Dispatcher>, shutdown: CancellationToken) {
                 },
                 () = shutdown.cancelled() => return,
             }
+        }
+    }
+}
+
+/// How old a send mark must be before [`count_marks`] looks at it. A live transaction's
+/// mark is safe at any age (the transaction holds every delivery it names); the grace only
+/// spares the sweep the marks of transactions still sending, which live milliseconds. It
+/// is short so that the marks a killed process left are counted at the next one's start.
+const MARK_GRACE: Duration = Duration::from_millis(500);
+
+/// Counts, every second, the attempts of sends whose transaction died after marking them
+/// ([`deliveries::count_abandoned_marks`]).
+async fn count_marks(dispatcher: Arc<Dispatcher>, shutdown: CancellationToken) {
+    loop {
+        match deliveries::count_abandoned_marks(&dispatcher.db, MARK_GRACE).await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(
+                marks = n,
+                "counted the attempts of sends whose transaction died after them"
+            ),
+            Err(error) => tracing::warn!(
+                error = format!("{error:#}"),
+                "cannot count abandoned send marks; trying again"
+            ),
+        }
+        tokio::select! {
+            () = tokio::time::sleep(SWEEP) => {}
+            () = shutdown.cancelled() => return,
         }
     }
 }

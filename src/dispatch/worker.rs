@@ -334,12 +334,33 @@ impl Dispatcher {
         tx: Transaction<'static, Postgres>,
         jobs: Vec<Job>,
     ) -> anyhow::Result<()> {
-        let (records, written) = match self.send_and_record_locked(tx, &jobs).await {
+        let ids: Vec<Uuid> = jobs.iter().map(|j| j.delivery_id).collect();
+        // A send the receiver got must be an attempt Herald counts, even if this
+        // transaction dies after it: a quick channel's sends are marked first, in a row
+        // committed on its own (`deliveries::mark_sends`). IN_APP's are not: its message
+        // is the inbox row this transaction writes, and the live stream's PUBLISH names
+        // the delivery, which goes out again under the same id.
+        let mark = if jobs.iter().any(|j| j.channel != Channel::InApp) {
+            match deliveries::mark_sends(&self.db, &ids).await {
+                Ok(mark) => Some(mark),
+                Err(error) => {
+                    // Nothing was sent: the deliveries are due again once the locks go.
+                    let _ = tx.rollback().await;
+                    return Err(error);
+                }
+            }
+        } else {
+            None
+        };
+        let (records, written) = match self.send_and_record_locked(tx, &jobs, mark).await {
             Ok(done) => done,
             Err(error) => {
-                let ids: Vec<Uuid> = jobs.iter().map(|j| j.delivery_id).collect();
                 let mut conn = self.db.acquire().await.context("Failed to connect")?;
                 deliveries::lease_locked(&mut conn, &ids, self.settings.lease).await?;
+                // Their reclaim, when the lease runs out, counts the attempt.
+                if let Some(mark) = mark {
+                    deliveries::unmark_sends(&mut conn, mark).await?;
+                }
                 return Err(error);
             }
         };
@@ -359,6 +380,7 @@ impl Dispatcher {
         &self,
         mut tx: Transaction<'static, Postgres>,
         jobs: &[Job],
+        mark: Option<i64>,
     ) -> anyhow::Result<(Vec<Finished>, Vec<Written>)> {
         let attempts = futures_util::future::join_all(jobs.iter().map(|job| async move {
             if job.suppressed {
@@ -412,6 +434,11 @@ impl Dispatcher {
             Err(error) => return Err(rolled_back(tx, error).await),
             Ok(written) => written,
         };
+        if let Some(mark) = mark
+            && let Err(error) = deliveries::unmark_sends(&mut tx, mark).await
+        {
+            return Err(rolled_back(tx, error).await);
+        }
         tx.commit().await.context("Failed to commit send records")?;
         Ok((records, written))
     }

@@ -405,12 +405,83 @@ async fn slack_goes_out_inside_the_transaction_that_locks_it_while_its_sends_are
         versions_of(&app, &claimed_again).await
     );
 
-    // Every delivery was sent once, whichever way.
+    // Every delivery was sent once, whichever way, and every mark made before a send
+    // inside a transaction went with that transaction's record.
     let requests = slack.received_requests().await.unwrap();
     assert_eq!(
         requests.len(),
         quick.len() + slow.len() + claimed_again.len()
     );
+    assert_eq!(send_marks(&app).await, 0);
+}
+
+/// How many send marks are left.
+async fn send_marks(app: &TestApp) -> i64 {
+    sqlx::query_scalar("SELECT count(*) FROM send_marks")
+        .fetch_one(&app.db)
+        .await
+        .unwrap()
+}
+
+/// The attempts counted on each delivery, in the order of `ids`.
+async fn attempts_counted(app: &TestApp, ids: &[Uuid]) -> Vec<i32> {
+    versions_of(app, ids).await.iter().map(|v| v.2).collect()
+}
+
+#[tokio::test]
+async fn a_send_mark_whose_transaction_died_counts_an_attempt_once_no_transaction_holds_its_deliveries()
+ {
+    let slack = MockServer::start().await;
+    Mock::given(method("POST"))
+        .respond_with(ResponseTemplate::new(200))
+        .mount(&slack)
+        .await;
+    let app = spawn_app_with(with_slack(&slack)).await;
+    let ids = incidents(&app, 2).await;
+    assert_eq!(attempts_counted(&app, &ids).await, [1, 1]);
+
+    // Another transaction holds one of the deliveries (a live sender would hold them
+    // all), then the mark a transaction leaves when it dies after its sends appears, a
+    // minute old.
+    let mut holder = app.db.begin().await.unwrap();
+    sqlx::query("SELECT 1 FROM deliveries WHERE id = $1 FOR UPDATE")
+        .bind(ids[0])
+        .execute(&mut *holder)
+        .await
+        .unwrap();
+    sqlx::query(
+        "INSERT INTO send_marks (deliveries, marked_at) VALUES ($1, now() - interval '1 minute')",
+    )
+    .bind(&ids)
+    .execute(&app.db)
+    .await
+    .unwrap();
+    let counted = herald::deliveries::count_abandoned_marks(&app.db, Duration::from_secs(5))
+        .await
+        .unwrap();
+    assert_eq!(counted, 0, "a mark is not counted while a delivery is held");
+    assert_eq!(attempts_counted(&app, &ids).await, [1, 1]);
+    assert_eq!(send_marks(&app).await, 1);
+
+    // Once nothing holds them, the dispatcher's sweep counts the attempt on each, once.
+    holder.rollback().await.unwrap();
+    wait_until(10, "the mark is counted", || async {
+        send_marks(&app).await == 0
+    })
+    .await;
+    assert_eq!(attempts_counted(&app, &ids).await, [2, 2]);
+
+    // A fresh mark may be a live transaction's: left alone until it is older than the grace.
+    sqlx::query("INSERT INTO send_marks (deliveries) VALUES ($1)")
+        .bind(&ids[1..])
+        .execute(&app.db)
+        .await
+        .unwrap();
+    let counted = herald::deliveries::count_abandoned_marks(&app.db, Duration::from_secs(60))
+        .await
+        .unwrap();
+    assert_eq!(counted, 0);
+    assert_eq!(attempts_counted(&app, &ids).await, [2, 2]);
 }
 
 /// A subscriber to every user's in-app messages of `app`.
