@@ -509,12 +509,13 @@ pub async fn unmark_sends(conn: &mut PgConnection, mark: i64) -> anyhow::Result<
 /// Counts an attempt on every delivery that a mark older than `grace` names, once no
 /// transaction holds any of them, and deletes the mark; returns how many marks it counted.
 ///
-/// A mark older than its transaction's life is one whose transaction died after (or
-/// while) sending: a live one holds all of its deliveries locked, so its mark is left
-/// alone, and so is a mark whose deliveries a later transaction holds (it is counted once
-/// that one ends, after its own record, which read the attempts before). The attempt is
-/// added whatever the delivery's state now, since a send it may have made is a send the
-/// receiver got. Deliveries gone since (retention) count nothing.
+/// A mark is visible only once its transaction holds all of its deliveries, and goes with
+/// that transaction's commit; so a mark whose deliveries no transaction holds is one whose
+/// transaction died after (or while) sending. A live one's mark is left alone, and so is a
+/// mark whose deliveries a later sender holds, locked or claimed (PROCESSING): its record
+/// writes the attempts it read before, so the mark is counted once that record is written.
+/// The attempt is added whatever the delivery's state now, since a send it may have made is
+/// a send the receiver got. Deliveries gone since (retention) count nothing.
 pub async fn count_abandoned_marks(db: &PgPool, grace: Duration) -> anyhow::Result<usize> {
     let mut tx = db.begin().await.context("Failed to begin")?;
     let marks: Vec<(i64, Vec<Uuid>)> = sqlx::query_as(
@@ -529,7 +530,8 @@ pub async fn count_abandoned_marks(db: &PgPool, grace: Duration) -> anyhow::Resu
     let mut counted = 0;
     for (mark, ids) in marks {
         let (free, existing): (i64, i64) = sqlx::query_as(
-            "WITH free AS (SELECT id FROM deliveries WHERE id = ANY($1) FOR UPDATE SKIP LOCKED) \
+            "WITH free AS (SELECT id FROM deliveries WHERE id = ANY($1) \
+                 AND status <> 'PROCESSING' FOR UPDATE SKIP LOCKED) \
              SELECT (SELECT count(*) FROM free), \
                  (SELECT count(*) FROM deliveries WHERE id = ANY($1))",
         )

@@ -482,6 +482,30 @@ async fn a_send_mark_whose_transaction_died_counts_an_attempt_once_no_transactio
         .unwrap();
     assert_eq!(counted, 0);
     assert_eq!(attempts_counted(&app, &ids).await, [2, 2]);
+
+    // Nor while a claim holds a delivery (PROCESSING under a lease): its record will write
+    // the attempts it read at the claim, and would undo the count.
+    sqlx::query(
+        "UPDATE deliveries SET status = 'PROCESSING', lease_until = now() + interval '1 hour' \
+         WHERE id = $1",
+    )
+    .bind(ids[0])
+    .execute(&app.db)
+    .await
+    .unwrap();
+    sqlx::query(
+        "INSERT INTO send_marks (deliveries, marked_at) VALUES ($1, now() - interval '1 minute')",
+    )
+    .bind(&ids[..1])
+    .execute(&app.db)
+    .await
+    .unwrap();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let counted = herald::deliveries::count_abandoned_marks(&app.db, Duration::from_secs(5))
+        .await
+        .unwrap();
+    assert_eq!(counted, 0, "a mark is not counted while a delivery is claimed");
+    assert_eq!(attempts_counted(&app, &ids[..1]).await, [2]);
 }
 
 /// A subscriber to every user's in-app messages of `app`.
