@@ -554,7 +554,9 @@ pub async fn count_abandoned_marks(db: &PgPool, grace: Duration) -> anyhow::Resu
         unmark_sends(&mut tx, mark).await?;
         counted += 1;
     }
-    tx.commit().await.context("Failed to commit counted marks")?;
+    tx.commit()
+        .await
+        .context("Failed to commit counted marks")?;
     Ok(counted)
 }
 

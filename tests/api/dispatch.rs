@@ -504,7 +504,10 @@ async fn a_send_mark_whose_transaction_died_counts_an_attempt_once_no_transactio
     let counted = herald::deliveries::count_abandoned_marks(&app.db, Duration::from_secs(5))
         .await
         .unwrap();
-    assert_eq!(counted, 0, "a mark is not counted while a delivery is claimed");
+    assert_eq!(
+        counted, 0,
+        "a mark is not counted while a delivery is claimed"
+    );
     assert_eq!(attempts_counted(&app, &ids[..1]).await, [2]);
 }
 
