@@ -158,12 +158,7 @@ async fn in_app_deliveries_are_sent_and_recorded_in_the_transaction_that_locks_t
 
     // Created at version 1, recorded at version 2: no PROCESSING version and no lease in
     // between, and one Redis message each.
-    let rows: Vec<(i64, Option<DateTime<Utc>>, i32)> =
-        sqlx::query_as("SELECT version, lease_until, attempts FROM deliveries WHERE id = ANY($1)")
-            .bind(&ids)
-            .fetch_all(&app.db)
-            .await
-            .unwrap();
+    let rows = versions_of(&app, &ids).await;
     assert_eq!(rows.len(), 30);
     assert!(rows.iter().all(|r| *r == (2, None, 1)), "{rows:?}");
     let mut messages = pubsub.on_message();
@@ -172,20 +167,7 @@ async fn in_app_deliveries_are_sent_and_recorded_in_the_transaction_that_locks_t
     ids.sort();
     assert_eq!(received, ids);
     // Their delivery events say PENDING (1) then SUCCESS (2), and nothing else.
-    let events = delivery_events_of(&app, &ids).await;
-    for id in &ids {
-        let of: Vec<(i64, &str)> = events
-            .iter()
-            .filter(|e| e["deliveryId"] == id.to_string())
-            .map(|e| {
-                (
-                    e["version"].as_i64().unwrap(),
-                    e["status"].as_str().unwrap(),
-                )
-            })
-            .collect();
-        assert_eq!(of, [(1, "PENDING"), (2, "SUCCESS")], "{id}");
-    }
+    assert_published_pending_then_success(&app, &ids).await;
 
     // An address suppressed on IN_APP is SKIPPED in the same way, and not published.
     sqlx::query(
@@ -376,20 +358,7 @@ async fn slack_goes_out_inside_the_transaction_that_locks_it_while_its_sends_are
         versions_of(&app, &locked).await
     );
     quick.extend(&locked);
-    let events = delivery_events_of(&app, &locked).await;
-    for id in &locked {
-        let of: Vec<(i64, &str)> = events
-            .iter()
-            .filter(|e| e["deliveryId"] == id.to_string())
-            .map(|e| {
-                (
-                    e["version"].as_i64().unwrap(),
-                    e["status"].as_str().unwrap(),
-                )
-            })
-            .collect();
-        assert_eq!(of, [(1, "PENDING"), (2, "SUCCESS")], "{id}");
-    }
+    assert_published_pending_then_success(&app, &locked).await;
 
     // Slow answers (still well inside the transaction's two seconds) lift the average past
     // four times the quick time, and the channel goes back to claims.
@@ -536,6 +505,25 @@ async fn in_app_received(
         received.push(payload["deliveryId"].as_str().unwrap().parse().unwrap());
     }
     received
+}
+
+/// Asserts that each of `ids` published exactly two delivery events: PENDING at version 1,
+/// then SUCCESS at version 2 (sent without a claim, whose PROCESSING would be a version).
+async fn assert_published_pending_then_success(app: &TestApp, ids: &[Uuid]) {
+    let events = delivery_events_of(app, ids).await;
+    for id in ids {
+        let of: Vec<(i64, &str)> = events
+            .iter()
+            .filter(|e| e["deliveryId"] == id.to_string())
+            .map(|e| {
+                (
+                    e["version"].as_i64().unwrap(),
+                    e["status"].as_str().unwrap(),
+                )
+            })
+            .collect();
+        assert_eq!(of, [(1, "PENDING"), (2, "SUCCESS")], "{id}");
+    }
 }
 
 /// The delivery events published for `deliveries` (each SUCCESS one awaited), in the
