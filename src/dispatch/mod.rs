@@ -214,22 +214,36 @@ async fn channel_loop(
                 let broadcast_full = broadcast_slots.available_permits() == 0;
                 // Deliveries this loop's transactions are sending are still PENDING and
                 // due: while any is open, wait for it to end rather than poll for them.
-                let sending = transactions.available_permits() < SENDING_TRANSACTIONS;
-                let wait = if sending {
-                    SWEEP
-                } else {
-                    // Broadcast slots counted now, not at the top of the loop: sends that
-                    // ended meanwhile freed theirs, and their due deliveries must not
-                    // wait for the sweep.
-                    let broadcasts = broadcast_window && broadcast_slots.available_permits() > 0;
-                    next_due(&dispatcher, channel, broadcasts, &cursor).await
-                };
-                tokio::select! {
-                    () = notified => {}
-                    () = tokio::time::sleep(wait) => {}
-                    () = sent.notified(), if sending => {}
-                    permit = broadcast_slots.acquire(), if broadcast_full => drop(permit),
-                    () = shutdown.cancelled() => break,
+                // One that ends recorded its deliveries (or leased them), so it makes
+                // nothing due: once the last has ended, the next due delivery says when to
+                // look again. Looking at each end instead made about 3,300 empty rounds
+                // (a lock and a claim that found nothing) per 100,000 events end to end.
+                tokio::pin!(notified);
+                let mut sending = transactions.available_permits() < SENDING_TRANSACTIONS;
+                let sweep_at = tokio::time::Instant::now() + SWEEP;
+                loop {
+                    let wait = if sending {
+                        sweep_at.saturating_duration_since(tokio::time::Instant::now())
+                    } else {
+                        // Broadcast slots counted now, not at the top of the loop: sends
+                        // that ended meanwhile freed theirs, and their due deliveries must
+                        // not wait for the sweep.
+                        let broadcasts =
+                            broadcast_window && broadcast_slots.available_permits() > 0;
+                        next_due(&dispatcher, channel, broadcasts, &cursor).await
+                    };
+                    tokio::select! {
+                        () = &mut notified => break,
+                        () = tokio::time::sleep(wait) => break,
+                        () = sent.notified(), if sending => {
+                            sending = transactions.available_permits() < SENDING_TRANSACTIONS;
+                        }
+                        permit = broadcast_slots.acquire(), if broadcast_full => {
+                            drop(permit);
+                            break;
+                        }
+                        () = shutdown.cancelled() => break,
+                    }
                 }
             }
             Err(error) => {
