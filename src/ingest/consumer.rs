@@ -131,10 +131,13 @@ const BEHIND_WINDOW: Duration = Duration::from_millis(100);
 /// intake meanwhile queues behind the whole backlog. The pause keeps ingest just ahead of
 /// the sends instead (measured on a 100,000-event backlog: 9.2 row versions per event
 /// instead of 10.0-10.1 at the same end-to-end rate; longer pauses cut them to 8.2-8.3
-/// but left the sends waiting for ingest, BENCHMARKS.md, "Ingest in lanes by key"). It
-/// adds at most this to a batch's latency, only while the sends are behind; an instance
-/// that does not dispatch never waits.
-const YIELD_TO_SENDS: Duration = Duration::from_millis(5);
+/// but left the sends waiting for ingest, BENCHMARKS.md, "Ingest in lanes by key"). Since
+/// the sends got cheaper, 3 ms beats 5: about 6 % more events per second end to end for
+/// 0.1 more row versions per event; 1 or 2 ms write 0.4 to 0.9 more and gain nothing
+/// over 3, and 8 ms loses 5 % (BENCHMARKS.md, "A shorter yield to the sends"). It adds at
+/// most this to a batch's latency, only while the sends are behind; an instance that does
+/// not dispatch never waits.
+const YIELD_TO_SENDS: Duration = Duration::from_millis(3);
 
 /// One lane's share of a batch, and where its outcome goes.
 struct Part {
