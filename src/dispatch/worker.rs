@@ -473,26 +473,22 @@ impl Dispatcher {
         // Only sends that reached the provider tell the breaker anything, and only
         // retryable failures say the channel is unwell.
         if contacted {
-            match self.speeds[&via].record(latency) {
+            let speed = &self.speeds[&via];
+            match speed.record(latency) {
                 Some(Change::Quick) => tracing::info!(
                     channel = %via,
-                    average_ms = self.speeds[&via].average().as_secs_f64() * 1e3,
+                    average_ms = speed.average().as_secs_f64() * 1e3,
                     "the channel's sends are quick: sending them inside the transactions that find them"
                 ),
                 Some(Change::Slow) => tracing::info!(
                     channel = %via,
-                    average_ms = self.speeds[&via].average().as_secs_f64() * 1e3,
+                    average_ms = speed.average().as_secs_f64() * 1e3,
                     "the channel's sends slowed down: claiming them under a lease again"
                 ),
                 None => {}
             }
-            metrics::gauge!("herald_dispatch_sends_in_transaction", "channel" => via.as_str()).set(
-                if self.speeds[&via].is_quick() {
-                    1.0
-                } else {
-                    0.0
-                },
-            );
+            metrics::gauge!("herald_dispatch_sends_in_transaction", "channel" => via.as_str())
+                .set(if speed.is_quick() { 1.0 } else { 0.0 });
             let unwell = matches!(&result, Err(e) if e.retry == Retry::Retryable);
             if let Some(transition) = self.breakers[&via].record(unwell) {
                 self.announce(via, transition);

@@ -384,6 +384,17 @@ async fn slack_goes_out_inside_the_transaction_that_locks_it_while_its_sends_are
     assert_eq!(send_marks(&app).await, 0);
 }
 
+/// Writes the mark a transaction leaves when it dies after sending `ids`, a minute old.
+async fn abandoned_mark(app: &TestApp, ids: &[Uuid]) {
+    sqlx::query(
+        "INSERT INTO send_marks (deliveries, marked_at) VALUES ($1, now() - interval '1 minute')",
+    )
+    .bind(ids)
+    .execute(&app.db)
+    .await
+    .unwrap();
+}
+
 /// How many send marks are left.
 async fn send_marks(app: &TestApp) -> i64 {
     sqlx::query_scalar("SELECT count(*) FROM send_marks")
@@ -418,13 +429,7 @@ async fn a_send_mark_whose_transaction_died_counts_an_attempt_once_no_transactio
         .execute(&mut *holder)
         .await
         .unwrap();
-    sqlx::query(
-        "INSERT INTO send_marks (deliveries, marked_at) VALUES ($1, now() - interval '1 minute')",
-    )
-    .bind(&ids)
-    .execute(&app.db)
-    .await
-    .unwrap();
+    abandoned_mark(&app, &ids).await;
     let counted = herald::deliveries::count_abandoned_marks(&app.db, Duration::from_secs(5))
         .await
         .unwrap();
@@ -462,13 +467,7 @@ async fn a_send_mark_whose_transaction_died_counts_an_attempt_once_no_transactio
     .execute(&app.db)
     .await
     .unwrap();
-    sqlx::query(
-        "INSERT INTO send_marks (deliveries, marked_at) VALUES ($1, now() - interval '1 minute')",
-    )
-    .bind(&ids[..1])
-    .execute(&app.db)
-    .await
-    .unwrap();
+    abandoned_mark(&app, &ids[..1]).await;
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let counted = herald::deliveries::count_abandoned_marks(&app.db, Duration::from_secs(5))
         .await
